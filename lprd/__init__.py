@@ -1,0 +1,3 @@
+"""lprd: a license plate recognition daemon for edge devices."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,236 @@
+"""The typed config: the single source of truth for every option and its default.
+
+Pure: `load_config` reads a file, everything else validates data already in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/lprd/config.yaml")
+_CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class MotionConfig(_Strict):
+    enabled: bool = Field(False, description="skip detection on frames where nothing moved")
+    threshold: float = Field(0.002, ge=0.0, le=1.0, description="share of changed pixels")
+    keep_alive: float = Field(
+        2.0, ge=0.0, description="seconds after motion that frames are still analysed"
+    )
+
+
+class ReconnectConfig(_Strict):
+    initial: float = Field(1.0, gt=0, description="first backoff, seconds")
+    max: float = Field(30.0, gt=0, description="longest backoff, seconds")
+
+
+class CameraConfig(_Strict):
+    source: str = Field(..., min_length=1, description="file path, rtsp://, http(s)://, /dev/videoN")
+    fps: float = Field(5.0, ge=0.0, description="frames analysed per second; 0 = every frame")
+    realtime: bool | None = Field(
+        None, description="files: pace at the clip's own rate (true) or as fast as possible"
+    )
+    loop: bool = Field(False, description="files: start again at the end")
+    enabled: bool = True
+    stall_timeout: float = Field(10.0, gt=0, description="no frame for this long = stream lost")
+    reconnect: ReconnectConfig = ReconnectConfig()
+    motion: MotionConfig = MotionConfig()
+    roi: tuple[int, int, int, int] | None = Field(None, description="x, y, w, h to analyse")
+    ring_slots: int = Field(8, ge=2, le=256)
+    max_width: int = Field(1920, ge=64, description="larger frames are scaled down first")
+
+    @field_validator("reconnect")
+    @classmethod
+    def _backoff_order(cls, v: ReconnectConfig) -> ReconnectConfig:
+        if v.max < v.initial:
+            raise ValueError("reconnect.max must be >= reconnect.initial")
+        return v
+
+
+class DetectorConfig(_Strict):
+    model: Path | None = Field(None, description="TFLite file; default: the bundled detector")
+    threshold: float = Field(0.35, gt=0.0, lt=1.0)
+    max_plates: int = Field(10, ge=1, le=100)
+    min_width: int = Field(16, ge=1, description="boxes narrower than this (px) are ignored")
+
+
+class ReaderConfig(_Strict):
+    model: Path | None = Field(None, description="TFLite file; default: the bundled reader")
+    min_confidence: float = Field(0.3, ge=0.0, le=1.0, description="reads below are dropped")
+    topn: int = Field(5, ge=1, le=50)
+    min_chars: int = Field(3, ge=1)
+
+
+class TrackerConfig(_Strict):
+    track_timeout: float = Field(1.5, gt=0, description="seconds unseen before a track closes")
+    early_confidence: float = Field(
+        0.97, gt=0, le=1.0, description="emit an early event at this voted confidence; 1 = never"
+    )
+    early_min_frames: int = Field(3, ge=1)
+    min_frames: int = Field(1, ge=1, description="shorter tracks emit nothing")
+    dedupe_window: float = Field(
+        30.0, ge=0, description="the same plate on the same camera within this many seconds "
+        "is the same pass"
+    )
+    iou: float = Field(0.05, ge=0, le=1, description="least box overlap to join a track")
+    max_text_distance: float = Field(0.5, ge=0, le=1, description="normalised; joins tracks")
+
+
+class TLSConfig(_Strict):
+    enabled: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = Field(False, description="skip the host name check (testing only)")
+
+
+class OutboxConfig(_Strict):
+    max_events: int = Field(100_000, ge=1)
+    max_age: float = Field(7 * 86400, gt=0, description="seconds; older events are dropped")
+
+
+class DiscoveryConfig(_Strict):
+    enabled: bool = False
+    prefix: str = "homeassistant"
+
+
+class MQTTConfig(_Strict):
+    enabled: bool = True
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = "lprd"
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = Field(None, description="the password is never put in this file")
+    keepalive: int = Field(30, ge=5)
+    tls: TLSConfig = TLSConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    crops: bool = Field(False, description="add a base64 JPEG of the plate to events")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(ch in v for ch in "+#\0") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be non-empty, without + # NUL, and not start or end with /")
+        return v
+
+
+class SyncConfig(_Strict):
+    source: str | None = Field(None, description="https://, http:// or a file path (CSV/JSON)")
+    interval: float = Field(3600.0, gt=0, description="seconds between syncs")
+    token_file: Path | None = None
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    timeout: float = Field(30.0, gt=0)
+
+
+class WatchlistConfig(_Strict):
+    enabled: bool = True
+    max_distance: float = Field(1.0, ge=0, description="weighted edit distance for fuzzy matches")
+    sync: SyncConfig = SyncConfig()
+
+
+class StorageConfig(_Strict):
+    dir: Path = Path("/var/lib/lprd")
+
+
+class ServiceConfig(_Strict):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stop_timeout: float = Field(8.0, gt=0)
+    hang_timeout: float = Field(
+        30.0, gt=0, description="a worker silent this long counts as hung (watchdog stops)"
+    )
+
+
+class Config(_Strict):
+    cameras: dict[str, CameraConfig] = Field(default_factory=dict)
+    detector: DetectorConfig = DetectorConfig()
+    reader: ReaderConfig = ReaderConfig()
+    tracker: TrackerConfig = TrackerConfig()
+    mqtt: MQTTConfig = MQTTConfig()
+    watchlist: WatchlistConfig = WatchlistConfig()
+    storage: StorageConfig = StorageConfig()
+    service: ServiceConfig = ServiceConfig()
+
+    @field_validator("cameras")
+    @classmethod
+    def _names(cls, v: dict[str, CameraConfig]) -> dict[str, CameraConfig]:
+        for name in v:
+            if not _CAMERA_NAME.match(name):
+                raise ValueError(
+                    f"camera name {name!r} must be 1-64 letters, digits, '_' or '-' "
+                    "(it becomes an MQTT topic level)"
+                )
+        return v
+
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased for the user: one line per key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self.source}: {p}" for p in self.problems)
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate already-parsed YAML; raise ConfigError naming each bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): must be a mapping of keys, not "
+                                   f"{type(data).__name__}"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = _key_path(err["loc"])
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling and where it is indented)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(f"{loc}: {msg}")
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(p), ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(p), [f"cannot read: {e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(p), [f"{where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    return parse_config(data, str(p))
+
+
+def redacted(cfg: Config) -> dict:
+    """The config as a plain dict for display; never shows secrets (files only, by design)."""
+    return cfg.model_dump(mode="json")
