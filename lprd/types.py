@@ -132,3 +132,24 @@ class PlateEvent:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class CameraState:
+    """What `<prefix>/<camera>/state` says (retained)."""
+
+    camera: str
+    connected: bool
+    fps: float = 0.0
+    last_frame: float | None = None  # epoch seconds
+    error: str | None = None
+    outbox_depth: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "connected": self.connected,
+            "fps": round(self.fps, 2),
+            "last_frame": iso_utc(self.last_frame) if self.last_frame else None,
+            "error": self.error,
+            "outbox_depth": self.outbox_depth,
+        }
