@@ -1,0 +1,356 @@
+"""Tracker + voter: joins one camera's plate reads across frames into one event per vehicle pass.
+
+Pure: time comes in as arguments, ids from an injected factory; no clock reads, no I/O.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lprd.config import TrackerConfig
+from lprd.types import Box, Candidate, CharProb, Observation, PlateEvent, WatchlistMatch
+
+# How far a plate's centre may move and still be the same track, in plate widths: a fixed slack
+# plus a speed allowance per second since the track was last seen (a few frames' gap).
+MOTION_SLACK = 1.0
+MOTION_PER_SECOND = 6.0
+TOPN = 5  # candidates per event, the winner included
+_MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its length
+# OCR confusions folded away when deciding that two reads are "the same plate" (dedupe only).
+_FOLD = str.maketrans({"O": "0", "Q": "0", "D": "0", "I": "1", "B": "8", "S": "5", "Z": "2"})
+
+
+def _default_id() -> str:
+    return uuid.uuid4().hex
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions all cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def text_distance(a: str, b: str) -> float:
+    """Edit distance divided by the longer length: 0 same, 1 nothing in common."""
+    n = max(len(a), len(b))
+    return levenshtein(a, b) / n if n else 0.0
+
+
+def plate_key(text: str) -> str:
+    """The plate with separators dropped and look-alike characters folded (0/O, 1/I, 8/B ...)."""
+    return "".join(ch for ch in text.upper() if ch.isalnum()).translate(_FOLD)
+
+
+def iou(a: Box, b: Box) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    iw = min(ax + aw, bx + bw) - max(ax, bx)
+    ih = min(ay + ah, by + bh) - max(ay, by)
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = aw * ah + bw * bh - inter
+    return inter / union if union > 0 else 0.0
+
+
+def centre_shift(a: Box, b: Box) -> float:
+    """How far b's centre is from a's, in widths of the wider box."""
+    dx = (b[0] + b[2] / 2) - (a[0] + a[2] / 2)
+    dy = (b[1] + b[3] / 2) - (a[1] + a[3] / 2)
+    return math.hypot(dx, dy) / max(a[2], b[2], 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """The outcome of voting over a track's reads."""
+
+    plate: str
+    confidence: float  # length share times the product of the per-character shares
+    chars: tuple[CharProb, ...]
+    candidates: tuple[Candidate, ...]
+
+
+class Voter:
+    """Confidence-weighted vote: on the length first, then per position among reads of that length.
+
+    Each read adds its confidence w to its length; per position it adds w * p(char) to the char it
+    read. A character's share is its summed weight over the total weight of reads of that length,
+    so a lone unsure read keeps its own low probability and a split vote lowers the share.
+    """
+
+    def __init__(self) -> None:
+        self._length_w: dict[int, float] = {}
+        self._pos_w: dict[int, list[dict[str, float]]] = {}
+
+    @property
+    def empty(self) -> bool:
+        return not self._length_w
+
+    def add(self, text: str, confidence: float, probs: Sequence[float]) -> None:
+        if not text:
+            return
+        w = max(confidence, _MIN_WEIGHT)
+        n = len(text)
+        self._length_w[n] = self._length_w.get(n, 0.0) + w
+        pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
+        for i, (ch, p) in enumerate(zip(text, probs)):
+            pos[i][ch] = pos[i].get(ch, 0.0) + w * p
+
+    def _shares(self, n: int) -> list[list[tuple[str, float]]]:
+        total = self._length_w[n]
+        return [sorted(((c, v / total) for c, v in d.items()), key=lambda t: (-t[1], t[0]))
+                for d in self._pos_w[n]]
+
+    def result(self, topn: int = TOPN) -> Vote:
+        if self.empty:
+            raise ValueError("no reads to vote on")
+        total = sum(self._length_w.values())
+        lengths = sorted(self._length_w, key=lambda n: (-self._length_w[n], n))
+        best_len = lengths[0]
+        shares = self._shares(best_len)
+        len_share = self._length_w[best_len] / total
+        chars = tuple(CharProb(s[0][0], min(1.0, s[0][1])) for s in shares)
+        conf = len_share * math.prod(c.p for c in chars)
+        cands: dict[str, float] = {}
+        for n in lengths:
+            for text, p in _top_strings(self._shares(n), topn):
+                cands.setdefault(text, min(1.0, p * self._length_w[n] / total))
+        ranked = sorted(cands.items(), key=lambda t: -t[1])[:topn]
+        plate = "".join(c.c for c in chars)
+        if plate not in dict(ranked):  # the winner always leads, even on a tie
+            ranked = [(plate, conf)] + ranked[: topn - 1]
+        ranked.sort(key=lambda t: (t[0] != plate, -t[1]))
+        return Vote(plate=plate, confidence=min(1.0, conf), chars=chars,
+                    candidates=tuple(Candidate(t, p) for t, p in ranked))
+
+
+def _top_strings(shares: list[list[tuple[str, float]]], k: int) -> list[tuple[str, float]]:
+    """The k most probable strings given independent per-position shares (a small beam)."""
+    beam: list[tuple[float, str]] = [(1.0, "")]
+    for pos in shares:
+        grown = [(p * q, s + c) for p, s in beam for c, q in pos[:k]]
+        beam = heapq.nlargest(k, grown, key=lambda t: t[0])
+    return [(s, p) for p, s in beam]
+
+
+@dataclass(slots=True)
+class _Track:
+    first_seen: float
+    last_seen: float
+    box: Box
+    last_text: str
+    frames: int = 0
+    voter: Voter = field(default_factory=Voter)
+    best: dict[str, Observation] = field(default_factory=dict)  # best observation per read text
+    best_any: Observation | None = None
+    id: str | None = None  # assigned when the track first emits (or joins a pass)
+    early_sent: bool = False
+    silent: bool = False  # a continuation of a pass that was already reported
+    vote: Vote | None = None
+
+    def add(self, obs: Observation) -> None:
+        r = obs.read
+        probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [r.confidence] * len(
+            r.text)
+        self.voter.add(r.text, r.confidence, probs)
+        self.vote = self.voter.result()
+        self.frames += 1
+        self.first_seen = min(self.first_seen, obs.ts)
+        self.last_seen = max(self.last_seen, obs.ts)
+        self.box = obs.box
+        self.last_text = r.text
+        score = _quality(obs)
+        prev = self.best.get(r.text)
+        if prev is None or score > _quality(prev):
+            self.best[r.text] = obs
+        if self.best_any is None or score > _quality(self.best_any):
+            self.best_any = obs
+
+    def best_for(self, plate: str) -> Observation:
+        obs = self.best.get(plate) or self.best_any
+        assert obs is not None
+        return obs
+
+
+def _quality(obs: Observation) -> float:
+    # A sharp read of a confidently detected plate; a crop on hand breaks ties.
+    return obs.read.confidence * obs.det_score + (1e-6 if obs.crop_jpeg else 0.0)
+
+
+@dataclass(slots=True)
+class _Pass:
+    key: str
+    last_seen: float
+
+
+class Tracker:
+    """Per-camera tracker: `update` with each frame's observations, `flush` at the end.
+
+    Events: an early one (final=False) once the voted read reaches `early_confidence` after
+    `early_min_frames`, and a final one when the track is unseen for `track_timeout`; both share
+    the id. Tracks with fewer than `min_frames` reads emit nothing.
+
+    Dedupe: a plate that comes back on this camera within `dedupe_window` seconds of its last
+    sighting is the same pass. It keeps that pass's id and emits no event at all (the pass was
+    reported and its final event is never repeated); each sighting slides the window on, so a car
+    that waits at a gate is one pass. Later than that, it is a new pass with a new id.
+    """
+
+    def __init__(
+        self,
+        cfg: TrackerConfig,
+        camera: str,
+        new_id: Callable[[], str] = _default_id,
+        models: Mapping[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.camera = camera
+        self._new_id = new_id
+        self._models = dict(models or {})
+        self._tracks: list[_Track] = []
+        self._passes: dict[str, _Pass] = {}  # reported passes, by id, kept for dedupe_window
+
+    @property
+    def open_tracks(self) -> int:
+        return len(self._tracks)
+
+    def update(self, observations: Sequence[Observation], now: float) -> list[PlateEvent]:
+        """Take one frame's observations (or none) at time `now`; return the events due."""
+        obs = [o for o in observations if o.read.text]
+        for o in obs:
+            if o.camera != self.camera:
+                raise ValueError(f"observation from camera {o.camera!r} given to the tracker "
+                                 f"of {self.camera!r}")
+        events: list[PlateEvent] = []
+        touched = self._associate(obs)
+        for t in touched:
+            if (not t.early_sent and self.cfg.early_confidence < 1.0
+                    and t.frames >= max(self.cfg.early_min_frames, self.cfg.min_frames)
+                    and t.vote is not None and t.vote.confidence >= self.cfg.early_confidence):
+                t.early_sent = True
+                ev = self._emit(t, final=False)
+                if ev is not None:
+                    events.append(ev)
+        expired = [t for t in self._tracks if now - t.last_seen > self.cfg.track_timeout]
+        events.extend(self._close(expired))
+        self._forget_passes(now)
+        return events
+
+    def flush(self, now: float) -> list[PlateEvent]:
+        """Close every open track (end of a file, shutdown) and return the final events."""
+        events = self._close(list(self._tracks))
+        self._forget_passes(now)
+        return events
+
+    # association -------------------------------------------------------------------------------
+
+    def _associate(self, obs: list[Observation]) -> list[_Track]:
+        pairs: list[tuple[float, int, int]] = []
+        for oi, o in enumerate(obs):
+            for ti, t in enumerate(self._tracks):
+                s = self._match_score(t, o)
+                if s is not None:
+                    pairs.append((s, oi, ti))
+        pairs.sort(key=lambda p: -p[0])
+        used_o: set[int] = set()
+        used_t: set[int] = set()
+        touched: list[_Track] = []
+        for _, oi, ti in pairs:  # greedy one-to-one: good enough for a handful of plates
+            if oi in used_o or ti in used_t:
+                continue
+            used_o.add(oi)
+            used_t.add(ti)
+            self._tracks[ti].add(obs[oi])
+            touched.append(self._tracks[ti])
+        for oi, o in enumerate(obs):
+            if oi not in used_o:
+                t = _Track(first_seen=o.ts, last_seen=o.ts, box=o.box, last_text=o.read.text)
+                t.add(o)
+                self._tracks.append(t)
+                touched.append(t)
+        return touched
+
+    def _match_score(self, t: _Track, o: Observation) -> float | None:
+        dt = o.ts - t.last_seen
+        if dt > self.cfg.track_timeout:
+            return None
+        voted = t.vote.plate if t.vote else t.last_text
+        key = plate_key(o.read.text)
+        # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
+        tdist = min(text_distance(key, plate_key(voted)), text_distance(key, plate_key(t.last_text)))
+        if tdist > self.cfg.max_text_distance:
+            return None
+        overlap = iou(t.box, o.box)
+        near = (overlap >= self.cfg.iou
+                or centre_shift(t.box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * max(dt, 0.0))
+        # The same plate text is the same vehicle wherever it shows up (a missed stretch of frames).
+        same_plate = key == plate_key(voted)
+        if not (near or same_plate):
+            return None
+        return 2.0 * (1.0 - tdist) + overlap
+
+    # events ------------------------------------------------------------------------------------
+
+    def _pass_of(self, t: _Track) -> str | None:
+        """The id of an already reported pass of the same plate that `t` continues, if any."""
+        assert t.vote is not None
+        key = plate_key(t.vote.plate)
+        for other in self._tracks:
+            if other is not t and other.id is not None and other.vote is not None \
+                    and plate_key(other.vote.plate) == key:
+                return other.id
+        for pid, p in self._passes.items():
+            if p.key == key and t.first_seen - p.last_seen <= self.cfg.dedupe_window:
+                return pid
+        return None
+
+    def _emit(self, t: _Track, final: bool) -> PlateEvent | None:
+        if t.silent or t.vote is None or t.frames < self.cfg.min_frames:
+            return None
+        if t.id is None:
+            pid = self._pass_of(t)
+            if pid is not None:
+                t.id, t.silent = pid, True
+                return None
+            t.id = self._new_id()
+        v = t.vote
+        best = t.best_for(v.plate)
+        return PlateEvent(
+            id=t.id, camera=self.camera, plate=v.plate, confidence=v.confidence, chars=v.chars,
+            candidates=v.candidates, first_seen=t.first_seen, last_seen=t.last_seen,
+            frames=t.frames, final=final, box=best.box, frame_size=best.frame_size,
+            watchlist=WatchlistMatch.none(), crop_jpeg=best.crop_jpeg, models=dict(self._models),
+        )
+
+    def _close(self, tracks: list[_Track]) -> list[PlateEvent]:
+        events = []
+        for t in sorted(tracks, key=lambda t: t.last_seen):
+            self._tracks.remove(t)
+            ev = self._emit(t, final=True)
+            if ev is not None:
+                events.append(ev)
+            if t.id is not None and t.vote is not None:
+                p = self._passes.get(t.id)
+                if p is None:
+                    self._passes[t.id] = _Pass(plate_key(t.vote.plate), t.last_seen)
+                else:
+                    p.last_seen = max(p.last_seen, t.last_seen)
+        return events
+
+    def _forget_passes(self, now: float) -> None:
+        # An open track that began within a pass's window may still turn out to continue it.
+        cutoff = min([now] + [t.first_seen for t in self._tracks])
+        for pid in [pid for pid, p in self._passes.items()
+                    if cutoff - p.last_seen > self.cfg.dedupe_window]:
+            del self._passes[pid]

@@ -1,0 +1,316 @@
+"""The tracker + voter on synthetic observation sequences (pure: no clock, no I/O)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import numpy as np
+import pytest
+
+from lprd.config import TrackerConfig
+from lprd.track import Tracker, Voter, iou, levenshtein, plate_key, text_distance
+from lprd.types import Box, CharProb, Observation, PlateEvent, Read
+
+FPS = 5.0
+DT = 1.0 / FPS
+T0 = 1_800_000_000.0
+
+
+def ids() -> itertools.count:
+    return itertools.count(1)
+
+
+def make_tracker(**kw) -> Tracker:
+    counter = ids()
+    return Tracker(TrackerConfig(**kw), "gate", new_id=lambda: f"ev{next(counter)}")
+
+
+def obs(text: str, ts: float, box: Box, probs: list[float] | None = None,
+        det: float = 0.9, crop: bytes | None = None, camera: str = "gate") -> Observation:
+    probs = probs if probs is not None else [0.99] * len(text)
+    conf = float(np.prod(probs))
+    read = Read(text=text, confidence=conf, chars=tuple(CharProb(c, p) for c, p in zip(text, probs)))
+    return Observation(camera=camera, seq=round((ts - T0) * FPS), ts=ts, box=box,
+                       frame_size=(1280, 720), det_score=det, read=read, crop_jpeg=crop)
+
+
+def drive(tracker: Tracker, frames: list[list[Observation]], start: float = T0) -> list[PlateEvent]:
+    """Feed one list of observations per frame at FPS, `now` = the frame's time."""
+    events: list[PlateEvent] = []
+    for i, frame in enumerate(frames):
+        events += tracker.update(frame, now=start + i * DT)
+    return events
+
+
+def moving_box(i: int, x0: int = 100, y0: int = 400, dx: int = 40, dy: int = 0) -> Box:
+    return (x0 + dx * i, y0 + dy * i, 120, 30)
+
+
+def finals(events: list[PlateEvent]) -> list[PlateEvent]:
+    return [e for e in events if e.final]
+
+
+def test_steady_plate_gives_one_final_event_with_the_read_text() -> None:
+    tr = make_tracker(early_confidence=1.0)
+    frames = [[obs("ABC1234", T0 + i * DT, moving_box(i))] for i in range(10)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert len(events) == 1
+    ev = events[0]
+    assert (ev.final, ev.plate, ev.frames, ev.id) == (True, "ABC1234", 10, "ev1")
+    assert ev.first_seen == T0 and ev.last_seen == pytest.approx(T0 + 9 * DT)
+    assert ev.confidence == pytest.approx(0.99 ** 7)
+    assert [c.c for c in ev.chars] == list("ABC1234")
+    assert ev.candidates[0].plate == "ABC1234"
+
+
+def test_o_zero_misreads_on_some_frames_are_outvoted_and_lower_the_share() -> None:
+    tr = make_tracker(early_confidence=1.0)
+    frames = []
+    for i in range(10):
+        wrong = i in (2, 5, 7)
+        text = "AB0123" if not wrong else "ABO123"
+        probs = [0.98, 0.98, 0.9 if not wrong else 0.6, 0.98, 0.98, 0.98]
+        frames.append([obs(text, T0 + i * DT, moving_box(i), probs)])
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert ev.plate == "AB0123"
+    w_right, w_wrong = float(np.prod([0.98] * 5 + [0.9])), float(np.prod([0.98] * 5 + [0.6]))
+    expected_share = 7 * w_right * 0.9 / (7 * w_right + 3 * w_wrong)
+    assert ev.chars[2].c == "0"
+    assert ev.chars[2].p == pytest.approx(expected_share)
+    assert ev.chars[0].p == pytest.approx(0.98)
+    assert [c.plate for c in ev.candidates[:2]] == ["AB0123", "ABO123"]
+    assert ev.candidates[0].confidence == pytest.approx(ev.confidence)
+    assert ev.candidates[1].confidence < ev.candidates[0].confidence
+
+
+def test_reads_with_an_extra_character_lose_the_weighted_length_vote() -> None:
+    tr = make_tracker(early_confidence=1.0)
+    texts = ["7ABC123", "7ABC1231", "7ABC123", "I7ABC123", "7ABC123", "7ABC123"]
+    frames = [[obs(t, T0 + i * DT, moving_box(i))] for i, t in enumerate(texts)]
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert ev.plate == "7ABC123"
+    # Length share 4/6 (equal weights per read length aside from confidence) scales confidence.
+    w7, w8 = 0.99 ** 7, 0.99 ** 8
+    assert ev.confidence == pytest.approx(4 * w7 / (4 * w7 + 2 * w8) * 0.99 ** 7)
+    assert any(len(c.plate) == 8 for c in ev.candidates)
+
+
+def test_a_heavier_length_vote_beats_a_more_frequent_one() -> None:
+    v = Voter()
+    for _ in range(3):
+        v.add("ABC12", 0.2, [0.2] * 5)
+    for _ in range(2):
+        v.add("ABC123", 0.95, [0.99] * 6)
+    assert v.result().plate == "ABC123"
+
+
+def test_a_gap_of_a_few_frames_keeps_one_track() -> None:
+    tr = make_tracker(early_confidence=1.0, track_timeout=1.5)
+    frames = [[obs("KLM4455", T0 + i * DT, moving_box(i))] if not 5 <= i < 9 else []
+              for i in range(15)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert len(events) == 1
+    assert events[0].frames == 11
+
+
+def test_track_closes_only_once_unseen_for_the_timeout() -> None:
+    tr = make_tracker(early_confidence=1.0, track_timeout=1.5)
+    frames = [[obs("KLM4455", T0 + i * DT, moving_box(i))] for i in range(5)]
+    last = T0 + 4 * DT
+    assert drive(tr, frames) == []
+    assert tr.update([], now=last + 1.5) == []
+    (ev,) = tr.update([], now=last + 1.5 + DT)
+    assert ev.final and ev.last_seen == pytest.approx(last)
+    assert tr.open_tracks == 0
+    assert tr.update([], now=last + 5) == [] and tr.flush(now=last + 6) == []
+
+
+def test_two_vehicles_at_once_are_two_tracks() -> None:
+    tr = make_tracker(early_confidence=1.0)
+    frames = []
+    for i in range(12):
+        # Adjacent lanes, driving towards each other: the boxes pass right by each other.
+        a = obs("AB0123", T0 + i * DT, moving_box(i, x0=100, y0=400, dx=60))
+        b = obs("XY9876", T0 + i * DT, moving_box(i, x0=820, y0=420, dx=-60))
+        frames.append([a, b] if i % 2 else [b, a])
+    events = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert sorted(e.plate for e in events) == ["AB0123", "XY9876"]
+    assert all(e.frames == 12 for e in events)
+    assert len({e.id for e in events}) == 2
+
+
+def test_a_far_away_box_with_similar_text_starts_its_own_track() -> None:
+    tr = make_tracker(early_confidence=1.0)
+    frames = [[obs("AB0123", T0 + i * DT, moving_box(i, dx=10)),
+               obs("AB0128", T0 + i * DT, moving_box(i, x0=1100, dx=-10))] for i in range(6)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert sorted(e.plate for e in events) == ["AB0123", "AB0128"]
+
+
+def test_early_and_final_events_share_the_id() -> None:
+    tr = make_tracker(early_confidence=0.9, early_min_frames=3)
+    frames = [[obs("GATE123", T0 + i * DT, moving_box(i), [0.999] * 7)] for i in range(8)]
+    events = drive(tr, frames[:2])
+    assert events == []
+    (early,) = tr.update(frames[2], now=T0 + 2 * DT)
+    assert not early.final and early.frames == 3 and early.plate == "GATE123"
+    rest = drive(tr, frames[3:], start=T0 + 3 * DT) + tr.flush(now=T0 + 30)
+    (final,) = rest
+    assert final.final and final.frames == 8
+    assert final.id == early.id == "ev1"
+
+
+def test_uncertain_reads_give_no_early_event_but_a_final_one() -> None:
+    tr = make_tracker(early_confidence=0.97, early_min_frames=2)
+    frames = [[obs("GATE123", T0 + i * DT, moving_box(i), [0.9] * 7)] for i in range(8)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 30)
+    assert [e.final for e in events] == [True]
+
+
+def test_early_confidence_of_one_never_emits_early() -> None:
+    tr = make_tracker(early_confidence=1.0, early_min_frames=1)
+    frames = [[obs("GATE123", T0 + i * DT, moving_box(i), [1.0] * 7)] for i in range(5)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 30)
+    assert [e.final for e in events] == [True]
+    assert events[0].confidence == 1.0
+
+
+def test_a_track_shorter_than_min_frames_emits_nothing() -> None:
+    tr = make_tracker(early_confidence=0.5, early_min_frames=1, min_frames=3)
+    frames = [[obs("NOISE1", T0, (900, 100, 60, 20))],
+              [obs("NOISE1", T0 + DT, (902, 101, 60, 20))]]
+    assert drive(tr, frames) == []
+    assert tr.flush(now=T0 + 10) == []
+    # min_frames also holds back the early event until it is reached.
+    frames = [[obs("REAL777", T0 + 20 + i * DT, moving_box(i))] for i in range(4)]
+    events = drive(tr, frames, start=T0 + 20)
+    assert [(e.final, e.frames) for e in events] == [(False, 3)]
+
+
+def test_the_same_plate_back_within_the_dedupe_window_is_the_same_pass() -> None:
+    tr = make_tracker(early_confidence=0.9, track_timeout=1.0, dedupe_window=30)
+
+    def visit(start: float, text: str = "RET0001") -> list[PlateEvent]:
+        frames = [[obs(text, start + i * DT, moving_box(i), [0.999] * 7)] for i in range(5)]
+        return drive(tr, frames, start=start) + tr.update([], now=start + 10)
+
+    first = visit(T0)
+    assert [e.final for e in first] == [False, True]
+    assert first[0].id == first[1].id == "ev1"
+    # Back 10 s after it was last seen, read with an O/0 confusion: the same pass, no event.
+    assert visit(T0 + 11, "RETO001") == []
+    # 25 s after the last sighting (the window slides with each sighting): still the same pass.
+    assert visit(T0 + 11 + 0.8 + 25) == []
+    # Past the window since the last sighting: a new pass with a new id.
+    again = visit(T0 + 11 + 0.8 + 25 + 0.8 + 31)
+    assert [e.final for e in again] == [False, True]
+    assert again[0].id == again[1].id == "ev2"
+    # Another plate is never taken for the same pass.
+    other = visit(T0 + 200, "OTHER99")
+    assert {e.id for e in other} == {"ev3"}
+
+
+def test_a_pass_that_starts_within_the_window_is_deduped_even_if_it_ends_past_it() -> None:
+    tr = make_tracker(early_confidence=1.0, track_timeout=1.0, dedupe_window=5)
+    frames = [[obs("LONG123", T0 + i * DT, moving_box(i, dx=0))] for i in range(3)]
+    (first,) = drive(tr, frames) + tr.update([], now=T0 + 3)
+    # Starts 4 s after the first pass and stays 10 s (a car waiting at the barrier).
+    start = T0 + 2 * DT + 4
+    frames = [[obs("LONG123", start + i * DT, moving_box(0, dx=0))] for i in range(50)]
+    assert drive(tr, frames, start=start) + tr.flush(now=start + 60) == []
+    assert first.id == "ev1"
+
+
+def test_a_duplicate_detection_in_one_frame_does_not_duplicate_the_event() -> None:
+    tr = make_tracker(early_confidence=1.0)
+    frames = [[obs("DUP4321", T0 + i * DT, moving_box(i)),
+               obs("DUP4321", T0 + i * DT, moving_box(i, x0=400))] for i in range(6)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 30)
+    assert len(events) == 1 and events[0].plate == "DUP4321"
+
+
+def test_flush_closes_open_tracks_once_with_final_events_sharing_the_early_id() -> None:
+    tr = make_tracker(early_confidence=0.9, early_min_frames=2)
+    frames = [[obs("FLU5H01", T0 + i * DT, moving_box(i), [0.999] * 7),
+               obs("SLOW999", T0 + i * DT, moving_box(i, x0=900, dx=0), [0.8] * 7)]
+              for i in range(4)]
+    events = drive(tr, frames)
+    assert [(e.plate, e.final) for e in events] == [("FLU5H01", False)]
+    flushed = tr.flush(now=T0 + 4 * DT)
+    assert sorted((e.plate, e.final) for e in flushed) == [("FLU5H01", True), ("SLOW999", True)]
+    by_plate = {e.plate: e for e in flushed}
+    assert by_plate["FLU5H01"].id == events[0].id
+    assert by_plate["SLOW999"].id != events[0].id
+    assert tr.open_tracks == 0 and tr.flush(now=T0 + 5) == []
+
+
+def test_event_box_frame_size_and_crop_come_from_the_best_observation() -> None:
+    tr = make_tracker(early_confidence=1.0)
+    frames = []
+    for i in range(6):
+        probs = [0.999] * 7 if i == 3 else [0.9] * 7
+        o = obs("BEST777", T0 + i * DT, moving_box(i), probs, crop=f"jpeg{i}".encode())
+        frames.append([o])
+    # A sharper read with the wrong text must not be the event's picture.
+    frames.append([obs("BE5T777", T0 + 6 * DT, moving_box(6), [1.0] * 7, crop=b"wrong")])
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 30)
+    assert ev.plate == "BEST777"
+    assert ev.box == moving_box(3) and ev.crop_jpeg == b"jpeg3"
+    assert ev.frame_size == (1280, 720)
+    d = json.loads(ev.to_json())
+    assert d["id"] == "ev1" and d["final"] is True and d["watchlist"]["match"] == "none"
+
+
+def test_noisy_sequences_give_one_correct_event_per_vehicle() -> None:
+    rng = np.random.default_rng(7)
+    swaps = {"0": "O", "8": "B", "1": "I", "5": "S"}
+    for trial in range(50):
+        tr = make_tracker(early_confidence=1.0, min_frames=3)
+        plates = ["AB0158", "7XYZ801"]
+        frames: list[list[Observation]] = []
+        for i in range(15):
+            frame = []
+            for k, plate in enumerate(plates):
+                if rng.random() < 0.15:  # missed detection
+                    continue
+                text = "".join(swaps[c] if c in swaps and rng.random() < 0.2 else c
+                               for c in plate)
+                probs = [float(rng.uniform(0.55, 0.8)) if a != b else
+                         float(rng.uniform(0.85, 1.0)) for a, b in zip(text, plate)]
+                jitter = rng.integers(-6, 7, size=2)
+                x, y, w, h = moving_box(i, x0=100 + 500 * k, y0=300 + 150 * k,
+                                        dx=35 if k == 0 else -25)
+                frame.append(obs(text, T0 + i * DT, (x + int(jitter[0]), y + int(jitter[1]), w, h),
+                                 probs))
+            if rng.random() < 0.2:  # a spurious read somewhere else
+                frame.append(obs("".join(rng.choice(list("ABC123"), 4)), T0 + i * DT,
+                                 (int(rng.integers(0, 1100)), 650, 50, 15), [0.5] * 4))
+            frames.append(frame)
+        events = drive(tr, frames) + tr.flush(now=T0 + 60)
+        assert sorted(e.plate for e in events) == sorted(plates), f"trial {trial}"
+
+
+def test_an_observation_from_another_camera_is_refused() -> None:
+    tr = make_tracker()
+    with pytest.raises(ValueError, match="camera 'street'"):
+        tr.update([obs("ABC123", T0, (0, 0, 10, 10), camera="street")], now=T0)
+
+
+def test_default_ids_are_uuid_hex_and_models_are_carried() -> None:
+    tr = Tracker(TrackerConfig(early_confidence=1.0), "gate", models={"reader": "r1"})
+    tr.update([obs("ABC123", T0, (0, 0, 100, 30))], now=T0)
+    (ev,) = tr.flush(now=T0 + 1)
+    assert re.fullmatch(r"[0-9a-f]{32}", ev.id)
+    assert ev.models == {"reader": "r1"}
+
+
+def test_text_helpers() -> None:
+    assert levenshtein("ABC123", "ABC123") == 0
+    assert levenshtein("ABC123", "ABO1234") == 2
+    assert levenshtein("", "AB") == 2
+    assert text_distance("ABCD", "ABXD") == 0.25 and text_distance("", "") == 0.0
+    assert plate_key("ab-o 1i8") == plate_key("A80118") == "A80118"
+    assert iou((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(50 / 150)
+    assert iou((0, 0, 10, 10), (20, 0, 10, 10)) == 0.0
