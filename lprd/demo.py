@@ -80,7 +80,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     vx, vy = w // 2, 205
     road = np.array([[vx - 150, vy], [vx + 150, vy], [w + 380, h], [-380, h]], np.int32)
     cv2.fillPoly(img, [road], (95, 95, 100))
-    for k in range(0, 12):  # centre line dashes, closer ones longer
+    for k in range(12):  # centre line dashes, closer ones longer
         t0, t1 = (k / 12) ** 1.6, ((k + 0.5) / 12) ** 1.6
         y0, y1 = int(vy + (h - vy) * t0), int(vy + (h - vy) * t1)
         cv2.line(img, (vx, y0), (vx, y1), (230, 230, 230), max(1, int(2 + 10 * t1)))
@@ -145,7 +145,7 @@ def demo_frames(script: DemoScript, width: int = BASE_W, height: int = BASE_H,
                 seed: int = 7) -> Iterator[np.ndarray]:
     """The clip's frames, BGR, at `width` x `height`."""
     bg = _background(np.random.default_rng(seed + 1))
-    n = int(round(script.seconds * script.fps))
+    n = round(script.seconds * script.fps)
     for i in range(n):
         t = i / script.fps
         frame = bg.copy()

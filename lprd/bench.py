@@ -1,0 +1,200 @@
+"""`lprd bench`: time each stage of the daemon's pipeline (decode, detect, read, track) on a video."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lprd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "detect", "read", "track")
+DEMO_CLIP = Path(__file__).resolve().parent.parent / "config" / "demo.mp4"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time each pipeline stage per frame on a video; report fps and memory",
+        description="Decode SOURCE and run every frame through the daemon's pipeline "
+        "(detect -> read -> track) with the configured models; print the time per frame of each "
+        "stage, the frames per second and the process's resident memory.",
+    )
+    p.add_argument("source", nargs="?", help="video file (default: the demo clip)")
+    p.add_argument("--frames", type=int, default=0, metavar="N",
+                   help="stop after N timed frames (default: the whole clip)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N",
+                   help="frames run first and left out of the figures (default 3)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="TFLite threads (default: as the daemon, up to 4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_bench)
+
+
+@dataclass
+class BenchResult:
+    source: str
+    width: int
+    height: int
+    frames: int
+    threads: int
+    models: dict[str, str]
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    plates: int = 0  # boxes read, over all timed frames
+    observations: int = 0
+    events: int = 0
+    rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def summary(self) -> dict:
+        stages = {}
+        for name in STAGES:
+            ms = self.stage_ms.get(name, [])
+            stages[name] = {
+                "mean_ms": round(statistics.fmean(ms), 3) if ms else 0.0,
+                "p50_ms": round(float(np.percentile(ms, 50)), 3) if ms else 0.0,
+                "p95_ms": round(float(np.percentile(ms, 95)), 3) if ms else 0.0,
+            }
+        total = sum(s["mean_ms"] for s in stages.values())
+        return {
+            "source": self.source, "width": self.width, "height": self.height,
+            "frames": self.frames, "threads": self.threads, "models": self.models,
+            "stages": stages, "total_ms": round(total, 3),
+            "fps": round(1000.0 / total, 2) if total > 0 else 0.0,
+            "plates_per_frame": round(self.plates / self.frames, 3) if self.frames else 0.0,
+            "observations": self.observations, "events": self.events,
+            "rss_mb": round(self.rss_mb, 1), "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+
+
+def memory_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MB, from /proc/self/status (0 where unavailable)."""
+    vals = {"VmRSS": 0.0, "VmHWM": 0.0}
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in vals:
+                    vals[key] = int(rest.split()[0]) / 1024.0  # kB
+    except OSError:
+        pass
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def run_bench(source: Path, cfg: Config, frames: int = 0, warmup: int = 3,
+              threads: int = 0) -> BenchResult:
+    """Decode `source` and time the pipeline on each frame, as the daemon's worker runs it."""
+    from lprd.detect import PlateDetector
+    from lprd.inference import PlatePipeline, default_threads
+    from lprd.read import PlateReader
+    from lprd.track import Tracker
+
+    threads = threads or default_threads()
+    pipeline = PlatePipeline(PlateDetector(cfg.detector, threads),
+                             PlateReader(cfg.reader, threads), cfg)
+    tracker = Tracker(cfg.tracker, "bench", models=pipeline.models)
+    cap = cv2.VideoCapture(str(source), cv2.CAP_FFMPEG)
+    if not cap.isOpened():
+        raise ValueError(f"{source}: cannot open as a video")
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    fps = fps if 0 < fps <= 1000 else 25.0
+    res = BenchResult(source=str(source), width=0, height=0, frames=0, threads=threads,
+                      models=pipeline.models, stage_ms={s: [] for s in STAGES})
+    index = 0
+    t0_clip = time.time()
+    try:
+        while not frames or res.frames < frames:
+            t0 = time.perf_counter()
+            ok, frame = cap.read()
+            decode = time.perf_counter() - t0
+            if not ok or frame is None:
+                break
+            ts = t0_clip + index / fps
+            obs = pipeline.process(frame, "bench", index, ts)
+            t1 = time.perf_counter()
+            events = tracker.update(obs, ts)
+            track = time.perf_counter() - t1
+            index += 1
+            if index <= warmup:
+                continue
+            res.height, res.width = frame.shape[:2]
+            res.frames += 1
+            for name, sec in (("decode", decode), ("detect", pipeline.last.detect),
+                              ("read", pipeline.last.read), ("track", track)):
+                res.stage_ms[name].append(sec * 1000.0)
+            res.plates += pipeline.last.plates
+            res.observations += len(obs)
+            res.events += len(events)
+    finally:
+        cap.release()
+    res.events += len(tracker.flush(t0_clip + index / fps))
+    if res.frames == 0:
+        raise ValueError(f"{source}: no frame to time (it has {index} frames, "
+                         f"{warmup} for warm-up)")
+    res.rss_mb, res.peak_rss_mb = memory_mb()
+    return res
+
+
+def format_table(summary: dict) -> str:
+    lines = [
+        (f"source: {summary['source']} ({summary['width']}x{summary['height']}, "
+         f"{summary['frames']} frames timed, {summary['threads']} thread(s))"),
+        "models: " + ", ".join(f"{k} {v}" for k, v in summary["models"].items()),
+        "",
+        f"{'stage':<8} {'mean ms':>9} {'p50 ms':>9} {'p95 ms':>9}",
+    ]
+    for name, s in summary["stages"].items():
+        lines.append(f"{name:<8} {s['mean_ms']:>9.2f} {s['p50_ms']:>9.2f} {s['p95_ms']:>9.2f}")
+    lines += [
+        f"{'total':<8} {summary['total_ms']:>9.2f}",
+        "",
+        f"frames per second: {summary['fps']:.1f} (one inference process)",
+        f"plates read per frame: {summary['plates_per_frame']:.2f}; events: {summary['events']}",
+        f"resident memory: {summary['rss_mb']:.0f} MB now, {summary['peak_rss_mb']:.0f} MB peak",
+    ]
+    return "\n".join(lines)
+
+
+def _config(path: str) -> Config:
+    p = Path(path)
+    if not p.exists() and p == DEFAULT_CONFIG_PATH:
+        return Config()  # no system config: bench with the defaults and the bundled models
+    return load_config(p)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from lprd.models import ModelError
+
+    try:
+        cfg = _config(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="lprd-bench-") as tmp:
+        source = Path(args.source) if args.source else DEMO_CLIP
+        if not args.source and not source.is_file():  # an installed package has no config/
+            from lprd.demo import render_demo
+
+            source = Path(tmp) / "demo.mp4"
+            render_demo(source)
+        if not source.is_file():
+            print(f"lprd bench: {source}: no such file", file=sys.stderr)
+            return 2
+        try:
+            res = run_bench(source, cfg, args.frames, args.warmup, args.threads)
+        except (ModelError, ValueError) as e:
+            print(f"lprd bench: {e}", file=sys.stderr)
+            return 1
+    summary = res.summary()
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
+    return 0

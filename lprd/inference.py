@@ -1,0 +1,444 @@
+"""The one plate pipeline (detect -> read -> filter) and the daemon's inference worker process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from lprd.config import Config
+from lprd.types import Box, Detection, Observation, Read
+
+log = logging.getLogger(__name__)
+
+CROP_MARGIN = 0.15  # share of the box added on each side of a crop_jpeg
+CROP_JPEG_QUALITY = 85
+
+
+class Detector(Protocol):
+    version: str
+
+    def detect(self, frame_bgr: np.ndarray) -> list[Detection]: ...
+
+
+class Reader(Protocol):
+    version: str
+
+    def read_box(self, frame_bgr: np.ndarray, box: Box) -> Read: ...
+
+
+@dataclass(slots=True)
+class StageTimes:
+    """Seconds spent in each stage of the last `process` call."""
+
+    detect: float = 0.0
+    read: float = 0.0
+    plates: int = 0  # boxes read (before the confidence filter)
+
+
+def crop_jpeg(frame_bgr: np.ndarray, box: Box, margin: float = CROP_MARGIN) -> bytes | None:
+    """The plate with a margin, as JPEG bytes (None if the box lies outside the frame)."""
+    x, y, w, h = box
+    mx, my = int(w * margin), int(h * margin)
+    fh, fw = frame_bgr.shape[:2]
+    x0, y0 = max(0, x - mx), max(0, y - my)
+    x1, y1 = min(fw, x + w + mx), min(fh, y + h + my)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    ok, buf = cv2.imencode(".jpg", frame_bgr[y0:y1, x0:x1],
+                           [cv2.IMWRITE_JPEG_QUALITY, CROP_JPEG_QUALITY])
+    return buf.tobytes() if ok else None
+
+
+class PlatePipeline:
+    """detect -> read -> filter for one frame; shared by the daemon, recognize, eval and bench."""
+
+    def __init__(self, detector: Detector, reader: Reader, cfg: Config):
+        self.detector = detector
+        self.reader = reader
+        self.cfg = cfg
+        self.last = StageTimes()
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Model versions, as events carry them."""
+        return {"detector": self.detector.version, "reader": self.reader.version}
+
+    def process(
+        self, frame_bgr: np.ndarray, camera: str, seq: int, ts: float, roi: Box | None = None
+    ) -> list[Observation]:
+        """Plates read in `frame_bgr`; boxes are in the frame's pixels even with a `roi`."""
+        times = StageTimes()
+        fh, fw = frame_bgr.shape[:2]
+        t0 = time.perf_counter()
+        dets = self._detect(frame_bgr, roi)
+        t1 = time.perf_counter()
+        times.detect = t1 - t0
+        rcfg = self.cfg.reader
+        out: list[Observation] = []
+        for det in dets:
+            if det.box[2] < self.cfg.detector.min_width:
+                continue
+            times.plates += 1
+            read = self.reader.read_box(frame_bgr, det.box)
+            if read.confidence < rcfg.min_confidence or len(read.text) < rcfg.min_chars:
+                continue
+            out.append(Observation(
+                camera=camera, seq=seq, ts=ts, box=det.box, frame_size=(fw, fh),
+                det_score=det.score, read=read,
+                crop_jpeg=crop_jpeg(frame_bgr, det.box) if self.cfg.mqtt.crops else None,
+            ))
+        times.read = time.perf_counter() - t1
+        self.last = times
+        return out
+
+    def _detect(self, frame_bgr: np.ndarray, roi: Box | None) -> list[Detection]:
+        if roi is None:
+            return self.detector.detect(frame_bgr)
+        fh, fw = frame_bgr.shape[:2]
+        x, y, w, h = roi
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(fw, x + w), min(fh, y + h)
+        if x1 - x0 < 2 or y1 - y0 < 2:  # an ROI outside this frame: search the whole frame
+            return self.detector.detect(frame_bgr)
+        dets = self.detector.detect(frame_bgr[y0:y1, x0:x1])
+        return [Detection(box=(bx + x0, by + y0, bw, bh), score=d.score)
+                for d in dets for bx, by, bw, bh in (d.box,)]
+
+
+# -- the inference worker process ---------------------------------------------------------------
+# Messages between the supervisor and the worker: small frozen dataclasses (pickled by the queues).
+
+
+@dataclass(frozen=True, slots=True)
+class CameraSpec:
+    """What the worker needs to read one camera's ring."""
+
+    ring: str  # shared-memory name; a new name each time the capture process is (re)started
+    every_frame: bool  # files analysed frame by frame: read every seq and ack it (flow control)
+    roi: Box | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetCameras:
+    """Supervisor -> worker: the cameras to read now (rings may have changed)."""
+
+    cameras: dict[str, CameraSpec]
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Supervisor -> worker: this camera's capture finished; drain its ring, close its tracks."""
+
+    camera: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadWatchlist:
+    """Supervisor -> worker: reopen the watchlist (SIGHUP)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    """Worker -> supervisor: models loaded."""
+
+    models: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailed:
+    """Worker -> supervisor: a problem restarting cannot fix (a missing or bad model)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Worker -> supervisor, about once a second: it is alive and how far it got."""
+
+    frames: dict[str, int]  # frames analysed per camera since the worker started
+    skipped: dict[str, int]  # frames skipped (no motion, or lapped)
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """Worker -> supervisor: an ended camera's frames are all analysed and its tracks closed."""
+
+    camera: str
+    frames: int
+
+
+HEARTBEAT_EVERY = 1.0
+IDLE_TICK = 0.5  # live cameras with no new frame still age their tracks this often
+
+
+class _Feed:
+    """One camera's ring as the worker sees it: the next frame to analyse, and acks."""
+
+    def __init__(self, camera: str, spec: CameraSpec):
+        self.camera = camera
+        self.spec = spec
+        self.ring = None  # FrameRing once the capture process has created it
+        self.next_seq = 0  # every_frame mode: the next seq to analyse
+        self.done_seq = 0  # newest seq analysed or skipped
+        self.frames = 0
+        self.skipped = 0
+        self.last_tick = time.monotonic()
+        self.ending = False  # capture finished: drain, then flush
+        self._attach_warned = False
+
+    def attach(self) -> bool:
+        from lprd.ring import FrameRing
+
+        if self.ring is not None:
+            return True
+        try:
+            self.ring = FrameRing.attach(self.spec.ring)
+        except FileNotFoundError:
+            return False  # not created yet: the capture has not opened its source
+        except ValueError as e:  # half-made header: try again next loop
+            if not self._attach_warned:
+                log.debug("camera %s: ring not ready: %s", self.camera, e)
+                self._attach_warned = True
+            return False
+        self.next_seq = max(1, self.ring.acked + 1, self.ring.last_seq - self.ring.slots + 1)
+        log.debug("camera %s: attached ring %s at seq %d", self.camera, self.spec.ring,
+                  self.next_seq)
+        return True
+
+    def next_frame(self) -> tuple[object, np.ndarray] | None:
+        """(header, owned frame copy) of the next frame to analyse, or None for now."""
+        from lprd.ring import Lapped
+
+        if not self.attach():
+            return None
+        ring = self.ring
+        assert ring is not None
+        if self.spec.every_frame:
+            last = ring.last_seq
+            while self.next_seq <= last:
+                seq = self.next_seq
+                self.next_seq += 1
+                try:
+                    header, frame = ring.copy(seq)
+                except Lapped:
+                    self.done_seq = seq
+                    self.skipped += 1  # flow control should prevent this; log and go on
+                    log.warning("camera %s: frame %d was overwritten before it was analysed",
+                                self.camera, seq)
+                    continue
+                ring.ack(seq)  # we own a copy: the capture may reuse the slot now
+                self.done_seq = seq
+                return header, frame
+            return None
+        for _ in range(3):
+            last = ring.last_seq
+            if last <= self.done_seq:
+                return None
+            try:
+                header, frame = ring.copy(last)
+            except (Lapped, ValueError):
+                continue
+            if last > self.done_seq + 1:
+                self.skipped += last - self.done_seq - 1  # live: older frames are dropped
+            self.done_seq = last
+            ring.ack(last)
+            return header, frame
+        return None
+
+    def drained(self) -> bool:
+        return self.ring is None or self.done_seq >= self.ring.last_seq
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+def _open_watchlist(cfg: Config) -> object | None:
+    if not cfg.watchlist.enabled:
+        return None
+    try:
+        from lprd.watchlist import Watchlist
+
+        return Watchlist(cfg.storage.dir / "watchlist.sqlite", cfg.watchlist)
+    except Exception as e:  # noqa: BLE001 - a broken watchlist must not stop plates being read
+        log.error("watchlist unavailable, events carry no match: %s", e)
+        return None
+
+
+class InferenceWorker:
+    """The loop of the inference process: rings -> pipeline -> trackers -> watchlist -> events."""
+
+    def __init__(self, cfg: Config, pipeline: PlatePipeline, out: object,
+                 cameras: dict[str, CameraSpec]):
+        from lprd.track import Tracker
+
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.out = out  # anything with put(): the queue to the supervisor
+        self.models = pipeline.models
+        self._tracker_cls = Tracker
+        self.feeds: dict[str, _Feed] = {}
+        self.trackers: dict[str, Tracker] = {}
+        self.watchlist = _open_watchlist(cfg)
+        self._last_ts: dict[str, float] = {}
+        self.set_cameras(cameras)
+
+    def set_cameras(self, cameras: dict[str, CameraSpec]) -> None:
+        for name in list(self.feeds):
+            if name not in cameras or cameras[name] != self.feeds[name].spec:
+                self._finish(name, send_drained=False)
+        for name, spec in cameras.items():
+            if name not in self.feeds:
+                self.feeds[name] = _Feed(name, spec)
+                self.trackers[name] = self._tracker_cls(self.cfg.tracker, name, models=self.models)
+
+    def _finish(self, name: str, send_drained: bool) -> None:
+        feed = self.feeds.pop(name)
+        tracker = self.trackers.pop(name)
+        self._send(tracker.flush(self._now(feed)))
+        feed.close()
+        if send_drained:
+            self.out.put(Drained(name, feed.frames))
+
+    def _now(self, feed: _Feed) -> float:
+        # Files run on clip time, which may be far from the wall clock.
+        return time.time() if not feed.spec.every_frame else self._last_ts.get(feed.camera, 0.0)
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, SetCameras):
+            self.set_cameras(msg.cameras)
+        elif isinstance(msg, EndOfStream):
+            if msg.camera in self.feeds:
+                self.feeds[msg.camera].ending = True
+            else:
+                self.out.put(Drained(msg.camera, 0))
+        elif isinstance(msg, ReloadWatchlist):
+            self.watchlist = _open_watchlist(self.cfg)
+            log.info("watchlist reopened")
+        else:
+            log.warning("inference worker: unknown message %r", msg)
+
+    def step(self) -> bool:
+        """Analyse at most one frame per camera; False when there was nothing to do."""
+        busy = False
+        for name, feed in list(self.feeds.items()):
+            item = feed.next_frame()
+            tracker = self.trackers[name]
+            if item is None:
+                if feed.ending and feed.drained():
+                    self._finish(name, send_drained=True)
+                elif not feed.spec.every_frame and time.monotonic() - feed.last_tick > IDLE_TICK:
+                    feed.last_tick = time.monotonic()
+                    self._send(tracker.update([], time.time()))
+                continue
+            busy = True
+            header, frame = item
+            self._last_ts[name] = header.ts
+            feed.last_tick = time.monotonic()
+            if not header.motion:
+                feed.skipped += 1
+                self._send(tracker.update([], header.ts))
+                continue
+            try:
+                obs = self.pipeline.process(frame, name, header.seq, header.ts, roi=feed.spec.roi)
+            except Exception:  # one bad frame must not end the worker
+                log.exception("camera %s: frame %d could not be analysed", name, header.seq)
+                continue
+            feed.frames += 1
+            self._send(tracker.update(obs, header.ts))
+        return busy
+
+    def _send(self, events: list) -> None:
+        for ev in events:
+            if self.watchlist is not None:
+                try:
+                    ev = replace(ev, watchlist=self.watchlist.match(ev.plate, ev.candidates))
+                except Exception as e:  # noqa: BLE001 - the event still goes out, unmatched
+                    log.error("watchlist lookup of %s failed: %s", ev.plate, e)
+            log.info("camera %s: %s event %s plate %s (%.2f, %d frames)", ev.camera,
+                     "final" if ev.final else "early", ev.id, ev.plate, ev.confidence, ev.frames,
+                     extra={"camera": ev.camera, "event_id": ev.id})
+            self.out.put(ev)
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(frames={n: f.frames for n, f in self.feeds.items()},
+                         skipped={n: f.skipped for n, f in self.feeds.items()})
+
+    def shutdown(self) -> None:
+        """Close every track (their final events go out) and drop the ring mappings."""
+        for name in list(self.feeds):
+            self._finish(name, send_drained=False)
+
+
+def default_threads() -> int:
+    """TFLite threads for the worker: the cores, up to 4 (captures need some CPU too)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def child_signals() -> None:
+    """In a child: leave Ctrl-C and hang-ups to the supervisor, which stops children itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: object, out: object,
+                   stop: object, log_level: str = "info") -> None:
+    """Process target: load the models, then analyse frames until `stop` is set.
+
+    `ctl` (a queue) brings SetCameras / EndOfStream / ReloadWatchlist; `out` (a queue) takes
+    WorkerReady, Heartbeat, PlateEvent, Drained and WorkerFailed records.
+    """
+    child_signals()
+    _child_logging(log_level)
+    from lprd.detect import PlateDetector
+    from lprd.models import ModelError
+    from lprd.read import PlateReader
+
+    threads = default_threads()
+    try:
+        pipeline = PlatePipeline(PlateDetector(cfg.detector, threads),
+                                 PlateReader(cfg.reader, threads), cfg)
+    except ModelError as e:
+        out.put(WorkerFailed(str(e)))
+        return
+    worker = InferenceWorker(cfg, pipeline, out, cameras)
+    out.put(WorkerReady(pipeline.models))
+    log.info("inference worker ready (%s, %d threads)", pipeline.models, threads)
+    next_beat = 0.0
+    idle = 0.001
+    while not stop.is_set():
+        while True:
+            try:
+                msg = ctl.get_nowait()
+            except queue.Empty:
+                break
+            worker.handle(msg)
+        busy = worker.step()
+        now = time.monotonic()
+        if now >= next_beat:
+            out.put(worker.heartbeat())
+            next_beat = now + HEARTBEAT_EVERY
+        if busy:
+            idle = 0.001
+        else:  # back off while nothing comes: an idle daemon should cost next to nothing
+            stop.wait(idle)
+            idle = min(idle * 2, 0.02)
+    worker.shutdown()
+    out.put(worker.heartbeat())
+
+
+def _child_logging(level: str) -> None:
+    try:
+        from lprd.notify import setup_logging
+    except ImportError:  # pragma: no cover - notify is part of the package
+        logging.basicConfig(level=level.upper())
+        return
+    setup_logging(level)

@@ -1,0 +1,684 @@
+"""`lprd run`: the supervisor that starts, watches, restarts, reloads and stops the daemon's processes.
+
+One capture process per camera writes its camera's shared-memory ring; one inference process reads
+the rings, detects, reads and tracks plates, and sends events back here to be published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from lprd.capture import CaptureStatus, SourceKind, ring_shape, source_kind
+from lprd.config import CameraConfig, Config, ConfigError, load_config
+from lprd.inference import (
+    CameraSpec,
+    Drained,
+    EndOfStream,
+    Heartbeat,
+    ReloadWatchlist,
+    SetCameras,
+    WorkerFailed,
+    WorkerReady,
+    child_signals,
+    inference_main,
+)
+from lprd.notify import Notifier, WatchdogGate, WatchdogPinger, setup_logging
+from lprd.ring import FrameRing
+from lprd.types import CameraState, FrameRef, PlateEvent
+
+log = logging.getLogger(__name__)
+
+_MP = multiprocessing.get_context("spawn")  # no fork: the supervisor runs threads (MQTT, sync)
+
+POLL = 0.05  # seconds between supervisor loop turns
+STATE_EVERY = 10.0  # seconds between retained camera state refreshes
+RESTART_MIN, RESTART_MAX = 1.0, 30.0  # child restart backoff
+STABLE_AFTER = 60.0  # a child that ran this long restarts with the shortest delay again
+READY_GRACE = 15.0  # READY=1 at the latest this long after start, even if a camera stays silent
+MODEL_LOAD_GRACE = 60.0  # the worker may be silent this long while it loads the models
+EXIT_FILES_FAILED = 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run", help="run the daemon: capture -> detect -> read -> track -> MQTT events",
+        description="Start one capture process per camera and the inference process; publish "
+        "one event per vehicle pass. SIGTERM stops, SIGHUP reloads the config and the watchlist.",
+    )
+    p.add_argument("--events-jsonl", metavar="FILE",
+                   help="also append every event as one JSON line to FILE ('-' = stdout)")
+    p.add_argument("--once", action="store_true",
+                   help="process the file sources to their end, send the last events and exit "
+                   "(0: every file was read, 1: some could not be); live cameras are skipped")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    level = "debug" if getattr(args, "verbose", False) else cfg.service.log_level
+    setup_logging(level)
+    sup = Supervisor(cfg, Path(args.config), events_jsonl=args.events_jsonl, once=args.once,
+                     log_level=level)
+    return sup.run()
+
+
+# -- children ------------------------------------------------------------------------------------
+
+
+def _capture_entry(camera: str, cfg: CameraConfig, ring: str, events: Any, stop: Any,
+                   log_level: str) -> None:
+    """Capture process target: our signals and logging, then lprd.capture's loop."""
+    child_signals()
+    setup_logging(log_level)
+    from lprd.capture import capture_main
+
+    capture_main(camera, cfg, ring, events, stop)
+
+
+@dataclass
+class _Child:
+    """A supervised process; a fresh queue and stop event for each start (a killed child may
+    leave its queue's lock held)."""
+
+    name: str
+    target: Callable[..., None]
+    proc: multiprocessing.process.BaseProcess | None = None
+    q: Any = None  # child -> supervisor
+    stop: Any = None
+    started: float = 0.0
+    beat: float = 0.0  # monotonic time of the last sign of life
+    failures: int = 0
+    restart_at: float | None = None
+    done: bool = False  # ended on purpose (a file at its end, or given up in --once)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+
+@dataclass
+class _Camera:
+    name: str
+    cfg: CameraConfig
+    ring: FrameRing
+    child: _Child
+    status: CaptureStatus | None = None
+    published: tuple | None = None  # (connected, error) last sent as state
+    published_at: float = 0.0
+    frames: int = 0  # FrameRefs seen
+    eof: bool = False
+    failed: str | None = None  # --once: why this file was given up
+    drained: bool = False
+
+    @property
+    def every_frame(self) -> bool:
+        return source_kind(self.cfg.source) is SourceKind.FILE and not self.cfg.realtime
+
+    def spec(self) -> CameraSpec:
+        return CameraSpec(ring=self.ring.name, every_frame=self.every_frame, roi=self.cfg.roi)
+
+
+class _Sink:
+    """Where events go besides MQTT: a JSON-lines file or stdout."""
+
+    def __init__(self, target: str | None):
+        self._fh: IO[str] | None = None
+        self._own = False
+        if target == "-":
+            self._fh = sys.stdout
+        elif target:
+            self._fh = open(target, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._own = True
+
+    def write(self, ev: PlateEvent) -> None:
+        if self._fh is not None:
+            self._fh.write(ev.to_json() + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None and self._own:
+            self._fh.close()
+        self._fh = None
+
+
+@dataclass
+class _Flags:
+    """Set by signal handlers, acted on by the loop (handlers must do next to nothing)."""
+
+    stop: bool = False
+    reload: bool = False
+    signals: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs the daemon until SIGTERM/SIGINT (or, with `once`, until every file is done)."""
+
+    def __init__(self, cfg: Config, config_path: Path, events_jsonl: str | None = None,
+                 once: bool = False, log_level: str = "info"):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.once = once
+        self.log_level = log_level
+        self.sink = _Sink(events_jsonl)
+        self.flags = _Flags()
+        self.notifier = Notifier()
+        self.cameras: dict[str, _Camera] = {}
+        self.worker = _Child("inference", inference_main)
+        self.worker_ctl: Any = None
+        self.worker_ready = False
+        self.worker_failed: str | None = None
+        self.models: dict[str, str] = {}
+        self.publisher: Any = None
+        self.sync: Any = None
+        self.ready_sent = False
+        self.started = time.monotonic()
+        self.loop_beat = time.monotonic()
+        self.events = 0
+        self._gen = 0
+        self._analysed: dict[str, int] = {}
+        self._status_at = 0.0
+        self._pinger: WatchdogPinger | None = None
+
+    # -- the main loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        try:
+            self.cfg.storage.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.error("storage.dir %s cannot be created: %s", self.cfg.storage.dir, e)
+            return 1
+        _remove_stale_rings()
+        self._start_publisher()
+        self._start_sync()
+        for name, ccfg in self.cfg.cameras.items():
+            self._add_camera(name, ccfg)
+        if self.once and not self.cameras:
+            log.warning("--once: no enabled file camera in %s; nothing to do", self.config_path)
+        self._start_worker()
+        self._pinger = WatchdogPinger(self.notifier, WatchdogGate(self.cfg.service.hang_timeout),
+                                      self._heartbeats)
+        self._pinger.start()
+        code = 0
+        try:
+            while True:
+                self.loop_beat = time.monotonic()
+                if self.flags.stop:
+                    log.info("received %s: stopping", ", ".join(self.flags.signals) or "stop")
+                    break
+                if self.flags.reload:
+                    self.flags.reload = False
+                    self._reload()
+                self._pump(POLL)
+                self._check_children()
+                self._maybe_ready()
+                self._periodic()
+                if self.worker_failed:
+                    log.error("cannot run: %s", self.worker_failed)
+                    code = 1
+                    break
+                if self.once and all(c.drained for c in self.cameras.values()):
+                    failed = [c for c in self.cameras.values() if c.failed]
+                    code = EXIT_FILES_FAILED if failed else 0
+                    log.info("--once: every file done (%d events%s)", self.events,
+                             f"; {len(failed)} file(s) could not be read" if failed else "")
+                    break
+        finally:
+            self._shutdown()
+        return code
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, _frame: object) -> None:
+            self.flags.stop = True
+            self.flags.signals.append(signal.Signals(signum).name)
+
+        def reload(_signum: int, _frame: object) -> None:
+            self.flags.reload = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _heartbeats(self) -> dict[str, float]:
+        """For the watchdog gate: the loop itself, the worker, and every capture not done."""
+        beats = {"supervisor": self.loop_beat}
+        if not self.worker.done:
+            beats["inference"] = self.worker.beat
+        for cam in self.cameras.values():
+            if not cam.child.done:
+                beats[f"capture:{cam.name}"] = cam.child.beat
+        return beats
+
+    # -- cameras -----------------------------------------------------------------------------
+
+    def _add_camera(self, name: str, ccfg: CameraConfig) -> None:
+        if not ccfg.enabled:
+            log.info("camera %s: disabled in the config", name)
+            return
+        if self.once:
+            if source_kind(ccfg.source) is not SourceKind.FILE:
+                log.warning("camera %s: --once only processes files; %s skipped", name,
+                            source_kind(ccfg.source).value)
+                return
+            if ccfg.loop:
+                ccfg = ccfg.model_copy(update={"loop": False})  # --once must reach an end
+        self._gen += 1
+        h, w = ring_shape(ccfg)
+        ring = FrameRing.create(f"lprd-{os.getpid()}-{name}-{self._gen}", ccfg.ring_slots, h, w)
+        cam = _Camera(name, ccfg, ring, _Child(f"capture:{name}", _capture_entry))
+        self.cameras[name] = cam
+        self._start_capture(cam)
+
+    def _start_capture(self, cam: _Camera) -> None:
+        child = cam.child
+        child.q = _MP.Queue()
+        child.stop = _MP.Event()
+        child.proc = _MP.Process(
+            target=_capture_entry, name=f"lprd-capture-{cam.name}", daemon=True,
+            args=(cam.name, cam.cfg, cam.ring.name, child.q, child.stop, self.log_level))
+        child.proc.start()
+        child.done = False
+        child.started = child.beat = time.monotonic()
+        child.restart_at = None
+        log.debug("camera %s: capture process %d started", cam.name, child.proc.pid)
+
+    def _remove_camera(self, name: str, deadline: float) -> None:
+        cam = self.cameras.pop(name)
+        _stop_child(cam.child, deadline, self._pump_child_queue)
+        cam.ring.close()
+        cam.ring.unlink()
+
+    def _specs(self) -> dict[str, CameraSpec]:
+        return {n: c.spec() for n, c in self.cameras.items() if not c.drained}
+
+    # -- the inference worker ------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        w = self.worker
+        w.q = _MP.Queue()
+        w.stop = _MP.Event()
+        self.worker_ctl = _MP.Queue()
+        self.worker_ready = False
+        w.proc = _MP.Process(
+            target=inference_main, name="lprd-inference", daemon=True,
+            args=(self.cfg, self._specs(), self.worker_ctl, w.q, w.stop, self.log_level))
+        w.proc.start()
+        w.done = False
+        w.started = time.monotonic()
+        w.beat = w.started + MODEL_LOAD_GRACE  # loading the models is not hanging
+        w.restart_at = None
+        for cam in self.cameras.values():  # a new worker must hear again which files ended
+            if cam.eof and not cam.drained:
+                self.worker_ctl.put(EndOfStream(cam.name))
+        log.debug("inference process %d started", w.proc.pid)
+
+    def _send_worker(self, msg: object) -> None:
+        if self.worker_ctl is not None and self.worker.alive():
+            self.worker_ctl.put(msg)
+
+    # -- messages from children ------------------------------------------------------------------
+
+    def _pump(self, timeout: float) -> None:
+        """Handle what the children sent; waits up to `timeout` when nothing is there."""
+        got = self._pump_child_queue(self.worker)
+        for cam in list(self.cameras.values()):
+            got += self._pump_child_queue(cam.child)
+        if not got and timeout > 0:
+            time.sleep(timeout)
+
+    def _pump_child_queue(self, child: _Child) -> int:
+        n = 0
+        q = child.q
+        while q is not None and n < 10_000:
+            try:
+                msg = q.get_nowait()
+            except queue.Empty:
+                break
+            except (EOFError, OSError, ValueError) as e:  # a child killed mid-message
+                log.warning("%s: lost a message from a dead process: %s", child.name, e)
+                break
+            n += 1
+            child.beat = max(child.beat, time.monotonic())
+            self._handle(child, msg)
+        return n
+
+    def _handle(self, child: _Child, msg: object) -> None:
+        if isinstance(msg, PlateEvent):
+            self._on_event(msg)
+        elif isinstance(msg, FrameRef):
+            cam = self.cameras.get(msg.camera)
+            if cam is not None:
+                cam.frames += 1
+        elif isinstance(msg, CaptureStatus):
+            self._on_capture_status(msg)
+        elif isinstance(msg, Heartbeat):
+            self._analysed = dict(msg.frames)
+        elif isinstance(msg, Drained):
+            cam = self.cameras.get(msg.camera)
+            if cam is not None:
+                cam.drained = True
+                log.info("camera %s: all frames analysed (%d with motion)", msg.camera,
+                         msg.frames)
+        elif isinstance(msg, WorkerReady):
+            self.worker_ready = True
+            self.models = dict(msg.models)
+            self.worker.failures = 0 if self.worker.failures < 3 else self.worker.failures
+            log.info("models loaded: %s", ", ".join(f"{k} {v}" for k, v in msg.models.items()))
+        elif isinstance(msg, WorkerFailed):
+            self.worker_failed = msg.reason
+        else:
+            log.warning("%s sent an unknown record %r", child.name, type(msg).__name__)
+
+    def _on_event(self, ev: PlateEvent) -> None:
+        self.events += 1
+        try:
+            self.sink.write(ev)
+        except OSError as e:
+            log.error("cannot write event %s to the JSON-lines file: %s", ev.id, e)
+        if self.publisher is not None:
+            try:
+                self.publisher.submit(ev)
+            except Exception:  # the next events must still go out
+                log.exception("event %s could not be queued for MQTT", ev.id)
+
+    def _on_capture_status(self, st: CaptureStatus) -> None:
+        cam = self.cameras.get(st.camera)
+        if cam is None:
+            return
+        cam.status = st
+        if st.eof and not cam.eof:
+            cam.eof = True
+            self._send_worker(EndOfStream(cam.name))
+        if self.once and st.error and not cam.eof and not cam.failed:
+            # A file that cannot be read will not get better by retrying: give it up.
+            cam.failed = st.error
+            log.error("camera %s: %s; --once gives this file up", cam.name, st.error)
+            cam.child.stop.set()
+            cam.eof = True
+            self._send_worker(EndOfStream(cam.name))
+        self._publish_state(cam)
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def _check_children(self) -> None:
+        now = time.monotonic()
+        for cam in self.cameras.values():
+            child = cam.child
+            if child.done:
+                continue
+            if child.proc is not None and not child.proc.is_alive():
+                self._pump_child_queue(child)  # its last records (eof) may still be queued
+                code = child.proc.exitcode
+                child.proc = None
+                if cam.eof or (code == 0 and child.stop.is_set()):
+                    child.done = True
+                    log.debug("camera %s: capture process ended", cam.name)
+                    continue
+                self._schedule_restart(child, f"exit status {code}")
+            elif child.proc is not None and now - child.beat > self.cfg.service.hang_timeout:
+                log.error("%s: no sign of life for %.0f s; killing it", child.name,
+                          now - child.beat)
+                child.proc.kill()
+            if child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                log.info("%s: restarting", child.name)
+                self._start_capture(cam)
+        w = self.worker
+        if w.proc is not None and not w.proc.is_alive():
+            self._pump_child_queue(w)
+            code = w.proc.exitcode
+            w.proc = None
+            if self.worker_failed:
+                return
+            self._schedule_restart(w, f"exit status {code}")
+        elif w.proc is not None and now - w.beat > self.cfg.service.hang_timeout:
+            log.error("inference: no heartbeat for %.0f s; killing it", now - w.beat)
+            w.proc.kill()
+        if w.proc is None and w.restart_at is not None and now >= w.restart_at:
+            log.info("inference: restarting")
+            self._start_worker()
+
+    def _schedule_restart(self, child: _Child, why: str) -> None:
+        now = time.monotonic()
+        if now - child.started > STABLE_AFTER:
+            child.failures = 0
+        delay = min(RESTART_MAX, RESTART_MIN * 2 ** child.failures)
+        child.failures += 1
+        child.restart_at = now + delay
+        child.q = None
+        log.error("%s died (%s); restarting in %.0f s", child.name, why, delay)
+
+    def _maybe_ready(self) -> None:
+        if self.ready_sent or not self.worker_ready:
+            return
+        tried = all(c.status is not None or c.child.done for c in self.cameras.values())
+        if tried or time.monotonic() - self.started > READY_GRACE:
+            self.ready_sent = True
+            self.notifier.ready(self._status_line())
+            log.info("running: %s", self._status_line())
+
+    def _periodic(self) -> None:
+        now = time.monotonic()
+        if now - self._status_at >= 5.0:
+            self._status_at = now
+            self.notifier.status(self._status_line())
+        for cam in self.cameras.values():
+            if now - cam.published_at >= STATE_EVERY:
+                self._publish_state(cam, force=True)
+
+    def _status_line(self) -> str:
+        parts = []
+        for cam in self.cameras.values():
+            st = cam.status
+            if cam.drained or (st is not None and st.eof):
+                parts.append(f"{cam.name}: ended")
+            elif st is None:
+                parts.append(f"{cam.name}: starting")
+            elif st.connected:
+                parts.append(f"{cam.name}: {st.fps:.1f} fps")
+            else:
+                parts.append(f"{cam.name}: {st.error or 'disconnected'}")
+        parts.append(f"{self.events} events")
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                parts.append(f"outbox {self.publisher.outbox_depth()}")
+        return "; ".join(parts)
+
+    def _publish_state(self, cam: _Camera, force: bool = False) -> None:
+        st = cam.status
+        if st is None:
+            return
+        key = (st.connected, st.error)
+        if not force and key == cam.published:
+            return
+        cam.published, cam.published_at = key, time.monotonic()
+        if self.publisher is None:
+            return
+        depth = 0
+        with contextlib.suppress(Exception):
+            depth = self.publisher.outbox_depth()
+        state = CameraState(camera=cam.name, connected=st.connected, fps=st.fps,
+                            last_frame=st.last_frame, error=st.error, outbox_depth=depth)
+        try:
+            self.publisher.publish_state(state)
+        except Exception:  # state is informative; events matter more
+            log.exception("camera %s: state could not be published", cam.name)
+
+    # -- MQTT and the watchlist sync -------------------------------------------------------------
+
+    def _start_publisher(self) -> None:
+        if not self.cfg.mqtt.enabled:
+            log.info("mqtt.enabled is false: events go only to --events-jsonl")
+            return
+        from lprd.publish import Publisher
+
+        self.publisher = Publisher(self.cfg.mqtt, list(self.cfg.cameras), self.cfg.storage.dir,
+                                   on_command=self._on_command)
+        self.publisher.start()
+
+    def _stop_publisher(self, timeout: float) -> None:
+        if self.publisher is not None:
+            try:
+                self.publisher.stop(timeout=timeout)
+            except Exception:
+                log.exception("MQTT publisher did not stop cleanly")
+            self.publisher = None
+
+    def _on_command(self, command: str, payload: dict) -> None:
+        # Called on the MQTT thread: only set a flag for the loop.
+        if command == "reload":
+            self.flags.reload = True
+        else:
+            log.warning("unknown MQTT command %r ignored", command)
+
+    def _start_sync(self) -> None:
+        wl = self.cfg.watchlist
+        if not wl.enabled or not wl.sync.source:
+            return
+        try:
+            from lprd.watchlist import Watchlist, WatchlistSync
+
+            self.sync = WatchlistSync(Watchlist(self.cfg.storage.dir / "watchlist.sqlite", wl),
+                                      wl.sync)
+            self.sync.start()
+        except Exception:
+            log.exception("watchlist sync could not start; the last synced list stays in use")
+            self.sync = None
+
+    def _stop_sync(self) -> None:
+        if self.sync is not None:
+            with contextlib.suppress(Exception):
+                self.sync.stop()
+            self.sync = None
+
+    # -- SIGHUP ---------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused, the running config stays:\n%s", e)
+            return
+        self.notifier.reloading()
+        old = self.cfg
+        self.cfg = new
+        log.info("reloading %s", self.config_path)
+        if new.service.log_level != old.service.log_level and self.log_level != "debug":
+            self.log_level = new.service.log_level
+            setup_logging(self.log_level)
+        deadline = time.monotonic() + new.service.stop_timeout
+        changed = False
+        for name in set(old.cameras) | set(new.cameras):
+            if old.cameras.get(name) == new.cameras.get(name) and (
+                    name in self.cameras or name not in new.cameras
+                    or not new.cameras[name].enabled):
+                continue
+            changed = True
+            if name in self.cameras:
+                log.info("camera %s: config changed, restarting its capture", name)
+                self._remove_camera(name, deadline)
+            if name in new.cameras:
+                self._add_camera(name, new.cameras[name])
+        if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):
+            self._stop_publisher(2.0)
+            self._start_publisher()
+        if new.watchlist.sync != old.watchlist.sync or new.watchlist.enabled != old.watchlist.enabled:
+            self._stop_sync()
+        if self.sync is None:
+            self._start_sync()
+        elif hasattr(self.sync, "sync_once"):  # fetch the list again now, off the loop
+            threading.Thread(target=self._sync_now, name="watchlist-reload", daemon=True).start()
+        pipeline_keys = ("detector", "reader", "tracker", "watchlist", "storage")
+        if (any(getattr(new, k) != getattr(old, k) for k in pipeline_keys)
+                or new.mqtt.crops != old.mqtt.crops):
+            log.info("models, tracker or watchlist settings changed: restarting inference")
+            _stop_child(self.worker, deadline, self._pump_child_queue)
+            self._start_worker()
+        else:
+            if changed:
+                self._send_worker(SetCameras(self._specs()))
+            self._send_worker(ReloadWatchlist())
+        self.notifier.ready(self._status_line())
+        log.info("reload done: %s", self._status_line())
+
+    def _sync_now(self) -> None:
+        try:
+            result = self.sync.sync_once()
+            log.info("watchlist sync on reload: %s", result)
+        except Exception:
+            log.exception("watchlist sync on reload failed; the last good list stays")
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Stop everything within service.stop_timeout (+ MQTT flush), sending the last events."""
+        self.notifier.stopping()
+        t0 = time.monotonic()
+        budget = self.cfg.service.stop_timeout
+        deadline = t0 + budget * 0.75  # the rest is for MQTT to flush
+        for cam in self.cameras.values():
+            if cam.child.stop is not None:
+                cam.child.stop.set()
+        if self.worker.stop is not None:
+            self.worker.stop.set()  # the worker closes every track: final events follow
+        _stop_child(self.worker, deadline, self._pump_child_queue)
+        for cam in self.cameras.values():
+            _stop_child(cam.child, deadline, self._pump_child_queue)
+        self._pump(0)
+        if self._pinger is not None:
+            self._pinger.stop()
+        self._stop_sync()
+        self._stop_publisher(max(0.5, t0 + budget - time.monotonic()))
+        for cam in self.cameras.values():
+            cam.ring.close()
+            cam.ring.unlink()
+        self.sink.close()
+        log.info("stopped after %.1f s (%d events in all)", time.monotonic() - t0, self.events)
+
+
+def _stop_child(child: _Child, deadline: float, pump: Callable[[_Child], int]) -> None:
+    """Ask a child to stop, keep reading its queue until it exits, kill it at `deadline`."""
+    proc = child.proc
+    child.done = True
+    child.restart_at = None
+    if proc is None:
+        return
+    if child.stop is not None:
+        child.stop.set()
+    while proc.is_alive() and time.monotonic() < deadline:
+        pump(child)
+        proc.join(0.05)
+    if proc.is_alive():
+        log.warning("%s did not stop in time; killing it", child.name)
+        proc.kill()
+        proc.join(1.0)
+    pump(child)
+    child.proc = None
+
+
+def _remove_stale_rings() -> None:
+    """Rings left in /dev/shm by an lprd that was killed (its pid is gone)."""
+    for path in glob.glob("/dev/shm/lprd-*-*"):
+        parts = os.path.basename(path).split("-")
+        if len(parts) < 3 or not parts[1].isdigit() or os.path.exists(f"/proc/{parts[1]}"):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            log.info("removed the stale frame ring %s", path)
