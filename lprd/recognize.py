@@ -1,0 +1,340 @@
+"""`lprd recognize`: the daemon's own detect -> read -> track pipeline, once, on images or videos.
+
+Like OpenALPR's `alpr -j`: one JSON line per image (or per vehicle event for a video), or a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import cv2
+import numpy as np
+
+from lprd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from lprd.models import ModelError
+from lprd.track import Tracker
+from lprd.types import Box, Observation, PlateEvent, Read
+
+if TYPE_CHECKING:
+    from lprd.detect import PlateDetector
+    from lprd.inference import PlatePipeline
+    from lprd.read import PlateReader
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm",
+                        ".ppm", ".pnm", ".jp2"})
+VIDEO_EXTS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
+                        ".wmv", ".flv", ".3gp", ".mjpeg", ".mjpg", ".h264", ".h265"})
+
+
+class InputError(Exception):
+    """One input file could not be used; the message is one line, without the path."""
+
+
+# shared with `lprd eval` ---------------------------------------------------------------------------
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS keeps `lprd --config X recognize` working: the subcommand only overrides when given.
+    p.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="FILE",
+                   help="YAML config (thresholds, reader.topn, model paths); default: "
+                   f"{DEFAULT_CONFIG_PATH} when it exists, else built-in defaults")
+
+
+def open_config(path: str | None) -> Config:
+    """The config file, or the defaults when the default file is absent (one-shot use)."""
+    if path is None or (Path(path) == DEFAULT_CONFIG_PATH and not DEFAULT_CONFIG_PATH.exists()):
+        return Config()
+    return load_config(path)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """A BGR image, or InputError saying in one line why not."""
+    if not path.exists():
+        raise InputError("no such file")
+    if path.is_dir():
+        raise InputError("is a folder")
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}") from None
+    if data.size == 0:
+        raise InputError("empty file")
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        raise InputError("not an image OpenCV can decode (corrupt or another kind of file)")
+    return img
+
+
+def load_models(cfg: Config, detector: bool, threads: int = 1
+                ) -> tuple[PlateDetector | None, PlateReader]:
+    """The reader, and the detector when wanted; ModelError names the file that is missing."""
+    from lprd.read import PlateReader  # model code loads only when a command needs it
+
+    reader = PlateReader(cfg.reader, num_threads=threads)
+    if not detector:
+        return None, reader
+    from lprd.detect import PlateDetector
+
+    return PlateDetector(cfg.detector, num_threads=threads), reader
+
+
+def make_pipeline(detector: PlateDetector, reader: PlateReader, cfg: Config) -> PlatePipeline:
+    from lprd.inference import PlatePipeline
+
+    return PlatePipeline(detector, reader, cfg)
+
+
+def with_topn(cfg: Config, topn: int | None) -> Config:
+    if topn is None:
+        return cfg
+    return cfg.model_copy(update={"reader": cfg.reader.model_copy(update={"topn": topn})})
+
+
+# inputs ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    shown: str  # the path as the user gave it (joined with the folder's entry)
+    path: Path
+    kind: str  # "image" | "video"
+
+
+def expand_inputs(paths: Sequence[str]) -> Iterator[Input | tuple[str, InputError]]:
+    """Each image or video to process; folders give their images and videos, sorted by name."""
+    for given in paths:
+        p = Path(given)
+        if p.is_dir():
+            entries = sorted(e for e in p.iterdir() if e.is_file()
+                             and e.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS)
+            if not entries:
+                yield given, InputError("folder holds no image or video files")
+            for e in entries:
+                yield Input(str(Path(given) / e.name), e, _kind(e))
+        elif not p.exists():
+            yield given, InputError("no such file")
+        else:
+            yield Input(given, p, _kind(p))
+
+
+def _kind(p: Path) -> str:
+    return "video" if p.suffix.lower() in VIDEO_EXTS else "image"
+
+
+# results ---------------------------------------------------------------------------------------------
+
+def plate_dict(read: Read, box: Box, topn: int) -> dict[str, Any]:
+    cands = list(read.candidates) or []
+    out = [{"plate": c.plate, "confidence": round(c.confidence, 4)} for c in cands[:topn]]
+    if not out:
+        out = [{"plate": read.text, "confidence": round(read.confidence, 4)}]
+    return {"plate": read.text, "confidence": round(read.confidence, 4), "box": list(box),
+            "candidates": out, "chars": [{"c": c.c, "p": round(c.p, 4)} for c in read.chars]}
+
+
+def image_result(shown: str, img: np.ndarray, plates: list[dict[str, Any]], ms: float
+                 ) -> dict[str, Any]:
+    h, w = img.shape[:2]
+    return {"image": shown, "width": w, "height": h, "processing_ms": round(ms, 2),
+            "plates": plates}
+
+
+def annotate(img: np.ndarray, plates: list[dict[str, Any]], crop: bool) -> np.ndarray:
+    """A copy of `img` with each box and its read drawn on it."""
+    if crop:  # a crop is small: enlarge it and write the read on a bar below
+        scale = max(1.0, 240 / max(1, img.shape[1]))
+        big = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+        bar = np.full((36, big.shape[1], 3), 255, np.uint8)
+        text = " ".join(f"{p['plate']} {p['confidence']:.2f}" for p in plates) or "?"
+        cv2.putText(bar, text, (4, 26), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 160), 2)
+        return np.vstack([big, bar])
+    out = img.copy()
+    thick = max(1, round(max(img.shape[:2]) / 600))
+    for p in plates:
+        x, y, w, h = p["box"]
+        cv2.rectangle(out, (x, y), (x + w, y + h), (0, 255, 0), thick + 1)
+        label = f"{p['plate']} {p['confidence']:.2f}"
+        fs = 0.5 * thick + 0.2
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, thick)
+        ty = y - 4 if y - th - base - 4 >= 0 else y + h + th + 4
+        cv2.rectangle(out, (x, ty - th - base), (x + tw + 4, ty + base), (0, 0, 0), -1)
+        cv2.putText(out, label, (x + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, fs, (0, 255, 255), thick)
+    return out
+
+
+def _unique_path(folder: Path, stem: str, suffix: str, taken: set[Path]) -> Path:
+    p = folder / f"{stem}{suffix}"
+    n = 1
+    while p in taken:
+        p = folder / f"{stem}-{n}{suffix}"
+        n += 1
+    taken.add(p)
+    return p
+
+
+def _camera_name(p: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", p.stem)[:64] or "video"
+
+
+def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
+                ) -> Iterator[PlateEvent]:
+    """Events of a video, clip time as epoch seconds from 0 (1970-01-01T00:00:00Z = its start)."""
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise InputError("cannot open as a video (unsupported or corrupt)")
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    fps = fps if 0 < fps < 1000 else 25.0
+    tracker = Tracker(cfg.tracker, _camera_name(path), models=pipeline.models)
+    idx = -1
+    ts = 0.0
+    try:
+        while True:
+            ok = cap.grab()
+            if not ok:
+                break
+            idx += 1
+            if idx % every:
+                continue
+            ok, frame = cap.retrieve()
+            if not ok or frame is None:
+                log.warning("%s: frame %d could not be decoded; skipped", path, idx)
+                continue
+            ts = idx / fps
+            obs: list[Observation] = pipeline.process(frame, tracker.camera, idx, ts)
+            yield from tracker.update(obs, now=ts)
+    finally:
+        cap.release()
+    if idx < 0:
+        raise InputError("no frame could be decoded (empty, truncated or not a video)")
+    yield from tracker.flush(now=ts)
+
+
+def _table_image(res: dict[str, Any], out: TextIO) -> None:
+    head = f"{res['image']}  {res['width']}x{res['height']}  {res['processing_ms']:.1f} ms"
+    if not res["plates"]:
+        print(f"{head}  no plate", file=out)
+    for p in res["plates"]:
+        x, y, w, h = p["box"]
+        alts = ", ".join(f"{c['plate']} {c['confidence']:.2f}" for c in p["candidates"][1:])
+        print(f"{head}  {p['plate']:<10} {p['confidence']:.2f}  box {x},{y},{w},{h}"
+              + (f"  also: {alts}" if alts else ""), file=out)
+
+
+def _table_event(shown: str, ev: PlateEvent, out: TextIO) -> None:
+    alts = ", ".join(f"{c.plate} {c.confidence:.2f}" for c in ev.candidates[1:])
+    print(f"{shown}  {ev.first_seen:8.2f}-{ev.last_seen:.2f} s  {ev.plate:<10} "
+          f"{ev.confidence:.2f}  {ev.frames} frames  {'final' if ev.final else 'early'}"
+          f"  id {ev.id[:8]}" + (f"  also: {alts}" if alts else ""), file=out)
+
+
+def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
+                  err: TextIO | None = None) -> int:
+    out = out or sys.stdout  # looked up per call: tests and callers swap the streams
+    err = err or sys.stderr
+    try:
+        cfg = with_topn(open_config(getattr(args, "config", None)), args.topn)
+    except ConfigError as e:
+        print(e, file=err)
+        return 2
+    inputs = list(expand_inputs(args.paths))
+    wants_detector = not args.crops or any(isinstance(i, Input) and i.kind == "video"
+                                           for i in inputs)
+    try:
+        detector, reader = load_models(cfg, detector=wants_detector, threads=args.threads)
+    except ModelError as e:
+        print(f"lprd recognize: {e}", file=err)
+        return 2
+    pipeline = make_pipeline(detector, reader, cfg) if detector is not None else None
+    topn = cfg.reader.topn
+    annotate_dir = Path(args.annotate) if args.annotate else None
+    if annotate_dir:
+        annotate_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[Path] = set()
+    failed = 0
+    for item in inputs:
+        if not isinstance(item, Input):
+            shown, e = item
+            print(f"lprd recognize: {shown}: {e}", file=err)
+            failed += 1
+            continue
+        try:
+            if item.kind == "video":
+                assert pipeline is not None
+                for ev in track_video(item.path, pipeline, cfg, every=args.every):
+                    if not (ev.final or args.early):
+                        continue
+                    if args.json:
+                        print(ev.to_json(), file=out)
+                    else:
+                        _table_event(item.shown, ev, out)
+                    out.flush()
+                continue
+            img = load_image(item.path)
+            t0 = time.perf_counter()
+            if args.crops:
+                read = reader.read(img)
+                plates = [plate_dict(read, (0, 0, img.shape[1], img.shape[0]), topn)]
+            else:
+                assert pipeline is not None
+                plates = [plate_dict(o.read, o.box, topn) for o in
+                          pipeline.process(img, "recognize", 0, 0.0)]
+            res = image_result(item.shown, img, plates, (time.perf_counter() - t0) * 1000)
+        except InputError as e:
+            print(f"lprd recognize: {item.shown}: {e}", file=err)
+            failed += 1
+            continue
+        if args.json:
+            print(json.dumps(res, separators=(",", ":")), file=out)
+        else:
+            _table_image(res, out)
+        out.flush()
+        if annotate_dir:
+            dest = _unique_path(annotate_dir, item.path.stem, ".jpg", taken)
+            cv2.imwrite(str(dest), annotate(img, plates, args.crops))
+    if failed:
+        print(f"lprd recognize: {failed} of {len(inputs)} input(s) failed", file=err)
+    return 1 if failed else 0
+
+
+def int_range(lo: int, hi: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "recognize", help="read plates in images, folders of images or videos (no daemon)",
+        description="Run the daemon's detect -> read (-> track for videos) pipeline once. "
+        "Images: one result per image. Videos: one event per vehicle pass, as published on MQTT "
+        "(first_seen/last_seen are clip time: 1970-01-01T00:00:00Z is the clip's start). "
+        "Exit status: 0 all inputs done, 1 some input failed, 2 bad config or missing model.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image, folder of images, or video")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--topn", type=int_range(1, 50), default=None, metavar="N",
+                   help="candidates per plate (default: reader.topn of the config)")
+    p.add_argument("--annotate", metavar="DIR", help="write each image with boxes and reads drawn")
+    p.add_argument("--crops", action="store_true",
+                   help="each image is already one plate crop: skip detection, only read it")
+    p.add_argument("--early", action="store_true",
+                   help="videos: print early events too, not only each pass's final event")
+    p.add_argument("--every", type=int_range(1, 10_000), default=1, metavar="K",
+                   help="videos: analyse every K-th frame (default 1: all)")
+    p.add_argument("--threads", type=int_range(1, 64), default=1, help="interpreter threads per model")
+    add_config_option(p)
+    p.set_defaults(func=run_recognize)

@@ -1,0 +1,226 @@
+"""`lprd recognize` on real files written by the tests (rendered plates, cv2-drawn scenes, a
+rendered video) with the shipped models; input checks that need no model run always."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from lprd.cli import main
+from lprd.recognize import Input, InputError, annotate, expand_inputs, load_image, plate_dict
+from lprd.types import Candidate, CharProb, Read
+
+REPO = Path(__file__).resolve().parent.parent
+HAVE_MODELS = all((REPO / "models" / f"{m}.tflite").is_file() for m in ("reader", "detector"))
+needs_models = pytest.mark.skipif(
+    not HAVE_MODELS, reason="models/reader.tflite and models/detector.tflite are not shipped yet")
+IMAGE_KEYS = {"image", "width", "height", "processing_ms", "plates"}
+PLATE_KEYS = {"plate", "confidence", "box", "candidates"}
+
+
+@pytest.fixture()
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {"text": tmp_path / "notes.jpg", "empty": tmp_path / "empty.png",
+             "truncated": tmp_path / "cut.jpg"}
+    files["text"].write_text("not a picture at all\n")
+    files["empty"].write_bytes(b"")
+    _, buf = cv2.imencode(".jpg", np.full((60, 200, 3), 128, np.uint8))
+    files["truncated"].write_bytes(buf.tobytes()[:40])
+    return files
+
+
+def test_load_image_says_why_a_file_is_no_image(tmp_path: Path, bad_files) -> None:
+    cases = {tmp_path / "none.png": "no such file", tmp_path: "is a folder",
+             bad_files["empty"]: "empty file", bad_files["text"]: "not an image",
+             bad_files["truncated"]: "not an image"}
+    for path, words in cases.items():
+        with pytest.raises(InputError, match=words):
+            load_image(path)
+    good = tmp_path / "grey.png"
+    cv2.imwrite(str(good), np.full((10, 30), 77, np.uint8))
+    img = load_image(good)
+    assert img.shape == (10, 30, 3) and img[0, 0, 0] == 77
+
+
+def test_folders_give_their_images_and_videos_sorted(tmp_path: Path) -> None:
+    d = tmp_path / "shots"
+    d.mkdir()
+    for name in ("b.png", "a.JPG", "clip.mp4", "labels.jsonl", "README.md"):
+        (d / name).write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    got = list(expand_inputs([str(d), str(tmp_path / "empty"), str(tmp_path / "gone.jpg"),
+                              str(d / "README.md")]))
+    inputs = [g for g in got if isinstance(g, Input)]
+    assert [(i.shown, i.kind) for i in inputs] == [
+        (str(d / "a.JPG"), "image"), (str(d / "b.png"), "image"), (str(d / "clip.mp4"), "video"),
+        (str(d / "README.md"), "image")]  # named explicitly: tried, and fails as an image
+    errors = {shown: str(e) for shown, e in (g for g in got if not isinstance(g, Input))}
+    assert errors == {str(tmp_path / "empty"): "folder holds no image or video files",
+                      str(tmp_path / "gone.jpg"): "no such file"}
+
+
+def test_plate_dict_has_the_alpr_style_keys() -> None:
+    r = Read("AB12", 0.8, tuple(CharProb(c, 0.95) for c in "AB12"),
+             (Candidate("AB12", 0.8), Candidate("A812", 0.1), Candidate("AB1Z", 0.05)))
+    d = plate_dict(r, (1, 2, 3, 4), topn=2)
+    assert PLATE_KEYS <= set(d) and d["box"] == [1, 2, 3, 4]
+    assert d["candidates"] == [{"plate": "AB12", "confidence": 0.8},
+                               {"plate": "A812", "confidence": 0.1}]
+
+
+def test_annotate_draws_on_a_copy() -> None:
+    img = np.zeros((120, 200, 3), np.uint8)
+    plates = [{"plate": "AB12", "confidence": 0.9, "box": [50, 50, 80, 25]}]
+    out = annotate(img, plates, crop=False)
+    assert out.shape == img.shape and out.any() and not img.any()
+    assert tuple(out[65, 50]) == (0, 255, 0)  # the box's left edge
+    tall = annotate(img[:30, :90], plates, crop=True)
+    assert tall.shape[1] >= 240 and tall.shape[0] > 30
+
+
+def test_recognize_exits_2_on_a_bad_config(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("reader:\n  min_confidence: 7\n")
+    assert main(["recognize", "--config", str(cfg), str(tmp_path)]) == 2
+    assert "reader.min_confidence" in capsys.readouterr().err
+
+
+def test_recognize_exits_2_naming_a_missing_model(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"reader:\n  model: {tmp_path / 'gone.tflite'}\n")
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), np.zeros((20, 60, 3), np.uint8))
+    assert main(["--config", str(cfg), "recognize", "--crops", str(img)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gone.tflite" in err[0]
+
+
+# with the shipped models ---------------------------------------------------------------------------
+
+def _plates(tmp_path: Path, n: int = 4) -> list[tuple[Path, str, np.ndarray]]:
+    from lprd.train.render import render_plate
+
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(n):
+        p = render_plate(rng, "us" if i % 2 else "eu")
+        path = tmp_path / f"plate{i}.png"
+        cv2.imwrite(str(path), p.image)
+        out.append((path, p.text, p.image))
+    return out
+
+
+def _scene(tmp_path: Path, plate: np.ndarray, name: str = "scene.jpg") -> tuple[Path, tuple]:
+    img = np.zeros((480, 640, 3), np.uint8)
+    img[:] = (90, 100, 110)
+    cv2.rectangle(img, (150, 180), (500, 430), (30, 30, 150), -1)
+    plate = cv2.resize(plate, (140, int(140 * plate.shape[0] / plate.shape[1])))
+    ph, pw = plate.shape[:2]
+    img[330:330 + ph, 255:255 + pw] = plate
+    path = tmp_path / name
+    cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return path, (255, 330, pw, ph)
+
+
+@needs_models
+def test_recognize_crops_prints_one_json_line_per_image_with_the_readers_read(
+        tmp_path: Path, capsys) -> None:
+    from lprd.config import ReaderConfig
+    from lprd.read import PlateReader
+
+    plates = _plates(tmp_path)
+    assert main(["recognize", "--crops", "--json", "--topn", "3"] +
+                [str(p) for p, _, _ in plates]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(plates)
+    reader = PlateReader(ReaderConfig(topn=3))
+    for line, (path, _, img) in zip(lines, plates):
+        res = json.loads(line)
+        assert IMAGE_KEYS <= set(res) and res["image"] == str(path)
+        assert (res["width"], res["height"]) == (img.shape[1], img.shape[0])
+        assert res["processing_ms"] > 0
+        (plate,) = res["plates"]
+        assert PLATE_KEYS <= set(plate)
+        assert plate["box"] == [0, 0, img.shape[1], img.shape[0]]
+        assert 1 <= len(plate["candidates"]) <= 3
+        direct = reader.read(cv2.imread(str(path)))
+        assert plate["plate"] == direct.text
+        assert plate["confidence"] == pytest.approx(direct.confidence, abs=1e-4)
+
+
+@needs_models
+def test_recognize_reports_each_bad_file_and_still_reads_the_others(
+        tmp_path: Path, bad_files, capsys) -> None:
+    plates = _plates(tmp_path, n=2)
+    args = [str(plates[0][0]), str(tmp_path / "missing.png"), str(bad_files["text"]),
+            str(bad_files["truncated"]), str(plates[1][0])]
+    assert main(["recognize", "--crops", "--json"] + args) == 1
+    out, err = capsys.readouterr()
+    assert [json.loads(x)["image"] for x in out.splitlines()] == [args[0], args[4]]
+    errs = err.strip().splitlines()
+    why = "not an image OpenCV can decode (corrupt or another kind of file)"
+    assert errs[:3] == [f"lprd recognize: {args[1]}: no such file",
+                        f"lprd recognize: {args[2]}: {why}",
+                        f"lprd recognize: {args[3]}: {why}"]
+    assert errs[3] == "lprd recognize: 3 of 5 input(s) failed"
+
+
+@needs_models
+def test_recognize_scene_folder_table_and_annotations(tmp_path: Path, capsys) -> None:
+    (_, _, plate), = _plates(tmp_path, n=1)
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    _scene(folder, plate, "a.jpg")
+    _scene(folder, plate[:, ::-1].copy(), "b.jpg")
+    ann = tmp_path / "ann"
+    assert main(["recognize", "--json", "--annotate", str(ann), str(folder)]) == 0
+    res = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in res] == [str(folder / "a.jpg"), str(folder / "b.jpg")]
+    for r in res:
+        assert (r["width"], r["height"]) == (640, 480)
+        for p in r["plates"]:
+            x, y, w, h = p["box"]
+            assert 0 <= x and 0 <= y and x + w <= 640 and y + h <= 480
+            assert p["candidates"][0]["plate"] == p["plate"]
+    written = sorted(p.name for p in ann.iterdir())
+    assert written == ["a.jpg", "b.jpg"]
+    assert cv2.imread(str(ann / "a.jpg")).shape == (480, 640, 3)
+    assert main(["recognize", str(folder / "a.jpg")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table and all(line.startswith(f"{folder / 'a.jpg'}  640x480  ") for line in table)
+
+
+@needs_models
+def test_recognize_video_prints_final_events_as_published(tmp_path: Path, capsys) -> None:
+    from lprd.demo import render_demo
+
+    clip = tmp_path / "street.mp4"
+    script = render_demo(clip, width=640, height=360, fps=8.0)
+    assert main(["recognize", "--json", str(clip)]) == 0
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert events, "no vehicle pass found in the demo clip"
+    for ev in events:
+        assert ev["schema"] == 1 and ev["final"] is True and ev["camera"] == "street"
+        assert ev["frame_size"] == [640, 360] and ev["frames"] >= 1
+        assert ev["first_seen"].startswith("1970-01-01T00:00:")
+        assert ev["first_seen"] <= ev["last_seen"]
+    assert len({ev["id"] for ev in events}) == len(events)
+    assert len(events) <= 2 * len(script.cars)
+    assert main(["recognize", "--json", "--early", str(clip)]) == 0
+    with_early = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    finals = {e["id"] for e in with_early if e["final"]}
+    assert len(finals) == len(events)
+    assert {e["id"] for e in with_early if not e["final"]} <= finals
+
+
+@needs_models
+def test_recognize_reports_a_corrupt_video(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)
+    assert main(["recognize", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"lprd recognize: {bad}: " in err and ("cannot open" in err or "no frame" in err)
