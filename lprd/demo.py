@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from lprd.train.render import render_plate
+from lprd.types import Box
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
-def _draw_car(img: np.ndarray, car: DemoCar, progress: float) -> None:
+def _draw_car(img: np.ndarray, car: DemoCar, progress: float) -> Box | None:
     """Draw `car` seen from the front, `progress` 0 (far) .. 1 (gone past the bottom edge).
 
     It slows down towards the camera, stops as at a gate, then drives out of the frame.
@@ -104,7 +105,7 @@ def _draw_car(img: np.ndarray, car: DemoCar, progress: float) -> None:
         yb = stop_y + (420 * ((progress - 0.8) / 0.2)) ** 1.0  # the car's bottom edge
     s = (yb - vy) / (h - vy)  # perspective scale, 1 at the frame's bottom
     if s <= 0.05:
-        return
+        return None
     cx = vx + car.lane * 580 * s
     W, H = 540 * s, 310 * s
     x0, x1, y0 = cx - W / 2, cx + W / 2, yb - H
@@ -133,28 +134,43 @@ def _draw_car(img: np.ndarray, car: DemoCar, progress: float) -> None:
     px, py = int(cx - plate_w / 2), int(yb - H * 0.13 - plate_h / 2)
     pwi, phi = int(plate_w), int(plate_h)
     if pwi < 4 or phi < 2:
-        return
+        return None
     plate = cv2.resize(car.plate_image, (pwi, phi), interpolation=cv2.INTER_AREA)
     xa, ya = max(0, px), max(0, py)
     xb, yb2 = min(w, px + pwi), min(h, py + phi)
-    if xb > xa and yb2 > ya:
-        img[ya:yb2, xa:xb] = plate[ya - py:yb2 - py, xa - px:xb - px]
+    if xb <= xa or yb2 <= ya:
+        return None
+    img[ya:yb2, xa:xb] = plate[ya - py:yb2 - py, xa - px:xb - px]
+    return (xa, ya, xb - xa, yb2 - ya)
 
 
-def demo_frames(script: DemoScript, width: int = BASE_W, height: int = BASE_H,
-                seed: int = 7) -> Iterator[np.ndarray]:
-    """The clip's frames, BGR, at `width` x `height`."""
+def demo_truth_frames(script: DemoScript, width: int = BASE_W, height: int = BASE_H,
+                      seed: int = 7) -> Iterator[tuple[np.ndarray, list[tuple[str, Box]]]]:
+    """The clip's frames (BGR, `width` x `height`) with the (plate, box) of each plate in view."""
     bg = _background(np.random.default_rng(seed + 1))
     n = round(script.seconds * script.fps)
+    sx, sy = width / BASE_W, height / BASE_H
     for i in range(n):
         t = i / script.fps
         frame = bg.copy()
         live = [(c, (t - c.start) / c.duration) for c in script.cars
                 if 0 <= (t - c.start) / c.duration <= 1]
+        truth = []
         for car, prog in sorted(live, key=lambda cp: cp[1]):  # nearer cars drawn last
-            _draw_car(frame, car, prog)
+            box = _draw_car(frame, car, prog)
+            if box is not None:
+                x, y, w, h = box
+                truth.append((car.plate, (round(x * sx), round(y * sy), round(w * sx),
+                                           round(h * sy))))
         if (width, height) != (BASE_W, BASE_H):
             frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+        yield frame, truth
+
+
+def demo_frames(script: DemoScript, width: int = BASE_W, height: int = BASE_H,
+                seed: int = 7) -> Iterator[np.ndarray]:
+    """The clip's frames, BGR, at `width` x `height`."""
+    for frame, _ in demo_truth_frames(script, width, height, seed):
         yield frame
 
 

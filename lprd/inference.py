@@ -8,7 +8,7 @@ import queue
 import signal
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -261,13 +261,13 @@ class _Feed:
             self.ring = None
 
 
-def _open_watchlist(cfg: Config) -> object | None:
+def _open_watchlist(cfg: Config) -> Any:
     if not cfg.watchlist.enabled:
         return None
     try:
         from lprd.watchlist import Watchlist
 
-        return Watchlist(cfg.storage.dir / "watchlist.sqlite", cfg.watchlist)
+        return Watchlist.from_config(cfg)
     except Exception as e:  # noqa: BLE001 - a broken watchlist must not stop plates being read
         log.error("watchlist unavailable, events carry no match: %s", e)
         return None
@@ -321,6 +321,8 @@ class InferenceWorker:
             else:
                 self.out.put(Drained(msg.camera, 0))
         elif isinstance(msg, ReloadWatchlist):
+            if self.watchlist is not None:
+                self.watchlist.close()
             self.watchlist = _open_watchlist(self.cfg)
             log.info("watchlist reopened")
         else:

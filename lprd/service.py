@@ -16,12 +16,11 @@ import os
 import queue
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from lprd.capture import CaptureStatus, SourceKind, ring_shape, source_kind
 from lprd.config import CameraConfig, Config, ConfigError, load_config
@@ -52,6 +51,7 @@ STABLE_AFTER = 60.0  # a child that ran this long restarts with the shortest del
 READY_GRACE = 15.0  # READY=1 at the latest this long after start, even if a camera stays silent
 MODEL_LOAD_GRACE = 60.0  # the worker may be silent this long while it loads the models
 EXIT_FILES_FAILED = 1
+ONCE_DRAIN = 15.0  # --once: seconds to wait for the broker to acknowledge the last events
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -136,29 +136,6 @@ class _Camera:
         return CameraSpec(ring=self.ring.name, every_frame=self.every_frame, roi=self.cfg.roi)
 
 
-class _Sink:
-    """Where events go besides MQTT: a JSON-lines file or stdout."""
-
-    def __init__(self, target: str | None):
-        self._fh: IO[str] | None = None
-        self._own = False
-        if target == "-":
-            self._fh = sys.stdout
-        elif target:
-            self._fh = open(target, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-            self._own = True
-
-    def write(self, ev: PlateEvent) -> None:
-        if self._fh is not None:
-            self._fh.write(ev.to_json() + "\n")
-            self._fh.flush()
-
-    def close(self) -> None:
-        if self._fh is not None and self._own:
-            self._fh.close()
-        self._fh = None
-
-
 @dataclass
 class _Flags:
     """Set by signal handlers, acted on by the loop (handlers must do next to nothing)."""
@@ -177,7 +154,8 @@ class Supervisor:
         self.config_path = config_path
         self.once = once
         self.log_level = log_level
-        self.sink = _Sink(events_jsonl)
+        self.events_jsonl = events_jsonl
+        self.sink: Any = None
         self.flags = _Flags()
         self.notifier = Notifier()
         self.cameras: dict[str, _Camera] = {}
@@ -207,7 +185,15 @@ class Supervisor:
             log.error("storage.dir %s cannot be created: %s", self.cfg.storage.dir, e)
             return 1
         _remove_stale_rings()
-        self._start_publisher()
+        from lprd.publish import JsonlSink, PublisherConfigError
+
+        try:
+            if self.events_jsonl:
+                self.sink = JsonlSink(self.events_jsonl)
+            self._start_publisher()
+        except (PublisherConfigError, OSError) as e:
+            print(f"{self.config_path}: {e}", file=sys.stderr)
+            return 2
         self._start_sync()
         for name, ccfg in self.cfg.cameras.items():
             self._add_camera(name, ccfg)
@@ -298,7 +284,7 @@ class Supervisor:
         child.done = False
         child.started = child.beat = time.monotonic()
         child.restart_at = None
-        log.debug("camera %s: capture process %d started", cam.name, child.proc.pid)
+        log.info("camera %s: capture process %d started", cam.name, child.proc.pid)
 
     def _remove_camera(self, name: str, deadline: float) -> None:
         cam = self.cameras.pop(name)
@@ -328,7 +314,7 @@ class Supervisor:
         for cam in self.cameras.values():  # a new worker must hear again which files ended
             if cam.eof and not cam.drained:
                 self.worker_ctl.put(EndOfStream(cam.name))
-        log.debug("inference process %d started", w.proc.pid)
+        log.info("inference process %d started", w.proc.pid)
 
     def _send_worker(self, msg: object) -> None:
         if self.worker_ctl is not None and self.worker.alive():
@@ -389,10 +375,8 @@ class Supervisor:
 
     def _on_event(self, ev: PlateEvent) -> None:
         self.events += 1
-        try:
-            self.sink.write(ev)
-        except OSError as e:
-            log.error("cannot write event %s to the JSON-lines file: %s", ev.id, e)
+        if self.sink is not None:
+            self.sink.submit(ev)  # never raises: it logs and stops on a closed pipe
         if self.publisher is not None:
             try:
                 self.publisher.submit(ev)
@@ -533,9 +517,13 @@ class Supervisor:
                                    on_command=self._on_command)
         self.publisher.start()
 
-    def _stop_publisher(self, timeout: float) -> None:
+    def _stop_publisher(self, timeout: float, drain: float = 0.0) -> None:
+        """Stop MQTT; with `drain`, first wait up to that long for the outbox to empty."""
         if self.publisher is not None:
             try:
+                if drain > 0 and not self.publisher.wait_idle(drain):
+                    log.warning("MQTT: %d event(s) not yet acknowledged; they stay in the "
+                                "outbox for the next start", self.publisher.outbox_depth())
                 self.publisher.stop(timeout=timeout)
             except Exception:
                 log.exception("MQTT publisher did not stop cleanly")
@@ -545,6 +533,8 @@ class Supervisor:
         # Called on the MQTT thread: only set a flag for the loop.
         if command == "reload":
             self.flags.reload = True
+        elif command == "watchlist_sync" and self.sync is not None:
+            self.sync.request()
         else:
             log.warning("unknown MQTT command %r ignored", command)
 
@@ -555,8 +545,7 @@ class Supervisor:
         try:
             from lprd.watchlist import Watchlist, WatchlistSync
 
-            self.sync = WatchlistSync(Watchlist(self.cfg.storage.dir / "watchlist.sqlite", wl),
-                                      wl.sync)
+            self.sync = WatchlistSync(Watchlist.from_config(self.cfg), wl.sync)
             self.sync.start()
         except Exception:
             log.exception("watchlist sync could not start; the last synced list stays in use")
@@ -603,8 +592,8 @@ class Supervisor:
             self._stop_sync()
         if self.sync is None:
             self._start_sync()
-        elif hasattr(self.sync, "sync_once"):  # fetch the list again now, off the loop
-            threading.Thread(target=self._sync_now, name="watchlist-reload", daemon=True).start()
+        else:
+            self.sync.request()  # fetch the list again now, in the sync thread
         pipeline_keys = ("detector", "reader", "tracker", "watchlist", "storage")
         if (any(getattr(new, k) != getattr(old, k) for k in pipeline_keys)
                 or new.mqtt.crops != old.mqtt.crops):
@@ -617,13 +606,6 @@ class Supervisor:
             self._send_worker(ReloadWatchlist())
         self.notifier.ready(self._status_line())
         log.info("reload done: %s", self._status_line())
-
-    def _sync_now(self) -> None:
-        try:
-            result = self.sync.sync_once()
-            log.info("watchlist sync on reload: %s", result)
-        except Exception:
-            log.exception("watchlist sync on reload failed; the last good list stays")
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -645,11 +627,15 @@ class Supervisor:
         if self._pinger is not None:
             self._pinger.stop()
         self._stop_sync()
-        self._stop_publisher(max(0.5, t0 + budget - time.monotonic()))
+        # --once has no systemd stop deadline: give the broker time to take every event.
+        left = max(1.0, t0 + budget - time.monotonic())
+        drain = ONCE_DRAIN if self.once else max(0.0, left - 1.0)
+        self._stop_publisher(1.0, drain=drain)
         for cam in self.cameras.values():
             cam.ring.close()
             cam.ring.unlink()
-        self.sink.close()
+        if self.sink is not None:
+            self.sink.close()
         log.info("stopped after %.1f s (%d events in all)", time.monotonic() - t0, self.events)
 
 

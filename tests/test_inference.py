@@ -1,0 +1,250 @@
+"""The plate pipeline and the inference worker, with the real models on rendered frames and real rings."""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+
+from lprd.config import Config, parse_config
+from lprd.demo import demo_script, demo_truth_frames
+from lprd.inference import (
+    CameraSpec,
+    Drained,
+    EndOfStream,
+    InferenceWorker,
+    PlatePipeline,
+    SetCameras,
+    crop_jpeg,
+)
+from lprd.models import ModelError, default_model_path
+from lprd.ring import FrameRing
+from lprd.track import iou, text_distance
+from lprd.types import PlateEvent
+
+
+def _have_models() -> bool:
+    try:
+        default_model_path("detector")
+        default_model_path("reader")
+    except ModelError:
+        return False
+    return True
+
+
+needs_models = pytest.mark.skipif(not _have_models(), reason="models/*.tflite not built yet")
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple:
+    from lprd.detect import PlateDetector
+    from lprd.read import PlateReader
+
+    cfg = Config()
+    return PlateDetector(cfg.detector, 2), PlateReader(cfg.reader, 2)
+
+
+def pipeline(models: tuple, **sections: dict) -> PlatePipeline:
+    return PlatePipeline(models[0], models[1], parse_config(sections))
+
+
+@pytest.fixture(scope="module")
+def clip() -> list[tuple[np.ndarray, list]]:
+    """The demo clip's frames with their true plates and boxes, rendered in memory."""
+    return list(demo_truth_frames(demo_script()))
+
+
+def stopped_car(clip: list) -> tuple[np.ndarray, str, tuple]:
+    """A frame where the first car stands at the gate (lprd.demo stops cars at 65-80 %)."""
+    script = demo_script()
+    car = script.cars[0]
+    frame, truth = clip[round((car.start + 0.72 * car.duration) * script.fps)]
+    plate, box = truth[0]
+    assert plate == car.plate
+    return frame, plate, box
+
+
+def test_crop_jpeg_is_the_plate_with_a_margin():
+    frame = np.zeros((100, 200, 3), np.uint8)
+    frame[40:60, 50:150] = 255
+    jpg = crop_jpeg(frame, (50, 40, 100, 20))
+    img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape[:2] == (26, 130)  # 15 % of the box on each side
+    assert crop_jpeg(frame, (300, 300, 10, 10)) is None  # outside the frame
+
+
+@needs_models
+def test_pipeline_reads_the_plate_of_a_rendered_car(models, clip):
+    frame, plate, box = stopped_car(clip)
+    obs = pipeline(models).process(frame, "gate", 7, 123.0)
+    assert obs, "no plate found on a car standing at the gate"
+    best = max(obs, key=lambda o: iou(o.box, box))
+    assert iou(best.box, box) > 0.4
+    assert text_distance(best.read.text, plate) <= 0.25, (best.read.text, plate)
+    assert (best.camera, best.seq, best.ts, best.frame_size) == ("gate", 7, 123.0, (1280, 720))
+    assert best.crop_jpeg is None  # crops are off by default
+
+
+@needs_models
+def test_pipeline_keeps_boxes_in_frame_pixels_when_an_roi_is_searched(models, clip):
+    frame, _, box = stopped_car(clip)
+    whole = pipeline(models).process(frame, "gate", 1, 0.0)
+    x, y, w, h = box
+    roi = (max(0, x - 200), max(0, y - 150), w + 400, h + 250)
+    part = pipeline(models).process(frame, "gate", 1, 0.0, roi=roi)
+    assert part
+    best_whole = max(whole, key=lambda o: iou(o.box, box))
+    best_part = max(part, key=lambda o: iou(o.box, box))
+    assert iou(best_part.box, box) > 0.4
+    assert iou(best_part.box, best_whole.box) > 0.5
+
+
+@needs_models
+def test_pipeline_attaches_a_jpeg_crop_when_mqtt_crops_is_on(models, clip):
+    frame, _, box = stopped_car(clip)
+    obs = pipeline(models, mqtt={"crops": True}).process(frame, "gate", 1, 0.0)
+    best = max(obs, key=lambda o: iou(o.box, box))
+    img = cv2.imdecode(np.frombuffer(best.crop_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape[1] >= best.box[2] and img.shape[0] >= best.box[3]
+
+
+@needs_models
+def test_pipeline_drops_reads_below_the_configured_floor(models, clip):
+    frame, _, _ = stopped_car(clip)
+    assert pipeline(models).process(frame, "gate", 1, 0.0)
+    assert pipeline(models, reader={"min_chars": 12}).process(frame, "gate", 1, 0.0) == []
+    assert pipeline(models, detector={"min_width": 1000}).process(frame, "gate", 1, 0.0) == []
+    p = pipeline(models)
+    p.process(frame, "gate", 1, 0.0)
+    assert p.last.detect > 0 and p.last.read > 0 and p.last.plates >= 1
+
+
+# -- the worker over a real ring -------------------------------------------------------------------
+
+
+@pytest.fixture
+def ring() -> Iterator[FrameRing]:
+    r = FrameRing.create(f"lprd-test-{uuid.uuid4().hex[:8]}", 4, 720, 1280)
+    yield r
+    r.close()
+    r.unlink()
+
+
+def drain(q: queue.Queue) -> list:
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def make_worker(models: tuple, ring: FrameRing, every_frame: bool, cfg: Config | None = None,
+                ) -> tuple[InferenceWorker, queue.Queue]:
+    cfg = cfg or parse_config({"watchlist": {"enabled": False}})
+    q: queue.Queue = queue.Queue()
+    w = InferenceWorker(cfg, PlatePipeline(models[0], models[1], cfg), q,
+                        {"cam": CameraSpec(ring=ring.name, every_frame=every_frame)})
+    return w, q
+
+
+@needs_models
+def test_worker_turns_a_clip_in_a_ring_into_one_final_event_per_car(models, clip, ring):
+    worker, q = make_worker(models, ring, every_frame=True)
+    t0 = 1_700_000_000.0
+    for i, (frame, _) in enumerate(clip):
+        assert ring.wait_room(5.0), "the worker did not ack (flow control stuck)"
+        ring.write(frame, t0 + i / 15.0)
+        while worker.step():
+            pass
+    worker.handle(EndOfStream("cam"))
+    while "cam" in worker.feeds:
+        worker.step()
+    out = drain(q)
+    assert isinstance(out[-1], Drained) and out[-1].frames == len(clip)
+    events = [m for m in out if isinstance(m, PlateEvent)]
+    finals = [e for e in events if e.final]
+    truth = [c.plate for c in demo_script().cars]
+    matched = {p for p in truth if any(text_distance(e.plate, p) <= 0.25 for e in finals)}
+    assert len(matched) >= 2, ([e.plate for e in finals], truth)
+    assert len({e.id for e in finals}) == len(finals)
+    assert all(e.models == worker.models for e in events)
+    assert ring.acked == len(clip)
+
+
+@needs_models
+def test_worker_skips_frames_the_motion_gate_marked_still(models, clip, ring):
+    worker, q = make_worker(models, ring, every_frame=True)
+    frame, _, _ = stopped_car(clip)
+    for i in range(3):
+        ring.write(frame, 100.0 + i, motion=False)
+    while worker.step():
+        pass
+    assert worker.feeds["cam"].frames == 0 and worker.feeds["cam"].skipped == 3
+    assert ring.acked == 3
+    assert [m for m in drain(q) if isinstance(m, PlateEvent)] == []
+
+
+@needs_models
+def test_live_camera_analyses_only_the_newest_frame(models, clip, ring):
+    worker, _ = make_worker(models, ring, every_frame=False)
+    frame, _, _ = stopped_car(clip)
+    for i in range(3):
+        ring.write(frame, 100.0 + i)
+    assert worker.step() is True
+    assert worker.step() is False  # nothing new
+    feed = worker.feeds["cam"]
+    assert (feed.frames, feed.done_seq, feed.skipped) == (1, 3, 2)
+
+
+@needs_models
+def test_lapped_frames_are_skipped_with_a_warning_not_fatal(models, clip, ring, caplog):
+    worker, _ = make_worker(models, ring, every_frame=True)
+    frame, _, _ = stopped_car(clip)
+    assert worker.step() is False  # attached at seq 1 before anything was written
+    for i in range(7):  # 4 slots: frames 1-3 are overwritten before the worker looks
+        ring.write(frame, 100.0 + i)
+    while worker.step():
+        pass
+    feed = worker.feeds["cam"]
+    assert feed.frames == 4 and feed.skipped == 3
+    assert "was overwritten before it was analysed" in caplog.text
+
+
+@needs_models
+def test_new_camera_set_flushes_the_tracks_of_a_removed_camera(models, clip, ring):
+    worker, q = make_worker(models, ring, every_frame=True)
+    frame, plate, _ = stopped_car(clip)
+    for i in range(3):
+        ring.write(frame, 100.0 + i / 15)
+        worker.step()
+    worker.handle(SetCameras({}))
+    finals = [m for m in drain(q) if isinstance(m, PlateEvent) and m.final]
+    assert finals and text_distance(finals[0].plate, plate) <= 0.25
+    assert worker.feeds == {}
+
+
+@needs_models
+def test_worker_fills_in_the_watchlist_match(models, clip, ring, tmp_path):
+    from lprd.watchlist import Watchlist, make_entry
+
+    frame, plate, _ = stopped_car(clip)
+    cfg = parse_config({"storage": {"dir": str(tmp_path)}})
+    wl = Watchlist.from_config(cfg)
+    wl.add(make_entry({"plate": plate, "list": "residents", "action": "allow",
+                       "owner": "Ada"}))
+    wl.close()
+    worker, q = make_worker(models, ring, every_frame=True, cfg=cfg)
+    for i in range(3):
+        ring.write(frame, 100.0 + i / 15)
+        worker.step()
+    worker.shutdown()
+    finals = [m for m in drain(q) if isinstance(m, PlateEvent) and m.final]
+    assert finals
+    m = finals[0].watchlist
+    assert m.match in ("exact", "fuzzy") and m.plate == plate
+    assert m.list == "residents" and m.action == "allow" and m.info.get("owner") == "Ada"

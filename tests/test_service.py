@@ -1,0 +1,233 @@
+"""`lprd run` end to end: a real daemon process, real video files, a real Mosquitto, real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lprd.models import ModelError, default_model_path
+from lprd.track import text_distance
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CLIP = ROOT / "config" / "demo.mp4"
+DEMO_PLATES = ("QRX578", "VX864NG", "SNP8R36")  # what lprd.demo renders with its fixed seed
+
+
+def _have_models() -> bool:
+    try:
+        default_model_path("detector")
+        default_model_path("reader")
+    except ModelError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _have_models(), reason="models/*.tflite not built yet")
+
+
+def write_config(path: Path, cameras: dict, broker: object | None, storage: Path,
+                 **sections: dict) -> Path:
+    cfg: dict = {"cameras": cameras, "storage": {"dir": str(storage)}}
+    if broker is None:
+        cfg["mqtt"] = {"enabled": False}
+    else:
+        cfg["mqtt"] = {"host": broker.host, "port": broker.port}
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Daemon:
+    """`python -m lprd run` as a subprocess; its log goes to a file the test can wait on."""
+
+    def __init__(self, config: Path, *args: str):
+        self.log_path = config.with_suffix(".log")
+        self.out_path = config.with_suffix(".out")
+        self._log = self.log_path.open("w")
+        self._out = self.out_path.open("w")
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "lprd", "--config", str(config),
+                                      "run", *args], stdout=self._out, stderr=self._log,
+                                     env=env, cwd=str(ROOT))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> list[re.Match]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = list(re.finditer(pattern, self.log()))
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) before logging "
+                                     f"{pattern!r}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in {timeout} s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+        self._out.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    made: list[Daemon] = []
+    yield made
+    for d in made:
+        d.close()
+
+
+def start(daemons: list[Daemon], config: Path, *args: str) -> Daemon:
+    d = Daemon(config, *args)
+    daemons.append(d)
+    return d
+
+
+def test_run_once_on_a_clip_publishes_plate_events_that_a_subscriber_sees(
+        tmp_path, mosquitto, mqtt_subscriber, daemons):
+    sub = mqtt_subscriber(mosquitto, "lprd/#")
+    cfg = write_config(tmp_path / "c.yaml", {"demo": {"source": str(DEMO_CLIP), "fps": 0}},
+                       mosquitto, tmp_path / "state")
+    d = start(daemons, cfg, "--once", "--events-jsonl", "-")
+    assert d.wait(90) == 0, d.log()[-3000:]
+    lines = [json.loads(ln) for ln in d.out_path.read_text().splitlines()]
+    plates = sub.wait_for(lambda ms: len(ms) >= len(lines), timeout=10,
+                          topic_filter="lprd/demo/plate")
+    published = [m.json() for m in plates]
+    assert published == lines  # MQTT and the JSON-lines output carry the same events
+    finals = [e for e in published if e["final"]]
+    assert finals, f"no final event:\n{d.log()[-3000:]}"
+    for e in published:
+        assert e["schema"] == 1 and e["camera"] == "demo"
+        assert e["frame_size"] == [1280, 720]
+        assert set(e["models"]) == {"detector", "reader"}
+    # Early events and the final one of the same pass share the id.
+    for early in (e for e in published if not e["final"]):
+        assert any(f["id"] == early["id"] for f in finals)
+    # Real model output: the demo's cars are read (an OCR slip of a character is tolerated).
+    read = {p for p in DEMO_PLATES if any(text_distance(f["plate"], p) <= 0.25 for f in finals)}
+    assert len(read) >= 2, f"finals {[f['plate'] for f in finals]} vs truth {DEMO_PLATES}"
+    state = sub.json("lprd/demo/state")
+    assert set(state) >= {"connected", "fps", "last_frame", "error"}
+    assert "every file done" in d.log()
+
+
+def test_zero_byte_and_corrupt_videos_are_logged_and_the_daemon_keeps_running(
+        tmp_path, mosquitto, mqtt_subscriber, daemons):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(50_000))
+    sub = mqtt_subscriber(mosquitto, "lprd/#")
+    cams = {"empty": {"source": str(empty), "reconnect": {"initial": 0.5, "max": 1}},
+            "corrupt": {"source": str(corrupt), "reconnect": {"initial": 0.5, "max": 1}},
+            "good": {"source": str(DEMO_CLIP), "fps": 0}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, mosquitto, tmp_path / "st"))
+    d.wait_log(r"empty: file is empty \(0 bytes\).*retrying")
+    d.wait_log(r"corrupt: (cannot open|no frame could be decoded).*retrying")
+    d.wait_log(r"camera good: all frames analysed", timeout=60)
+    # Bad files are retried, not fatal; their state says why.
+    d.wait_log(r"empty: file is empty", count=2)
+    assert sub.json("lprd/empty/state")["connected"] is False
+    assert "empty" in sub.json("lprd/empty/state")["error"]
+    assert sub.json("lprd/corrupt/state")["error"]
+    sub.wait_for(lambda ms: any(m.json()["final"] for m in ms), topic_filter="lprd/good/plate")
+    assert d.proc.poll() is None
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+    assert "Traceback" not in d.log()
+
+
+def test_sigterm_stops_within_10_s_and_sends_the_final_event_of_an_open_track(
+        tmp_path, mosquitto, mqtt_subscriber, daemons):
+    sub = mqtt_subscriber(mosquitto, "lprd/#")
+    cams = {"demo": {"source": str(DEMO_CLIP), "realtime": True, "loop": True}}
+    # Tracks never time out here: a final event can only come from the shutdown flush.
+    cfg = write_config(tmp_path / "c.yaml", cams, mosquitto, tmp_path / "st",
+                       tracker={"track_timeout": 600, "early_confidence": 0.3,
+                                "early_min_frames": 2})
+    d = start(daemons, cfg)
+    early = sub.wait_for(lambda ms: any(not m.json()["final"] for m in ms), timeout=40,
+                         topic_filter="lprd/demo/plate")
+    first = next(m.json() for m in early if not m.json()["final"])
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+    assert time.monotonic() - t0 < 10
+    finals = sub.wait_for(lambda ms: any(m.json()["final"] and m.json()["id"] == first["id"]
+                                         for m in ms), timeout=5, topic_filter="lprd/demo/plate")
+    assert finals
+    assert sub.payloads("lprd/status")[-1] == b"offline"
+    assert re.search(r"stopped after \d+\.\d s", d.log())
+
+
+def test_sighup_reloads_the_config_starting_only_the_new_camera(
+        tmp_path, mosquitto, mqtt_subscriber, daemons):
+    sub = mqtt_subscriber(mosquitto, "lprd/#")
+    cam_a = {"source": str(DEMO_CLIP), "realtime": True, "loop": True}
+    path = tmp_path / "c.yaml"
+    write_config(path, {"a": cam_a}, mosquitto, tmp_path / "st")
+    d = start(daemons, path)
+    d.wait_log(r"camera a: capture process \d+ started")
+    d.wait_log(r"running:")
+    write_config(path, {"a": cam_a, "b": dict(cam_a)}, mosquitto, tmp_path / "st")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"camera b: capture process \d+ started")
+    d.wait_log(r"reload done")
+    sub.wait_for(lambda ms: any(m.json()["connected"] for m in ms), timeout=20,
+                 topic_filter="lprd/b/state")
+    assert len(re.findall(r"camera a: capture process \d+ started", d.log())) == 1
+    # A broken config on reload is refused; the running one stays.
+    path.write_text("cameras:\n  a:\n    sorce: x\n")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload refused")
+    assert "cameras.a.sorce: unknown key" in d.log()
+    assert d.proc.poll() is None
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+
+
+def test_a_child_killed_with_sigkill_is_restarted(tmp_path, mosquitto, mqtt_subscriber, daemons):
+    sub = mqtt_subscriber(mosquitto, "lprd/#")
+    cams = {"demo": {"source": str(DEMO_CLIP), "realtime": True, "loop": True}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, mosquitto, tmp_path / "st",
+                                    tracker={"track_timeout": 0.5}))
+    cap_pid = int(d.wait_log(r"camera demo: capture process (\d+) started")[0].group(1))
+    inf_pid = int(d.wait_log(r"inference process (\d+) started")[0].group(1))
+    d.wait_log(r"running:")
+    os.kill(cap_pid, signal.SIGKILL)
+    d.wait_log(r"capture:demo died \(exit status -9\); restarting")
+    new_cap = d.wait_log(r"camera demo: capture process (\d+) started", count=2)[1]
+    assert int(new_cap.group(1)) != cap_pid
+    os.kill(inf_pid, signal.SIGKILL)
+    d.wait_log(r"inference died \(exit status -9\); restarting")
+    d.wait_log(r"inference process (\d+) started", count=2)
+    d.wait_log(r"models loaded", count=2)
+    # After both restarts, plates still come out.
+    n = len(sub.snapshot("lprd/demo/plate"))
+    sub.wait_for(lambda ms: len(ms) > n, timeout=40, topic_filter="lprd/demo/plate")
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
