@@ -1,0 +1,64 @@
+"""`lprd bench` on a small clip written by the test: per-stage figures as a table and as JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lprd.bench import STAGES, format_table, memory_mb
+from lprd.cli import main
+from lprd.demo import render_demo
+from lprd.models import ModelError, default_model_path
+
+
+def _have_models() -> bool:
+    try:
+        default_model_path("detector")
+        default_model_path("reader")
+    except ModelError:
+        return False
+    return True
+
+
+needs_models = pytest.mark.skipif(not _have_models(), reason="models/*.tflite not built yet")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "tiny.mp4"
+    render_demo(path, width=640, height=360, fps=10, seconds=4.0)
+    return path
+
+
+def test_memory_reads_this_process_resident_set():
+    rss, peak = memory_mb()
+    assert 10 < rss <= peak
+
+
+@needs_models
+def test_bench_prints_valid_json_with_every_stage(tiny_clip, capsys):
+    assert main(["--config", "/nonexistent/lprd.yaml", "bench", str(tiny_clip),
+                 "--frames", "20", "--warmup", "2", "--json"]) == 2  # an explicit bad config
+    capsys.readouterr()
+    assert main(["bench", str(tiny_clip), "--frames", "20", "--warmup", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["frames"] == 20 and (out["width"], out["height"]) == (640, 360)
+    assert set(out["stages"]) == set(STAGES)
+    for name in STAGES:
+        s = out["stages"][name]
+        assert s["mean_ms"] >= 0 and s["p95_ms"] >= s["p50_ms"] >= 0
+    assert out["stages"]["detect"]["mean_ms"] > 0 and out["stages"]["decode"]["mean_ms"] > 0
+    assert out["total_ms"] == pytest.approx(sum(s["mean_ms"] for s in out["stages"].values()),
+                                            abs=0.01)
+    assert out["fps"] == pytest.approx(1000 / out["total_ms"], rel=0.01)
+    assert out["peak_rss_mb"] >= out["rss_mb"] > 10
+    assert set(out["models"]) == {"detector", "reader"}
+    table = format_table(out)
+    for name in (*STAGES, "frames per second", "resident memory"):
+        assert name in table
+
+
+def test_bench_reports_a_missing_source(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "none.mp4")]) == 2
+    assert "no such file" in capsys.readouterr().err
