@@ -1,0 +1,438 @@
+"""Capture stage: one process per camera reads its source and writes frames into the camera's ring.
+
+Lost, stalled or unreadable sources are reopened with exponential backoff; nothing here is fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import cv2
+import numpy as np
+
+from lprd.config import CameraConfig, MotionConfig
+from lprd.ring import FrameRing
+from lprd.types import CameraState, FrameRef
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 1.0  # seconds between heartbeat status records
+MAX_BAD_FRAMES = 50  # consecutive undecodable frames that count as a lost stream
+DEFAULT_FILE_FPS = 25.0  # when a file does not say its frame rate
+MOTION_WIDTH = 160  # px: the motion gate works on a frame this wide
+MOTION_PIXEL_DELTA = 25  # grey levels a pixel must change by to count as changed
+
+
+class SourceKind(str, Enum):
+    FILE = "file"
+    RTSP = "rtsp"
+    HTTP = "http"
+    V4L2 = "v4l2"
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureStatus:
+    """A capture process's state, sent on every change and every STATUS_INTERVAL as a heartbeat."""
+
+    camera: str
+    connected: bool  # frames are arriving
+    fps: float = 0.0  # source frames decoded per second over the last interval
+    seq: int = 0  # newest sequence number written to the ring
+    last_frame: float | None = None  # ts of the newest frame written
+    error: str | None = None  # why the source is not connected (None when it is)
+    eof: bool = False  # a file ended without `loop`: this is the last record; the process exits
+
+    def camera_state(self, outbox_depth: int = 0) -> CameraState:
+        return CameraState(camera=self.camera, connected=self.connected, fps=self.fps,
+                           last_frame=self.last_frame, error=self.error,
+                           outbox_depth=outbox_depth)
+
+
+class _Stop(Protocol):
+    def is_set(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def source_kind(source: str) -> SourceKind:
+    low = source.lower()
+    if low.startswith(("rtsp://", "rtsps://")):
+        return SourceKind.RTSP
+    if low.startswith(("http://", "https://")):
+        return SourceKind.HTTP
+    if source.startswith("/dev/video"):
+        return SourceKind.V4L2
+    return SourceKind.FILE
+
+
+def redact_source(source: str) -> str:
+    """The source with any URL password replaced, for logs and status records."""
+    try:
+        parts = urlsplit(source)
+    except ValueError:
+        return source
+    if parts.password is None:
+        return source
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+def ring_shape(cfg: CameraConfig) -> tuple[int, int]:
+    """(height, width) to create a camera's ring with: room for a 4:3 frame cfg.max_width wide.
+
+    Capacity is in bytes, so a portrait frame of the same area fits too; larger frames are
+    scaled down by capture. Untouched pages of a slot cost no memory.
+    """
+    return cfg.max_width * 3 // 4, cfg.max_width
+
+
+class Backoff:
+    """Exponential reconnect delays: initial, 2*initial, ... capped at maximum; reset on success."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial = initial
+        self.maximum = maximum
+        self._next = initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+class MotionGate:
+    """Cheap frame differencing on a small blurred grey copy of the frame (or of its ROI).
+
+    A frame counts as moving when more than `threshold` of its pixels changed since the previous
+    frame; frames within `keep_alive` seconds of the last motion still count, so a car that stops
+    at the gate keeps being read. The first frame counts as moving (nothing to compare with).
+    """
+
+    def __init__(self, cfg: MotionConfig, roi: tuple[int, int, int, int] | None = None):
+        self.cfg = cfg
+        self.roi = roi
+        self._prev: np.ndarray | None = None
+        self._last_motion: float | None = None
+        self.changed = 0.0  # share of changed pixels in the last update, for logs and tests
+
+    def _small_grey(self, frame: np.ndarray) -> np.ndarray:
+        if self.roi is not None:
+            x, y, w, h = self.roi
+            part = frame[max(y, 0): y + h, max(x, 0): x + w]
+            if part.size:  # an ROI outside the frame falls back to the whole frame
+                frame = part
+        fh, fw = frame.shape[:2]
+        scale = min(1.0, MOTION_WIDTH / fw)
+        size = (max(1, round(fw * scale)), max(1, round(fh * scale)))
+        small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+        return cv2.GaussianBlur(grey, (5, 5), 0)
+
+    def update(self, frame: np.ndarray, ts: float) -> bool:
+        if not self.cfg.enabled:
+            return True
+        grey = self._small_grey(frame)
+        prev, self._prev = self._prev, grey
+        if prev is None or prev.shape != grey.shape:
+            self.changed = 1.0
+        else:
+            diff = cv2.absdiff(grey, prev)
+            self.changed = float(np.count_nonzero(diff > MOTION_PIXEL_DELTA)) / diff.size
+        if self.changed > self.cfg.threshold:
+            self._last_motion = ts
+        return self._last_motion is not None and ts - self._last_motion <= self.cfg.keep_alive
+
+
+def fit_frame(frame: np.ndarray, max_width: int, ring: FrameRing) -> np.ndarray:
+    """A BGR uint8 frame no wider than max_width that fits a ring slot (INTER_AREA downscale)."""
+    if frame.dtype != np.uint8:
+        raise ValueError(f"unsupported pixel type {frame.dtype}")
+    if frame.ndim == 2:
+        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    elif frame.shape[2] == 4:
+        frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+    h, w = frame.shape[:2]
+    scale = min(1.0, max_width / w, math.sqrt(ring.capacity / (3 * h * w)))
+    if scale >= 1.0:
+        return frame
+    nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
+    while not ring.fits(nh, nw):  # rounding can leave it a row too big
+        nw, nh = max(1, nw - 1), max(1, nh - 1)
+    return cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
+
+
+def _open(source: str, kind: SourceKind, timeout: float) -> cv2.VideoCapture:
+    ms = int(timeout * 1000)
+    if kind is SourceKind.V4L2:
+        return cv2.VideoCapture(source, cv2.CAP_V4L2)
+    if kind is SourceKind.RTSP and "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ:
+        # UDP loses packets (smeared frames) behind NAT and on busy Wi-Fi; TCP is what works.
+        os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+    return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
+
+
+class _Ended(Exception):
+    """A capture session ended: the source was lost, stalled, unreadable, or a file ran out."""
+
+    def __init__(self, reason: str, eof: bool = False):
+        self.reason = reason
+        self.eof = eof
+        super().__init__(reason)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class Capture:
+    """The capture loop of one camera; `capture_main` runs it in its own process."""
+
+    def __init__(self, camera: str, cfg: CameraConfig, ring: FrameRing, events: Any,
+                 stop: _Stop, frames: Any = None):
+        self.camera = camera
+        self.cfg = cfg
+        self.ring = ring
+        self.events = events
+        self.frames = frames if frames is not None else events
+        self.stop = stop
+        self.kind = source_kind(cfg.source)
+        self.shown = redact_source(cfg.source)
+        self.is_file = self.kind is SourceKind.FILE
+        # Files default to realtime=False: every frame is analysed, flow-controlled by acks.
+        self.realtime = bool(cfg.realtime) if self.is_file else True
+        self.flow_control = self.is_file and not self.realtime
+        self.gate = MotionGate(cfg.motion, cfg.roi)
+        self.connected = False
+        self.error: str | None = None
+        self.last_ts: float | None = None
+        self._grabbed = 0  # source frames since the last heartbeat
+        self._beat_at = time.monotonic()
+        self._fps = 0.0
+        self._file_t0: float | None = None  # wall time of the clip's frame 0
+        self._file_index = 0  # clip frames decoded so far, across loops and reopens
+        self._got = 0  # frames written in the current session
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def _put(self, q: Any, item: object, must: bool) -> None:
+        while True:
+            try:
+                if must:
+                    q.put(item, timeout=0.5)
+                else:
+                    q.put_nowait(item)
+                return
+            except queue.Full:
+                if not must or self.stop.is_set():
+                    log.debug("%s: queue full, dropped %s", self.camera, type(item).__name__)
+                    return
+
+    def status(self, eof: bool = False) -> None:
+        rec = CaptureStatus(camera=self.camera, connected=self.connected, fps=round(self._fps, 2),
+                            seq=self.ring.last_seq, last_frame=self.last_ts,
+                            error=self.error, eof=eof)
+        self._put(self.events, rec, must=True)
+
+    def _set(self, connected: bool, error: str | None) -> None:
+        if (connected, error) != (self.connected, self.error):
+            self.connected, self.error = connected, error
+            self.status()
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._beat_at >= STATUS_INTERVAL:
+            self._fps = self._grabbed / (now - self._beat_at)
+            self._grabbed = 0
+            self._beat_at = now
+            self.status()
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, still sending heartbeats; raise _Stopped when asked to stop."""
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if self.stop.wait(max(0.0, min(left, STATUS_INTERVAL))):
+                raise _Stopped
+            self.heartbeat()
+            if left <= STATUS_INTERVAL:
+                return
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        backoff = Backoff(self.cfg.reconnect.initial, self.cfg.reconnect.max)
+        log.info("%s: capturing %s (%s%s)", self.camera, self.shown, self.kind.value,
+                 "" if not self.is_file else
+                 ", realtime" if self.realtime else ", every frame")
+        try:
+            while not self.stop.is_set():
+                try:
+                    self._session()
+                    continue
+                except _Ended as e:
+                    if e.eof and self._got:
+                        if self.cfg.loop:
+                            log.info("%s: end of %s, looping", self.camera, self.shown)
+                            continue
+                        log.info("%s: end of %s (%d frames)", self.camera, self.shown,
+                                 self._got)
+                        self.connected, self.error = False, None
+                        self.status(eof=True)
+                        return
+                    reason = e.reason
+                except (_Stopped, KeyboardInterrupt):
+                    raise
+                except Exception as e:  # a decoder or OS surprise must not end the camera
+                    log.exception("%s: capture failed", self.camera)
+                    reason = f"capture failed: {type(e).__name__}: {e}"
+                if self._got:
+                    backoff.reset()
+                delay = backoff.next()
+                log.warning("%s: %s; retrying in %.1f s", self.camera, reason, delay)
+                self._set(False, reason)
+                self._sleep(delay)
+        except _Stopped:
+            pass
+        self._set(False, None)
+
+    def _session(self) -> None:
+        """Open the source and pump frames until it ends (raises _Ended) or stop (_Stopped)."""
+        cfg = self.cfg
+        self._got = 0
+        if self.is_file:
+            p = Path(cfg.source)
+            if not p.is_file():
+                raise _Ended(f"file not found: {self.shown}")
+            if p.stat().st_size == 0:
+                raise _Ended(f"file is empty (0 bytes): {self.shown}")
+        cap = _open(cfg.source, self.kind, cfg.stall_timeout)
+        try:
+            if not cap.isOpened():
+                why = ("corrupt, truncated or not a video" if self.is_file
+                       else "unreachable, refused or not a video stream")
+                raise _Ended(f"cannot open {self.shown} ({why})")
+            clip_fps = DEFAULT_FILE_FPS
+            if self.is_file:
+                clip_fps = cap.get(cv2.CAP_PROP_FPS)
+                if not (0 < clip_fps <= 1000):
+                    log.warning("%s: %s has no usable frame rate; assuming %.0f fps",
+                                self.camera, self.shown, DEFAULT_FILE_FPS)
+                    clip_fps = DEFAULT_FILE_FPS
+                if self._file_t0 is None:
+                    self._file_t0 = time.time()
+            pace_t0 = time.monotonic()
+            pace_index = self._file_index
+            interval = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
+            next_due = 0.0
+            last_good = time.monotonic()
+            bad = 0
+            while True:
+                if self.stop.is_set():
+                    raise _Stopped
+                self.heartbeat()
+                if self.flow_control:
+                    while not self.ring.wait_room(0.25):
+                        if self.stop.is_set():
+                            raise _Stopped
+                        self.heartbeat()
+                grab_at = time.monotonic()
+                if not cap.grab():
+                    if self.is_file:
+                        if self._got:
+                            raise _Ended("end of file", eof=True)
+                        raise _Ended(f"no frame could be decoded from {self.shown} "
+                                     "(corrupt or unsupported file)")
+                    waited = time.monotonic() - grab_at
+                    if waited >= cfg.stall_timeout * 0.9:
+                        raise _Ended(f"stream stalled: no frame for {waited:.1f} s")
+                    raise _Ended("stream lost: the source closed or dropped the connection")
+                self._grabbed += 1
+                if self.is_file:
+                    ts = self._file_t0 + self._file_index / clip_fps  # type: ignore[operator]
+                    self._file_index += 1
+                    if self.realtime:  # a clip played like a camera
+                        due = pace_t0 + (self._file_index - 1 - pace_index) / clip_fps
+                        wait = due - time.monotonic()
+                        if wait > 0:
+                            self._sleep(wait)
+                else:
+                    ts = time.time()
+                if not self.flow_control and interval:
+                    if ts < next_due:
+                        continue  # analysis rate cap: the frame is decoded but not published
+                    # Keep the average rate; after a gap, restart the cadence from now.
+                    next_due = next_due + interval if next_due + interval > ts else ts + interval
+                ok, frame = cap.retrieve()
+                if not ok or frame is None:
+                    bad += 1
+                    if bad >= MAX_BAD_FRAMES or time.monotonic() - last_good > cfg.stall_timeout:
+                        raise _Ended(f"{bad} frames in a row could not be decoded")
+                    continue
+                try:
+                    frame = fit_frame(frame, cfg.max_width, self.ring)
+                except ValueError as e:
+                    raise _Ended(f"unusable frame: {e}") from None
+                bad = 0
+                last_good = time.monotonic()
+                motion = self.gate.update(frame, ts)
+                seq = self.ring.write(frame, ts, motion)
+                self._got += 1
+                self.last_ts = ts
+                h, w = frame.shape[:2]
+                if self._got == 1:
+                    log.info("%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)
+                    self._set(True, None)
+                ref = FrameRef(camera=self.camera, seq=seq, ts=ts, width=w, height=h)
+                # A file frame's ref must not be lost: its consumer acks it to let capture go on.
+                self._put(self.frames, ref, must=self.flow_control)
+        finally:
+            cap.release()
+
+
+def _child_setup() -> None:
+    # Ctrl-C reaches the whole process group; the supervisor decides, via `stop`, when we end.
+    if (multiprocessing.parent_process() is not None
+            and threading.current_thread() is threading.main_thread()):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:
+        pass
+
+
+def capture_main(camera: str, cfg: CameraConfig, ring_name: str, events: Any, stop: _Stop,
+                 frames: Any = None) -> None:
+    """Process target: capture `cfg.source` into the ring `ring_name` until `stop` is set.
+
+    Puts CaptureStatus records on `events` (on change, and every STATUS_INTERVAL s) and a FrameRef
+    per frame written on `frames` (default: `events`). Returns after a CaptureStatus(eof=True) when
+    a file ends without `loop`.
+    """
+    _child_setup()
+    ring = FrameRing.attach(ring_name)
+    try:
+        Capture(camera, cfg, ring, events, stop, frames).run()
+    finally:
+        ring.close()
+        if stop.is_set():
+            # At shutdown nobody may drain the queues; do not hang on exit flushing them.
+            for q in {id(events): events, id(frames): frames}.values():
+                cancel = getattr(q, "cancel_join_thread", None)
+                if cancel is not None:
+                    cancel()

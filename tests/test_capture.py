@@ -1,0 +1,441 @@
+"""Capture with real sources: video files, an HTTP MJPEG server, a GStreamer RTSP server."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from streams import (
+    MjpegServer,
+    RtspServer,
+    below_index_strip,
+    frame_index,
+    indexed_video,
+    make_frame,
+    rtsp_available,
+    write_video,
+)
+
+from lprd.capture import (
+    Backoff,
+    Capture,
+    CaptureStatus,
+    MotionGate,
+    capture_main,
+    redact_source,
+    ring_shape,
+    source_kind,
+)
+from lprd.config import CameraConfig, MotionConfig
+from lprd.ring import FrameRing, Lapped
+from lprd.types import FrameRef
+
+FAST_RETRY = {"initial": 0.1, "max": 0.4}
+
+
+@dataclass
+class Seen:
+    ref: FrameRef
+    index: int | None  # the index drawn in the frame; None when lapped before we looked
+    motion: bool | None
+    shape: tuple[int, ...] | None
+    at: float  # monotonic time the test took it
+
+
+class Cam:
+    """Runs capture for one camera (in a spawned process, or a thread for caplog) and consumes
+    its ring like the inference stage: reads each FrameRef's frame, then acks it."""
+
+    def __init__(self, cfg: CameraConfig, in_thread: bool = False, ack: bool = True,
+                 work: float = 0.0):
+        self.cfg = cfg
+        self.ack = ack
+        self.work = work  # seconds "spent" on each frame before acking it: a slow consumer
+        self.ring = FrameRing.create(f"lprd-test-{uuid.uuid4().hex[:10]}", cfg.ring_slots,
+                                     *ring_shape(cfg))
+        self.seen: list[Seen] = []
+        self.statuses: list[CaptureStatus] = []
+        self.in_thread = in_thread
+        self.runner: Any
+        if in_thread:
+            self.q: Any = queue.Queue()
+            self.stop: Any = threading.Event()
+            self.runner = threading.Thread(
+                target=Capture("cam", cfg, self.ring, self.q, self.stop).run, daemon=True)
+        else:
+            ctx = mp.get_context("spawn")
+            self.q = ctx.Queue()
+            self.stop = ctx.Event()
+            self.runner = ctx.Process(target=capture_main,
+                                      args=("cam", cfg, self.ring.name, self.q, self.stop))
+
+    def start(self) -> Cam:
+        self.runner.start()
+        return self
+
+    def pump(self, until: Callable[[], bool], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not until():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                rec = self.q.get(timeout=min(left, 0.1))
+            except queue.Empty:
+                continue
+            if isinstance(rec, CaptureStatus):
+                self.statuses.append(rec)
+                continue
+            assert isinstance(rec, FrameRef) and rec.camera == "cam"
+            try:
+                header, view = self.ring.get(rec.seq)
+                index, shape = frame_index(view), view.shape
+                self.ring.check(rec.seq)
+                seen = Seen(rec, index, header.motion, shape, time.monotonic())
+            except Lapped:
+                seen = Seen(rec, None, None, None, time.monotonic())
+            self.seen.append(seen)
+            if self.work:
+                time.sleep(self.work)
+            if self.ack:
+                self.ring.ack(rec.seq)
+        return True
+
+    def errors(self) -> list[str]:
+        return [s.error for s in self.statuses if s.error]
+
+    def eof(self) -> bool:
+        return any(s.eof for s in self.statuses)
+
+    def alive(self) -> bool:
+        return self.runner.is_alive()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.runner.join(10)
+        if not self.in_thread and self.runner.is_alive():
+            self.runner.kill()
+            self.runner.join(5)
+        self.ring.close()
+        self.ring.unlink()
+
+
+@pytest.fixture
+def cams() -> Iterator[Callable[..., Cam]]:
+    made: list[Cam] = []
+
+    def make(cfg: CameraConfig, **kw: Any) -> Cam:
+        cam = Cam(cfg, **kw)
+        made.append(cam)
+        return cam.start()
+
+    yield make
+    for cam in made:
+        cam.close()
+
+
+@pytest.fixture
+def mjpeg() -> Iterator[MjpegServer]:
+    server = MjpegServer(fps=25).start()
+    yield server
+    server.stop()
+
+
+# -- files --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fourcc,suffix", [("MJPG", ".avi"), ("mp4v", ".mp4")])
+def test_file_every_frame_reaches_the_ring_in_order_then_eof(
+        tmp_path: Path, cams: Callable[..., Cam], fourcc: str, suffix: str) -> None:
+    video = indexed_video(tmp_path / f"clip{suffix}", 90, fps=30, fourcc=fourcc)
+    # 3 slots and a consumer slower than decoding: only flow control keeps every frame.
+    cam = cams(CameraConfig(source=str(video), ring_slots=3), work=0.005)
+    assert cam.pump(cam.eof, timeout=30)
+    assert [s.index for s in cam.seen] == list(range(90))
+    assert [s.ref.seq for s in cam.seen] == list(range(1, 91))
+    gaps = np.diff([s.ref.ts for s in cam.seen])
+    assert np.allclose(gaps, 1 / 30, atol=1e-6)  # clip time, not decode time
+    last = cam.statuses[-1]
+    assert last.eof and last.seq == 90 and not last.connected
+    cam.runner.join(10)
+    assert cam.runner.exitcode == 0  # a file without `loop` ends the capture by itself
+
+
+def test_file_in_realtime_is_paced_at_the_clips_rate_and_capped_at_cfg_fps(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    video = indexed_video(tmp_path / "clip.avi", 30, fps=20)
+    cam = cams(CameraConfig(source=str(video), realtime=True, fps=10), ack=False)
+    assert cam.pump(cam.eof, timeout=30)
+    took = cam.seen[-1].at - cam.seen[0].at
+    assert 1.2 < took < 2.5  # 30 frames at 20 fps = 1.45 s
+    indices = [s.index for s in cam.seen]
+    assert 13 <= len(indices) <= 16  # every other frame at fps 10
+    assert all(0 < d <= 3 for d in np.diff(indices))
+
+
+def test_file_loops_when_asked_with_sequence_and_time_going_on(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    video = indexed_video(tmp_path / "clip.avi", 10, fps=25)
+    cam = cams(CameraConfig(source=str(video), loop=True, ring_slots=4))
+    assert cam.pump(lambda: len(cam.seen) >= 25, timeout=30)
+    assert [s.index for s in cam.seen[:25]] == list(range(10)) * 2 + list(range(5))
+    assert np.all(np.diff([s.ref.ts for s in cam.seen]) > 0)
+    assert not cam.eof()
+
+
+def test_frames_wider_than_max_width_are_scaled_down_before_the_ring(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    video = indexed_video(tmp_path / "big.avi", 12, width=640, height=480)
+    cam = cams(CameraConfig(source=str(video), max_width=320))
+    assert cam.pump(cam.eof, timeout=30)
+    assert {s.shape for s in cam.seen} == {(240, 320, 3)}
+    assert {(s.ref.width, s.ref.height) for s in cam.seen} == {(320, 240)}
+    assert [s.index for s in cam.seen] == list(range(12))
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(3).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+
+
+def _truncated_mp4(path: Path) -> None:
+    tmp = path.with_suffix(".full.mp4")
+    indexed_video(tmp, 30, fourcc="mp4v")
+    data = tmp.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the index (moov) is at the end: unopenable
+
+
+@pytest.mark.parametrize("spoil,reason", [
+    (lambda p: p.write_bytes(b""), "empty"),
+    (_garbage, "cannot open .* \\(corrupt|no frame could be decoded"),
+    (lambda p: None, "not found"),
+    (_truncated_mp4, "cannot open .* \\(corrupt|no frame could be decoded"),
+], ids=["zero_bytes", "garbage", "missing", "truncated_mp4"])
+def test_unreadable_file_is_logged_and_retried_until_it_becomes_readable(
+        tmp_path: Path, cams: Callable[..., Cam], caplog: pytest.LogCaptureFixture,
+        spoil: Callable[[Path], None], reason: str) -> None:
+    caplog.set_level(logging.WARNING, logger="lprd.capture")
+    video = tmp_path / "clip.mp4"
+    spoil(video)
+    cam = cams(CameraConfig(source=str(video), reconnect=FAST_RETRY), in_thread=True)
+    assert cam.pump(lambda: len(cam.errors()) >= 1 and len(caplog.records) >= 3, timeout=20)
+    assert cam.alive() and not cam.seen
+    assert all(s.connected is False for s in cam.statuses)
+    messages = [r.getMessage() for r in caplog.records]
+    assert all(m.startswith("cam: ") and "retrying in" in m for m in messages)
+    assert re.search(reason, cam.errors()[0]), cam.errors()[0]
+    # The file gets fixed: capture, still retrying, picks it up.
+    indexed_video(tmp_path / "good.mp4", 15, fourcc="mp4v")
+    os.replace(tmp_path / "good.mp4", video)
+    assert cam.pump(cam.eof, timeout=20)
+    assert [s.index for s in cam.seen] == list(range(15))
+
+
+def test_truncated_avi_yields_its_intact_frames_then_eof(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    full = indexed_video(tmp_path / "full.avi", 60)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    cam = cams(CameraConfig(source=str(cut)))
+    assert cam.pump(cam.eof, timeout=30)
+    indices = [s.index for s in cam.seen]
+    assert 20 <= len(indices) < 60 and indices == list(range(len(indices)))
+    cam.runner.join(10)
+    assert cam.runner.exitcode == 0
+
+
+# -- motion gating --------------------------------------------------------------------------------
+
+def test_motion_gate_marks_still_frames_and_keeps_alive_after_motion() -> None:
+    gate = MotionGate(MotionConfig(enabled=True, threshold=0.002, keep_alive=1.0),
+                      roi=below_index_strip(320, 240))
+    still = make_frame(0, box_x=100)
+    flags = []
+    t = 0.0
+    for i in range(45):  # still for 2 s, moving 2.0-2.9 s, then still where it stopped
+        box = 100 + (min(i, 29) - 19) * 6 if i >= 20 else 100
+        frame = make_frame(i, box_x=box)  # the index strip changes every frame, outside the ROI
+        flags.append(gate.update(frame, t))
+        t += 0.1
+    assert flags[:11] == [True] * 11  # the first frame counts as motion, then 1 s keep-alive
+    assert not any(flags[11:20])
+    assert all(flags[20:30])  # moving
+    assert all(flags[30:39]) and not any(flags[40:])  # keep-alive: 1 s after the last move
+    off = MotionGate(MotionConfig(enabled=False))
+    assert off.update(still, 0.0) and off.update(still, 10.0)
+
+
+def test_motion_flag_reaches_the_ring_for_each_file_frame(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    frames = [make_frame(i, box_x=60 + (min(i, 39) - 29) * 8 if i >= 30 else 60)
+              for i in range(70)]
+    video = write_video(tmp_path / "gate.avi", frames, fps=20)
+    motion = {"enabled": True, "keep_alive": 0.25}
+    cam = cams(CameraConfig(source=str(video), motion=motion, roi=below_index_strip(320, 240)))
+    assert cam.pump(cam.eof, timeout=30)
+    flags = {s.index: s.motion for s in cam.seen}
+    assert len(flags) == 70
+    assert not any(flags[i] for i in range(10, 30))
+    assert all(flags[i] for i in range(30, 44))  # moving, then 0.25 s of keep-alive
+    assert not any(flags[i] for i in range(45, 70))
+
+
+# -- live streams ---------------------------------------------------------------------------------
+
+def test_http_mjpeg_stream_publishes_the_newest_frame_at_the_fps_cap(
+        mjpeg: MjpegServer, cams: Callable[..., Cam]) -> None:
+    cfg = CameraConfig(source=mjpeg.url, fps=5, ring_slots=3)
+    cam = cams(cfg, ack=False)  # a consumer that never acks: a live writer must not care
+    assert cam.pump(lambda: len(cam.seen) >= 1, timeout=20)
+    t0, n0 = time.monotonic(), len(cam.seen)
+    assert cam.pump(lambda: time.monotonic() - t0 > 2.0, timeout=10)
+    rate = (len(cam.seen) - n0) / (time.monotonic() - t0)
+    assert 3.5 <= rate <= 6.5, rate  # the server sends 25 fps; cfg.fps caps at 5
+    assert cam.seen[-1].ref.seq > cfg.ring_slots  # went round the ring without acks
+    fresh = [s for s in cam.seen[n0:] if s.index is not None]
+    lag = [mjpeg.current_index() - s.index for s in fresh[-3:]]
+    assert max(lag) <= 25, lag  # under a second behind the server: not a growing backlog
+    assert any(s.connected and s.error is None for s in cam.statuses)
+
+
+def test_http_stream_that_drops_and_returns_is_reconnected(
+        mjpeg: MjpegServer, cams: Callable[..., Cam]) -> None:
+    cam = cams(CameraConfig(source=mjpeg.url, fps=10, reconnect=FAST_RETRY))
+    assert cam.pump(lambda: len(cam.seen) >= 3, timeout=20)
+    mjpeg.stop()
+    assert cam.pump(lambda: any(not s.connected and s.error for s in cam.statuses), timeout=20)
+    gap_end = time.monotonic()
+    before = cam.seen[-1].index
+    time.sleep(0.5)
+    mjpeg.start()
+    assert cam.pump(lambda: cam.seen[-1].at > gap_end + 0.5, timeout=20)
+    after = [s for s in cam.seen if s.at > gap_end + 0.5]
+    assert after[-1].index is not None and before is not None and after[-1].index > before + 10
+    assert cam.statuses[-1].connected or any(
+        s.connected for s in cam.statuses[-3:])  # reported connected again
+
+
+def test_stalled_stream_is_detected_and_reopened(
+        mjpeg: MjpegServer, cams: Callable[..., Cam]) -> None:
+    cam = cams(CameraConfig(source=mjpeg.url, fps=10, stall_timeout=1.0, reconnect=FAST_RETRY))
+    assert cam.pump(lambda: len(cam.seen) >= 3, timeout=20)
+    mjpeg.freeze()  # the socket stays open, nothing arrives
+    frozen_at = time.monotonic()
+    assert cam.pump(lambda: any("stalled" in e for e in cam.errors()), timeout=10)
+    assert time.monotonic() - frozen_at < 5
+    mjpeg.unfreeze()
+    n = len(cam.seen)
+    assert cam.pump(lambda: len(cam.seen) >= n + 3, timeout=15)
+    assert cam.alive()
+
+
+def _udp_sockets(pid: int) -> int:
+    """UDP sockets held by a process (RTP over UDP would open some; interleaved TCP none)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    udp = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            udp.add(line.split()[9])
+    return len(inodes & udp)
+
+
+@pytest.mark.skipif(not rtsp_available(), reason="GStreamer RTSP server (Debian packages) missing")
+def test_rtsp_stream_over_tcp_is_captured_and_reconnected_after_the_server_restarts(
+        cams: Callable[..., Cam]) -> None:
+    server = RtspServer(fps=15).start()
+    try:
+        cam = cams(CameraConfig(source=server.url, fps=0, reconnect=FAST_RETRY,
+                                stall_timeout=3.0))
+        assert cam.pump(lambda: len(cam.seen) >= 10, timeout=30)
+        assert {s.shape for s in cam.seen if s.shape} == {(240, 320, 3)}
+        assert _udp_sockets(cam.runner.pid) == 0  # RTP interleaved in the TCP session
+        server.stop()  # a real stream loss
+        assert cam.pump(lambda: any(not s.connected and s.error for s in cam.statuses),
+                        timeout=20)
+        restarted = time.time()
+        server.start()
+        assert cam.pump(lambda: cam.seen[-1].ref.ts > restarted + 0.2, timeout=30)
+        assert cam.seen[-1].shape == (240, 320, 3)
+    finally:
+        server.stop()
+
+
+def test_credentials_in_a_source_url_never_reach_logs_or_status(
+        cams: Callable[..., Cam], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lprd.capture")
+    closed = MjpegServer()  # a port nothing listens on
+    url = f"http://admin:s3cret@127.0.0.1:{closed.port}/stream.mjpg"
+    cam = cams(CameraConfig(source=url, reconnect=FAST_RETRY), in_thread=True)
+    assert cam.pump(lambda: len(caplog.records) >= 3, timeout=20)
+    text = " ".join(r.getMessage() for r in caplog.records) + " ".join(cam.errors())
+    assert "admin:***@127.0.0.1" in text and "s3cret" not in text
+    assert redact_source("rtsp://u:p@h:554/x") == "rtsp://u:***@h:554/x"
+    assert redact_source("/videos/a.mp4") == "/videos/a.mp4"
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+
+def test_backoff_doubles_up_to_the_cap_and_resets_after_success() -> None:
+    b = Backoff(0.5, 3.0)
+    assert [b.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    b.reset()
+    assert b.next() == 0.5
+
+
+def test_sources_are_told_apart_by_their_form() -> None:
+    kinds = [source_kind(s).value for s in (
+        "rtsp://cam/1", "http://cam/mjpg", "https://cam/mjpg", "/dev/video0", "clip.mp4")]
+    assert kinds == ["rtsp", "http", "http", "v4l2", "file"]
+
+
+def test_ring_shape_fits_a_4_3_frame_at_max_width() -> None:
+    assert ring_shape(CameraConfig(source="x", max_width=1920)) == (1440, 1920)
+
+
+def test_frame_refs_can_go_to_their_own_queue_and_eof_says_the_last_seq(
+        tmp_path: Path) -> None:
+    video = indexed_video(tmp_path / "clip.avi", 6)
+    cfg = CameraConfig(source=str(video))
+    ring = FrameRing.create(f"lprd-test-{uuid.uuid4().hex[:10]}", 4, *ring_shape(cfg))
+    events: queue.Queue = queue.Queue()
+    frames: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    worker = threading.Thread(target=capture_main, args=("gate", cfg, ring.name, events, stop),
+                              kwargs={"frames": frames})
+    worker.start()
+    try:
+        refs = []
+        while len(refs) < 6:
+            ref = frames.get(timeout=20)
+            refs.append(ref)
+            ring.ack(ref.seq)
+        worker.join(20)
+        assert not worker.is_alive()
+        statuses = list(events.queue)
+        assert all(isinstance(s, CaptureStatus) for s in statuses)
+        assert statuses[-1].eof and statuses[-1].seq == refs[-1].seq == 6
+        assert all(isinstance(r, FrameRef) and r.camera == "gate" for r in refs)
+        assert frames.empty()
+    finally:
+        stop.set()
+        worker.join(10)
+        ring.close()
+        ring.unlink()

@@ -1,0 +1,193 @@
+"""The shared-memory frame ring: zero-copy reads, lapping, flow control, other processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lprd.ring import FrameRing, Lapped, ring_name
+
+
+def _name() -> str:
+    return f"lprd-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def ring() -> Iterator[FrameRing]:
+    r = FrameRing.create(_name(), slots=4, height=48, width=64)
+    yield r
+    r.close()
+    r.unlink()
+
+
+def _frame(value: int, h: int = 48, w: int = 64) -> np.ndarray:
+    return np.full((h, w, 3), value % 256, np.uint8)
+
+
+def test_read_is_a_view_into_shared_memory_not_a_copy(ring: FrameRing) -> None:
+    frame = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    seq = ring.write(frame, ts=123.5, motion=False)
+    header, view = ring.get(seq)
+    assert (header.seq, header.ts, header.width, header.height, header.motion) == (
+        seq, 123.5, 60, 40, False)
+    np.testing.assert_array_equal(view, frame)
+    assert not view.flags.owndata and not view.flags.writeable
+    # The same memory as the slot: a later write to that slot shows through the old view.
+    for i in range(ring.slots):
+        ring.write(_frame(i + 1, 40, 60), ts=0.0)
+    assert not np.array_equal(view, frame)
+    with pytest.raises(Lapped):
+        ring.check(seq)
+
+
+def test_sequence_numbers_start_at_one_and_latest_is_newest(ring: FrameRing) -> None:
+    assert ring.latest() is None
+    seqs = [ring.write(_frame(i), ts=float(i)) for i in range(10)]
+    assert seqs == list(range(1, 11))
+    header, view = ring.latest()  # type: ignore[misc]
+    assert header.seq == 10 and header.ts == 9.0 and int(view[0, 0, 0]) == 9
+
+
+def test_reader_that_was_lapped_is_told_so(ring: FrameRing) -> None:
+    first = ring.write(_frame(1), ts=1.0)
+    header, _view = ring.get(first)
+    for i in range(ring.slots):  # the writer goes round the ring without waiting
+        ring.write(_frame(50 + i), ts=2.0 + i)
+    assert not ring.valid(first)
+    with pytest.raises(Lapped) as e:
+        ring.check(header.seq)
+    assert e.value.seq == first and e.value.found == first + ring.slots
+    with pytest.raises(Lapped):
+        ring.get(first)
+    # Frames still in the ring are readable.
+    newest = ring.last_seq
+    assert int(ring.get(newest - ring.slots + 1)[1][0, 0, 0]) == 50
+
+
+def test_frames_of_different_sizes_share_the_ring(ring: FrameRing) -> None:
+    a = ring.write(_frame(7, 48, 64), ts=0.0)
+    b = ring.write(_frame(9, 64, 48), ts=0.0)  # portrait, same bytes
+    c = ring.write(_frame(11, 10, 10), ts=0.0)
+    assert ring.get(a)[1].shape == (48, 64, 3)
+    assert ring.get(b)[1].shape == (64, 48, 3)
+    assert ring.get(c)[1].shape == (10, 10, 3)
+
+
+def test_frame_larger_than_a_slot_is_refused_with_a_clear_error(ring: FrameRing) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        ring.write(_frame(1, 49, 64), ts=0.0)
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        ring.write(np.zeros((8, 8), np.uint8), ts=0.0)
+    with pytest.raises(ValueError, match="not been written"):
+        ring.get(1)
+
+
+def test_flow_control_room_follows_the_consumers_acks(ring: FrameRing) -> None:
+    for i in range(ring.slots):
+        assert ring.has_room()
+        ring.write(_frame(i), ts=0.0)
+    assert not ring.has_room()  # the next write would overwrite seq 1, not yet acknowledged
+    t = time.monotonic()
+    assert not ring.wait_room(0.05)
+    assert time.monotonic() - t >= 0.05
+    ring.ack(1)
+    assert ring.wait_room(0.0)
+    ring.ack(1)  # acks never go backwards
+    ring.ack(0)
+    assert ring.acked == 1
+
+
+def test_attaching_to_a_name_that_is_not_a_ring_fails(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        FrameRing.attach(_name())
+
+
+def test_ring_names_are_per_daemon_and_camera() -> None:
+    assert ring_name("gate", pid=42) == "lprd-42-gate"
+
+
+# -- across processes ---------------------------------------------------------------------------
+
+def _reader_child(name: str, results: mp.Queue) -> None:
+    ring = FrameRing.attach(name)
+    try:
+        header, view = ring.get(ring.last_seq)
+        results.put((header.seq, header.ts, int(view.sum()), view.shape))
+    finally:
+        ring.close()
+
+
+def test_another_process_reads_frames_by_name_and_leaves_the_ring_in_place() -> None:
+    ctx = mp.get_context("spawn")
+    ring = FrameRing.create(_name(), slots=3, height=48, width=64)
+    try:
+        frame = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+        seq = ring.write(frame, ts=77.25)
+        results = ctx.Queue()
+        child = ctx.Process(target=_reader_child, args=(ring.name, results))
+        child.start()
+        got = results.get(timeout=30)
+        child.join(10)
+        assert child.exitcode == 0
+        assert got == (seq, 77.25, int(frame.sum()), (30, 40, 3))
+        # The child's exit did not unlink the segment: it can be attached again.
+        again = FrameRing.attach(ring.name)
+        assert again.last_seq == seq
+        again.close()
+    finally:
+        ring.close()
+        ring.unlink()
+
+
+def _fast_writer(name: str, stop: mp.Event, started: mp.Event) -> None:
+    ring = FrameRing.attach(name)
+    try:
+        frames = [np.full((120, 160, 3), v, np.uint8) for v in range(256)]
+        started.set()
+        while not stop.is_set():
+            seq = ring.last_seq + 1
+            ring.write(frames[seq % 256], ts=float(seq))
+    finally:
+        ring.close()
+
+
+def test_reader_never_accepts_a_torn_frame_from_a_writer_lapping_it() -> None:
+    """A writer process laps a 2-slot ring flat out; every frame the reader accepts (copy, then
+    check) holds one value throughout, the one its sequence number says."""
+    ctx = mp.get_context("spawn")
+    ring = FrameRing.create(_name(), slots=2, height=120, width=160)
+    stop, started = ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=_fast_writer, args=(ring.name, stop, started))
+    writer.start()
+    accepted = lapped = 0
+    try:
+        assert started.wait(30)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            seq = ring.last_seq
+            if seq == 0:
+                continue
+            try:
+                _, view = ring.get(seq)
+                top = view[:60].copy()
+                time.sleep(0.0005)  # a slow consumer: the writer laps it often
+                frame = np.concatenate([top, view[60:]])
+                ring.check(seq)
+            except Lapped:
+                lapped += 1
+                continue
+            accepted += 1
+            assert frame.min() == frame.max() == seq % 256, f"torn frame {seq}"
+    finally:
+        stop.set()
+        writer.join(10)
+        ring.close()
+        ring.unlink()
+    assert writer.exitcode == 0
+    assert accepted > 0 and lapped > 0
