@@ -386,9 +386,20 @@ def default_threads() -> int:
 
 
 def child_signals() -> None:
-    """In a child: leave Ctrl-C and hang-ups to the supervisor, which stops children itself."""
+    """In a child: leave Ctrl-C and hang-ups to the supervisor, which stops children itself,
+    and die with the supervisor even when it is SIGKILLed (no orphans holding cameras)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's stop event still works
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: object, out: object,

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,13 +52,15 @@ def write_config(path: Path, cameras: dict, broker: object | None, storage: Path
 class Daemon:
     """`python -m lprd run` as a subprocess; its log goes to a file the test can wait on."""
 
-    def __init__(self, config: Path, *args: str):
+    def __init__(self, config: Path, *args: str, env: dict | None = None):
         self.log_path = config.with_suffix(".log")
         self.out_path = config.with_suffix(".out")
         self._log = self.log_path.open("w")
         self._out = self.out_path.open("w")
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("NOTIFY_SOCKET", None)
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env = dict(base, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "lprd", "--config", str(config),
                                       "run", *args], stdout=self._out, stderr=self._log,
                                      env=env, cwd=str(ROOT))
@@ -100,10 +103,38 @@ def daemons() -> Iterator[list[Daemon]]:
         d.close()
 
 
-def start(daemons: list[Daemon], config: Path, *args: str) -> Daemon:
-    d = Daemon(config, *args)
+def start(daemons: list[Daemon], config: Path, *args: str, env: dict | None = None) -> Daemon:
+    d = Daemon(config, *args, env=env)
     daemons.append(d)
     return d
+
+
+class NotifySocket:
+    """What systemd listens on for sd_notify: a datagram socket; collects the messages."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float = 30.0, after: int = 0) -> int:
+        """Index of the first message from `after` on with `line` among its assignments."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(after, len(self.messages)):
+                if line in self.messages[i].split("\n"):
+                    return i
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {line!r} from the daemon; got {self.messages}")
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def test_run_once_on_a_clip_publishes_plate_events_that_a_subscriber_sees(
@@ -184,19 +215,24 @@ def test_sigterm_stops_within_10_s_and_sends_the_final_event_of_an_open_track(
     assert re.search(r"stopped after \d+\.\d s", d.log())
 
 
-def test_sighup_reloads_the_config_starting_only_the_new_camera(
+def test_sighup_reloads_the_config_starting_only_the_new_camera_and_tells_systemd(
         tmp_path, mosquitto, mqtt_subscriber, daemons):
     sub = mqtt_subscriber(mosquitto, "lprd/#")
+    notify = NotifySocket(tmp_path / "notify.sock")
     cam_a = {"source": str(DEMO_CLIP), "realtime": True, "loop": True}
     path = tmp_path / "c.yaml"
     write_config(path, {"a": cam_a}, mosquitto, tmp_path / "st")
-    d = start(daemons, path)
+    d = start(daemons, path, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"})
     d.wait_log(r"camera a: capture process \d+ started")
-    d.wait_log(r"running:")
+    ready = notify.wait_for("READY=1")
+    assert any(ln.startswith("STATUS=a: ") for ln in notify.messages[ready].split("\n"))
+    notify.wait_for("WATCHDOG=1", after=ready)  # pinged while every worker makes progress
     write_config(path, {"a": cam_a, "b": dict(cam_a)}, mosquitto, tmp_path / "st")
     d.signal(signal.SIGHUP)
     d.wait_log(r"camera b: capture process \d+ started")
     d.wait_log(r"reload done")
+    reloading = notify.wait_for("RELOADING=1", after=ready)
+    notify.wait_for("READY=1", after=reloading)
     sub.wait_for(lambda ms: any(m.json()["connected"] for m in ms), timeout=20,
                  topic_filter="lprd/b/state")
     assert len(re.findall(r"camera a: capture process \d+ started", d.log())) == 1
@@ -208,6 +244,8 @@ def test_sighup_reloads_the_config_starting_only_the_new_camera(
     assert d.proc.poll() is None
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
+    notify.wait_for("STOPPING=1", after=reloading)
+    notify.close()
 
 
 def test_a_child_killed_with_sigkill_is_restarted(tmp_path, mosquitto, mqtt_subscriber, daemons):
