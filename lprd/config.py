@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/lprd/config.yaml")
 _CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -117,6 +124,10 @@ class MQTTConfig(_Strict):
     outbox: OutboxConfig = OutboxConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     crops: bool = Field(False, description="add a base64 JPEG of the plate to events")
+    reconnect: ReconnectConfig = Field(
+        ReconnectConfig(initial=1.0, max=60.0),
+        description="broker reconnect backoff (doubles per failed attempt), seconds",
+    )
 
     @field_validator("topic_prefix")
     @classmethod
@@ -124,6 +135,21 @@ class MQTTConfig(_Strict):
         if not v or any(ch in v for ch in "+#\0") or v.startswith("/") or v.endswith("/"):
             raise ValueError("must be non-empty, without + # NUL, and not start or end with /")
         return v
+
+    @field_validator("reconnect")
+    @classmethod
+    def _mqtt_backoff_order(cls, v: ReconnectConfig) -> ReconnectConfig:
+        if v.max < v.initial:
+            raise ValueError("reconnect.max must be >= reconnect.initial")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_and_tls(self) -> MQTTConfig:
+        if self.password_file is not None and not self.username:
+            raise ValueError("mqtt.password_file needs mqtt.username (MQTT sends no password alone)")
+        if (self.tls.cert is None) != (self.tls.key is None):
+            raise ValueError("mqtt.tls.cert and mqtt.tls.key go together: set both or neither")
+        return self
 
 
 class SyncConfig(_Strict):

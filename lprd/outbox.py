@@ -1,0 +1,261 @@
+"""Durable outbox: MQTT messages wait in SQLite (WAL) until the broker has acknowledged them.
+
+One row per message; an event's messages (plate, watchlist action, crop) are written in one
+transaction, in order, so that delivery in `seq` order keeps every camera's events in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KINDS = ("event", "action", "crop")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: a seq is never reused
+    event_id TEXT NOT NULL,
+    camera TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('event', 'action', 'crop')),
+    subtopic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_created ON messages(created);
+CREATE INDEX IF NOT EXISTS messages_events ON messages(seq) WHERE kind = 'event';
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A message to deliver; the topic is `<prefix>/<camera>/<subtopic>`, built at publish time
+    so that a changed prefix applies to what is still waiting."""
+
+    event_id: str
+    camera: str
+    kind: str  # "event" | "action" | "crop"
+    subtopic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMessage:
+    seq: int
+    created: float  # epoch seconds when it was written
+    message: OutboxMessage
+
+
+@dataclass(frozen=True, slots=True)
+class DropReport:
+    """What a bound threw away (oldest first): counts are events, not messages."""
+
+    reason: str  # "max_events" | "max_age"
+    events: int
+    messages: int
+    per_camera: dict[str, int] = field(default_factory=dict)
+    first_id: str | None = None
+    last_id: str | None = None
+
+    def describe(self) -> str:
+        cams = ", ".join(f"{c}: {n}" for c, n in sorted(self.per_camera.items())) or "-"
+        ids = f"{self.first_id} .. {self.last_id}" if self.first_id else "-"
+        return (f"dropped {self.events} undelivered event(s) ({self.messages} message(s)) "
+                f"because of {self.reason}; per camera {cams}; ids {ids}")
+
+
+class Outbox:
+    """Thread-safe; one connection guarded by a lock (SQLite serialises writers anyway)."""
+
+    def __init__(self, path: Path, max_events: int = 100_000, max_age: float = 7 * 86400.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        if max_events < 1 or max_age <= 0:
+            raise ValueError("max_events must be >= 1 and max_age > 0")
+        self.path = Path(path)
+        self.max_events = max_events
+        self.max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:
+            # A corrupt outbox must not stop the daemon: keep the file for inspection, start anew.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._clock())}")
+            log.error("outbox %s is unreadable (%s); moved it to %s and started an empty one",
+                      self.path, e, aside)
+            self.path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    side.rename(aside.with_name(aside.name + suffix))
+            self._db = self._open()
+        self._events: Counter[str] = Counter()  # pending events per camera
+        for camera, n in self._db.execute(
+                "SELECT camera, COUNT(*) FROM messages WHERE kind = 'event' GROUP BY camera"):
+            self._events[camera] = n
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                             timeout=10.0)
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.DatabaseError(f"cannot switch to WAL (journal_mode={mode})")
+            # FULL: a commit survives a power cut, not only a crash of this process.
+            db.execute("PRAGMA synchronous=FULL")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"unknown outbox schema version {version}")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(self, messages: Sequence[OutboxMessage]) -> DropReport | None:
+        """Store one event's messages atomically; returns what the size bound dropped, if any."""
+        if not messages:
+            return None
+        for m in messages:
+            if m.kind not in KINDS:
+                raise ValueError(f"unknown outbox message kind {m.kind!r}")
+        now = self._clock()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for m in messages:
+                    if m.kind == "crop":
+                        # Only the newest crop of a camera matters (a retained "last crop").
+                        self._db.execute(
+                            "DELETE FROM messages WHERE kind = 'crop' AND camera = ?", (m.camera,))
+                self._db.executemany(
+                    "INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, "
+                    "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(m.event_id, m.camera, m.kind, m.subtopic, m.payload, int(m.retain), now)
+                     for m in messages])
+                added = Counter(m.camera for m in messages if m.kind == "event")
+                report = self._enforce_size(added)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._events.update(added)
+            if report:
+                self._events.subtract(report.per_camera)
+                self._events = +self._events
+            return report
+
+    def _enforce_size(self, added: Counter[str]) -> DropReport | None:
+        total = sum(self._events.values()) + sum(added.values())
+        excess = total - self.max_events
+        if excess <= 0:
+            return None
+        # Rows of one event are contiguous, so cutting before the first kept event drops whole
+        # events with their action and crop messages.
+        row = self._db.execute(
+            "SELECT seq FROM messages WHERE kind = 'event' ORDER BY seq LIMIT 1 OFFSET ?",
+            (excess,)).fetchone()
+        if row is None:  # keep at least the newest event
+            return None
+        rows = self._db.execute(
+            "DELETE FROM messages WHERE seq < ? RETURNING seq, event_id, camera, kind",
+            (row[0],)).fetchall()
+        return _report("max_events", rows)
+
+    def ack(self, seqs: Iterable[int]) -> int:
+        """Delete delivered messages; unknown seqs (already dropped) are ignored."""
+        seqs = list(seqs)
+        if not seqs:
+            return 0
+        deleted: list[tuple] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for i in range(0, len(seqs), 500):
+                    chunk = seqs[i:i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    deleted += self._db.execute(
+                        f"DELETE FROM messages WHERE seq IN ({marks}) RETURNING camera, kind",
+                        chunk).fetchall()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._events.subtract(Counter(cam for cam, kind in deleted if kind == "event"))
+            self._events = +self._events
+        return len(deleted)
+
+    def expire(self) -> DropReport | None:
+        """Drop messages older than max_age."""
+        cutoff = self._clock() - self.max_age
+        with self._lock:
+            rows = self._db.execute(
+                "DELETE FROM messages WHERE created < ? RETURNING seq, event_id, camera, kind",
+                (cutoff,)).fetchall()
+            report = _report("max_age", rows)
+            if report:
+                self._events.subtract(report.per_camera)
+                self._events = +self._events
+            return report
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def pending(self, after_seq: int = 0, limit: int = 100) -> list[PendingMessage]:
+        """Messages with seq > after_seq, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, created, event_id, camera, kind, subtopic, payload, retain "
+                "FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        return [PendingMessage(seq, created, OutboxMessage(eid, cam, kind, sub, bytes(pl),
+                                                           bool(ret)))
+                for seq, created, eid, cam, kind, sub, pl, ret in rows]
+
+    def depth(self, camera: str | None = None) -> int:
+        """Undelivered events (plate messages), for one camera or all."""
+        with self._lock:
+            return self._events[camera] if camera is not None else sum(self._events.values())
+
+    def size(self) -> int:
+        """Undelivered messages of every kind."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.close()
+            except sqlite3.Error as e:  # closing twice or a failing disk: nothing left to save
+                log.debug("closing outbox: %s", e)
+
+
+def _report(reason: str, rows: list[tuple]) -> DropReport | None:
+    """rows: (seq, event_id, camera, kind) of deleted messages."""
+    if not rows:
+        return None
+    rows.sort()
+    events = [(eid, cam) for _, eid, cam, kind in rows if kind == "event"]
+    return DropReport(
+        reason=reason,
+        events=len(events),
+        messages=len(rows),
+        per_camera=dict(Counter(cam for _, cam in events)),
+        first_id=events[0][0] if events else None,
+        last_id=events[-1][0] if events else None,
+    )

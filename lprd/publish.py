@@ -1,0 +1,900 @@
+"""Event publishing: MQTT (QoS 1 through the durable outbox, retained state, Home Assistant
+discovery, commands) and a JSON-lines sink for use without a broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import queue
+import socket
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lprd import __version__
+from lprd.config import MQTTConfig
+from lprd.outbox import DropReport, Outbox, OutboxMessage, PendingMessage
+from lprd.types import CameraState, PlateEvent, iso_utc
+
+log = logging.getLogger(__name__)
+
+WINDOW = 256  # messages handed to paho and not yet acknowledged
+PAHO_INFLIGHT = 64  # of those, how many may be on the wire at once
+STATE_INTERVAL = 2.0  # least seconds between state republishes for a changed outbox depth
+EXPIRE_INTERVAL = 30.0
+HOLD_LIMIT = 30.0  # most seconds new messages wait for paho's resends after a reconnect
+MAX_COMMAND_BYTES = 4096
+RESERVED_SUBTOPICS = frozenset({"plate", "state", "crop"})
+
+
+# -- topics -------------------------------------------------------------------------------------
+
+def topic_level(name: str) -> str:
+    """One safe topic level: no wildcards, separators, NUL or control characters."""
+    out = "".join(
+        "_" if ch in "+#/" or ord(ch) < 32 or 127 <= ord(ch) < 160 else ch for ch in name
+    ).strip()
+    return out or "_"
+
+
+def camera_level(camera: str) -> str:
+    level = topic_level(camera)
+    # `<prefix>/cmd/+` carries commands: a camera called "cmd" must not land there.
+    return "_cmd" if level == "cmd" else level
+
+
+def action_level(action: str) -> str:
+    level = topic_level(action)
+    return f"action_{level}" if level in RESERVED_SUBTOPICS else level
+
+
+def _slug(name: str) -> str:
+    """Home Assistant's node and object ids accept only [A-Za-z0-9_-]."""
+    out = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else "_" for ch in name)
+    return out or "_"
+
+
+# -- event messages -----------------------------------------------------------------------------
+
+def action_payload(event: PlateEvent) -> bytes:
+    """The short message for gate controllers on `<prefix>/<camera>/<action>`."""
+    w = event.watchlist
+    return json.dumps({
+        "id": event.id, "camera": event.camera, "plate": event.plate, "action": w.action,
+        "list": w.list, "match": w.match, "matched": w.plate, "final": event.final,
+        "time": iso_utc(event.last_seen),
+    }, separators=(",", ":")).encode()
+
+
+def event_messages(event: PlateEvent, crops: bool, with_action: bool = True) -> list[OutboxMessage]:
+    """What one event puts in the outbox, in delivery order."""
+    if not crops and event.crop_jpeg is not None:
+        event = dataclasses.replace(event, crop_jpeg=None)
+    msgs = [OutboxMessage(event.id, event.camera, "event", "plate", event.to_json().encode())]
+    if with_action and event.watchlist.action:
+        msgs.append(OutboxMessage(event.id, event.camera, "action",
+                                  action_level(event.watchlist.action), action_payload(event)))
+    if crops and event.crop_jpeg:
+        msgs.append(OutboxMessage(event.id, event.camera, "crop", "crop", event.crop_jpeg,
+                                  retain=True))
+    return msgs
+
+
+# -- Home Assistant discovery -------------------------------------------------------------------
+
+# The last plate's attributes are the event without the (large) base64 crop.
+PLATE_ATTRIBUTES_TEMPLATE = (
+    "{{ dict(value_json.items() | rejectattr('0', 'eq', 'crop_jpeg')) | tojson }}"
+)
+CONNECTED_TEMPLATE = (
+    "{% if value_json.connected is none %}None{% elif value_json.connected %}ON"
+    "{% else %}OFF{% endif %}"
+)
+
+
+def discovery_messages(cfg: MQTTConfig, cameras: Sequence[str]) -> list[tuple[str, bytes]]:
+    """(topic, payload) of every retained discovery config; an empty payload removes one."""
+    dp = cfg.discovery.prefix
+    node = _slug(cfg.topic_prefix)
+    availability = [{"topic": f"{cfg.topic_prefix}/status", "payload_available": "online",
+                     "payload_not_available": "offline"}]
+    origin = {"name": "lprd", "sw_version": __version__}
+    out: list[tuple[str, bytes]] = []
+    for camera in cameras:
+        obj = _slug(camera)
+        base = f"{cfg.topic_prefix}/{camera_level(camera)}"
+        common: dict[str, Any] = {
+            "availability": availability,
+            "device": {"identifiers": [f"{node}_{obj}"], "name": f"lprd {camera}",
+                       "manufacturer": "lprd", "model": "License plate recognition camera",
+                       "sw_version": __version__},
+            "origin": origin,
+        }
+        configs: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("sensor", "plate", {
+                "name": "Last plate", "unique_id": f"{node}_{obj}_plate", "icon": "mdi:car",
+                "state_topic": f"{base}/plate", "value_template": "{{ value_json.plate }}",
+                "json_attributes_topic": f"{base}/plate",
+                "json_attributes_template": PLATE_ATTRIBUTES_TEMPLATE, "qos": 1,
+            }),
+            ("binary_sensor", "connected", {
+                "name": "Camera connected", "unique_id": f"{node}_{obj}_connected",
+                "device_class": "connectivity", "entity_category": "diagnostic",
+                "state_topic": f"{base}/state", "value_template": CONNECTED_TEMPLATE,
+                "payload_on": "ON", "payload_off": "OFF",
+                "json_attributes_topic": f"{base}/state", "qos": 1,
+            }),
+            ("sensor", "outbox", {
+                "name": "Undelivered events", "unique_id": f"{node}_{obj}_outbox",
+                "icon": "mdi:tray-full", "entity_category": "diagnostic",
+                "state_class": "measurement", "state_topic": f"{base}/state",
+                "value_template": "{{ value_json.outbox_depth }}", "qos": 1,
+            }),
+            ("image", "crop", {
+                "name": "Last plate crop", "unique_id": f"{node}_{obj}_crop",
+                "image_topic": f"{base}/crop", "content_type": "image/jpeg", "qos": 1,
+            } if cfg.crops else None),
+        ]
+        for component, suffix, body in configs:
+            topic = f"{dp}/{component}/{node}/{obj}_{suffix}/config"
+            payload = b"" if body is None else json.dumps(
+                {**body, **common}, separators=(",", ":")).encode()
+            out.append((topic, payload))
+    return out
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    request_id: str | None = Field(None, min_length=1, max_length=128)
+
+
+class ReloadCommand(_Command):
+    """Reload the config and the watchlist (like SIGHUP)."""
+
+
+class WatchlistSyncCommand(_Command):
+    """Sync the watchlist from its configured source now."""
+
+
+COMMANDS: dict[str, type[_Command]] = {
+    "reload": ReloadCommand,
+    "watchlist_sync": WatchlistSyncCommand,
+}
+
+
+class CommandError(ValueError):
+    pass
+
+
+def parse_command(verb: str, payload: bytes) -> dict[str, Any]:
+    """Validate a command; an empty payload means no arguments. Raises CommandError."""
+    model = COMMANDS.get(verb)
+    if model is None:
+        raise CommandError(f"unknown command {verb!r} (known: {', '.join(sorted(COMMANDS))})")
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError(f"payload of {len(payload)} bytes is over {MAX_COMMAND_BYTES}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError("payload is not UTF-8") from None
+    if not text.strip(" \t\r\n"):  # JSON's whitespace only: "\x0c" is not "no arguments"
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise CommandError(f"payload is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CommandError(f"payload must be a JSON object, not {type(data).__name__}")
+    try:
+        return model.model_validate(data).model_dump(exclude_none=True)
+    except ValidationError as e:
+        reasons = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'payload'}: {err['msg']}"
+                            for err in e.errors())
+        raise CommandError(reasons) from None
+
+
+def _preview(payload: bytes) -> str:
+    return repr(payload[:60]) + ("..." if len(payload) > 60 else "")
+
+
+# -- sinks --------------------------------------------------------------------------------------
+
+class EventSink(Protocol):
+    def submit(self, event: PlateEvent) -> None: ...
+
+
+class JsonlSink:
+    """One event JSON per line, to stdout ("-" or "stdout") or appended to a file."""
+
+    def __init__(self, target: str | Path | TextIO) -> None:
+        self._lock = threading.Lock()
+        self._own = False
+        if isinstance(target, (str, Path)):
+            if str(target) in ("-", "stdout"):
+                self._out: TextIO | None = sys.stdout
+                self.name = "stdout"
+            else:
+                path = Path(target)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._out = path.open("a", encoding="utf-8")
+                self._own = True
+                self.name = str(path)
+        else:
+            self._out = target
+            self.name = getattr(target, "name", "stream")
+
+    def submit(self, event: PlateEvent) -> None:
+        line = event.to_json() + "\n"
+        with self._lock:
+            if self._out is None:
+                return
+            try:
+                self._out.write(line)
+                self._out.flush()
+            except (OSError, ValueError) as e:  # closed pipe, full disk: stop, keep the daemon
+                log.error("events to %s stopped: %s", self.name, e)
+                self._out = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._own and self._out is not None:
+                self._out.close()
+            self._out = None
+
+    stop = close
+
+
+# -- the MQTT publisher -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublisherStats:
+    connected: bool
+    outbox_depth: int
+    submitted: int  # events accepted since start
+    delivered: int  # event messages acknowledged by the broker since start
+    dropped: int  # events the outbox bounds threw away since start
+    latency_p50: float | None  # seconds from submit to PUBACK, recent events
+    latency_p95: float | None
+    last_error: str | None
+
+
+class PublisherConfigError(ValueError):
+    """A setting the publisher cannot work with; the message names the key."""
+
+
+def read_secret(path: Path, key: str) -> str:
+    """The first line of a secret file; errors name the key, never the content."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise PublisherConfigError(f"{key}: cannot read {path}: {why}") from None
+    secret = text.splitlines()[0] if text else ""
+    if not secret:
+        raise PublisherConfigError(f"{key}: {path} is empty")
+    return secret
+
+
+_STOP = object()
+
+
+class _PahoNoise(logging.Filter):
+    """paho 2.2 logs an ERROR per loop while disconnected; our own line says it once, better."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_log = logging.getLogger(f"{__name__}.paho")
+_paho_log.addFilter(_PahoNoise())
+
+
+class Publisher:
+    """Durable MQTT publisher: `submit` writes the outbox; a worker thread hands messages to
+    paho in order and deletes them on PUBACK. Callbacks only queue; paho does the reconnects."""
+
+    def __init__(self, cfg: MQTTConfig, cameras: Sequence[str], storage_dir: Path,
+                 on_command: Callable[[str, dict], None] | None = None) -> None:
+        self.cfg = cfg
+        self.cameras = list(dict.fromkeys(cameras))
+        self.on_command = on_command
+        self.prefix = cfg.topic_prefix
+        self._password = (read_secret(cfg.password_file, "mqtt.password_file")
+                          if cfg.password_file else None)
+        for key, p in (("ca", cfg.tls.ca), ("cert", cfg.tls.cert), ("key", cfg.tls.key)):
+            if cfg.tls.enabled and p is not None and not Path(p).is_file():
+                raise PublisherConfigError(f"mqtt.tls.{key}: {p} is not a readable file")
+        self.outbox = Outbox(Path(storage_dir) / "outbox.sqlite", cfg.outbox.max_events,
+                             cfg.outbox.max_age)
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._cmd_q: queue.Queue[Any] = queue.Queue(maxsize=64)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._client: mqtt.Client | None = None
+        self._worker: threading.Thread | None = None
+        self._cmd_thread: threading.Thread | None = None
+        self._started = False
+        self._stopped = False
+        # Worker-thread state.
+        self._connected = False
+        self._hold = False  # after a reconnect, paho resends the old window first
+        self._hold_since = 0.0
+        self._cursor = 0  # highest outbox seq handed to paho
+        self._inflight: dict[int, PendingMessage] = {}  # paho mid -> message
+        self._states: dict[str, CameraState] = {}
+        self._published_depth: dict[str, int] = {}
+        self._last_state_pub = 0.0
+        self._drops: dict[str, dict[str, Any]] = {}
+        self._actions_sent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._failures = 0
+        self._last_fail_reason: str | None = None
+        # Shared counters (under _lock).
+        self._submitted = 0
+        self._delivered = 0
+        self._dropped = 0
+        self._latencies: deque[float] = deque(maxlen=2000)
+        self._last_error: str | None = None
+        self._commands_dropped = 0
+        self._depth_cache = self.outbox.depth()
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if not self.cfg.enabled:
+            log.info("MQTT is disabled (mqtt.enabled: false): events are not published")
+            return
+        self._client = self._make_client()
+        self._worker = threading.Thread(target=self._run, name="mqtt-outbox", daemon=True)
+        self._cmd_thread = threading.Thread(target=self._run_commands, name="mqtt-commands",
+                                            daemon=True)
+        self._worker.start()
+        self._cmd_thread.start()
+        depth = self.outbox.depth()
+        log.info("MQTT: connecting to %s:%d%s as %s; %d undelivered event(s) in the outbox",
+                 self.cfg.host, self.cfg.port, " (TLS)" if self.cfg.tls.enabled else "",
+                 self._client_id, depth)
+        self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive)
+        self._client.loop_start()
+
+    def submit(self, event: PlateEvent) -> None:
+        """Write the event to the outbox (durably), then let the worker publish it."""
+        if not self.cfg.enabled:
+            return
+        with_action = True
+        if event.watchlist.action:
+            key = (event.id, event.watchlist.action)
+            with self._lock:
+                # An early and a final event share an id: a gate needs the action only once.
+                with_action = key not in self._actions_sent
+                self._actions_sent[key] = None
+                while len(self._actions_sent) > 10_000:
+                    self._actions_sent.popitem(last=False)
+        msgs = event_messages(event, self.cfg.crops, with_action)
+        try:
+            report = self.outbox.put(msgs)
+        except (sqlite3.Error, OSError) as e:  # a broken disk: publish without the outbox
+            log.error("outbox write failed (%s); publishing event %s without durability",
+                      e, event.id)
+            self._q.put(("direct", msgs))
+            return
+        with self._lock:
+            self._submitted += 1
+        if report:
+            self._q.put(("drop", report))
+        self._q.put(("wake",))
+
+    def publish_state(self, state: CameraState) -> None:
+        """Retained `<prefix>/<camera>/state`, with the camera's outbox depth filled in."""
+        if self.cfg.enabled:
+            self._q.put(("state", state))
+
+    def outbox_depth(self) -> int:
+        return self.outbox.depth()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.is_connected()
+
+    def stats(self) -> PublisherStats:
+        with self._lock:
+            lat = sorted(self._latencies)
+            return PublisherStats(
+                connected=self.connected, outbox_depth=self.outbox.depth(),
+                submitted=self._submitted, delivered=self._delivered, dropped=self._dropped,
+                latency_p50=_quantile(lat, 0.5), latency_p95=_quantile(lat, 0.95),
+                last_error=self._last_error)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every stored message has been acknowledged (or timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._depth_cache > 0 or self.outbox.size() > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.2))
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Say offline, disconnect, close the outbox. Undelivered events stay for next start."""
+        if self._stopped:
+            return
+        self._stopped = True
+        deadline = time.monotonic() + timeout
+        if self._worker is not None:
+            self._q.put(_STOP)
+            self._worker.join(max(0.1, (deadline - time.monotonic()) * 0.5))
+        if self._cmd_thread is not None:
+            self._cmd_q.put(_STOP)
+            self._cmd_thread.join(0.5)
+        client = self._client
+        if client is not None:
+            if client.is_connected():
+                info = client.publish(f"{self.prefix}/status", "offline", qos=1, retain=True)
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(max(0.1, min(1.0, deadline - time.monotonic())))
+            client.disconnect()
+            client.loop_stop()
+        self.outbox.close()
+        log.info("MQTT publisher stopped; %d undelivered event(s) kept in the outbox",
+                 self._depth_cache)
+
+    # -- paho client and callbacks (network thread: queue and return) ---------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.cfg
+        self._client_id = cfg.client_id or f"lprd-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
+                        clean_session=True, protocol=mqtt.MQTTv311)
+        c.enable_logger(_paho_log)
+        c.max_inflight_messages_set(PAHO_INFLIGHT)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(cfg.reconnect.initial, cfg.reconnect.max)
+        c.will_set(f"{self.prefix}/status", "offline", qos=1, retain=True)
+        if cfg.username:
+            c.username_pw_set(cfg.username, self._password)
+        if cfg.tls.enabled:
+            c.tls_set(ca_certs=str(cfg.tls.ca) if cfg.tls.ca else None,
+                      certfile=str(cfg.tls.cert) if cfg.tls.cert else None,
+                      keyfile=str(cfg.tls.key) if cfg.tls.key else None,
+                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            c.tls_insecure_set(cfg.tls.insecure)
+        c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        return c
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        self._q.put(("connect", not reason.is_failure, str(reason)))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # Called inside paho's `except OSError`: the exception says why (refused, TLS ...).
+        err = sys.exc_info()[1]
+        self._q.put(("connect_fail", str(err) if err else "connection failed"))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self._q.put(("disconnect", str(reason)))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        self._q.put(("ack", mid))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.cfg.discovery.enabled and msg.topic == f"{self.cfg.discovery.prefix}/status":
+            self._q.put(("ha_status", bytes(msg.payload)))
+            return
+        try:
+            self._cmd_q.put_nowait((msg.topic, bytes(msg.payload), bool(msg.retain)))
+        except queue.Full:
+            with self._lock:
+                self._commands_dropped += 1
+
+    # -- worker thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_expire = 0.0
+        stopping = False
+        while not stopping:
+            try:
+                items = [self._q.get(timeout=0.5)]
+            except queue.Empty:
+                items = []
+            with contextlib.suppress(queue.Empty):
+                while len(items) < 5000:
+                    items.append(self._q.get_nowait())
+            acks: list[PendingMessage] = []
+            try:
+                for item in items:
+                    if item is _STOP:
+                        stopping = True
+                        continue
+                    self._handle(item, acks)
+                if acks:
+                    self._ack(acks)
+                now = time.monotonic()
+                if now >= next_expire:
+                    next_expire = now + EXPIRE_INTERVAL
+                    report = self.outbox.expire()
+                    if report:
+                        self._on_drop(report)
+                    self._check_network_thread()
+                self._maybe_publish_states()
+                if not stopping:
+                    self._pump()
+            except Exception:  # keep publishing whatever one bad item did
+                log.exception("MQTT worker error (continuing)")
+                time.sleep(0.2)
+
+    def _handle(self, item: tuple, acks: list[PendingMessage]) -> None:
+        kind = item[0]
+        if kind == "ack":
+            msg = self._inflight.pop(item[1], None)
+            if msg is not None:
+                acks.append(msg)
+        elif kind == "wake":
+            pass
+        elif kind == "connect":
+            self._handle_connect(ok=item[1], reason=item[2])
+        elif kind == "connect_fail":
+            self._connected = False
+            self._report_failure(f"cannot connect to MQTT broker {self.cfg.host}:{self.cfg.port}:"
+                                 f" {item[1]}")
+        elif kind == "disconnect":
+            if self._connected:
+                log.warning("MQTT: disconnected from %s:%d (%s); %d message(s) in flight will "
+                            "be resent, new events wait in the outbox",
+                            self.cfg.host, self.cfg.port, item[1], len(self._inflight))
+            self._connected = False
+        elif kind == "state":
+            state: CameraState = item[1]
+            self._states[state.camera] = state
+            self._publish_state(state.camera)
+        elif kind == "drop":
+            self._on_drop(item[1])
+        elif kind == "ha_status":
+            if item[1].strip() == b"online":
+                log.info("Home Assistant came online: republishing discovery")
+                self._publish_discovery()
+        elif kind == "direct":
+            for m in item[1]:
+                self._publish_raw(self._topic(m), m.payload, m.retain)
+
+    def _handle_connect(self, ok: bool, reason: str) -> None:
+        if not ok:
+            self._connected = False
+            hint = ""
+            if "authori" in reason.lower() or "password" in reason.lower():
+                who = f"user {self.cfg.username!r}" if self.cfg.username else "no username"
+                hint = f" ({who}; check mqtt.username and mqtt.password_file)"
+            self._report_failure(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused the "
+                                 f"connection: {reason}{hint}")
+            return
+        self._connected = True
+        self._failures = 0
+        self._last_fail_reason = None
+        # paho resends what was in flight; new messages wait until those are acknowledged so
+        # that nothing overtakes an older event.
+        self._hold = bool(self._inflight)
+        self._hold_since = time.monotonic()
+        log.info("MQTT: connected to %s:%d; %d undelivered event(s)", self.cfg.host,
+                 self.cfg.port, self.outbox.depth())
+        self._publish_raw(f"{self.prefix}/status", b"online", retain=True)
+        subs = [(f"{self.prefix}/cmd/+", 1)]
+        if self.cfg.discovery.enabled:
+            subs.append((f"{self.cfg.discovery.prefix}/status", 1))
+            self._publish_discovery()
+        self._client.subscribe(subs)  # type: ignore[union-attr]
+        for camera in list(self._states):
+            self._publish_state(camera)
+
+    def _report_failure(self, text: str) -> None:
+        self._failures += 1
+        n = self._failures
+        delay = min(self.cfg.reconnect.initial * 2 ** (n - 1), self.cfg.reconnect.max)
+        with self._lock:
+            self._last_error = text
+        # One line per new reason and then at 1, 2, 4, 8 ... failures: no flood during outages.
+        loud = text != self._last_fail_reason or (n & (n - 1)) == 0
+        self._last_fail_reason = text
+        log.log(logging.WARNING if loud else logging.DEBUG,
+                "%s; attempt %d, retrying in %.3g s (backoff up to %.3g s)",
+                text, n, delay, self.cfg.reconnect.max)
+
+    def _pump(self) -> None:
+        client = self._client
+        if client is None or not self._connected or not client.is_connected():
+            return
+        if self._hold:
+            # A resend that never completes must not stall every later event for good.
+            if self._inflight and time.monotonic() - self._hold_since < HOLD_LIMIT:
+                return
+            self._hold = False
+        room = WINDOW - len(self._inflight)
+        while room > 0:
+            batch = self.outbox.pending(self._cursor, min(room, 100))
+            if not batch:
+                return
+            for pm in batch:
+                try:
+                    info = client.publish(self._topic(pm.message), pm.message.payload, qos=1,
+                                          retain=pm.message.retain)
+                except ValueError as e:  # cannot ever be sent: drop it rather than block all
+                    log.error("dropping undeliverable message %d (event %s): %s", pm.seq,
+                              pm.message.event_id, e)
+                    self.outbox.ack([pm.seq])
+                    self._cursor = pm.seq
+                    continue
+                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                    return  # paho's queue refused it; retry from the same cursor later
+                self._inflight[info.mid] = pm
+                self._cursor = pm.seq
+                room -= 1
+
+    def _ack(self, acked: list[PendingMessage]) -> None:
+        self.outbox.ack(pm.seq for pm in acked)
+        now = time.time()
+        events = [pm for pm in acked if pm.message.kind == "event"]
+        with self._idle:
+            self._delivered += len(events)
+            self._latencies.extend(now - pm.created for pm in events)
+            self._depth_cache = self.outbox.depth()
+            self._idle.notify_all()
+
+    def _on_drop(self, report: DropReport) -> None:
+        log.warning("outbox bound (mqtt.outbox.%s): %s", report.reason, report.describe())
+        at = iso_utc(time.time())
+        with self._lock:
+            self._dropped += report.events
+        for camera, n in report.per_camera.items():
+            d = self._drops.setdefault(camera, {"total": 0})
+            d["total"] += n
+            d["last"] = {"reason": report.reason, "events": n, "at": at,
+                         "first_id": report.first_id, "last_id": report.last_id}
+            self._publish_state(camera)
+
+    def _state_payload(self, camera: str) -> bytes:
+        state = self._states.get(camera)
+        if state is None:
+            d = CameraState(camera, connected=False).to_dict()
+            d["connected"] = None  # unknown until the camera reports
+        else:
+            d = state.to_dict()
+        d["outbox_depth"] = self.outbox.depth(camera)
+        if camera in self._drops:
+            d["outbox_dropped"] = self._drops[camera]
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    def _publish_state(self, camera: str) -> None:
+        self._published_depth[camera] = self.outbox.depth(camera)
+        self._publish_raw(f"{self.prefix}/{camera_level(camera)}/state",
+                          self._state_payload(camera), retain=True)
+
+    def _maybe_publish_states(self) -> None:
+        with self._idle:
+            self._depth_cache = self.outbox.depth()
+            self._idle.notify_all()
+        now = time.monotonic()
+        if now - self._last_state_pub < STATE_INTERVAL:
+            return
+        self._last_state_pub = now
+        for camera in set(self._states) | set(self._published_depth):
+            if self.outbox.depth(camera) != self._published_depth.get(camera):
+                self._publish_state(camera)
+
+    def _publish_discovery(self) -> None:
+        for topic, payload in discovery_messages(self.cfg, self.cameras):
+            self._publish_raw(topic, payload, retain=True)
+
+    def _publish_raw(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Not outboxed (state, status, discovery: the latest value is all that matters)."""
+        if self._client is None or not self._connected:
+            return
+        self._client.publish(topic, payload, qos=1, retain=retain)
+
+    def _topic(self, m: OutboxMessage) -> str:
+        return f"{self.prefix}/{camera_level(m.camera)}/{m.subtopic}"
+
+    def _check_network_thread(self) -> None:
+        # paho's loop thread ends only on a bug or an unexpected exception; without it nothing
+        # reconnects, so start it again.
+        client = self._client
+        if client is not None and not self._stopped and getattr(client, "_thread", 1) is None:
+            log.error("MQTT network thread ended unexpectedly; restarting it")
+            client.loop_start()
+
+    # -- command thread --------------------------------------------------------------------------
+
+    def _run_commands(self) -> None:
+        while True:
+            item = self._cmd_q.get()
+            if item is _STOP:
+                return
+            try:
+                self._handle_command(*item)
+            except Exception:
+                log.exception("command handling failed (ignored)")
+
+    def _handle_command(self, topic: str, payload: bytes, retain: bool) -> None:
+        with self._lock:
+            dropped, self._commands_dropped = self._commands_dropped, 0
+        if dropped:
+            log.warning("ignored %d command(s): too many at once", dropped)
+        verb = topic.rsplit("/", 1)[-1]
+        if retain:
+            # A retained command would run again on every reconnect.
+            log.warning("ignored retained command on %s: publish commands without retain", topic)
+            return
+        try:
+            args = parse_command(verb, payload)
+        except CommandError as e:
+            log.warning("ignored malformed command on %s: %s (payload %s)", topic, e,
+                        _preview(payload))
+            return
+        log.info("command %s %s", verb, json.dumps(args) if args else "")
+        if self.on_command is None:
+            log.warning("command %s received but nothing handles commands here", verb)
+            return
+        try:
+            self.on_command(verb, args)
+        except Exception:
+            log.exception("command %s failed", verb)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+# -- benchmark ------------------------------------------------------------------------------------
+
+def _bench_event(camera: str, n: int) -> PlateEvent:
+    from lprd.types import Candidate, CharProb  # bench only
+
+    now = time.time()
+    plate = f"AB{n % 10000:04d}C"
+    return PlateEvent(
+        id=uuid.uuid4().hex, camera=camera, plate=plate, confidence=0.97,
+        chars=tuple(CharProb(c, 0.97) for c in plate),
+        candidates=(Candidate(plate.replace("0", "O"), 0.02),),
+        first_seen=now - 1.0, last_seen=now, frames=12, final=True, box=(100, 200, 180, 60),
+        frame_size=(1920, 1080), models={"detector": "bench", "reader": "bench"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench(host: str, port: int, storage_dir: Path, events: int = 2000, rate: float = 50.0,
+          latency_events: int = 300) -> dict[str, Any]:
+    """Outbox write rate, end-to-end delivered rate, and submit->PUBACK latency at `rate`/s."""
+    results: dict[str, Any] = {}
+    ob = Outbox(storage_dir / "bench-outbox.sqlite")
+    msgs = [event_messages(_bench_event("gate", i), crops=False) for i in range(events)]
+    t0 = time.perf_counter()
+    for m in msgs:
+        ob.put(m)
+    t_put = time.perf_counter() - t0
+    seqs = [pm.seq for pm in ob.pending(0, events)]
+    t0 = time.perf_counter()
+    for s in seqs:
+        ob.ack([s])
+    t_ack = time.perf_counter() - t0
+    ob.close()
+    results["outbox_put_per_s"] = events / t_put
+    results["outbox_put_and_ack_per_s"] = events / (t_put + t_ack)
+
+    cfg = MQTTConfig(host=host, port=port, reconnect={"initial": 0.2, "max": 2.0})
+    pub = Publisher(cfg, ["gate", "back"], storage_dir)
+    pub.start()
+    deadline = time.monotonic() + 10
+    while not pub.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not pub.connected:
+        pub.stop()
+        raise RuntimeError(f"no MQTT broker at {host}:{port}")
+    # Sustained: submit as fast as possible, time until the broker acknowledged everything.
+    t0 = time.perf_counter()
+    for i in range(events):
+        pub.submit(_bench_event("gate" if i % 2 else "back", i))
+    t_submit = time.perf_counter() - t0
+    pub.wait_idle(120)
+    t_all = time.perf_counter() - t0
+    results["submit_per_s"] = events / t_submit
+    results["delivered_per_s"] = events / t_all
+    # Latency at a steady rate (the broker is up and idle).
+    with pub._lock:
+        pub._latencies.clear()
+    period = 1.0 / rate
+    t_next = time.perf_counter()
+    for i in range(latency_events):
+        pub.submit(_bench_event("gate", i))
+        t_next += period
+        time.sleep(max(0.0, t_next - time.perf_counter()))
+    pub.wait_idle(30)
+    with pub._lock:
+        lat = sorted(pub._latencies)
+    pub.stop()
+    results["latency_rate_per_s"] = rate
+    results["latency_events"] = len(lat)
+    results["latency_p50_ms"] = (_quantile(lat, 0.5) or 0.0) * 1000
+    results["latency_p95_ms"] = (_quantile(lat, 0.95) or 0.0) * 1000
+    results["latency_max_ms"] = (lat[-1] if lat else 0.0) * 1000
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import subprocess  # bench only
+    import tempfile
+
+    p = argparse.ArgumentParser(prog="python -m lprd.publish",
+                                description="Benchmark the outbox and MQTT publishing.")
+    p.add_argument("--bench", action="store_true", required=True)
+    p.add_argument("--host", help="use this broker (default: start a mosquitto on a free port)")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--events", type=int, default=2000)
+    p.add_argument("--rate", type=float, default=50.0, help="events/s for the latency run")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    broker = None
+    host, port = args.host, args.port
+    with tempfile.TemporaryDirectory(prefix="lprd-bench-") as tmp:
+        if host is None:
+            host, port = "127.0.0.1", _free_port()
+            conf = Path(tmp) / "mosquitto.conf"
+            conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                            + ("user root\n" if os.geteuid() == 0 else ""))
+            broker = subprocess.Popen(["mosquitto", "-c", str(conf)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+        try:
+            r = bench(host, port, Path(tmp), args.events, args.rate)
+        finally:
+            if broker is not None:
+                broker.terminate()
+                broker.wait(5)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"outbox writes (fsync per event)      {r['outbox_put_per_s']:9.0f} events/s")
+        print(f"outbox write + delete                {r['outbox_put_and_ack_per_s']:9.0f} events/s")
+        print(f"submit into running publisher       {r['submit_per_s']:9.0f} events/s")
+        print(f"delivered (PUBACKed), sustained      {r['delivered_per_s']:9.0f} events/s")
+        print(f"latency submit->PUBACK at {r['latency_rate_per_s']:.0f}/s      "
+              f"p50 {r['latency_p50_ms']:.1f} ms  p95 {r['latency_p95_ms']:.1f} ms  "
+              f"max {r['latency_max_ms']:.1f} ms  (n={r['latency_events']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The SQLite outbox: order, acknowledgement, bounds, durability across reopen, corruption."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from lprd.outbox import Outbox, OutboxMessage
+
+
+def _event(i: int, camera: str = "gate", action: str | None = None,
+           crop: bytes | None = None) -> list[OutboxMessage]:
+    eid = f"ev{i:05d}"
+    msgs = [OutboxMessage(eid, camera, "event", "plate", f'{{"id":"{eid}"}}'.encode())]
+    if action:
+        msgs.append(OutboxMessage(eid, camera, "action", action, b"{}"))
+    if crop is not None:
+        msgs.append(OutboxMessage(eid, camera, "crop", "crop", crop, retain=True))
+    return msgs
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_outbox_uses_wal_and_full_sync(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.sqlite")
+    ob.put(_event(1))
+    ob.close()
+    db = sqlite3.connect(tmp_path / "outbox.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_pending_messages_come_back_in_write_order_across_cameras(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.sqlite")
+    for i in range(10):
+        ob.put(_event(i, camera="gate" if i % 3 else "back", action="allow" if i == 4 else None))
+    pending = ob.pending(0, 100)
+    ids = [p.message.event_id for p in pending if p.message.kind == "event"]
+    assert ids == [f"ev{i:05d}" for i in range(10)]
+    seqs = [p.seq for p in pending]
+    assert seqs == sorted(seqs)
+    # The action message follows its event directly.
+    kinds = [(p.message.event_id, p.message.kind) for p in pending]
+    assert kinds[kinds.index(("ev00004", "event")) + 1] == ("ev00004", "action")
+    assert ob.depth() == 10 and ob.depth("back") == 4 and ob.depth("gate") == 6
+    # Paging with a cursor continues where the last page ended.
+    first = ob.pending(0, 4)
+    rest = ob.pending(first[-1].seq, 100)
+    assert [p.seq for p in first + rest] == seqs
+
+
+def test_acknowledged_messages_are_gone_and_the_rest_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path)
+    for i in range(6):
+        ob.put(_event(i))
+    pending = ob.pending()
+    assert ob.ack([pending[0].seq, pending[2].seq, 999_999]) == 2
+    assert ob.depth() == 4
+    ob.close()
+    ob = Outbox(path)
+    assert [p.message.event_id for p in ob.pending()] == ["ev00001", "ev00003", "ev00004",
+                                                          "ev00005"]
+    assert ob.depth() == 4
+    # Sequence numbers are never reused, even after the table emptied.
+    last = ob.pending()[-1].seq
+    ob.ack(p.seq for p in ob.pending())
+    assert ob.depth() == 0 and ob.size() == 0
+    ob.put(_event(99))
+    assert ob.pending()[0].seq > last
+
+
+def test_size_bound_drops_oldest_whole_events_and_reports_them(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.sqlite", max_events=5)
+    reports = []
+    for i in range(8):
+        r = ob.put(_event(i, camera="gate" if i < 2 else "back", action="deny"))
+        if r:
+            reports.append(r)
+    assert ob.depth() == 5
+    assert [p.message.event_id for p in ob.pending() if p.message.kind == "event"] == [
+        f"ev{i:05d}" for i in range(3, 8)]
+    # No orphaned action message of a dropped event stays behind.
+    assert {p.message.event_id for p in ob.pending()} == {f"ev{i:05d}" for i in range(3, 8)}
+    assert len(reports) == 3
+    assert all(r.reason == "max_events" and r.events == 1 and r.messages == 2 for r in reports)
+    assert [r.first_id for r in reports] == ["ev00000", "ev00001", "ev00002"]
+    assert reports[0].per_camera == {"gate": 1} and reports[2].per_camera == {"back": 1}
+    assert "max_events" in reports[0].describe() and "ev00000" in reports[0].describe()
+
+
+def test_age_bound_drops_events_older_than_max_age(tmp_path: Path) -> None:
+    clock = Clock()
+    ob = Outbox(tmp_path / "o.sqlite", max_age=60.0, clock=clock)
+    ob.put(_event(1, camera="a"))
+    ob.put(_event(2, camera="b"))
+    clock.t += 45
+    ob.put(_event(3, camera="a"))
+    assert ob.expire() is None
+    clock.t += 30  # events 1 and 2 are 75 s old, event 3 is 30 s old
+    report = ob.expire()
+    assert report is not None
+    assert report.reason == "max_age" and report.events == 2
+    assert report.per_camera == {"a": 1, "b": 1}
+    assert (report.first_id, report.last_id) == ("ev00001", "ev00002")
+    assert [p.message.event_id for p in ob.pending()] == ["ev00003"]
+    assert ob.depth("a") == 1 and ob.depth("b") == 0
+
+
+def test_only_the_newest_crop_of_a_camera_waits(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.put(_event(1, crop=b"jpeg1"))
+    ob.put(_event(2, camera="back", crop=b"jpegB"))
+    ob.put(_event(3, crop=b"jpeg3"))
+    crops = [(p.message.camera, p.message.payload) for p in ob.pending()
+             if p.message.kind == "crop"]
+    assert crops == [("back", b"jpegB"), ("gate", b"jpeg3")]
+    assert ob.depth() == 3  # crops are not events
+
+
+def test_a_corrupt_outbox_is_moved_aside_and_a_new_one_started(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture
+                                                              ) -> None:
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with caplog.at_level(logging.ERROR, logger="lprd.outbox"):
+        ob = Outbox(path)
+    assert "unreadable" in caplog.text
+    aside = list(tmp_path.glob("outbox.sqlite.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
+    ob.put(_event(1))
+    assert ob.depth() == 1
+
+
+def test_unknown_message_kind_is_refused(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.sqlite")
+    with pytest.raises(ValueError, match="kind"):
+        ob.put([OutboxMessage("x", "gate", "bogus", "plate", b"")])
+    assert ob.size() == 0

@@ -1,0 +1,589 @@
+"""MQTT publishing against real Mosquitto brokers: no event lost to a broker outage or a SIGKILL,
+order per camera, topics, retained state, outbox bounds, Home Assistant discovery, commands,
+and the JSON-lines sink."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from lprd.config import MQTTConfig
+from lprd.outbox import Outbox
+from lprd.publish import (
+    JsonlSink,
+    Publisher,
+    PublisherConfigError,
+    action_level,
+    camera_level,
+    parse_command,
+    topic_level,
+)
+from lprd.types import CameraState, Candidate, CharProb, PlateEvent, WatchlistMatch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_event(i: int, camera: str = "gate", *, eid: str | None = None,
+               action: str | None = None, final: bool = True,
+               crop: bytes | None = None) -> PlateEvent:
+    plate = f"AB{i:04d}"
+    wl = (WatchlistMatch("exact", plate, 0.0, "residents", action, {"owner": "Ann"})
+          if action else WatchlistMatch.none())
+    return PlateEvent(
+        id=eid or f"ev-{camera}-{i:05d}", camera=camera, plate=plate, confidence=0.95,
+        chars=tuple(CharProb(c, 0.95) for c in plate), candidates=(Candidate(plate, 0.95),),
+        first_seen=1.7e9 + i, last_seen=1.7e9 + i + 1.5, frames=7, final=final,
+        box=(10, 20, 100, 30), frame_size=(1280, 720), watchlist=wl, crop_jpeg=crop,
+        models={"detector": "det-1", "reader": "read-1"})
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached in {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def publisher(tmp_path: Path) -> Iterator[Callable[..., Publisher]]:
+    """publisher(broker, cameras=("gate", "back"), on_command=None, **mqtt_config_keys)."""
+    made: list[Publisher] = []
+
+    def make(broker: Any, cameras: tuple[str, ...] = ("gate", "back"),
+             on_command: Callable[[str, dict], None] | None = None, connect: bool = True,
+             storage: Path | None = None, **keys: Any) -> Publisher:
+        keys.setdefault("reconnect", {"initial": 0.1, "max": 0.5})
+        cfg = MQTTConfig(host=broker.host, port=broker.port, **keys)
+        pub = Publisher(cfg, cameras, storage or tmp_path / "storage", on_command)
+        made.append(pub)
+        pub.start()
+        if connect:
+            wait_until(lambda: pub.connected, 10, "publisher connected")
+        return pub
+
+    yield make
+    for p in made:
+        p.stop(timeout=2)
+
+
+def first_seen_order(msgs: list[Any]) -> list[dict]:
+    """Events in the order their id first arrived (repeats are at-least-once duplicates)."""
+    seen: set[str] = set()
+    out = []
+    for m in msgs:
+        ev = m.json()
+        if ev["id"] not in seen:
+            seen.add(ev["id"])
+            out.append(ev)
+    return out
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+
+def test_topic_levels_never_carry_wildcards_separators_or_control_characters() -> None:
+    assert topic_level("a/b+c#d\x00e\x1ff\x7fg\x9bh") == "a_b_c_d_e_f_g_h"
+    assert topic_level("") == "_" and topic_level("  ") == "_"
+    assert topic_level("Einfahrt-Süd_2") == "Einfahrt-Süd_2"
+    assert camera_level("cmd") == "_cmd"  # the command topics stay commands
+    assert action_level("state") == "action_state" and action_level("open/gate") == "open_gate"
+
+
+def test_command_payloads_are_validated_into_plain_dicts() -> None:
+    assert parse_command("reload", b"") == {}
+    assert parse_command("reload", b"  {}\n") == {}
+    assert parse_command("watchlist_sync", b'{"request_id": "r1"}') == {"request_id": "r1"}
+    for verb, payload, why in [
+        ("format_disk", b"", "unknown command"),
+        ("reload", b"[1]", "JSON object"),
+        ("reload", b"\xff\xfe", "UTF-8"),
+        ("reload", b"{", "not JSON"),
+        ("reload", b'{"request_id": 5}', "request_id"),
+        ("reload", b'{"unexpected": 1}', "unexpected"),
+        ("reload", b"x" * 5000, "over"),
+        ("reload", b"[" * 2000 + b"]" * 2000, "not JSON|JSON object"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_command(verb, payload)
+
+
+def test_missing_password_file_is_a_clear_error_naming_the_key(tmp_path: Path) -> None:
+    cfg = MQTTConfig(username="lprd", password_file=tmp_path / "nope")
+    with pytest.raises(PublisherConfigError, match=r"mqtt\.password_file: cannot read"):
+        Publisher(cfg, ["gate"], tmp_path)
+
+
+# -- topics and payloads --------------------------------------------------------------------------
+
+def test_event_is_published_on_plate_topic_and_action_topic_once_per_event_id(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    sub = mqtt_subscriber(mosquitto, "lprd/#")
+    pub = publisher(mosquitto)
+    early = make_event(1, eid="pass-1", action="allow", final=False)
+    final = make_event(1, eid="pass-1", action="allow", final=True)
+    plain = make_event(2, camera="back")
+    for ev in (early, final, plain):
+        pub.submit(ev)
+    sub.wait_for(lambda ms: len(ms) >= 2, topic_filter="lprd/gate/plate")
+    sub.wait_for(lambda ms: len(ms) >= 1, topic_filter="lprd/back/plate")
+    assert pub.wait_idle(5)
+    plates = [m.json() for m in sub.snapshot("lprd/gate/plate")]
+    assert plates == [early.to_dict(), final.to_dict()]
+    assert sub.json("lprd/back/plate") == plain.to_dict()
+    actions = sub.snapshot("lprd/gate/allow")
+    assert len(actions) == 1  # the gate opens once for one pass
+    act = actions[0].json()
+    assert act["id"] == "pass-1" and act["plate"] == "AB0001" and act["action"] == "allow"
+    assert act["list"] == "residents" and act["match"] == "exact" and act["final"] is False
+    assert len(actions[0].payload) < 300
+    assert not sub.snapshot("lprd/back/+") or all(
+        m.topic == "lprd/back/plate" for m in sub.snapshot("lprd/back/+"))
+
+
+def test_status_is_retained_online_then_offline_after_a_clean_stop(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    pub = publisher(mosquitto)
+    late = mqtt_subscriber(mosquitto, "lprd/status")  # joins after: sees the retained value
+    msgs = late.wait_for(lambda ms: len(ms) >= 1)
+    assert msgs[0].payload == b"online" and msgs[0].retain
+    pub.stop()
+    late.wait_for(lambda ms: ms[-1].payload == b"offline")
+    again = mqtt_subscriber(mosquitto, "lprd/status")
+    assert again.wait_for(lambda ms: len(ms) >= 1)[0].payload == b"offline"
+
+
+def test_state_topic_is_retained_and_carries_camera_state_and_outbox_depth(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    pub = publisher(mosquitto)
+    pub.publish_state(CameraState("gate", connected=True, fps=4.96, last_frame=1.7e9,
+                                  error=None))
+    pub.publish_state(CameraState("back", connected=False, error="stream lost"))
+    late = mqtt_subscriber(mosquitto, "lprd/+/state")
+    late.wait_for(lambda ms: {m.topic for m in ms} == {"lprd/gate/state", "lprd/back/state"})
+    gate, back = late.json("lprd/gate/state"), late.json("lprd/back/state")
+    assert gate == {"connected": True, "fps": 4.96, "last_frame": "2023-11-14T22:13:20.000Z",
+                    "error": None, "outbox_depth": 0}
+    assert back["connected"] is False and back["error"] == "stream lost"
+    assert all(m.retain for m in late.snapshot())
+
+
+def test_outbox_bound_drops_oldest_events_and_says_so_in_log_and_state(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    sub = mqtt_subscriber(mosquitto, "lprd/#", client_id="bound-sub", persistent=True)
+    pub = publisher(mosquitto, outbox={"max_events": 3})
+    pub.publish_state(CameraState("gate", connected=True, fps=5.0))
+    sub.wait_for(lambda ms: len(ms) >= 1, topic_filter="lprd/gate/state")
+    mosquitto.stop()
+    wait_until(lambda: not pub.connected, 5, "publisher noticed the outage")
+    with caplog.at_level(logging.WARNING, logger="lprd.publish"):
+        for i in range(7):
+            pub.submit(make_event(i))
+        assert pub.outbox_depth() == 3
+        mosquitto.start()
+        sub.wait_for(lambda ms: len(ms) >= 3, timeout=15, topic_filter="lprd/gate/plate")
+    assert [e["id"] for e in first_seen_order(sub.snapshot("lprd/gate/plate"))] == [
+        "ev-gate-00004", "ev-gate-00005", "ev-gate-00006"]
+    assert "mqtt.outbox.max_events" in caplog.text and "ev-gate-00000" in caplog.text
+    state = sub.wait_for(
+        lambda ms: any(m.json().get("outbox_dropped", {}).get("total") == 4 for m in ms),
+        timeout=10, topic_filter="lprd/gate/state")
+    dropped = [m.json()["outbox_dropped"] for m in state if "outbox_dropped" in m.json()][-1]
+    assert dropped["last"]["reason"] == "max_events"
+    assert pub.stats().dropped == 4
+
+
+# -- (a) broker outage ----------------------------------------------------------------------------
+
+def test_broker_outage_loses_no_event_and_keeps_order_per_camera(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    sub = mqtt_subscriber(mosquitto, "lprd/+/plate", client_id="outage-sub", persistent=True)
+    pub = publisher(mosquitto)
+    submitted: list[PlateEvent] = []
+    pending_during_outage = 0
+    for i in range(400):
+        if i == 120:
+            mosquitto.stop()  # SIGTERM: the broker keeps the subscriber's session
+        if i == 300:
+            pending_during_outage = pub.outbox_depth()
+            mosquitto.start()
+        ev = make_event(i, camera="gate" if i % 3 else "back")
+        pub.submit(ev)
+        submitted.append(ev)
+        time.sleep(0.004)
+    assert pending_during_outage > 100  # the outage really held events back
+    ids = [e.id for e in submitted]
+    assert len(set(ids)) == len(ids)
+    msgs = sub.wait_for(lambda ms: {m.json()["id"] for m in ms} >= set(ids), timeout=40)
+    received = first_seen_order(msgs)
+    assert {e["id"] for e in received} == set(ids)
+    for camera in ("gate", "back"):
+        got = [e["id"] for e in received if e["camera"] == camera]
+        assert got == [e.id for e in submitted if e.camera == camera]
+    # A repeat carries the same event: receivers drop it by id.
+    by_id = {e.id: e.to_dict() for e in submitted}
+    assert all(m.json() == by_id[m.json()["id"]] for m in msgs)
+    assert pub.wait_idle(10) and pub.outbox_depth() == 0
+
+
+# -- (b) SIGKILL ----------------------------------------------------------------------------------
+
+CHILD = r"""
+import sys, time
+from pathlib import Path
+from lprd.config import MQTTConfig
+from lprd.publish import Publisher
+from lprd.types import CharProb, PlateEvent
+
+host, port, store, run, n = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+cfg = MQTTConfig(host=host, port=port, reconnect={"initial": 0.1, "max": 0.5})
+pub = Publisher(cfg, ["gate", "back"], store)
+pub.start()
+deadline = time.monotonic() + 10
+while not pub.connected and time.monotonic() < deadline:
+    time.sleep(0.02)
+print("connected" if pub.connected else "not-connected", flush=True)
+for i in range(n):
+    cam = "gate" if i % 2 else "back"
+    ev = PlateEvent(id=f"{run}-{i:05d}", camera=cam, plate=f"K{i:05d}", confidence=0.9,
+                    chars=(CharProb("K", 0.9),), candidates=(), first_seen=1.7e9 + i,
+                    last_seen=1.7e9 + i, frames=3, final=True, box=(1, 2, 3, 4),
+                    frame_size=(640, 480))
+    pub.submit(ev)
+    print(ev.id, cam, flush=True)  # printed only once the outbox holds it
+    time.sleep(0.003)
+print("done", flush=True)
+time.sleep(120)
+"""
+
+
+def _spawn(broker: Any, store: Path, run: str, n: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", CHILD, broker.host, str(broker.port),
+                             str(store), run, str(n)], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_sigkilled_publisher_loses_no_pending_event_after_restart(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any], tmp_path: Path) -> None:
+    sub = mqtt_subscriber(mosquitto, "lprd/#", client_id="kill-sub", persistent=True)
+    store = tmp_path / "store"
+    child = _spawn(mosquitto, store, "first", 100_000)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "connected"
+        written: list[tuple[str, str]] = []
+        while len(written) < 250:
+            if len(written) == 100:
+                mosquitto.stop()  # from here on, events can only wait in the outbox
+            eid, cam = child.stdout.readline().split()
+            written.append((eid, cam))
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    pending = Outbox(store / "outbox.sqlite")
+    depth = pending.depth()
+    pending.close()
+    assert depth >= 140  # what the dead process had not delivered is on disk
+
+    mosquitto.start()
+    second = _spawn(mosquitto, store, "second", 0)
+    try:
+        assert second.stdout is not None
+        assert second.stdout.readline().strip() == "connected"
+        want = {eid for eid, _ in written}
+        msgs = sub.wait_for(lambda ms: {m.json()["id"] for m in ms} >= want, timeout=30,
+                            topic_filter="lprd/+/plate")
+        received = first_seen_order(msgs)
+        for camera in ("gate", "back"):
+            got = [e["id"] for e in received if e["camera"] == camera and e["id"] in want]
+            assert got == [eid for eid, cam in written if cam == camera]
+        # The last will: a killed publisher shows up as offline.
+        os.kill(second.pid, signal.SIGKILL)
+        second.wait(10)
+        sub.wait_for(lambda ms: ms and ms[-1].payload == b"offline", timeout=10,
+                     topic_filter="lprd/status")
+    finally:
+        if second.poll() is None:
+            second.kill()
+
+
+# -- (d) Home Assistant discovery -----------------------------------------------------------------
+
+# What Home Assistant's MQTT integration accepts (homeassistant/components/mqtt: config.py,
+# schemas.py / mixins.py MQTT_ENTITY_COMMON_SCHEMA, sensor.py, binary_sensor.py, image.py).
+# Discovery silently removes unknown keys, so a typo here would go unnoticed there.
+HA_COMMON = {
+    "availability", "availability_mode", "availability_template", "availability_topic",
+    "payload_available", "payload_not_available", "device", "origin", "enabled_by_default",
+    "entity_category", "entity_picture", "icon", "json_attributes_topic",
+    "json_attributes_template", "unique_id", "default_entity_id", "object_id", "qos",
+    "encoding", "group", "name",
+}
+HA_KEYS = {
+    "sensor": HA_COMMON | {"state_topic", "value_template", "device_class", "expire_after",
+                           "force_update", "last_reset_value_template", "state_class",
+                           "suggested_display_precision", "unit_of_measurement", "options"},
+    "binary_sensor": HA_COMMON | {"state_topic", "value_template", "device_class",
+                                  "expire_after", "force_update", "off_delay", "payload_on",
+                                  "payload_off"},
+    "image": HA_COMMON | {"image_topic", "url_topic", "image_encoding", "content_type",
+                          "url_template"},
+}
+HA_DEVICE_KEYS = {"identifiers", "connections", "manufacturer", "model", "model_id", "name",
+                  "hw_version", "serial_number", "sw_version", "via_device", "suggested_area",
+                  "configuration_url"}
+HA_DISCOVERY_TOPIC = re.compile(
+    r"^homeassistant/(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?"
+    r"(?P<object_id>[a-zA-Z0-9_-]+)/config$")
+TOPIC_WITHOUT_WILDCARDS = re.compile(r"^[^#+\x00]+$")
+
+
+def check_ha_config(component: str, cfg: dict) -> None:
+    """One discovery payload against Home Assistant's schema, field by field."""
+    assert set(cfg) <= HA_KEYS[component], set(cfg) - HA_KEYS[component]
+    assert isinstance(cfg["name"], str) and cfg["name"]
+    assert isinstance(cfg["unique_id"], str) and cfg["unique_id"]
+    assert cfg.get("qos", 0) in (0, 1, 2)
+    if "icon" in cfg:
+        assert re.fullmatch(r"mdi:[a-z0-9-]+", cfg["icon"])
+    if "entity_category" in cfg:
+        assert cfg["entity_category"] in ("config", "diagnostic")
+    dev = cfg["device"]
+    assert set(dev) <= HA_DEVICE_KEYS
+    assert isinstance(dev["identifiers"], list) and dev["identifiers"]
+    assert all(isinstance(i, str) for i in dev["identifiers"])
+    assert all(isinstance(dev[k], str) for k in dev if k != "identifiers")
+    assert set(cfg["origin"]) <= {"name", "sw_version", "support_url"} and cfg["origin"]["name"]
+    for item in cfg["availability"]:
+        assert set(item) <= {"topic", "payload_available", "payload_not_available",
+                             "value_template"}
+        assert TOPIC_WITHOUT_WILDCARDS.match(item["topic"])
+    if component in ("sensor", "binary_sensor"):
+        assert TOPIC_WITHOUT_WILDCARDS.match(cfg["state_topic"])
+    if component == "binary_sensor" and "device_class" in cfg:
+        assert cfg["device_class"] in {"connectivity", "problem", "running", "motion"}
+    if component == "sensor" and "state_class" in cfg:
+        assert cfg["state_class"] in ("measurement", "total", "total_increasing")
+    if component == "image":
+        assert ("image_topic" in cfg) != ("url_topic" in cfg)
+        assert "content_type" not in cfg or "url_topic" not in cfg
+        assert cfg.get("image_encoding", "b64") == "b64"
+
+
+def render(template: str, payload: bytes) -> str:
+    jinja2 = pytest.importorskip("jinja2")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment()
+    assert isinstance(env, jinja2.Environment)
+    return env.from_string(template).render(value_json=json.loads(payload), value=payload)
+
+
+def _jpeg() -> bytes:
+    img = np.zeros((40, 120, 3), np.uint8)
+    cv2.putText(img, "AB12", (5, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    return buf.tobytes()
+
+
+def test_discovery_payloads_match_home_assistant_schema_and_templates_render(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    pub = publisher(mosquitto, discovery={"enabled": True}, crops=True)
+    ha = mqtt_subscriber(mosquitto, "homeassistant/#", "lprd/#")
+    configs = ha.wait_for(lambda ms: len(ms) >= 8, topic_filter="homeassistant/+/+/+/config")
+    by_topic = {m.topic: m for m in configs}
+    assert all(m.retain for m in configs)
+    seen: dict[str, list[str]] = {}
+    unique_ids = []
+    for topic, m in by_topic.items():
+        match = HA_DISCOVERY_TOPIC.match(topic)
+        assert match, topic
+        cfg = m.json()
+        check_ha_config(match["component"], cfg)
+        unique_ids.append(cfg["unique_id"])
+        seen.setdefault(match["component"], []).append(match["object_id"])
+        assert cfg["availability"] == [{"topic": "lprd/status", "payload_available": "online",
+                                        "payload_not_available": "offline"}]
+    assert len(set(unique_ids)) == len(unique_ids) == 8
+    assert sorted(seen["image"]) == ["back_crop", "gate_crop"]
+    assert sorted(seen["binary_sensor"]) == ["back_connected", "gate_connected"]
+    assert sorted(seen["sensor"]) == ["back_outbox", "back_plate", "gate_outbox", "gate_plate"]
+    gate = {t.split("/")[1] + "/" + t.split("/")[3]: m.json() for t, m in by_topic.items()
+            if "/gate_" in t}
+    devices = {json.dumps(c["device"], sort_keys=True) for c in gate.values()}
+    assert len(devices) == 1  # one device per camera holds its entities
+    back_dev = by_topic["homeassistant/sensor/lprd/back_plate/config"].json()["device"]
+    assert back_dev["identifiers"] != gate["sensor/gate_plate"]["device"]["identifiers"]
+    plate_cfg, conn_cfg = gate["sensor/gate_plate"], gate["binary_sensor/gate_connected"]
+    image_cfg, outbox_cfg = gate["image/gate_crop"], gate["sensor/gate_outbox"]
+    assert plate_cfg["state_topic"] == plate_cfg["json_attributes_topic"] == "lprd/gate/plate"
+    assert conn_cfg["device_class"] == "connectivity" and conn_cfg["state_topic"] == \
+        "lprd/gate/state"
+    assert image_cfg["image_topic"] == "lprd/gate/crop"
+    assert image_cfg["content_type"] == "image/jpeg"
+
+    # The entities' topics carry what their templates expect.
+    crop = _jpeg()
+    pub.submit(make_event(3, crop=crop))
+    pub.publish_state(CameraState("gate", connected=True, fps=5.0))
+    event_msg = ha.wait_for(lambda ms: len(ms) >= 1, topic_filter="lprd/gate/plate")[0]
+    state_msg = ha.wait_for(lambda ms: len(ms) >= 1, topic_filter="lprd/gate/state")[-1]
+    image_msg = ha.wait_for(lambda ms: len(ms) >= 1, topic_filter="lprd/gate/crop")[0]
+    assert image_msg.payload == crop
+    assert base64.b64decode(event_msg.json()["crop_jpeg"]) == crop
+    assert render(plate_cfg["value_template"], event_msg.payload) == "AB0003"
+    attrs = json.loads(render(plate_cfg["json_attributes_template"], event_msg.payload))
+    assert "crop_jpeg" not in attrs
+    assert attrs["id"] == "ev-gate-00003" and attrs["watchlist"]["match"] == "none"
+    assert render(conn_cfg["value_template"], state_msg.payload) == "ON"
+    assert render(conn_cfg["value_template"], b'{"connected": false}') == "OFF"
+    assert render(conn_cfg["value_template"], b'{"connected": null}') == "None"
+    assert render(outbox_cfg["value_template"], state_msg.payload) in ("0", "1")
+
+
+def test_discovery_is_republished_when_home_assistant_comes_online(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    publisher(mosquitto, cameras=("gate",), discovery={"enabled": True})
+    ha = mqtt_subscriber(mosquitto, "homeassistant/+/+/+/config")
+    retained = ha.wait_for(lambda ms: len(ms) >= 3)
+    # Crops are off: the image entity's config was removed (an empty retained payload clears it).
+    assert not any(m.topic.startswith("homeassistant/image/") for m in retained)
+    ha_client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    ha_client.connect(mosquitto.host, mosquitto.port)
+    ha_client.loop_start()
+    try:
+        ha_client.publish("homeassistant/status", "offline", qos=1).wait_for_publish(5)
+        time.sleep(0.3)
+        assert len(ha.snapshot()) == 3
+        ha_client.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+        msgs = ha.wait_for(lambda ms: len(ms) >= 7)
+    finally:
+        ha_client.disconnect()
+        ha_client.loop_stop()
+    fresh = msgs[3:]
+    assert not any(m.retain for m in fresh)  # live deliveries of the republished configs
+    assert {m.topic for m in fresh} == {m.topic for m in retained} | {
+        "homeassistant/image/lprd/gate_crop/config"}
+    assert [m.payload for m in fresh if "/image/" in m.topic] == [b""]
+    assert all(m.payload == r.payload for m in fresh for r in retained if m.topic == r.topic)
+
+
+# -- (e) commands ---------------------------------------------------------------------------------
+
+def test_random_and_malformed_commands_never_crash_and_valid_ones_reach_on_command(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[tuple[str, dict]] = []
+
+    def on_command(verb: str, args: dict) -> None:
+        calls.append((verb, args))
+        if args.get("request_id") == "boom":
+            raise RuntimeError("handler failed")
+
+    caplog.set_level(logging.INFO, logger="lprd.publish")
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2)
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    # A stale retained command, there before lprd subscribes, must not run on every reconnect.
+    sender.publish("lprd/cmd/reload", b'{"request_id": "stale"}', qos=1,
+                   retain=True).wait_for_publish(5)
+    pub = publisher(mosquitto, on_command=on_command)
+
+    def send(verb: str, payload: bytes) -> None:
+        sender.publish(f"lprd/cmd/{verb}", payload, qos=1).wait_for_publish(5)
+
+    def ignored() -> int:
+        return sum("ignored" in r.getMessage() for r in caplog.records)
+
+    try:
+        rng = random.Random(6)
+        sent = 0
+        for _ in range(6):
+            for _ in range(30):
+                n = rng.randint(1, 300)
+                # never whitespace or "{" first: these can never be a JSON object
+                payload = bytes([rng.choice([b for b in range(256) if b not in b" \t\r\n{"])]
+                                ) + rng.randbytes(n)
+                send(rng.choice(["reload", "watchlist_sync", "bogus", "r\u00e9load"]), payload)
+                sent += 1
+            wait_until(lambda n=sent: ignored() >= n, 10, "random commands handled")
+        malformed = [
+            ("reload", b"{"), ("reload", b"[]"), ("reload", b'"reload"'), ("reload", b"null"),
+            ("reload", b'{"request_id": 7}'), ("reload", b'{"force": true}'),
+            ("watchlist_sync", b'{"request_id": "' + b"x" * 200 + b'"}'),
+            ("watchlist_sync", b"\xc3\x28"), ("reload", b"{" * 3000),
+            ("reload", b"[" * 2000 + b"]" * 2000), ("reload", b" " * 5000),
+            ("shutdown", b"{}"),
+        ]
+        for verb, payload in malformed:
+            send(verb, payload)
+        sent += len(malformed) + 1  # and the stale retained one
+        wait_until(lambda: ignored() >= sent, 10, "malformed commands handled")
+        assert calls == []
+        sender.publish("lprd/cmd/reload/extra", b"{}", qos=1).wait_for_publish(5)
+        send("reload", b'{"request_id": "boom"}')
+        send("reload", b"")
+        send("watchlist_sync", b'  {"request_id": "sync-1"} ')
+        wait_until(lambda: len(calls) >= 3, 10, "valid commands handled")
+        time.sleep(0.2)
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+    assert calls == [("reload", {"request_id": "boom"}), ("reload", {}),
+                     ("watchlist_sync", {"request_id": "sync-1"})]
+    assert "command reload failed" in caplog.text  # the handler's error is logged, not fatal
+    assert "ignored retained command" in caplog.text
+    # Still publishing after all that.
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/plate")
+    pub.submit(make_event(42))
+    assert sub.wait_for(lambda ms: len(ms) >= 1)[0].json()["id"] == "ev-gate-00042"
+    assert all(t.is_alive() for t in threading.enumerate() if t.name.startswith("mqtt-"))
+
+
+# -- JSON lines -----------------------------------------------------------------------------------
+
+def test_jsonl_sink_appends_one_event_json_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "events.jsonl"
+    sink = JsonlSink(path)
+    events = [make_event(i, action="deny" if i == 1 else None) for i in range(3)]
+    for ev in events:
+        sink.submit(ev)
+    sink.close()
+    JsonlSink(str(path)).submit(make_event(9))  # appends, never truncates
+    lines = path.read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [e.to_dict() for e in events] + [
+        make_event(9).to_dict()]
+
+
+def test_jsonl_sink_writes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    sink = JsonlSink("-")
+    sink.submit(make_event(5, camera="back"))
+    out = capsys.readouterr().out
+    assert json.loads(out) == make_event(5, camera="back").to_dict()
