@@ -152,17 +152,33 @@ class MQTTConfig(_Strict):
         return self
 
 
+_ACTION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 class SyncConfig(_Strict):
     source: str | None = Field(None, description="https://, http:// or a file path (CSV/JSON)")
     interval: float = Field(3600.0, gt=0, description="seconds between syncs")
-    token_file: Path | None = None
-    max_bytes: int = Field(64 * 1024 * 1024, gt=0)
-    timeout: float = Field(30.0, gt=0)
+    token_file: Path | None = Field(None, description="bearer token for http(s) sources")
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger downloads are refused")
+    timeout: float = Field(30.0, gt=0, description="seconds for the whole download")
+    list: str = Field("default", min_length=1, description="list name for rows that name none")
+    action: str | None = Field(None, description="action for rows that name none")
+
+    @field_validator("action")
+    @classmethod
+    def _action(cls, v: str | None) -> str | None:
+        if v is not None and not _ACTION.match(v):
+            raise ValueError("must be 1-64 letters, digits, '_' or '-' (it becomes a topic level)")
+        return v
 
 
 class WatchlistConfig(_Strict):
     enabled: bool = True
-    max_distance: float = Field(1.0, ge=0, description="weighted edit distance for fuzzy matches")
+    max_distance: float = Field(
+        1.0, ge=0, le=2.0, description="weighted edit distance for fuzzy matches; 0 = exact only"
+    )
+    candidates: bool = Field(True, description="also match the reader's alternative readings")
+    fuzzy_min_chars: int = Field(4, ge=1, description="shorter reads only match exactly")
     sync: SyncConfig = SyncConfig()
 
 

@@ -1,0 +1,1342 @@
+"""The watchlist: a SQLite store of plates, its sync from a remote list, and `lprd watchlist`.
+
+Lookups and the swap of a synced list are SQLite transactions (WAL), so a lookup sees the old
+list or the new one, never a mix. Matching itself lives in lprd.plate_match (pure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import gc
+import hashlib
+import http.client
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from lprd import __version__
+from lprd.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    SyncConfig,
+    WatchlistConfig,
+    load_config,
+)
+from lprd.plate_match import (
+    CONFUSABLE_PAIRS,
+    INDEL_COST,
+    MAX_PLATE_CHARS,
+    SUBSTITUTION_COST,
+    WatchlistEntry,
+    index_depth,
+    index_keys,
+    match_entries,
+    normalize_plate,
+    query_strings,
+)
+from lprd.types import Candidate, WatchlistMatch
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "watchlist.sqlite"
+SCHEMA_VERSION = 1
+_ACTION = re.compile(r"^[a-z0-9_-]{1,64}$")
+_MAX_LIST_NAME = 64
+_MAX_PROBLEMS_SHOWN = 5
+_COLUMNS = ("plate", "list", "action", "valid_from", "valid_until")
+_READ_CHUNK = 64 * 1024
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+# One table pair per origin: a sync empties its own tables whole, which SQLite does in one
+# step, instead of deleting 100,000 rows one by one among the local ones.
+ORIGINS = ("local", "sync")
+_SCHEMA = [stmt for o in ORIGINS for stmt in (
+    f"""CREATE TABLE IF NOT EXISTS entries_{o} (
+        id INTEGER PRIMARY KEY,
+        plate TEXT NOT NULL,
+        list TEXT NOT NULL,
+        action TEXT,
+        info TEXT NOT NULL DEFAULT '{{}}',
+        valid_from REAL,
+        valid_until REAL,
+        UNIQUE (plate, list))""",
+    # canonical form of each plate with up to `index_depth` characters deleted (plate_match)
+    f"""CREATE TABLE IF NOT EXISTS keys_{o} (
+        key TEXT NOT NULL,
+        entry_id INTEGER NOT NULL,
+        PRIMARY KEY (key, entry_id)) WITHOUT ROWID""",
+)] + ["CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]
+_COLS = "e.plate, e.list, e.action, e.info, e.valid_from, e.valid_until"
+# Changes whenever the confusion table does: the stored keys then need rebuilding.
+_INDEX_HASH = hashlib.sha256(
+    repr((sorted(CONFUSABLE_PAIRS.items()), INDEL_COST, SUBSTITUTION_COST)).encode()
+).hexdigest()[:16]
+
+
+class WatchlistError(Exception):
+    """Bad input (a list, a plate, a date), phrased for the user; names the row."""
+
+
+class SyncError(Exception):
+    """A sync that could not get a usable document; the last good list stays."""
+
+
+# ---------------------------------------------------------------- documents (pure parsing)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Bulk work on 100,000 entries builds millions of small objects, and the cyclic GC would
+    rescan them over and over (measured: half the parse time); refcounting still frees them."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+
+def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | None:
+    """Epoch seconds from a date ('2026-12-31'), an ISO 8601 time or a number; None if blank.
+
+    A bare date means the start of that local day, or with end=True the start of the next
+    (valid_until is exclusive, so '2026-12-31' stays valid all that day). Times without an
+    offset are local, like the box's clock.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise WatchlistError(f"{what}: {value!r} is not a date or time")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise WatchlistError(f"{what}: {value!r} is not a date or time")
+        return float(value)
+    if not isinstance(value, str):
+        raise WatchlistError(f"{what}: {value!r} is not a date or time")
+    text = value.strip()
+    try:
+        if text.replace(".", "", 1).isdigit():  # epoch seconds, as a CSV cell
+            return float(text)
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            if end:
+                day += timedelta(days=1)
+            return datetime.combine(day, dtime()).timestamp()
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise WatchlistError(
+            f"{what}: {value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time"
+        ) from None
+
+
+def iso_time(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+def check_action(action: str | None, what: str = "action") -> str | None:
+    """Lower-case; None if blank. It becomes an MQTT topic level, hence the character set."""
+    if action is None:
+        return None
+    text = str(action).strip().lower()
+    if not text:
+        return None
+    if not _ACTION.match(text):
+        raise WatchlistError(
+            f"{what}: {action!r} must be 1-64 letters, digits, '_' or '-' (a topic level)")
+    return text
+
+
+def make_entry(
+    fields: dict[str, Any],
+    where: str = "entry",
+    default_list: str = "default",
+    default_action: str | None = None,
+    origin: str = "local",
+) -> WatchlistEntry:
+    """One validated entry from a row: reserved keys (plate or tag, list, action, valid_from,
+    valid_until, info) plus free metadata; keys are matched case-insensitively."""
+    lower = {str(k).strip().lower(): k for k in fields}
+    raw = fields[lower["plate"]] if "plate" in lower else fields.get(lower.get("tag", ""), None)
+    if raw is None or raw == "":
+        raise WatchlistError(f"{where}: no plate (a 'plate' or 'tag' column)")
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise WatchlistError(f"{where}: plate {raw!r} is not text")
+    plate = normalize_plate(str(raw))
+    if not plate:
+        raise WatchlistError(f"{where}: plate {raw!r} has no letters or digits")
+    if len(plate) > MAX_PLATE_CHARS:
+        raise WatchlistError(f"{where}: plate {raw!r} is longer than {MAX_PLATE_CHARS} characters")
+    list_raw = fields.get(lower.get("list", ""), None)
+    list_name = str(list_raw).strip() if list_raw not in (None, "") else default_list
+    if not list_name or len(list_name) > _MAX_LIST_NAME or not list_name.isprintable():
+        raise WatchlistError(f"{where}: list name {list_raw!r} must be 1-64 printable characters")
+    action_raw = fields.get(lower.get("action", ""), None)
+    action = check_action(action_raw, f"{where}: action") if action_raw not in (None, "") \
+        else default_action
+    valid_from = parse_time(fields.get(lower.get("valid_from", ""), None),
+                            what=f"{where}: valid_from")
+    valid_until = parse_time(fields.get(lower.get("valid_until", ""), None), end=True,
+                             what=f"{where}: valid_until")
+    if valid_from is not None and valid_until is not None and valid_until <= valid_from:
+        raise WatchlistError(f"{where}: valid_until is not after valid_from")
+    info: dict[str, Any] = {}
+    reserved = {"list", "action", "valid_from", "valid_until", "info",
+                "plate" if "plate" in lower else "tag"}
+    for low, key in lower.items():
+        if low in reserved:
+            continue
+        value = fields[key]
+        if value == "" or value is None:  # an empty CSV cell means no value
+            continue
+        info[str(key).strip()] = value
+    extra = fields.get(lower.get("info", ""), None)
+    if extra not in (None, ""):
+        if not isinstance(extra, dict):
+            raise WatchlistError(f"{where}: info must be an object of metadata")
+        info.update(extra)
+    return WatchlistEntry(plate=plate, list=list_name, action=action, info=info,
+                          valid_from=valid_from, valid_until=valid_until, origin=origin)
+
+
+def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header: list[str] | None = None
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            if header is None:
+                header = [h.strip() for h in row]
+                lowered = [h.lower() for h in header]
+                if "" in header:
+                    raise WatchlistError(f"line {reader.line_num}: a header column has no name")
+                if len(set(lowered)) != len(lowered):
+                    raise WatchlistError(f"line {reader.line_num}: repeated header column")
+                if "plate" not in lowered and "tag" not in lowered:
+                    raise WatchlistError(
+                        f"line {reader.line_num}: the header needs a 'plate' or 'tag' column "
+                        f"(got {', '.join(header)})")
+                continue
+            if len(row) != len(header):
+                raise WatchlistError(
+                    f"line {reader.line_num}: {len(row)} fields where the header has "
+                    f"{len(header)} (truncated, or an unquoted comma?)")
+            yield f"line {reader.line_num}", {h: cell.strip() for h, cell in zip(header, row)}
+    except csv.Error as e:
+        raise WatchlistError(f"line {reader.line_num}: not valid CSV ({e})") from None
+    if header is None:
+        raise WatchlistError("empty document: no CSV header")
+
+
+def _json_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WatchlistError(f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") \
+            from None
+    if isinstance(doc, dict):
+        for key in ("entries", "plates"):
+            if isinstance(doc.get(key), list):
+                doc = doc[key]
+                break
+        else:
+            raise WatchlistError("JSON must be a list of entries or {\"entries\": [...]}")
+    if not isinstance(doc, list):
+        raise WatchlistError("JSON must be a list of entries or {\"entries\": [...]}")
+    for i, item in enumerate(doc, 1):
+        if not isinstance(item, dict):
+            raise WatchlistError(f"entry {i}: not an object")
+        yield f"entry {i}", item
+
+
+def detect_format(name: str = "", content_type: str | None = None, data: bytes = b"") -> str:
+    """'csv' or 'json': by content type, then by the name's extension, then by the first byte."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype in ("application/json", "text/json") or ctype.endswith("+json"):
+        return "json"
+    if ctype in ("text/csv", "application/csv", "text/comma-separated-values"):
+        return "csv"
+    if ctype in ("text/html", "application/xhtml+xml"):
+        # A captive portal or an error page answered instead of the list server.
+        raise WatchlistError(f"got {ctype}, not a CSV or JSON list")
+    suffix = Path(urllib.parse.urlparse(name).path if "://" in name else name).suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix == ".csv":
+        return "csv"
+    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    return "json" if head in (b"[", b"{") else "csv"
+
+
+def parse_document(
+    data: bytes, fmt: str, default_list: str = "default", default_action: str | None = None,
+    origin: str = "local",
+) -> list[WatchlistEntry]:
+    """A whole CSV or JSON list, validated: any bad row rejects the document (names the rows)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise WatchlistError(f"not UTF-8 text (bad byte at offset {e.start})") from None
+    if "\x00" in text:
+        raise WatchlistError("binary data, not a CSV or JSON list")
+    rows = _json_rows(text) if fmt == "json" else _csv_rows(text)
+    entries: list[WatchlistEntry] = []
+    seen: dict[tuple[str, str], str] = {}
+    problems: list[str] = []
+    with _gc_paused():
+        for where, fields in rows:
+            try:
+                entry = make_entry(fields, where, default_list, default_action, origin)
+            except WatchlistError as e:
+                problems.append(str(e))
+                continue
+            first = seen.setdefault((entry.plate, entry.list), where)
+            if first != where:
+                problems.append(
+                    f"{where}: {entry.plate} is already on list {entry.list!r} ({first})")
+                continue
+            entries.append(entry)
+    if problems:
+        shown = "; ".join(problems[:_MAX_PROBLEMS_SHOWN])
+        more = len(problems) - _MAX_PROBLEMS_SHOWN
+        raise WatchlistError(f"{len(problems)} bad row(s): {shown}"
+                             + (f"; and {more} more" if more > 0 else ""))
+    return entries
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def dump_csv(entries: Iterable[WatchlistEntry]) -> str:
+    """The import format: plate, list, action, valid_from, valid_until, then the info keys."""
+    entries = list(entries)
+    info_keys = sorted({k for e in entries for k in e.info if k.lower() not in _COLUMNS})
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow([*_COLUMNS, *info_keys])
+    for e in entries:
+        w.writerow([e.plate, e.list, e.action or "", iso_time(e.valid_from) or "",
+                    iso_time(e.valid_until) or "", *(_cell(e.info.get(k, "")) for k in info_keys)])
+    return out.getvalue()
+
+
+def entry_dict(e: WatchlistEntry) -> dict[str, Any]:
+    return {"plate": e.plate, "list": e.list, "action": e.action,
+            "valid_from": iso_time(e.valid_from), "valid_until": iso_time(e.valid_until),
+            "info": dict(e.info)}
+
+
+def dump_json(entries: Iterable[WatchlistEntry]) -> str:
+    return json.dumps([entry_dict(e) for e in entries], ensure_ascii=False, indent=1) + "\n"
+
+
+# ---------------------------------------------------------------- sync records
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    """What the last syncs did; kept in the store, so the service and the CLI both see it."""
+
+    source: str | None = None
+    last_attempt: float | None = None
+    last_success: float | None = None  # the source answered with a usable list (or 304)
+    last_change: float | None = None  # a new list was swapped in
+    last_sync_ok: bool | None = None  # None: never tried
+    last_error: str | None = None
+    entries: int = 0  # synced entries now in the store
+    etag: str | None = None
+    last_modified: str | None = None
+    sha256: str | None = None
+    defaults: str | None = None  # sync.list and sync.action the list was read with
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the state topic and `lprd watchlist status --json` (times as ISO 8601)."""
+        d = asdict(self)
+        for k in ("last_attempt", "last_success", "last_change"):
+            d[k] = iso_time(d[k])
+        d.pop("sha256")
+        d.pop("defaults")
+        return d
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    ok: bool
+    changed: bool  # a new list was swapped in
+    entries: int  # synced entries in the store afterwards
+    error: str | None = None
+    not_modified: bool = False  # 304, or the same content again
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- the store
+
+
+class Watchlist:
+    """The SQLite store. Thread-safe: each thread gets its own connection."""
+
+    def __init__(self, path: Path, cfg: WatchlistConfig | None = None) -> None:
+        self.path = Path(path)
+        self.cfg = cfg or WatchlistConfig()
+        self._local = threading.local()
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._conns_lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        with self._write(conn):
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            version = self._meta(conn, "schema")
+            if version is None:
+                self._set_meta(conn, "schema", str(SCHEMA_VERSION))
+            elif int(version) != SCHEMA_VERSION:
+                raise WatchlistError(f"{self.path}: schema {version}, this lprd knows "
+                                     f"{SCHEMA_VERSION}")
+        self.configure(self.cfg)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Watchlist:
+        """The daemon's store: <storage.dir>/watchlist.sqlite."""
+        return cls(cfg.storage.dir / DB_NAME, cfg.watchlist)
+
+    # -- connections and transactions
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # Autocommit mode: every transaction below is explicit. check_same_thread is off
+            # only so close() can close other threads' connections; each thread uses its own.
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for a sync's swap
+            conn.execute("PRAGMA synchronous=NORMAL")
+            # A swap of a big list grows the WAL to the list's size; give the disk back after.
+            conn.execute("PRAGMA journal_size_limit=4194304")
+            self._local.conn = conn
+            with self._conns_lock:
+                # Threads come and go (a sync on SIGHUP): close what finished threads left.
+                for t, c in self._conns:
+                    if not t.is_alive():
+                        c.close()
+                self._conns = [(t, c) for t, c in self._conns if t.is_alive()]
+                self._conns.append((threading.current_thread(), conn))
+        return conn
+
+    class _Txn:
+        def __init__(self, conn: sqlite3.Connection, begin: str) -> None:
+            self.conn, self.begin = conn, begin
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute(self.begin)
+            return self.conn
+
+        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                     tb: TracebackType | None) -> None:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            elif self.conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                self.conn.execute("ROLLBACK")
+
+    def _write(self, conn: sqlite3.Connection) -> Watchlist._Txn:
+        return Watchlist._Txn(conn, "BEGIN IMMEDIATE")
+
+    def _read(self, conn: sqlite3.Connection) -> Watchlist._Txn:
+        return Watchlist._Txn(conn, "BEGIN")
+
+    @staticmethod
+    def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for _, conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the fuzzy index
+
+    def configure(self, cfg: WatchlistConfig) -> None:
+        """Take a new config (SIGHUP); deepens the stored index if max_distance needs it."""
+        self.cfg = cfg
+        self._depth = index_depth(cfg.max_distance)
+        conn = self._conn()
+        with self._write(conn):
+            stored = self._meta(conn, "index_depth")
+            if self._meta(conn, "index_hash") == _INDEX_HASH and stored is not None \
+                    and int(stored) >= self._depth:
+                return
+            # The stored depth never shrinks: another process may be matching with it.
+            depth = max(self._depth, int(stored or 0))
+            t0 = time.monotonic()
+            n = 0
+            for o in ORIGINS:
+                conn.execute(f"DELETE FROM keys_{o}")
+                rows = conn.execute(f"SELECT id, plate FROM entries_{o}").fetchall()
+                conn.executemany(f"INSERT INTO keys_{o} (key, entry_id) VALUES (?, ?)",
+                                 sorted((k, i) for i, p in rows for k in index_keys(p, depth)))
+                n += len(rows)
+            self._set_meta(conn, "index_depth", str(depth))
+            self._set_meta(conn, "index_hash", _INDEX_HASH)
+            if n:
+                log.info("watchlist: rebuilt the fuzzy index (depth %d) for %d entries in %.1f s",
+                         depth, n, time.monotonic() - t0)
+
+    def _insert(self, conn: sqlite3.Connection, entries: Sequence[WatchlistEntry],
+                origin: str) -> None:
+        with _gc_paused():
+            self._insert_rows(conn, entries, origin)
+
+    def _insert_rows(self, conn: sqlite3.Connection, entries: Sequence[WatchlistEntry],
+                     origin: str) -> None:
+        depth = int(self._meta(conn, "index_depth") or 0)
+        first = conn.execute(f"SELECT COALESCE(MAX(id), 0) + 1 FROM entries_{origin}").fetchone()[0]
+        # In plate order, so the rows and the plate index are appended, not inserted at random.
+        rows = sorted(entries, key=lambda e: (e.plate, e.list))
+        conn.executemany(
+            f"INSERT INTO entries_{origin} (id, plate, list, action, info, valid_from, valid_until)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(i, e.plate, e.list, e.action, _to_json(e.info), e.valid_from, e.valid_until)
+             for i, e in enumerate(rows, first)])
+        # Sorted, the key index is appended to as well (about twice as fast as random order).
+        conn.executemany(f"INSERT INTO keys_{origin} (key, entry_id) VALUES (?, ?)", sorted(
+            (k, i) for i, e in enumerate(rows, first) for k in index_keys(e.plate, depth)))
+
+    def _delete(self, conn: sqlite3.Connection, origin: str,
+                rows: Sequence[tuple[int, str]]) -> None:
+        depth = int(self._meta(conn, "index_depth") or 0)
+        conn.executemany(f"DELETE FROM keys_{origin} WHERE key = ? AND entry_id = ?",
+                         [(k, i) for i, p in rows for k in index_keys(p, depth)])
+        conn.executemany(f"DELETE FROM entries_{origin} WHERE id = ?", [(i,) for i, _ in rows])
+
+    # -- lookups
+
+    @staticmethod
+    def _entry(row: tuple) -> WatchlistEntry:
+        return WatchlistEntry(plate=row[0], list=row[1], action=row[2], info=json.loads(row[3]),
+                              valid_from=row[4], valid_until=row[5], origin=row[6])
+
+    @staticmethod
+    def _union(sql: str) -> str:
+        """The same query over both origins' tables ({o} stands for the origin)."""
+        return " UNION ALL ".join(sql.replace("{o}", o) for o in ORIGINS)
+
+    def match(self, plate: str, candidates: Sequence[Candidate] = (),
+              now: float | None = None) -> WatchlistMatch:
+        """What the daemon attaches to an event: exact first, then OCR-weighted fuzzy, over the
+        read and (cfg.candidates) the reader's candidates. One read transaction: one snapshot,
+        so a sync's swap shows the old list or the new one, never a mix."""
+        cfg = self.cfg
+        if not cfg.enabled:
+            return WatchlistMatch.none()
+        queries = query_strings(plate, candidates, cfg.candidates)
+        if not queries:
+            return WatchlistMatch.none()
+        now = time.time() if now is None else now
+        texts = [q[0] for q in queries]
+        marks = ",".join("?" * len(texts))
+        conn = self._conn()
+        with self._read(conn):
+            rows = conn.execute(self._union(
+                f"SELECT {_COLS}, '{{o}}' FROM entries_{{o}} e WHERE e.plate IN ({marks})"),
+                texts * len(ORIGINS)).fetchall()
+            read_exact = queries[0][1] == "read" and any(
+                r[0] == texts[0] and self._entry(r).active(now) for r in rows)
+            if not read_exact and cfg.max_distance > 0:
+                keys = sorted({k for t in texts if len(t) >= cfg.fuzzy_min_chars
+                               for k in index_keys(t, self._depth)})
+                if keys:
+                    marks = ",".join("?" * len(keys))
+                    rows += conn.execute(self._union(
+                        f"SELECT {_COLS}, '{{o}}' FROM keys_{{o}} k JOIN entries_{{o}} e "
+                        f"ON e.id = k.entry_id WHERE k.key IN ({marks})"),
+                        keys * len(ORIGINS)).fetchall()
+        return match_entries(plate, candidates, (self._entry(r) for r in set(rows)),
+                             cfg.max_distance, now, use_candidates=cfg.candidates,
+                             fuzzy_min_chars=cfg.fuzzy_min_chars)
+
+    def entries(self, list_name: str | None = None, plate: str | None = None,
+                origin: str | None = None) -> list[WatchlistEntry]:
+        where, params = "", []
+        for col, val in (("list", list_name), ("plate", plate)):
+            if val is not None:
+                where += f" AND e.{col} = ?"
+                params.append(val)
+        origins = ORIGINS if origin is None else (origin,)
+        sql = " UNION ALL ".join(f"SELECT {_COLS}, '{o}' FROM entries_{o} e WHERE 1{where}"
+                                 for o in origins)
+        conn = self._conn()
+        with self._read(conn):
+            rows = conn.execute(sql + " ORDER BY 1, 2, 7", params * len(origins)).fetchall()
+        return [self._entry(r) for r in rows]
+
+    def count(self, origin: str | None = None) -> int:
+        conn = self._conn()
+        with self._read(conn):
+            return sum(conn.execute(f"SELECT COUNT(*) FROM entries_{o}").fetchone()[0]
+                       for o in (ORIGINS if origin is None else (origin,)))
+
+    # -- local edits (CLI)
+
+    def add(self, entry: WatchlistEntry) -> WatchlistEntry:
+        """Insert or replace the local entry for (plate, list)."""
+        return self.import_entries([entry])[0]
+
+    def import_entries(self, entries: Sequence[WatchlistEntry],
+                       replace_all: bool = False) -> list[WatchlistEntry]:
+        """Add local entries in one transaction (replacing those with the same plate and list);
+        replace_all drops every other local entry first. Synced entries are left alone."""
+        seen: set[tuple[str, str]] = set()
+        clean = []
+        for e in entries:
+            if (e.plate, e.list) in seen:
+                raise WatchlistError(f"{e.plate} is twice on list {e.list!r}")
+            seen.add((e.plate, e.list))
+            clean.append(replace(e, origin="local"))
+        conn = self._conn()
+        with self._write(conn):
+            if replace_all:
+                conn.execute("DELETE FROM keys_local")
+                conn.execute("DELETE FROM entries_local")
+            else:
+                old = []
+                for e in clean:
+                    old += conn.execute(
+                        "SELECT id, plate FROM entries_local WHERE plate = ? AND list = ?",
+                        (e.plate, e.list)).fetchall()
+                self._delete(conn, "local", old)
+            self._insert(conn, clean, "local")
+        return clean
+
+    def remove(self, plate: str, list_name: str | None = None) -> list[WatchlistEntry]:
+        """Remove the plate (from one list or all). A removed synced entry comes back with the
+        next changed list from the source."""
+        norm = normalize_plate(plate)
+        gone: list[WatchlistEntry] = []
+        conn = self._conn()
+        with self._write(conn):
+            for o in ORIGINS:
+                sql = f"SELECT e.id, {_COLS}, '{o}' FROM entries_{o} e WHERE e.plate = ?"
+                params: list[Any] = [norm]
+                if list_name is not None:
+                    sql += " AND e.list = ?"
+                    params.append(list_name)
+                rows = conn.execute(sql, params).fetchall()
+                self._delete(conn, o, [(r[0], r[1]) for r in rows])
+                gone += [self._entry(r[1:]) for r in rows]
+        return gone
+
+    # -- sync support
+
+    def sync_status(self) -> SyncStatus:
+        raw = self._meta(self._conn(), "sync")
+        if not raw:
+            return SyncStatus()
+        known = SyncStatus.__dataclass_fields__
+        return SyncStatus(**{k: v for k, v in json.loads(raw).items() if k in known})
+
+    def write_sync_status(self, status: SyncStatus) -> None:
+        conn = self._conn()
+        with self._write(conn):
+            self._set_meta(conn, "sync", json.dumps(asdict(status)))
+
+    def replace_synced(self, entries: Sequence[WatchlistEntry], status: SyncStatus) -> SyncStatus:
+        """Swap in a whole synced list and its status in ONE transaction (old or new, no mix)."""
+        conn = self._conn()
+        with self._write(conn):
+            conn.execute("DELETE FROM keys_sync")  # whole tables: SQLite's fast truncate
+            conn.execute("DELETE FROM entries_sync")
+            self._insert(conn, entries, "sync")
+            status = replace(status, entries=len(entries))
+            self._set_meta(conn, "sync", json.dumps(asdict(status)))
+        # The swap grew the WAL to the list's size: fold it back now, not at the next write.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return status
+
+
+# ---------------------------------------------------------------- sync
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    data: bytes
+    fmt: str
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+def redact_url(url: str) -> str:
+    """For logs: no user:password@ and no query string (either may carry a secret)."""
+    p = urllib.parse.urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host += f":{p.port}"
+    return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+class WatchlistSync:
+    """Fetches cfg.source every cfg.interval seconds and swaps it into the store.
+
+    urllib (standard library) rather than requests: one GET with two conditional headers
+    needs no extra dependency on an edge box.
+    """
+
+    def __init__(self, watchlist: Watchlist, cfg: SyncConfig,
+                 on_result: Callable[[SyncResult, SyncStatus], None] | None = None) -> None:
+        self.watchlist = watchlist
+        self.cfg = cfg
+        self.on_result = on_result
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one sync at a time (thread and CLI/SIGHUP)
+
+    def status(self) -> SyncStatus:
+        return self.watchlist.sync_status()
+
+    # -- fetching
+
+    def _token(self) -> str | None:
+        if self.cfg.token_file is None:
+            return None
+        try:
+            token = self.cfg.token_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise SyncError(f"cannot read token_file {self.cfg.token_file}: {e.strerror}") \
+                from None
+        if not token:
+            raise SyncError(f"token_file {self.cfg.token_file} is empty")
+        return token
+
+    def _fetch_http(self, url: str, etag: str | None,
+                    last_modified: str | None) -> _Fetched | None:
+        deadline = time.monotonic() + self.cfg.timeout
+        req = urllib.request.Request(url, headers={
+            "Accept": "text/csv, application/json;q=0.9, */*;q=0.1",
+            "User-Agent": f"lprd/{__version__}",
+        })
+        if etag:
+            req.add_header("If-None-Match", etag)
+        if last_modified:
+            req.add_header("If-Modified-Since", last_modified)
+        token = self._token()
+        if token:
+            # Unredirected: a redirect to another host must not carry the token along.
+            req.add_unredirected_header("Authorization", f"Bearer {token}")
+        where = redact_url(url)
+        try:
+            resp = urllib.request.urlopen(req, timeout=self.cfg.timeout)
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code == 304:
+                return None
+            raise SyncError(f"{where}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise SyncError(f"{where}: cannot fetch ({e.reason})") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise SyncError(f"{where}: cannot fetch ({e})") from None
+        with resp:
+            length_hdr = resp.headers.get("Content-Length")
+            length = int(length_hdr) if length_hdr and length_hdr.isdigit() else None
+            if length is not None and length > self.cfg.max_bytes:
+                raise SyncError(f"{where}: list of {length} bytes is larger than max_bytes "
+                                f"({self.cfg.max_bytes})")
+            chunks: list[bytes] = []
+            total = 0
+            try:
+                while True:
+                    if self._stopping:
+                        raise SyncError(f"{where}: download abandoned, lprd is stopping")
+                    if time.monotonic() > deadline:
+                        raise SyncError(f"{where}: download took longer than {self.cfg.timeout} s "
+                                        f"({total} bytes so far)")
+                    chunk = resp.read1(_READ_CHUNK)  # read1: a slow server cannot stall us
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > self.cfg.max_bytes:
+                        raise SyncError(f"{where}: list is larger than max_bytes "
+                                        f"({self.cfg.max_bytes}); download aborted")
+                    chunks.append(chunk)
+            except http.client.IncompleteRead as e:
+                raise SyncError(f"{where}: truncated download ({total + len(e.partial)} bytes, "
+                                "connection closed early)") from None
+            except (OSError, http.client.HTTPException) as e:
+                raise SyncError(f"{where}: download failed after {total} bytes ({e})") from None
+            if length is not None and total != length:
+                raise SyncError(f"{where}: truncated download ({total} of {length} bytes)")
+            data = b"".join(chunks)
+            try:
+                fmt = detect_format(url, resp.headers.get("Content-Type"), data)
+            except WatchlistError as e:
+                raise SyncError(f"{where}: {e}") from None
+            return _Fetched(data, fmt, resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
+
+    def _fetch_file(self, path: Path, etag: str | None) -> _Fetched | None:
+        try:
+            st = path.stat()
+            if st.st_size > self.cfg.max_bytes:
+                raise SyncError(f"{path}: {st.st_size} bytes is larger than max_bytes "
+                                f"({self.cfg.max_bytes})")
+            stamp = f"file:{st.st_mtime_ns}:{st.st_size}"
+            if stamp == etag:
+                return None
+            with path.open("rb") as f:
+                data = f.read(self.cfg.max_bytes + 1)
+        except OSError as e:
+            raise SyncError(f"{path}: cannot read ({e.strerror})") from None
+        if len(data) > self.cfg.max_bytes:
+            raise SyncError(f"{path}: larger than max_bytes ({self.cfg.max_bytes})")
+        try:
+            fmt = detect_format(str(path), None, data)
+        except WatchlistError as e:
+            raise SyncError(f"{path}: {e}") from None
+        return _Fetched(data, fmt, stamp)
+
+    def _defaults(self) -> str:
+        return json.dumps([self.cfg.list, self.cfg.action])
+
+    def _fetch(self, source: str, status: SyncStatus) -> _Fetched | None:
+        # Validators of another source, or of the same read with other defaults, mean nothing.
+        same = status.source == source and status.defaults == self._defaults()
+        etag = status.etag if same else None
+        scheme = urllib.parse.urlsplit(source).scheme.lower()
+        if scheme in ("http", "https"):
+            return self._fetch_http(source, etag, status.last_modified if same else None)
+        if scheme == "file":
+            return self._fetch_file(Path(urllib.parse.unquote(urllib.parse.urlsplit(source).path)),
+                                    etag)
+        if "://" in source:
+            raise SyncError(f"unsupported source scheme {scheme!r} (use https, http or a path)")
+        return self._fetch_file(Path(source), etag)
+
+    # -- one sync
+
+    def sync_once(self) -> SyncResult:
+        """Fetch, validate the whole list and swap it in; any failure keeps the last good list."""
+        with self._lock:
+            return self._sync_once()
+
+    def _sync_once(self) -> SyncResult:
+        t0 = time.monotonic()
+        now = time.time()
+        status = self.watchlist.sync_status()
+        source = self.cfg.source
+        size = 0
+        try:
+            if not source:
+                raise SyncError("no watchlist.sync.source is configured")
+            fetched = self._fetch(source, status)
+            if fetched is not None:
+                size = len(fetched.data)
+                digest = hashlib.sha256(fetched.data).hexdigest()
+            if fetched is None or (status.source == source and status.defaults == self._defaults()
+                                   and digest == status.sha256):
+                # 304, an unchanged file, or the same bytes again: keep the list, no rewrite.
+                status = replace(status, last_attempt=now, last_success=now, last_sync_ok=True,
+                                 last_error=None)
+                if fetched is not None:
+                    status = replace(status, etag=fetched.etag,
+                                     last_modified=fetched.last_modified)
+                self.watchlist.write_sync_status(status)
+                result = SyncResult(True, False, status.entries, not_modified=True, bytes=size,
+                                    seconds=time.monotonic() - t0)
+                log.debug("watchlist sync: %s unchanged (%d entries)", self._where(),
+                          status.entries)
+            else:
+                try:
+                    entries = parse_document(fetched.data, fetched.fmt, self.cfg.list,
+                                             check_action(self.cfg.action), origin="sync")
+                except WatchlistError as e:
+                    raise SyncError(f"{self._where()}: rejected list: {e}") from None
+                status = self.watchlist.replace_synced(entries, SyncStatus(
+                    source=source, last_attempt=now, last_success=now, last_change=now,
+                    last_sync_ok=True, last_error=None, etag=fetched.etag,
+                    last_modified=fetched.last_modified, sha256=digest,
+                    defaults=self._defaults()))
+                result = SyncResult(True, True, status.entries, bytes=size,
+                                    seconds=time.monotonic() - t0)
+                log.info("watchlist sync: %d entries from %s swapped in (%d bytes, %.2f s)",
+                         status.entries, self._where(), size, result.seconds)
+        except (SyncError, sqlite3.Error) as e:
+            msg = str(e) if isinstance(e, SyncError) else f"storing the list failed: {e}"
+            try:
+                status = replace(self.watchlist.sync_status(), last_attempt=now,
+                                 last_sync_ok=False, last_error=msg)
+                self.watchlist.write_sync_status(status)
+            except sqlite3.Error as e2:
+                log.error("watchlist sync: cannot record the failure: %s", e2)
+            result = SyncResult(False, False, status.entries, error=msg, bytes=size,
+                                seconds=time.monotonic() - t0)
+            log.warning("watchlist sync failed, keeping the last good list (%d entries): %s",
+                        status.entries, msg)
+        if self.on_result is not None:
+            self.on_result(result, status)
+        return result
+
+    def _where(self) -> str:
+        src = self.cfg.source or ""
+        return redact_url(src) if "://" in src else src
+
+    # -- the thread
+
+    def start(self) -> None:
+        """Sync now, then every cfg.interval seconds (sooner after a failure) in a thread."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="watchlist-sync", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Sync as soon as possible (SIGHUP, a command)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                ok = self.sync_once().ok
+            except Exception:  # never let the thread die: the next interval tries again
+                log.exception("watchlist sync crashed")
+                ok = False
+            failures = 0 if ok else failures + 1
+            # After a failure retry sooner (30 s, 60 s, ...), never later than the interval.
+            delay = self.cfg.interval if ok else min(self.cfg.interval, 30.0 * 2 ** (failures - 1))
+            self._wake.wait(delay)
+            self._wake.clear()
+
+
+# ---------------------------------------------------------------- benchmark
+
+_LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
+_DIGITS = "0123456789"
+
+
+def _cheap_swaps() -> dict[str, list[str]]:
+    swaps: dict[str, list[str]] = {}
+    for (a, b), cost in CONFUSABLE_PAIRS.items():
+        if cost <= 0.5:
+            swaps.setdefault(a, []).append(b)
+            swaps.setdefault(b, []).append(a)
+    return swaps
+
+
+_CHEAP = _cheap_swaps()
+
+
+def _random_plate(rng: random.Random) -> str:
+    layout = rng.choice(("LLLDDDD", "DLLLDDD", "LLDDLLL", "LLDDDD", "DDDLLL", "LLLDDL"))
+    return "".join(rng.choice(_LETTERS if c == "L" else _DIGITS) for c in layout)
+
+
+def _confuse(plate: str, rng: random.Random) -> str:
+    """The plate with one cheap (OCR-like) substitution."""
+    spots = [i for i, c in enumerate(plate) if c in _CHEAP]
+    i = rng.choice(spots) if spots else 0
+    return plate[:i] + rng.choice(_CHEAP.get(plate[i], ["X"])) + plate[i + 1:]
+
+
+def benchmark(entries: int = 100_000, lookups: int = 2000, seed: int = 0,
+              max_distance: float = 1.0, workdir: Path | None = None) -> dict[str, Any]:
+    """Sync time for a list of `entries` and lookup latency (exact, fuzzy, miss) over it.
+
+    Wall and CPU (this thread's) times: on a busy box the wall p99 is mostly waiting for a core.
+    `matched` for random plates not on the list is the false alarm rate at this max_distance.
+    """
+    rng = random.Random(seed)
+    plates: set[str] = set()
+    while len(plates) < entries:
+        plates.add(_random_plate(rng))
+    ordered = sorted(plates)
+    rng.shuffle(ordered)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        src = Path(tmp) / "plates.csv"
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["tag", "make", "model", "permit", "lot", "valid"])
+        for i, p in enumerate(ordered):
+            w.writerow([p, rng.choice(("Honda", "Ford", "Toyota")), "Model", f"P{i}",
+                        f"L{i % 40}", "yes"])
+        src.write_text(out.getvalue())
+        wl = Watchlist(Path(tmp) / DB_NAME, WatchlistConfig(max_distance=max_distance))
+        sync = WatchlistSync(wl, SyncConfig(source=str(src), list="bench"))
+        cpu = time.process_time()
+        first = sync.sync_once()
+        first_cpu = time.process_time() - cpu
+        src.write_text(out.getvalue().replace(",yes\n", ",no\n"))  # a changed list: full swap
+        cpu = time.process_time()
+        second = sync.sync_once()
+        second_cpu = time.process_time() - cpu
+        if not (first.ok and second.ok and second.changed):
+            raise RuntimeError(f"benchmark sync failed: {first} {second}")
+
+        def timed(reads: list[str], cands: bool = False) -> tuple[list[float], list[float], int]:
+            wall, cpu, hits = [], [], 0
+            for r in reads:
+                c = (Candidate(_confuse(r, rng), 0.1), Candidate(_confuse(r, rng), 0.05)) \
+                    if cands else ()
+                t, tc = time.perf_counter(), time.thread_time()
+                m = wl.match(r, c)
+                cpu.append((time.thread_time() - tc) * 1000)
+                wall.append((time.perf_counter() - t) * 1000)
+                hits += m.match != "none"
+            return wall, cpu, hits
+
+        sample = rng.sample(ordered, lookups)
+        misses = []
+        while len(misses) < lookups:
+            p = _random_plate(rng)
+            if p not in plates:
+                misses.append(p)
+        runs = {
+            "exact": timed(sample),
+            "fuzzy": timed([_confuse(p, rng) for p in sample]),
+            "miss": timed(misses),
+            "miss_with_2_candidates": timed(misses, cands=True),
+        }
+        db_bytes = sum(f.stat().st_size for f in Path(tmp).glob(DB_NAME + "*"))
+        wl.close()
+
+    def pct(xs: list[float], q: float) -> float:
+        return round(statistics.quantiles(xs, n=100, method="inclusive")[q - 1], 3)
+
+    return {
+        "entries": entries, "max_distance": max_distance, "lookups_each": lookups,
+        "csv_bytes": first.bytes, "db_bytes": db_bytes,
+        "sync_first_s": {"wall": round(first.seconds, 2), "cpu": round(first_cpu, 2)},
+        "sync_replace_s": {"wall": round(second.seconds, 2), "cpu": round(second_cpu, 2)},
+        **{f"{k}_ms": {"p50": pct(w, 50), "p99": pct(w, 99), "cpu_p50": pct(c, 50),
+                       "cpu_p99": pct(c, 99), "matched": h}
+           for k, (w, c, h) in runs.items()},
+    }
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _open(args: argparse.Namespace) -> tuple[Watchlist, Config]:
+    cfg_path = Path(getattr(args, "config", None) or DEFAULT_CONFIG_PATH)
+    if args.db is not None and not cfg_path.exists() and cfg_path == DEFAULT_CONFIG_PATH:
+        cfg = Config()  # --db alone works on a machine without /etc/lprd/config.yaml
+    else:
+        cfg = load_config(cfg_path)
+    wcfg = cfg.watchlist
+    if getattr(args, "max_distance", None) is not None:
+        wcfg = wcfg.model_copy(update={"max_distance": args.max_distance})
+    path = args.db if args.db is not None else cfg.storage.dir / DB_NAME
+    try:
+        return Watchlist(path, wcfg), cfg
+    except sqlite3.Error as e:
+        raise WatchlistError(f"{path}: cannot open the watchlist ({e})") from None
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=1))
+
+
+def _describe(e: WatchlistEntry) -> str:
+    parts = [e.plate, f"list={e.list}", f"action={e.action or '-'}"]
+    if e.valid_from is not None:
+        parts.append(f"valid_from={iso_time(e.valid_from)}")
+    if e.valid_until is not None:
+        parts.append(f"valid_until={iso_time(e.valid_until)}")
+    parts += [f"{k}={_cell(v)}" for k, v in e.info.items()]
+    if e.origin != "local":
+        parts.append(f"({e.origin})")
+    return "  ".join(parts)
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {"plate": args.plate, "list": args.list, "action": args.action,
+                              "valid_from": args.valid_from, "valid_until": args.valid_until}
+    info: dict[str, Any] = {}
+    for item in args.info or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise WatchlistError(f"--info {item!r}: expected KEY=VALUE")
+        info[key.strip()] = value
+    fields["info"] = info
+    entry = make_entry(fields, "add")
+    wl, _ = _open(args)
+    with wl:
+        wl.add(entry)
+    if args.json:
+        _print_json(entry_dict(entry))
+    else:
+        print(f"added {_describe(entry)}")
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    wl, _ = _open(args)
+    with wl:
+        gone = wl.remove(args.plate, args.list)
+    if args.json:
+        _print_json([entry_dict(e) | {"origin": e.origin} for e in gone])
+    else:
+        for e in gone:
+            print(f"removed {_describe(e)}")
+        if any(e.origin == "sync" for e in gone):
+            print("note: synced entries return when the source's list changes", file=sys.stderr)
+    if not gone:
+        print(f"{normalize_plate(args.plate) or args.plate!r}: not on the watchlist",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    wl, _ = _open(args)
+    with wl:
+        entries = wl.entries(list_name=args.list,
+                             plate=normalize_plate(args.plate) if args.plate else None)
+    if args.json:
+        _print_json([entry_dict(e) | {"origin": e.origin} for e in entries])
+    else:
+        for e in entries:
+            print(_describe(e))
+        print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        data, name = sys.stdin.buffer.read(), "-"
+    else:
+        try:
+            data, name = Path(args.file).read_bytes(), args.file
+        except OSError as e:
+            raise WatchlistError(f"{args.file}: cannot read ({e.strerror})") from None
+    fmt = args.format or detect_format(name, None, data)
+    try:
+        entries = parse_document(data, fmt, args.list, check_action(args.action))
+    except WatchlistError as e:
+        raise WatchlistError(f"{name}: {e}; nothing imported") from None
+    wl, _ = _open(args)
+    with wl:
+        wl.import_entries(entries, replace_all=args.replace)
+        total = wl.count()
+    if args.json:
+        _print_json({"imported": len(entries), "entries": total})
+    else:
+        print(f"imported {len(entries)} entries from {name} ({total} in the watchlist)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    wl, _ = _open(args)
+    with wl:
+        entries = wl.entries(list_name=args.list)
+    text = dump_json(entries) if args.json else dump_csv(entries)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"exported {len(entries)} entries to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_match(args: argparse.Namespace) -> int:
+    cands = [Candidate(c, 0.0) for c in args.candidate or ()]
+    wl, _ = _open(args)
+    with wl:
+        m = wl.match(args.plate, cands)
+    if args.json:
+        _print_json(asdict(m))
+    elif m.match == "none":
+        print("none")
+    else:
+        info = "  ".join(f"{k}={_cell(v)}" for k, v in m.info.items())
+        print(f"{m.match} {m.plate} (distance {m.distance:g}, via {m.via})  list={m.list}  "
+              f"action={m.action or '-'}  {info}".rstrip())
+    return 0 if m.match != "none" else 1
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    wl, cfg = _open(args)
+    scfg = cfg.watchlist.sync
+    if args.source:
+        scfg = scfg.model_copy(update={"source": args.source})
+    with wl:
+        result = WatchlistSync(wl, scfg).sync_once()
+        status = wl.sync_status()
+    if args.json:
+        _print_json({"result": asdict(result), "status": status.to_dict()})
+    elif result.ok:
+        print(("new list: " if result.changed else "unchanged: ") + f"{result.entries} entries")
+    else:
+        print(f"sync failed (the last good list stays): {result.error}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    wl, _ = _open(args)
+    with wl:
+        d = {"path": str(wl.path), "entries": wl.count(), "local": wl.count("local"),
+             "synced": wl.count("sync"), "sync": wl.sync_status().to_dict()}
+    if args.json:
+        _print_json(d)
+    else:
+        print(f"{d['path']}: {d['entries']} entries ({d['local']} local, {d['synced']} synced)")
+        for k, v in d["sync"].items():
+            print(f"  sync.{k}: {v}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    res = benchmark(args.entries, args.lookups, max_distance=args.max_distance)
+    if args.json:
+        _print_json(res)
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (WatchlistError, ConfigError) as e:
+            print(f"lprd watchlist: {e}", file=sys.stderr)
+            return 2
+        except sqlite3.Error as e:
+            print(f"lprd watchlist: database error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+def register(subparsers: Any) -> None:
+    """`lprd watchlist add|remove|list|import|export|match|sync|status|bench`."""
+    p = subparsers.add_parser(
+        "watchlist", help="the local watchlist: add, remove, list, import, export, match, sync",
+        description="Manage the watchlist in <storage.dir>/watchlist.sqlite (or --db FILE).")
+    sub = p.add_subparsers(dest="watchlist_command", metavar="ACTION")
+    sub.required = True
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", type=Path, default=None,
+                        help="watchlist file (default: <storage.dir>/watchlist.sqlite)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str
+            ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(func=_guard(func))
+        return sp
+
+    a = add("add", _cmd_add, "add a plate (replaces the same plate on the same list)")
+    a.add_argument("plate")
+    a.add_argument("--list", default="default", help="list name (default: default)")
+    a.add_argument("--action", help="allow, deny, alert or another topic word")
+    a.add_argument("--info", action="append", metavar="KEY=VALUE",
+                   help="metadata (owner, make, model, permit, lot, valid, notes ...); repeatable")
+    a.add_argument("--valid-from", help="date or ISO 8601 time")
+    a.add_argument("--valid-until", help="date (valid all that day) or ISO 8601 time")
+
+    r = add("remove", _cmd_remove, "remove a plate (exit 1 if it was not there)")
+    r.add_argument("plate")
+    r.add_argument("--list", help="only from this list")
+
+    ls = add("list", _cmd_list, "print the entries")
+    ls.add_argument("--list", help="only this list")
+    ls.add_argument("--plate", help="only this plate")
+
+    im = add("import", _cmd_import, "import a CSV or JSON list (all rows or none)")
+    im.add_argument("file", help="CSV (plate or tag column; the seed's plates.csv works) or "
+                                 "JSON; - for stdin")
+    im.add_argument("--format", choices=("csv", "json"), help="default: by extension/content")
+    im.add_argument("--list", default="default", help="list name for rows that name none")
+    im.add_argument("--action", help="action for rows that name none")
+    im.add_argument("--replace", action="store_true", help="drop all other local entries")
+
+    ex = add("export", _cmd_export, "write the entries as CSV (or JSON with --json)")
+    ex.add_argument("--list", help="only this list")
+    ex.add_argument("-o", "--output", help="file (default: stdout)")
+
+    m = add("match", _cmd_match,
+            "print what the daemon would attach to an event for this read (exit 1: no match)")
+    m.add_argument("plate")
+    m.add_argument("--candidate", action="append", metavar="PLATE",
+                   help="an alternative reading, as the reader gives; repeatable")
+    m.add_argument("--max-distance", type=float, help="override watchlist.max_distance")
+
+    s = add("sync", _cmd_sync, "sync once from watchlist.sync.source now (exit 1: failed)")
+    s.add_argument("--source", help="override watchlist.sync.source")
+
+    add("status", _cmd_status, "entry counts and the last sync's outcome")
+
+    b = add("bench", _cmd_bench, "measure sync time and lookup latency on a generated list")
+    b.add_argument("--entries", type=int, default=100_000)
+    b.add_argument("--lookups", type=int, default=2000)
+    b.add_argument("--max-distance", type=float, default=1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lprd.watchlist ARGS` is `lprd watchlist ARGS`."""
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", default=str(DEFAULT_CONFIG_PATH))
+    known, rest = pre.parse_known_args(argv)
+    parser = argparse.ArgumentParser(prog="lprd")
+    parser.add_argument("-c", "--config", default=str(DEFAULT_CONFIG_PATH))
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["-c", known.config, "watchlist", *rest])
+    logging.basicConfig(level=os.environ.get("LPRD_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

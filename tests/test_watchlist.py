@@ -1,0 +1,322 @@
+"""The watchlist store (a real SQLite file), list parsing, and `lprd watchlist` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from lprd.config import WatchlistConfig
+from lprd.plate_match import WatchlistEntry, match_entries
+from lprd.types import Candidate
+from lprd.watchlist import (
+    DB_NAME,
+    Watchlist,
+    WatchlistError,
+    benchmark,
+    detect_format,
+    dump_csv,
+    dump_json,
+    main,
+    parse_document,
+    parse_time,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+# The seed project's plates.csv: its columns, as its users have them.
+SEED_CSV = (
+    "tag,make,model,permit,lot,valid\n"
+    "ABC1234,Honda,Civic,R-102,North,2026-12-31\n"
+    "7XYZ 889,Toyota,Prius,,South,yes\n"
+    "KLM-5O5,Ford,Focus,V-7,North,no\n"
+)
+
+
+@pytest.fixture
+def wl(tmp_path: Path) -> Watchlist:
+    w = Watchlist(tmp_path / DB_NAME, WatchlistConfig())
+    yield w
+    w.close()
+
+
+def test_seed_plates_csv_imports_as_it_is(wl: Watchlist) -> None:
+    entries = parse_document(SEED_CSV.encode(), "csv", default_list="residents",
+                             default_action="allow")
+    wl.import_entries(entries)
+    assert [e.plate for e in wl.entries()] == ["7XYZ889", "ABC1234", "KLM5O5"]
+    m = wl.match("ABC1234")
+    assert (m.match, m.list, m.action) == ("exact", "residents", "allow")
+    assert m.info == {"make": "Honda", "model": "Civic", "permit": "R-102", "lot": "North",
+                      "valid": "2026-12-31"}
+    # An empty cell is no value, not an empty string.
+    assert wl.match("7XYZ889").info == {"make": "Toyota", "model": "Prius", "lot": "South",
+                                        "valid": "yes"}
+
+
+def test_ocr_confused_read_matches_fuzzily_with_its_distance(wl: Watchlist) -> None:
+    wl.import_entries(parse_document(SEED_CSV.encode(), "csv"))
+    m = wl.match("A8C1Z34")
+    assert (m.match, m.plate, m.distance, m.via) == ("fuzzy", "ABC1234", 0.5, "read")
+    assert wl.match("KLM505").plate == "KLM5O5"  # O read as 0
+    assert wl.match("ZZZ0000").match == "none"
+
+
+def test_a_candidate_matches_when_the_read_does_not(wl: Watchlist) -> None:
+    wl.add(WatchlistEntry("ABC1234", list="hot", action="alert"))
+    m = wl.match("QRS9999", [Candidate("XYZ1111", 0.2), Candidate("ABC1234", 0.01)])
+    assert (m.match, m.plate, m.via, m.action) == ("exact", "ABC1234", "candidate", "alert")
+
+
+def _variant(rng: random.Random, plate: str) -> str:
+    letters_digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    s = list(plate)
+    for _ in range(rng.randint(0, 3)):
+        i = rng.randrange(len(s))
+        op = rng.random()
+        if op < 0.6:
+            s[i] = rng.choice("0OD18B5S2Z6G" + letters_digits)
+        elif op < 0.8:
+            s.insert(i, rng.choice(letters_digits))
+        elif len(s) > 3:
+            del s[i]
+    return "".join(s)
+
+
+def test_index_lookup_finds_what_a_scan_of_every_entry_finds(tmp_path: Path) -> None:
+    # The SQL index must miss nothing: compare with the pure matcher over all entries. The
+    # entries crowd around a few base plates, so most reads have several near entries.
+    rng = random.Random(7)
+    bases = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+                     for _ in range(rng.randint(4, 8))) for _ in range(40)]
+    plates = {_variant(rng, b) for b in bases for _ in range(12)}
+    entries = [WatchlistEntry(p, list=rng.choice(("a", "b")),
+                              action=rng.choice((None, "allow", "deny"))) for p in plates]
+    reads = [_variant(rng, rng.choice(bases)) for _ in range(60)]
+    for max_distance in (1.0, 2.0):
+        cfg = WatchlistConfig(max_distance=max_distance)
+        with Watchlist(tmp_path / f"w{max_distance}.sqlite", cfg) as w:
+            w.import_entries(entries)
+            stored = w.entries()
+            found = 0
+            for r in reads:
+                cand = [Candidate(r[::-1], 0.1)]
+                want = match_entries(r, cand, stored, max_distance, 0.0, fuzzy_min_chars=4)
+                assert w.match(r, cand, now=0.0) == want, r
+                found += want.match != "none"
+            assert found > 30
+
+
+def test_raising_max_distance_rebuilds_the_index_deeper(tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+    with Watchlist(path, WatchlistConfig(max_distance=1.0)) as w:
+        w.add(WatchlistEntry("ABC1234"))
+        assert w.match("XBC12345").match == "none"  # two full edits away
+    with Watchlist(path, WatchlistConfig(max_distance=2.0)) as w:
+        m = w.match("XBC12345")
+        assert (m.match, m.distance) == ("fuzzy", 2.0)
+    # Back at 1.0 the deeper index stays (another process may use it) and still answers right.
+    with Watchlist(path, WatchlistConfig(max_distance=1.0)) as w:
+        assert w.match("XBC12345").match == "none"
+        assert w.match("XBC1234").distance == 1.0
+
+
+def test_add_replaces_the_same_plate_on_the_same_list_only(wl: Watchlist) -> None:
+    wl.add(WatchlistEntry("ABC1234", list="a", info={"v": 1}))
+    wl.add(WatchlistEntry("ABC1234", list="b", info={"v": 2}))
+    wl.add(WatchlistEntry("ABC1234", list="a", info={"v": 3}))
+    assert sorted((e.list, e.info["v"]) for e in wl.entries()) == [("a", 3), ("b", 2)]
+    assert [e.list for e in wl.remove("abc-1234", "a")] == ["a"]
+    assert wl.remove("ABC1234", "a") == []
+    assert wl.match("A8C1234").list == "b"  # the removed entry's index keys went too
+
+
+def test_validity_window_is_kept_and_enforced(wl: Watchlist) -> None:
+    until = parse_time("2030-01-31", end=True)
+    wl.add(WatchlistEntry("ABC1234", valid_from=parse_time("2030-01-01"), valid_until=until))
+    assert wl.match("ABC1234", now=parse_time("2030-01-31T23:59")).match == "exact"
+    assert wl.match("ABC1234", now=parse_time("2030-02-01T00:00")).match == "none"
+    assert wl.match("ABC1234", now=parse_time("2029-12-31T12:00")).match == "none"
+
+
+def test_a_date_means_the_whole_local_day() -> None:
+    start = parse_time("2030-05-01")
+    assert start == datetime(2030, 5, 1).timestamp()
+    assert parse_time("2030-05-01", end=True) == datetime(2030, 5, 2).timestamp()
+    assert parse_time("2030-05-01T10:00:00Z") == datetime(2030, 5, 1, 10, tzinfo=UTC).timestamp()
+    assert parse_time("2030-05-01T12:00:00+02:00") == parse_time("2030-05-01T10:00:00Z")
+    assert parse_time("1900000000") == 1.9e9  # epoch seconds in a CSV cell
+    with pytest.raises(WatchlistError, match="not a date"):
+        parse_time("next tuesday", what="valid_until")
+
+
+@pytest.mark.parametrize("doc,fmt,expect", [
+    ("tag,make\nABC123,Ford\n!!,Kia\n", "csv", "line 3: plate '!!' has no letters"),
+    ("plate,make\nABC123,Ford\nXYZ9,Kia,extra\n", "csv", "line 3: 3 fields where the header"),
+    ("plate,make\nABC123,Ford\nXYZ9", "csv", "line 3: 1 fields"),
+    ("make,model\nFord,Focus\n", "csv", "needs a 'plate' or 'tag' column"),
+    ("", "csv", "empty document"),
+    ("plate\nABC123\nabc-123\n", "csv", r"line 3: ABC123 is already on list"),
+    ("plate,action\nABC123,open gate\n", "csv", "must be 1-64 letters"),
+    ("plate,valid_until\nABC123,someday\n", "csv", "valid_until: 'someday' is not a date"),
+    ('plate,valid_from,valid_until\nABC1,2030-02-01,2030-01-01\n', "csv", "not after"),
+    ('[{"plate": "ABC123"}, {"plate": "XY1"', "json", "not valid JSON"),
+    ('{"rows": []}', "json", "must be a list of entries"),
+    ('[{"plate": "ABC123"}, "XYZ"]', "json", "entry 2: not an object"),
+    ('[{"plate": ["A"]}]', "json", "entry 1: plate .* is not text"),
+    ('[{"plate": "ABC123", "info": 5}]', "json", "info must be an object"),
+])
+def test_a_bad_row_rejects_the_whole_list_and_names_the_row(doc: str, fmt: str,
+                                                           expect: str) -> None:
+    with pytest.raises(WatchlistError, match=expect):
+        parse_document(doc.encode(), fmt)
+
+
+def test_binary_or_non_utf8_data_is_rejected() -> None:
+    with pytest.raises(WatchlistError, match="not UTF-8"):
+        parse_document(b"plate\n\xff\xfe\n", "csv")
+    with pytest.raises(WatchlistError, match="binary"):
+        parse_document(b"plate\nABC\x00\n", "csv")
+
+
+def test_json_lists_carry_metadata_in_info_or_beside_it() -> None:
+    doc = {"entries": [
+        {"plate": "abc 123", "list": "Hot", "action": "ALERT", "owner": "X",
+         "info": {"case": 42, "tags": ["a"]}, "valid_until": 1900000000},
+        {"tag": 123456},
+    ]}
+    a, b = parse_document(json.dumps(doc).encode(), "json", default_list="lot")
+    assert (a.plate, a.list, a.action, a.valid_until) == ("ABC123", "Hot", "alert", 1.9e9)
+    assert a.info == {"owner": "X", "case": 42, "tags": ["a"]}
+    assert (b.plate, b.list, b.action) == ("123456", "lot", None)
+
+
+def test_format_is_told_by_content_type_then_name_then_content() -> None:
+    assert detect_format("x", "application/json; charset=utf-8") == "json"
+    assert detect_format("list.json", "text/plain") == "json"
+    assert detect_format("https://h/p.csv?sig=1", None) == "csv"
+    assert detect_format("https://h/list", None, b"  [{}]") == "json"
+    assert detect_format("https://h/list", None, b"plate\n") == "csv"
+    with pytest.raises(WatchlistError, match="text/html"):
+        detect_format("https://h/list.csv", "text/html")
+
+
+def test_export_then_import_gives_the_same_entries(wl: Watchlist, tmp_path: Path) -> None:
+    wl.import_entries([
+        WatchlistEntry("ABC1234", list="r", action="allow", info={"make": "Kia", "n": 3},
+                       valid_from=1.9e9, valid_until=1.95e9),
+        WatchlistEntry("XYZ9", list="h", action="deny", info={"notes": "a, \"quoted\" note"}),
+    ])
+    before = wl.entries()
+    for text, fmt in ((dump_csv(before), "csv"), (dump_json(before), "json")):
+        back = parse_document(text.encode(), fmt)
+        with Watchlist(tmp_path / f"again-{fmt}.sqlite") as w2:
+            w2.import_entries(back)
+            got = w2.entries()
+        if fmt == "csv":  # CSV cells are text
+            assert got[0].info == {"make": "Kia", "n": "3"}
+            got = [got[0].__class__(**{**got[0].__dict__, "info": before[0].info}), got[1]]
+        assert got == before
+
+
+def test_a_failed_import_changes_nothing(wl: Watchlist) -> None:
+    wl.add(WatchlistEntry("KEEP1"))
+    with pytest.raises(WatchlistError):
+        wl.import_entries([WatchlistEntry("NEW1"), WatchlistEntry("NEW1")])
+    assert [e.plate for e in wl.entries()] == ["KEEP1"]
+
+
+def test_lookups_on_a_missing_directory_create_it(tmp_path: Path) -> None:
+    with Watchlist(tmp_path / "a" / "b" / DB_NAME) as w:
+        assert w.match("ABC123").match == "none"
+        assert w.count() == 0
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_add_list_match_remove_export(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    db = ["--db", str(tmp_path / "w.sqlite")]
+    rc, out, _ = _run(["add", "abc-1234", "--list", "residents", "--action", "allow",
+                       "--info", "owner=Ann", "--info", "make=Honda", "--valid-until",
+                       "2099-01-01", *db], capsys)
+    assert rc == 0 and "added ABC1234" in out
+    rc, out, _ = _run(["list", "--json", *db], capsys)
+    [entry] = json.loads(out)
+    assert entry["info"] == {"owner": "Ann", "make": "Honda"} and entry["origin"] == "local"
+    rc, out, _ = _run(["match", "A8C1234", "--json", *db], capsys)
+    assert rc == 0
+    assert json.loads(out) == {"match": "fuzzy", "plate": "ABC1234", "distance": 0.25,
+                               "list": "residents", "action": "allow",
+                               "info": {"owner": "Ann", "make": "Honda"}, "via": "read"}
+    rc, out, _ = _run(["match", "ZZZ999", *db], capsys)
+    assert (rc, out.strip()) == (1, "none")
+    rc, out, _ = _run(["match", "ZZZ999", "--candidate", "ABC1234", *db], capsys)
+    assert rc == 0 and out.startswith("exact ABC1234") and "via candidate" in out
+    rc, out, _ = _run(["export", *db], capsys)
+    assert out.splitlines()[0] == "plate,list,action,valid_from,valid_until,make,owner"
+    rc, out, _ = _run(["remove", "ABC1234", *db], capsys)
+    assert rc == 0 and "removed ABC1234" in out
+    rc, _, err = _run(["remove", "ABC1234", *db], capsys)
+    assert rc == 1 and "not on the watchlist" in err
+
+
+def test_cli_import_reports_the_bad_row_and_imports_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ["--db", str(tmp_path / "w.sqlite")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(SEED_CSV + "??,x,y,z,w,v\n")
+    rc, _, err = _run(["import", str(bad), *db], capsys)
+    assert rc == 2 and "line 5" in err and "nothing imported" in err
+    rc, out, _ = _run(["status", "--json", *db], capsys)
+    assert json.loads(out)["entries"] == 0
+    rc, _, err = _run(["add", "!!", *db], capsys)
+    assert rc == 2 and "no letters or digits" in err
+
+
+def test_cli_uses_storage_dir_from_the_config_end_to_end(tmp_path: Path) -> None:
+    # The real command in a subprocess, the way an installer or a cron job runs it.
+    storage = tmp_path / "var"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"storage:\n  dir: {storage}\nwatchlist:\n  max_distance: 0.5\n")
+    plates = tmp_path / "plates.csv"
+    plates.write_text(SEED_CSV)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def lprd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lprd.watchlist", "-c", str(cfg), *args],
+                              check=False, capture_output=True, text=True, env=env,
+                              timeout=60)
+
+    r = lprd("import", str(plates), "--list", "permits", "--action", "allow", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"imported": 3, "entries": 3}
+    assert (storage / DB_NAME).is_file()
+    r = lprd("match", "7XYZ8B9", "--json")  # one cheap confusion: within 0.5
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["info"]["make"] == "Toyota"
+    r = lprd("match", "7XYZ88", "--json")  # a deletion costs 1.0 > max_distance 0.5
+    assert r.returncode == 1 and json.loads(r.stdout)["match"] == "none"
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("watchlist:\n  max_distanse: 1\n")
+    r = subprocess.run([sys.executable, "-m", "lprd.watchlist", "-c", str(bad_cfg), "list"],
+                       check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "max_distanse: unknown key" in r.stderr
+
+
+def test_benchmark_finds_every_listed_and_every_confused_plate(tmp_path: Path) -> None:
+    res = benchmark(entries=400, lookups=50, workdir=tmp_path)
+    assert res["exact_ms"]["matched"] == 50 and res["fuzzy_ms"]["matched"] == 50
+    assert res["sync_replace_s"]["wall"] > 0 and res["db_bytes"] > 0

@@ -1,0 +1,392 @@
+"""Watchlist sync against a real HTTP server on 127.0.0.1 and a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from lprd.config import SyncConfig, WatchlistConfig
+from lprd.plate_match import WatchlistEntry
+from lprd.types import Candidate
+from lprd.watchlist import DB_NAME, SyncResult, SyncStatus, Watchlist, WatchlistSync
+
+GOOD_CSV = "plate,list,action,owner\nABC1234,residents,allow,Ann\nXYZ9876,hotlist,deny,\n"
+TOKEN = "s3cr3t-token-value"
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    content_type: str | None = "text/csv"
+    etag: str | None = None
+    last_modified: str | None = None
+    mode: str = "normal"  # normal | truncate | slow | stream (no Content-Length)
+    need_token: bool = False
+    hits: int = 0
+
+
+@dataclass
+class ListServer:
+    """A real HTTP server whose routes the test sets; it records each request's headers."""
+
+    routes: dict[str, Route] = field(default_factory=dict)
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    port: int = 0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def _handler(srv: ListServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            srv.requests.append((self.path, dict(self.headers.items())))
+            route = srv.routes.get(self.path)
+            if route is None:
+                self.send_error(404)
+                return
+            route.hits += 1
+            if route.need_token and self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                self.send_error(401)
+                return
+            if route.status != 200:
+                self.send_error(route.status)
+                return
+            if route.etag and self.headers.get("If-None-Match") == route.etag or (
+                    route.last_modified
+                    and self.headers.get("If-Modified-Since") == route.last_modified):
+                self.send_response(304)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            if route.content_type:
+                self.send_header("Content-Type", route.content_type)
+            if route.etag:
+                self.send_header("ETag", route.etag)
+            if route.last_modified:
+                self.send_header("Last-Modified", route.last_modified)
+            body = route.body
+            if route.mode == "stream":
+                self.send_header("Connection", "close")
+            else:
+                # truncate: promise the whole body, send half, hang up
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                if route.mode == "truncate":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                elif route.mode == "slow":
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                else:
+                    for i in range(0, len(body), 65536):
+                        self.wfile.write(body[i:i + 65536])
+                    if route.mode == "stream":
+                        self.close_connection = True
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should
+
+    return Handler
+
+
+@pytest.fixture
+def server() -> Iterator[ListServer]:
+    srv = ListServer()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(srv))
+    httpd.daemon_threads = True
+    srv.port = httpd.server_address[1]
+    t = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield srv
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def wl(tmp_path: Path) -> Iterator[Watchlist]:
+    w = Watchlist(tmp_path / DB_NAME, WatchlistConfig())
+    yield w
+    w.close()
+
+
+def _sync(wl: Watchlist, source: str, **kw: object) -> WatchlistSync:
+    return WatchlistSync(wl, SyncConfig(source=source, **kw))  # type: ignore[arg-type]
+
+
+def _good(server: ListServer, wl: Watchlist) -> None:
+    server.routes["/good.csv"] = Route(GOOD_CSV.encode(), etag='"v1"')
+    r = _sync(wl, server.url("/good.csv")).sync_once()
+    assert r.ok and r.changed and r.entries == 2
+
+
+def test_good_csv_list_is_swapped_in_and_status_says_so(server: ListServer,
+                                                         wl: Watchlist) -> None:
+    _good(server, wl)
+    m = wl.match("A8C1234")
+    assert (m.match, m.list, m.action, m.info) == ("fuzzy", "residents", "allow", {"owner": "Ann"})
+    assert wl.match("XYZ9876").action == "deny"
+    st = wl.sync_status()
+    assert (st.last_sync_ok, st.last_error, st.entries, st.etag) == (True, None, 2, '"v1"')
+    assert st.to_dict()["last_change"].endswith("Z")
+
+
+def test_etag_is_sent_back_and_304_keeps_the_list(server: ListServer, wl: Watchlist) -> None:
+    _good(server, wl)
+    r = _sync(wl, server.url("/good.csv")).sync_once()
+    assert r == SyncResult(True, False, 2, not_modified=True, seconds=r.seconds)
+    assert server.requests[-1][1].get("If-None-Match") == '"v1"'
+    assert wl.count() == 2 and wl.sync_status().last_sync_ok is True
+
+
+def test_if_modified_since_is_sent_when_the_server_gives_no_etag(server: ListServer,
+                                                                 wl: Watchlist) -> None:
+    stamp = "Wed, 25 Nov 2026 10:00:00 GMT"
+    server.routes["/lm.csv"] = Route(GOOD_CSV.encode(), last_modified=stamp)
+    sync = _sync(wl, server.url("/lm.csv"))
+    assert sync.sync_once().changed
+    r = sync.sync_once()
+    assert r.ok and r.not_modified and not r.changed
+    assert server.requests[-1][1].get("If-Modified-Since") == stamp
+
+
+def test_json_list_by_content_type_or_extension(server: ListServer, wl: Watchlist) -> None:
+    doc = {"entries": [{"plate": "JSN001", "action": "alert", "info": {"case": 7}}]}
+    server.routes["/api/list"] = Route(json.dumps(doc).encode(), content_type="application/json")
+    server.routes["/list.json"] = Route(json.dumps(doc["entries"]).encode(),
+                                        content_type="text/plain")
+    for path in ("/api/list", "/list.json"):
+        r = _sync(wl, server.url(path), list="hot").sync_once()
+        assert r.ok and r.entries == 1, r.error
+        m = wl.match("JSN001")
+        assert (m.list, m.action, m.info) == ("hot", "alert", {"case": 7})
+
+
+@pytest.mark.parametrize("route,error", [
+    (Route(b"plate,owner\nNEW001,A\nNEW002,B,C\n"), "line 3: 3 fields"),
+    (Route(b'[{"plate": "NEW001"},', content_type="application/json"), "not valid JSON"),
+    (Route(GOOD_CSV.replace("ABC", "NEW").encode() * 50, mode="truncate"), "truncated"),
+    (Route(status=500), "HTTP 500"),
+    (Route(status=404), "HTTP 404"),
+    (Route(b"<html>please log in</html>", content_type="text/html"), "text/html"),
+    (Route(b""), "empty document"),
+])
+def test_a_bad_download_keeps_the_last_good_list_and_reports_why(
+        server: ListServer, wl: Watchlist, route: Route, error: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    _good(server, wl)
+    server.routes["/bad"] = route
+    with caplog.at_level(logging.WARNING, logger="lprd.watchlist"):
+        r = _sync(wl, server.url("/bad")).sync_once()
+    assert not r.ok and not r.changed and error in (r.error or "")
+    assert r.entries == 2
+    assert [e.plate for e in wl.entries()] == ["ABC1234", "XYZ9876"]  # the last good list
+    st = wl.sync_status()
+    assert st.last_sync_ok is False and error in (st.last_error or "")
+    assert (st.entries, st.etag, st.source) == (2, '"v1"', server.url("/good.csv"))
+    assert any("keeping the last good list" in rec.getMessage() and error in rec.getMessage()
+               for rec in caplog.records)
+
+
+def test_oversized_list_is_refused_by_its_length_before_download(server: ListServer,
+                                                                 wl: Watchlist) -> None:
+    _good(server, wl)
+    server.routes["/big.csv"] = Route(b"plate\n" + b"ABC123\n" * 100_000)
+    r = _sync(wl, server.url("/big.csv"), max_bytes=10_000).sync_once()
+    assert not r.ok and "larger than max_bytes" in (r.error or "") and r.bytes == 0
+    assert wl.count() == 2
+
+
+def test_oversized_stream_without_length_is_aborted_at_max_bytes(server: ListServer,
+                                                                 wl: Watchlist) -> None:
+    _good(server, wl)
+    body = b"plate\n" + b"".join(b"P%06d\n" % i for i in range(300_000))  # about 2.4 MB
+    server.routes["/stream.csv"] = Route(body, mode="stream")
+    r = _sync(wl, server.url("/stream.csv"), max_bytes=100_000).sync_once()
+    assert not r.ok and "download aborted" in (r.error or "")
+    assert wl.count() == 2
+    # Under the limit the same kind of response (no length, closed at the end) is fine.
+    server.routes["/small.csv"] = Route(b"plate\nOK0001\n", mode="stream")
+    assert _sync(wl, server.url("/small.csv"), max_bytes=100_000).sync_once().entries == 1
+
+
+def test_slow_server_times_out_and_keeps_the_list(server: ListServer, wl: Watchlist) -> None:
+    _good(server, wl)
+    server.routes["/slow.csv"] = Route(GOOD_CSV.encode() * 3, mode="slow")  # 0.2 s a byte
+    t0 = time.monotonic()
+    r = _sync(wl, server.url("/slow.csv"), timeout=1.0).sync_once()
+    assert time.monotonic() - t0 < 4.0
+    assert not r.ok and "longer than 1.0 s" in (r.error or "")
+    assert wl.count() == 2
+
+
+def test_unreachable_server_is_a_failed_sync(wl: Watchlist) -> None:
+    wl.add(WatchlistEntry("LOCAL1"))
+    r = _sync(wl, "http://127.0.0.1:9/list.csv", timeout=2.0).sync_once()
+    assert not r.ok and "cannot fetch" in (r.error or "")
+    assert wl.count() == 1
+
+
+def test_bearer_token_comes_from_token_file_and_is_never_shown(
+        server: ListServer, wl: Watchlist, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    server.routes["/auth.csv"] = Route(GOOD_CSV.encode(), need_token=True)
+    caplog.set_level(logging.DEBUG, logger="lprd.watchlist")
+    r = _sync(wl, server.url("/auth.csv")).sync_once()
+    assert not r.ok and "HTTP 401" in (r.error or "")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    r = _sync(wl, server.url("/auth.csv"), token_file=token_file).sync_once()
+    assert r.ok and r.entries == 2
+    assert server.requests[-1][1]["Authorization"] == f"Bearer {TOKEN}"
+    r = _sync(wl, server.url("/auth.csv"), token_file=tmp_path / "missing").sync_once()
+    assert not r.ok and "cannot read token_file" in (r.error or "")
+    shown = caplog.text + json.dumps(wl.sync_status().to_dict())
+    assert TOKEN not in shown
+
+
+def test_secrets_in_the_url_stay_out_of_errors(server: ListServer, wl: Watchlist) -> None:
+    server.routes["/gone.csv?key=abc"] = Route(status=500)
+    r = _sync(wl, f"http://user:pw@127.0.0.1:{server.port}/gone.csv?key=abc").sync_once()
+    assert not r.ok and "/gone.csv" in (r.error or "")
+    assert "pw" not in (r.error or "") and "key=abc" not in (r.error or "")
+
+
+def test_sync_replaces_only_synced_entries_and_keeps_local_ones(server: ListServer,
+                                                                wl: Watchlist) -> None:
+    wl.add(WatchlistEntry("LOCAL1", list="visitors", action="allow"))
+    _good(server, wl)
+    server.routes["/good.csv"] = Route(b"plate\nNEW0001\n", etag='"v2"')
+    r = _sync(wl, server.url("/good.csv")).sync_once()
+    assert r.ok and r.changed and r.entries == 1
+    assert sorted((e.plate, e.origin) for e in wl.entries()) == [
+        ("LOCAL1", "local"), ("NEW0001", "sync")]
+    assert wl.match("ABC1234").match == "none"  # dropped from the source, gone here too
+    assert wl.match("L0CAL1").plate == "LOCAL1"
+
+
+def test_file_source_syncs_and_an_unchanged_file_is_not_reread(wl: Watchlist,
+                                                               tmp_path: Path) -> None:
+    src = tmp_path / "plates.csv"
+    src.write_text("tag,make,model,permit,lot,valid\nABC1234,Honda,Civic,R1,A,yes\n")
+    sync = _sync(wl, str(src), list="permits")
+    assert sync.sync_once().changed
+    assert wl.match("ABC1234").info["permit"] == "R1"
+    again = sync.sync_once()
+    assert again.ok and again.not_modified
+    src.write_text("tag,make\nXYZ1,Kia\n")
+    assert sync.sync_once().changed and wl.match("XYZ1").list == "permits"
+    src.unlink()
+    r = sync.sync_once()
+    assert not r.ok and "cannot read" in (r.error or "") and wl.count() == 1
+
+
+def test_lookups_during_swaps_see_the_old_or_the_new_list_never_a_mix(
+        server: ListServer, wl: Watchlist) -> None:
+    # Two versions of a list that share plates with different metadata; the server hands out
+    # the other version on each request, so every sync is a full swap.
+    shared = [f"S{i:05d}" for i in range(2500)]
+
+    def version(gen: int, extra: int) -> bytes:
+        rows = [f"{p},v{gen},{gen}" for p in shared]
+        rows += [f"G{gen}X{i:04d},v{gen},{gen}" for i in range(extra)]
+        return ("plate,list,gen\n" + "\n".join(rows) + "\n").encode()
+
+    bodies = {1: version(1, 300), 2: version(2, 100)}
+    sizes = {1: 2800, 2: 2600}
+    server.routes["/flip.csv"] = Route(bodies[1])
+    sync = _sync(wl, server.url("/flip.csv"))
+    assert sync.sync_once().entries == sizes[1]
+
+    stop = threading.Event()
+    problems: list[str] = []
+    counts = {"match": 0, "snapshot": 0}
+
+    def lookups(seed: int) -> None:
+        i = seed
+        try:
+            while not stop.is_set():
+                i += 7
+                p = shared[i % len(shared)]
+                # An OCR-confused read (S->5) with the other version's own plate as a
+                # candidate: exact phase and fuzzy phase both run.
+                m = wl.match("5" + p[1:], [Candidate(f"G2X{i % 100:04d}", 0.1)])
+                if m.match == "none" or m.list != f"v{m.info.get('gen')}":
+                    problems.append(f"match {p}: {m}")
+                counts["match"] += 1
+                if i % 10 == 0:
+                    snap = wl.entries(origin="sync")
+                    gens = {e.info["gen"] for e in snap}
+                    if len(gens) != 1 or len(snap) != sizes[int(gens.pop())]:
+                        problems.append(f"snapshot of {len(snap)} entries mixes versions")
+                    counts["snapshot"] += 1
+        except Exception as e:  # noqa: BLE001 - a crash in a thread must fail the test too
+            problems.append(repr(e))
+
+    threads = [threading.Thread(target=lookups, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    swaps = 0
+    try:
+        for n in range(8):
+            gen = 2 if n % 2 == 0 else 1
+            server.routes["/flip.csv"].body = bodies[gen]
+            r = sync.sync_once()
+            assert r.ok and r.changed and r.entries == sizes[gen], r
+            swaps += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert swaps == 8 and not problems, problems[:5]
+    assert counts["match"] > 50 and counts["snapshot"] > 3, counts
+
+
+def test_sync_thread_syncs_at_start_on_request_and_survives_failures(
+        server: ListServer, tmp_path: Path) -> None:
+    server.routes["/t.csv"] = Route(status=500)
+    results: list[tuple[SyncResult, SyncStatus]] = []
+    done = threading.Event()
+
+    def on_result(r: SyncResult, st: SyncStatus) -> None:
+        results.append((r, st))
+        done.set()
+
+    path = tmp_path / DB_NAME
+    wl = Watchlist(path)
+    sync = WatchlistSync(wl, SyncConfig(source=server.url("/t.csv"), interval=3600),
+                         on_result=on_result)
+    sync.start()
+    try:
+        assert done.wait(10)
+        assert not results[-1][0].ok and results[-1][1].last_error
+        done.clear()
+        server.routes["/t.csv"] = Route(GOOD_CSV.encode())
+        sync.request()  # SIGHUP or an MQTT command
+        assert done.wait(10)
+        assert results[-1][0].ok and results[-1][0].changed
+        # Another connection (the CLI, the inference process) sees the list and the status.
+        with Watchlist(path) as other:
+            assert other.count() == 2 and other.sync_status().last_sync_ok is True
+    finally:
+        sync.stop()
+        wl.close()
+    assert sync._thread is None  # stopped within the timeout
