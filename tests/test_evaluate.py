@@ -27,10 +27,18 @@ from lprd.evaluate import (
     score_image,
     summarise,
 )
+from lprd.models import ModelError, default_model_path
 from lprd.types import Candidate, CharProb, Read
 
-REPO = Path(__file__).resolve().parent.parent
-HAVE_MODELS = all((REPO / "models" / f"{m}.tflite").is_file() for m in ("reader", "detector"))
+
+def _have_models() -> bool:
+    try:  # the same search as the commands: $LPRD_MODELS, the repo's models/, /usr/share
+        return bool(default_model_path("reader") and default_model_path("detector"))
+    except ModelError:
+        return False
+
+
+HAVE_MODELS = _have_models()
 needs_models = pytest.mark.skipif(
     not HAVE_MODELS, reason="models/reader.tflite and models/detector.tflite are not shipped yet")
 

@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 
 from lprd.cli import main
+from lprd.models import ModelError, default_model_path
 from lprd.recognize import Input, InputError, annotate, expand_inputs, load_image, plate_dict
 from lprd.types import Candidate, CharProb, Read
 
-REPO = Path(__file__).resolve().parent.parent
-HAVE_MODELS = all((REPO / "models" / f"{m}.tflite").is_file() for m in ("reader", "detector"))
+
+def _have_models() -> bool:
+    try:  # the same search as the commands: $LPRD_MODELS, the repo's models/, /usr/share
+        return bool(default_model_path("reader") and default_model_path("detector"))
+    except ModelError:
+        return False
+
+
+HAVE_MODELS = _have_models()
 needs_models = pytest.mark.skipif(
     not HAVE_MODELS, reason="models/reader.tflite and models/detector.tflite are not shipped yet")
 IMAGE_KEYS = {"image", "width", "height", "processing_ms", "plates"}
