@@ -447,7 +447,8 @@ class Publisher:
             self._q.put(_STOP)
             self._worker.join(max(0.1, (deadline - time.monotonic()) * 0.5))
         if self._cmd_thread is not None:
-            self._cmd_q.put(_STOP)
+            with contextlib.suppress(queue.Full):  # a stuck handler must not block the stop
+                self._cmd_q.put(_STOP, timeout=0.5)
             self._cmd_thread.join(0.5)
         client = self._client
         if client is not None:
@@ -457,9 +458,9 @@ class Publisher:
                     info.wait_for_publish(max(0.1, min(1.0, deadline - time.monotonic())))
             client.disconnect()
             client.loop_stop()
+        left = self.outbox.depth()
         self.outbox.close()
-        log.info("MQTT publisher stopped; %d undelivered event(s) kept in the outbox",
-                 self._depth_cache)
+        log.info("MQTT publisher stopped; %d undelivered event(s) kept in the outbox", left)
 
     # -- paho client and callbacks (network thread: queue and return) ---------------------------
 
@@ -520,6 +521,7 @@ class Publisher:
     def _run(self) -> None:
         next_expire = 0.0
         stopping = False
+        acks: list[PendingMessage] = []
         while not stopping:
             try:
                 items = [self._q.get(timeout=0.5)]
@@ -528,15 +530,18 @@ class Publisher:
             with contextlib.suppress(queue.Empty):
                 while len(items) < 5000:
                     items.append(self._q.get_nowait())
-            acks: list[PendingMessage] = []
-            try:
-                for item in items:
-                    if item is _STOP:
-                        stopping = True
-                        continue
+            for item in items:
+                if item is _STOP:
+                    stopping = True
+                    continue
+                try:
                     self._handle(item, acks)
+                except Exception:  # one bad item must not cost the acks queued behind it
+                    log.exception("MQTT worker error on %s (continuing)", item[0])
+            try:
                 if acks:
-                    self._ack(acks)
+                    self._ack(acks)  # on failure they stay in `acks` and are retried
+                    acks = []
                 now = time.monotonic()
                 if now >= next_expire:
                     next_expire = now + EXPIRE_INTERVAL
@@ -604,7 +609,8 @@ class Publisher:
         self._hold_since = time.monotonic()
         log.info("MQTT: connected to %s:%d; %d undelivered event(s)", self.cfg.host,
                  self.cfg.port, self.outbox.depth())
-        self._publish_raw(f"{self.prefix}/status", b"online", retain=True)
+        # Entities and subscriptions first, "online" last: whoever sees "online" also finds
+        # the discovery configs and states, and commands sent from then on are heard.
         subs = [(f"{self.prefix}/cmd/+", 1)]
         if self.cfg.discovery.enabled:
             subs.append((f"{self.cfg.discovery.prefix}/status", 1))
@@ -612,6 +618,7 @@ class Publisher:
         self._client.subscribe(subs)  # type: ignore[union-attr]
         for camera in list(self._states):
             self._publish_state(camera)
+        self._publish_raw(f"{self.prefix}/status", b"online", retain=True)
 
     def _report_failure(self, text: str) -> None:
         self._failures += 1

@@ -64,8 +64,11 @@ def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "con
 
 
 @pytest.fixture
-def publisher(tmp_path: Path) -> Iterator[Callable[..., Publisher]]:
-    """publisher(broker, cameras=("gate", "back"), on_command=None, **mqtt_config_keys)."""
+def publisher(tmp_path: Path, mqtt_subscriber: Callable[..., Any]
+              ) -> Iterator[Callable[..., Publisher]]:
+    """publisher(broker, cameras=("gate", "back"), on_command=None, **mqtt_config_keys); with
+    connect=True it returns once "online" is on the broker, which the publisher sends after
+    its discovery configs, states and subscriptions."""
     made: list[Publisher] = []
 
     def make(broker: Any, cameras: tuple[str, ...] = ("gate", "back"),
@@ -77,7 +80,8 @@ def publisher(tmp_path: Path) -> Iterator[Callable[..., Publisher]]:
         made.append(pub)
         pub.start()
         if connect:
-            wait_until(lambda: pub.connected, 10, "publisher connected")
+            probe = mqtt_subscriber(broker, f"{cfg.topic_prefix}/status")
+            probe.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
         return pub
 
     yield make
@@ -179,7 +183,9 @@ def test_state_topic_is_retained_and_carries_camera_state_and_outbox_depth(
     pub.publish_state(CameraState("gate", connected=True, fps=4.96, last_frame=1.7e9,
                                   error=None))
     pub.publish_state(CameraState("back", connected=False, error="stream lost"))
-    late = mqtt_subscriber(mosquitto, "lprd/+/state")
+    live = mqtt_subscriber(mosquitto, "lprd/+/state")
+    live.wait_for(lambda ms: {m.topic for m in ms} == {"lprd/gate/state", "lprd/back/state"})
+    late = mqtt_subscriber(mosquitto, "lprd/+/state")  # joins after: gets the retained states
     late.wait_for(lambda ms: {m.topic for m in ms} == {"lprd/gate/state", "lprd/back/state"})
     gate, back = late.json("lprd/gate/state"), late.json("lprd/back/state")
     assert gate == {"connected": True, "fps": 4.96, "last_frame": "2023-11-14T22:13:20.000Z",
@@ -246,6 +252,22 @@ def test_broker_outage_loses_no_event_and_keeps_order_per_camera(
     by_id = {e.id: e.to_dict() for e in submitted}
     assert all(m.json() == by_id[m.json()["id"]] for m in msgs)
     assert pub.wait_idle(10) and pub.outbox_depth() == 0
+
+
+def test_events_submitted_before_the_broker_is_reachable_arrive_once_it_is(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    sub = mqtt_subscriber(mosquitto, "lprd/+/plate", client_id="late-sub", persistent=True)
+    mosquitto.stop()
+    pub = publisher(mosquitto, connect=False)
+    events = [make_event(i, camera="back") for i in range(5)]
+    for ev in events:
+        pub.submit(ev)
+    time.sleep(0.3)  # a few refused connection attempts
+    assert not pub.connected and pub.outbox_depth() == 5
+    mosquitto.start()
+    msgs = sub.wait_for(lambda ms: len({m.json()["id"] for m in ms}) >= 5, timeout=15)
+    assert [e["id"] for e in first_seen_order(msgs)] == [e.id for e in events]
 
 
 # -- (b) SIGKILL ----------------------------------------------------------------------------------
