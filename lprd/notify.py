@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Attributes passed with `extra=` that become journal fields (journald only keeps upper-case names).
 JOURNAL_FIELDS: dict[str, str] = {"camera": "CAMERA", "event_id": "EVENT_ID"}
+# lprd.service names each capture process this + the camera name.
+CAPTURE_PROCESS_PREFIX = "lprd-capture-"
 _FIELD_NAME = re.compile(r"^[A-Z0-9][A-Z0-9_]*$")
 
 
@@ -241,6 +243,10 @@ def _journal_send(MESSAGE: str, **fields: Any) -> None:
         key = JOURNAL_FIELDS.get(key, key)
         if _FIELD_NAME.match(key):
             out[key] = value
+    # A capture process is named after its camera: every line it logs carries CAMERA.
+    proc = str(out.get("PROCESS_NAME", ""))
+    if "CAMERA" not in out and proc.startswith(CAPTURE_PROCESS_PREFIX):
+        out["CAMERA"] = proc[len(CAPTURE_PROCESS_PREFIX):]
     _sd_journal.send(MESSAGE, **out)
 
 

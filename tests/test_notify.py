@@ -376,25 +376,32 @@ from lprd.notify import setup_logging
 where = setup_logging("info")
 logging.getLogger("lprd.publish").info("event sent", extra={"camera": "gate", "event_id": "e-7"})
 logging.getLogger("lprd.publish").debug("not at info")
+import multiprocessing
+multiprocessing.current_process().name = "lprd-capture-lot"  # as lprd.service names them
+logging.getLogger("lprd.capture").warning("stream lost")
+
+def parse(data):
+    fields = {}
+    i = 0
+    while i < len(data):  # KEY=value lines, or KEY, 64-bit length, value for binary-safe values
+        nl = data.index(b"\\n", i)
+        line = data[i:nl]
+        if b"=" in line:
+            k, v = line.split(b"=", 1); i = nl + 1
+        else:
+            k = line; n = int.from_bytes(data[nl + 1:nl + 9], "little")
+            v = data[nl + 9:nl + 9 + n]; i = nl + 9 + n + 1
+        fields[k.decode()] = v.decode()
+    return fields
+
 srv.settimeout(5)
-data = srv.recv(65536)
-fields = {}
-i = 0
-while i < len(data):  # KEY=value lines, or KEY, 64-bit length, value for binary-safe values
-    nl = data.index(b"\\n", i)
-    line = data[i:nl]
-    if b"=" in line:
-        k, v = line.split(b"=", 1); i = nl + 1
-    else:
-        k = line; n = int.from_bytes(data[nl + 1:nl + 9], "little")
-        v = data[nl + 9:nl + 9 + n]; i = nl + 9 + n + 1
-    fields[k.decode()] = v.decode()
+records = [parse(srv.recv(65536)), parse(srv.recv(65536))]
 srv.settimeout(0.3)
 try:
     srv.recv(65536); extra = True
 except TimeoutError:
     extra = False
-print(json.dumps({"where": where, "fields": fields, "extra": extra}))
+print(json.dumps({"where": where, "records": records, "extra": extra}))
 """
 
 
@@ -414,12 +421,15 @@ def test_under_systemd_records_reach_journald_with_camera_and_event_id_fields() 
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["where"] == "journald"
-    f = out["fields"]
+    f, g = out["records"]
     assert f["MESSAGE"] == "lprd.publish: event sent"
     assert f["CAMERA"] == "gate" and f["EVENT_ID"] == "e-7"
     assert f["PRIORITY"] == "6" and f["SYSLOG_IDENTIFIER"] == "lprd"
     assert f["LOGGER"] == "lprd.publish"
     assert not [k for k in f if not k.isupper()]  # record internals are not sent
+    # A capture process's lines carry its camera without the caller saying so.
+    assert g["MESSAGE"] == "lprd.capture: stream lost" and g["PRIORITY"] == "4"
+    assert g["CAMERA"] == "lot" and "EVENT_ID" not in g
     assert out["extra"] is False  # the debug record was filtered by level
 
 
@@ -439,7 +449,7 @@ def _have_models() -> bool:
 
 @pytest.mark.skipif(not _have_models(), reason="models/*.tflite not built yet")
 def test_lprd_run_notifies_ready_watchdog_and_stopping_from_its_main_pid(
-    notify_socket: NotifySocket, tmp_path: Path, record_property: pytest.RecordProperty
+    notify_socket: NotifySocket, tmp_path: Path
 ) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -456,7 +466,7 @@ def test_lprd_run_notifies_ready_watchdog_and_stopping_from_its_main_pid(
                             env=env, stdout=log, stderr=log, cwd=str(tmp_path))
     try:
         ready = notify_socket.wait_for("READY", timeout=120)
-        record_property("exec_to_ready_s", round(ready.received - t0, 2))
+        assert ready.received - t0 < 90  # TimeoutStartSec=120 leaves room for slow boards
         # NotifyAccess=main: systemd drops what children send, so it must come from lprd itself.
         assert ready.pid == proc.pid
         assert ready.fields["STATUS"].startswith("demo: ")
