@@ -1,0 +1,285 @@
+"""Train the plate reader and export it as int8 TFLite: `python -m lprd.train.reader`.
+
+Resumable: state lives in --run-dir (Keras checkpoint + epoch counter); run the same command
+again to continue. Synthetic samples are rendered by a background process into --cache while
+training runs; real crops from ../shared/data are split by plate text (see `is_heldout`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader
+from lprd.train.reader_data import (
+    CROP_SETS, DATA_ROOT, real_arrays, real_crops, render_chunk, is_heldout,
+)
+
+log = logging.getLogger("lprd.train.reader")
+REPO = Path(__file__).resolve().parents[2]
+NUM_CLASSES = len(ALPHABET) + 1
+CHUNK = 10_000
+
+
+def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int) -> None:
+    """Background process: keeps writing synthetic (and re-augmented real) chunks."""
+    os.nice(10)
+    crops = [c for c in real_crops() if not is_heldout(c.text)]
+    rng = np.random.default_rng(seed + 7)
+    for k in range(start, stop_at):
+        out = cache / f"synth_{k:04d}.npz"
+        if not out.exists():
+            xs, ys = render_chunk(seed * 100_000 + k, CHUNK)
+            np.savez(str(out) + ".tmp.npz", x=xs, y=ys)
+            os.replace(str(out) + ".tmp.npz", out)
+        if crops and k % real_every == 0:
+            rout = cache / f"real_{k:04d}.npz"
+            if not rout.exists():
+                xs, ys = real_arrays(crops, rng, copies=6)
+                np.savez(str(rout) + ".tmp.npz", x=xs, y=ys)
+                os.replace(str(rout) + ".tmp.npz", rout)
+
+
+def build_model(tf):  # noqa: ANN001, ANN201 - keras types only exist with the train extra
+    """Plain conv stack (int8-friendly) and one dense layer per character slot."""
+    L = tf.keras.layers
+
+    def block(x, ch, stride=1):  # noqa: ANN001, ANN202
+        x = L.Conv2D(ch, 3, strides=stride, padding="same", use_bias=False)(x)
+        x = L.BatchNormalization()(x)
+        return L.ReLU(6.0)(x)
+
+    inp = tf.keras.Input((INPUT_H, INPUT_W, 1), name="image")
+    x = block(inp, 24, 2)  # 20x64
+    x = block(x, 32)
+    x = L.MaxPooling2D(2)(x)  # 10x32
+    x = block(x, 48)
+    x = block(x, 64)
+    x = L.MaxPooling2D(2)(x)  # 5x16
+    x = block(x, 96)
+    x = block(x, 96)
+    x = L.MaxPooling2D((2, 2))(x)  # 2x8
+    x = L.Conv2D(64, 1, use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    x = L.Flatten()(x)
+    x = L.Dropout(0.3)(x)
+    x = L.Dense(MAX_LEN * NUM_CLASSES)(x)
+    x = L.Reshape((MAX_LEN, NUM_CLASSES))(x)
+    out = L.Softmax(dtype="float32", name="slots")(x)
+    return tf.keras.Model(inp, out, name="lprd_reader")
+
+
+def _load_chunks(cache: Path, pattern: str, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+    files = sorted(cache.glob(pattern))[-limit:]
+    if not files:
+        return None
+    xs, ys = [], []
+    for f in files:
+        with np.load(f) as z:
+            xs.append(z["x"])
+            ys.append(z["y"])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def exact_rate(pred: np.ndarray, ys: np.ndarray) -> float:
+    return float((pred.argmax(-1) == ys).all(axis=1).mean())
+
+
+def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:  # noqa: ANN001
+    """Full-integer int8 (uint8 input, float output), calibrated on `rep` (grey uint8 crops)."""
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+
+    def gen():  # noqa: ANN202
+        for i in range(min(len(rep), 400)):
+            yield [rep[i:i + 1, :, :, None].astype(np.float32) / 255.0]
+
+    conv.representative_dataset = gen
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.uint8
+    conv.inference_output_type = tf.float32
+    data = conv.convert()
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def evaluate_tflite(path: Path, crops: list, max_n: int = 100_000) -> dict:
+    """Exact-read rate of the exported model on real crops, per set and overall."""
+    import cv2
+
+    from lprd.config import ReaderConfig
+
+    reader = PlateReader(ReaderConfig(model=path))
+    per: dict[str, list[int]] = {}
+    for c in crops[:max_n]:
+        img = cv2.imread(str(c.path))
+        if img is None:
+            continue
+        ok = int(reader.read(img).text == c.text)
+        per.setdefault(c.set, []).append(ok)
+    res = {s: {"n": len(v), "exact": round(float(np.mean(v)), 4)} for s, v in per.items()}
+    allv = [x for v in per.values() for x in v]
+    res["all"] = {"n": len(allv), "exact": round(float(np.mean(allv)) if allv else 0.0, 4)}
+    return res
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(ep, [h["loss"] for h in history], label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    for key in ("train_exact", "synth_val_exact", "real_heldout_exact"):
+        ax[1].plot(ep, [h.get(key, np.nan) for h in history], label=key)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lprd-train reader", description=__doc__)
+    ap.add_argument("--run-dir", type=Path, default=REPO / "runs" / "reader")
+    ap.add_argument("--cache", type=Path, default=REPO / "cache" / "reader")
+    ap.add_argument("--out", type=Path, default=REPO / "models" / "reader.tflite")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--steps-per-epoch", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--initial-chunks", type=int, default=4)
+    ap.add_argument("--max-chunks", type=int, default=60, help="synthetic chunks of 10k to render")
+    ap.add_argument("--window", type=int, default=12, help="newest synthetic chunks used per epoch")
+    ap.add_argument("--threads", type=int, default=1, help="TensorFlow threads (intra-op)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--deadline", type=float, default=0, help="stop after this epoch time (unix s)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    # float32: bfloat16 is emulated (5x slower) on CPUs without AVX512-BF16, like ours
+    tf.keras.utils.set_random_seed(args.seed)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
+
+    # first chunks in the foreground (both cores), the rest in the background
+    have = len(list(args.cache.glob("synth_*.npz")))
+    if have < args.initial_chunks:
+        log.info("rendering %d initial chunks of %d", args.initial_chunks - have, CHUNK)
+        with mp.get_context("spawn").Pool(2) as pool:
+            pool.starmap(_renderer, [(args.cache, k, k + 1, 1, args.seed)
+                                     for k in range(args.initial_chunks)])
+    bg = mp.get_context("spawn").Process(
+        target=_renderer, args=(args.cache, args.initial_chunks, args.max_chunks, 3, args.seed),
+        daemon=True)
+    bg.start()
+
+    crops = real_crops()
+    held = [c for c in crops if is_heldout(c.text)]
+    log.info("real crops: %d, held out by text: %d (%d unique texts)", len(crops), len(held),
+             len({c.text for c in held}))
+    hx, hy = real_arrays(held, None, 1)
+    vx, vy = render_chunk(999_999, 2000)  # fixed synthetic validation set
+
+    state_path = args.run_dir / "state.json"
+    ckpt = args.run_dir / "model.keras"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"epoch": 0,
+                                                                             "history": []}
+    total_steps = args.epochs * args.steps_per_epoch
+    sched = tf.keras.optimizers.schedules.CosineDecay(args.lr * 0.1, total_steps,
+                                                      warmup_target=args.lr,
+                                                      warmup_steps=args.steps_per_epoch)
+    if ckpt.exists():
+        model = tf.keras.models.load_model(ckpt)
+        log.info("resumed from %s at epoch %d", ckpt, state["epoch"])
+    else:
+        model = build_model(tf)
+        model.compile(optimizer=tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
+                      loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+                      metrics=[])
+    model.summary(print_fn=log.info)
+    rng = np.random.default_rng(args.seed + state["epoch"])
+
+    for epoch in range(state["epoch"], args.epochs):
+        t0 = time.time()
+        syn = _load_chunks(args.cache, "synth_*.npz", args.window)
+        real = _load_chunks(args.cache, "real_*.npz", 2)
+        xs, ys = syn
+        if real is not None:
+            xs, ys = np.concatenate([xs, real[0]]), np.concatenate([ys, real[1]])
+        n = args.steps_per_epoch * args.batch
+        idx = rng.integers(0, len(xs), n)
+        hist = model.fit(xs[idx, :, :, None], ys[idx], batch_size=args.batch, epochs=1,
+                         verbose=2 if not sys.stdout.isatty() else 1)
+        tr = exact_rate(model.predict(xs[idx[:2000], :, :, None], verbose=0), ys[idx[:2000]])
+        sv = exact_rate(model.predict(vx[:, :, :, None], verbose=0), vy)
+        rh = exact_rate(model.predict(hx[:, :, :, None], verbose=0), hy)
+        rec = {"epoch": epoch + 1, "loss": float(hist.history["loss"][-1]), "train_exact": tr,
+               "synth_val_exact": sv, "real_heldout_exact": rh, "seconds": time.time() - t0,
+               "synth_chunks": len(list(args.cache.glob("synth_*.npz")))}
+        state["history"].append(rec)
+        state["epoch"] = epoch + 1
+        model.save(ckpt)
+        state_path.write_text(json.dumps(state, indent=1))
+        plot_curves(state["history"], args.run_dir / "curves.png")
+        log.info("epoch %d/%d %s", epoch + 1, args.epochs, json.dumps(rec))
+        if (epoch + 1) % 4 == 0 or epoch + 1 == args.epochs:
+            _export(tf, model, xs, args, state, crops, held)
+        if args.deadline and time.time() > args.deadline:
+            log.info("deadline reached; exporting and stopping (resume with the same command)")
+            _export(tf, model, xs, args, state, crops, held)
+            break
+    bg.terminate()
+    return 0
+
+
+def _export(tf, model, xs, args, state, crops, held) -> None:  # noqa: ANN001
+    meta = {
+        "kind": "reader",
+        "version": f"reader-{time.strftime('%Y%m%d')}-e{state['epoch']}",
+        "alphabet": ALPHABET,
+        "pad": PAD,
+        "max_len": MAX_LEN,
+        "input_size": [INPUT_H, INPUT_W],
+        "input": "grey, uint8 0-255 (quantised from [0,1])",
+        "crop_margin": [0.03, 0.08],
+        "data": {
+            "synthetic": "lprd.train.render layouts " + "/".join(
+                ["us", "eu", "uk", "br", "ar", "mercosur", "generic"]),
+            "real_sets": list(CROP_SETS),
+            "real_train_crops": len(crops) - len(held),
+            "real_heldout_crops": len(held),
+            "split": "by plate text, sha1('lprd-split-'+text) % 1000 < 200 is held out",
+        },
+        "epochs": state["epoch"],
+    }
+    export_tflite(tf, model, xs[:2000], args.out, meta)
+    res = evaluate_tflite(args.out, held)
+    meta["heldout_exact_int8"] = res
+    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("exported %s (%d bytes): held-out real exact (int8) %s", args.out,
+             args.out.stat().st_size, json.dumps(res))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
