@@ -194,17 +194,19 @@ class Supervisor:
         except (PublisherConfigError, OSError) as e:
             print(f"{self.config_path}: {e}", file=sys.stderr)
             return 2
-        self._start_sync()
-        for name, ccfg in self.cfg.cameras.items():
-            self._add_camera(name, ccfg)
-        if self.once and not self.cameras:
-            log.warning("--once: no enabled file camera in %s; nothing to do", self.config_path)
-        self._start_worker()
-        self._pinger = WatchdogPinger(self.notifier, WatchdogGate(self.cfg.service.hang_timeout),
-                                      self._heartbeats)
-        self._pinger.start()
         code = 0
         try:
+            self._start_sync()
+            for name, ccfg in self.cfg.cameras.items():
+                self._add_camera(name, ccfg)
+            if self.once and not self.cameras:
+                log.warning("--once: no enabled file camera in %s; nothing to do",
+                            self.config_path)
+            self._start_worker()
+            self._pinger = WatchdogPinger(self.notifier,
+                                          WatchdogGate(self.cfg.service.hang_timeout),
+                                          self._heartbeats)
+            self._pinger.start()
             while True:
                 self.loop_beat = time.monotonic()
                 if self.flags.stop:
@@ -248,7 +250,7 @@ class Supervisor:
         beats = {"supervisor": self.loop_beat}
         if not self.worker.done:
             beats["inference"] = self.worker.beat
-        for cam in self.cameras.values():
+        for cam in list(self.cameras.values()):  # list(): the loop may change the dict
             if not cam.child.done:
                 beats[f"capture:{cam.name}"] = cam.child.beat
         return beats
@@ -268,7 +270,13 @@ class Supervisor:
                 ccfg = ccfg.model_copy(update={"loop": False})  # --once must reach an end
         self._gen += 1
         h, w = ring_shape(ccfg)
-        ring = FrameRing.create(f"lprd-{os.getpid()}-{name}-{self._gen}", ccfg.ring_slots, h, w)
+        try:
+            ring = FrameRing.create(f"lprd-{os.getpid()}-{name}-{self._gen}", ccfg.ring_slots,
+                                    h, w)
+        except OSError as e:  # /dev/shm full or too small: the other cameras still run
+            log.error("camera %s: cannot create its %d-slot frame ring of %dx%d: %s", name,
+                      ccfg.ring_slots, w, h, e)
+            return
         cam = _Camera(name, ccfg, ring, _Child(f"capture:{name}", _capture_entry))
         self.cameras[name] = cam
         self._start_capture(cam)
