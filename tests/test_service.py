@@ -269,3 +269,56 @@ def test_a_child_killed_with_sigkill_is_restarted(tmp_path, mosquitto, mqtt_subs
     sub.wait_for(lambda ms: len(ms) > n, timeout=40, topic_filter="lprd/demo/plate")
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
+
+
+@pytest.fixture(scope="module")
+def demo_jpegs() -> list[bytes]:
+    """The demo clip's frames as JPEGs, for a live camera that shows the demo street."""
+    import cv2
+
+    from lprd.demo import demo_frames, demo_script
+
+    return [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+            for f in demo_frames(demo_script())]
+
+
+def test_a_live_mjpeg_camera_that_drops_and_comes_back_gives_events_after_the_gap(
+        tmp_path, mosquitto, mqtt_subscriber, daemons, demo_jpegs):
+    from streams import MjpegServer
+
+    class DemoCamera(MjpegServer):
+        def _jpeg(self, index: int) -> bytes:
+            return demo_jpegs[index % len(demo_jpegs)]
+
+    cam = DemoCamera(fps=15).start()
+    try:
+        sub = mqtt_subscriber(mosquitto, "lprd/#")
+        cams = {"street": {"source": cam.url, "fps": 5, "stall_timeout": 2,
+                           "reconnect": {"initial": 0.5, "max": 1}}}
+        d = start(daemons, write_config(tmp_path / "c.yaml", cams, mosquitto, tmp_path / "st",
+                                        tracker={"track_timeout": 0.5}))
+        sub.wait_for(lambda ms: len(ms) >= 1, timeout=40, topic_filter="lprd/street/plate")
+        cam.stop()
+        sub.wait_for(lambda ms: ms and not ms[-1].json()["connected"], timeout=20,
+                     topic_filter="lprd/street/state")
+        d.wait_log(r"street: .*retrying in")
+        gap_end = time.time()
+        cam.start()
+        sub.wait_for(lambda ms: ms and ms[-1].json()["connected"], timeout=20,
+                     topic_filter="lprd/street/state")
+
+        def after_gap(ms: list) -> bool:
+            return any(_epoch(m.json()["first_seen"]) > gap_end for m in ms)
+
+        sub.wait_for(after_gap, timeout=40, topic_filter="lprd/street/plate")
+        assert d.proc.poll() is None
+        d.signal(signal.SIGTERM)
+        assert d.wait(10) == 0
+    finally:
+        cam.stop()
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()  # 3.11 reads the trailing Z
