@@ -14,7 +14,9 @@ import cv2
 import numpy as np
 
 from lprd.config import Config
-from lprd.types import Box, Detection, Observation, Read
+from lprd.ring import FrameHeader, FrameRing, Lapped
+from lprd.track import Tracker
+from lprd.types import Box, Detection, Observation, PlateEvent, Read
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +186,7 @@ class _Feed:
     def __init__(self, camera: str, spec: CameraSpec):
         self.camera = camera
         self.spec = spec
-        self.ring = None  # FrameRing once the capture process has created it
+        self.ring: FrameRing | None = None  # attached on first use
         self.next_seq = 0  # every_frame mode: the next seq to analyse
         self.done_seq = 0  # newest seq analysed or skipped
         self.frames = 0
@@ -194,14 +196,12 @@ class _Feed:
         self._attach_warned = False
 
     def attach(self) -> bool:
-        from lprd.ring import FrameRing
-
         if self.ring is not None:
             return True
         try:
             self.ring = FrameRing.attach(self.spec.ring)
         except FileNotFoundError:
-            return False  # not created yet: the capture has not opened its source
+            return False  # the supervisor creates rings before it says so; keep trying
         except ValueError as e:  # half-made header: try again next loop
             if not self._attach_warned:
                 log.debug("camera %s: ring not ready: %s", self.camera, e)
@@ -212,10 +212,8 @@ class _Feed:
                   self.next_seq)
         return True
 
-    def next_frame(self) -> tuple[object, np.ndarray] | None:
+    def next_frame(self) -> tuple[FrameHeader, np.ndarray] | None:
         """(header, owned frame copy) of the next frame to analyse, or None for now."""
-        from lprd.ring import Lapped
-
         if not self.attach():
             return None
         ring = self.ring
@@ -276,15 +274,12 @@ def _open_watchlist(cfg: Config) -> Any:
 class InferenceWorker:
     """The loop of the inference process: rings -> pipeline -> trackers -> watchlist -> events."""
 
-    def __init__(self, cfg: Config, pipeline: PlatePipeline, out: object,
+    def __init__(self, cfg: Config, pipeline: PlatePipeline, out: Any,
                  cameras: dict[str, CameraSpec]):
-        from lprd.track import Tracker
-
         self.cfg = cfg
         self.pipeline = pipeline
         self.out = out  # anything with put(): the queue to the supervisor
         self.models = pipeline.models
-        self._tracker_cls = Tracker
         self.feeds: dict[str, _Feed] = {}
         self.trackers: dict[str, Tracker] = {}
         self.watchlist = _open_watchlist(cfg)
@@ -298,7 +293,7 @@ class InferenceWorker:
         for name, spec in cameras.items():
             if name not in self.feeds:
                 self.feeds[name] = _Feed(name, spec)
-                self.trackers[name] = self._tracker_cls(self.cfg.tracker, name, models=self.models)
+                self.trackers[name] = Tracker(self.cfg.tracker, name, models=self.models)
 
     def _finish(self, name: str, send_drained: bool) -> None:
         feed = self.feeds.pop(name)
@@ -358,7 +353,7 @@ class InferenceWorker:
             self._send(tracker.update(obs, header.ts))
         return busy
 
-    def _send(self, events: list) -> None:
+    def _send(self, events: list[PlateEvent]) -> None:
         for ev in events:
             if self.watchlist is not None:
                 try:
@@ -402,8 +397,8 @@ def child_signals() -> None:
         os._exit(1)
 
 
-def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: object, out: object,
-                   stop: object, log_level: str = "info") -> None:
+def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: Any, out: Any,
+                   stop: Any, log_level: str = "info") -> None:
     """Process target: load the models, then analyse frames until `stop` is set.
 
     `ctl` (a queue) brings SetCameras / EndOfStream / ReloadWatchlist; `out` (a queue) takes
