@@ -76,6 +76,24 @@ class ReaderConfig(_Strict):
     min_confidence: float = Field(0.3, ge=0.0, le=1.0, description="reads below are dropped")
     topn: int = Field(5, ge=1, le=50)
     min_chars: int = Field(3, ge=1)
+    formats: list[str] = Field(
+        default_factory=list,
+        description="plate formats of your region, L = letter, N = digit, X = either "
+        "(e.g. LLLNNNN, LLLNLNN); a read that fits none is replaced by the likeliest one that "
+        "fits when the model finds that nearly as likely",
+    )
+    format_ratio: float = Field(
+        0.02, gt=0, le=1, description="how much less likely than the raw read a fitting read "
+        "may be and still win",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if not f or len(f) > 10 or set(f) - set("LNX"):
+                raise ValueError(f"format {f!r} must be 1-10 of L (letter), N (digit), X (either)")
+        return v
 
 
 class TrackerConfig(_Strict):
@@ -238,8 +256,8 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(source, ["(top level): must be a mapping of keys, not "
-                                   f"{type(data).__name__}"])
+        kind = type(data).__name__
+        raise ConfigError(source, [f"(top level): must be a mapping of keys, not {kind}"])
     try:
         return Config.model_validate(data)
     except ValidationError as e:

@@ -43,6 +43,47 @@ def decode(probs: np.ndarray, alphabet: str = ALPHABET, topn: int = 5) -> Read:
                 candidates=tuple(_top_reads(probs, classes, topn)))
 
 
+def decode_with_formats(probs: np.ndarray, formats: list[str], ratio: float,
+                        alphabet: str = ALPHABET, topn: int = 5) -> Read:
+    """Like `decode`, but prefers a read that fits one of `formats` (L letter, N digit, X any).
+
+    The fitting read wins when its probability is at least `ratio` times the raw read's: the
+    model's slot distributions act as the likelihood and the format list as a prior.
+    """
+    raw = decode(probs, alphabet, topn)
+    if not formats or any(_fits(raw.text, f) for f in formats):
+        return raw
+    pad = len(alphabet)
+    is_digit = np.array([ch.isdigit() for ch in alphabet])
+    best: tuple[float, np.ndarray] | None = None
+    for f in formats:
+        if len(f) > probs.shape[0]:
+            continue
+        idx = np.full(probs.shape[0], pad)
+        p = 1.0
+        for i, kind in enumerate(f):
+            allowed = is_digit if kind == "N" else ~is_digit if kind == "L" else np.ones_like(is_digit)
+            row = np.where(allowed, probs[i, :pad], -1.0)
+            idx[i] = int(row.argmax())
+            p *= float(row[idx[i]])
+        p *= float(np.prod(probs[len(f):, pad]))
+        if best is None or p > best[0]:
+            best = (p, idx)
+    if best is None or best[0] < ratio * raw.confidence:
+        return raw
+    p, idx = best
+    chars = tuple(CharProb(alphabet[k], float(probs[i, k])) for i, k in enumerate(idx) if k != pad)
+    text = "".join(c.c for c in chars)
+    # the fitting read leads; the raw alternatives follow, renormalised as before
+    cands = [Candidate(text, p)] + [c for c in raw.candidates if c.plate != text][: topn - 1]
+    return Read(text=text, confidence=p, chars=chars, candidates=tuple(cands))
+
+
+def _fits(text: str, fmt: str) -> bool:
+    return len(text) == len(fmt) and all(
+        k == "X" or (k == "N") == ch.isdigit() for ch, k in zip(text, fmt, strict=True))
+
+
 def _top_reads(probs: np.ndarray, classes: str, topn: int, per_slot: int = 3) -> list[Candidate]:
     """k-best slot sequences by beam search over the slots' log-probabilities, merged by text."""
     beams: list[tuple[float, str]] = [(0.0, "")]
@@ -63,7 +104,7 @@ def _top_reads(probs: np.ndarray, classes: str, topn: int, per_slot: int = 3) ->
 
 def expand_box(box: Box, frame_w: int, frame_h: int, margin: tuple[float, float]) -> Box:
     x, y, w, h = box
-    mx, my = int(round(w * margin[0])), int(round(h * margin[1]))
+    mx, my = round(w * margin[0]), round(h * margin[1])
     x0, y0 = max(0, x - mx), max(0, y - my)
     x1, y1 = min(frame_w, x + w + mx), min(frame_h, y + h + my)
     return (x0, y0, max(1, x1 - x0), max(1, y1 - y0))
@@ -105,7 +146,11 @@ class PlateReader:
     def read(self, crop_bgr: np.ndarray) -> Read:
         if crop_bgr.size == 0:
             raise ValueError("empty crop")
-        return decode(self.probs(crop_bgr), self.alphabet, self.cfg.topn)
+        probs = self.probs(crop_bgr)
+        if self.cfg.formats:
+            return decode_with_formats(probs, self.cfg.formats, self.cfg.format_ratio,
+                                       self.alphabet, self.cfg.topn)
+        return decode(probs, self.alphabet, self.cfg.topn)
 
     def read_box(self, frame_bgr: np.ndarray, box: Box) -> Read:
         h, w = frame_bgr.shape[:2]

@@ -20,7 +20,11 @@ import numpy as np
 
 from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader
 from lprd.train.reader_data import (
-    CROP_SETS, DATA_ROOT, real_arrays, real_crops, render_chunk, is_heldout,
+    CROP_SETS,
+    is_heldout,
+    real_arrays,
+    real_crops,
+    render_chunk,
 )
 
 log = logging.getLogger("lprd.train.reader")
@@ -48,11 +52,11 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int)
                 os.replace(str(rout) + ".tmp.npz", rout)
 
 
-def build_model(tf):  # noqa: ANN001, ANN201 - keras types only exist with the train extra
+def build_model(tf):
     """Plain conv stack (int8-friendly) and one dense layer per character slot."""
     L = tf.keras.layers
 
-    def block(x, ch, stride=1):  # noqa: ANN001, ANN202
+    def block(x, ch, stride=1):
         x = L.Conv2D(ch, 3, strides=stride, padding="same", use_bias=False)(x)
         x = L.BatchNormalization()(x)
         return L.ReLU(6.0)(x)
@@ -94,12 +98,12 @@ def exact_rate(pred: np.ndarray, ys: np.ndarray) -> float:
     return float((pred.argmax(-1) == ys).all(axis=1).mean())
 
 
-def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:  # noqa: ANN001
+def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
     """Full-integer int8 (uint8 input, float output), calibrated on `rep` (grey uint8 crops)."""
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
 
-    def gen():  # noqa: ANN202
+    def gen():
         for i in range(min(len(rep), 400)):
             yield [rep[i:i + 1, :, :, None].astype(np.float32) / 255.0]
 
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _export(tf, model, xs, args, state, crops, held) -> None:  # noqa: ANN001
+def _export(tf, model, xs, args, state, crops, held) -> None:
     meta = {
         "kind": "reader",
         "version": f"reader-{time.strftime('%Y%m%d')}-e{state['epoch']}",
@@ -264,8 +268,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:  # noqa: ANN001
         "input": "grey, uint8 0-255 (quantised from [0,1])",
         "crop_margin": [0.03, 0.08],
         "data": {
-            "synthetic": "lprd.train.render layouts " + "/".join(
-                ["us", "eu", "uk", "br", "ar", "mercosur", "generic"]),
+            "synthetic": "lprd.train.render layouts us/eu/uk/br/ar/mercosur/generic",
             "real_sets": list(CROP_SETS),
             "real_train_crops": len(crops) - len(held),
             "real_heldout_crops": len(held),

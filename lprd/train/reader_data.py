@@ -95,7 +95,7 @@ def synth_sample(rng: np.random.Generator, plate: np.ndarray) -> np.ndarray:
         cv2.rectangle(canvas, (m - t, m - t), (m + pw + t, m + ph + t),
                       tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
     src = np.float32([[0, 0], [pw, 0], [pw, ph], [0, ph]])
-    j = lambda s: rng.normal(0, s)  # noqa: E731
+    j = lambda s: rng.normal(0, s)
     ang = np.deg2rad(rng.normal(0, 2.5))
     c, s = np.cos(ang), np.sin(ang)
     dst = []
@@ -132,7 +132,7 @@ def synth_sample(rng: np.random.Generator, plate: np.ndarray) -> np.ndarray:
     if rng.random() < 0.5:
         g = np.clip(g + rng.normal(0, _u(rng, 2, 12), g.shape), 0, 255).astype(np.uint8)
     if rng.random() < 0.6:
-        ok, enc = cv2.imencode(".jpg", g, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(25, 95))])
+        _, enc = cv2.imencode(".jpg", g, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(25, 95))])
         g = cv2.imdecode(enc, cv2.IMREAD_GRAYSCALE)
     return cv2.resize(g, (INPUT_W, INPUT_H), interpolation=cv2.INTER_LINEAR)
 
@@ -159,7 +159,7 @@ def real_sample(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     if rng.random() < 0.3:
         g = cv2.GaussianBlur(g, (0, 0), _u(rng, 0.3, 1.0))
     if rng.random() < 0.4:
-        ok, enc = cv2.imencode(".jpg", g, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(25, 95))])
+        _, enc = cv2.imencode(".jpg", g, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(25, 95))])
         g = cv2.imdecode(enc, cv2.IMREAD_GRAYSCALE)
     return cv2.resize(g, (INPUT_W, INPUT_H), interpolation=cv2.INTER_LINEAR)
 
@@ -232,4 +232,4 @@ def real_arrays(crops: list[RealCrop], rng: np.random.Generator | None, copies: 
     return np.stack(xs), np.stack(ys)
 
 
-__all__ = ["ALPHABET", "PAD", "render_chunk", "real_crops", "real_arrays", "is_heldout"]
+__all__ = ["ALPHABET", "PAD", "is_heldout", "real_arrays", "real_crops", "render_chunk"]

@@ -89,7 +89,7 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size)
 
 
-def _pick(rng: np.random.Generator, seq):  # noqa: ANN001, ANN202 - tiny helper
+def _pick(rng: np.random.Generator, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
@@ -191,7 +191,7 @@ def _paste_fit(canvas: Image.Image, item: Image.Image, box: tuple[int, int, int,
     canvas.alpha_composite(item, (x0 + (bw - item.width) // 2, y0 + (bh - item.height) // 2))
 
 
-def _small_text(rng: np.random.Generator, text: str, height: int, color) -> Image.Image:  # noqa: ANN001
+def _small_text(rng: np.random.Generator, text: str, height: int, color) -> Image.Image:
     return _draw_line(rng, text, _pick(rng, _decor_fonts()), max(4, height), color,
                       condense=float(rng.uniform(0.8, 1.1)), spacing=0.08, stroke=0)
 
@@ -282,7 +282,7 @@ def render_plate(rng: np.random.Generator, layout: str | None = None) -> Rendere
         x0 = bw + int(W * 0.03)
     if top is not None:
         th = int(H * (0.16 if layout.startswith("us") else 0.13))
-        ty = int(H * 0.03) if not layout.startswith("mercosur") else int(H * 0.03)
+        ty = int(H * 0.03)
         _paste_fit(img, _small_text(rng, top, th, top_color), (x0, ty, x1, ty + th + 4))
         if not layout.startswith("mercosur"):
             y0 = ty + th + int(H * 0.05)

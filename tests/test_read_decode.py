@@ -1,0 +1,63 @@
+"""The reader's decoding: slot probabilities -> text, per-character confidence, alternatives."""
+
+import numpy as np
+import pytest
+
+from lprd.config import ConfigError, parse_config
+from lprd.read import ALPHABET, MAX_LEN, decode, decode_with_formats, encode_text
+
+PAD = len(ALPHABET)
+
+
+def _probs(slots: list[dict[str, float]]) -> np.ndarray:
+    """Slot distributions: given chars get the given mass, the rest is spread evenly."""
+    p = np.zeros((MAX_LEN, PAD + 1), np.float32)
+    for i in range(MAX_LEN):
+        spec = slots[i] if i < len(slots) else {"_": 0.99}
+        for ch, v in spec.items():
+            p[i, PAD if ch == "_" else ALPHABET.index(ch)] = v
+        rest = 1.0 - p[i].sum()
+        p[i][p[i] == 0] = rest / (p[i] == 0).sum()
+    return p
+
+
+def test_encode_pads_after_the_text():
+    lab = encode_text("AB1")
+    assert list(lab[:3]) == [10, 11, 1] and (lab[3:] == PAD).all()
+
+
+def test_decode_reads_text_with_char_probabilities_and_ranked_candidates():
+    p = _probs([{"A": 0.9}, {"B": 0.6, "8": 0.35}, {"C": 0.95}, {"1": 0.97}])
+    r = decode(p, topn=3)
+    assert r.text == "ABC1"
+    assert [c.c for c in r.chars] == list("ABC1")
+    assert r.chars[1].p == pytest.approx(0.6, abs=1e-3)
+    assert r.candidates[0].plate == "ABC1"
+    assert r.candidates[1].plate == "A8C1"
+    assert r.candidates[0].confidence > r.candidates[1].confidence
+    assert r.confidence == pytest.approx(r.candidates[0].confidence, rel=1e-3)
+
+
+def test_format_prefers_a_fitting_read_when_nearly_as_likely():
+    # the model leans to "O" in a digit position of LLLNNNN (0/O confusion)
+    slots = [{"A": 0.95}, {"B": 0.95}, {"C": 0.95}, {"O": 0.55, "0": 0.4},
+             {"1": 0.95}, {"2": 0.95}, {"3": 0.95}]
+    p = _probs(slots)
+    assert decode(p).text == "ABCO123"
+    r = decode_with_formats(p, ["LLLNNNN"], ratio=0.05)
+    assert r.text == "ABC0123"
+    assert r.candidates[0].plate == "ABC0123"
+    assert "ABCO123" in [c.plate for c in r.candidates]
+
+
+def test_format_does_not_override_a_confident_read():
+    slots = [{"A": 0.95}, {"B": 0.95}, {"C": 0.95}, {"O": 0.97},
+             {"1": 0.95}, {"2": 0.95}, {"3": 0.95}]
+    r = decode_with_formats(_probs(slots), ["LLLNNNN"], ratio=0.5)
+    assert r.text == "ABCO123"
+
+
+def test_bad_format_in_config_names_the_key():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"reader": {"formats": ["LLL-NNN"]}})
+    assert "reader.formats" in str(e.value)
