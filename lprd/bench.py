@@ -72,6 +72,8 @@ class BenchResult:
             "stages": stages, "total_ms": round(total, 3),
             "fps": round(1000.0 / total, 2) if total > 0 else 0.0,
             "plates_per_frame": round(self.plates / self.frames, 3) if self.frames else 0.0,
+            "read_ms_per_plate": round(sum(self.stage_ms.get("read", [])) / self.plates, 3)
+            if self.plates else 0.0,
             "observations": self.observations, "events": self.events,
             "rss_mb": round(self.rss_mb, 1), "peak_rss_mb": round(self.peak_rss_mb, 1),
         }
@@ -159,7 +161,8 @@ def format_table(summary: dict) -> str:
         f"{'total':<8} {summary['total_ms']:>9.2f}",
         "",
         f"frames per second: {summary['fps']:.1f} (one inference process)",
-        f"plates read per frame: {summary['plates_per_frame']:.2f}; events: {summary['events']}",
+        (f"plates read per frame: {summary['plates_per_frame']:.2f} "
+         f"({summary['read_ms_per_plate']:.2f} ms each); events: {summary['events']}"),
         f"resident memory: {summary['rss_mb']:.0f} MB now, {summary['peak_rss_mb']:.0f} MB peak",
     ]
     return "\n".join(lines)
