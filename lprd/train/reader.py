@@ -138,6 +138,50 @@ def evaluate_tflite(path: Path, crops: list, max_n: int = 100_000) -> dict:
     return res
 
 
+def evaluate_synthetic(path: Path, per_layout: int = 200, seed: int = 424242) -> dict:
+    """Exact-read rate on a fixed, seeded set of rendered plates of every layout."""
+    from lprd.config import ReaderConfig
+    from lprd.train.reader_data import synth_sample
+    from lprd.train.render import LAYOUTS, render_plate
+
+    reader = PlateReader(ReaderConfig(model=path))
+    res = {}
+    for k, layout in enumerate(LAYOUTS):
+        rng = np.random.default_rng(seed + k)
+        ok = 0
+        for _ in range(per_layout):
+            p = render_plate(rng, layout)
+            ok += reader.read(synth_sample(rng, p.image)).text == p.text
+        res[layout] = round(ok / per_layout, 4)
+    res["all"] = round(float(np.mean(list(res.values()))), 4)
+    return res
+
+
+def latency_ms(path: Path, n: int = 500) -> dict:
+    """Per-crop time on one thread (preprocessing + invoke + decode)."""
+    from lprd.config import ReaderConfig
+
+    reader = PlateReader(ReaderConfig(model=path), num_threads=1)
+    crop = np.random.default_rng(0).integers(0, 255, (30, 90, 3), dtype=np.uint8)
+    for _ in range(20):
+        reader.read(crop)
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        reader.read(crop)
+        ts.append((time.perf_counter() - t) * 1000)
+    return {"p50": round(float(np.percentile(ts, 50)), 3),
+            "p95": round(float(np.percentile(ts, 95)), 3)}
+
+
+def report(path: Path) -> dict:
+    """`--evaluate`: held-out real crops per set, seeded synthetic per layout, latency."""
+    held = [c for c in real_crops() if is_heldout(c.text)]
+    return {"model": str(path), "real_heldout": evaluate_tflite(path, held),
+            "synthetic_seeded": evaluate_synthetic(path), "latency_ms_1thread": latency_ms(path),
+            "size_bytes": path.stat().st_size}
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -174,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="TensorFlow threads (intra-op)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=0, help="stop after this epoch time (unix s)")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="only score --out (held-out real crops, seeded synthetic, latency)")
     args = ap.parse_args(argv)
+    if args.evaluate:
+        print(json.dumps(report(args.out), indent=2))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
     import tensorflow as tf
