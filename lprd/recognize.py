@@ -6,6 +6,7 @@ Like OpenALPR's `alpr -j`: one JSON line per image (or per vehicle event for a v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -218,6 +219,17 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
     yield from tracker.flush(now=ts)
 
 
+def _write_event_crop(folder: Path, video: Path, ev: PlateEvent, taken: set[Path]) -> None:
+    assert ev.crop_jpeg is not None
+    crop = cv2.imdecode(np.frombuffer(ev.crop_jpeg, np.uint8), cv2.IMREAD_COLOR)
+    if crop is None:
+        return
+    plates = [{"plate": ev.plate, "confidence": ev.confidence, "box": [0, 0, 0, 0]}]
+    kind = "final" if ev.final else "early"
+    dest = _unique_path(folder, f"{video.stem}-{ev.id[:8]}-{kind}", ".jpg", taken)
+    cv2.imwrite(str(dest), annotate(crop, plates, crop=True))
+
+
 def _table_image(res: dict[str, Any], out: TextIO) -> None:
     head = f"{res['image']}  {res['width']}x{res['height']}  {res['processing_ms']:.1f} ms"
     if not res["plates"]:
@@ -253,7 +265,10 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
     except ModelError as e:
         print(f"lprd recognize: {e}", file=err)
         return 2
-    pipeline = make_pipeline(detector, reader, cfg) if detector is not None else None
+    # --annotate on a video writes each event's best crop: the pipeline must keep crops then.
+    pcfg = cfg if not args.annotate or cfg.mqtt.crops else cfg.model_copy(
+        update={"mqtt": cfg.mqtt.model_copy(update={"crops": True})})
+    pipeline = make_pipeline(detector, reader, pcfg) if detector is not None else None
     topn = cfg.reader.topn
     annotate_dir = Path(args.annotate) if args.annotate else None
     if annotate_dir:
@@ -272,6 +287,10 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
                 for ev in track_video(item.path, pipeline, cfg, every=args.every):
                     if not (ev.final or args.early):
                         continue
+                    if annotate_dir and ev.crop_jpeg:
+                        _write_event_crop(annotate_dir, item.path, ev, taken)
+                    if not cfg.mqtt.crops:  # taken only for --annotate: keep the lines short
+                        ev = dataclasses.replace(ev, crop_jpeg=None)
                     if args.json:
                         print(ev.to_json(), file=out)
                     else:
@@ -328,7 +347,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--topn", type=int_range(1, 50), default=None, metavar="N",
                    help="candidates per plate (default: reader.topn of the config)")
-    p.add_argument("--annotate", metavar="DIR", help="write each image with boxes and reads drawn")
+    p.add_argument("--annotate", metavar="DIR",
+                   help="write each image with boxes and reads drawn (videos: each event's "
+                   "best plate crop with its read)")
     p.add_argument("--crops", action="store_true",
                    help="each image is already one plate crop: skip detection, only read it")
     p.add_argument("--early", action="store_true",

@@ -208,10 +208,15 @@ def test_recognize_video_prints_final_events_as_published(tmp_path: Path, capsys
 
     clip = tmp_path / "street.mp4"
     script = render_demo(clip, width=640, height=360, fps=8.0)
-    assert main(["recognize", "--json", str(clip)]) == 0
+    ann = tmp_path / "ann"
+    assert main(["recognize", "--json", "--annotate", str(ann), str(clip)]) == 0
     events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert events, "no vehicle pass found in the demo clip"
+    # One crop of each pass, named after its event; the JSON stays without the crop.
+    assert sorted(p.name for p in ann.iterdir()) == sorted(
+        f"street-{ev['id'][:8]}-final.jpg" for ev in events)
     for ev in events:
+        assert "crop_jpeg" not in ev
         assert ev["schema"] == 1 and ev["final"] is True and ev["camera"] == "street"
         assert ev["frame_size"] == [640, 360] and ev["frames"] >= 1
         assert ev["first_seen"].startswith("1970-01-01T00:00:")
