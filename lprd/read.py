@@ -121,6 +121,8 @@ class PlateReader:
             self.alphabet: str = meta["alphabet"]
             self.input_h, self.input_w = (int(v) for v in meta["input_size"])
             self.margin = tuple(meta.get("crop_margin", _DEFAULT_MARGIN))
+            # the model's input range: raw grey levels (0-255) or [0, 1]
+            self.input_scale = float(meta.get("input_range", [0, 1])[1]) / 255.0
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{self.model.path.with_suffix('.json')}: bad reader metadata ({e})"
                              ) from None
@@ -137,7 +139,7 @@ class PlateReader:
         g = crop_bgr if crop_bgr.ndim == 2 else cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2GRAY)
         g = cv2.resize(g, (self.input_w, self.input_h), interpolation=cv2.INTER_AREA
                        if g.shape[0] > self.input_h else cv2.INTER_LINEAR)
-        return (g.astype(np.float32) / 255.0)[None, :, :, None]
+        return (g.astype(np.float32) * self.input_scale)[None, :, :, None]
 
     def probs(self, crop_bgr: np.ndarray) -> np.ndarray:
         (out,) = self.model.run(self.prepare(crop_bgr))

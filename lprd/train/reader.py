@@ -105,7 +105,7 @@ def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
 
     def gen():
         for i in range(min(len(rep), 400)):
-            yield [rep[i:i + 1, :, :, None].astype(np.float32) / 255.0]
+            yield [rep[i:i + 1, :, :, None].astype(np.float32)]  # trained on raw 0-255 grey
 
     conv.representative_dataset = gen
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -218,13 +218,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="TensorFlow threads (intra-op)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=0, help="stop after this epoch time (unix s)")
+    ap.add_argument("--export-only", action="store_true",
+                    help="export the checkpoint in --run-dir to --out, then --evaluate it")
     ap.add_argument("--evaluate", action="store_true",
                     help="only score --out (held-out real crops, seeded synthetic, latency)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    if args.export_only:
+        import tensorflow as tf
+
+        state = json.loads((args.run_dir / "state.json").read_text())
+        model = tf.keras.models.load_model(args.run_dir / "model.keras")
+        crops = real_crops()
+        held = [c for c in crops if is_heldout(c.text)]
+        xs, _ = _load_chunks(args.cache, "synth_*.npz", 1)
+        _export(tf, model, xs, args, state, crops, held)
+        args.evaluate = True
     if args.evaluate:
         print(json.dumps(report(args.out), indent=2))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
     import tensorflow as tf
 
@@ -314,7 +326,8 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
         "pad": PAD,
         "max_len": MAX_LEN,
         "input_size": [INPUT_H, INPUT_W],
-        "input": "grey, uint8 0-255 (quantised from [0,1])",
+        "input": "grey, uint8",
+        "input_range": [0, 255],
         "crop_margin": [0.03, 0.08],
         "data": {
             "synthetic": "lprd.train.render layouts us/eu/uk/br/ar/mercosur/generic",
