@@ -192,6 +192,21 @@ def test_zero_byte_and_corrupt_videos_are_logged_and_the_daemon_keeps_running(
     assert "Traceback" not in d.log()
 
 
+def test_run_once_gives_up_an_unreadable_file_exits_1_and_still_reads_the_others(
+        tmp_path, daemons):
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(os.urandom(20_000))
+    cams = {"bad": {"source": str(corrupt)}, "good": {"source": str(DEMO_CLIP), "fps": 0}}
+    events = tmp_path / "events.jsonl"
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"),
+              "--once", "--events-jsonl", str(events))
+    assert d.wait(90) == 1, d.log()[-3000:]
+    assert re.search(r"camera bad: .*; --once gives this file up", d.log())
+    assert "1 file(s) could not be read" in d.log()
+    finals = [json.loads(ln) for ln in events.read_text().splitlines()]
+    assert finals and {e["camera"] for e in finals} == {"good"}
+
+
 def test_sigterm_stops_within_10_s_and_sends_the_final_event_of_an_open_track(
         tmp_path, mosquitto, mqtt_subscriber, daemons):
     sub = mqtt_subscriber(mosquitto, "lprd/#")
