@@ -97,6 +97,6 @@ def load_model(path: str | Path | None, name: str, num_threads: int = 1) -> TFLi
     try:
         interp = Interpreter(model_path=str(p), num_threads=num_threads)
         interp.allocate_tensors()
-    except Exception as e:  # the interpreter raises ValueError/RuntimeError on corrupt files
+    except (ValueError, RuntimeError) as e:  # what the interpreter raises on corrupt files
         raise ModelError(f"{p}: not a valid TFLite model ({e})") from None
     return TFLiteModel(path=p, metadata=metadata, interpreter=interp)

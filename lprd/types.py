@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 EVENT_SCHEMA = 1
 
@@ -14,7 +14,7 @@ Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the frame
 
 def iso_utc(ts: float) -> str:
     """Epoch seconds as the event's ISO 8601 form, milliseconds and a Z."""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @dataclass(frozen=True, slots=True)

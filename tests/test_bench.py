@@ -9,19 +9,6 @@ import pytest
 from lprd.bench import STAGES, format_table, memory_mb
 from lprd.cli import main
 from lprd.demo import render_demo
-from lprd.models import ModelError, default_model_path
-
-
-def _have_models() -> bool:
-    try:
-        default_model_path("detector")
-        default_model_path("reader")
-    except ModelError:
-        return False
-    return True
-
-
-needs_models = pytest.mark.skipif(not _have_models(), reason="models/*.tflite not built yet")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +23,6 @@ def test_memory_reads_this_process_resident_set():
     assert 10 < rss <= peak
 
 
-@needs_models
 def test_bench_prints_valid_json_with_every_stage(tiny_clip, capsys):
     assert main(["--config", "/nonexistent/lprd.yaml", "bench", str(tiny_clip),
                  "--frames", "20", "--warmup", "2", "--json"]) == 2  # an explicit bad config

@@ -27,20 +27,7 @@ from lprd.evaluate import (
     score_image,
     summarise,
 )
-from lprd.models import ModelError, default_model_path
 from lprd.types import Candidate, CharProb, Read
-
-
-def _have_models() -> bool:
-    try:  # the same search as the commands: $LPRD_MODELS, the repo's models/, /usr/share
-        return bool(default_model_path("reader") and default_model_path("detector"))
-    except ModelError:
-        return False
-
-
-HAVE_MODELS = _have_models()
-needs_models = pytest.mark.skipif(
-    not HAVE_MODELS, reason="models/reader.tflite and models/detector.tflite are not shipped yet")
 
 
 def read(text: str, alts: tuple[str, ...] = ()) -> Read:
@@ -263,7 +250,6 @@ def _write_labels(path: Path, recs: list[dict], extra: list[str] = ()) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + "".join(e + "\n" for e in extra))
 
 
-@needs_models
 def test_eval_scores_real_files_and_matches_the_reader_run_directly(tmp_path: Path,
                                                                     capsys) -> None:
     from lprd.config import ReaderConfig
@@ -291,7 +277,6 @@ def test_eval_scores_real_files_and_matches_the_reader_run_directly(tmp_path: Pa
         assert 0.0 <= m[key] <= 1.0, key
 
 
-@needs_models
 def test_eval_reports_bad_lines_and_images_and_scores_the_rest(tmp_path: Path, capsys) -> None:
     recs = _rendered_set(tmp_path, n_crops=3, n_scenes=1)
     (tmp_path / "images/notes.png").write_text("this is not a picture")
@@ -311,7 +296,6 @@ def test_eval_reports_bad_lines_and_images_and_scores_the_rest(tmp_path: Path, c
     assert "images            4 (1 scenes, 3 crops), 3 failed" in out
 
 
-@needs_models
 def test_eval_report_filter_and_limit(tmp_path: Path, capsys) -> None:
     recs = _rendered_set(tmp_path, n_crops=5, n_scenes=2)
     labels = tmp_path / "labels.jsonl"

@@ -21,22 +21,9 @@ from lprd.inference import (
     SetCameras,
     crop_jpeg,
 )
-from lprd.models import ModelError, default_model_path
 from lprd.ring import FrameRing
 from lprd.track import iou, text_distance
 from lprd.types import PlateEvent
-
-
-def _have_models() -> bool:
-    try:
-        default_model_path("detector")
-        default_model_path("reader")
-    except ModelError:
-        return False
-    return True
-
-
-needs_models = pytest.mark.skipif(not _have_models(), reason="models/*.tflite not built yet")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +77,6 @@ def test_crop_jpeg_is_the_plate_with_a_margin():
     assert crop_jpeg(frame, (300, 300, 10, 10)) is None  # outside the frame
 
 
-@needs_models
 def test_pipeline_finds_and_reads_the_plate_of_a_rendered_car(models, clip):
     texts = []
     for frame, plate, box in stopped_frames(clip):
@@ -106,7 +92,6 @@ def test_pipeline_finds_and_reads_the_plate_of_a_rendered_car(models, clip):
     assert min(text_distance(t, plate) for t in texts) <= 0.34, (texts, plate)
 
 
-@needs_models
 def test_pipeline_keeps_boxes_in_frame_pixels_when_an_roi_is_searched(models, clip):
     frame, _, box = stopped_car(clip)
     whole = pipeline(models, **ALL_READS).process(frame, "gate", 1, 0.0)
@@ -120,7 +105,6 @@ def test_pipeline_keeps_boxes_in_frame_pixels_when_an_roi_is_searched(models, cl
     assert iou(best_part.box, best_whole.box) > 0.5
 
 
-@needs_models
 def test_pipeline_attaches_a_jpeg_crop_when_mqtt_crops_is_on(models, clip):
     frame, _, box = stopped_car(clip)
     obs = pipeline(models, mqtt={"crops": True}, **ALL_READS).process(frame, "gate", 1, 0.0)
@@ -129,7 +113,6 @@ def test_pipeline_attaches_a_jpeg_crop_when_mqtt_crops_is_on(models, clip):
     assert img.shape[1] >= best.box[2] and img.shape[0] >= best.box[3]
 
 
-@needs_models
 def test_pipeline_drops_reads_below_the_configured_floor(models, clip):
     frame, _, _ = stopped_car(clip)
     assert pipeline(models, **ALL_READS).process(frame, "gate", 1, 0.0)
@@ -177,7 +160,6 @@ def make_worker(models: tuple, ring: FrameRing, every_frame: bool, cfg: Config |
     return w, q
 
 
-@needs_models
 def test_worker_turns_a_clip_in_a_ring_into_one_final_event_per_car(models, clip, ring):
     worker, q = make_worker(models, ring, every_frame=True)
     t0 = 1_700_000_000.0
@@ -201,7 +183,6 @@ def test_worker_turns_a_clip_in_a_ring_into_one_final_event_per_car(models, clip
     assert ring.acked == len(clip)
 
 
-@needs_models
 def test_worker_skips_frames_the_motion_gate_marked_still(models, clip, ring):
     worker, q = make_worker(models, ring, every_frame=True)
     frame, _, _ = stopped_car(clip)
@@ -214,7 +195,6 @@ def test_worker_skips_frames_the_motion_gate_marked_still(models, clip, ring):
     assert [m for m in drain(q) if isinstance(m, PlateEvent)] == []
 
 
-@needs_models
 def test_live_camera_analyses_only_the_newest_frame(models, clip, ring):
     worker, _ = make_worker(models, ring, every_frame=False)
     frame, _, _ = stopped_car(clip)
@@ -226,7 +206,6 @@ def test_live_camera_analyses_only_the_newest_frame(models, clip, ring):
     assert (feed.frames, feed.done_seq, feed.skipped) == (1, 3, 2)
 
 
-@needs_models
 def test_lapped_frames_are_skipped_with_a_warning_not_fatal(models, clip, ring, caplog):
     worker, _ = make_worker(models, ring, every_frame=True)
     frame, _, _ = stopped_car(clip)
@@ -240,7 +219,6 @@ def test_lapped_frames_are_skipped_with_a_warning_not_fatal(models, clip, ring, 
     assert "was overwritten before it was analysed" in caplog.text
 
 
-@needs_models
 def test_new_camera_set_flushes_the_tracks_of_a_removed_camera(models, clip, ring):
     worker, q = make_worker(models, ring, every_frame=True)
     for i, (frame, plate, box) in enumerate(stopped_frames(clip)):
@@ -252,7 +230,6 @@ def test_new_camera_set_flushes_the_tracks_of_a_removed_camera(models, clip, rin
     assert worker.feeds == {}
 
 
-@needs_models
 def test_worker_fills_in_the_watchlist_match(models, clip, ring, tmp_path):
     from lprd.watchlist import Watchlist, make_entry
 

@@ -436,18 +436,7 @@ def test_under_systemd_records_reach_journald_with_camera_and_event_id_fields() 
 # -- the real daemon ------------------------------------------------------------------------------
 
 
-def _have_models() -> bool:
-    from lprd.models import ModelError, default_model_path
 
-    try:
-        default_model_path("detector")
-        default_model_path("reader")
-    except ModelError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have_models(), reason="models/*.tflite not built yet")
 def test_lprd_run_notifies_ready_watchdog_and_stopping_from_its_main_pid(
     notify_socket: NotifySocket, tmp_path: Path
 ) -> None:

@@ -11,21 +11,9 @@ import numpy as np
 import pytest
 
 from lprd.cli import main
-from lprd.models import ModelError, default_model_path
 from lprd.recognize import Input, InputError, annotate, expand_inputs, load_image, plate_dict
 from lprd.types import Candidate, CharProb, Read
 
-
-def _have_models() -> bool:
-    try:  # the same search as the commands: $LPRD_MODELS, the repo's models/, /usr/share
-        return bool(default_model_path("reader") and default_model_path("detector"))
-    except ModelError:
-        return False
-
-
-HAVE_MODELS = _have_models()
-needs_models = pytest.mark.skipif(
-    not HAVE_MODELS, reason="models/reader.tflite and models/detector.tflite are not shipped yet")
 IMAGE_KEYS = {"image", "width", "height", "processing_ms", "plates"}
 PLATE_KEYS = {"plate", "confidence", "box", "candidates"}
 
@@ -134,7 +122,6 @@ def _scene(tmp_path: Path, plate: np.ndarray, name: str = "scene.jpg") -> tuple[
     return path, (255, 330, pw, ph)
 
 
-@needs_models
 def test_recognize_crops_prints_one_json_line_per_image_with_the_readers_read(
         tmp_path: Path, capsys) -> None:
     from lprd.config import ReaderConfig
@@ -160,7 +147,6 @@ def test_recognize_crops_prints_one_json_line_per_image_with_the_readers_read(
         assert plate["confidence"] == pytest.approx(direct.confidence, abs=1e-4)
 
 
-@needs_models
 def test_recognize_reports_each_bad_file_and_still_reads_the_others(
         tmp_path: Path, bad_files, capsys) -> None:
     plates = _plates(tmp_path, n=2)
@@ -177,7 +163,6 @@ def test_recognize_reports_each_bad_file_and_still_reads_the_others(
     assert errs[3] == "lprd recognize: 3 of 5 input(s) failed"
 
 
-@needs_models
 def test_recognize_scene_folder_table_and_annotations(tmp_path: Path, capsys) -> None:
     (_, _, plate), = _plates(tmp_path, n=1)
     folder = tmp_path / "scenes"
@@ -202,7 +187,6 @@ def test_recognize_scene_folder_table_and_annotations(tmp_path: Path, capsys) ->
     assert table and all(line.startswith(f"{folder / 'a.jpg'}  640x480  ") for line in table)
 
 
-@needs_models
 def test_recognize_video_prints_final_events_as_published(tmp_path: Path, capsys) -> None:
     from lprd.demo import render_demo
 
@@ -230,7 +214,6 @@ def test_recognize_video_prints_final_events_as_published(tmp_path: Path, capsys
     assert {e["id"] for e in with_early if not e["final"]} <= finals
 
 
-@needs_models
 def test_recognize_reports_a_corrupt_video(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)

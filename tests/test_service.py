@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lprd.models import ModelError, default_model_path
 from lprd.track import text_distance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,16 +23,7 @@ DEMO_CLIP = ROOT / "config" / "demo.mp4"
 DEMO_PLATES = ("QRX578", "VX864NG", "SNP8R36")  # what lprd.demo renders with its fixed seed
 
 
-def _have_models() -> bool:
-    try:
-        default_model_path("detector")
-        default_model_path("reader")
-    except ModelError:
-        return False
-    return True
 
-
-pytestmark = pytest.mark.skipif(not _have_models(), reason="models/*.tflite not built yet")
 
 
 def write_config(path: Path, cameras: dict, broker: object | None, storage: Path,
