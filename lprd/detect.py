@@ -1,0 +1,146 @@
+"""Plate detector at run time: a CenterNet-style int8 TFLite model (LiteRT), letterboxed input,
+heatmap peaks decoded to boxes in the frame's pixels."""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+from lprd.config import DetectorConfig
+from lprd.models import ModelError, TFLiteModel, load_model
+from lprd.types import Detection
+
+log = logging.getLogger(__name__)
+
+REQUIRED_META = ("version", "input", "stride", "decode")
+
+
+def letterbox(img: np.ndarray, h: int, w: int) -> tuple[np.ndarray, float]:
+    """Resize to fit (h, w) keeping the aspect, top-left aligned, zero padded; returns the scale."""
+    ih, iw = img.shape[:2]
+    s = min(h / ih, w / iw)
+    nh, nw = min(h, round(ih * s)), min(w, round(iw * s))
+    out = np.zeros((h, w, 3), np.uint8)
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    cv2.resize(img, (nw, nh), dst=out[:nh, :nw], interpolation=interp)
+    return out, s
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    """Greedy non-maximum suppression on x, y, w, h boxes; indices, best first."""
+    order = np.argsort(-scores)
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+    area = boxes[:, 2] * boxes[:, 3]
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        iw = np.clip(np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]), 0, None)
+        ih = np.clip(np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]), 0, None)
+        inter = iw * ih
+        order = rest[inter / (area[i] + area[rest] - inter + 1e-9) < iou]
+    return keep
+
+
+def decode(heat: np.ndarray, reg: np.ndarray, scale: float, frame_w: int, frame_h: int,
+           stride: int, threshold: float, nms_iou: float = 0.5, max_plates: int = 100,
+           min_width: int = 1) -> list[Detection]:
+    """Heatmap (H, W) and regression (H, W, 4: dx, dy, log w, log h in cells) to detections."""
+    peaks = (heat >= threshold) & (heat >= cv2.dilate(heat, np.ones((3, 3), np.uint8)))
+    iy, ix = np.nonzero(peaks)
+    if not iy.size:
+        return []
+    if iy.size > 4 * max_plates:  # keep NMS cheap on cluttered frames
+        top = np.argsort(-heat[iy, ix])[: 4 * max_plates]
+        iy, ix = iy[top], ix[top]
+    r = reg[iy, ix].astype(np.float32)
+    scores = heat[iy, ix].astype(np.float32)
+    cx = (ix + r[:, 0]) * stride / scale
+    cy = (iy + r[:, 1]) * stride / scale
+    w = np.exp(np.clip(r[:, 2], -3, 8)) * stride / scale
+    h = np.exp(np.clip(r[:, 3], -3, 8)) * stride / scale
+    x0 = np.clip(cx - w / 2, 0, frame_w)
+    y0 = np.clip(cy - h / 2, 0, frame_h)
+    x1 = np.clip(cx + w / 2, 0, frame_w)
+    y1 = np.clip(cy + h / 2, 0, frame_h)
+    boxes = np.stack([x0, y0, x1 - x0, y1 - y0], 1)
+    ok = boxes[:, 2] >= min_width
+    boxes, scores = boxes[ok], scores[ok]
+    out = []
+    for i in nms(boxes, scores, nms_iou)[:max_plates]:
+        x, y, bw, bh = (round(float(v)) for v in boxes[i])
+        out.append(Detection(box=(x, y, bw, bh), score=float(scores[i])))
+    return out
+
+
+class PlateDetector:
+    """Finds plates in BGR frames of any size; boxes come back in the frame's pixels."""
+
+    def __init__(self, cfg: DetectorConfig, num_threads: int = 1) -> None:
+        self.cfg = cfg
+        self.model: TFLiteModel = load_model(cfg.model, "detector", num_threads)
+        meta = self.model.metadata
+        missing = [k for k in REQUIRED_META if k not in meta]
+        if missing:
+            raise ModelError(f"{self.model.path.with_suffix('.json')}: metadata lacks {missing}")
+        try:
+            self.in_h = int(meta["input"]["height"])
+            self.in_w = int(meta["input"]["width"])
+            self.stride = int(meta["stride"])
+            self.nms_iou = float(meta["decode"].get("nms_iou", 0.5))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{self.model.path.with_suffix('.json')}: bad metadata ({e})") from None
+        interp = self.model.interpreter
+        inp = interp.get_input_details()[0]
+        if tuple(inp["shape"][1:]) != (self.in_h, self.in_w, 3):
+            raise ModelError(f"{self.model.path}: input shape {tuple(inp['shape'])} does not "
+                             f"match the metadata's {self.in_h}x{self.in_w}x3")
+        self._inp = inp
+        outs = {int(d["shape"][-1]): d for d in interp.get_output_details()}
+        if set(outs) != {1, 4}:
+            raise ModelError(f"{self.model.path}: expected a 1-channel heatmap and a 4-channel "
+                             f"regression output, got {sorted(outs)} channels")
+        self._heat, self._reg = outs[1], outs[4]
+        # uint8 pixels to the int8 input with scale 1, zero point -128 is a sign-bit flip.
+        q = inp["quantization"]
+        self._xor = inp["dtype"] == np.int8 and abs(q[0] - 1.0) < 1e-6 and q[1] == -128
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def _output(self, d: dict) -> np.ndarray:
+        y = self.model.interpreter.get_tensor(d["index"])[0]
+        if d["dtype"] != np.float32:
+            scale, zero = d["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+    def detect(self, frame_bgr: np.ndarray) -> list[Detection]:
+        """Plates in a BGR uint8 frame, score-sorted, above cfg.threshold, NMS'd."""
+        if not isinstance(frame_bgr, np.ndarray) or frame_bgr.ndim != 3 \
+                or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8 or frame_bgr.size == 0:
+            raise ValueError(f"expected a BGR uint8 frame (H, W, 3), got "
+                             f"{getattr(frame_bgr, 'shape', None)} "
+                             f"{getattr(frame_bgr, 'dtype', type(frame_bgr).__name__)}")
+        fh, fw = frame_bgr.shape[:2]
+        x, scale = letterbox(frame_bgr, self.in_h, self.in_w)
+        interp = self.model.interpreter
+        if self._xor:
+            x = (x ^ np.uint8(0x80)).view(np.int8)
+        elif self._inp["dtype"] != np.float32:
+            s, z = self._inp["quantization"]
+            info = np.iinfo(self._inp["dtype"])
+            x = np.clip(np.round(x / s + z), info.min, info.max).astype(self._inp["dtype"])
+        else:
+            x = x.astype(np.float32)
+        interp.set_tensor(self._inp["index"], x[None])
+        interp.invoke()
+        heat = self._output(self._heat)[..., 0]
+        reg = self._output(self._reg)
+        return decode(heat, reg, scale, fw, fh, self.stride, self.cfg.threshold, self.nms_iou,
+                      self.cfg.max_plates, self.cfg.min_width)
