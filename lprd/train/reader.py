@@ -22,6 +22,7 @@ from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader
 from lprd.train.reader_data import (
     CROP_SETS,
     is_heldout,
+    pseudo_crops,
     real_arrays,
     real_crops,
     render_chunk,
@@ -33,10 +34,13 @@ NUM_CLASSES = len(ALPHABET) + 1
 CHUNK = 10_000
 
 
-def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int) -> None:
+def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
+              pseudo: Path | None = None) -> None:
     """Background process: keeps writing synthetic (and re-augmented real) chunks."""
     os.nice(10)
     crops = [c for c in real_crops() if not is_heldout(c.text)]
+    if pseudo is not None:
+        crops += pseudo_crops(pseudo)
     rng = np.random.default_rng(seed + 7)
     for k in range(start, stop_at):
         out = cache / f"synth_{k:04d}.npz"
@@ -218,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="TensorFlow threads (intra-op)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=0, help="stop after this epoch time (unix s)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from this checkpoint's weights (fine-tuning; new optimizer)")
+    ap.add_argument("--pseudo", type=Path, default=None,
+                    help="also train on pseudo-labelled crops in this folder (pseudo_label.py)")
     ap.add_argument("--export-only", action="store_true",
                     help="export the checkpoint in --run-dir to --out, then --evaluate it")
     ap.add_argument("--evaluate", action="store_true",
@@ -254,8 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         with mp.get_context("spawn").Pool(2) as pool:
             pool.starmap(_renderer, [(args.cache, k, k + 1, 1, args.seed)
                                      for k in range(args.initial_chunks)])
+    if args.pseudo is not None:  # real crops change: re-augment them (with pseudo) first
+        for f in args.cache.glob("real_*.npz"):
+            f.unlink()
+        _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo)
     bg = mp.get_context("spawn").Process(
-        target=_renderer, args=(args.cache, args.initial_chunks, args.max_chunks, 3, args.seed),
+        target=_renderer,
+        args=(args.cache, args.initial_chunks, args.max_chunks, 3, args.seed, args.pseudo),
         daemon=True)
     bg.start()
 
@@ -279,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resumed from %s at epoch %d", ckpt, state["epoch"])
     else:
         model = build_model(tf)
+        if args.init_from is not None:
+            model.set_weights(tf.keras.models.load_model(args.init_from).get_weights())
+            log.info("initialised from %s", args.init_from)
         model.compile(optimizer=tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
                       loss=tf.keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[])

@@ -206,6 +206,35 @@ def real_crops(root: Path = DATA_ROOT) -> list[RealCrop]:
     return out
 
 
+def pseudo_crops(folder: Path, root: Path = DATA_ROOT) -> list[RealCrop]:
+    """Pseudo-labelled real crops (`lprd.train.pseudo_label`) safe to train on: texts held out
+    from the reader and crops from scenes held out from the detector are left out."""
+    from lprd.train.scenes import is_held_out
+
+    lab = folder / "labels.jsonl"
+    if not lab.is_file():
+        return []
+    scenes: dict[tuple[str, str], dict] = {}
+    for line in lab.open():
+        r = json.loads(line)
+        s = r["source_set"]
+        if (s, "") not in scenes:
+            for sl in (root / s / "labels.jsonl").open():
+                sr = json.loads(sl)
+                scenes[(s, sr["image"])] = sr
+            scenes[(s, "")] = {}
+    out = []
+    for line in lab.open():
+        r = json.loads(line)
+        t = r["plates"][0]["text"]
+        src = scenes.get((r["source_set"], r["source_image"]))
+        if (not t or is_heldout(t) or len(t) > MAX_LEN or src is None
+                or is_held_out(r["source_set"], src, frozenset())[0]):
+            continue
+        out.append(RealCrop(folder / r["image"], t, "pseudo_" + r["source_set"], r.get("region")))
+    return out
+
+
 def is_heldout(text: str, share: float = 0.2) -> bool:
     """Split by plate text, never at random: a text's hash puts it in held-out or train."""
     h = int(hashlib.sha1(("lprd-split-" + text).encode()).hexdigest()[:8], 16)
