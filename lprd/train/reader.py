@@ -98,6 +98,21 @@ def _load_chunks(cache: Path, pattern: str, limit: int) -> tuple[np.ndarray, np.
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _load_real(cache: Path, n: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """`n` of the augmented real chunks, a fresh random pick each epoch (more augmentations)."""
+    files = sorted(cache.glob("real_*.npz"))
+    if not files:
+        return None
+    pick = rng.choice(len(files), min(n, len(files)), replace=False)
+    xs, ys = [], []
+    for i in sorted(pick):
+        with np.load(files[i]) as z:
+            xs.append(z["x"])
+            ys.append(z["y"])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
 def exact_rate(pred: np.ndarray, ys: np.ndarray) -> float:
     return float((pred.argmax(-1) == ys).all(axis=1).mean())
 
@@ -219,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--initial-chunks", type=int, default=4)
     ap.add_argument("--max-chunks", type=int, default=60, help="synthetic chunks of 10k to render")
     ap.add_argument("--window", type=int, default=12, help="newest synthetic chunks used per epoch")
+    ap.add_argument("--real-chunks", type=int, default=2,
+                    help="augmented real chunks (about 13k crops each) drawn at random per epoch")
     ap.add_argument("--threads", type=int, default=1, help="TensorFlow threads (intra-op)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=0, help="stop after this epoch time (unix s)")
@@ -304,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     for epoch in range(state["epoch"], args.epochs):
         t0 = time.time()
         syn = _load_chunks(args.cache, "synth_*.npz", args.window)
-        real = _load_chunks(args.cache, "real_*.npz", 2)
+        real = _load_real(args.cache, args.real_chunks, rng)
         xs, ys = syn
         if real is not None:
             xs, ys = np.concatenate([xs, real[0]]), np.concatenate([ys, real[1]])

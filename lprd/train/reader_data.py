@@ -147,12 +147,16 @@ def real_sample(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     ya = pad + int(h * _u(rng, -0.12, 0.08))
     yb = pad + h + int(h * _u(rng, -0.08, 0.12))
     crop = big[max(0, ya):yb, max(0, xa):xb]
+    if rng.random() < 0.4:  # seen at another angle: squeeze or stretch horizontally
+        crop = cv2.resize(crop, (max(8, int(crop.shape[1] * _u(rng, 0.75, 1.15))), crop.shape[0]))
     ang = rng.normal(0, 2.0)
     M = cv2.getRotationMatrix2D((crop.shape[1] / 2, crop.shape[0] / 2), ang, 1.0)
     crop = cv2.warpAffine(crop, M, (crop.shape[1], crop.shape[0]), borderMode=cv2.BORDER_REPLICATE)
     g = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY).astype(np.float32)
     g = (g - 128) * _u(rng, 0.6, 1.3) + 128 + _u(rng, -40, 40)
     g = np.clip(g, 0, 255).astype(np.uint8)
+    if rng.random() < 0.08:  # light-on-dark plates exist: the glyph shapes carry over
+        g = 255 - g
     if rng.random() < 0.5:
         th = int(np.exp(_u(rng, np.log(14), np.log(max(15, h)))))
         g = cv2.resize(g, (max(8, int(g.shape[1] * th / g.shape[0])), th), interpolation=cv2.INTER_AREA)
