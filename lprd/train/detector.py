@@ -30,12 +30,12 @@ NMS_IOU = 0.5
 LR_PEAK, LR_START, LR_END, WARMUP = 2e-3, 1e-4, 4e-5, 0.03
 
 
-def lr_at(frac: float) -> float:
+def lr_at(frac: float, peak: float = LR_PEAK) -> float:
     """Linear warm-up, then cosine decay, over the fraction of the time budget spent."""
     if frac < WARMUP:
-        return LR_START + (LR_PEAK - LR_START) * frac / WARMUP
+        return LR_START + (peak - LR_START) * frac / WARMUP
     c = (frac - WARMUP) / (1 - WARMUP)
-    return LR_END + (LR_PEAK - LR_END) * 0.5 * (1 + math.cos(math.pi * min(c, 1.0)))
+    return LR_END + (peak - LR_END) * 0.5 * (1 + math.cos(math.pi * min(c, 1.0)))
 
 
 def _tf():  # imported late: `--help` and the data code need no TensorFlow
@@ -154,20 +154,26 @@ def train(args: argparse.Namespace) -> int:
     else:
         keras.utils.set_random_seed(args.seed)
         model = build_model()
+        if args.init_from is not None:  # a second schedule on top of an earlier run
+            model.set_weights(keras.models.load_model(args.init_from, compile=False)
+                              .get_weights())
+            log.info("initialised from %s", args.init_from)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=[focal_loss, reg_loss])
         sps = measure_steps_per_s(model, sampler, args.batch)
         # The learning rate follows the fraction of the wall-clock budget spent, so the run
         # ends on time however busy the shared cores are; the estimate is only for the log.
         st = {"epoch": 0, "steps": args.steps, "batch": args.batch, "crop": args.crop,
-              "hours": args.hours, "elapsed_s": 0.0, "steps_done": 0,
+              "hours": args.hours, "elapsed_s": 0.0, "steps_done": 0, "lr_peak": args.lr_peak,
+              "init_from": str(args.init_from) if args.init_from else None,
               "steps_per_s_at_start": sps, "history": [],
               "started": datetime.now(UTC).isoformat(timespec="seconds")}
-        model.compile(optimizer=keras.optimizers.Adam(LR_PEAK, clipnorm=5.0),
+        model.compile(optimizer=keras.optimizers.Adam(args.lr_peak, clipnorm=5.0),
                       loss=[focal_loss, reg_loss])
         log.info("measured %.2f steps/s (batch %d, crop %d): about %d steps in %.2f h", sps,
                  args.batch, args.crop, int(sps * args.hours * 3600 * 0.9), args.hours)
         _save_state(st)
     budget = st["hours"] * 3600
+    peak = st.get("lr_peak", LR_PEAK)
     holdout = [s for s in load_scenes() if s.held_out]
     t0, base = time.time(), st["elapsed_s"]
     done = False
@@ -181,20 +187,20 @@ def train(args: argparse.Namespace) -> int:
             if frac >= 1.0:
                 done = True
                 break
-            model.optimizer.learning_rate.assign(lr_at(frac))
+            model.optimizer.learning_rate.assign(lr_at(frac, peak))
             out = model.train_on_batch(*_split(sampler.batch(st["batch"])))
             losses.append([float(v) for v in out])
             if len(losses) % 20 == 0:
                 m = np.mean(losses[-20:], 0)
                 bar.set_postfix(loss=f"{m[0]:.3f}", heat=f"{m[1]:.3f}", reg=f"{m[2]:.3f}",
-                                lr=f"{lr_at(frac):.1e}", left=f"{(1 - frac) * budget / 60:.0f}m")
+                                lr=f"{lr_at(frac, peak):.1e}", left=f"{(1 - frac) * budget / 60:.0f}m")
         bar.close()
         if not losses:
             break
         m = np.mean(losses, 0)
         st["steps_done"] += len(losses)
         rec = {"epoch": ep, "loss": m[0], "heat": m[1], "reg": m[2], "steps": st["steps_done"],
-               "lr": lr_at(min(frac, 1.0)), "time": time.time()}
+               "lr": lr_at(min(frac, 1.0), peak), "time": time.time()}
         if ep % args.eval_every == 0 or done:
             det = KerasDetector(model)
             ev = evaluate(det.detect, holdout[:: args.eval_stride], threshold=0.35)
@@ -305,7 +311,7 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
         "quantization": "full int8 (input scale 1, zero point -128), calibrated on "
                         f"{len(frames)} real training frames",
         "training": {k: st.get(k) for k in ("epoch", "steps_done", "batch", "crop", "hours",
-                                            "started")},
+                                            "started", "lr_peak", "init_from")},
         "data": data_summary(),
         "metrics": old.get("metrics", {}),
     }
@@ -491,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--crop", type=int, default=192)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--init-from", type=Path, default=None,
+                   help="with --fresh: start from this checkpoint's weights, new schedule")
+    t.add_argument("--lr-peak", type=float, default=LR_PEAK)
     t.add_argument("--eval-every", type=int, default=2)
     t.add_argument("--eval-stride", type=int, default=3, help="held-out subsample for curves")
     t.add_argument("--export-every", type=int, default=4)
