@@ -35,12 +35,13 @@ CHUNK = 10_000
 
 
 def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
-              pseudo: Path | None = None) -> None:
+              pseudo: list[Path] | None = None, nice: bool = True) -> None:
     """Background process: keeps writing synthetic (and re-augmented real) chunks."""
-    os.nice(10)
+    if nice:
+        os.nice(10)
     crops = [c for c in real_crops() if not is_heldout(c.text)]
-    if pseudo is not None:
-        crops += pseudo_crops(pseudo)
+    for folder in pseudo or []:
+        crops += pseudo_crops(folder)
     rng = np.random.default_rng(seed + 7)
     for k in range(start, stop_at):
         out = cache / f"synth_{k:04d}.npz"
@@ -241,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=0, help="stop after this epoch time (unix s)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (fine-tuning; new optimizer)")
-    ap.add_argument("--pseudo", type=Path, default=None,
-                    help="also train on pseudo-labelled crops in this folder (pseudo_label.py)")
+    ap.add_argument("--pseudo", type=Path, nargs="+", default=None,
+                    help="also train on the crops in these folders (pseudo_label.py: OCR-"
+                         "labelled scene crops; det_crops.py: crops at the detector's boxes)")
     ap.add_argument("--export-only", action="store_true",
                     help="export the checkpoint in --run-dir to --out, then --evaluate it")
     ap.add_argument("--evaluate", action="store_true",
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pseudo is not None:  # real crops change: re-augment them (with pseudo) first
         for f in args.cache.glob("real_*.npz"):
             f.unlink()
-        _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo)
+        _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo, nice=False)
     bg = mp.get_context("spawn").Process(
         target=_renderer,
         args=(args.cache, args.initial_chunks, args.max_chunks, 3, args.seed, args.pseudo),
@@ -368,6 +370,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
             "real_train_crops": len(crops) - len(held),
             "real_heldout_crops": len(held),
             "split": "by plate text, sha1('lprd-split-'+text) % 1000 < 200 is held out",
+            "scene_crops": {str(f.name): len(pseudo_crops(f)) for f in args.pseudo or []},
         },
         "epochs": state["epoch"],
     }

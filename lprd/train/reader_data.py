@@ -210,8 +210,9 @@ def real_crops(root: Path = DATA_ROOT) -> list[RealCrop]:
     return out
 
 
-def pseudo_crops(folder: Path, root: Path = DATA_ROOT) -> list[RealCrop]:
-    """Pseudo-labelled real crops (`lprd.train.pseudo_label`) safe to train on: texts held out
+def pseudo_crops(folder: Path, root: Path = DATA_ROOT, prefix: str | None = None
+                 ) -> list[RealCrop]:
+    """Crops cut from scenes (`pseudo_label`, `det_crops`) safe to train on: texts held out
     from the reader and crops from scenes held out from the detector are left out."""
     from lprd.train.scenes import is_held_out
 
@@ -235,7 +236,8 @@ def pseudo_crops(folder: Path, root: Path = DATA_ROOT) -> list[RealCrop]:
         if (not t or is_heldout(t) or len(t) > MAX_LEN or src is None
                 or is_held_out(r["source_set"], src, frozenset())[0]):
             continue
-        out.append(RealCrop(folder / r["image"], t, "pseudo_" + r["source_set"], r.get("region")))
+        out.append(RealCrop(folder / r["image"], t, (prefix or folder.name + "_") + r["source_set"],
+                            r.get("region")))
     return out
 
 

@@ -16,7 +16,7 @@ from lprd.detect import letterbox
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path("/work/shared/data")
+DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SCENE_SETS = ("openlpr_scenes", "romanian_dashcam", "us_ca_parking", "spain_street")
 INPUT_H, INPUT_W = 384, 640  # the detector's input; scenes are cached letterboxed to this size
 STRIDE = 4
