@@ -19,21 +19,13 @@ from pathlib import Path
 import cv2
 
 from lprd.read import expand_box
+from lprd.train.detector import iou
 from lprd.train.reader_data import is_heldout
 from lprd.train.scenes import DATA_DIR, load_scenes
 
 log = logging.getLogger("lprd.train.det_crops")
 REPO = Path(__file__).resolve().parents[2]
 TEXT_SETS = ("us_ca_parking", "spain_street")
-
-
-def _iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    iw = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
-    ih = max(0.0, min(ay + ah, by + bh) - max(ay, by))
-    inter = iw * ih
-    return inter / (aw * ah + bw * bh - inter + 1e-9)
 
 
 def known_texts(pseudo: Path | None) -> dict[tuple[str, str], dict[int, str]]:
@@ -90,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 if is_heldout(text):
                     continue
                 n_plates += 1
-                ious = [_iou(sc.boxes[i], d.box) for d in dets]
+                ious = [iou(sc.boxes[i], d.box) for d in dets]
                 if not ious or max(ious) < args.min_iou:
                     continue
                 d = dets[max(range(len(dets)), key=ious.__getitem__)]

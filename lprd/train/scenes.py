@@ -124,11 +124,30 @@ class SceneSampler:
     """Random training crops (S x S) with CenterNet targets at stride 4."""
 
     def __init__(self, cache_dir: Path, size: int = 192, seed: int = 0,
-                 synth_prob: float = 0.6, clutter_prob: float = 0.5) -> None:
+                 synth_prob: float = 0.6, clutter_prob: float = 0.5,
+                 hard_prob: float = 0.2) -> None:
         self.scenes = np.load(cache_dir / "scenes.npy", mmap_mode="r")
         with (cache_dir / "scenes_meta.pkl").open("rb") as f:
             meta = pickle.load(f)
-        self.boxes: list[np.ndarray] = meta["boxes"]
+        self.boxes: list[np.ndarray] = list(meta["boxes"])
+        # lprd.train.mine: plates the labels missed become positives; the detector's own
+        # false plates are hard negatives to centre crops on
+        self.hard: list[tuple[int, np.ndarray]] = []
+        mined = cache_dir / "mined.json"
+        if mined.exists():
+            found = json.loads(mined.read_text())
+            if found.get("held_out"):
+                raise ValueError(f"{mined}: mined on held-out scenes; never train on it")
+            for f in found["found"]:
+                b = np.array(f["box_cache"], np.float32)
+                if f["kind"] == "plate":
+                    self.boxes[f["index"]] = np.concatenate([self.boxes[f["index"]], b[None]])
+                elif f["kind"] == "negative" and not f["image"].startswith("romanian_dashcam"):
+                    # dashcam frames: OCR misses the many blurry background plates, so their
+                    # "negatives" are too often plates
+                    self.hard.append((f["index"], b))
+            log.info("mined: %s", found["counts"])
+        self.hard_prob = hard_prob
         sets = np.array(meta["sets"])
         self.bank: list[np.ndarray] = list(meta["real_plates"])
         self.n_real = len(self.bank)
@@ -158,11 +177,18 @@ class SceneSampler:
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         rng, S = self.rng, self.size
-        k = rng.choice(len(self.p), p=self.p)
+        hard = self.hard and rng.random() < self.hard_prob
+        if hard:
+            k, hb = self.hard[rng.integers(len(self.hard))]
+        else:
+            k = rng.choice(len(self.p), p=self.p)
         src, boxes = self.scenes[k], self.boxes[k]
         scale = float(np.exp(rng.uniform(np.log(0.55), np.log(1.6))))
         win = S / scale
-        if len(boxes) and rng.random() < 0.7:  # around a labelled plate, anywhere in the crop
+        if hard:  # around one of the detector's own false plates
+            cx = hb[0] + hb[2] / 2 + rng.uniform(-0.4, 0.4) * win
+            cy = hb[1] + hb[3] / 2 + rng.uniform(-0.4, 0.4) * win
+        elif len(boxes) and rng.random() < 0.7:  # around a labelled plate, anywhere in the crop
             bx, by, bw, bh = boxes[rng.integers(len(boxes))]
             cx = bx + bw / 2 + rng.uniform(-0.45, 0.45) * win
             cy = by + bh / 2 + rng.uniform(-0.45, 0.45) * win
