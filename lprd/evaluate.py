@@ -278,8 +278,12 @@ def parse_label(line: str, root: Path, texts: frozenset[str] | None) -> Labelled
         if text is not None and not isinstance(text, str):
             raise TypeError(f'"text" must be a string or null, got {text!r}')
         norm = normalise_plate(text) if text else None
+        # "ignore": true marks a plate the labels know of but do not score (e.g. an unreadable
+        # background plate): a box on it is neither a hit nor a false plate
+        ignored = p.get("ignore") is True
         plates.append(TruthPlate(box=_box(p.get("box")), text=norm,
-                                 scored=texts is None or (norm is not None and norm in texts)))
+                                 scored=not ignored and (texts is None
+                                                         or (norm is not None and norm in texts))))
     w, h = rec.get("width"), rec.get("height")
     return LabelledImage(image=rec["image"], path=root / rec["image"],
                          width=w if isinstance(w, int) else None,
@@ -564,7 +568,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="score the models on annotated images (labels.jsonl)",
         description="Run the daemon's pipeline on every image of a labels.jsonl and print "
         "detection recall, false plates, end-to-end and reader-only exact rates, character "
-        "accuracy and latency. Crop images (\"crop\": true) are read whole, without detection. "
+        "accuracy and latency. Crop images (\"crop\": true) are read whole, without detection; "
+        "a plate marked \"ignore\": true (say, an unreadable background plate) is not scored, "
+        "and a box on it is neither a hit nor a false plate. "
         "Exit status: 0 done, 1 some image or label line failed, 2 bad input or missing model.")
     p.add_argument("labels", metavar="LABELS.jsonl")
     p.add_argument("--root", metavar="DIR",

@@ -139,6 +139,20 @@ def test_parse_label_reads_the_shared_format(tmp_path: Path) -> None:
     assert [p.scored for p in only.plates] == [True, False]
 
 
+def test_an_ignored_plate_is_neither_found_nor_a_false_plate(tmp_path: Path) -> None:
+    line = json.dumps({"image": "x.jpg", "plates": [
+        {"text": "AB123", "box": [0, 0, 100, 30]},
+        {"text": None, "box": [300, 0, 100, 30], "ignore": True}]})
+    item = parse_label(line, tmp_path, None)
+    assert [p.scored for p in item.plates] == [True, False]
+    preds = [PredPlate((0, 0, 100, 30), "AB123"), PredPlate((302, 0, 100, 30), "ZZ999")]
+    s = score_image(item.plates, preds, [read("AB123"), None], latency_ms=1.0)
+    assert (s.plates, s.found50, s.false_plates, s.e2e_exact) == (1, 1, 0, 1)
+    # without the box on it, the ignored plate is no miss either
+    s = score_image(item.plates, preds[:1], [read("AB123"), None], latency_ms=1.0)
+    assert (s.plates, s.found50, s.false_plates) == (1, 1, 0)
+
+
 @pytest.mark.parametrize("line, words", [
     ("{not json", "Expecting"),
     ('{"plates": []}', '"image"'),
