@@ -214,7 +214,7 @@ def train(args: argparse.Namespace) -> int:
         plot_curves(st["history"], RUN_DIR / "curves.png")
         log.info("epoch %d: %s", ep, {k: round(v, 4) for k, v in rec.items() if k != "time"})
         if ep % args.export_every == 0 or done:
-            export(model, MODEL_PATH, st)
+            export(model, args.out, st)
         st["elapsed_s"] = base + time.time() - t0
         _save_state(st)
     log.info("done: %d steps in %.2f h", st["steps_done"], st["elapsed_s"] / 3600)
@@ -519,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--init-from", type=Path, default=None,
                    help="with --fresh: start from this checkpoint's weights, new schedule")
     t.add_argument("--lr-peak", type=float, default=LR_PEAK)
+    t.add_argument("--out", type=Path, default=MODEL_PATH, help="where exports go")
     t.add_argument("--eval-every", type=int, default=2)
     t.add_argument("--eval-stride", type=int, default=3, help="held-out subsample for curves")
     t.add_argument("--export-every", type=int, default=4)
