@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="TensorFlow threads (intra-op)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=0, help="stop after this epoch time (unix s)")
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop after this epoch (the schedule still spans --epochs); reproduces "
+                         "a run that a --deadline cut short")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (fine-tuning; new optimizer)")
     ap.add_argument("--pseudo", type=Path, nargs="+", default=None,
@@ -345,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("epoch %d/%d %s", epoch + 1, args.epochs, json.dumps(rec))
         if (epoch + 1) % 4 == 0 or epoch + 1 == args.epochs:
             _export(tf, model, xs, args, state, crops, held)
-        if args.deadline and time.time() > args.deadline:
-            log.info("deadline reached; exporting and stopping (resume with the same command)")
+        if (args.deadline and time.time() > args.deadline) or epoch + 1 == args.stop_after:
+            log.info("deadline or --stop-after reached; exporting and stopping (resume with the "
+                     "same command, without --stop-after)")
             _export(tf, model, xs, args, state, crops, held)
             break
     bg.terminate()
