@@ -38,10 +38,14 @@ def lr_at(frac: float, peak: float = LR_PEAK) -> float:
     return LR_END + (peak - LR_END) * 0.5 * (1 + math.cos(math.pi * min(c, 1.0)))
 
 
-def _tf():  # imported late: `--help` and the data code need no TensorFlow
+def _tf(threads: int = 1):  # imported late: `--help` and the data code need no TensorFlow
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
+    if threads != tf.config.threading.get_intra_op_parallelism_threads():
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:  # already initialised (a later call): keep what is set
+            pass
     tf.config.threading.set_inter_op_parallelism_threads(1)
     return tf
 
@@ -137,7 +141,7 @@ def _split(b):
 
 
 def train(args: argparse.Namespace) -> int:
-    tf = _tf()
+    tf = _tf(args.threads)
     import keras
     from tqdm import tqdm
 
@@ -520,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --fresh: start from this checkpoint's weights, new schedule")
     t.add_argument("--lr-peak", type=float, default=LR_PEAK)
     t.add_argument("--out", type=Path, default=MODEL_PATH, help="where exports go")
+    t.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads")
     t.add_argument("--eval-every", type=int, default=2)
     t.add_argument("--eval-stride", type=int, default=3, help="held-out subsample for curves")
     t.add_argument("--export-every", type=int, default=4)
