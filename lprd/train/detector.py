@@ -373,10 +373,12 @@ def unlabelled_plates(path: Path = UNLABELLED) -> dict[str, list[tuple[int, int,
     return out
 
 
-def evaluate(detect, scenes, threshold: float, fp_dir: Path | None = None) -> dict:
+def evaluate(detect, scenes, threshold: float, fp_dir: Path | None = None,
+             unlabelled: dict[str, list] | None = None) -> dict:
     """Recall at IoU >= 0.5 and > 0.1, and detections overlapping no plate (IoU <= 0.1).
     A detection on a plate the labels miss (`unlabelled_plates`) is no false plate ("ignored")."""
-    unlabelled = unlabelled_plates()
+    if unlabelled is None:
+        unlabelled = unlabelled_plates()
     per_set: dict[str, dict] = {}
     fp_crops = []
     times = []

@@ -1,0 +1,57 @@
+"""The training-side tools that decide what counts: false-plate mining and held-out evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from lprd.train.detector import UNLABELLED, evaluate, unlabelled_plates
+from lprd.train.mine import classify
+from lprd.train.pseudo_label import VariantRead
+from lprd.train.scenes import DATA_DIR, Scene, load_scenes
+from lprd.types import Detection
+
+
+def test_mining_sorts_plates_from_other_text_and_from_no_text() -> None:
+    read = lambda raw, conf=0.9: VariantRead("rec", raw, conf, conf)
+    assert classify([read("B 58 RHD")]) == "plate"
+    assert classify([read(""), read("DG57-WWK")]) == "plate"  # any variant may read it
+    assert classify([read("TOYOTA")]) == "text"  # a badge: neither positive nor hard negative
+    assert classify([read("")]) == "negative"
+    assert classify([read("B 58 RHD", conf=0.3)]) == "negative"  # unsure OCR says nothing
+    assert classify([read("斯柯达")]) == "negative"  # not plate characters
+
+
+def _scene(tmp_path: Path, boxes) -> Scene:
+    img = tmp_path / "someset" / "images" / "x.jpg"
+    img.parent.mkdir(parents=True)
+    cv2.imwrite(str(img), np.zeros((480, 640, 3), np.uint8))
+    return Scene("someset", img, 640, 480, tuple(boxes), True, "g")
+
+
+def test_a_box_on_a_known_unlabelled_plate_is_no_false_plate(tmp_path: Path) -> None:
+    sc = _scene(tmp_path, [(100, 100, 80, 20)])
+    dets = [Detection((101, 100, 80, 20), 0.9),  # the labelled plate
+            Detection((400, 300, 60, 16), 0.8),  # a plate the labels miss
+            Detection((10, 10, 50, 20), 0.7)]  # a tail light
+    detect = lambda img: dets
+    known = {"someset/images/x.jpg": [(398, 301, 62, 15)]}
+    res = evaluate(detect, [sc], 0.5, unlabelled=known)
+    assert (res["hit50"], res["fp"], res["ignored"]) == (1, 1, 1)
+    res = evaluate(detect, [sc], 0.5, unlabelled={})
+    assert (res["hit50"], res["fp"], res["ignored"]) == (1, 2, 0)
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
+def test_the_unlabelled_plate_list_names_held_out_scenes_only() -> None:
+    known = unlabelled_plates(UNLABELLED)
+    assert sum(len(v) for v in known.values()) >= 30
+    held = {str(s.path.relative_to(DATA_DIR)): s for s in load_scenes() if s.held_out}
+    for image, boxes in known.items():
+        assert image in held, f"{image} is not a held-out scene"
+        sc = held[image]
+        for x, y, w, h in boxes:
+            assert 0 <= x and 0 <= y and x + w <= sc.width and y + h <= sc.height
