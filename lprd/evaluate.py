@@ -83,6 +83,7 @@ class ImageScore:
     found10: int = 0
     preds: int = 0
     false_plates: int = 0
+    false_reads: int = 0  # false plates whose read passes the reader filter: false events
     text_plates: int = 0
     e2e_exact: int = 0
     e2e_topn: int = 0
@@ -138,6 +139,8 @@ def score_image(truth: Sequence[TruthPlate], preds: Sequence[PredPlate],
         s.preds = len(preds)
         # Boxes on unscored plates (filtered out, or unlabelled text) are neither hits nor errors.
         s.false_plates = len(preds) - len(m10)
+        matched = set(m10.values())
+        s.false_reads = sum(1 for i, p in enumerate(preds) if p.kept and i not in matched)
     for i in scored:
         t = truth[i]
         if t.text is None:
@@ -194,6 +197,8 @@ class Metrics:
     detection_found_iou10: float | None
     false_plates_per_image: float | None
     false_plates: int
+    false_reads_per_image: float | None
+    false_reads: int
     e2e_exact: float | None
     e2e_exact_topn: float | None
     reader_plates: int
@@ -219,7 +224,8 @@ def summarise(scores: Iterable[ImageScore], topn: int, failed: int = 0) -> Metri
     scene_plates = tot("plates", scenes)
     text_plates = tot("text_plates")
     reader_chars = tot("reader_chars")
-    counts = {k: tot(k) for k in ("found50", "found10", "false_plates", "e2e_exact", "e2e_topn",
+    counts = {k: tot(k) for k in ("found50", "found10", "false_plates", "false_reads",
+                                  "e2e_exact", "e2e_topn",
                                   "reader_exact", "reader_topn", "reader_edits", "reader_chars")}
     counts["scene_plates"] = scene_plates
     lat = [s.latency_ms for s in scores]
@@ -230,6 +236,8 @@ def summarise(scores: Iterable[ImageScore], topn: int, failed: int = 0) -> Metri
         detection_found_iou10=_rate(counts["found10"], scene_plates),
         false_plates_per_image=_rate(counts["false_plates"], len(scenes)),
         false_plates=counts["false_plates"],
+        false_reads_per_image=_rate(counts["false_reads"], len(scenes)),
+        false_reads=counts["false_reads"],
         e2e_exact=_rate(counts["e2e_exact"], text_plates),
         e2e_exact_topn=_rate(counts["e2e_topn"], text_plates),
         reader_plates=tot("reader_plates"),
@@ -389,6 +397,7 @@ def format_text(m: Metrics) -> str:
     ms = ("n/a" if m.latency_ms_p50 is None
           else f"p50 {m.latency_ms_p50:.1f} ms, p95 {m.latency_ms_p95:.1f} ms per image")
     fpi = "n/a" if m.false_plates_per_image is None else f"{m.false_plates_per_image:.3f}"
+    fri = "n/a" if m.false_reads_per_image is None else f"{m.false_reads_per_image:.3f}"
     lines = [
         (f"images            {m.images} ({m.scene_images} scenes, {m.crop_images} crops), "
         f"{m.failed_images} failed"),
@@ -397,6 +406,8 @@ def format_text(m: Metrics) -> str:
         f"({c['found50']}/{c['scene_plates']}); found at IoU>0.1: "
         f"{fmt_pct(m.detection_found_iou10)} ({c['found10']}/{c['scene_plates']})"),
         f"false plates      {fpi} per scene image ({m.false_plates} in {m.scene_images})",
+        (f"false reads       {fri} per scene image ({m.false_reads}: false plates whose read "
+         "passes the reader filter)"),
         (f"end-to-end exact  {fmt_pct(m.e2e_exact)} ({c['e2e_exact']}/{m.plates_with_text}); "
         f"within top-{m.topn}: {fmt_pct(m.e2e_exact_topn)} ({c['e2e_topn']})"),
         (f"reader exact      {fmt_pct(m.reader_exact)} ({c['reader_exact']}/{m.reader_plates}) "
@@ -441,6 +452,8 @@ def write_report(folder: Path, m: Metrics, gallery: list[tuple[str, Miss, str]],
          f"{fmt_pct(m.detection_found_iou10)} ({c['found10']}/{c['scene_plates']})"),
         ("false plates per scene image",
          "n/a" if m.false_plates_per_image is None else f"{m.false_plates_per_image:.3f}"),
+        ("false reads per scene image (read passes the reader filter)",
+         "n/a" if m.false_reads_per_image is None else f"{m.false_reads_per_image:.3f}"),
         ("end-to-end exact", f"{fmt_pct(m.e2e_exact)} ({c['e2e_exact']}/{m.plates_with_text})"),
         (f"end-to-end exact within top-{m.topn}", f"{fmt_pct(m.e2e_exact_topn)}"),
         ("reader exact on true boxes", (f"{fmt_pct(m.reader_exact)} "

@@ -56,11 +56,18 @@ def test_score_image_counts_found_false_and_exact_reads() -> None:
              PredPlate((1000, 500, 80, 30), "FALSE1")]  # on nothing: a false plate
     reads = [read("AB123CD"), read("XY9876", ("XY9B76",)), None]
     s = score_image(truth, preds, reads, latency_ms=12.0)
-    assert (s.plates, s.found50, s.found10, s.false_plates) == (3, 2, 3, 1)
+    assert (s.plates, s.found50, s.found10, s.false_plates, s.false_reads) == (3, 2, 3, 1, 1)
     assert (s.text_plates, s.e2e_exact, s.e2e_topn) == (2, 1, 2)
     assert (s.reader_plates, s.reader_exact, s.reader_edits, s.reader_chars) == (2, 2, 0, 13)
     (miss,) = s.misses
     assert (miss.truth, miss.e2e, miss.reader, miss.found) == ("XY9876", "XY9B76", "XY9876", True)
+
+
+def test_a_false_plate_whose_read_the_filter_drops_is_no_false_read() -> None:
+    preds = [PredPlate((500, 0, 100, 30), "XXX", kept=False),  # a tail light, read as junk
+             PredPlate((800, 0, 100, 30), "AB123", kept=True)]  # a sign read as a plate
+    s = score_image([TruthPlate((0, 0, 100, 30), "ABC123")], preds, [read("ABC123")], 1.0)
+    assert (s.false_plates, s.false_reads) == (2, 1)
 
 
 def test_a_read_below_the_reader_filter_is_found_but_not_an_end_to_end_read() -> None:
