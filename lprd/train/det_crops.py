@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 
 from lprd.read import expand_box
-from lprd.train.detector import iou
+from lprd.track import iou
 from lprd.train.reader_data import is_heldout
 from lprd.train.scenes import DATA_DIR, load_scenes
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lprd.track import iou
 from lprd.train.scenes import INPUT_H, INPUT_W, STRIDE, SceneSampler, build_cache, load_scenes
 
 log = logging.getLogger("lprd.train.detector")
@@ -345,15 +346,6 @@ def data_summary() -> dict:
     return out
 
 
-def iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    iw = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
-    ih = max(0.0, min(ay + ah, by + bh) - max(ay, by))
-    inter = iw * ih
-    return inter / (aw * ah + bw * bh - inter + 1e-9)
-
-
 def _size_bin(w: float) -> str:
     for lo, hi in ((0, 8), (8, 16), (16, 32), (32, 64), (64, 128)):
         if w < hi:
@@ -390,7 +382,7 @@ def evaluate(detect, scenes, threshold: float, fp_dir: Path | None = None,
         times.append(time.perf_counter() - t)
         r = per_set.setdefault(sc.set, {"frames": 0, "plates": 0, "hit50": 0, "hit10": 0,
                                         "fp": 0, "ignored": 0})
-        skip = unlabelled.get(str(sc.path.relative_to(sc.path.parents[2])), [])
+        skip = unlabelled.get(sc.key, [])
         r["frames"] += 1
         r["plates"] += len(sc.boxes)
         used50: set[int] = set()

@@ -3,7 +3,8 @@
 Each detection that overlaps no labelled plate is cut out and read by RapidOCR (training-time
 only, as in `pseudo_label`): plate-like text means a plate the labels missed (background cars),
 which becomes an extra positive box; any other text (badges, signs) is left alone; the rest (tail
-lights, logos, grilles, wheels) become hard negatives that the sampler centres crops on.
+lights, logos, grilles, wheels) become hard negatives that the sampler centres crops on, except
+in sets where OCR misses too many real plates ("unsure").
 Held-out scenes are never touched.
 
     python -m lprd.train.mine [--threshold 0.45]   ->  cache/det/mined.json
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import cv2
 
-from lprd.train.detector import iou
+from lprd.track import iou
 from lprd.train.scenes import INPUT_H, INPUT_W, load_scenes
 
 log = logging.getLogger("lprd.train.mine")
 REPO = Path(__file__).resolve().parents[2]
+# dashcam frames: OCR misses the many blurry background plates, so a box it finds no text in is
+# too often a plate to be a hard negative
+UNSURE_NEGATIVES = ("romanian_dashcam",)
 
 
 def classify(reads, min_conf: float = 0.6) -> str:
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # the same order as build_cache's training scenes: the index is the cache row
     scenes = [s for s in load_scenes() if s.held_out == args.held_out]
     out = []
-    counts = {"plate": 0, "text": 0, "negative": 0}
+    counts = {"plate": 0, "text": 0, "negative": 0, "unsure": 0}
     for k, sc in enumerate(scenes):
         img = cv2.imread(str(sc.path), cv2.IMREAD_COLOR)
         if img is None:
@@ -83,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             if crop.size == 0:
                 continue
             kind = classify(ocr.read(crop))
+            if kind == "negative" and sc.set in UNSURE_NEGATIVES:
+                kind = "unsure"
             counts[kind] += 1
-            out.append({"index": k, "image": str(sc.path.relative_to(sc.path.parents[2])),
+            out.append({"index": k, "image": sc.key,
                         "box": list(d.box), "box_cache": [v * scale for v in d.box],
                         "score": round(d.score, 3), "kind": kind})
         if k % 200 == 0:

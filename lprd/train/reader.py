@@ -87,8 +87,7 @@ def build_model(tf):
     return tf.keras.Model(inp, out, name="lprd_reader")
 
 
-def _load_chunks(cache: Path, pattern: str, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
-    files = sorted(cache.glob(pattern))[-limit:]
+def _concat(files: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
     if not files:
         return None
     xs, ys = [], []
@@ -99,6 +98,10 @@ def _load_chunks(cache: Path, pattern: str, limit: int) -> tuple[np.ndarray, np.
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _load_chunks(cache: Path, pattern: str, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+    return _concat(sorted(cache.glob(pattern))[-limit:])
+
+
 def _load_real(cache: Path, n: int, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray] | None:
     """`n` of the augmented real chunks, a fresh random pick each epoch (more augmentations)."""
@@ -106,12 +109,7 @@ def _load_real(cache: Path, n: int, rng: np.random.Generator
     if not files:
         return None
     pick = rng.choice(len(files), min(n, len(files)), replace=False)
-    xs, ys = [], []
-    for i in sorted(pick):
-        with np.load(files[i]) as z:
-            xs.append(z["x"])
-            ys.append(z["y"])
-    return np.concatenate(xs), np.concatenate(ys)
+    return _concat([files[i] for i in sorted(pick)])
 
 
 def exact_rate(pred: np.ndarray, ys: np.ndarray) -> float:

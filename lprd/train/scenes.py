@@ -13,10 +13,11 @@ import cv2
 import numpy as np
 
 from lprd.detect import letterbox
+from lprd.train.reader_data import DATA_ROOT
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA_DIR = DATA_ROOT
 SCENE_SETS = ("openlpr_scenes", "romanian_dashcam", "us_ca_parking", "spain_street")
 INPUT_H, INPUT_W = 384, 640  # the detector's input; scenes are cached letterboxed to this size
 STRIDE = 4
@@ -34,6 +35,11 @@ class Scene:
     boxes: tuple[tuple[int, int, int, int], ...]  # x, y, w, h in the stored image
     held_out: bool
     group: str  # the unit of the split: video, upstream split, plate text or time
+
+    @property
+    def key(self) -> str:
+        """"<set>/images/<file>": how mined boxes and unlabelled plates name the scene."""
+        return f"{self.set}/{self.path.relative_to(self.path.parents[1]).as_posix()}"
 
 
 def is_held_out(set_name: str, rec: dict, test_texts: frozenset[str]) -> tuple[bool, str]:
@@ -142,9 +148,7 @@ class SceneSampler:
                 b = np.array(f["box_cache"], np.float32)
                 if f["kind"] == "plate":
                     self.boxes[f["index"]] = np.concatenate([self.boxes[f["index"]], b[None]])
-                elif f["kind"] == "negative" and not f["image"].startswith("romanian_dashcam"):
-                    # dashcam frames: OCR misses the many blurry background plates, so their
-                    # "negatives" are too often plates
+                elif f["kind"] == "negative":
                     self.hard.append((f["index"], b))
             log.info("mined: %s", found["counts"])
         self.hard_prob = hard_prob
