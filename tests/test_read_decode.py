@@ -4,21 +4,33 @@ import numpy as np
 import pytest
 
 from lprd.config import ConfigError, parse_config
-from lprd.read import ALPHABET, MAX_LEN, decode, decode_with_formats, encode_text
+from lprd.read import (
+    ALPHABET,
+    MAX_LEN,
+    ctc_greedy,
+    ctc_to_slots,
+    decode,
+    decode_with_formats,
+    encode_text,
+)
 
 PAD = len(ALPHABET)
 
 
-def _probs(slots: list[dict[str, float]]) -> np.ndarray:
-    """Slot distributions: given chars get the given mass, the rest is spread evenly."""
-    p = np.zeros((MAX_LEN, PAD + 1), np.float32)
-    for i in range(MAX_LEN):
-        spec = slots[i] if i < len(slots) else {"_": 0.99}
+def _dists(rows: list[dict[str, float]], pad: str) -> np.ndarray:
+    """Distributions over the 37 classes: given chars get the given mass, the rest is spread
+    evenly; `pad` names the last class (the slot head's pad, the CTC head's blank)."""
+    p = np.zeros((len(rows), PAD + 1), np.float32)
+    for i, spec in enumerate(rows):
         for ch, v in spec.items():
-            p[i, PAD if ch == "_" else ALPHABET.index(ch)] = v
+            p[i, PAD if ch == pad else ALPHABET.index(ch)] = v
         rest = 1.0 - p[i].sum()
         p[i][p[i] == 0] = rest / (p[i] == 0).sum()
     return p
+
+
+def _probs(slots: list[dict[str, float]]) -> np.ndarray:
+    return _dists(slots + [{"_": 0.99}] * (MAX_LEN - len(slots)), "_")
 
 
 def test_encode_pads_after_the_text():
@@ -61,3 +73,35 @@ def test_bad_format_in_config_names_the_key():
     with pytest.raises(ConfigError) as e:
         parse_config({"reader": {"formats": ["LLL-NNN"]}})
     assert "reader.formats" in str(e.value)
+
+
+def _ctc_seq(steps: list[dict[str, float]]) -> np.ndarray:
+    """A CTC head's output: one distribution per step, "-" is the blank (the last class)."""
+    return _dists(steps, "-")
+
+
+def test_ctc_best_path_collapses_repeats_and_blanks_but_keeps_doubled_letters():
+    b = {"-": 0.98}
+    seq = _ctc_seq([b, {"A": 0.6}, {"A": 0.9}, b, {"A": 0.8}, {"7": 0.7}, {"7": 0.7}, b, b])
+    slots = ctc_to_slots(seq)
+    assert slots.shape == (MAX_LEN, PAD + 1)
+    r = decode(slots)
+    assert r.text == "AA7"
+    assert r.chars[0].p == pytest.approx(0.9, abs=1e-3)  # the segment's most confident step
+    assert list(ctc_greedy(seq[None], PAD)[0][:4]) == [10, 10, 7, PAD]
+
+
+def test_ctc_doubtful_character_gives_an_alternative_without_it():
+    b = {"-": 0.98}
+    seq = _ctc_seq([{"B": 0.95}, b, {"1": 0.55, "-": 0.4}, b, {"C": 0.95}])
+    r = decode(ctc_to_slots(seq), topn=3)
+    assert r.text == "B1C"
+    assert "BC" in [c.plate for c in r.candidates]  # the blank's share becomes the pad's
+
+
+def test_ctc_formats_work_on_the_slots_it_makes():
+    b = {"-": 0.98}
+    seq = _ctc_seq([{"A": 0.9}, b, {"B": 0.9}, b, {"C": 0.9}, b, {"O": 0.5, "0": 0.45}, b,
+                    {"1": 0.9}, b, {"2": 0.9}, b, {"3": 0.9}])
+    r = decode_with_formats(ctc_to_slots(seq), ["LLLNNNN"], ratio=0.5)
+    assert r.text == "ABC0123"

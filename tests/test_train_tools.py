@@ -55,3 +55,17 @@ def test_the_unlabelled_plate_list_names_held_out_scenes_only() -> None:
         sc = held[image]
         for x, y, w, h in boxes:
             assert 0 <= x and 0 <= y and x + w <= sc.width and y + h <= sc.height
+
+
+def test_training_exact_rate_scores_both_reader_heads() -> None:
+    from lprd.read import ALPHABET, encode_text
+    from lprd.train.reader import exact_rate
+
+    blank = len(ALPHABET)
+    ys = np.stack([encode_text("AB1"), encode_text("77")])
+    slots = np.eye(blank + 1)[ys]  # (2, 10, 37): the slot head, both right
+    assert exact_rate(slots, ys) == 1.0
+    seq = np.full((2, 64), blank)  # the CTC head: "AB1" right, "7" for "77" (no blank between)
+    seq[0, [3, 4, 5, 12]] = [ALPHABET.index(c) for c in "ABB1"]
+    seq[1, [5, 6]] = ALPHABET.index("7")
+    assert exact_rate(np.eye(blank + 1)[seq], ys) == 0.5

@@ -8,6 +8,7 @@ training runs; real crops from ../shared/data are split by plate text (see `is_h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader
+from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader, ctc_greedy
 from lprd.train.reader_data import (
     CROP_SETS,
     is_heldout,
@@ -31,6 +32,7 @@ from lprd.train.reader_data import (
 log = logging.getLogger("lprd.train.reader")
 REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = len(ALPHABET) + 1
+PAD_CLASS = len(ALPHABET)  # the slot head's pad class is the CTC head's blank
 CHUNK = 10_000
 
 
@@ -57,21 +59,56 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
                 os.replace(str(rout) + ".tmp.npz", rout)
 
 
-def build_model(tf):
-    """Plain conv stack (int8-friendly) and one dense layer per character slot."""
-    L = tf.keras.layers
+def _block(L, x, ch, stride=1, kernel=3, dilation=1):
+    x = L.Conv2D(ch, kernel, strides=stride, padding="same", dilation_rate=dilation,
+                 use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    return L.ReLU(6.0)(x)
 
-    def block(x, ch, stride=1):
-        x = L.Conv2D(ch, 3, strides=stride, padding="same", use_bias=False)(x)
-        x = L.BatchNormalization()(x)
-        return L.ReLU(6.0)(x)
 
+def _stem(tf):
+    """Both heads' first layers: input 40x128 -> 10x32x64."""
+    block = functools.partial(_block, tf.keras.layers)
     inp = tf.keras.Input((INPUT_H, INPUT_W, 1), name="image")
     x = block(inp, 24, 2)  # 20x64
     x = block(x, 32)
-    x = L.MaxPooling2D(2)(x)  # 10x32
+    x = tf.keras.layers.MaxPooling2D(2)(x)  # 10x32
     x = block(x, 48)
-    x = block(x, 64)
+    return inp, block(x, 64)
+
+
+def build_model(tf, head: str = "ctc"):
+    """Plain conv stack (int8-friendly) with one of two heads.
+
+    `slots`: one dense layer per character slot (the first shipped readers). `ctc`: a shared
+    per-column character classifier read by CTC; every character of every crop trains the same
+    classifier wherever it sits, which generalises better from few real plates than per-slot
+    weights. Its sequence is the feature map's two rows, top then bottom, so two-row plates read
+    top row first; a learned per-row bias tells the rows apart.
+    """
+    if head == "slots":
+        return _build_slots(tf)
+    L = tf.keras.layers
+    block = functools.partial(_block, L)
+    inp, x = _stem(tf)
+    x = L.MaxPooling2D((2, 1))(x)  # 5x32: 32 steps a row, enough for 10 characters and repeats
+    x = block(x, 80)
+    x = block(x, 96)
+    x = L.Conv2D(128, (INPUT_H // 8 - 1, 1), padding="valid", use_bias=False)(x)  # 2x32
+    x = L.BatchNormalization()(x)
+    x = RowBias()(x)
+    x = L.ReLU(6.0)(x)
+    x = block(x, 96, kernel=(1, 3), dilation=(1, 2))  # context: frames, bolts, neighbours
+    x = L.Dropout(0.2)(x)
+    x = L.Conv2D(NUM_CLASSES, 1, name="logits")(x)
+    out = L.Reshape((-1, NUM_CLASSES), name="sequence")(x)  # row-major: top row, bottom row
+    return tf.keras.Model(inp, out, name="lprd_reader_ctc")
+
+
+def _build_slots(tf):
+    L = tf.keras.layers
+    block = functools.partial(_block, L)
+    inp, x = _stem(tf)
     x = L.MaxPooling2D(2)(x)  # 5x16
     x = block(x, 96)
     x = block(x, 96)
@@ -85,6 +122,34 @@ def build_model(tf):
     x = L.Reshape((MAX_LEN, NUM_CLASSES))(x)
     out = L.Softmax(dtype="float32", name="slots")(x)
     return tf.keras.Model(inp, out, name="lprd_reader")
+
+
+@functools.lru_cache(maxsize=1)
+def _keras_extras():
+    """The CTC model's custom layer and loss, registered so that checkpoints load."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="lprd")
+    class RowBias(keras.layers.Layer):
+        def build(self, shape):
+            self.bias = self.add_weight(shape=(shape[1], 1, shape[3]), initializer="zeros",
+                                        name="bias")
+
+        def call(self, x):
+            return x + self.bias
+
+    @keras.saving.register_keras_serializable(package="lprd")
+    def ctc_loss(y_true, y_pred):
+        y_true = keras.ops.cast(y_true, "int32")
+        label_len = keras.ops.sum(keras.ops.cast(y_true != PAD_CLASS, "int32"), axis=1)
+        out_len = keras.ops.full_like(label_len, keras.ops.shape(y_pred)[1])
+        return keras.ops.ctc_loss(y_true, y_pred, label_len, out_len, mask_index=PAD_CLASS)
+
+    return RowBias, ctc_loss
+
+
+def RowBias():  # a layer factory: the class needs keras, imported late
+    return _keras_extras()[0]()
 
 
 def _concat(files: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -113,11 +178,15 @@ def _load_real(cache: Path, n: int, rng: np.random.Generator
 
 
 def exact_rate(pred: np.ndarray, ys: np.ndarray) -> float:
-    return float((pred.argmax(-1) == ys).all(axis=1).mean())
+    """Share of exact reads; `pred` is slot probabilities or a CTC head's (N, T, C) sequence."""
+    labels = pred.argmax(-1) if pred.shape[1] == ys.shape[1] else ctc_greedy(pred, PAD_CLASS)
+    return float((labels == ys).all(axis=1).mean())
 
 
 def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
     """Full-integer int8 (uint8 input, float output), calibrated on `rep` (grey uint8 crops)."""
+    if meta.get("head") == "ctc":  # trained on logits; ship probabilities
+        model = tf.keras.Model(model.input, tf.keras.layers.Softmax(name="probs")(model.output))
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
 
@@ -226,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", type=Path, default=REPO / "runs" / "reader")
     ap.add_argument("--cache", type=Path, default=REPO / "cache" / "reader")
     ap.add_argument("--out", type=Path, default=REPO / "models" / "reader.tflite")
+    ap.add_argument("--head", choices=("ctc", "slots"), default="ctc",
+                    help="ctc: shared per-column classifier read by CTC (default); slots: one "
+                         "classifier per character slot (readers up to reader-20261125-ft2-e20)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--steps-per-epoch", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
@@ -256,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         import tensorflow as tf
 
         state = json.loads((args.run_dir / "state.json").read_text())
+        _keras_extras()
         model = tf.keras.models.load_model(args.run_dir / "model.keras")
         crops = real_crops()
         held = [c for c in crops if is_heldout(c.text)]
@@ -307,16 +380,19 @@ def main(argv: list[str] | None = None) -> int:
     sched = tf.keras.optimizers.schedules.CosineDecay(args.lr * 0.1, total_steps,
                                                       warmup_target=args.lr,
                                                       warmup_steps=args.steps_per_epoch)
+    _keras_extras()
     if ckpt.exists():
         model = tf.keras.models.load_model(ckpt)
         log.info("resumed from %s at epoch %d", ckpt, state["epoch"])
     else:
-        model = build_model(tf)
+        model = build_model(tf, args.head)
+        state["head"] = args.head
         if args.init_from is not None:
             model.set_weights(tf.keras.models.load_model(args.init_from).get_weights())
             log.info("initialised from %s", args.init_from)
         model.compile(optimizer=tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
-                      loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+                      loss=_keras_extras()[1] if args.head == "ctc"
+                      else tf.keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[])
     model.summary(print_fn=log.info)
     rng = np.random.default_rng(args.seed + state["epoch"])
@@ -362,6 +438,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
         "alphabet": ALPHABET,
         "pad": PAD,
         "max_len": MAX_LEN,
+        "head": state.get("head", "slots"),
         "input_size": [INPUT_H, INPUT_W],
         "input": "grey, uint8",
         "input_range": [0, 255],
