@@ -117,6 +117,77 @@ def decode_with_formats(probs: np.ndarray, formats: list[str], ratio: float,
     return Read(text=text, confidence=p, chars=chars, candidates=tuple(cands))
 
 
+def ctc_with_formats(seq: np.ndarray, formats: list[str], ratio: float,
+                     alphabet: str = ALPHABET, topn: int = 5) -> Read:
+    """`decode_with_formats` for a CTC head: the fitting read is the best CTC alignment of each
+    format (Viterbi over the sequence), so a format can also drop a character the raw read
+    inserted (a bolt read as "I") or restore one it merged, not only swap a letter for a digit.
+
+    The fitting read wins when its path probability is at least `ratio` times the raw best
+    path's; its confidence, like the raw read's, is the product of its characters' probabilities.
+    """
+    raw = decode(ctc_to_slots(seq), alphabet, topn)
+    if not formats or any(_fits(raw.text, f) for f in formats):
+        return raw
+    logp = np.log(np.maximum(seq.astype(np.float64), 1e-12))
+    raw_lp = float(logp.max(axis=1).sum())
+    best: tuple[float, list[int], list[float]] | None = None
+    for f in formats:
+        fit = _ctc_align(logp, f, alphabet)
+        if fit is not None and (best is None or fit[0] > best[0]):
+            best = fit
+    if best is None or best[0] < math.log(ratio) + raw_lp:
+        return raw
+    _, idx, ps = best
+    chars = tuple(CharProb(alphabet[k], p) for k, p in zip(idx, ps, strict=True))
+    text = "".join(c.c for c in chars)
+    conf = float(np.prod(ps))
+    cands = [Candidate(text, conf)] + [c for c in raw.candidates if c.plate != text][: topn - 1]
+    return Read(text=text, confidence=conf, chars=chars, candidates=tuple(cands))
+
+
+def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str
+               ) -> tuple[float, list[int], list[float]] | None:
+    """Best CTC path (log-probability) through `fmt` (L letter, N digit, X any), the class of
+    each character and its probability; None when the sequence is too short for it."""
+    steps, blank = logp.shape[0], logp.shape[1] - 1
+    is_digit = np.array([ch.isdigit() for ch in alphabet])
+    allowed = [is_digit if k == "N" else ~is_digit if k == "L" else np.ones_like(is_digit)
+               for k in fmt]
+    n_states = 2 * len(fmt) + 1  # blank, char 0, blank, char 1, ..., blank
+    if steps < len(fmt):
+        return None
+    emit = np.empty((steps, n_states))
+    emit[:, 0::2] = logp[:, blank:blank + 1]
+    for j, a in enumerate(allowed):
+        emit[:, 2 * j + 1] = np.where(a, logp[:, :blank], -np.inf).max(axis=1)
+    skip = np.zeros(n_states, bool)
+    skip[3::2] = True  # char j-1 -> char j without a blank (their classes differ in practice)
+    dp = np.full(n_states, -np.inf)
+    dp[:2] = emit[0, :2]
+    back = np.zeros((steps, n_states), np.int8)  # 0 stay, 1 from s-1, 2 from s-2
+    for t in range(1, steps):
+        one = np.concatenate([[-np.inf], dp[:-1]])
+        two = np.where(skip, np.concatenate([[-np.inf, -np.inf], dp[:-2]]), -np.inf)
+        moves = np.stack([dp, one, two])
+        back[t] = moves.argmax(axis=0)
+        dp = moves.max(axis=0) + emit[t]
+    end = n_states - 1 if dp[-1] >= dp[-2] else n_states - 2
+    if not np.isfinite(dp[end]):
+        return None
+    state, seg = end, [[] for _ in fmt]
+    for t in range(steps - 1, -1, -1):
+        if state % 2:
+            seg[state // 2].append(t)
+        state -= int(back[t, state])
+    idx, ps = [], []
+    for j, ts in enumerate(seg):  # one class per character: the best over its steps
+        k = int(np.where(allowed[j], logp[ts, :blank].sum(axis=0), -np.inf).argmax())
+        idx.append(k)
+        ps.append(float(np.exp(logp[ts, k].max())))
+    return float(dp[end]), idx, ps
+
+
 def _fits(text: str, fmt: str) -> bool:
     return len(text) == len(fmt) and all(
         k == "X" or (k == "N") == ch.isdigit() for ch, k in zip(text, fmt, strict=True))
@@ -191,12 +262,21 @@ class PlateReader:
         return (g.astype(np.float32) * self.input_scale)[None, :, :, None]
 
     def probs(self, crop_bgr: np.ndarray) -> np.ndarray:
+        """Slot probabilities (a CTC head's best path as slots)."""
+        out = self.output(crop_bgr)
+        return ctc_to_slots(out) if self.head == "ctc" else out
+
+    def output(self, crop_bgr: np.ndarray) -> np.ndarray:
+        """The model's own output: slots (MAX_LEN, C) or a CTC sequence (T, C)."""
         (out,) = self.model.run(self.prepare(crop_bgr))
-        return ctc_to_slots(out[0]) if self.head == "ctc" else out[0]
+        return out[0]
 
     def read(self, crop_bgr: np.ndarray) -> Read:
         if crop_bgr.size == 0:
             raise ValueError("empty crop")
+        if self.head == "ctc" and self.cfg.formats:
+            return ctc_with_formats(self.output(crop_bgr), self.cfg.formats,
+                                    self.cfg.format_ratio, self.alphabet, self.cfg.topn)
         probs = self.probs(crop_bgr)
         if self.cfg.formats:
             return decode_with_formats(probs, self.cfg.formats, self.cfg.format_ratio,

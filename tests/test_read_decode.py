@@ -9,6 +9,7 @@ from lprd.read import (
     MAX_LEN,
     ctc_greedy,
     ctc_to_slots,
+    ctc_with_formats,
     decode,
     decode_with_formats,
     encode_text,
@@ -105,3 +106,26 @@ def test_ctc_formats_work_on_the_slots_it_makes():
                     {"1": 0.9}, b, {"2": 0.9}, b, {"3": 0.9}])
     r = decode_with_formats(ctc_to_slots(seq), ["LLLNNNN"], ratio=0.5)
     assert r.text == "ABC0123"
+
+
+def test_ctc_formats_drop_a_character_the_raw_read_inserted() -> None:
+    b = {"-": 0.98}
+    steps = [{"A": 0.95}, b, {"R": 0.95}, b, {"P": 0.95}, b, {"F": 0.6, "-": 0.35}, b]
+    steps += [x for ch in "2585" for x in ({ch: 0.95}, b)]
+    seq = _ctc_seq(steps)
+    assert decode(ctc_to_slots(seq)).text == "ARPF2585"
+    r = ctc_with_formats(seq, ["LLLNNNN"], ratio=0.5)
+    assert r.text == "ARP2585"
+    assert [c.c for c in r.chars] == list("ARP2585") and r.chars[3].p == pytest.approx(0.95)
+    assert r.candidates[0].plate == "ARP2585" and "ARPF2585" in [c.plate for c in r.candidates]
+    # a confident extra character stays: the format is a prior, not a rule
+    steps[6] = {"F": 0.97}
+    assert ctc_with_formats(_ctc_seq(steps), ["LLLNNNN"], ratio=0.5).text == "ARPF2585"
+
+
+def test_ctc_formats_restore_a_doubled_letter_the_best_path_merged() -> None:
+    b = {"-": 0.98}
+    seq = _ctc_seq([b, {"A": 0.9}, {"A": 0.9}, b, {"1": 0.9}, b])
+    assert decode(ctc_to_slots(seq)).text == "A1"
+    assert ctc_with_formats(seq, ["LLN"], ratio=0.5).text == "AA1"
+    assert ctc_with_formats(seq, ["LLNNNNNN"], ratio=0.5).text == "A1"  # too unlikely
