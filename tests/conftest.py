@@ -293,3 +293,14 @@ def mqtt_subscriber() -> Iterator[Callable[..., Collector]]:
     yield make
     for c in made:
         c.close()
+
+
+def copy_shipped_model(kind: str, dst_dir: Path) -> Path:
+    """A writable copy of a shipped model and its metadata, for tests that break them."""
+    from lprd.models import default_model_path
+
+    src = default_model_path(kind)
+    dst = dst_dir / src.name
+    shutil.copy(src, dst)
+    shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
+    return dst

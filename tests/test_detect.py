@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import copy_shipped_model
 
 from lprd.config import DetectorConfig
 from lprd.detect import PlateDetector, decode, letterbox, nms
-from lprd.models import ModelError, default_model_path
+from lprd.models import ModelError
 
 # Shares of the test's 24 synthetic plates the shipped model must find. Measured for
 # det-202611250854-e17: 24/24 at IoU >= 0.3 (scores 0.65-0.88) and 20/24 at IoU >= 0.5 (the misses
@@ -144,11 +144,7 @@ def test_letterbox_keeps_aspect_and_pads_bottom_right() -> None:
 
 @pytest.fixture
 def model_copy(tmp_path: Path) -> Path:
-    src = default_model_path("detector")
-    dst = tmp_path / "detector.tflite"
-    shutil.copy(src, dst)
-    shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
-    return dst
+    return copy_shipped_model("detector", tmp_path)
 
 
 def test_missing_model_file_gives_model_error_naming_it(tmp_path: Path) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_shipped_model
 
 from lprd.config import ReaderConfig
 from lprd.models import ModelError, default_model_path
@@ -67,11 +67,7 @@ def test_grey_tiny_and_empty_crops(reader: PlateReader) -> None:
 
 @pytest.fixture
 def model_copy(tmp_path: Path) -> Path:
-    src = default_model_path("reader")
-    dst = tmp_path / "reader.tflite"
-    shutil.copy(src, dst)
-    shutil.copy(src.with_suffix(".json"), dst.with_suffix(".json"))
-    return dst
+    return copy_shipped_model("reader", tmp_path)
 
 
 def test_missing_model_file_gives_model_error_naming_it(tmp_path: Path) -> None:
