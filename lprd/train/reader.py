@@ -3,6 +3,12 @@
 Resumable: state lives in --run-dir (Keras checkpoint + epoch counter); run the same command
 again to continue. Synthetic samples are rendered by a background process into --cache while
 training runs; real crops from ../shared/data are split by plate text (see `is_heldout`).
+
+The defaults are the shipped model's schedule; its data also needs the scene crops:
+
+    python -m lprd.train.pseudo_label --out cache/pseudo   # OCR-labelled scene crops (RapidOCR)
+    python -m lprd.train.det_crops                         # crops at the detector's boxes
+    python -m lprd.train.reader --pseudo cache/pseudo cache/detcrops
 """
 
 from __future__ import annotations
@@ -291,23 +297,24 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lprd-train reader", description=__doc__)
+    ap = argparse.ArgumentParser(prog="lprd-train reader", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, default=REPO / "runs" / "reader")
     ap.add_argument("--cache", type=Path, default=REPO / "cache" / "reader")
     ap.add_argument("--out", type=Path, default=REPO / "models" / "reader.tflite")
     ap.add_argument("--head", choices=("ctc", "slots"), default="ctc",
                     help="ctc: shared per-column classifier read by CTC (default); slots: one "
                          "classifier per character slot (readers up to reader-20261125-ft2-e20)")
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=26)
     ap.add_argument("--steps-per-epoch", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--initial-chunks", type=int, default=4)
     ap.add_argument("--max-chunks", type=int, default=60, help="synthetic chunks of 10k to render")
     ap.add_argument("--window", type=int, default=12, help="newest synthetic chunks used per epoch")
-    ap.add_argument("--real-chunks", type=int, default=2,
+    ap.add_argument("--real-chunks", type=int, default=5,
                     help="augmented real chunks (about 13k crops each) drawn at random per epoch")
-    ap.add_argument("--threads", type=int, default=1, help="TensorFlow threads (intra-op)")
+    ap.add_argument("--threads", type=int, default=2, help="TensorFlow threads (intra-op)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=0, help="stop after this epoch time (unix s)")
     ap.add_argument("--stop-after", type=int, default=0,
