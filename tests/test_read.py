@@ -15,11 +15,11 @@ from lprd.read import PlateReader
 
 # Share of the test's seeded rendered plates (single-row layouts, each put in a detector-like crop
 # with camera effects by the training pipeline's own `synth_sample`) the shipped reader must read
-# exactly. Measured for the shipped model: see MEASURED below; the floor leaves room for LiteRT
-# versions, not for a worse model.
+# exactly. Measured for reader-20261125-ctc-e26: 66/84 (78.6 %; the slot reader before it: 58 %);
+# the floor leaves room for LiteRT versions, not for a worse model.
 LAYOUTS = ("us", "eu", "uk", "br_old", "mercosur_br", "mercosur_ar", "ar_old")
 PER_LAYOUT = 12
-MIN_EXACT = 0.0
+MIN_EXACT = 0.72
 
 
 @pytest.fixture(scope="module")

@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
 def _export(tf, model, xs, args, state, crops, held) -> None:
     meta = {
         "kind": "reader",
-        "version": f"reader-{time.strftime('%Y%m%d')}-e{state['epoch']}",
+        "version": "reader-{}-{}-e{}".format(time.strftime("%Y%m%d"), state.get("head", "slots"),
+                                            state["epoch"]),
         "alphabet": ALPHABET,
         "pad": PAD,
         "max_len": MAX_LEN,
