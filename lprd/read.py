@@ -196,35 +196,30 @@ def _fits(text: str, fmt: str) -> bool:
 def _top_reads(probs: np.ndarray, classes: str, topn: int, per_slot: int = 3) -> list[Candidate]:
     """k-best slot sequences by beam search over the slots' log-probabilities, merged by text.
 
-    Vectorised over the beams, and a near-certain slot (pads, mostly) takes no part in the search
-    since it cannot change the top reads: this runs for every read, and the plain Python search
-    cost half a millisecond, a third of a read.
+    A near-certain slot (pads, mostly) takes no part in the search since it cannot change the top
+    reads. This runs for every read: the search itself is plain Python on small lists, which here
+    is twice as fast as numpy calls on arrays of 45 numbers.
     """
     width = max(topn * 3, 8)
     top1 = probs.argmax(axis=1)
-    p1 = probs[np.arange(len(probs)), top1].astype(np.float64)
+    p1 = probs[np.arange(len(probs)), top1]
     sure = p1 >= 0.999
-    scores = np.array([np.log(p1[sure]).sum()])
     rows = probs[~sure]
     tops = np.argsort(rows, axis=1)[:, ::-1][:, :per_slot]
     ltops = np.log(np.maximum(np.take_along_axis(rows, tops, axis=1).astype(np.float64), 1e-12))
-    backs, picks = [], []
-    for top, lrow in zip(tops, ltops, strict=True):
-        cand = (scores[:, None] + lrow[None, :]).ravel()
-        keep = np.argsort(-cand, kind="stable")[:width]
-        backs.append(keep // per_slot)
-        picks.append(top[keep % per_slot])
-        scores = cand[keep]
-    paths = np.zeros((len(scores), len(picks)), np.int64)
-    beam = np.arange(len(scores))
-    for j in range(len(picks) - 1, -1, -1):  # follow the back-pointers
-        paths[:, j] = picks[j][beam]
-        beam = backs[j][beam]
-    full = np.tile(top1, (len(paths), 1))
-    full[:, ~sure] = paths
+    beams: list[tuple[float, tuple[int, ...]]] = [
+        (float(np.log(p1[sure].astype(np.float64)).sum()), ())]
+    for top, lrow in zip(tops.tolist(), ltops.tolist(), strict=True):
+        nxt = [(lp + lk, path + (k,)) for lp, path in beams for k, lk in zip(top, lrow, strict=True)]
+        nxt.sort(key=lambda b: -b[0])  # stable: ties keep the beams' order
+        beams = nxt[:width]
+    unsure = np.flatnonzero(~sure).tolist()
     merged: dict[str, float] = {}
-    for lp, chars in zip(scores, np.array(list(classes))[full], strict=True):
-        t = "".join(chars).replace(PAD, "")
+    for lp, path in beams:
+        full = top1.tolist()
+        for i, k in zip(unsure, path, strict=True):
+            full[i] = k
+        t = "".join(classes[k] for k in full).replace(PAD, "")
         if t:
             merged[t] = merged.get(t, 0.0) + math.exp(lp)
     ranked = sorted(merged.items(), key=lambda kv: -kv[1])[:topn]
