@@ -257,6 +257,11 @@ class PlateReader:
         if shape[1:3] != (self.input_h, self.input_w):
             raise ModelError(f"{self.model.path}: input {shape} does not match its metadata "
                              f"{self.input_h}x{self.input_w}")
+        classes = int(self.model.interpreter.get_output_details()[0]["shape"][-1])
+        if classes != len(self.alphabet) + 1:
+            raise ModelError(f"{self.model.path}: {classes} output classes do not match its "
+                             f"metadata's alphabet of {len(self.alphabet)} characters plus the "
+                             f"pad/blank")
 
     @property
     def version(self) -> str:

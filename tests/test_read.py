@@ -85,6 +85,7 @@ def test_corrupt_model_file_gives_model_error_naming_it(model_copy: Path) -> Non
     ("head", "attention", "head"),
     ("alphabet", None, "alphabet|metadata"),
     ("input_size", [32, 100], "does not match"),
+    ("alphabet", "0123456789", "output classes"),
 ])
 def test_bad_metadata_gives_model_error_naming_the_file(model_copy: Path, key, value,
                                                         match) -> None:
