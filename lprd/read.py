@@ -33,15 +33,10 @@ def encode_text(text: str, alphabet: str = ALPHABET, max_len: int = MAX_LEN) -> 
 
 
 def ctc_greedy(seq: np.ndarray, blank: int, max_len: int = MAX_LEN) -> np.ndarray:
-    """Best-path CTC decoding of a batch (N, T, C) into slot labels (N, max_len), blank-padded."""
-    best = seq.argmax(-1)
-    keep = (best != blank) & np.concatenate(
-        [np.ones((len(best), 1), bool), best[:, 1:] != best[:, :-1]], axis=1)
-    out = np.full((len(best), max_len), blank, np.int64)
-    for i in range(len(best)):
-        lab = best[i][keep[i]][:max_len]
-        out[i, :len(lab)] = lab
-    return out
+    """Best-path CTC decoding of a batch (N, T, C) into slot labels (N, max_len), blank-padded
+    (the training loop's exact-read rate; `ctc_to_slots` does the collapsing)."""
+    assert blank == seq.shape[2] - 1, "the blank is the last class"
+    return np.stack([ctc_to_slots(s, max_len)[:max_len].argmax(axis=1) for s in seq])
 
 
 def ctc_to_slots(seq: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
@@ -214,9 +209,10 @@ def _top_reads(probs: np.ndarray, classes: str, topn: int, per_slot: int = 3) ->
         nxt.sort(key=lambda b: -b[0])  # stable: ties keep the beams' order
         beams = nxt[:width]
     unsure = np.flatnonzero(~sure).tolist()
+    best = top1.tolist()
     merged: dict[str, float] = {}
     for lp, path in beams:
-        full = top1.tolist()
+        full = list(best)
         for i, k in zip(unsure, path, strict=True):
             full[i] = k
         t = "".join(classes[k] for k in full).replace(PAD, "")

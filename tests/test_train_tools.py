@@ -11,7 +11,8 @@ import pytest
 from lprd.train.detector import UNLABELLED, evaluate, unlabelled_plates
 from lprd.train.mine import classify
 from lprd.train.pseudo_label import VariantRead
-from lprd.train.scenes import DATA_DIR, Scene, load_scenes
+from lprd.train.reader_data import DATA_ROOT
+from lprd.train.scenes import Scene, load_scenes
 from lprd.types import Detection
 
 
@@ -45,11 +46,11 @@ def test_a_box_on_a_known_unlabelled_plate_is_no_false_plate(tmp_path: Path) -> 
     assert (res["hit50"], res["fp"], res["ignored"]) == (1, 2, 0)
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="needs ../shared/data")
+@pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")
 def test_the_unlabelled_plate_list_names_held_out_scenes_only() -> None:
     known = unlabelled_plates(UNLABELLED)
     assert sum(len(v) for v in known.values()) >= 30
-    held = {str(s.path.relative_to(DATA_DIR)): s for s in load_scenes() if s.held_out}
+    held = {s.key: s for s in load_scenes() if s.held_out}
     for image, boxes in known.items():
         assert image in held, f"{image} is not a held-out scene"
         sc = held[image]

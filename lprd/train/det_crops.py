@@ -20,8 +20,8 @@ import cv2
 
 from lprd.read import expand_box
 from lprd.track import iou
-from lprd.train.reader_data import is_heldout
-from lprd.train.scenes import DATA_DIR, load_scenes
+from lprd.train.reader_data import DATA_ROOT, is_heldout
+from lprd.train.scenes import load_scenes
 
 log = logging.getLogger("lprd.train.det_crops")
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def known_texts(pseudo: Path | None) -> dict[tuple[str, str], dict[int, str]]:
     """(set, image) -> {plate index: text}, from labels and from pseudo-labels."""
     out: dict[tuple[str, str], dict[int, str]] = {}
     for s in TEXT_SETS:
-        for line in (DATA_DIR / s / "labels.jsonl").open():
+        for line in (DATA_ROOT / s / "labels.jsonl").open():
             r = json.loads(line)
             for i, p in enumerate(r["plates"]):
                 if p["text"]:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     n_plates = n_found = 0
     with (args.out / "labels.jsonl.tmp").open("w") as f:
         for sc in load_scenes():
-            rel = str(sc.path.relative_to(DATA_DIR / sc.set))
+            rel = str(sc.path.relative_to(DATA_ROOT / sc.set))
             known = texts.get((sc.set, rel))
             if sc.held_out or not known:
                 continue

@@ -17,7 +17,6 @@ from lprd.train.reader_data import DATA_ROOT
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = DATA_ROOT
 SCENE_SETS = ("openlpr_scenes", "romanian_dashcam", "us_ca_parking", "spain_street")
 INPUT_H, INPUT_W = 384, 640  # the detector's input; scenes are cached letterboxed to this size
 STRIDE = 4
@@ -57,7 +56,7 @@ def is_held_out(set_name: str, rec: dict, test_texts: frozenset[str]) -> tuple[b
     raise ValueError(f"unknown scene set {set_name}")
 
 
-def load_scenes(data_dir: Path = DATA_DIR) -> list[Scene]:
+def load_scenes(data_dir: Path = DATA_ROOT) -> list[Scene]:
     scenes: list[Scene] = []
     for name in SCENE_SETS:
         recs = [json.loads(line) for line in (data_dir / name / "labels.jsonl").open()]
@@ -71,7 +70,7 @@ def load_scenes(data_dir: Path = DATA_DIR) -> list[Scene]:
     return scenes
 
 
-def build_cache(cache_dir: Path, data_dir: Path = DATA_DIR, bank_size: int = 3000,
+def build_cache(cache_dir: Path, data_dir: Path = DATA_ROOT, bank_size: int = 3000,
                 seed: int = 0) -> None:
     """Letterboxed scenes (uint8 memmap), their boxes, and a bank of plate images to paste."""
     cache_dir.mkdir(parents=True, exist_ok=True)
