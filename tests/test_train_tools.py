@@ -20,7 +20,10 @@ def test_mining_sorts_plates_from_other_text_and_from_no_text() -> None:
     read = lambda raw, conf=0.9: VariantRead("rec", raw, conf, conf)
     assert classify([read("B 58 RHD")]) == "plate"
     assert classify([read(""), read("DG57-WWK")]) == "plate"  # any variant may read it
-    assert classify([read("TOYOTA")]) == "text"  # a badge: neither positive nor hard negative
+    assert classify([read("TOYOTA")]) == "sign"  # a badge: a hard negative
+    assert classify([read("TOYOTA", conf=0.7)]) == "text"  # unsure: neither
+    assert classify([read("WK")]) == "text"  # maybe part of a plate: neither
+    assert classify([read("NEWS"), read("58")]) == "text"  # a word beside digits: maybe a plate
     assert classify([read("")]) == "negative"
     assert classify([read("B 58 RHD", conf=0.3)]) == "negative"  # unsure OCR says nothing
     assert classify([read("斯柯达")]) == "negative"  # not plate characters

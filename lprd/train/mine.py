@@ -2,9 +2,10 @@
 
 Each detection that overlaps no labelled plate is cut out and read by RapidOCR (training-time
 only, as in `pseudo_label`): plate-like text means a plate the labels missed (background cars),
-which becomes an extra positive box; any other text (badges, signs) is left alone; the rest (tail
-lights, logos, grilles, wheels) become hard negatives that the sampler centres crops on, except
-in sets where OCR misses too many real plates ("unsure").
+which becomes an extra positive box; a confident word of letters only (POLICE, a badge, a shop
+sign: the reader reads those too) and boxes with no text at all (tail lights, logos, grilles,
+wheels) become hard negatives that the sampler centres crops on, except in sets where OCR misses
+too many real plates ("unsure"); other text, which may be part of a plate, is left alone.
 Held-out scenes are never touched.
 
     python -m lprd.train.mine [--threshold 0.45]   ->  cache/det/mined.json
@@ -30,8 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 UNSURE_NEGATIVES = ("romanian_dashcam",)
 
 
-def classify(reads, min_conf: float = 0.6) -> str:
-    """'plate' (plate-like text), 'text' (other text) or 'negative' (no text) from OCR reads."""
+def classify(reads, min_conf: float = 0.6, sign_conf: float = 0.8) -> str:
+    """'plate' (plate-like text), 'sign' (a confident word of letters only: POLICE, TOYOTA),
+    'text' (other text, which may be part of a plate) or 'negative' (no text) from OCR reads."""
     from lprd.train.pseudo_label import fits_pattern, normalize
 
     kind = "negative"
@@ -41,7 +43,9 @@ def classify(reads, min_conf: float = 0.6) -> str:
             continue
         if fits_pattern(t, None, mode="any", min_len=4, max_len=10):
             return "plate"
-        if len(t) >= 2:
+        if len(t) >= 4 and t.isalpha() and r.conf >= sign_conf and kind != "text":
+            kind = "sign"
+        elif len(t) >= 2:
             kind = "text"
     return kind
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # the same order as build_cache's training scenes: the index is the cache row
     scenes = [s for s in load_scenes() if s.held_out == args.held_out]
     out = []
-    counts = {"plate": 0, "text": 0, "negative": 0, "unsure": 0}
+    counts = {"plate": 0, "sign": 0, "text": 0, "negative": 0, "unsure": 0}
     for k, sc in enumerate(scenes):
         img = cv2.imread(str(sc.path), cv2.IMREAD_COLOR)
         if img is None:
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             if crop.size == 0:
                 continue
             kind = classify(ocr.read(crop))
-            if kind == "negative" and sc.set in UNSURE_NEGATIVES:
+            if kind in ("negative", "sign") and sc.set in UNSURE_NEGATIVES:
                 kind = "unsure"
             counts[kind] += 1
             out.append({"index": k, "image": sc.key,

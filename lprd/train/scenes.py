@@ -136,7 +136,7 @@ class SceneSampler:
             meta = pickle.load(f)
         self.boxes: list[np.ndarray] = list(meta["boxes"])
         # lprd.train.mine: plates the labels missed become positives; the detector's own
-        # false plates are hard negatives to centre crops on
+        # false plates (no text, or a word with no digit) are hard negatives to centre crops on
         self.hard: list[tuple[int, np.ndarray]] = []
         mined = cache_dir / "mined.json"
         if mined.exists():
@@ -147,7 +147,7 @@ class SceneSampler:
                 b = np.array(f["box_cache"], np.float32)
                 if f["kind"] == "plate":
                     self.boxes[f["index"]] = np.concatenate([self.boxes[f["index"]], b[None]])
-                elif f["kind"] == "negative":
+                elif f["kind"] in ("negative", "sign"):
                     self.hard.append((f["index"], b))
             log.info("mined: %s", found["counts"])
         self.hard_prob = hard_prob
