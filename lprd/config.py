@@ -76,6 +76,11 @@ class ReaderConfig(_Strict):
     min_confidence: float = Field(0.3, ge=0.0, le=1.0, description="reads below are dropped")
     topn: int = Field(5, ge=1, le=50)
     min_chars: int = Field(3, ge=1)
+    min_digits: int = Field(
+        0, ge=0, description="reads with fewer digits are dropped; 1 drops sign and livery "
+        "text (POLICE, TAXI, a shop name) where every plate has a digit (not the US: vanity "
+        "plates)",
+    )
     formats: list[str] = Field(
         default_factory=list,
         description="plate formats of your region, L = letter, N = digit, X = either "
@@ -86,6 +91,11 @@ class ReaderConfig(_Strict):
         0.02, gt=0, le=1, description="how much less likely than the raw read a fitting read "
         "may be and still win",
     )
+
+    def keeps(self, text: str, confidence: float) -> bool:
+        """Whether a read passes the filter (the daemon publishes only those)."""
+        return (confidence >= self.min_confidence and len(text) >= self.min_chars
+                and sum(c.isdigit() for c in text) >= self.min_digits)
 
     @field_validator("formats")
     @classmethod

@@ -374,8 +374,7 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
         latency = (time.perf_counter() - t0) * 1000
         rc = cfg.reader
         preds = [PredPlate(o.box, o.read.text, tuple(c.plate for c in o.read.candidates[:rc.topn]),
-                           kept=o.read.confidence >= rc.min_confidence
-                           and len(o.read.text) >= rc.min_chars) for o in obs]
+                           kept=rc.keeps(o.read.text, o.read.confidence)) for o in obs]
         reads = [reader.read_box(img, t.box) if t.scored and t.text else None
                  for t in item.plates]
     return score_image(item.plates, preds, reads, latency, crop=item.crop), preds
@@ -384,7 +383,8 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
 def _relaxed(cfg: Config) -> Config:
     """The pipeline config with the reader's filter off: every detection is read and kept, so
     detection is scored on the detector's own output; the real filter is applied to e2e reads."""
-    r = cfg.reader.model_copy(update={"min_confidence": 0.0, "min_chars": 1})
+    r = cfg.reader.model_copy(update={"min_confidence": 0.0, "min_chars": 1,
+                                         "min_digits": 0})
     return cfg.model_copy(update={"reader": r})
 
 

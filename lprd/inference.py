@@ -90,7 +90,7 @@ class PlatePipeline:
                 continue
             times.plates += 1
             read = self.reader.read_box(frame_bgr, det.box)
-            if read.confidence < rcfg.min_confidence or len(read.text) < rcfg.min_chars:
+            if not rcfg.keeps(read.text, read.confidence):
                 continue
             out.append(Observation(
                 camera=camera, seq=seq, ts=ts, box=det.box, frame_size=(fw, fh),

@@ -130,3 +130,12 @@ def test_config_error_lists_every_problem_not_only_the_first(tmp_path):
         load_config(f)
     keys = [p.split(":")[0] for p in e.value.problems]
     assert keys == ["detector.threshold", "reader.topn"]
+
+
+def test_reader_filter_drops_unsure_short_and_digitless_reads():
+    r = Config().reader
+    assert r.keeps("7ABC123", 0.9)
+    assert not r.keeps("7ABC123", 0.29)  # below min_confidence
+    assert not r.keeps("A1", 0.9)  # below min_chars
+    assert r.keeps("ILUVCATS", 0.9)  # vanity plates by default
+    assert not r.model_copy(update={"min_digits": 1}).keeps("POLICE", 0.99)  # sign text

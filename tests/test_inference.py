@@ -119,6 +119,8 @@ def test_pipeline_drops_reads_below_the_configured_floor(models, clip):
     assert pipeline(models, reader={"min_confidence": 1.0}).process(frame, "gate", 1, 0.0) == []
     assert pipeline(models, reader={"min_confidence": 0.0, "min_chars": 12}).process(
         frame, "gate", 1, 0.0) == []
+    assert pipeline(models, reader={"min_confidence": 0.0, "min_digits": 11}).process(
+        frame, "gate", 1, 0.0) == []
     assert pipeline(models, detector={"min_width": 1000}, **ALL_READS).process(
         frame, "gate", 1, 0.0) == []
     p = pipeline(models, **ALL_READS)
