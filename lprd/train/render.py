@@ -18,6 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 LETTERS = string.ascii_uppercase
 DIGITS = string.digits
 
+# DIN 1451 (fonts-opendin) is the model of EU plate faces: Spain's, Germany's FE-Schrift; its 1 has
+# the long flag and no foot that a reader trained on other faces reads as 7.
+_DIN = "/usr/share/fonts/truetype/opendin/OSP-DIN.ttf"
 # Narrow, bold sans faces are closest to real plate fonts (FE-Schrift, DIN, US "Penitentiary").
 _FONT_GLOBS = (
     "/usr/share/fonts/opentype/urw-base35/NimbusSansNarrow-Bold.otf",
@@ -34,6 +37,7 @@ _FONT_GLOBS = (
     "/usr/share/fonts/truetype/noto/NotoSansMono-Bold.ttf",
     "/usr/share/fonts/truetype/noto/NotoSans-Bold.ttf",
     "/usr/share/fonts/truetype/noto/NotoSans-Condensed*.ttf",
+    _DIN,
 )
 # Small decorative text (state names, slogans) may use any face, serif included.
 _DECOR_GLOBS = _FONT_GLOBS + (
@@ -75,7 +79,8 @@ class RenderedPlate:
 def _fonts() -> tuple[str, ...]:
     found = tuple(p for g in _FONT_GLOBS for p in sorted(glob.glob(g)))
     if not found:
-        raise RuntimeError("no fonts found: install fonts-dejavu fonts-liberation fonts-urw-base35")
+        raise RuntimeError("no fonts found: install fonts-dejavu fonts-liberation fonts-urw-base35 "
+                           "fonts-opendin")
     return found
 
 
@@ -216,7 +221,8 @@ def render_plate(rng: np.random.Generator, layout: str | None = None) -> Rendere
         bottom = _pick(rng, US_SLOGANS) if rng.random() < 0.7 else None
         bottom_color = fg
     elif layout in ("eu", "eu_two_row"):
-        ratio = 4.6 if layout == "eu" else 1.6
+        # two rows: square motorcycle plates (band the full height) to the wider 1.6 kind
+        ratio = 4.6 if layout == "eu" else float(rng.uniform(1.0, 1.7))
         bg = _color(rng, (240, 240, 238)) if rng.random() < 0.9 else _color(rng, (245, 200, 30))
         fg = dark
         band = ((20, 50, 160), _pick(rng, EU_CODES)) if rng.random() < 0.85 else None
@@ -292,6 +298,8 @@ def render_plate(rng: np.random.Generator, layout: str | None = None) -> Rendere
         y1 = H - bh - int(H * 0.08)
     # Characters: one or two rows, in a random plate-like face with random condensing/weight.
     font = _pick(rng, _fonts())
+    if layout in ("eu", "eu_two_row") and _DIN in _fonts() and rng.random() < 0.4:
+        font = _DIN
     condense = float(rng.uniform(0.65, 1.15))
     spacing = float(rng.uniform(0.02, 0.12))
     stroke = int(rng.integers(0, 3))
