@@ -73,3 +73,17 @@ def test_training_exact_rate_scores_both_reader_heads() -> None:
     seq[0, [3, 4, 5, 12]] = [ALPHABET.index(c) for c in "ABB1"]
     seq[1, [5, 6]] = ALPHABET.index("7")
     assert exact_rate(np.eye(blank + 1)[seq], ys) == 0.5
+
+
+def test_synthetic_chunks_of_other_rendering_code_are_not_reused(tmp_path: Path) -> None:
+    from lprd.train.reader import drop_stale_chunks
+
+    chunk = tmp_path / "synth_0000.npz"
+    chunk.write_bytes(b"rendered before the stamp existed")
+    real = tmp_path / "real_0000.npz"
+    real.write_bytes(b"real crops")
+    assert drop_stale_chunks(tmp_path) == 1 and not chunk.exists() and real.exists()
+    chunk.write_bytes(b"rendered by this code")
+    assert drop_stale_chunks(tmp_path) == 0 and chunk.exists()
+    (tmp_path / "renderer.stamp").write_text("another renderer\n")
+    assert drop_stale_chunks(tmp_path) == 1 and not chunk.exists()

@@ -65,6 +65,34 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
                 os.replace(str(rout) + ".tmp.npz", rout)
 
 
+def renderer_stamp() -> str:
+    """What the synthetic chunks depend on: the rendering code and the fonts it finds."""
+    import hashlib
+
+    from lprd.train import reader_data, render
+
+    h = hashlib.sha256()
+    for mod in (render, reader_data):
+        h.update(Path(mod.__file__).read_bytes())
+    h.update("\n".join(render._fonts()).encode())
+    return h.hexdigest()[:16]
+
+
+def drop_stale_chunks(cache: Path) -> int:
+    """Delete synthetic chunks rendered by other rendering code or fonts; returns how many."""
+    stamp, path = renderer_stamp(), cache / "renderer.stamp"
+    old = path.read_text().strip() if path.exists() else None
+    stale = sorted(cache.glob("synth_*.npz")) if old != stamp else []
+    if stale:
+        log.info("renderer changed (%s -> %s): deleting %d synthetic chunks", old, stamp,
+                 len(stale))
+    for f in stale:
+        f.unlink()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(stamp + "\n")
+    return len(stale)
+
+
 def _block(L, x, ch, stride=1, kernel=3, dilation=1):
     x = L.Conv2D(ch, kernel, strides=stride, padding="same", dilation_rate=dilation,
                  use_bias=False)(x)
@@ -355,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     args.cache.mkdir(parents=True, exist_ok=True)
 
+    drop_stale_chunks(args.cache)
     # first chunks in the foreground (both cores), the rest in the background
     have = len(list(args.cache.glob("synth_*.npz")))
     if have < args.initial_chunks:
