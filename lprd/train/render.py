@@ -21,6 +21,12 @@ DIGITS = string.digits
 # DIN 1451 (fonts-opendin) is the model of EU plate faces: Spain's, Germany's FE-Schrift; its 1 has
 # the long flag and no foot that a reader trained on other faces reads as 7.
 _DIN = "/usr/share/fonts/truetype/opendin/OSP-DIN.ttf"
+# Tall, condensed US faces like California's (Routed Gothic, thinner still, draws 1 as I and 0 as O:
+# not taken).
+_US_FACES = (
+    "/usr/share/fonts/opentype/bebas-neue/BebasNeue-Regular.otf",
+    "/usr/share/fonts/opentype/bebas-neue/BebasNeue-Bold.otf",
+)
 # Narrow, bold sans faces are closest to real plate fonts (FE-Schrift, DIN, US "Penitentiary").
 _FONT_GLOBS = (
     "/usr/share/fonts/opentype/urw-base35/NimbusSansNarrow-Bold.otf",
@@ -38,6 +44,7 @@ _FONT_GLOBS = (
     "/usr/share/fonts/truetype/noto/NotoSans-Bold.ttf",
     "/usr/share/fonts/truetype/noto/NotoSans-Condensed*.ttf",
     _DIN,
+    *_US_FACES,
 )
 # Small decorative text (state names, slogans) may use any face, serif included.
 _DECOR_GLOBS = _FONT_GLOBS + (
@@ -80,7 +87,7 @@ def _fonts() -> tuple[str, ...]:
     found = tuple(p for g in _FONT_GLOBS for p in sorted(glob.glob(g)))
     if not found:
         raise RuntimeError("no fonts found: install fonts-dejavu fonts-liberation fonts-urw-base35 "
-                           "fonts-opendin")
+                           "fonts-opendin fonts-bebas-neue")
     return found
 
 
@@ -300,6 +307,9 @@ def render_plate(rng: np.random.Generator, layout: str | None = None) -> Rendere
     font = _pick(rng, _fonts())
     if layout in ("eu", "eu_two_row") and _DIN in _fonts() and rng.random() < 0.4:
         font = _DIN
+    us_faces = [f for f in _US_FACES if f in _fonts()]
+    if layout.startswith("us") and us_faces and rng.random() < 0.35:
+        font = _pick(rng, us_faces)
     condense = float(rng.uniform(0.65, 1.15))
     spacing = float(rng.uniform(0.02, 0.12))
     stroke = int(rng.integers(0, 3))
