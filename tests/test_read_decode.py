@@ -7,6 +7,7 @@ from lprd.config import ConfigError, parse_config
 from lprd.read import (
     ALPHABET,
     MAX_LEN,
+    _top_reads,
     ctc_greedy,
     ctc_to_slots,
     ctc_with_formats,
@@ -14,6 +15,7 @@ from lprd.read import (
     decode_with_formats,
     encode_text,
 )
+from lprd.read import PAD as PAD_CHAR
 
 PAD = len(ALPHABET)
 
@@ -129,3 +131,30 @@ def test_ctc_formats_restore_a_doubled_letter_the_best_path_merged() -> None:
     assert decode(ctc_to_slots(seq)).text == "A1"
     assert ctc_with_formats(seq, ["LLN"], ratio=0.5).text == "AA1"
     assert ctc_with_formats(seq, ["LLNNNNNN"], ratio=0.5).text == "A1"  # too unlikely
+
+
+def test_top_reads_merge_the_likeliest_slot_sequences_by_text():
+    # brute force: every combination of each slot's 3 best classes, the 15 likeliest kept (the
+    # search's width for 5 reads), merged by text with pads dropped, as the reader does
+    import itertools
+
+    classes = ALPHABET + PAD_CHAR
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        logits = rng.normal(0, rng.uniform(1, 6), (5, len(classes)))
+        logits[:, PAD] += rng.normal(0, 3, 5)  # pads in some slots, so texts merge
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        tops = np.argsort(probs, axis=1)[:, ::-1][:, :3]
+        seqs = []
+        for combo in itertools.product(range(3), repeat=5):
+            ks = [int(tops[i, c]) for i, c in enumerate(combo)]
+            seqs.append((float(np.prod([probs[i, k] for i, k in enumerate(ks)])),
+                         "".join(classes[k] for k in ks).replace(PAD_CHAR, "")))
+        merged: dict[str, float] = {}
+        for p, text in sorted(seqs, reverse=True)[:15]:
+            if text:
+                merged[text] = merged.get(text, 0.0) + p
+        want = sorted(merged.items(), key=lambda kv: -kv[1])[:5]
+        got = _top_reads(probs, classes, 5, per_slot=3)
+        assert [c.confidence for c in got] == pytest.approx([p for _, p in want], rel=1e-6)
+        assert got[0].plate == want[0][0]

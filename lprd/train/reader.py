@@ -100,10 +100,10 @@ def _block(L, x, ch, stride=1, kernel=3, dilation=1):
     return L.ReLU(6.0)(x)
 
 
-def _stem(tf):
+def _stem(tf, batch: int | None = None):
     """Both heads' first layers: input 40x128 -> 10x32x64."""
     block = functools.partial(_block, tf.keras.layers)
-    inp = tf.keras.Input((INPUT_H, INPUT_W, 1), name="image")
+    inp = tf.keras.Input((INPUT_H, INPUT_W, 1), batch_size=batch, name="image")
     x = block(inp, 24, 2)  # 20x64
     x = block(x, 32)
     x = tf.keras.layers.MaxPooling2D(2)(x)  # 10x32
@@ -111,7 +111,7 @@ def _stem(tf):
     return inp, block(x, 64)
 
 
-def build_model(tf, head: str = "ctc"):
+def build_model(tf, head: str = "ctc", batch: int | None = None):
     """Plain conv stack (int8-friendly) with one of two heads.
 
     `slots`: one dense layer per character slot (the first shipped readers). `ctc`: a shared
@@ -121,10 +121,10 @@ def build_model(tf, head: str = "ctc"):
     top row first; a learned per-row bias tells the rows apart.
     """
     if head == "slots":
-        return _build_slots(tf)
+        return _build_slots(tf, batch)
     L = tf.keras.layers
     block = functools.partial(_block, L)
-    inp, x = _stem(tf)
+    inp, x = _stem(tf, batch)
     x = L.MaxPooling2D((2, 1))(x)  # 5x32: 32 steps a row, enough for 10 characters and repeats
     x = block(x, 80)
     x = block(x, 96)
@@ -139,10 +139,10 @@ def build_model(tf, head: str = "ctc"):
     return tf.keras.Model(inp, out, name="lprd_reader_ctc")
 
 
-def _build_slots(tf):
+def _build_slots(tf, batch: int | None = None):
     L = tf.keras.layers
     block = functools.partial(_block, L)
-    inp, x = _stem(tf)
+    inp, x = _stem(tf, batch)
     x = L.MaxPooling2D(2)(x)  # 5x16
     x = block(x, 96)
     x = block(x, 96)
@@ -219,6 +219,11 @@ def exact_rate(pred: np.ndarray, ys: np.ndarray) -> float:
 
 def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
     """Full-integer int8 (uint8 input, float output), calibrated on `rep` (grey uint8 crops)."""
+    # the same weights in a batch-1 graph: static shapes let the converter fold the reshape and
+    # the dilated convolution (XNNPACK then runs it in 2 partitions, not 4; same reads)
+    fixed = build_model(tf, meta.get("head", "slots"), batch=1)
+    fixed.set_weights(model.get_weights())
+    model = fixed
     if meta.get("head") == "ctc":  # trained on logits; ship probabilities
         model = tf.keras.Model(model.input, tf.keras.layers.Softmax(name="probs")(model.output))
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
