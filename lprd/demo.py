@@ -53,7 +53,7 @@ def demo_script(seed: int = 7, fps: float = 15.0) -> DemoScript:
             ("mercosur_br", 6.6, 4.0, -0.5, (190, 190, 195)))
     cars = []
     for layout, start, dur, lane, color in plan:
-        p = render_plate(rng, layout)
+        p = render_plate(rng, layout, classic=True)  # the committed clip's plates
         cars.append(DemoCar(p.text, layout, start, dur, lane, color, p.image))
     return DemoScript(cars=tuple(cars), seconds=13.0, fps=fps)
 

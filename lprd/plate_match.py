@@ -17,7 +17,7 @@ MAX_PLATE_CHARS = 16
 INDEL_COST = 1.0  # an extra or missing character
 SUBSTITUTION_COST = 1.0  # two characters an OCR does not mix up
 
-# Cheap substitutions: pairs that plate readers (and our reader, see FINDINGS.md) mix up.
+# Cheap substitutions: pairs that plate readers (and our reader, see ../shared/FINDINGS.md) mix up.
 # Characters linked by these pairs form groups; the index relies on every pair costing less
 # than SUBSTITUTION_COST lying inside one group (see canonical()).
 CONFUSABLE_PAIRS: dict[tuple[str, str], float] = {

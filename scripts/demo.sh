@@ -28,9 +28,15 @@ trap cleanup EXIT
 
 # config/demo.yaml publishes to localhost:1883: use the broker there, or start one.
 if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
-  mosquitto -p 1883 >/dev/null 2>&1 &
+  # Debian installs the broker in /usr/sbin, which is not on a normal user's PATH
+  BROKER=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+  "$BROKER" -p 1883 >/dev/null 2>&1 &
   PIDS+=($!)
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
+  if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
+    echo "could not start an MQTT broker ($BROKER) on localhost:1883" >&2
+    exit 1
+  fi
 fi
 
 echo "== MQTT messages under lprd/# (topic, then payload) =="

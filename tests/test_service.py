@@ -327,3 +327,10 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()  # 3.11 reads the trailing Z
+
+
+def test_the_demo_script_still_renders_the_committed_clips_plates():
+    # the README promises `python -m lprd.demo` re-renders config/demo.mp4 identically
+    from lprd.demo import demo_script
+
+    assert tuple(c.plate for c in demo_script().cars) == DEMO_PLATES

@@ -490,7 +490,8 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
             "real_sets": list(CROP_SETS),
             "real_train_crops": len(crops) - len(held),
             "real_heldout_crops": len(held),
-            "split": "by plate text, sha1('lprd-split-'+text) % 1000 < 200 is held out",
+            "split": "by plate text, int(sha1('lprd-split-'+text).hexdigest()[:8], 16) % 1000 < 200 "
+                     "is held out",
             "scene_crops": {str(f.name): len(pseudo_crops(f)) for f in args.pseudo or []},
         },
         "epochs": state["epoch"],

@@ -27,6 +27,7 @@ _US_FACES = (
     "/usr/share/fonts/opentype/bebas-neue/BebasNeue-Regular.otf",
     "/usr/share/fonts/opentype/bebas-neue/BebasNeue-Bold.otf",
 )
+_ADDED_FACES = (_DIN, *_US_FACES)  # after the demo clip was rendered (see `classic`)
 # Narrow, bold sans faces are closest to real plate fonts (FE-Schrift, DIN, US "Penitentiary").
 _FONT_GLOBS = (
     "/usr/share/fonts/opentype/urw-base35/NimbusSansNarrow-Bold.otf",
@@ -203,13 +204,24 @@ def _paste_fit(canvas: Image.Image, item: Image.Image, box: tuple[int, int, int,
     canvas.alpha_composite(item, (x0 + (bw - item.width) // 2, y0 + (bh - item.height) // 2))
 
 
-def _small_text(rng: np.random.Generator, text: str, height: int, color) -> Image.Image:
-    return _draw_line(rng, text, _pick(rng, _decor_fonts()), max(4, height), color,
+def _small_text(rng: np.random.Generator, text: str, height: int, color,
+                faces: tuple[str, ...]) -> Image.Image:
+    return _draw_line(rng, text, _pick(rng, faces), max(4, height), color,
                       condense=float(rng.uniform(0.8, 1.1)), spacing=0.08, stroke=0)
 
 
-def render_plate(rng: np.random.Generator, layout: str | None = None) -> RenderedPlate:
-    """Render one plate; `layout` is one of LAYOUTS or None for a weighted random one."""
+def render_plate(rng: np.random.Generator, layout: str | None = None,
+                 classic: bool = False) -> RenderedPlate:
+    """Render one plate; `layout` is one of LAYOUTS or None for a weighted random one.
+
+    `classic` renders as the first renderer did (without the faces and two-row shapes added
+    since), drawing the same random numbers: the committed demo clip was made so, and
+    `lprd.demo` re-renders it identically.
+    """
+    fonts, decor = _fonts(), _decor_fonts()
+    if classic:
+        fonts = tuple(f for f in fonts if f not in _ADDED_FACES)
+        decor = tuple(f for f in decor if f not in _ADDED_FACES)
     if layout is None:
         layout = LAYOUTS[int(rng.choice(len(LAYOUTS), p=LAYOUT_WEIGHTS / LAYOUT_WEIGHTS.sum()))]
     rows = _text_for(rng, layout)
@@ -229,7 +241,7 @@ def render_plate(rng: np.random.Generator, layout: str | None = None) -> Rendere
         bottom_color = fg
     elif layout in ("eu", "eu_two_row"):
         # two rows: square motorcycle plates (band the full height) to the wider 1.6 kind
-        ratio = 4.6 if layout == "eu" else float(rng.uniform(1.0, 1.7))
+        ratio = 4.6 if layout == "eu" else 1.6 if classic else float(rng.uniform(1.0, 1.7))
         bg = _color(rng, (240, 240, 238)) if rng.random() < 0.9 else _color(rng, (245, 200, 30))
         fg = dark
         band = ((20, 50, 160), _pick(rng, EU_CODES)) if rng.random() < 0.85 else None
@@ -290,24 +302,24 @@ def render_plate(rng: np.random.Generator, layout: str | None = None) -> Rendere
             a = 2 * np.pi * k / 12
             sx, sy = cx + r * np.cos(a), cy + r * np.sin(a)
             d.ellipse([sx - 2, sy - 2, sx + 2, sy + 2], fill=(240, 210, 40))
-        _paste_fit(img, _small_text(rng, band[1], int(H * 0.22), (250, 250, 250)),
+        _paste_fit(img, _small_text(rng, band[1], int(H * 0.22), (250, 250, 250), decor),
                    (0, int(H * 0.55), bw, int(H * 0.95)))
         x0 = bw + int(W * 0.03)
     if top is not None:
         th = int(H * (0.16 if layout.startswith("us") else 0.13))
         ty = int(H * 0.03)
-        _paste_fit(img, _small_text(rng, top, th, top_color), (x0, ty, x1, ty + th + 4))
+        _paste_fit(img, _small_text(rng, top, th, top_color, decor), (x0, ty, x1, ty + th + 4))
         if not layout.startswith("mercosur"):
             y0 = ty + th + int(H * 0.05)
     if bottom:
         bh = int(H * 0.11)
-        _paste_fit(img, _small_text(rng, bottom, bh, bottom_color), (x0, H - bh - int(H * 0.05), x1, H - 2))
+        _paste_fit(img, _small_text(rng, bottom, bh, bottom_color, decor), (x0, H - bh - int(H * 0.05), x1, H - 2))
         y1 = H - bh - int(H * 0.08)
     # Characters: one or two rows, in a random plate-like face with random condensing/weight.
-    font = _pick(rng, _fonts())
-    if layout in ("eu", "eu_two_row") and _DIN in _fonts() and rng.random() < 0.4:
+    font = _pick(rng, fonts)
+    if layout in ("eu", "eu_two_row") and _DIN in fonts and rng.random() < 0.4:
         font = _DIN
-    us_faces = [f for f in _US_FACES if f in _fonts()]
+    us_faces = [f for f in _US_FACES if f in fonts]
     if layout.startswith("us") and us_faces and rng.random() < 0.35:
         font = _pick(rng, us_faces)
     condense = float(rng.uniform(0.65, 1.15))
