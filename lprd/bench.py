@@ -186,8 +186,12 @@ def _bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="lprd-bench-") as tmp:
         source = Path(args.source) if args.source else DEMO_CLIP
         if not args.source and not source.is_file():  # an installed package has no config/
-            from lprd.demo import render_demo
-
+            try:
+                from lprd.demo import render_demo
+            except ImportError as e:  # rendering needs Pillow (the test/train extras)
+                print(f"lprd bench: no demo clip here and none can be rendered ({e}); "
+                      "give a video file", file=sys.stderr)
+                return 2
             source = Path(tmp) / "demo.mp4"
             render_demo(source)
         if not source.is_file():
