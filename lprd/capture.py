@@ -176,6 +176,15 @@ def fit_frame(frame: np.ndarray, max_width: int, ring: FrameRing) -> np.ndarray:
     return cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
 
 
+def _seek(cap: cv2.VideoCapture, pos: int) -> None:
+    """Move a reopened file to frame `pos`, by seeking or, where that fails, by skipping."""
+    if cap.set(cv2.CAP_PROP_POS_FRAMES, pos):
+        return
+    for _ in range(pos):
+        if not cap.grab():
+            return
+
+
 def _open(source: str, kind: SourceKind, timeout: float) -> cv2.VideoCapture:
     ms = int(timeout * 1000)
     if kind is SourceKind.V4L2:
@@ -226,6 +235,7 @@ class Capture:
         self._fps = 0.0
         self._file_t0: float | None = None  # wall time of the clip's frame 0
         self._file_index = 0  # clip frames decoded so far, across loops and reopens
+        self._file_pos = 0  # frames grabbed in this pass of the file: where a reopen resumes
         self._got = 0  # frames written in the current session
 
     # -- status ---------------------------------------------------------------------------------
@@ -286,12 +296,13 @@ class Capture:
                     self._session()
                     continue
                 except _Ended as e:
-                    if e.eof and self._got:
+                    if e.eof and (self._got or self._file_pos):
                         if self.cfg.loop:
                             log.info("%s: end of %s, looping", self.camera, self.shown)
+                            self._file_pos = 0
                             continue
                         log.info("%s: end of %s (%d frames)", self.camera, self.shown,
-                                 self._got)
+                                 self._file_pos)
                         self.connected, self.error = False, None
                         self.status(eof=True)
                         return
@@ -336,6 +347,8 @@ class Capture:
                     clip_fps = DEFAULT_FILE_FPS
                 if self._file_t0 is None:
                     self._file_t0 = time.time()
+                if self._file_pos:  # reopened after a failure: resume, do not replay
+                    _seek(cap, self._file_pos)
             pace_t0 = time.monotonic()
             pace_index = self._file_index
             interval = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
@@ -351,10 +364,11 @@ class Capture:
                         if self.stop.is_set():
                             raise _Stopped
                         self.heartbeat()
+                        last_good = time.monotonic()  # waiting on the reader is no stall
                 grab_at = time.monotonic()
                 if not cap.grab():
                     if self.is_file:
-                        if self._got:
+                        if self._got or self._file_pos:
                             raise _Ended("end of file", eof=True)
                         raise _Ended(f"no frame could be decoded from {self.shown} "
                                      "(corrupt or unsupported file)")
@@ -366,6 +380,7 @@ class Capture:
                 if self.is_file:
                     ts = self._file_t0 + self._file_index / clip_fps  # type: ignore[operator]
                     self._file_index += 1
+                    self._file_pos += 1
                     if self.realtime:  # a clip played like a camera
                         due = pace_t0 + (self._file_index - 1 - pace_index) / clip_fps
                         wait = due - time.monotonic()
@@ -374,10 +389,13 @@ class Capture:
                 else:
                     ts = time.time()
                 if not self.flow_control and interval:
-                    if ts < next_due:
+                    # a stream's cadence on the monotonic clock: a wall-clock step back must
+                    # not hold frames back
+                    now = ts if self.is_file else time.monotonic()
+                    if now < next_due:
                         continue  # analysis rate cap: the frame is decoded but not published
                     # Keep the average rate; after a gap, restart the cadence from now.
-                    next_due = next_due + interval if next_due + interval > ts else ts + interval
+                    next_due = next_due + interval if next_due + interval > now else now + interval
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
                     bad += 1

@@ -141,7 +141,7 @@ class DiscoveryConfig(_Strict):
 
 class MQTTConfig(_Strict):
     enabled: bool = True
-    host: str = "localhost"
+    host: str = Field("localhost", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
     topic_prefix: str = "lprd"
     client_id: str | None = None

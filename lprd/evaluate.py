@@ -383,7 +383,7 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
 def _relaxed(cfg: Config) -> Config:
     """The pipeline config with the reader's filter off: every detection is read and kept, so
     detection is scored on the detector's own output; the real filter is applied to e2e reads."""
-    r = cfg.reader.model_copy(update={"min_confidence": 0.0, "min_chars": 1,
+    r = cfg.reader.model_copy(update={"min_confidence": 0.0, "min_chars": 0,
                                          "min_digits": 0})
     return cfg.model_copy(update={"reader": r})
 

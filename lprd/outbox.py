@@ -77,6 +77,8 @@ class DropReport:
 class Outbox:
     """Thread-safe; one connection guarded by a lock (SQLite serialises writers anyway)."""
 
+    busy_timeout = 10.0  # seconds to wait for a lock held by another connection
+
     def __init__(self, path: Path, max_events: int = 100_000, max_age: float = 7 * 86400.0,
                  clock: Callable[[], float] = time.time) -> None:
         if max_events < 1 or max_age <= 0:
@@ -89,6 +91,9 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open()
+        except sqlite3.OperationalError:
+            # locked, disk full, read-only, I/O: not corruption, and its events are still there
+            raise
         except sqlite3.DatabaseError as e:
             # A corrupt outbox must not stop the daemon: keep the file for inspection, start anew.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._clock())}")
@@ -107,11 +112,11 @@ class Outbox:
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                             timeout=10.0)
+                             timeout=self.busy_timeout)
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
-                raise sqlite3.DatabaseError(f"cannot switch to WAL (journal_mode={mode})")
+                raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode={mode})")
             # FULL: a commit survives a power cut, not only a crash of this process.
             db.execute("PRAGMA synchronous=FULL")
             check = db.execute("PRAGMA quick_check").fetchone()[0]

@@ -15,6 +15,7 @@ import multiprocessing.context
 import os
 import queue
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -194,6 +195,9 @@ class Supervisor:
         except (PublisherConfigError, OSError) as e:
             print(f"{self.config_path}: {e}", file=sys.stderr)
             return 2
+        except sqlite3.OperationalError as e:  # locked or full disk: worth a restart, not a fix
+            log.error("the MQTT outbox in %s cannot be opened: %s", self.cfg.storage.dir, e)
+            return 1
         code = 0
         try:
             self._start_sync()
@@ -594,8 +598,17 @@ class Supervisor:
             if name in new.cameras:
                 self._add_camera(name, new.cameras[name])
         if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):
+            from lprd.publish import PublisherConfigError
+
             self._stop_publisher(2.0)
-            self._start_publisher()
+            try:
+                self._start_publisher()
+            except (PublisherConfigError, OSError, ValueError, sqlite3.OperationalError) as e:
+                # an unreadable password or TLS file: keep the running settings
+                log.error("reload: the new mqtt settings are refused (%s); keeping the "
+                          "running ones", e)
+                self.cfg = self.cfg.model_copy(update={"mqtt": old.mqtt})
+                self._start_publisher()
         if new.watchlist.sync != old.watchlist.sync or new.watchlist.enabled != old.watchlist.enabled:
             self._stop_sync()
         if self.sync is None:

@@ -194,6 +194,41 @@ def test_file_loops_when_asked_with_sequence_and_time_going_on(
     assert not cam.eof()
 
 
+def test_a_file_reopened_after_a_decode_failure_resumes_instead_of_replaying(
+        tmp_path: Path, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch) -> None:
+    import lprd.capture as capture_mod
+
+    video = indexed_video(tmp_path / "clip.avi", 120, fps=30)
+    real_open, opened = capture_mod._open, []
+
+    class FailsMidFile:  # the real decoder, but frames 40-99 of the first opening do not decode
+        def __init__(self, cap: Any) -> None:
+            self.cap, self.grabbed, self.first = cap, 0, not opened
+            opened.append(self)
+
+        def grab(self) -> bool:
+            self.grabbed += 1
+            return self.cap.grab()
+
+        def retrieve(self) -> tuple[bool, Any]:
+            if self.first and 40 < self.grabbed <= 100:
+                return False, None
+            return self.cap.retrieve()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.cap, name)
+
+    monkeypatch.setattr(capture_mod, "_open", lambda *a: FailsMidFile(real_open(*a)))
+    cam = cams(CameraConfig(source=str(video), reconnect=FAST_RETRY), in_thread=True)
+    assert cam.pump(cam.eof, timeout=30)
+    indices = [s.index for s in cam.seen]
+    assert len(opened) == 2  # 50 bad frames in a row end the session; the file is reopened
+    assert indices[:40] == list(range(40))
+    assert indices[40] > 40 and indices == sorted(indices)  # resumed after the bad stretch
+    assert indices[-1] == 119 and len(indices) == len(set(indices))  # nothing replayed
+    assert np.all(np.diff([s.ref.ts for s in cam.seen]) > 0)
+
+
 def test_frames_wider_than_max_width_are_scaled_down_before_the_ring(
         tmp_path: Path, cams: Callable[..., Cam]) -> None:
     video = indexed_video(tmp_path / "big.avi", 12, width=640, height=480)

@@ -141,6 +141,21 @@ def test_a_corrupt_outbox_is_moved_aside_and_a_new_one_started(tmp_path: Path,
     assert ob.depth() == 1
 
 
+def test_a_locked_outbox_is_an_error_not_corruption_and_keeps_its_events(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "outbox.sqlite"
+    Outbox(path).put(_event(1))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process writing, a full disk, an I/O error ...
+    monkeypatch.setattr(Outbox, "busy_timeout", 0.2)
+    with pytest.raises(sqlite3.OperationalError):
+        Outbox(path)
+    assert not list(tmp_path.glob("*.corrupt-*"))  # nothing moved aside
+    other.execute("ROLLBACK")
+    other.close()
+    assert Outbox(path).depth() == 1
+
+
 def test_unknown_message_kind_is_refused(tmp_path: Path) -> None:
     ob = Outbox(tmp_path / "o.sqlite")
     with pytest.raises(ValueError, match="kind"):

@@ -247,6 +247,16 @@ def test_sighup_reloads_the_config_starting_only_the_new_camera_and_tells_system
     d.wait_log(r"reload refused")
     assert "cameras.a.sorce: unknown key" in d.log()
     assert d.proc.poll() is None
+    # mqtt settings that only fail when the publisher starts (an empty password file) are
+    # refused too: the daemon reconnects with the running ones
+    (tmp_path / "pw").write_text("")
+    write_config(path, {"a": cam_a, "b": dict(cam_a)}, mosquitto, tmp_path / "st",
+                 mqtt={"username": "u", "password_file": str(tmp_path / "pw")})
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"new mqtt settings are refused \(mqtt.password_file: .* is empty\)")
+    d.wait_log(r"reload done", count=2)
+    d.wait_log(r"MQTT: connected to", count=3)  # start, the first reload, this one
+    assert d.proc.poll() is None
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
     notify.wait_for("STOPPING=1", after=reloading)
