@@ -52,7 +52,8 @@ class CameraConfig(_Strict):
     stall_timeout: float = Field(10.0, gt=0, description="no frame for this long = stream lost")
     reconnect: ReconnectConfig = ReconnectConfig()
     motion: MotionConfig = MotionConfig()
-    roi: tuple[int, int, int, int] | None = Field(None, description="x, y, w, h to analyse, in pixels of the frame after max_width scaling")
+    roi: tuple[int, int, int, int] | None = Field(
+        None, description="x, y, w, h to analyse, in pixels of the frame after max_width scaling")
     ring_slots: int = Field(8, ge=2, le=256)
     max_width: int = Field(1920, ge=64, description="larger frames are scaled down first")
 
