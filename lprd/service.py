@@ -619,7 +619,10 @@ class Supervisor:
         if (any(getattr(new, k) != getattr(old, k) for k in pipeline_keys)
                 or new.mqtt.crops != old.mqtt.crops):
             log.info("models, tracker or watchlist settings changed: restarting inference")
-            _stop_child(self.worker, deadline, self._pump_child_queue)
+            # its own stop_timeout: slow camera or sync stops above must not cut the time the
+            # worker has to close its tracks and send their final events
+            _stop_child(self.worker, time.monotonic() + new.service.stop_timeout,
+                        self._pump_child_queue)
             self._start_worker()
         else:
             if changed:
