@@ -250,12 +250,15 @@ class Supervisor:
         signal.signal(signal.SIGHUP, reload)
 
     def _heartbeats(self) -> dict[str, float]:
-        """For the watchdog gate: the loop itself, the worker, and every capture not done."""
+        """For the watchdog gate: the loop itself, the worker, and every running capture.
+
+        A child waiting for its restart is left out: the loop is restarting it (a camera that
+        keeps failing must not stop the pings and get every camera killed)."""
         beats = {"supervisor": self.loop_beat}
-        if not self.worker.done:
+        if not self.worker.done and self.worker.proc is not None:
             beats["inference"] = self.worker.beat
         for cam in list(self.cameras.values()):  # list(): the loop may change the dict
-            if not cam.child.done:
+            if not cam.child.done and cam.child.proc is not None:
                 beats[f"capture:{cam.name}"] = cam.child.beat
         return beats
 
