@@ -600,7 +600,14 @@ class Supervisor:
                 self._remove_camera(name, deadline)
             if name in new.cameras:
                 self._add_camera(name, new.cameras[name])
-        if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):
+        # the outbox and the watchlist live in storage.dir: a new one needs them restarted
+        if new.storage != old.storage:
+            try:
+                new.storage.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                log.error("storage.dir %s cannot be created: %s", new.storage.dir, e)
+        if (new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras)
+                or new.storage != old.storage):
             from lprd.publish import PublisherConfigError
 
             self._stop_publisher(2.0)
@@ -612,7 +619,8 @@ class Supervisor:
                           "running ones", e)
                 self.cfg = self.cfg.model_copy(update={"mqtt": old.mqtt})
                 self._start_publisher()
-        if new.watchlist.sync != old.watchlist.sync or new.watchlist.enabled != old.watchlist.enabled:
+        if (new.watchlist.sync != old.watchlist.sync
+                or new.watchlist.enabled != old.watchlist.enabled or new.storage != old.storage):
             self._stop_sync()
         if self.sync is None:
             self._start_sync()
