@@ -18,6 +18,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# A message stamped before this (2025-01-01) was written while the clock was unset (a box with no
+# real-time clock that booted offline): its age is unknown, so only the size bound may drop it.
+CLOCK_FLOOR = 1_735_689_600.0
 KINDS = ("event", "action", "crop")
 
 _SCHEMA = """
@@ -208,12 +211,12 @@ class Outbox:
         return len(deleted)
 
     def expire(self) -> DropReport | None:
-        """Drop messages older than max_age."""
+        """Drop messages older than max_age (not those stamped by an unset clock)."""
         cutoff = self._clock() - self.max_age
         with self._lock:
             rows = self._db.execute(
-                "DELETE FROM messages WHERE created < ? RETURNING seq, event_id, camera, kind",
-                (cutoff,)).fetchall()
+                "DELETE FROM messages WHERE created < ? AND created >= ? "
+                "RETURNING seq, event_id, camera, kind", (cutoff, CLOCK_FLOOR)).fetchall()
             report = _report("max_age", rows)
             if report:
                 self._events.subtract(report.per_camera)

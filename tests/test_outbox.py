@@ -23,7 +23,7 @@ def _event(i: int, camera: str = "gate", action: str | None = None,
 
 
 class Clock:
-    def __init__(self, t: float = 1_000_000.0) -> None:
+    def __init__(self, t: float = 1_795_000_000.0) -> None:  # November 2026
         self.t = t
 
     def __call__(self) -> float:
@@ -114,6 +114,16 @@ def test_age_bound_drops_events_older_than_max_age(tmp_path: Path) -> None:
     assert (report.first_id, report.last_id) == ("ev00001", "ev00002")
     assert [p.message.event_id for p in ob.pending()] == ["ev00003"]
     assert ob.depth("a") == 1 and ob.depth("b") == 0
+
+
+def test_events_stamped_while_the_clock_was_unset_are_not_expired_by_age(tmp_path: Path) -> None:
+    clock = Clock(t=86_400.0)  # 1970: a box without a real-time clock, booted offline
+    ob = Outbox(tmp_path / "o.sqlite", max_age=60.0, clock=clock)
+    ob.put(_event(1))
+    clock.t = 1_795_000_000.0  # NTP sets the clock: the event is not "56 years old"
+    ob.put(_event(2))
+    assert ob.expire() is None
+    assert [p.message.event_id for p in ob.pending()] == ["ev00001", "ev00002"]
 
 
 def test_only_the_newest_crop_of_a_camera_waits(tmp_path: Path) -> None:
