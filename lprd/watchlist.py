@@ -89,6 +89,7 @@ _SCHEMA = [stmt for o in ORIGINS for stmt in (
         entry_id INTEGER NOT NULL,
         PRIMARY KEY (key, entry_id)) WITHOUT ROWID""",
 )] + ["CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]
+_TABLES = {re.search(r"EXISTS (\w+)", stmt).group(1) for stmt in _SCHEMA}  # type: ignore[union-attr]
 _COLS = "e.plate, e.list, e.action, e.info, e.valid_from, e.valid_until"
 # Changes whenever the confusion table does: the stored keys then need rebuilding.
 _INDEX_HASH = hashlib.sha256(
@@ -415,15 +416,20 @@ class Watchlist:
         self._conns_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
-        with self._write(conn):
-            for stmt in _SCHEMA:
-                conn.execute(stmt)
-            version = self._meta(conn, "schema")
-            if version is None:
-                self._set_meta(conn, "schema", str(SCHEMA_VERSION))
-            elif int(version) != SCHEMA_VERSION:
-                raise WatchlistError(f"{self.path}: schema {version}, this lprd knows "
-                                     f"{SCHEMA_VERSION}")
+        # Read first: the write lock would wait behind a sync's swap of the whole list.
+        have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = self._meta(conn, "schema") if "meta" in have else None
+        if version is None or not _TABLES <= have:
+            with self._write(conn):
+                for stmt in _SCHEMA:
+                    conn.execute(stmt)
+                version = self._meta(conn, "schema")
+                if version is None:
+                    self._set_meta(conn, "schema", str(SCHEMA_VERSION))
+                    version = str(SCHEMA_VERSION)
+        if int(version) != SCHEMA_VERSION:
+            raise WatchlistError(f"{self.path}: schema {version}, this lprd knows "
+                                 f"{SCHEMA_VERSION}")
         self.configure(self.cfg)
 
     @classmethod
@@ -504,11 +510,20 @@ class Watchlist:
         self.cfg = cfg
         self._depth = index_depth(cfg.max_distance)
         conn = self._conn()
-        with self._write(conn):
+
+        def current() -> bool:
             stored = self._meta(conn, "index_depth")
-            if self._meta(conn, "index_hash") == _INDEX_HASH and stored is not None \
-                    and int(stored) >= self._depth:
+            return (self._meta(conn, "index_hash") == _INDEX_HASH and stored is not None
+                    and int(stored) >= self._depth)
+
+        # Read first: the write lock would wait behind a sync's swap of the whole list, and the
+        # index is nearly always current already.
+        if current():
+            return
+        with self._write(conn):
+            if current():  # another process rebuilt it meanwhile
                 return
+            stored = self._meta(conn, "index_depth")
             # The stored depth never shrinks: another process may be matching with it.
             depth = max(self._depth, int(stored or 0))
             t0 = time.monotonic()

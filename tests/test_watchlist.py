@@ -126,6 +126,25 @@ def test_raising_max_distance_rebuilds_the_index_deeper(tmp_path: Path) -> None:
         assert w.match("XBC1234").distance == 1.0
 
 
+def test_reopening_with_a_current_index_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    import sqlite3
+    import time
+
+    path = tmp_path / DB_NAME
+    with Watchlist(path) as w:
+        w.add(WatchlistEntry("ABC1234"))
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a sync swapping the whole list in
+    try:
+        t0 = time.monotonic()
+        with Watchlist(path) as w:  # the inference worker reopening it on reload
+            assert w.match("ABC1234").match == "exact"
+        assert time.monotonic() - t0 < 5  # no wait for the write lock (busy timeout 30 s)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
 def test_add_replaces_the_same_plate_on_the_same_list_only(wl: Watchlist) -> None:
     wl.add(WatchlistEntry("ABC1234", list="a", info={"v": 1}))
     wl.add(WatchlistEntry("ABC1234", list="b", info={"v": 2}))
