@@ -182,6 +182,7 @@ def train(args: argparse.Namespace) -> int:
     holdout = [s for s in load_scenes() if s.held_out]
     t0, base = time.time(), st["elapsed_s"]
     done = False
+    exported = None
     while not done:
         ep = st["epoch"] + 1
         losses = []
@@ -220,8 +221,11 @@ def train(args: argparse.Namespace) -> int:
         log.info("epoch %d: %s", ep, {k: round(v, 4) for k, v in rec.items() if k != "time"})
         if ep % args.export_every == 0 or done:
             export(model, args.out, st)
+            exported = ep
         st["elapsed_s"] = base + time.time() - t0
         _save_state(st)
+    if st["epoch"] and exported != st["epoch"]:  # the budget ran out right at an epoch's end
+        export(model, args.out, st)
     log.info("done: %d steps in %.2f h", st["steps_done"], st["elapsed_s"] / 3600)
     del tf
     return 0
