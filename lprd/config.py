@@ -96,7 +96,7 @@ class ReaderConfig(_Strict):
     def keeps(self, text: str, confidence: float) -> bool:
         """Whether a read passes the filter (the daemon publishes only those)."""
         return (confidence >= self.min_confidence and len(text) >= self.min_chars
-                and sum(c.isdigit() for c in text) >= self.min_digits)
+                and (not self.min_digits or sum(c.isdigit() for c in text) >= self.min_digits))
 
     @field_validator("formats")
     @classmethod

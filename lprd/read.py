@@ -88,15 +88,13 @@ def decode_with_formats(probs: np.ndarray, formats: list[str], ratio: float,
     if not formats or any(_fits(raw.text, f) for f in formats):
         return raw
     pad = len(alphabet)
-    is_digit = np.array([ch.isdigit() for ch in alphabet])
     best: tuple[float, np.ndarray] | None = None
     for f in formats:
         if len(f) > probs.shape[0]:
             continue
         idx = np.full(probs.shape[0], pad)
         p = 1.0
-        for i, kind in enumerate(f):
-            allowed = is_digit if kind == "N" else ~is_digit if kind == "L" else np.ones_like(is_digit)
+        for i, allowed in enumerate(_format_masks(f, alphabet)):
             row = np.where(allowed, probs[i, :pad], -1.0)
             idx[i] = int(row.argmax())
             p *= float(row[idx[i]])
@@ -147,9 +145,7 @@ def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str
     """Best CTC path (log-probability) through `fmt` (L letter, N digit, X any), the class of
     each character and its probability; None when the sequence is too short for it."""
     steps, blank = logp.shape[0], logp.shape[1] - 1
-    is_digit = np.array([ch.isdigit() for ch in alphabet])
-    allowed = [is_digit if k == "N" else ~is_digit if k == "L" else np.ones_like(is_digit)
-               for k in fmt]
+    allowed = _format_masks(fmt, alphabet)
     n_states = 2 * len(fmt) + 1  # blank, char 0, blank, char 1, ..., blank
     if steps < len(fmt):
         return None
@@ -182,6 +178,13 @@ def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str
         idx.append(k)
         ps.append(float(np.exp(logp[ts, k].max())))
     return float(dp[end]), idx, ps
+
+
+def _format_masks(fmt: str, alphabet: str) -> list[np.ndarray]:
+    """Per format position, which classes of `alphabet` it allows (L letter, N digit, X any)."""
+    is_digit = np.array([ch.isdigit() for ch in alphabet])
+    return [is_digit if k == "N" else ~is_digit if k == "L" else np.ones_like(is_digit)
+            for k in fmt]
 
 
 def _fits(text: str, fmt: str) -> bool:

@@ -89,7 +89,7 @@ _SCHEMA = [stmt for o in ORIGINS for stmt in (
         entry_id INTEGER NOT NULL,
         PRIMARY KEY (key, entry_id)) WITHOUT ROWID""",
 )] + ["CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]
-_TABLES = {re.search(r"EXISTS (\w+)", stmt).group(1) for stmt in _SCHEMA}  # type: ignore[union-attr]
+_TABLES = {f"{t}_{o}" for o in ORIGINS for t in ("entries", "keys")} | {"meta"}
 _COLS = "e.plate, e.list, e.action, e.info, e.valid_from, e.valid_until"
 # Changes whenever the confusion table does: the stored keys then need rebuilding.
 _INDEX_HASH = hashlib.sha256(
