@@ -178,6 +178,26 @@ class Drained:
 
 HEARTBEAT_EVERY = 1.0
 IDLE_TICK = 0.5  # live cameras with no new frame still age their tracks this often
+CLOCK_STEP = 2.0  # s: the wall clock moved this much more or less than the monotonic clock
+
+
+class ClockWatch:
+    """Notices steps of the wall clock (NTP, an RTC-less boot syncing) against the monotonic one.
+
+    Live cameras stamp frames with wall-clock time, which the tracker ages tracks by.
+    """
+
+    def __init__(self, wall: float | None = None, mono: float | None = None):
+        self._wall = time.time() if wall is None else wall
+        self._mono = time.monotonic() if mono is None else mono
+
+    def step(self, wall: float | None = None, mono: float | None = None) -> float:
+        """Seconds the wall clock jumped since the last call (0.0 when it only ticked)."""
+        wall = time.time() if wall is None else wall
+        mono = time.monotonic() if mono is None else mono
+        jump = (wall - self._wall) - (mono - self._mono)
+        self._wall, self._mono = wall, mono
+        return jump if abs(jump) >= CLOCK_STEP else 0.0
 
 
 class _Feed:
@@ -284,6 +304,7 @@ class InferenceWorker:
         self.trackers: dict[str, Tracker] = {}
         self.watchlist = _open_watchlist(cfg)
         self._last_ts: dict[str, float] = {}
+        self._clock = ClockWatch()
         self.set_cameras(cameras)
 
     def set_cameras(self, cameras: dict[str, CameraSpec]) -> None:
@@ -326,6 +347,12 @@ class InferenceWorker:
     def step(self) -> bool:
         """Analyse at most one frame per camera; False when there was nothing to do."""
         busy = False
+        jump = self._clock.step()
+        if jump:
+            log.warning("the system clock stepped by %+.1f s; live cameras' tracks follow it", jump)
+            for name, feed in self.feeds.items():
+                if not feed.spec.every_frame:
+                    self.trackers[name].shift_clock(jump)
         for name, feed in list(self.feeds.items()):
             item = feed.next_frame()
             tracker = self.trackers[name]
@@ -338,6 +365,9 @@ class InferenceWorker:
                 continue
             busy = True
             header, frame = item
+            if not feed.spec.every_frame and header.ts > time.time() + CLOCK_STEP:
+                # Stamped just before a backward step: no frame comes from the future.
+                header = replace(header, ts=time.time())
             self._last_ts[name] = header.ts
             feed.last_tick = time.monotonic()
             if not header.motion:

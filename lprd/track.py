@@ -247,6 +247,19 @@ class Tracker:
         self._forget_passes(now)
         return events
 
+    def shift_clock(self, delta: float) -> None:
+        """Move every kept time by `delta` seconds: the wall clock under a live camera stepped.
+
+        Without it a backward step (NTP correcting a fast clock) holds open tracks and dedupe
+        windows until the clock catches up, and a forward one (a box without RTC that boots in
+        1970 and then syncs) closes every open track at once and splits its pass in two.
+        """
+        for t in self._tracks:
+            t.first_seen += delta
+            t.last_seen += delta
+        for p in self._passes.values():
+            p.last_seen += delta
+
     def flush(self, now: float) -> list[PlateEvent]:
         """Close every open track (end of a file, shutdown) and return the final events."""
         events = self._close(list(self._tracks))

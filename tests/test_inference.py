@@ -14,6 +14,7 @@ from lprd.config import Config, parse_config
 from lprd.demo import demo_script, demo_truth_frames
 from lprd.inference import (
     CameraSpec,
+    ClockWatch,
     Drained,
     EndOfStream,
     InferenceWorker,
@@ -206,6 +207,39 @@ def test_live_camera_analyses_only_the_newest_frame(models, clip, ring):
     assert worker.step() is False  # nothing new
     feed = worker.feeds["cam"]
     assert (feed.frames, feed.done_seq, feed.skipped) == (1, 3, 2)
+
+
+def test_clock_watch_reports_only_jumps_of_the_wall_clock() -> None:
+    cw = ClockWatch(wall=1000.0, mono=50.0)
+    assert cw.step(wall=1001.0, mono=51.0) == 0.0
+    assert cw.step(wall=1001.5, mono=51.0) == 0.0  # scheduling jitter, not a step
+    assert cw.step(wall=-2598.5, mono=52.0) == pytest.approx(-3601.0)
+    assert cw.step(wall=-2597.5, mono=53.0) == 0.0
+
+
+def test_a_backward_clock_step_does_not_hold_a_live_cameras_tracks_open(
+        models, clip, ring, monkeypatch):
+    import time as real_time
+    from types import SimpleNamespace
+
+    offset = [3600.0]  # the box's clock runs an hour fast, until NTP steps it back
+    fake = SimpleNamespace(time=lambda: real_time.time() + offset[0],
+                           monotonic=real_time.monotonic, perf_counter=real_time.perf_counter)
+    monkeypatch.setattr("lprd.inference.time", fake)
+    cfg = parse_config({"watchlist": {"enabled": False}, "tracker": {"track_timeout": 0.5},
+                        **ALL_READS})
+    worker, q = make_worker(models, ring, every_frame=False, cfg=cfg)
+    for frame, _, _ in stopped_frames(clip)[:4]:
+        ring.write(frame, fake.time())
+        assert worker.step() is True
+    assert worker.trackers["cam"].open_tracks >= 1
+    offset[0] = 0.0
+    real_time.sleep(0.6)
+    worker.feeds["cam"].last_tick = 0.0  # an idle tick is due
+    worker.step()
+    finals = [m for m in drain(q) if isinstance(m, PlateEvent) and m.final]
+    assert finals, "the track stayed open until the clock caught up again"
+    assert all(abs(e.last_seen - real_time.time()) < 5 for e in finals)
 
 
 def test_lapped_frames_are_skipped_with_a_warning_not_fatal(models, clip, ring, caplog):

@@ -212,6 +212,23 @@ def test_the_same_plate_back_within_the_dedupe_window_is_the_same_pass() -> None
     assert {e.id for e in other} == {"ev3"}
 
 
+def test_a_clock_step_moves_open_tracks_and_dedupe_windows_with_it() -> None:
+    tr = make_tracker(early_confidence=1.0, track_timeout=1.5, dedupe_window=30)
+    frames = [[obs("STEP123", T0 + i * DT, moving_box(i))] for i in range(5)]
+    assert drive(tr, frames) == []
+    # NTP puts a clock that ran an hour fast right: the track closes 1.5 s later, not an hour.
+    back = -3600.0
+    tr.shift_clock(back)
+    last = T0 + 4 * DT + back
+    assert tr.update([], now=last + 1.0) == []
+    (ev,) = tr.update([], now=last + 2.0)
+    assert ev.final and ev.last_seen == pytest.approx(last)
+    # A box without RTC syncs from 1970: the same car back 5 s later is still the same pass.
+    tr.shift_clock(1e9)
+    again = [[obs("STEP123", last + 1e9 + 5 + i * DT, moving_box(i))] for i in range(5)]
+    assert drive(tr, again, start=last + 1e9 + 5) + tr.flush(now=last + 1e9 + 20) == []
+
+
 def test_a_pass_that_starts_within_the_window_is_deduped_even_if_it_ends_past_it() -> None:
     tr = make_tracker(early_confidence=1.0, track_timeout=1.0, dedupe_window=5)
     frames = [[obs("LONG123", T0 + i * DT, moving_box(i, dx=0))] for i in range(3)]
