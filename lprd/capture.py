@@ -24,7 +24,7 @@ import numpy as np
 
 from lprd.config import CameraConfig, MotionConfig
 from lprd.ring import FrameRing
-from lprd.types import CameraState, FrameRef
+from lprd.types import CameraState, FilePosition, FrameRef
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class Capture:
     """The capture loop of one camera; `capture_main` runs it in its own process."""
 
     def __init__(self, camera: str, cfg: CameraConfig, ring: FrameRing, events: Any,
-                 stop: _Stop, frames: Any = None):
+                 stop: _Stop, frames: Any = None, resume: FilePosition | None = None):
         self.camera = camera
         self.cfg = cfg
         self.ring = ring
@@ -237,6 +237,9 @@ class Capture:
         self._file_index = 0  # clip frames decoded so far, across loops and reopens
         self._file_pos = 0  # frames grabbed in this pass of the file: where a reopen resumes
         self._got = 0  # frames written in the current session
+        if resume is not None and self.is_file:  # a restarted process: no replay of the clip
+            self._file_t0, self._file_index, self._file_pos = resume.t0, resume.index, resume.pos
+            log.info("%s: resuming %s at frame %d", camera, self.shown, resume.pos)
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -416,7 +419,9 @@ class Capture:
                 if self._got == 1:
                     log.info("%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)
                     self._set(True, None)
-                ref = FrameRef(camera=self.camera, seq=seq, ts=ts, width=w, height=h)
+                ref = FrameRef(camera=self.camera, seq=seq, ts=ts, width=w, height=h,
+                               file=FilePosition(self._file_t0, self._file_index, self._file_pos)
+                               if self.is_file else None)
                 # A file frame's ref must not be lost: its consumer acks it to let capture go on.
                 self._put(self.frames, ref, must=self.flow_control)
         finally:
@@ -435,17 +440,17 @@ def _child_setup() -> None:
 
 
 def capture_main(camera: str, cfg: CameraConfig, ring_name: str, events: Any, stop: _Stop,
-                 frames: Any = None) -> None:
+                 frames: Any = None, resume: FilePosition | None = None) -> None:
     """Process target: capture `cfg.source` into the ring `ring_name` until `stop` is set.
 
     Puts CaptureStatus records on `events` (on change, and every STATUS_INTERVAL s) and a FrameRef
     per frame written on `frames` (default: `events`). Returns after a CaptureStatus(eof=True) when
-    a file ends without `loop`.
+    a file ends without `loop`. A file starts at `resume` (the last FrameRef's `file`) when given.
     """
     _child_setup()
     ring = FrameRing.attach(ring_name)
     try:
-        Capture(camera, cfg, ring, events, stop, frames).run()
+        Capture(camera, cfg, ring, events, stop, frames, resume).run()
     finally:
         ring.close()
         if stop.is_set():

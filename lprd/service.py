@@ -39,7 +39,7 @@ from lprd.inference import (
 )
 from lprd.notify import Notifier, WatchdogGate, WatchdogPinger, setup_logging
 from lprd.ring import FrameRing
-from lprd.types import CameraState, FrameRef, PlateEvent
+from lprd.types import CameraState, FilePosition, FrameRef, PlateEvent
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _capture_entry(camera: str, cfg: CameraConfig, ring: str, events: Any, stop: Any,
-                   log_level: str) -> None:
+                   log_level: str, resume: FilePosition | None = None) -> None:
     """Capture process target: our signals and logging, then lprd.capture's loop."""
     child_signals()
     setup_logging(log_level)
     from lprd.capture import capture_main
 
-    capture_main(camera, cfg, ring, events, stop)
+    capture_main(camera, cfg, ring, events, stop, resume=resume)
 
 
 @dataclass
@@ -125,6 +125,7 @@ class _Camera:
     published: tuple | None = None  # (connected, error) last sent as state
     published_at: float = 0.0
     frames: int = 0  # FrameRefs seen
+    file: FilePosition | None = None  # files: where a restarted capture goes on (no replay)
     eof: bool = False
     failed: str | None = None  # --once: why this file was given up
     drained: bool = False
@@ -294,7 +295,8 @@ class Supervisor:
         child.stop = _MP.Event()
         child.proc = _MP.Process(
             target=_capture_entry, name=f"lprd-capture-{cam.name}", daemon=True,
-            args=(cam.name, cam.cfg, cam.ring.name, child.q, child.stop, self.log_level))
+            args=(cam.name, cam.cfg, cam.ring.name, child.q, child.stop, self.log_level,
+                  cam.file))
         child.proc.start()
         child.done = False
         child.started = child.beat = time.monotonic()
@@ -368,6 +370,8 @@ class Supervisor:
             cam = self.cameras.get(msg.camera)
             if cam is not None:
                 cam.frames += 1
+                if msg.file is not None:
+                    cam.file = msg.file
         elif isinstance(msg, CaptureStatus):
             self._on_capture_status(msg)
         elif isinstance(msg, Heartbeat):

@@ -18,6 +18,15 @@ def iso_utc(ts: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class FilePosition:
+    """Where a file camera's capture stands after a frame: a restarted capture goes on from here."""
+
+    t0: float  # wall time given to the clip's frame 0: frame times go on where they were
+    index: int  # frames decoded so far, across loops
+    pos: int  # frames into the current pass of the file
+
+
+@dataclass(frozen=True, slots=True)
 class FrameRef:
     """Announces a frame written to a camera's ring; the pixels stay in shared memory."""
 
@@ -26,6 +35,7 @@ class FrameRef:
     ts: float  # capture time, epoch seconds
     width: int
     height: int
+    file: FilePosition | None = None  # files only: the position after this frame
 
 
 @dataclass(frozen=True, slots=True)

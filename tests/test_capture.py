@@ -40,7 +40,7 @@ from lprd.capture import (
 )
 from lprd.config import CameraConfig, MotionConfig
 from lprd.ring import FrameRing, Lapped
-from lprd.types import FrameRef
+from lprd.types import FilePosition, FrameRef
 
 FAST_RETRY = {"initial": 0.1, "max": 0.4}
 
@@ -59,7 +59,7 @@ class Cam:
     its ring like the inference stage: reads each FrameRef's frame, then acks it."""
 
     def __init__(self, cfg: CameraConfig, in_thread: bool = False, ack: bool = True,
-                 work: float = 0.0):
+                 work: float = 0.0, resume: FilePosition | None = None):
         self.cfg = cfg
         self.ack = ack
         self.work = work  # seconds "spent" on each frame before acking it: a slow consumer
@@ -73,13 +73,15 @@ class Cam:
             self.q: Any = queue.Queue()
             self.stop: Any = threading.Event()
             self.runner = threading.Thread(
-                target=Capture("cam", cfg, self.ring, self.q, self.stop).run, daemon=True)
+                target=Capture("cam", cfg, self.ring, self.q, self.stop, resume=resume).run,
+                daemon=True)
         else:
             ctx = mp.get_context("spawn")
             self.q = ctx.Queue()
             self.stop = ctx.Event()
             self.runner = ctx.Process(target=capture_main,
-                                      args=("cam", cfg, self.ring.name, self.q, self.stop))
+                                      args=("cam", cfg, self.ring.name, self.q, self.stop),
+                                      kwargs={"resume": resume})
 
     def start(self) -> Cam:
         self.runner.start()
@@ -227,6 +229,16 @@ def test_a_file_reopened_after_a_decode_failure_resumes_instead_of_replaying(
     assert indices[40] > 40 and indices == sorted(indices)  # resumed after the bad stretch
     assert indices[-1] == 119 and len(indices) == len(set(indices))  # nothing replayed
     assert np.all(np.diff([s.ref.ts for s in cam.seen]) > 0)
+
+
+def test_a_restarted_file_capture_starts_where_the_last_frame_ref_left_it(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    video = indexed_video(tmp_path / "clip.avi", 90, fps=30)
+    cam = cams(CameraConfig(source=str(video)), resume=FilePosition(t0=1000.0, index=40, pos=40))
+    assert cam.pump(cam.eof, timeout=30)
+    assert [s.index for s in cam.seen] == list(range(40, 90))
+    assert cam.seen[0].ref.ts == pytest.approx(1000.0 + 40 / 30)  # clip time goes on
+    assert cam.seen[-1].ref.file == FilePosition(t0=1000.0, index=90, pos=90)
 
 
 def test_frames_wider_than_max_width_are_scaled_down_before_the_ring(

@@ -286,6 +286,28 @@ def test_a_child_killed_with_sigkill_is_restarted(tmp_path, mosquitto, mqtt_subs
     assert d.wait(10) == 0
 
 
+def test_a_file_capture_killed_mid_clip_goes_on_where_it_was_instead_of_replaying(
+        tmp_path, daemons):
+    cfg = write_config(tmp_path / "c.yaml", {"demo": {"source": str(DEMO_CLIP), "fps": 0}},
+                       None, tmp_path / "st")
+    d = start(daemons, cfg, "--once", "--events-jsonl", "-")
+    cap_pid = int(d.wait_log(r"camera demo: capture process (\d+) started")[0].group(1))
+    d.wait_log(r"camera demo: (early|final) event", timeout=60)  # well into the clip
+    os.kill(cap_pid, signal.SIGKILL)
+    assert d.wait(90) == 0, d.log()[-3000:]
+    log = d.log()
+    resumed = int(re.search(r"demo: resuming .* at frame (\d+)", log).group(1))
+    assert 0 < resumed < 195
+    assert re.search(r"demo: end of .* \(195 frames\)", log)
+    analysed = int(re.search(r"camera demo: all frames analysed \((\d+) with motion\)",
+                             log).group(1))
+    assert analysed <= 195 + 8, log[-3000:]  # a ring's worth may be written twice, not the clip
+    finals = [e for e in map(json.loads, d.out_path.read_text().splitlines()) if e["final"]]
+    assert len({e["id"] for e in finals}) == len(finals)
+    read = {p for p in DEMO_PLATES if any(text_distance(f["plate"], p) <= 0.25 for f in finals)}
+    assert len(read) >= 2, [f["plate"] for f in finals]
+
+
 @pytest.fixture(scope="module")
 def demo_jpegs() -> list[bytes]:
     """The demo clip's frames as JPEGs, for a live camera that shows the demo street."""
