@@ -70,6 +70,9 @@ class DetectorConfig(_Strict):
     threshold: float = Field(0.35, gt=0.0, lt=1.0)
     max_plates: int = Field(10, ge=1, le=100)
     min_width: int = Field(16, ge=1, description="boxes narrower than this (px) are ignored")
+    tiles: int = Field(
+        1, ge=1, le=4, description="also search an n x n grid of overlapping tiles, each at the "
+        "model's full input size, for far, small plates; costs n*n more detector runs per frame")
 
 
 class ReaderConfig(_Strict):

@@ -11,7 +11,7 @@ import pytest
 from conftest import copy_shipped_model
 
 from lprd.config import DetectorConfig
-from lprd.detect import PlateDetector, decode, letterbox, nms
+from lprd.detect import TILE_OVERLAP, PlateDetector, decode, letterbox, nms, tile_grid
 from lprd.models import ModelError
 
 # Shares of the test's 24 synthetic plates the shipped model must find. Measured for
@@ -33,7 +33,8 @@ def detector() -> PlateDetector:
     return PlateDetector(DetectorConfig(), num_threads=1)
 
 
-def _scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, tuple[int, ...]]:
+def _scene(rng: np.random.Generator, h: int, w: int, share: tuple[float, float] = (0.07, 0.2),
+           ) -> tuple[np.ndarray, tuple[int, ...]]:
     """A rendered plate pasted on a plain or noisy background, with a darker 'bumper' around it."""
     from lprd.train.render import render_plate
 
@@ -42,7 +43,7 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, tuple[
     else:
         frame = rng.normal(rng.uniform(60, 180), 25, (h, w, 3)).clip(0, 255).astype(np.uint8)
     plate = render_plate(rng).image
-    pw = int(rng.uniform(0.07, 0.2) * w)  # ~90-380 px in 1080p, ~90-256 px in 720p
+    pw = int(rng.uniform(*share) * w)  # default ~90-380 px in 1080p, ~90-256 px in 720p
     ph = max(8, round(plate.shape[0] * pw / plate.shape[1]))
     x = int(rng.integers(pw, w - 2 * pw))
     y = int(rng.integers(h // 4, h - 3 * ph))
@@ -65,6 +66,34 @@ def test_shipped_model_finds_rendered_plates_in_synthetic_scenes(detector: Plate
         found50 += best >= 0.5
     assert found30 / n >= MIN_RECALL_IOU30, f"found {found30} of {n} plates at IoU >= 0.3"
     assert found50 / n >= MIN_RECALL_IOU50, f"found {found50} of {n} plates at IoU >= 0.5"
+
+
+def test_tiles_find_far_plates_that_one_pass_misses(detector: PlateDetector) -> None:
+    # Plates 25-38 px wide in 1080p (8-13 px at the model's input in one pass). Measured for
+    # det-202611251718-e26: one pass 6/24, tiles=2 12/24 (tiles=3: 13/24), none boxed twice.
+    tiled = PlateDetector(DetectorConfig(tiles=2), num_threads=1)
+    rng = np.random.default_rng(99)
+    one = two = 0
+    for _ in range(24):
+        frame, truth = _scene(rng, 1080, 1920, share=(0.013, 0.02))
+        one += max((_iou(d.box, truth) for d in detector.detect(frame)), default=0.0) >= 0.5
+        dets = tiled.detect(frame)
+        two += max((_iou(d.box, truth) for d in dets), default=0.0) >= 0.5
+        assert sum(_iou(d.box, truth) > 0.1 for d in dets) <= 1, "a plate boxed twice"
+    assert two >= 10 and two >= one + 4, (one, two)
+
+
+def test_tile_grid_overlaps_and_covers_the_frame() -> None:
+    assert tile_grid(1080, 1920, 1) == []
+    for n in (2, 3):
+        tiles = tile_grid(1080, 1920, n)
+        assert len(tiles) == n * n
+        assert min(t[0] for t in tiles) == 0 and max(t[0] + t[2] for t in tiles) == 1920
+        assert max(t[1] + t[3] for t in tiles) == 1080
+        xs = sorted({t[0] for t in tiles})
+        w = tiles[0][2]
+        steps = np.diff(xs)
+        assert np.allclose(steps, w * (1 - TILE_OVERLAP), atol=1)
 
 
 def test_boxes_are_in_frame_pixels_score_sorted_and_capped(detector: PlateDetector) -> None:

@@ -440,11 +440,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     holdout = [s for s in load_scenes() if s.held_out]
     results = {}
     th = args.threshold
-    det = PlateDetector(DetectorConfig(model=args.model, threshold=min(th), max_plates=100),
-                        num_threads=1)
+    tag = "" if args.tiles == 1 else f"_tiles{args.tiles}"
+    det = PlateDetector(DetectorConfig(model=args.model, threshold=min(th), max_plates=100,
+                                       tiles=args.tiles), num_threads=1)
     for t in th:
         results[f"int8@{t}"] = evaluate(det.detect, holdout, t,
-                                        RUN_DIR / f"fp_int8_{t}" if args.save_fp else None)
+                                        RUN_DIR / f"fp_int8{tag}_{t}" if args.save_fp else None)
     if args.float:
         import keras
 
@@ -468,7 +469,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         meta["metrics"] = {"heldout": {k: {kk: vv for kk, vv in v.items()}
                                        for k, v in results.items()}}
         mp.write_text(json.dumps(meta, indent=1))
-    (RUN_DIR / "eval.json").write_text(json.dumps(results, indent=1))
+    (RUN_DIR / f"eval{tag}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 
@@ -477,7 +478,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from lprd.config import DetectorConfig
     from lprd.detect import PlateDetector
 
-    det = PlateDetector(DetectorConfig(model=args.model), num_threads=args.threads)
+    det = PlateDetector(DetectorConfig(model=args.model, tiles=args.tiles),
+                        num_threads=args.threads)
     rng = np.random.default_rng(0)
     for h, w in ((1080, 1920), (720, 1280)):
         frames = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2)]
@@ -533,11 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--float", action="store_true", help="also the float Keras checkpoint")
     e.add_argument("--save-fp", action="store_true", help="write false-plate crops to runs/")
     e.add_argument("--write-metadata", action="store_true")
+    e.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
     e.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="ms per 1080p / 720p frame, end to end")
     b.add_argument("--model", type=Path, default=None)
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("-n", type=int, default=100)
+    b.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
     b.set_defaults(func=cmd_bench)
     x = sub.add_parser("export", help="TFLite + metadata from runs/detector/last.keras")
     x.add_argument("--out", default=str(MODEL_PATH))
