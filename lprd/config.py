@@ -210,6 +210,10 @@ class WatchlistConfig(_Strict):
         1.0, ge=0, le=2.0, description="weighted edit distance for fuzzy matches; 0 = exact only"
     )
     candidates: bool = Field(True, description="also match the reader's alternative readings")
+    allow_max_distance: float = Field(
+        0.5, ge=0, le=2.0, description="an 'allow' entry (it opens a gate) matches only the read "
+        "itself and at most this far: look-alike swaps (O/0, 8/B, 5/S) cost 0.25-0.75, any other "
+        "change 1")
     fuzzy_min_chars: int = Field(4, ge=1, description="shorter reads only match exactly")
     sync: SyncConfig = SyncConfig()
 

@@ -180,6 +180,7 @@ def match_entries(
     *,
     use_candidates: bool = True,
     fuzzy_min_chars: int = 1,
+    allow_max_distance: float = math.inf,
 ) -> WatchlistMatch:
     """The best match of a read (and its candidates) among `entries`.
 
@@ -188,6 +189,10 @@ def match_entries(
     plate and list name so the answer never depends on the entries' order. Entries outside
     their validity window at `now` never match. Reads shorter than fuzzy_min_chars only
     match exactly (a short plate one edit away from many others says little).
+
+    An entry whose action is "allow" (it opens a gate) matches only the read itself, not an
+    alternative reading, and at most allow_max_distance from it: another car's plate one
+    character away must not open the gate, while an O/0 slip of the reader still may.
     """
     queries = query_strings(plate, candidates, use_candidates)
     best: tuple | None = None
@@ -196,8 +201,13 @@ def match_entries(
     for entry in entries:
         if not entry.active(now):
             continue
+        strict = entry.action == "allow"
         for rank, (text, via, conf) in enumerate(queries):
+            if strict and via != "read":
+                continue
             limit = max_distance if len(text) >= fuzzy_min_chars else 0.0
+            if strict:
+                limit = min(limit, allow_max_distance)
             d = weighted_distance(text, entry.plate, limit)
             if d == math.inf:
                 continue

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -123,7 +124,8 @@ def _gc_paused() -> Iterator[None]:
 
 
 def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | None:
-    """Epoch seconds from a date ('2026-12-31'), an ISO 8601 time or a number; None if blank.
+    """Epoch seconds from a date ('2026-12-31' or '20261231'), an ISO 8601 time or a number
+    (epoch seconds); None if blank.
 
     A bare date means the start of that local day, or with end=True the start of the next
     (valid_until is exclusive, so '2026-12-31' stays valid all that day). Times without an
@@ -140,10 +142,12 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
     if not isinstance(value, str):
         raise WatchlistError(f"{what}: {value!r} is not a date or time")
     text = value.strip()
+    # '20261231' is a date (ISO 8601 basic form), not epoch seconds of 1970
+    day_only = (len(text) == 8 and text.isdigit()) or (len(text) == 10 and text[4:5] == "-")
     try:
-        if text.replace(".", "", 1).isdigit():  # epoch seconds, as a CSV cell
+        if not day_only and text.replace(".", "", 1).isdigit():  # epoch seconds, as a CSV cell
             return float(text)
-        if len(text) == 10:
+        if day_only:
             day = date.fromisoformat(text)
             if end:
                 day += timedelta(days=1)
@@ -191,6 +195,11 @@ def make_entry(
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         raise WatchlistError(f"{where}: plate {raw!r} is not text")
     plate = normalize_plate(str(raw))
+    foreign = "".join(ch for ch in unicodedata.normalize("NFKD", str(raw)).upper()
+                      if ch.isalnum() and not ("A" <= ch <= "Z" or "0" <= ch <= "9"))
+    if foreign:  # Cyrillic or Greek letters would be dropped, not matched: say so
+        raise WatchlistError(f"{where}: plate {raw!r} has characters other than A-Z and 0-9 "
+                             f"({foreign}); write it in Latin letters, as the reader reads it")
     if not plate:
         raise WatchlistError(f"{where}: plate {raw!r} has no letters or digits")
     if len(plate) > MAX_PLATE_CHARS:
@@ -471,7 +480,12 @@ class Watchlist:
         def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                      tb: TracebackType | None) -> None:
             if exc_type is None:
-                self.conn.execute("COMMIT")
+                try:
+                    self.conn.execute("COMMIT")
+                except BaseException:  # disk full or I/O error: never stay in a transaction
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
             elif self.conn.in_transaction:  # SQLite may have rolled back already (disk full)
                 self.conn.execute("ROLLBACK")
 
@@ -611,7 +625,8 @@ class Watchlist:
                         keys * len(ORIGINS)).fetchall()
         return match_entries(plate, candidates, (self._entry(r) for r in set(rows)),
                              cfg.max_distance, now, use_candidates=cfg.candidates,
-                             fuzzy_min_chars=cfg.fuzzy_min_chars)
+                             fuzzy_min_chars=cfg.fuzzy_min_chars,
+                             allow_max_distance=cfg.allow_max_distance)
 
     def entries(self, list_name: str | None = None, plate: str | None = None,
                 origin: str | None = None) -> list[WatchlistEntry]:
@@ -841,6 +856,11 @@ class WatchlistSync:
                 return None
             with path.open("rb") as f:
                 data = f.read(self.cfg.max_bytes + 1)
+                after = os.fstat(f.fileno())
+            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) \
+                    or len(data) != st.st_size:
+                # Written to while we read: a cut at a row boundary would still parse.
+                raise SyncError(f"{path}: changed while it was read; the next sync tries again")
         except OSError as e:
             raise SyncError(f"{path}: cannot read ({e.strerror})") from None
         if len(data) > self.cfg.max_bytes:

@@ -183,3 +183,18 @@ def test_the_answer_does_not_depend_on_the_order_of_entries() -> None:
 
 def test_an_unreadable_read_matches_nothing() -> None:
     assert match_entries("--", (), [_e("AB")], 1.0, NOW).match == "none"
+
+
+def test_an_allow_entry_matches_only_the_read_and_only_by_look_alikes() -> None:
+    gate = [WatchlistEntry("ABC1234", list="residents", action="allow")]
+    kw = {"fuzzy_min_chars": 4, "allow_max_distance": 0.5}
+    assert match_entries("A8C1234", (), gate, 1.0, NOW, **kw).match == "fuzzy"  # 8/B: 0.25
+    assert match_entries("ABC1235", (), gate, 1.0, NOW, **kw).match == "none"  # another car
+    assert match_entries("ABC123", (), gate, 1.0, NOW, **kw).match == "none"
+    assert match_entries("ZZZ999", [Candidate("ABC1234", 0.4)], gate, 1.0, NOW,
+                         **kw).match == "none"  # an alternative reading opens nothing
+    # Deny and alert entries keep the wide net: a false alarm is cheaper than a missed one.
+    alert = [WatchlistEntry("ABC1234", list="stolen", action="alert")]
+    assert match_entries("ABC1235", (), alert, 1.0, NOW, **kw).match == "fuzzy"
+    assert match_entries("ZZZ999", [Candidate("ABC1234", 0.4)], alert, 1.0, NOW,
+                         **kw).via == "candidate"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -106,7 +107,8 @@ def test_index_lookup_finds_what_a_scan_of_every_entry_finds(tmp_path: Path) -> 
             found = 0
             for r in reads:
                 cand = [Candidate(r[::-1], 0.1)]
-                want = match_entries(r, cand, stored, max_distance, 0.0, fuzzy_min_chars=4)
+                want = match_entries(r, cand, stored, max_distance, 0.0, fuzzy_min_chars=4,
+                                     allow_max_distance=cfg.allow_max_distance)
                 assert w.match(r, cand, now=0.0) == want, r
                 found += want.match != "none"
             assert found > 30
@@ -170,6 +172,9 @@ def test_a_date_means_the_whole_local_day() -> None:
     assert parse_time("2030-05-01T10:00:00Z") == datetime(2030, 5, 1, 10, tzinfo=UTC).timestamp()
     assert parse_time("2030-05-01T12:00:00+02:00") == parse_time("2030-05-01T10:00:00Z")
     assert parse_time("1900000000") == 1.9e9  # epoch seconds in a CSV cell
+    # ISO 8601's basic form, not 20 million seconds after 1970
+    assert parse_time("20300501") == start
+    assert parse_time("20300501", end=True) == datetime(2030, 5, 2).timestamp()
     with pytest.raises(WatchlistError, match="not a date"):
         parse_time("next tuesday", what="valid_until")
 
@@ -189,11 +194,26 @@ def test_a_date_means_the_whole_local_day() -> None:
     ('[{"plate": "ABC123"}, "XYZ"]', "json", "entry 2: not an object"),
     ('[{"plate": ["A"]}]', "json", "entry 1: plate .* is not text"),
     ('[{"plate": "ABC123", "info": 5}]', "json", "info must be an object"),
+    # Cyrillic look-alikes would be dropped and the plate stored as '12377': refused instead
+    ("plate\nABC123\nА123ВС 77\n", "csv", "line 3: plate .* characters other than A-Z"),
 ])
 def test_a_bad_row_rejects_the_whole_list_and_names_the_row(doc: str, fmt: str,
                                                            expect: str) -> None:
     with pytest.raises(WatchlistError, match=expect):
         parse_document(doc.encode(), fmt)
+
+
+def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
+    # A deferred constraint makes COMMIT itself fail, as a full disk can.
+    conn = sqlite3.connect(tmp_path / "t.sqlite", isolation_level=None)
+    conn.executescript("PRAGMA foreign_keys = ON; CREATE TABLE p (id INTEGER PRIMARY KEY);"
+                       "CREATE TABLE c (p INTEGER REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED);")
+    with pytest.raises(sqlite3.IntegrityError), Watchlist._Txn(conn, "BEGIN IMMEDIATE"):
+        conn.execute("INSERT INTO c VALUES (42)")
+    assert not conn.in_transaction
+    with Watchlist._Txn(conn, "BEGIN IMMEDIATE"):  # the next write can begin
+        conn.execute("INSERT INTO p VALUES (1)")
+    conn.close()
 
 
 def test_binary_or_non_utf8_data_is_rejected() -> None:
@@ -282,8 +302,18 @@ def test_cli_add_list_match_remove_export(tmp_path: Path,
                                "info": {"owner": "Ann", "make": "Honda"}, "via": "read"}
     rc, out, _ = _run(["match", "ZZZ999", *db], capsys)
     assert (rc, out.strip()) == (1, "none")
+    # An allow entry (a gate opens) matches neither a reader's alternative nor another car's
+    # plate one character away; an alert entry does.
     rc, out, _ = _run(["match", "ZZZ999", "--candidate", "ABC1234", *db], capsys)
-    assert rc == 0 and out.startswith("exact ABC1234") and "via candidate" in out
+    assert (rc, out.strip()) == (1, "none")
+    rc, out, _ = _run(["match", "ABC1235", *db], capsys)
+    assert (rc, out.strip()) == (1, "none")
+    rc, out, _ = _run(["add", "XYZ987", "--list", "stolen", "--action", "alert", *db], capsys)
+    rc, out, _ = _run(["match", "ZZZ999", "--candidate", "XYZ987", *db], capsys)
+    assert rc == 0 and out.startswith("exact XYZ987") and "via candidate" in out
+    rc, out, _ = _run(["match", "XYZ981", *db], capsys)
+    assert rc == 0 and out.startswith("fuzzy XYZ987")
+    rc, out, _ = _run(["remove", "XYZ987", *db], capsys)
     rc, out, _ = _run(["export", *db], capsys)
     assert out.splitlines()[0] == "plate,list,action,valid_from,valid_until,make,owner"
     rc, out, _ = _run(["remove", "ABC1234", *db], capsys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -297,6 +298,26 @@ def test_file_source_syncs_and_an_unchanged_file_is_not_reread(wl: Watchlist,
     src.unlink()
     r = sync.sync_once()
     assert not r.ok and "cannot read" in (r.error or "") and wl.count() == 1
+
+
+def test_a_file_written_while_it_is_read_is_not_swapped_in(wl: Watchlist, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import lprd.watchlist as watchlist_mod
+
+    src = tmp_path / "plates.csv"
+    src.write_text("plate\nABC1234\nXYZ9876\n")
+    sync = _sync(wl, str(src))
+    real_fstat = watchlist_mod.os.fstat
+
+    def grows(fd: int) -> os.stat_result:  # the producer appends while we read
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], st.st_size + 9, *st[7:]))
+
+    monkeypatch.setattr(watchlist_mod.os, "fstat", grows)
+    r = sync.sync_once()
+    assert not r.ok and "changed while it was read" in (r.error or "") and wl.count() == 0
+    monkeypatch.setattr(watchlist_mod.os, "fstat", real_fstat)
+    assert sync.sync_once().changed and wl.count() == 2
 
 
 def test_lookups_during_swaps_see_the_old_or_the_new_list_never_a_mix(
