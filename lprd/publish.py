@@ -39,6 +39,7 @@ PAHO_INFLIGHT = 64  # of those, how many may be on the wire at once
 STATE_INTERVAL = 2.0  # least seconds between state republishes for a changed outbox depth
 EXPIRE_INTERVAL = 30.0
 HOLD_LIMIT = 30.0  # most seconds new messages wait for paho's resends after a reconnect
+DIRECT_MAX = 1000  # messages the outbox could not store, kept in memory for the broker
 MAX_COMMAND_BYTES = 4096
 RESERVED_SUBTOPICS = frozenset({"plate", "state", "crop"})
 
@@ -341,6 +342,8 @@ class Publisher:
         self._cursor = 0  # highest outbox seq handed to paho
         self._inflight: dict[int, PendingMessage] = {}  # paho mid -> message
         self._states: dict[str, CameraState] = {}
+        # Events the outbox could not store (a broken disk), held until the broker is back.
+        self._direct: deque[OutboxMessage] = deque()
         self._published_depth: dict[str, int] = {}
         self._last_state_pub = 0.0
         self._drops: dict[str, dict[str, Any]] = {}
@@ -395,8 +398,8 @@ class Publisher:
         try:
             report = self.outbox.put(msgs)
         except (sqlite3.Error, OSError) as e:  # a broken disk: publish without the outbox
-            log.error("outbox write failed (%s); publishing event %s without durability",
-                      e, event.id)
+            log.error("outbox write failed (%s); event %s waits in memory for the broker "
+                      "(lost if lprd stops first)", e, event.id)
             self._q.put(("direct", msgs))
             return
         with self._lock:
@@ -458,9 +461,30 @@ class Publisher:
                     info.wait_for_publish(max(0.1, min(1.0, deadline - time.monotonic())))
             client.disconnect()
             client.loop_stop()
+        if self._worker is None or not self._worker.is_alive():
+            self._apply_late_acks()
+        if self._direct:
+            log.error("MQTT: %d message(s) the outbox could not store are lost (the broker "
+                      "never took them)", len(self._direct))
         left = self.outbox.depth()
         self.outbox.close()
         log.info("MQTT publisher stopped; %d undelivered event(s) kept in the outbox", left)
+
+    def _apply_late_acks(self) -> None:
+        """Acks that came after the worker stopped: without them those events go out again."""
+        acks: list[PendingMessage] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._q.get_nowait()
+                if item is not _STOP and item[0] == "ack":
+                    msg = self._inflight.pop(item[1], None)
+                    if msg is not None:
+                        acks.append(msg)
+        if acks:
+            try:
+                self._ack(acks)
+            except Exception:  # they stay in the outbox and go out again
+                log.exception("MQTT: %d late acknowledgement(s) could not be recorded", len(acks))
 
     # -- paho client and callbacks (network thread: queue and return) ---------------------------
 
@@ -587,8 +611,12 @@ class Publisher:
                 log.info("Home Assistant came online: republishing discovery")
                 self._publish_discovery()
         elif kind == "direct":
-            for m in item[1]:
-                self._publish_raw(self._topic(m), m.payload, m.retain)
+            self._direct.extend(item[1])
+            while len(self._direct) > DIRECT_MAX:
+                lost = self._direct.popleft()
+                log.error("MQTT: event %s lost: the outbox cannot store it and %d others wait "
+                          "in memory for the broker", lost.event_id, DIRECT_MAX)
+            self._send_direct()
 
     def _handle_connect(self, ok: bool, reason: str) -> None:
         if not ok:
@@ -619,6 +647,13 @@ class Publisher:
         for camera in list(self._states):
             self._publish_state(camera)
         self._publish_raw(f"{self.prefix}/status", b"online", retain=True)
+        self._send_direct()
+
+    def _send_direct(self) -> None:
+        """Publish the events the outbox could not store, once connected (QoS 1, no ack kept)."""
+        while self._direct and self._client is not None and self._connected:
+            m = self._direct.popleft()
+            self._client.publish(self._topic(m), m.payload, qos=1, retain=m.retain)
 
     def _report_failure(self, text: str) -> None:
         self._failures += 1

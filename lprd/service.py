@@ -618,11 +618,18 @@ class Supervisor:
             try:
                 self._start_publisher()
             except (PublisherConfigError, OSError, ValueError, sqlite3.OperationalError) as e:
-                # an unreadable password or TLS file: keep the running settings
-                log.error("reload: the new mqtt settings are refused (%s); keeping the "
-                          "running ones", e)
-                self.cfg = self.cfg.model_copy(update={"mqtt": old.mqtt})
-                self._start_publisher()
+                # an unreadable password or TLS file, an outbox the new storage.dir cannot
+                # hold: keep the running settings (the outbox stays where it is)
+                log.error("reload: the new mqtt or storage settings are refused (%s); keeping "
+                          "the running ones", e)
+                self.cfg = self.cfg.model_copy(update={"mqtt": old.mqtt, "storage": old.storage})
+                new = self.cfg
+                try:
+                    self._start_publisher()
+                except Exception:
+                    log.exception("MQTT publisher could not be restarted; events go only to "
+                                  "--events-jsonl until the next reload")
+                    self.publisher = None
         if (new.watchlist.sync != old.watchlist.sync
                 or new.watchlist.enabled != old.watchlist.enabled or new.storage != old.storage):
             self._stop_sync()

@@ -11,6 +11,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -268,6 +269,25 @@ def test_events_submitted_before_the_broker_is_reachable_arrive_once_it_is(
     mosquitto.start()
     msgs = sub.wait_for(lambda ms: len({m.json()["id"] for m in ms}) >= 5, timeout=15)
     assert [e["id"] for e in first_seen_order(msgs)] == [e.id for e in events]
+
+
+def test_an_event_the_outbox_cannot_store_waits_in_memory_for_the_broker(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], monkeypatch: pytest.MonkeyPatch) -> None:
+    sub = mqtt_subscriber(mosquitto, "lprd/+/plate", client_id="disk-sub", persistent=True)
+    mosquitto.stop()
+    pub = publisher(mosquitto, connect=False)
+
+    def disk_full(msgs: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(pub.outbox, "put", disk_full)
+    ev = make_event(1, camera="back")
+    pub.submit(ev)  # the broker is away and the disk is full: before, the event was dropped
+    time.sleep(0.3)
+    mosquitto.start()
+    msgs = sub.wait_for(lambda ms: any(m.json()["id"] == ev.id for m in ms), timeout=15)
+    assert msgs[0].json()["plate"] == ev.plate
 
 
 # -- (b) SIGKILL ----------------------------------------------------------------------------------

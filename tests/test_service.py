@@ -253,9 +253,18 @@ def test_sighup_reloads_the_config_starting_only_the_new_camera_and_tells_system
     write_config(path, {"a": cam_a, "b": dict(cam_a)}, mosquitto, tmp_path / "st",
                  mqtt={"username": "u", "password_file": str(tmp_path / "pw")})
     d.signal(signal.SIGHUP)
-    d.wait_log(r"new mqtt settings are refused \(mqtt.password_file: .* is empty\)")
+    d.wait_log(r"new mqtt or storage settings are refused \(mqtt.password_file: .* is empty\)")
     d.wait_log(r"reload done", count=2)
     d.wait_log(r"MQTT: connected to", count=3)  # start, the first reload, this one
+    assert d.proc.poll() is None
+    # A storage.dir where no outbox can be made (under a file): refused, the daemon goes on
+    # with its outbox where it was (before, it exited and lost its open tracks' events).
+    (tmp_path / "afile").write_text("")
+    write_config(path, {"a": cam_a, "b": dict(cam_a)}, mosquitto, tmp_path / "afile" / "st")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"new mqtt or storage settings are refused")
+    d.wait_log(r"reload done", count=3)
+    d.wait_log(r"MQTT: connected to", count=4)
     assert d.proc.poll() is None
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
