@@ -21,6 +21,7 @@ SCHEMA_VERSION = 1
 # A message stamped before this (2025-01-01) was written while the clock was unset (a box with no
 # real-time clock that booted offline): its age is unknown, so only the size bound may drop it.
 CLOCK_FLOOR = 1_735_689_600.0
+FUTURE_SLACK = 60.0  # s: a message stamped later than now by more was stamped by a wrong clock
 KINDS = ("event", "action", "crop")
 
 _SCHEMA = """
@@ -212,8 +213,13 @@ class Outbox:
 
     def expire(self) -> DropReport | None:
         """Drop messages older than max_age (not those stamped by an unset clock)."""
-        cutoff = self._clock() - self.max_age
+        now = self._clock()
+        cutoff = now - self.max_age
         with self._lock:
+            # Stamped by a clock that ran fast and was then set back: they age from now on
+            # (they would never expire otherwise).
+            self._db.execute("UPDATE messages SET created = ? WHERE created > ?",
+                             (now, now + FUTURE_SLACK))
             rows = self._db.execute(
                 "DELETE FROM messages WHERE created < ? AND created >= ? "
                 "RETURNING seq, event_id, camera, kind", (cutoff, CLOCK_FLOOR)).fetchall()

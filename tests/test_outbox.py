@@ -126,6 +126,17 @@ def test_events_stamped_while_the_clock_was_unset_are_not_expired_by_age(tmp_pat
     assert [p.message.event_id for p in ob.pending()] == ["ev00001", "ev00002"]
 
 
+def test_events_stamped_by_a_clock_that_ran_fast_still_expire(tmp_path: Path) -> None:
+    clock = Clock(t=1_795_000_000.0 + 86_400)  # a day fast
+    ob = Outbox(tmp_path / "o.sqlite", max_age=60.0, clock=clock)
+    ob.put(_event(1))
+    clock.t = 1_795_000_000.0  # NTP sets it back a day
+    assert ob.expire() is None  # restamped to now: not expired at once, not kept forever
+    clock.t += 61
+    report = ob.expire()
+    assert report is not None and report.events == 1 and ob.depth() == 0
+
+
 def test_only_the_newest_crop_of_a_camera_waits(tmp_path: Path) -> None:
     ob = Outbox(tmp_path / "o.sqlite")
     ob.put(_event(1, crop=b"jpeg1"))
