@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from lprd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from lprd.recognize import int_range
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stage, the frames per second and the process's resident memory.",
     )
     p.add_argument("source", nargs="?", help="video file (default: the demo clip)")
-    p.add_argument("--frames", type=int, default=0, metavar="N",
+    p.add_argument("--frames", type=int_range(0, 10**9), default=0, metavar="N",
                    help="stop after N timed frames (default: the whole clip)")
-    p.add_argument("--warmup", type=int, default=3, metavar="N",
+    p.add_argument("--warmup", type=int_range(0, 10**6), default=3, metavar="N",
                    help="frames run first and left out of the figures (default 3)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=int_range(0, 64), default=0,
                    help="TFLite threads (default: as the daemon, up to 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_bench)

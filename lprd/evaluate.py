@@ -264,6 +264,8 @@ class LabelledImage:
 def _box(v: Any) -> Box:
     if not (isinstance(v, list) and len(v) == 4 and all(isinstance(n, int | float) for n in v)):
         raise TypeError(f"box must be [x, y, w, h], got {v!r}")
+    if not all(math.isfinite(n) for n in v):  # json.loads takes Infinity and NaN
+        raise ValueError(f"box {v!r} is not finite")
     x, y, w, h = (round(n) for n in v)
     if w <= 0 or h <= 0:
         raise ValueError(f"box {v!r} has no area")
@@ -366,7 +368,9 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
         latency = (time.perf_counter() - t0) * 1000
         whole = (0, 0, w, h)
         cands = tuple(c.plate for c in read.candidates[:cfg.reader.topn])
-        preds = [PredPlate(whole, read.text, cands)]
+        # the daemon's filter applies to a crop's read as to a scene's
+        preds = [PredPlate(whole, read.text, cands,
+                           kept=cfg.reader.keeps(read.text, read.confidence))]
         reads: list[Read | None] = [read if t.scored and t.text else None for t in item.plates]
     else:
         assert pipeline is not None
@@ -497,6 +501,13 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
         print(f"lprd eval: {bad}: cannot read: {getattr(e, 'strerror', None) or e}", file=err)
         return 2
     root = Path(args.root) if args.root else labels.parent
+    if not root.is_dir():
+        print(f"lprd eval: --root {root}: no such folder", file=err)
+        return 2
+    report = Path(args.report) if args.report else None
+    if report is not None and report.exists() and not report.is_dir():
+        print(f"lprd eval: --report {report}: exists and is not a folder", file=err)
+        return 2
     failed = 0
     items: list[LabelledImage] = []
     for n, line in enumerate(lines, 1):
@@ -525,7 +536,6 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
         print(f"lprd eval: {e}", file=err)
         return 2
     pipeline = make_pipeline(detector, reader, _relaxed(cfg)) if detector is not None else None
-    report = Path(args.report) if args.report else None
     gallery: list[tuple[str, Miss, str]] = []
     dropped = 0
     scores: list[ImageScore] = []
@@ -538,6 +548,11 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
                     and (w, h) != (item.width, item.height):
                 raise InputError(f"image is {w}x{h} but its label says "
                                  f"{item.width}x{item.height}; boxes would not fit")
+            outside = [t.box for t in item.plates
+                       if t.box[0] >= w or t.box[1] >= h or t.box[0] + t.box[2] <= 0
+                       or t.box[1] + t.box[3] <= 0]
+            if outside:
+                raise InputError(f"box {list(outside[0])} lies outside the {w}x{h} image")
         except InputError as e:
             if bar.tty:
                 err.write("\r")
@@ -571,7 +586,11 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
                                            if texts is not None else "")
                   + (f", first {args.limit} images" if args.limit is not None else "")
                   + f". Models: {', '.join(f'{k} `{v}`' for k, v in models.items())}.")
-        path = write_report(report, m, gallery, header, dropped)
+        try:
+            path = write_report(report, m, gallery, header, dropped)
+        except OSError as e:
+            print(f"lprd eval: --report {report}: cannot write ({e.strerror or e})", file=err)
+            return 2
         print(f"report: {path}", file=err)
     return 1 if failed else 0
 

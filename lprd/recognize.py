@@ -272,7 +272,11 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
     topn = cfg.reader.topn
     annotate_dir = Path(args.annotate) if args.annotate else None
     if annotate_dir:
-        annotate_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            annotate_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"lprd recognize: --annotate {annotate_dir}: {e.strerror or e}", file=err)
+            return 2
     taken: set[Path] = set()
     failed = 0
     for item in inputs:

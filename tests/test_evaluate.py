@@ -166,6 +166,7 @@ def test_an_ignored_plate_is_neither_found_nor_a_false_plate(tmp_path: Path) -> 
     ('{"image": "a.jpg", "plates": [{"text": "A", "box": [1, 2, 3]}]}', "box must be"),
     ('{"image": "a.jpg", "plates": [{"text": 7, "box": [1, 2, 3, 4]}]}', '"text"'),
     ('{"image": "a.jpg", "plates": [{"text": "A", "box": [1, 2, 0, 4]}]}', "no area"),
+    ('{"image": "a.jpg", "plates": [{"text": "A", "box": [1, 2, Infinity, 4]}]}', "not finite"),
 ])
 def test_parse_label_says_what_is_wrong(tmp_path: Path, line: str, words: str) -> None:
     with pytest.raises((ValueError, TypeError), match=words):
@@ -315,6 +316,28 @@ def test_eval_reports_bad_lines_and_images_and_scores_the_rest(tmp_path: Path, c
     assert any("missing.png: no such file" in e for e in errs)
     assert any("notes.png: not an image" in e for e in errs)
     assert "images            4 (1 scenes, 3 crops), 3 failed" in out
+
+
+def test_eval_refuses_a_missing_root_or_a_report_path_that_is_a_file(tmp_path: Path,
+                                                                     capsys) -> None:
+    recs = _rendered_set(tmp_path, n_crops=1, n_scenes=0)
+    labels = tmp_path / "labels.jsonl"
+    _write_labels(labels, recs)
+    assert main(["eval", str(labels), "--root", str(tmp_path / "nowhere")]) == 2
+    assert "--root" in capsys.readouterr().err
+    (tmp_path / "r.txt").write_text("")
+    assert main(["eval", str(labels), "--report", str(tmp_path / "r.txt")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_label_box_outside_its_image_fails_that_image_only(tmp_path: Path, capsys) -> None:
+    recs = _rendered_set(tmp_path, n_crops=2, n_scenes=0)
+    recs.append({"image": recs[0]["image"], "plates": [{"text": "FAR1", "box": [5000, 5000, 20, 9]}]})
+    labels = tmp_path / "labels.jsonl"
+    _write_labels(labels, recs)
+    assert main(["eval", str(labels), "--no-progress"]) == 1  # a traceback before
+    out, err = capsys.readouterr()
+    assert "lies outside the" in err and "images            2 (0 scenes, 2 crops), 1 failed" in out
 
 
 def test_eval_report_filter_and_limit(tmp_path: Path, capsys) -> None:

@@ -220,3 +220,16 @@ def test_recognize_reports_a_corrupt_video(tmp_path: Path, capsys) -> None:
     assert main(["recognize", str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"lprd recognize: {bad}: " in err and ("cannot open" in err or "no frame" in err)
+
+
+def test_recognize_exits_2_when_annotate_names_a_file(tmp_path: Path, capsys) -> None:
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.full((40, 120, 3), 200, np.uint8))
+    assert main(["recognize", "--crops", "--annotate", str(img), str(img)]) == 2
+    assert "--annotate" in capsys.readouterr().err  # a FileExistsError traceback before
+
+
+def test_bench_refuses_negative_counts(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--frames", "-1"])
+    assert e.value.code == 2 and "outside 0.." in capsys.readouterr().err
