@@ -251,6 +251,17 @@ class Config(_Strict):
                 )
         return v
 
+    @model_validator(mode="after")
+    def _stall_below_hang(self) -> Config:
+        # A capture blocked in a read sends no heartbeat: waiting longer than hang_timeout for a
+        # frame would get it killed as hung instead of reconnecting.
+        for name, cam in self.cameras.items():
+            if cam.stall_timeout >= self.service.hang_timeout:
+                raise ValueError(
+                    f"cameras.{name}.stall_timeout ({cam.stall_timeout:g} s) must be below "
+                    f"service.hang_timeout ({self.service.hang_timeout:g} s)")
+        return self
+
 
 
 class ConfigError(Exception):
@@ -287,7 +298,10 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
                 msg = "unknown key (check its spelling and where it is indented)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
-            problems.append(f"{loc}: {msg}")
+            elif err["type"] == "value_error":
+                msg = msg.removeprefix("Value error, ")
+            # a check across sections names its keys in the message itself
+            problems.append(f"{loc}: {msg}" if err["loc"] else msg)
         raise ConfigError(source, problems) from None
 
 

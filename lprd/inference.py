@@ -124,6 +124,7 @@ class CameraSpec:
 
     ring: str  # shared-memory name; a new name each time the capture process is (re)started
     every_frame: bool  # files analysed frame by frame: read every seq and ack it (flow control)
+    live: bool = False  # a camera or stream: frames carry wall-clock time (files: clip time)
     roi: Box | None = None
 
 
@@ -347,15 +348,10 @@ class InferenceWorker:
     def step(self) -> bool:
         """Analyse at most one frame per camera; False when there was nothing to do."""
         busy = False
-        jump = self._clock.step()
-        if jump:
-            log.warning("the system clock stepped by %+.1f s; live cameras' tracks follow it", jump)
-            for name, feed in self.feeds.items():
-                if not feed.spec.every_frame:
-                    self.trackers[name].shift_clock(jump)
         for name, feed in list(self.feeds.items()):
             item = feed.next_frame()
             tracker = self.trackers[name]
+            self._follow_clock()  # per camera: no tracker may see the new clock before it shifts
             if item is None:
                 if feed.ending and feed.drained():
                     self._finish(name, send_drained=True)
@@ -365,8 +361,8 @@ class InferenceWorker:
                 continue
             busy = True
             header, frame = item
-            if not feed.spec.every_frame and header.ts > time.time() + CLOCK_STEP:
-                # Stamped just before a backward step: no frame comes from the future.
+            if feed.spec.live and abs(header.ts - time.time()) > CLOCK_STEP:
+                # Stamped just before a clock step: its time belongs to the old clock.
                 header = replace(header, ts=time.time())
             self._last_ts[name] = header.ts
             feed.last_tick = time.monotonic()
@@ -382,6 +378,14 @@ class InferenceWorker:
             feed.frames += 1
             self._send(tracker.update(obs, header.ts))
         return busy
+
+    def _follow_clock(self) -> None:
+        jump = self._clock.step()
+        if jump:
+            log.warning("the system clock stepped by %+.1f s; live cameras' tracks follow it", jump)
+            for name, feed in self.feeds.items():
+                if feed.spec.live:  # files run on clip time, which does not step
+                    self.trackers[name].shift_clock(jump)
 
     def _send(self, events: list[PlateEvent]) -> None:
         for ev in events:

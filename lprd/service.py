@@ -135,7 +135,8 @@ class _Camera:
         return source_kind(self.cfg.source) is SourceKind.FILE and not self.cfg.realtime
 
     def spec(self) -> CameraSpec:
-        return CameraSpec(ring=self.ring.name, every_frame=self.every_frame, roi=self.cfg.roi)
+        return CameraSpec(ring=self.ring.name, every_frame=self.every_frame, roi=self.cfg.roi,
+                          live=source_kind(self.cfg.source) is not SourceKind.FILE)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lprd.cli import main
-from lprd.config import CameraConfig, Config, ConfigError, load_config
+from lprd.config import CameraConfig, Config, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "config.example.yaml"
@@ -140,3 +140,12 @@ def test_reader_filter_drops_unsure_short_and_digitless_reads():
     assert not r.keeps("A1", 0.9)  # below min_chars
     assert r.keeps("ILUVCATS", 0.9)  # vanity plates by default
     assert not r.model_copy(update={"min_digits": 1}).keeps("POLICE", 0.99)  # sign text
+
+
+def test_a_stall_timeout_not_below_the_hang_timeout_is_refused_naming_both_keys() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config({"cameras": {"gate": {"source": "rtsp://cam/1", "stall_timeout": 40}}})
+    assert str(e.value) == ("<config>: cameras.gate.stall_timeout (40 s) must be below "
+                            "service.hang_timeout (30 s)")
+    parse_config({"cameras": {"gate": {"source": "rtsp://cam/1", "stall_timeout": 40}},
+                  "service": {"hang_timeout": 60}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -155,11 +156,11 @@ def on_plate(events: list[PlateEvent], box: tuple) -> list[PlateEvent]:
 
 
 def make_worker(models: tuple, ring: FrameRing, every_frame: bool, cfg: Config | None = None,
-                ) -> tuple[InferenceWorker, queue.Queue]:
+                live: bool = False) -> tuple[InferenceWorker, queue.Queue]:
     cfg = cfg or parse_config({"watchlist": {"enabled": False}, **ALL_READS})
     q: queue.Queue = queue.Queue()
     w = InferenceWorker(cfg, PlatePipeline(models[0], models[1], cfg), q,
-                        {"cam": CameraSpec(ring=ring.name, every_frame=every_frame)})
+                        {"cam": CameraSpec(ring=ring.name, every_frame=every_frame, live=live)})
     return w, q
 
 
@@ -228,7 +229,7 @@ def test_a_backward_clock_step_does_not_hold_a_live_cameras_tracks_open(
     monkeypatch.setattr("lprd.inference.time", fake)
     cfg = parse_config({"watchlist": {"enabled": False}, "tracker": {"track_timeout": 0.5},
                         **ALL_READS})
-    worker, q = make_worker(models, ring, every_frame=False, cfg=cfg)
+    worker, q = make_worker(models, ring, every_frame=False, cfg=cfg, live=True)
     for frame, _, _ in stopped_frames(clip)[:4]:
         ring.write(frame, fake.time())
         assert worker.step() is True
@@ -240,6 +241,19 @@ def test_a_backward_clock_step_does_not_hold_a_live_cameras_tracks_open(
     finals = [m for m in drain(q) if isinstance(m, PlateEvent) and m.final]
     assert finals, "the track stayed open until the clock caught up again"
     assert all(abs(e.last_seen - real_time.time()) < 5 for e in finals)
+
+
+def test_a_clock_step_leaves_a_realtime_file_cameras_clip_time_alone(models, clip, ring):
+    worker, _ = make_worker(models, ring, every_frame=False, live=False)  # realtime: true
+    for i, (frame, _, _) in enumerate(stopped_frames(clip)[:3]):
+        ring.write(frame, 1000.0 + i / 15)  # clip time: it does not step with the clock
+        worker.step()
+    tracker = worker.trackers["cam"]
+    before = [(t.first_seen, t.last_seen) for t in tracker._tracks]
+    assert before
+    worker._clock = ClockWatch(wall=time.time() + 3600)  # the clock steps back an hour
+    worker.step()
+    assert [(t.first_seen, t.last_seen) for t in tracker._tracks] == before
 
 
 def test_lapped_frames_are_skipped_with_a_warning_not_fatal(models, clip, ring, caplog):
