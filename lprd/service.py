@@ -19,7 +19,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,9 @@ class Supervisor:
         self.started = time.monotonic()
         self.loop_beat = time.monotonic()
         self.events = 0
+        # Passes with an early event and no final yet: if the inference process dies, their
+        # tracks die with it, and the supervisor sends the final event in their stead.
+        self._early: dict[str, PlateEvent] = {}
         self._gen = 0
         self._analysed: dict[str, int] = {}
         self._status_at = 0.0
@@ -395,6 +398,10 @@ class Supervisor:
 
     def _on_event(self, ev: PlateEvent) -> None:
         self.events += 1
+        if ev.final:
+            self._early.pop(ev.id, None)
+        else:
+            self._early[ev.id] = ev
         if self.sink is not None:
             self.sink.submit(ev)  # never raises: it logs and stops on a closed pipe
         if self.publisher is not None:
@@ -449,6 +456,7 @@ class Supervisor:
             self._pump_child_queue(w)
             code = w.proc.exitcode
             w.proc = None
+            self._close_orphans()
             if self.worker_failed:
                 return
             self._schedule_restart(w, f"exit status {code}")
@@ -459,6 +467,15 @@ class Supervisor:
             log.info("inference: restarting")
             self._start_worker()
 
+    def _close_orphans(self) -> None:
+        """Final events for passes whose early event went out and whose track the inference
+        process took with it (a crash, a kill): a subscriber waiting for `final` gets one."""
+        for ev in list(self._early.values()):
+            log.warning("event %s (%s): the inference process ended before its final event; "
+                        "sending the early event as final", ev.id, ev.plate)
+            self._on_event(replace(ev, final=True))
+        self._early.clear()
+
     def _schedule_restart(self, child: _Child, why: str) -> None:
         now = time.monotonic()
         if now - child.started > STABLE_AFTER:
@@ -466,7 +483,10 @@ class Supervisor:
         delay = min(RESTART_MAX, RESTART_MIN * 2 ** child.failures)
         child.failures += 1
         child.restart_at = now + delay
+        # A killed child may hold its queue's lock or its stop event's condition: touching either
+        # (Event.set at shutdown) could wait forever. Each start makes fresh ones.
         child.q = None
+        child.stop = None
         log.error("%s died (%s); restarting in %.0f s", child.name, why, delay)
 
     def _maybe_ready(self) -> None:
@@ -646,6 +666,7 @@ class Supervisor:
             # worker has to close its tracks and send their final events
             _stop_child(self.worker, time.monotonic() + new.service.stop_timeout,
                         self._pump_child_queue)
+            self._close_orphans()
             self._start_worker()
         else:
             if changed:
@@ -671,6 +692,7 @@ class Supervisor:
         for cam in self.cameras.values():
             _stop_child(cam.child, deadline, self._pump_child_queue)
         self._pump(0)
+        self._close_orphans()  # a worker killed at the deadline closed none of its tracks
         if self._pinger is not None:
             self._pinger.stop()
         self._stop_sync()
