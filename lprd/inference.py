@@ -129,6 +129,16 @@ class CameraSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PastPass:
+    """A pass reported on a camera: seeds a new worker's dedupe memory (supervisor -> worker)."""
+
+    camera: str
+    id: str
+    plate: str
+    last_seen: float
+
+
+@dataclass(frozen=True, slots=True)
 class SetCameras:
     """Supervisor -> worker: the cameras to read now (rings may have changed)."""
 
@@ -296,7 +306,7 @@ class InferenceWorker:
     """The loop of the inference process: rings -> pipeline -> trackers -> watchlist -> events."""
 
     def __init__(self, cfg: Config, pipeline: PlatePipeline, out: Any,
-                 cameras: dict[str, CameraSpec]):
+                 cameras: dict[str, CameraSpec], passes: tuple[PastPass, ...] = ()):
         self.cfg = cfg
         self.pipeline = pipeline
         self.out = out  # anything with put(): the queue to the supervisor
@@ -306,6 +316,9 @@ class InferenceWorker:
         self.watchlist = _open_watchlist(cfg)
         self._last_ts: dict[str, float] = {}
         self._clock = ClockWatch()
+        self._kept: dict[str, list[tuple[str, str, float]]] = {}  # per camera: id, key, seen
+        for pp in passes:
+            self._kept.setdefault(pp.camera, []).append((pp.id, pp.plate, pp.last_seen))
         self.set_cameras(cameras)
 
     def set_cameras(self, cameras: dict[str, CameraSpec]) -> None:
@@ -315,12 +328,17 @@ class InferenceWorker:
         for name, spec in cameras.items():
             if name not in self.feeds:
                 self.feeds[name] = _Feed(name, spec)
-                self.trackers[name] = Tracker(self.cfg.tracker, name, models=self.models)
+                tracker = Tracker(self.cfg.tracker, name, models=self.models)
+                for pass_id, plate, seen in self._kept.pop(name, []):
+                    tracker.remember(pass_id, plate, seen)
+                self.trackers[name] = tracker
 
     def _finish(self, name: str, send_drained: bool) -> None:
         feed = self.feeds.pop(name)
         tracker = self.trackers.pop(name)
         self._send(tracker.flush(self._now(feed)))
+        if not send_drained:  # the camera comes back (a new ring): it keeps its passes
+            self._kept[name] = tracker.passes()
         feed.close()
         if send_drained:
             self.out.put(Drained(name, feed.frames))
@@ -432,7 +450,7 @@ def child_signals() -> None:
 
 
 def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: Any, out: Any,
-                   stop: Any, log_level: str = "info") -> None:
+                   stop: Any, log_level: str = "info", passes: tuple[PastPass, ...] = ()) -> None:
     """Process target: load the models, then analyse frames until `stop` is set.
 
     `ctl` (a queue) brings SetCameras / EndOfStream / ReloadWatchlist; `out` (a queue) takes
@@ -451,7 +469,7 @@ def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: Any, out: A
     except ModelError as e:
         out.put(WorkerFailed(str(e)))
         return
-    worker = InferenceWorker(cfg, pipeline, out, cameras)
+    worker = InferenceWorker(cfg, pipeline, out, cameras, passes)
     out.put(WorkerReady(pipeline.models))
     log.info("inference worker ready (%s, %d threads)", pipeline.models, threads)
     next_beat = 0.0

@@ -30,6 +30,7 @@ from lprd.inference import (
     Drained,
     EndOfStream,
     Heartbeat,
+    PastPass,
     ReloadWatchlist,
     SetCameras,
     WorkerFailed,
@@ -53,6 +54,7 @@ READY_GRACE = 15.0  # READY=1 at the latest this long after start, even if a cam
 MODEL_LOAD_GRACE = 60.0  # the worker may be silent this long while it loads the models
 EXIT_FILES_FAILED = 1
 ONCE_DRAIN = 15.0  # --once: seconds to wait for the broker to acknowledge the last events
+RECENT_PASSES = 1000  # passes kept for a new inference process's dedupe memory
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -176,6 +178,9 @@ class Supervisor:
         # Passes with an early event and no final yet: if the inference process dies, their
         # tracks die with it, and the supervisor sends the final event in their stead.
         self._early: dict[str, PlateEvent] = {}
+        # Recent passes, handed to a new inference process: a car still in view after a
+        # restart or reload stays the pass it was (no second event).
+        self._recent: dict[str, PastPass] = {}
         self._gen = 0
         self._analysed: dict[str, int] = {}
         self._status_at = 0.0
@@ -326,7 +331,8 @@ class Supervisor:
         self.worker_ready = False
         w.proc = _MP.Process(
             target=inference_main, name="lprd-inference", daemon=True,
-            args=(self.cfg, self._specs(), self.worker_ctl, w.q, w.stop, self.log_level))
+            args=(self.cfg, self._specs(), self.worker_ctl, w.q, w.stop, self.log_level,
+                  tuple(self._recent.values())))
         w.proc.start()
         w.done = False
         w.started = time.monotonic()
@@ -400,6 +406,10 @@ class Supervisor:
         self.events += 1
         if ev.final:
             self._early.pop(ev.id, None)
+            self._recent.pop(ev.id, None)  # newest last
+            self._recent[ev.id] = PastPass(ev.camera, ev.id, ev.plate, ev.last_seen)
+            while len(self._recent) > RECENT_PASSES:
+                del self._recent[next(iter(self._recent))]
         else:
             self._early[ev.id] = ev
         if self.sink is not None:

@@ -247,6 +247,19 @@ class Tracker:
         self._forget_passes(now)
         return events
 
+    def passes(self) -> list[tuple[str, str, float]]:
+        """(id, plate key, last seen) of the reported passes still within the dedupe window."""
+        return [(pid, p.key, p.last_seen) for pid, p in self._passes.items()]
+
+    def remember(self, pass_id: str, plate: str, last_seen: float) -> None:
+        """Take a pass reported by an earlier tracker of this camera (a restarted inference
+        process, a reloaded camera): the same car still in view stays the same pass."""
+        p = self._passes.get(pass_id)
+        if p is None:
+            self._passes[pass_id] = _Pass(plate_key(plate), last_seen)
+        else:
+            p.last_seen = max(p.last_seen, last_seen)
+
     def shift_clock(self, delta: float) -> None:
         """Move every kept time by `delta` seconds: the wall clock under a live camera stepped.
 

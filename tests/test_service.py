@@ -336,6 +336,27 @@ def test_a_pass_whose_inference_process_dies_after_its_early_event_still_gets_a_
     assert early in early_ids and early_ids <= final_ids, (early_ids, final_ids)
 
 
+def test_a_reload_that_restarts_inference_does_not_report_the_same_cars_again(
+        tmp_path, daemons):
+    cams = {"demo": {"source": str(DEMO_CLIP), "realtime": True, "loop": True}}
+    path = tmp_path / "c.yaml"
+    write_config(path, cams, None, tmp_path / "st", tracker={"track_timeout": 0.5})
+    d = start(daemons, path, "--events-jsonl", "-")
+    plate = d.wait_log(r"camera demo: final event \w+ plate (\w+)", timeout=60)[0].group(1)
+    write_config(path, cams, None, tmp_path / "st",
+                 tracker={"track_timeout": 0.5, "early_min_frames": 4})
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"restarting inference")
+    d.wait_log(r"models loaded", count=2)
+    # The clip loops every 13 s: every car comes back within the 30 s dedupe window.
+    time.sleep(16)
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0
+    events = [json.loads(ln) for ln in d.out_path.read_text().splitlines()]
+    ids = {e["id"] for e in events if e["plate"] == plate}
+    assert len(ids) == 1, [(e["id"][:6], e["plate"], e["final"]) for e in events]
+
+
 @pytest.fixture(scope="module")
 def demo_jpegs() -> list[bytes]:
     """The demo clip's frames as JPEGs, for a live camera that shows the demo street."""

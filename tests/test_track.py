@@ -229,6 +229,24 @@ def test_a_clock_step_moves_open_tracks_and_dedupe_windows_with_it() -> None:
     assert drive(tr, again, start=last + 1e9 + 5) + tr.flush(now=last + 1e9 + 20) == []
 
 
+def test_a_remembered_pass_keeps_the_same_car_silent_in_a_new_tracker() -> None:
+    old = make_tracker(early_confidence=1.0, track_timeout=1.0, dedupe_window=30)
+    first = drive(old, [[obs("KEEP123", T0 + i * DT, moving_box(i))] for i in range(5)])
+    first += old.flush(now=T0 + 2)
+    (ev,) = first
+    new = make_tracker(early_confidence=1.0, track_timeout=1.0, dedupe_window=30)
+    for pass_id, key, seen in old.passes():
+        new.remember(pass_id, key, seen)
+    start = T0 + 5  # the inference process restarted; the car is still there
+    again = drive(new, [[obs("KEEP123", start + i * DT, moving_box(i))] for i in range(5)],
+                  start=start) + new.flush(now=start + 2)
+    assert again == []
+    other = make_tracker(early_confidence=1.0, track_timeout=1.0, dedupe_window=30)
+    fresh = drive(other, [[obs("KEEP123", start + i * DT, moving_box(i))] for i in range(5)],
+                  start=start) + other.flush(now=start + 2)
+    assert len(fresh) == 1 and ev.final  # without the memory: a second event for the car
+
+
 def test_a_pass_that_starts_within_the_window_is_deduped_even_if_it_ends_past_it() -> None:
     tr = make_tracker(early_confidence=1.0, track_timeout=1.0, dedupe_window=5)
     frames = [[obs("LONG123", T0 + i * DT, moving_box(i, dx=0))] for i in range(3)]
