@@ -95,7 +95,7 @@ def test_index_lookup_finds_what_a_scan_of_every_entry_finds(tmp_path: Path) -> 
     rng = random.Random(7)
     bases = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
                      for _ in range(rng.randint(4, 8))) for _ in range(40)]
-    plates = {_variant(rng, b) for b in bases for _ in range(12)}
+    plates = sorted({_variant(rng, b) for b in bases for _ in range(12)})  # no hash order
     entries = [WatchlistEntry(p, list=rng.choice(("a", "b")),
                               action=rng.choice((None, "allow", "deny"))) for p in plates]
     reads = [_variant(rng, rng.choice(bases)) for _ in range(60)]
@@ -111,7 +111,7 @@ def test_index_lookup_finds_what_a_scan_of_every_entry_finds(tmp_path: Path) -> 
                                      allow_max_distance=cfg.allow_max_distance)
                 assert w.match(r, cand, now=0.0) == want, r
                 found += want.match != "none"
-            assert found > 30
+            assert found > 25  # 29 and 49 reads match something: the check is not empty
 
 
 def test_raising_max_distance_rebuilds_the_index_deeper(tmp_path: Path) -> None:
