@@ -51,13 +51,16 @@ def _tf(threads: int = 1):  # imported late: `--help` and the data code need no 
     return tf
 
 
-def build_model(h: int | None = None, w: int | None = None, batch: int | None = None):
+def build_model(h: int | None = None, w: int | None = None, batch: int | None = None,
+                width: float = 1.0):
     """MobileNet-like backbone (depthwise-separable, ReLU6) + a small FPN to stride 4;
-    heads: plate-centre heatmap (sigmoid) and dx, dy, log w, log h in stride cells."""
+    heads: plate-centre heatmap (sigmoid) and dx, dy, log w, log h in stride cells.
+    `width` multiplies every layer's channels (rounded to multiples of 8)."""
     import keras
     from keras import layers
 
     def cbr(x, f, k=3, s=1):
+        f = max(8, round(f * width / 8) * 8)
         x = layers.Conv2D(f, k, s, padding="same", use_bias=False)(x)
         x = layers.BatchNormalization()(x)
         return layers.ReLU(6.0)(x)
@@ -158,7 +161,7 @@ def train(args: argparse.Namespace) -> int:
                  st["elapsed_s"] / 3600, st["hours"])
     else:
         keras.utils.set_random_seed(args.seed)
-        model = build_model()
+        model = build_model(width=args.width)
         if args.init_from is not None:  # a second schedule on top of an earlier run
             model.set_weights(keras.models.load_model(args.init_from, compile=False)
                               .get_weights())
@@ -169,6 +172,7 @@ def train(args: argparse.Namespace) -> int:
         # ends on time however busy the shared cores are; the estimate is only for the log.
         st = {"epoch": 0, "steps": args.steps, "batch": args.batch, "crop": args.crop,
               "hours": args.hours, "elapsed_s": 0.0, "steps_done": 0, "lr_peak": args.lr_peak,
+              "width": args.width,
               "init_from": str(args.init_from) if args.init_from else None,
               "steps_per_s_at_start": sps, "history": [],
               "started": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -283,7 +287,7 @@ def representative_frames(n: int = 200, seed: int = 1) -> np.ndarray:
 def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
     """Full-int8 TFLite (int8 input and outputs) plus the sidecar metadata."""
     tf = _tf()
-    fixed = build_model(INPUT_H, INPUT_W, 1)
+    fixed = build_model(INPUT_H, INPUT_W, 1, st.get("width", 1.0))
     fixed.set_weights(model.get_weights())
     saved = RUN_DIR / "export_savedmodel"
     fixed.export(str(saved), format="tf_saved_model", verbose=False)
@@ -320,7 +324,8 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
         "quantization": "full int8 (input scale 1, zero point -128), calibrated on "
                         f"{len(frames)} real training frames",
         "training": {k: st.get(k) for k in ("epoch", "steps_done", "batch", "crop", "hours",
-                                            "started", "lr_peak", "init_from")},
+                                            "started", "lr_peak", "init_from",
+                                            "width")},
         "data": data_summary(),
         "metrics": old.get("metrics", {}),
     }
@@ -500,6 +505,77 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def recover_from_tflite(path: Path):
+    """A float Keras detector (width 1) with the weights of an exported int8 file: each
+    convolution's weights and bias dequantized, its BatchNorm made the identity plus the folded
+    bias. Continues a schedule whose checkpoint was lost (only the .tflite is in git)."""
+    import keras
+
+    from lprd.models import load_model
+
+    interp = load_model(path, "detector").interpreter
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+
+    def dequant(t: dict) -> np.ndarray:
+        q = interp.get_tensor(t["index"]).astype(np.float32)
+        qp = t["quantization_parameters"]
+        if not len(qp["scales"]):
+            return q
+        shape = [1] * q.ndim
+        shape[qp["quantized_dimension"]] = -1
+        return (q - qp["zero_points"].reshape(shape)) * qp["scales"].reshape(shape)
+
+    convs = [(dequant(tensors[o["inputs"][1]]), dequant(tensors[o["inputs"][2]]))
+             for o in interp._get_ops_details() if o["op_name"] in ("CONV_2D",
+                                                                    "DEPTHWISE_CONV_2D")]
+    model = build_model()
+    layers = [la for la in model.layers
+              if isinstance(la, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+    bn_after = {id(la.input): la for la in model.layers
+                if isinstance(la, keras.layers.BatchNormalization)}
+    if len(layers) != len(convs):
+        raise ValueError(f"{path}: {len(convs)} convolutions, the width-1 model has "
+                         f"{len(layers)}")
+
+    # The converter schedules each FPN lateral (1x1 to 48 channels from the 32-, 64- or
+    # 96-channel level) early; everything else runs in the Keras model's layer order.
+    def lateral(shape_in: int, shape_out: int) -> int | None:
+        return shape_in if shape_out == 48 and shape_in in (32, 64, 96) else None
+
+    lat = {lateral(w.shape[-1], w.shape[0]): (w, b) for w, b in convs
+           if w.shape[1] == 1 and lateral(w.shape[-1], w.shape[0])}
+    rest = iter([(w, b) for w, b in convs
+                 if not (w.shape[1] == 1 and lateral(w.shape[-1], w.shape[0]))])
+    for la in layers:
+        k = la.kernel.shape
+        key = lateral(k[2], k[3]) if isinstance(la, keras.layers.Conv2D) and k[0] == 1 else None
+        w, b = lat[key] if key else next(rest)
+        if isinstance(la, keras.layers.DepthwiseConv2D):
+            kernel = w[0][..., None]  # (1, kh, kw, c) -> (kh, kw, c, 1)
+        else:
+            kernel = w.transpose(1, 2, 3, 0)  # (out, kh, kw, in) -> (kh, kw, in, out)
+        if tuple(kernel.shape) != tuple(k):
+            raise ValueError(f"{path}: {la.name} wants {tuple(k)}, got {kernel.shape}")
+        if la.use_bias:  # the heads
+            la.set_weights([kernel, b])
+            continue
+        la.set_weights([kernel])
+        bn = bn_after[id(la.output)]
+        bn.set_weights([np.ones_like(b), b, np.zeros_like(b),
+                        np.full_like(b, 1.0 - bn.epsilon)])
+    return model
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    _tf()
+    model = recover_from_tflite(Path(args.model))
+    model.compile(loss=[focal_loss, reg_loss])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.out)
+    log.info("%s -> %s", args.model, args.out)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import keras
 
@@ -523,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--init-from", type=Path, default=None,
                    help="with --fresh: start from this checkpoint's weights, new schedule")
     t.add_argument("--lr-peak", type=float, default=LR_PEAK)
+    t.add_argument("--width", type=float, default=1.0,
+                   help="channel multiplier (new runs; with --init-from, the checkpoint's)")
     t.add_argument("--out", type=Path, default=MODEL_PATH, help="where exports go")
     t.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads")
     t.add_argument("--eval-every", type=int, default=2)
@@ -546,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     x = sub.add_parser("export", help="TFLite + metadata from runs/detector/last.keras")
     x.add_argument("--out", default=str(MODEL_PATH))
     x.set_defaults(func=cmd_export)
+    r = sub.add_parser("recover", help="a Keras checkpoint (for --init-from) from an exported "
+                                       "int8 detector, when the checkpoint itself is lost")
+    r.add_argument("--model", default=str(MODEL_PATH))
+    r.add_argument("--out", default=str(ROOT / "runs" / "recovered" / "last.keras"))
+    r.set_defaults(func=cmd_recover)
     args = p.parse_args(argv)
     if not getattr(args, "func", None):
         p.print_help()

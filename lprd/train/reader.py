@@ -100,18 +100,23 @@ def _block(L, x, ch, stride=1, kernel=3, dilation=1):
     return L.ReLU(6.0)(x)
 
 
-def _stem(tf, batch: int | None = None):
-    """Both heads' first layers: input 40x128 -> 10x32x64."""
+def _ch(n: int, width: float) -> int:
+    """`n` channels scaled by the width multiplier, rounded to a multiple of 8 (XNNPACK)."""
+    return max(8, round(n * width / 8) * 8)
+
+
+def _stem(tf, batch: int | None = None, width: float = 1.0):
+    """Both heads' first layers: input 40x128 -> 10x32x64 (x width)."""
     block = functools.partial(_block, tf.keras.layers)
     inp = tf.keras.Input((INPUT_H, INPUT_W, 1), batch_size=batch, name="image")
-    x = block(inp, 24, 2)  # 20x64
-    x = block(x, 32)
+    x = block(inp, _ch(24, width), 2)  # 20x64
+    x = block(x, _ch(32, width))
     x = tf.keras.layers.MaxPooling2D(2)(x)  # 10x32
-    x = block(x, 48)
-    return inp, block(x, 64)
+    x = block(x, _ch(48, width))
+    return inp, block(x, _ch(64, width))
 
 
-def build_model(tf, head: str = "ctc", batch: int | None = None):
+def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 1.0):
     """Plain conv stack (int8-friendly) with one of two heads.
 
     `slots`: one dense layer per character slot (the first shipped readers). `ctc`: a shared
@@ -124,15 +129,16 @@ def build_model(tf, head: str = "ctc", batch: int | None = None):
         return _build_slots(tf, batch)
     L = tf.keras.layers
     block = functools.partial(_block, L)
-    inp, x = _stem(tf, batch)
+    inp, x = _stem(tf, batch, width)
     x = L.MaxPooling2D((2, 1))(x)  # 5x32: 32 steps a row, enough for 10 characters and repeats
-    x = block(x, 80)
-    x = block(x, 96)
-    x = L.Conv2D(128, (INPUT_H // 8 - 1, 1), padding="valid", use_bias=False)(x)  # 2x32
-    x = L.BatchNormalization()(x)
+    x = block(x, _ch(80, width))
+    x = block(x, _ch(96, width))
+    x = L.Conv2D(_ch(128, width), (INPUT_H // 8 - 1, 1), padding="valid", use_bias=False)(x)
+    x = L.BatchNormalization()(x)  # 2x32
     x = RowBias()(x)
     x = L.ReLU(6.0)(x)
-    x = block(x, 96, kernel=(1, 3), dilation=(1, 2))  # context: frames, bolts, neighbours
+    # context: frames, bolts, neighbours
+    x = block(x, _ch(96, width), kernel=(1, 3), dilation=(1, 2))
     x = L.Dropout(0.2)(x)
     x = L.Conv2D(NUM_CLASSES, 1, name="logits")(x)
     out = L.Reshape((-1, NUM_CLASSES), name="sequence")(x)  # row-major: top row, bottom row
@@ -221,7 +227,7 @@ def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
     """Full-integer int8 (uint8 input, float output), calibrated on `rep` (grey uint8 crops)."""
     # the same weights in a batch-1 graph: static shapes let the converter fold the reshape and
     # the dilated convolution (XNNPACK then runs it in 2 partitions, not 4; same reads)
-    fixed = build_model(tf, meta.get("head", "slots"), batch=1)
+    fixed = build_model(tf, meta.get("head", "slots"), batch=1, width=meta.get("width", 1.0))
     fixed.set_weights(model.get_weights())
     model = fixed
     if meta.get("head") == "ctc":  # trained on logits; ship probabilities
@@ -338,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head", choices=("ctc", "slots"), default="ctc",
                     help="ctc: shared per-column classifier read by CTC (default); slots: one "
                          "classifier per character slot (readers up to reader-20261125-ft2-e20)")
+    ap.add_argument("--width", type=float, default=1.0,
+                    help="channel multiplier of the CTC model (new runs; with --init-from, the "
+                         "checkpoint's)")
     ap.add_argument("--epochs", type=int, default=26)
     ap.add_argument("--steps-per-epoch", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
@@ -426,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         model = tf.keras.models.load_model(ckpt)
         log.info("resumed from %s at epoch %d", ckpt, state["epoch"])
     else:
-        model = build_model(tf, args.head)
-        state["head"] = args.head
+        model = build_model(tf, args.head, width=args.width)
+        state["head"], state["width"] = args.head, args.width
         if args.init_from is not None:
             model.set_weights(tf.keras.models.load_model(args.init_from).get_weights())
             log.info("initialised from %s", args.init_from)
@@ -481,6 +490,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
         "pad": PAD,
         "max_len": MAX_LEN,
         "head": state.get("head", "slots"),
+        "width": state.get("width", 1.0),
         "input_size": [INPUT_H, INPUT_W],
         "input": "grey, uint8",
         "input_range": [0, 255],

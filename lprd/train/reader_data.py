@@ -96,7 +96,8 @@ def synth_sample(rng: np.random.Generator, plate: np.ndarray) -> np.ndarray:
                       tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
     src = np.float32([[0, 0], [pw, 0], [pw, ph], [0, ph]])
     j = lambda s: rng.normal(0, s)
-    ang = np.deg2rad(rng.normal(0, 2.5))
+    # mostly level; some strongly tilted (motorcycle plates, a camera to the side of the lane)
+    ang = np.deg2rad(rng.normal(0, 2.5) if rng.random() > 0.12 else _u(rng, -22, 22))
     c, s = np.cos(ang), np.sin(ang)
     dst = []
     for x, y in src:
