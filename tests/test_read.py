@@ -38,7 +38,7 @@ def _rendered(seed: int = 2026) -> list[tuple[np.ndarray, str, str]]:
     for layout in LAYOUTS:
         for _ in range(PER_LAYOUT):
             p = render_plate(rng, layout)
-            out.append((synth_sample(rng, p.image), p.text, layout))
+            out.append((synth_sample(rng, p.image, p.rows), p.text, layout))
     return out
 
 

@@ -283,7 +283,7 @@ def evaluate_synthetic(path: Path, per_layout: int = 200, seed: int = 424242) ->
         ok = 0
         for _ in range(per_layout):
             p = render_plate(rng, layout)
-            ok += reader.read(synth_sample(rng, p.image)).text == p.text
+            ok += reader.read(synth_sample(rng, p.image, p.rows)).text == p.text
         res[layout] = round(ok / per_layout, 4)
     res["all"] = round(float(np.mean(list(res.values()))), 4)
     return res

@@ -81,8 +81,11 @@ def _camera_effects(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return g
 
 
-def synth_sample(rng: np.random.Generator, plate: np.ndarray) -> np.ndarray:
-    """A rendered plate as a detector-box crop of a real camera: INPUT_H x INPUT_W grey uint8."""
+def synth_sample(rng: np.random.Generator, plate: np.ndarray, rows: int = 1) -> np.ndarray:
+    """A rendered plate as a detector-box crop of a real camera: INPUT_H x INPUT_W grey uint8.
+
+    `rows`: a two-row plate's characters are as tall as a one-row plate's, so at the same
+    distance its crop is about twice as tall."""
     # work near the final resolution: the context pipeline costs per pixel
     s0 = _u(rng, 40, 72) / plate.shape[0]
     plate = cv2.resize(plate, None, fx=s0, fy=s0, interpolation=cv2.INTER_AREA)
@@ -120,7 +123,7 @@ def synth_sample(rng: np.random.Generator, plate: np.ndarray) -> np.ndarray:
     crop = canvas[ya:yb, xa:xb]
     g = _camera_effects(rng, crop)
     # resolution: real crops are often 15-40 px high
-    th = int(np.exp(_u(rng, np.log(14), np.log(80))))
+    th = int(np.exp(_u(rng, np.log(14), np.log(80))) * (1.0 if rows < 2 else _u(rng, 1.6, 2.0)))
     tw = max(8, int(g.shape[1] * th / g.shape[0]))
     g = cv2.resize(g, (tw, th), interpolation=cv2.INTER_AREA)
     if rng.random() < 0.2 and th > 24:
@@ -183,7 +186,7 @@ def render_chunk(seed: int, n: int, augs_per_plate: int = 3) -> tuple[np.ndarray
         for _ in range(augs_per_plate):
             if i >= n:
                 break
-            xs[i] = synth_sample(rng, p.image)
+            xs[i] = synth_sample(rng, p.image, p.rows)
             ys[i] = lab
             i += 1
     return xs, ys
