@@ -87,3 +87,15 @@ def test_synthetic_chunks_of_other_rendering_code_are_not_reused(tmp_path: Path)
     assert drop_stale_chunks(tmp_path) == 0 and chunk.exists()
     (tmp_path / "renderer.stamp").write_text("another renderer\n")
     assert drop_stale_chunks(tmp_path) == 1 and not chunk.exists()
+
+
+def test_a_chunk_being_written_is_invisible_to_the_trainer(tmp_path: Path) -> None:
+    from lprd.train import reader
+
+    xs, ys = np.zeros((3, 4, 5), np.uint8), np.ones((3, 10), np.int32)
+    reader._save_chunk(tmp_path / "synth_0007.npz", xs, ys)
+    (tmp_path / "real_0003.partial").write_bytes(b"half a chunk")  # the renderer mid-write
+    assert [p.name for p in tmp_path.glob("synth_*.npz")] == ["synth_0007.npz"]
+    assert list(tmp_path.glob("real_*.npz")) == []
+    loaded = reader._load_chunks(tmp_path, "synth_*.npz", 4)
+    assert loaded is not None and (loaded[0] == xs).all() and (loaded[1] == ys).all()

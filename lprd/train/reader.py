@@ -54,15 +54,20 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
     for k in range(start, stop_at):
         out = cache / f"synth_{k:04d}.npz"
         if not out.exists():
-            xs, ys = render_chunk(seed * 100_000 + k, CHUNK)
-            np.savez(str(out) + ".tmp.npz", x=xs, y=ys)
-            os.replace(str(out) + ".tmp.npz", out)
+            _save_chunk(out, *render_chunk(seed * 100_000 + k, CHUNK))
         if crops and k % real_every == 0:
             rout = cache / f"real_{k:04d}.npz"
             if not rout.exists():
-                xs, ys = real_arrays(crops, rng, copies=6)
-                np.savez(str(rout) + ".tmp.npz", x=xs, y=ys)
-                os.replace(str(rout) + ".tmp.npz", rout)
+                _save_chunk(rout, *real_arrays(crops, rng, copies=6))
+
+
+def _save_chunk(out: Path, xs: np.ndarray, ys: np.ndarray) -> None:
+    """Write a chunk whole or not at all. The temporary name must not match the trainer's
+    `synth_*.npz` / `real_*.npz` globs: a half-written or just-renamed file killed a run."""
+    tmp = out.with_suffix(".partial")
+    with tmp.open("wb") as f:
+        np.savez(f, x=xs, y=ys)
+    os.replace(tmp, out)
 
 
 def renderer_stamp() -> str:
