@@ -349,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head", choices=("ctc", "slots"), default="ctc",
                     help="ctc: shared per-column classifier read by CTC (default); slots: one "
                          "classifier per character slot (readers up to reader-20261125-ft2-e20)")
-    ap.add_argument("--width", type=float, default=1.0,
+    ap.add_argument("--width", type=float, default=2.0,
                     help="channel multiplier of the CTC model (new runs; with --init-from, the "
                          "checkpoint's)")
-    ap.add_argument("--epochs", type=int, default=26)
+    ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--steps-per-epoch", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
