@@ -443,7 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(tf, args.head, width=args.width)
         state["head"], state["width"] = args.head, args.width
         if args.init_from is not None:
-            model.set_weights(tf.keras.models.load_model(args.init_from).get_weights())
+            src = tf.keras.models.load_model(args.init_from, compile=False)
+            if src.count_params() != model.count_params():
+                raise SystemExit(f"--init-from {args.init_from}: {src.count_params()} "
+                                 f"parameters, a --width {args.width} model has "
+                                 f"{model.count_params()}; give the checkpoint's --width")
+            model.set_weights(src.get_weights())
             log.info("initialised from %s", args.init_from)
         model.compile(optimizer=tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
                       loss=_keras_extras()[1] if args.head == "ctc"
