@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from lprd.track import iou
+from lprd.train import scaled_channels
 from lprd.train.scenes import INPUT_H, INPUT_W, STRIDE, SceneSampler, build_cache, load_scenes
 
 log = logging.getLogger("lprd.train.detector")
@@ -60,8 +61,7 @@ def build_model(h: int | None = None, w: int | None = None, batch: int | None = 
     from keras import layers
 
     def cbr(x, f, k=3, s=1):
-        f = max(8, round(f * width / 8) * 8)
-        x = layers.Conv2D(f, k, s, padding="same", use_bias=False)(x)
+        x = layers.Conv2D(scaled_channels(f, width), k, s, padding="same", use_bias=False)(x)
         x = layers.BatchNormalization()(x)
         return layers.ReLU(6.0)(x)
 
@@ -542,10 +542,14 @@ def recover_from_tflite(path: Path):
     def lateral(shape_in: int, shape_out: int) -> int | None:
         return shape_in if shape_out == 48 and shape_in in (32, 64, 96) else None
 
-    lat = {lateral(w.shape[-1], w.shape[0]): (w, b) for w, b in convs
-           if w.shape[1] == 1 and lateral(w.shape[-1], w.shape[0])}
-    rest = iter([(w, b) for w, b in convs
-                 if not (w.shape[1] == 1 and lateral(w.shape[-1], w.shape[0]))])
+    lat, others = {}, []
+    for w, b in convs:  # TFLite weights are (out, kh, kw, in)
+        key = lateral(w.shape[3], w.shape[0]) if w.shape[1] == 1 else None
+        if key:
+            lat[key] = (w, b)
+        else:
+            others.append((w, b))
+    rest = iter(others)
     for la in layers:
         k = la.kernel.shape
         key = lateral(k[2], k[3]) if isinstance(la, keras.layers.Conv2D) and k[0] == 1 else None

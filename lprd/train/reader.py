@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader, ctc_greedy
+from lprd.train import scaled_channels
 from lprd.train.reader_data import (
     CROP_SETS,
     is_heldout,
@@ -105,20 +106,15 @@ def _block(L, x, ch, stride=1, kernel=3, dilation=1):
     return L.ReLU(6.0)(x)
 
 
-def _ch(n: int, width: float) -> int:
-    """`n` channels scaled by the width multiplier, rounded to a multiple of 8 (XNNPACK)."""
-    return max(8, round(n * width / 8) * 8)
-
-
 def _stem(tf, batch: int | None = None, width: float = 1.0):
     """Both heads' first layers: input 40x128 -> 10x32x64 (x width)."""
     block = functools.partial(_block, tf.keras.layers)
     inp = tf.keras.Input((INPUT_H, INPUT_W, 1), batch_size=batch, name="image")
-    x = block(inp, _ch(24, width), 2)  # 20x64
-    x = block(x, _ch(32, width))
+    x = block(inp, scaled_channels(24, width), 2)  # 20x64
+    x = block(x, scaled_channels(32, width))
     x = tf.keras.layers.MaxPooling2D(2)(x)  # 10x32
-    x = block(x, _ch(48, width))
-    return inp, block(x, _ch(64, width))
+    x = block(x, scaled_channels(48, width))
+    return inp, block(x, scaled_channels(64, width))
 
 
 def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 1.0):
@@ -136,14 +132,15 @@ def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 
     block = functools.partial(_block, L)
     inp, x = _stem(tf, batch, width)
     x = L.MaxPooling2D((2, 1))(x)  # 5x32: 32 steps a row, enough for 10 characters and repeats
-    x = block(x, _ch(80, width))
-    x = block(x, _ch(96, width))
-    x = L.Conv2D(_ch(128, width), (INPUT_H // 8 - 1, 1), padding="valid", use_bias=False)(x)
-    x = L.BatchNormalization()(x)  # 2x32
+    x = block(x, scaled_channels(80, width))
+    x = block(x, scaled_channels(96, width))
+    x = L.Conv2D(scaled_channels(128, width), (INPUT_H // 8 - 1, 1), padding="valid",
+                 use_bias=False)(x)  # 2x32
+    x = L.BatchNormalization()(x)
     x = RowBias()(x)
     x = L.ReLU(6.0)(x)
     # context: frames, bolts, neighbours
-    x = block(x, _ch(96, width), kernel=(1, 3), dilation=(1, 2))
+    x = block(x, scaled_channels(96, width), kernel=(1, 3), dilation=(1, 2))
     x = L.Dropout(0.2)(x)
     x = L.Conv2D(NUM_CLASSES, 1, name="logits")(x)
     out = L.Reshape((-1, NUM_CLASSES), name="sequence")(x)  # row-major: top row, bottom row
