@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lprd.train.detector import UNLABELLED, evaluate, unlabelled_plates
-from lprd.train.mine import classify
+from lprd.train.mine import classify, merge_finds
 from lprd.train.pseudo_label import VariantRead
 from lprd.train.reader_data import DATA_ROOT
 from lprd.train.scenes import Scene, load_scenes
@@ -27,6 +27,14 @@ def test_mining_sorts_plates_from_other_text_and_from_no_text() -> None:
     assert classify([read("")]) == "negative"
     assert classify([read("B 58 RHD", conf=0.3)]) == "negative"  # unsure OCR says nothing
     assert classify([read("斯柯达")]) == "negative"  # not plate characters
+
+
+def test_a_second_mining_keeps_earlier_finds_it_does_not_find_again() -> None:
+    new = [{"image": "a.jpg", "box": [100, 100, 40, 12], "kind": "negative"}]
+    old = [{"image": "a.jpg", "box": [102, 101, 40, 12], "kind": "negative"},  # found again
+           {"image": "a.jpg", "box": [300, 50, 30, 10], "kind": "sign"},  # since learned
+           {"image": "b.jpg", "box": [100, 100, 40, 12], "kind": "plate"}]  # other image
+    assert merge_finds(new, old) == old[1:]
 
 
 def _scene(tmp_path: Path, boxes) -> Scene:

@@ -50,6 +50,15 @@ def classify(reads, min_conf: float = 0.6, sign_conf: float = 0.8) -> str:
     return kind
 
 
+def merge_finds(new: list[dict], old: list[dict], same_iou: float = 0.5) -> list[dict]:
+    """The finds of `old` that overlap no find of `new` on the same image (IoU > same_iou)."""
+    by_image: dict[str, list] = {}
+    for f in new:
+        by_image.setdefault(f["image"], []).append(f["box"])
+    return [f for f in old
+            if all(iou(f["box"], b) <= same_iou for b in by_image.get(f["image"], []))]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lprd.train.mine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-out", action="store_true",
                     help="mine the held-out scenes instead (only to study false plates: never "
                          "train on that file)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the finds already in --out (an earlier detector's) that this "
+                         "mining does not find again: the next schedule still sees the false "
+                         "plates that the last one learned to reject")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = REPO / "cache" / "det" / ("mined_heldout.json" if args.held_out
@@ -99,10 +112,23 @@ def main(argv: list[str] | None = None) -> int:
                         "score": round(d.score, 3), "kind": kind})
         if k % 200 == 0:
             log.info("%d/%d scenes, %s", k, len(scenes), counts)
+    detectors = [det.version]
+    if args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old.get("held_out") != args.held_out:
+            raise SystemExit(f"{args.out}: mined on the other split; not merged")
+        kept = merge_finds(out, old["found"])
+        for f in kept:
+            counts[f["kind"]] += 1
+        out += kept
+        detectors = [det.version, *old.get("detectors", [old.get("detector")])]
+        log.info("kept %d of %d earlier finds (%s)", len(kept), len(old["found"]),
+                 ", ".join(detectors[1:]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"detector": det.version, "threshold": args.threshold,
-                               "held_out": args.held_out, "counts": counts, "found": out}))
+    tmp.write_text(json.dumps({"detector": det.version, "detectors": detectors,
+                               "threshold": args.threshold, "held_out": args.held_out,
+                               "counts": counts, "found": out}))
     tmp.replace(args.out)
     log.info("%s -> %s", counts, args.out)
     return 0
