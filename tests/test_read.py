@@ -15,12 +15,12 @@ from lprd.read import PlateReader
 
 # Share of the test's seeded rendered plates (single-row layouts, each put in a detector-like crop
 # with camera effects by the training pipeline's own `synth_sample`) the shipped reader must read
-# exactly. Measured for reader-20261205-ctc-e24: 66/84 (78.6 %); the reader before it,
-# reader-20261125-ctc-e26, reads the same set 59/84 (it never saw the DIN and Bebas Neue faces).
+# exactly. Measured for reader-20261205-ctc-e44: 71/84 (84.5 %); reader-20261205-ctc-e24 66/84,
+# reader-20261125-ctc-e26 59/84 (it never saw the DIN and Bebas Neue faces).
 # The floor leaves room for LiteRT versions, not for a worse model.
 LAYOUTS = ("us", "eu", "uk", "br_old", "mercosur_br", "mercosur_ar", "ar_old")
 PER_LAYOUT = 12
-MIN_EXACT = 0.74
+MIN_EXACT = 0.8
 
 
 @pytest.fixture(scope="module")

@@ -446,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
                                  f"parameters, a --width {args.width} model has "
                                  f"{model.count_params()}; give the checkpoint's --width")
             model.set_weights(src.get_weights())
+            # the epochs behind the checkpoint (its state.json, if beside it) name the export
+            prior = args.init_from.with_name("state.json")
+            ps = json.loads(prior.read_text()) if prior.exists() else {}
+            state["init_from"] = {"checkpoint": str(args.init_from),
+                                  "epochs": ps.get("epoch", 0)
+                                  + ps.get("init_from", {}).get("epochs", 0)}
             log.info("initialised from %s", args.init_from)
         model.compile(optimizer=tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
                       loss=_keras_extras()[1] if args.head == "ctc"
@@ -489,10 +495,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(tf, model, xs, args, state, crops, held) -> None:
+    init = state.get("init_from", {})
     meta = {
         "kind": "reader",
+        # epochs in all, those of an --init-from checkpoint included
         "version": "reader-{}-{}-e{}".format(time.strftime("%Y%m%d"), state.get("head", "slots"),
-                                            state["epoch"]),
+                                            state["epoch"] + init.get("epochs", 0)),
         "alphabet": ALPHABET,
         "pad": PAD,
         "max_len": MAX_LEN,
@@ -513,6 +521,8 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
         },
         "epochs": state["epoch"],
     }
+    if init:
+        meta["init_from"] = init
     export_tflite(tf, model, xs[:2000], args.out, meta)
     res = evaluate_tflite(args.out, held)
     meta["heldout_exact_int8"] = res
