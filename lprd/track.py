@@ -151,6 +151,7 @@ class _Track:
     box: Box
     last_text: str
     frames: int = 0
+    whole: int = 0  # observations whose box the frame's edge does not cut
     voter: Voter = field(default_factory=Voter)
     best: dict[str, Observation] = field(default_factory=dict)  # best observation per read text
     best_any: Observation | None = None
@@ -166,6 +167,7 @@ class _Track:
         self.voter.add(r.text, r.confidence, probs)
         self.vote = self.voter.result()
         self.frames += 1
+        self.whole += not cut_by_frame_edge(obs.box, obs.frame_size)
         self.first_seen = min(self.first_seen, obs.ts)
         self.last_seen = max(self.last_seen, obs.ts)
         self.box = obs.box
@@ -181,6 +183,13 @@ class _Track:
         obs = self.best.get(plate) or self.best_any
         assert obs is not None
         return obs
+
+
+def cut_by_frame_edge(box: Box, frame_size: tuple[int, int], slack: int = 1) -> bool:
+    """Whether the box reaches the frame's edge: the plate runs out of the picture."""
+    x, y, w, h = box
+    fw, fh = frame_size
+    return x <= slack or y <= slack or x + w >= fw - slack or y + h >= fh - slack
 
 
 def _quality(obs: Observation) -> float:
@@ -199,7 +208,8 @@ class Tracker:
 
     Events: an early one (final=False) once the voted read reaches `early_confidence` after
     `early_min_frames`, and a final one when the track is unseen for `track_timeout`; both share
-    the id. Tracks with fewer than `min_frames` reads emit nothing.
+    the id. Tracks with fewer than `min_frames` reads, or only reads of boxes that the frame's
+    edge cuts, emit nothing.
 
     Dedupe: a plate that comes back on this camera within `dedupe_window` seconds of its last
     sighting is the same pass. It keeps that pass's id and emits no event at all (the pass was
@@ -342,7 +352,9 @@ class Tracker:
         return None
 
     def _emit(self, t: _Track, final: bool) -> PlateEvent | None:
-        if t.silent or t.vote is None or t.frames < self.cfg.min_frames:
+        # A plate only ever seen cut by the frame's edge (a car leaving the picture after its
+        # track ended, or entering it) is read with characters missing: no event of its own.
+        if t.silent or t.vote is None or t.frames < self.cfg.min_frames or not t.whole:
             return None
         if t.id is None:
             pid = self._pass_of(t)

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from lprd.config import TrackerConfig
-from lprd.track import Tracker, Voter, iou, levenshtein, plate_key, text_distance
+from lprd.track import (
+    Tracker,
+    Voter,
+    cut_by_frame_edge,
+    iou,
+    levenshtein,
+    plate_key,
+    text_distance,
+)
 from lprd.types import Box, CharProb, Observation, PlateEvent, Read
 
 FPS = 5.0
@@ -189,6 +197,29 @@ def test_a_track_shorter_than_min_frames_emits_nothing() -> None:
     assert [(e.final, e.frames) for e in events] == [(False, 3)]
 
 
+def test_a_plate_seen_only_cut_by_the_frame_edge_gives_no_event() -> None:
+    # The demo's clip: a car's plate half out of the picture below, one frame after its
+    # track's last whole read and too far and too garbled to join it, read VYQA4NA for VX864NG.
+    tr = make_tracker()
+    frames = [[obs("VYQA4NA", T0, (864, 689, 181, 31))],  # reaches the bottom of 1280x720
+              [obs("VYQA4N", T0 + DT, (870, 700, 150, 20))]]
+    assert drive(tr, frames) == []
+    assert tr.flush(now=T0 + 10) == []
+    # A plate that enters cut at the left and is then seen whole is reported, once.
+    frames = [[obs("ENTER12", T0 + 20, (0, 400, 60, 20))]]
+    frames += [[obs("ENTER12", T0 + 20 + i * DT, moving_box(i))] for i in range(1, 4)]
+    events = drive(tr, frames, start=T0 + 20) + tr.flush(now=T0 + 40)
+    assert [(e.plate, e.final, e.frames) for e in events if e.final] == [("ENTER12", True, 4)]
+
+
+def test_cut_by_frame_edge() -> None:
+    assert not cut_by_frame_edge((10, 10, 100, 30), (1280, 720))
+    assert cut_by_frame_edge((0, 10, 100, 30), (1280, 720))
+    assert cut_by_frame_edge((1180, 10, 100, 30), (1280, 720))
+    assert cut_by_frame_edge((10, 689, 100, 31), (1280, 720))
+    assert cut_by_frame_edge((10, 1, 100, 30), (1280, 720))
+
+
 def test_the_same_plate_back_within_the_dedupe_window_is_the_same_pass() -> None:
     tr = make_tracker(early_confidence=0.9, track_timeout=1.0, dedupe_window=30)
 
@@ -335,7 +366,7 @@ def test_an_observation_from_another_camera_is_refused() -> None:
 
 def test_default_ids_are_uuid_hex_and_models_are_carried() -> None:
     tr = Tracker(TrackerConfig(early_confidence=1.0), "gate", models={"reader": "r1"})
-    tr.update([obs("ABC123", T0, (0, 0, 100, 30))], now=T0)
+    tr.update([obs("ABC123", T0, (10, 10, 100, 30))], now=T0)
     (ev,) = tr.flush(now=T0 + 1)
     assert re.fullmatch(r"[0-9a-f]{32}", ev.id)
     assert ev.models == {"reader": "r1"}
