@@ -155,8 +155,13 @@ def _color(rng: np.random.Generator, base: tuple[int, int, int], jitter: int = 1
 
 
 def _draw_line(rng: np.random.Generator, text: str, font_path: str, height: int,
-               color: tuple[int, int, int], condense: float, spacing: float, stroke: int) -> Image.Image:
-    """One row of characters as an RGBA image `height` pixels tall (glyph cap height)."""
+               color: tuple[int, int, int], condense: float, spacing: float, stroke: int,
+               small_tail_q: bool = False) -> Image.Image:
+    """One row of characters as an RGBA image `height` pixels tall (glyph cap height).
+
+    `small_tail_q` draws Q as an O with a short tail at its foot, as the Mandatory face of old
+    Brazilian plates has it; no Debian face does, and the reader read those Qs as O, D or 0.
+    """
     size = int(height * 1.35)
     font = _font(font_path, size)
     glyphs = []
@@ -164,11 +169,16 @@ def _draw_line(rng: np.random.Generator, text: str, font_path: str, height: int,
         if ch == " ":
             glyphs.append(None)
             continue
-        box = font.getbbox(ch, stroke_width=stroke)
+        drawn = "O" if ch == "Q" and small_tail_q else ch
+        box = font.getbbox(drawn, stroke_width=stroke)
         w, h = box[2] - box[0] + 2, box[3] - box[1] + 2
         im = Image.new("L", (max(w, 1), max(h, 1)), 0)
-        ImageDraw.Draw(im).text((-box[0] + 1, -box[1] + 1), ch, font=font, fill=255,
-                                stroke_width=stroke, stroke_fill=255)
+        draw = ImageDraw.Draw(im)
+        draw.text((-box[0] + 1, -box[1] + 1), drawn, font=font, fill=255,
+                  stroke_width=stroke, stroke_fill=255)
+        if drawn != ch:
+            draw.line([(w * 0.5, h * 0.74), (w * 0.78, h - 1)], fill=255,
+                      width=max(2, int(w * rng.uniform(0.1, 0.16))))
         if ch == "-":  # a dash sits at mid height
             glyphs.append(("-", im))
             continue
@@ -328,8 +338,10 @@ def render_plate(rng: np.random.Generator, layout: str | None = None,
     avail_h = y1 - y0
     n = len(rows)
     row_h = int(avail_h / n * (rng.uniform(0.78, 0.95) if n == 1 else rng.uniform(0.75, 0.88)))
+    small_tail_q = (not classic and layout.startswith("br_old") and "Q" in rows[0]
+                    and rng.random() < 0.7)
     for i, row in enumerate(rows):
-        line = _draw_line(rng, row, font, row_h, tuple(fg), condense, spacing, stroke)
+        line = _draw_line(rng, row, font, row_h, tuple(fg), condense, spacing, stroke, small_tail_q)
         ry0 = y0 + i * avail_h // n
         _paste_fit(img, line, (x0, ry0, x1, ry0 + avail_h // n))
     if layout in ("eu", "uk") and rng.random() < 0.3:  # a round registration sticker between groups
