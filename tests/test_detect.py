@@ -71,8 +71,9 @@ def test_shipped_model_finds_rendered_plates_in_synthetic_scenes(detector: Plate
 
 def test_tiles_find_far_plates_that_one_pass_misses(detector: PlateDetector) -> None:
     # Plates 25-38 px wide in 1080p (8-13 px at the model's input in one pass). Measured for
-    # det-202612051946-e81: one pass 11/24, tiles=2 18/24 (det-202612051724-e86: 13 and 21,
-    # det-202611251718-e26: 6 and 13), none boxed twice.
+    # det-202612051946-e81: one pass 9/24, tiles=2 16/24, none boxed twice (11 and 18 on the
+    # plates drawn before old Brazilian Qs got their tail; det-202612051724-e86 13 and 21,
+    # det-202611251718-e26 6 and 13 on those).
     tiled = PlateDetector(DetectorConfig(tiles=2), num_threads=1)
     rng = np.random.default_rng(99)
     one = two = 0
