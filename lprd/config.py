@@ -73,6 +73,13 @@ class DetectorConfig(_Strict):
     tiles: int = Field(
         1, ge=1, le=4, description="also search an n x n grid of overlapping tiles, each at the "
         "model's full input size, for far, small plates; costs n*n more detector runs per frame")
+    check: bool = Field(
+        True, description="pass each box through the plate check (models/plate_check.tflite), "
+        "a small classifier that rejects plate-like text, lights and grilles")
+    check_model: Path | None = Field(None, description="TFLite file; default: the bundled check")
+    check_threshold: float | None = Field(
+        None, gt=0.0, lt=1.0, description="boxes the check scores below are dropped; default: "
+        "the threshold in the check model's metadata")
 
 
 class ReaderConfig(_Strict):

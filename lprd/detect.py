@@ -92,6 +92,65 @@ def decode(heat: np.ndarray, reg: np.ndarray, scale: float, frame_w: int, frame_
     return merge(boxes, scores, nms_iou, max_plates)
 
 
+def check_window(frame: np.ndarray, box, out_h: int, out_w: int, context: float,
+                 min_aspect: float, zoom: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)
+                 ) -> np.ndarray:
+    """The plate check's view of a box: a window of fixed aspect (out_w / out_h) centred on the
+    box, `context` times as wide as the box or as `min_aspect` times its height (a square box
+    gets plate-like context), resized to out_h x out_w; edges outside the frame are replicated.
+    `zoom` and `shift` (in window widths / heights) are for training's jitter."""
+    x, y, w, h = (float(v) for v in box)
+    ww = context * max(w, min_aspect * h) * zoom
+    wh = ww * out_h / out_w
+    cx, cy = x + w / 2 + shift[0] * ww, y + h / 2 + shift[1] * wh
+    x0, y0 = round(cx - ww / 2), round(cy - wh / 2)
+    x1, y1 = max(x0 + 1, round(cx + ww / 2)), max(y0 + 1, round(cy + wh / 2))
+    fh, fw = frame.shape[:2]
+    crop = frame[max(0, y0):min(fh, y1), max(0, x0):min(fw, x1)]
+    if crop.size == 0:
+        return np.zeros((out_h, out_w, 3), np.uint8)
+    if x0 < 0 or y0 < 0 or x1 > fw or y1 > fh:
+        crop = cv2.copyMakeBorder(crop, max(0, -y0), max(0, y1 - fh), max(0, -x0),
+                                  max(0, x1 - fw), cv2.BORDER_REPLICATE)
+    interp = cv2.INTER_AREA if crop.shape[1] > out_w else cv2.INTER_LINEAR
+    return cv2.resize(crop, (out_w, out_h), interpolation=interp)
+
+
+class PlateCheck:
+    """Second stage: a small classifier that says plate or not for each box the detector finds.
+    The heatmap alone cannot tell a plate from plate-sized text, lights or grilles at the
+    thresholds that find far plates; the check sees the box at its own resolution."""
+
+    def __init__(self, path, num_threads: int = 1) -> None:
+        self.model: TFLiteModel = load_model(path, "plate_check", num_threads)
+        meta = self.model.metadata
+        try:
+            self.in_h = int(meta["input"]["height"])
+            self.in_w = int(meta["input"]["width"])
+            self.context = float(meta["window"]["context"])
+            self.min_aspect = float(meta["window"]["min_aspect"])
+            self.threshold = float(meta["threshold"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{self.model.path.with_suffix('.json')}: bad plate_check "
+                             f"metadata ({e})") from None
+        inp = self.model.input_detail
+        if tuple(inp["shape"][1:]) != (self.in_h, self.in_w, 3):
+            raise ModelError(f"{self.model.path}: input shape {tuple(inp['shape'])} does not "
+                             f"match the metadata's {self.in_h}x{self.in_w}x3")
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def scores(self, frame_bgr: np.ndarray, boxes) -> list[float]:
+        """Plate probability of each x, y, w, h box of the frame."""
+        out = []
+        for b in boxes:
+            win = check_window(frame_bgr, b, self.in_h, self.in_w, self.context, self.min_aspect)
+            out.append(float(self.model.run(win[None].astype(np.float32))[0].reshape(-1)[0]))
+        return out
+
+
 TILE_OVERLAP = 0.25  # share of a tile its neighbour also covers: smaller plates lie whole in one
 TILE_EDGE = 2  # px: a tile's box this close to an edge inside the frame is a cut plate
 TILE_NMS_IOU = 0.3
@@ -141,10 +200,15 @@ class PlateDetector:
         # uint8 pixels to the int8 input with scale 1, zero point -128 is a sign-bit flip.
         q = inp["quantization"]
         self._xor = inp["dtype"] == np.int8 and abs(q[0] - 1.0) < 1e-6 and q[1] == -128
+        self.check = PlateCheck(cfg.check_model, num_threads) if cfg.check else None
+        self.check_threshold = (cfg.check_threshold if cfg.check_threshold is not None
+                                else self.check.threshold if self.check else 0.0)
 
     @property
     def version(self) -> str:
-        return self.model.version
+        """The detector's version, and the plate check's after a "+" when it runs: both decide
+        which boxes an event comes from."""
+        return self.model.version + (f"+{self.check.version}" if self.check else "")
 
     def _output(self, d: dict) -> np.ndarray:
         y = self.model.interpreter.get_tensor(d["index"])[0]
@@ -180,8 +244,14 @@ class PlateDetector:
             all_scores.append(sc[whole])
         # Passes at different scales box one plate less alike: merge them more eagerly.
         nms_iou = self.nms_iou if len(all_boxes) == 1 else min(self.nms_iou, TILE_NMS_IOU)
-        return merge(np.concatenate(all_boxes), np.concatenate(all_scores), nms_iou,
-                     self.cfg.max_plates)
+        # NMS over every candidate first, so the check runs on few boxes; max_plates after it
+        dets = merge(np.concatenate(all_boxes), np.concatenate(all_scores), nms_iou,
+                     self.cfg.max_plates if self.check is None else 4 * self.cfg.max_plates)
+        if self.check is None or not dets:
+            return dets
+        ps = self.check.scores(frame_bgr, [d.box for d in dets])
+        return [d for d, p in zip(dets, ps, strict=True)
+                if p >= self.check_threshold][: self.cfg.max_plates]
 
     def _pass(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One model run on the whole of `frame_bgr`: candidate boxes in its pixels, scores."""

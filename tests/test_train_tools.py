@@ -107,3 +107,24 @@ def test_a_chunk_being_written_is_invisible_to_the_trainer(tmp_path: Path) -> No
     assert list(tmp_path.glob("real_*.npz")) == []
     loaded = reader._load_chunks(tmp_path, "synth_*.npz", 4)
     assert loaded is not None and (loaded[0] == xs).all() and (loaded[1] == ys).all()
+
+
+def test_plate_check_threshold_keeps_its_share_of_the_detector_hits_it_will_see() -> None:
+    from lprd.config import DetectorConfig
+    from lprd.train.plate_check import KEEP_POSITIVES, _val_metrics
+
+    op = DetectorConfig().threshold
+    rng = np.random.default_rng(0)
+    seen_hits = rng.uniform(0.5, 1.0, 1000)
+    unseen_hits = np.full(200, 0.01)  # below the detector threshold: the check never sees them
+    false = rng.uniform(0.0, 0.7, 500)
+    p = np.concatenate([seen_hits, unseen_hits, false, [0.0]])
+    y = np.concatenate([np.ones(1200), np.zeros(500), [1]])
+    kind = np.array(["detector_hit"] * 1200 + ["detector_false"] * 500 + ["label"])
+    score = np.concatenate([np.full(1000, op + 0.1), np.full(200, op - 0.1),
+                            np.full(500, op + 0.05), [np.nan]])
+    m = _val_metrics(p, y, kind, score)
+    assert m["val_hits"] == 1000 and m["val_false_boxes"] == 500
+    assert m["val_hits_kept"] >= KEEP_POSITIVES
+    assert 0.5 <= m["threshold"] <= 0.51
+    assert m["val_false_rejected"] == pytest.approx(np.mean(false < m["threshold"]))

@@ -445,12 +445,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     holdout = [s for s in load_scenes() if s.held_out]
     results = {}
     th = args.threshold
-    tag = "" if args.tiles == 1 else f"_tiles{args.tiles}"
+    tag = ("" if args.tiles == 1 else f"_tiles{args.tiles}") + ("_nocheck" if args.no_check
+                                                                  else "")
     det = PlateDetector(DetectorConfig(model=args.model, threshold=min(th), max_plates=100,
-                                       tiles=args.tiles), num_threads=1)
+                                       tiles=args.tiles, check=not args.no_check),
+                        num_threads=1)
     for t in th:
-        results[f"int8@{t}"] = evaluate(det.detect, holdout, t,
-                                        RUN_DIR / f"fp_int8{tag}_{t}" if args.save_fp else None)
+        results[f"int8{tag}@{t}"] = evaluate(det.detect, holdout, t, RUN_DIR / f"fp_int8{tag}_{t}"
+                                             if args.save_fp else None)
     if args.float:
         import keras
 
@@ -458,7 +460,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = keras.models.load_model(RUN_DIR / "last.keras", compile=False)
         kd = KerasDetector(model, threshold=min(th))
         for t in th:
-            results[f"float@{t}"] = evaluate(kd.detect, holdout, t)
+            results[f"float_nocheck@{t}"] = evaluate(kd.detect, holdout, t)
     for k, v in results.items():
         print(f"{k}: recall@0.5 {v['recall50']:.4f}  recall@0.1 {v['recall10']:.4f}  "
               f"false/frame {v['fp_per_frame']:.3f}  ({v['plates']} plates, {v['frames']} frames, "
@@ -471,8 +473,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.write_metadata:
         mp = Path(args.model or MODEL_PATH).with_suffix(".json")
         meta = json.loads(mp.read_text())
-        meta["metrics"] = {"heldout": {k: {kk: vv for kk, vv in v.items()}
-                                       for k, v in results.items()}}
+        # merged: runs with and without tiles or the check each add their keys
+        meta.setdefault("metrics", {}).setdefault("heldout", {}).update(results)
         mp.write_text(json.dumps(meta, indent=1))
     (RUN_DIR / f"eval{tag}.json").write_text(json.dumps(results, indent=1))
     return 0
@@ -483,8 +485,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from lprd.config import DetectorConfig
     from lprd.detect import PlateDetector
 
-    det = PlateDetector(DetectorConfig(model=args.model, tiles=args.tiles),
-                        num_threads=args.threads)
+    det = PlateDetector(DetectorConfig(model=args.model, tiles=args.tiles,
+                                       check=not args.no_check), num_threads=args.threads)
     rng = np.random.default_rng(0)
     for h, w in ((1080, 1920), (720, 1280)):
         frames = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2)]
@@ -618,12 +620,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--save-fp", action="store_true", help="write false-plate crops to runs/")
     e.add_argument("--write-metadata", action="store_true")
     e.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
+    e.add_argument("--no-check", action="store_true",
+                   help="the detector alone, without the plate check on its boxes")
     e.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="ms per 1080p / 720p frame, end to end")
     b.add_argument("--model", type=Path, default=None)
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("-n", type=int, default=100)
     b.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
+    b.add_argument("--no-check", action="store_true", help="without the plate check")
     b.set_defaults(func=cmd_bench)
     x = sub.add_parser("export", help="TFLite + metadata from runs/detector/last.keras")
     x.add_argument("--out", default=str(MODEL_PATH))

@@ -329,8 +329,10 @@ _WORDS = ("OPEN", "SALE", "PARKING", "STOP", "Pizza", "Hotel", "EXIT", "www.shop
           "Farmacia", "km", "Apotheke", "24h", "FREE WIFI", "Sushi", "Garage", "Dealer")
 
 
-def paste_clutter(img: np.ndarray, rng: np.random.Generator, avoid: np.ndarray) -> None:
-    """Text-like clutter that is not a plate: signs, stickers, shop fronts, grilles."""
+def paste_clutter(img: np.ndarray, rng: np.random.Generator, avoid: np.ndarray
+                  ) -> tuple[int, int, int, int] | None:
+    """Text-like clutter that is not a plate: signs, stickers, shop fronts, grilles; returns its
+    box (None when it would have covered a plate in `avoid`)."""
     S = img.shape[0]
     kind = rng.random()
     x0, y0 = int(rng.uniform(0, S * 0.8)), int(rng.uniform(0, S * 0.9))
@@ -338,11 +340,11 @@ def paste_clutter(img: np.ndarray, rng: np.random.Generator, avoid: np.ndarray) 
     if kind < 0.25:  # grille / stripes
         w, h = int(rng.uniform(20, S * 0.6)), int(rng.uniform(6, 40))
         if _overlaps((x0, y0, w, h), avoid, 2):
-            return
+            return None
         step = int(rng.integers(2, 7))
         for y in range(y0, min(S, y0 + h), step):
             cv2.line(img, (x0, y), (min(S - 1, x0 + w), y), col, max(1, step // 2))
-        return
+        return x0, y0, min(w, S - x0), min(h, S - y0)
     n_lines = 1 if rng.random() < 0.6 else int(rng.integers(2, 4))
     words = [" ".join(rng.choice(_WORDS, rng.integers(1, 3))) for _ in range(n_lines)]
     if rng.random() < 0.3:  # phone numbers and the like: digits, but long or spaced
@@ -355,12 +357,13 @@ def paste_clutter(img: np.ndarray, rng: np.random.Generator, avoid: np.ndarray) 
     lh = max(s[1] for s in sizes) + 6
     h = lh * len(words)
     if _overlaps((x0, y0, w, h), avoid, 2):
-        return
+        return None
     if rng.random() < 0.6:
         bg = tuple(int(c) for c in rng.uniform(0, 255, 3))
         cv2.rectangle(img, (x0, y0), (x0 + w, y0 + h), bg, -1)
     for j, t in enumerate(words):
         cv2.putText(img, t, (x0 + 3, y0 + (j + 1) * lh - 3), font, fs, col, th, cv2.LINE_AA)
+    return x0, y0, min(w, S - x0), min(h, S - y0)
 
 
 def photometric(img: np.ndarray, rng: np.random.Generator) -> None:

@@ -1,0 +1,412 @@
+"""The plate check: a small classifier that the detector's boxes pass through (plate or not).
+
+The detector's heatmap finds far plates only at thresholds where plate-sized text, tail lights and
+grilles score too; the check looks at each box's own pixels, at a fixed size, and rejects those.
+
+    python -m lprd.train.plate_check data      # windows from the training scenes -> cache/check/
+    python -m lprd.train.plate_check train     # -> models/plate_check.tflite (+ .json)
+    python -m lprd.train.plate_check eval      # held-out scenes: detector alone and with the check
+
+Data (training scenes only, never held-out ones): positives are the labelled plates (jittered, as
+the detector boxes them) and the shipped detector's boxes that hit a plate; negatives are its
+boxes, at a low threshold and with tiles, that overlap no plate, minus any that RapidOCR (`mine`)
+or our reader read as a plate (background plates the labels miss). The dashcam set has too many
+unlabelled background plates: only its mined signs are negatives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import zlib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lprd.detect import check_window
+from lprd.track import iou
+from lprd.train.scenes import load_scenes
+
+log = logging.getLogger("lprd.train.plate_check")
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / "cache" / "check"
+RUN_DIR = ROOT / "runs" / "plate_check"
+MODEL_PATH = ROOT / "models" / "plate_check.tflite"
+IN_H, IN_W = 32, 96
+CONTEXT, MIN_ASPECT = 1.4, 2.0
+LOW_THRESHOLD = 0.1  # the detector threshold the negatives are mined at
+KEEP_POSITIVES = 0.99  # the check's threshold keeps this share of validation plates
+UNSURE_NEGATIVES = ("romanian_dashcam",)
+
+
+def _val(sc) -> bool:
+    """A fixed 15 % of training scenes, by source group, to choose the threshold on."""
+    unit = sc.group if sc.set in ("us_ca_parking", "spain_street") else sc.key
+    return zlib.crc32(unit.encode()) % 100 < 15
+
+
+def _jitter(rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
+    return float(rng.uniform(0.85, 1.2)), (float(rng.uniform(-0.06, 0.06)),
+                                           float(rng.uniform(-0.08, 0.08)))
+
+
+def _looks_like_plate(read) -> bool:
+    t = read.text
+    return (read.confidence >= 0.5 and 4 <= len(t) <= 9 and any(c.isdigit() for c in t)
+            and any(c.isalpha() for c in t))
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from lprd.config import DetectorConfig
+    from lprd.detect import PlateDetector
+    from lprd.read import PlateReader
+
+    det = PlateDetector(DetectorConfig(model=args.model, threshold=LOW_THRESHOLD, max_plates=100,
+                                       tiles=2, check=False), num_threads=1)
+    reader = PlateReader(num_threads=1)
+    mined = json.loads((ROOT / "cache" / "det" / "mined.json").read_text())["found"]
+    by_image: dict[str, list[dict]] = {}
+    for f in mined:
+        by_image.setdefault(f["image"], []).append(f)
+    rng = np.random.default_rng(args.seed)
+    xs, ys, val, kinds, det_scores = [], [], [], [], []
+    counts: dict[str, int] = {}
+    scenes = [s for s in load_scenes() if not s.held_out]
+    t0 = time.time()
+    for i, sc in enumerate(scenes):
+        img = cv2.imread(str(sc.path), cv2.IMREAD_COLOR)
+        if img is None:
+            continue
+        v = _val(sc)
+
+        def add(box, label, kind, n, jitter=True, score=np.nan, img=img, v=v):
+            for _ in range(n):
+                z, sh = _jitter(rng) if jitter else (1.0, (0.0, 0.0))
+                xs.append(check_window(img, box, IN_H, IN_W, CONTEXT, MIN_ASPECT, z, sh))
+                ys.append(label)
+                val.append(v)
+                kinds.append(kind)
+                det_scores.append(score)
+                jitter = True  # the first copy of a detector box is as the detector drew it
+            counts[kind] = counts.get(kind, 0) + 1
+
+        for g in sc.boxes:
+            add(g, 1, "label", 3)
+        finds = by_image.get(sc.key, [])
+        for f in finds:
+            if f["kind"] == "plate":
+                add(f["box"], 1, "mined_plate", 2)
+        for d in det.detect(img):
+            best = max((iou(g, d.box) for g in sc.boxes), default=0.0)
+            if best >= 0.5:
+                add(d.box, 1, "detector_hit", 2, jitter=False, score=d.score)
+                continue
+            if best > 0.1:
+                continue
+            near = [f for f in finds if iou(f["box"], d.box) > 0.3]
+            if any(f["kind"] in ("plate", "text") for f in near):
+                continue
+            if sc.set in UNSURE_NEGATIVES and not any(f["kind"] == "sign" for f in near):
+                continue
+            if _looks_like_plate(reader.read_box(img, d.box)):
+                counts["reader_says_plate"] = counts.get("reader_says_plate", 0) + 1
+                continue
+            add(d.box, 0, "detector_false", 2, jitter=False, score=d.score)
+        if sc.set not in UNSURE_NEGATIVES:  # one random plate-sized window: easy negatives
+            h, w = img.shape[:2]
+            bw = int(rng.uniform(0.03, 0.25) * w)
+            bh = max(4, int(bw / rng.uniform(1.5, 5)))
+            box = (int(rng.integers(0, max(1, w - bw))), int(rng.integers(0, max(1, h - bh))), bw, bh)
+            if all(iou(g, box) <= 0.05 for g in sc.boxes) \
+                    and all(iou(f["box"], box) <= 0.05 for f in finds):
+                add(box, 0, "random", 1)
+        if i % 200 == 0:
+            log.info("%d/%d scenes, %.0f s, %s", i, len(scenes), time.time() - t0, counts)
+    if args.synthetic:
+        for win, label, kind in synthetic_windows(args.synthetic, args.seed + 1):
+            xs.append(win)
+            ys.append(label)
+            val.append(False)
+            kinds.append(kind)
+            det_scores.append(np.nan)
+            counts[kind] = counts.get(kind, 0) + 1
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(CACHE / "samples.npz", x=np.stack(xs), y=np.array(ys, np.uint8),
+                        val=np.array(val, bool), kind=np.array(kinds),
+                        score=np.array(det_scores, np.float32))
+    summary = {"detector": det.version, "low_threshold": LOW_THRESHOLD, "tiles": 2,
+               "boxes": counts, "windows": len(xs),
+               "windows_val": int(np.sum(val))}
+    (CACHE / "samples.json").write_text(json.dumps(summary, indent=1))
+    log.info("wrote %d windows: %s", len(xs), summary)
+    return 0
+
+
+def synthetic_windows(n: int, seed: int):
+    """Rendered plates warped into training scenes (positives) and text-like clutter (negatives),
+    on square crops of the detector's cached letterboxed training frames."""
+    import pickle
+
+    from lprd.train.scenes import INPUT_H, INPUT_W, paste_clutter, paste_plate, render_bank
+
+    det_cache = ROOT / "cache" / "det"
+    frames = np.load(det_cache / "scenes.npy", mmap_mode="r")
+    boxes = pickle.loads((det_cache / "scenes_meta.pkl").read_bytes())["boxes"]
+    bank = render_bank(min(n, 4000), seed)
+    rng = np.random.default_rng(seed)
+    S = INPUT_H
+    for k in range(n):
+        i = int(rng.integers(len(frames)))
+        ox = int(rng.integers(0, INPUT_W - S + 1))
+        img = np.array(frames[i, :, ox:ox + S])
+        avoid = boxes[i] - np.array([ox, 0, 0, 0], np.float32)
+        if k % 2 == 0:
+            b = paste_plate(img, bank[k % len(bank)], rng, avoid)
+            label, kind = 1, "synthetic_plate"
+        else:
+            b = paste_clutter(img, rng, avoid)
+            label, kind = 0, "synthetic_clutter"
+        if b is None or b[2] < 4 or b[3] < 3:
+            continue
+        z, sh = _jitter(rng)
+        yield check_window(img, b, IN_H, IN_W, CONTEXT, MIN_ASPECT, z, sh), label, kind
+
+
+def build_model(width: int = 1):
+    """A few thousand boxes a second on one core: the check runs on every box of every frame."""
+    import keras
+    from keras import layers
+
+    x = inp = keras.Input((IN_H, IN_W, 3), name="window")
+    x = layers.Rescaling(1 / 255.0)(x)
+    for ch, stride in ((16, 2), (32, 1), (32, 2), (64, 1), (64, 2), (96, 1)):
+        x = layers.Conv2D(ch * width, 3, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU(6.0)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.2)(x)
+    out = layers.Dense(1, activation="sigmoid", name="plate")(x)
+    return keras.Model(inp, out, name="lprd_plate_check")
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Photometric jitter and blur (the windows carry the geometric jitter already)."""
+    x = x.astype(np.float32)
+    n = len(x)
+    a = rng.uniform(0.6, 1.4, (n, 1, 1, 1))
+    b = rng.uniform(-40, 40, (n, 1, 1, 1))
+    x = x * a + b + rng.normal(0, 1, (n, 1, 1, 1)) * rng.uniform(0, 6, (n, 1, 1, 1)) \
+        * rng.standard_normal(x.shape).astype(np.float32)
+    gray = rng.random(n) < 0.2  # infrared cameras and night frames
+    if gray.any():
+        x[gray] = x[gray].mean(axis=3, keepdims=True)
+    for i in np.nonzero(rng.random(n) < 0.25)[0]:
+        k = int(rng.choice([3, 5]))
+        x[i] = cv2.GaussianBlur(x[i], (k, k), 0)
+    return np.clip(x, 0, 255)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.keras.utils.set_random_seed(args.seed)
+    d = np.load(CACHE / "samples.npz")
+    x, y, val, kind = d["x"], d["y"].astype(np.float32), d["val"], d["kind"]
+    xt, yt = x[~val], y[~val]
+    log.info("train %d windows (%d plates), val %d (%d plates)", len(xt), int(yt.sum()),
+             int(val.sum()), int(y[val].sum()))
+    model = build_model(args.width)
+    steps = args.epochs * (len(xt) // args.batch)
+    sched = tf.keras.optimizers.schedules.CosineDecay(args.lr * 0.1, steps, alpha=0.02,
+                                                      warmup_target=args.lr,
+                                                      warmup_steps=steps // 20)
+    model.compile(tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
+                  loss=tf.keras.losses.BinaryCrossentropy(label_smoothing=0.02))
+    rng = np.random.default_rng(args.seed)
+    # plates and non-plates drawn equally often per batch
+    pos, neg = np.nonzero(yt == 1)[0], np.nonzero(yt == 0)[0]
+    hist = []
+    for ep in range(args.epochs):
+        t = time.time()
+        half = len(xt) // 2
+        idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])
+        rng.shuffle(idx)
+        losses = []
+        for s in range(0, len(idx) - args.batch + 1, args.batch):
+            b = idx[s:s + args.batch]
+            losses.append(float(model.train_on_batch(_augment(xt[b], rng), yt[b])))
+        p = model.predict(x[val], batch_size=256, verbose=0)[:, 0]
+        m = _val_metrics(p, y[val], kind[val], d["score"][val])
+        hist.append({"epoch": ep + 1, "loss": float(np.mean(losses)), **m,
+                     "seconds": time.time() - t})
+        log.info("epoch %d/%d %s", ep + 1, args.epochs, json.dumps(hist[-1]))
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    model.save(RUN_DIR / "last.keras")
+    (RUN_DIR / "history.json").write_text(json.dumps(hist, indent=1))
+    export(model, args.out, hist[-1], d)
+    return 0
+
+
+def _val_metrics(p: np.ndarray, y: np.ndarray, kind: np.ndarray, score: np.ndarray) -> dict:
+    """The threshold that keeps KEEP_POSITIVES of the detector's boxes on validation plates that
+    score at least the default detector threshold (the boxes the check will see), and the share
+    of its false boxes at that threshold the check rejects."""
+    from lprd.config import DetectorConfig
+
+    op = DetectorConfig().threshold
+    seen = score >= op  # NaN (not a detector box) compares False
+    hits = p[(y == 1) & (kind == "detector_hit") & seen]
+    th = float(np.quantile(hits, 1 - KEEP_POSITIVES)) if len(hits) else 0.5
+    false = p[(kind == "detector_false") & seen]
+    return {"threshold": th, "detector_threshold": op, "val_hits": len(hits),
+            "val_hits_kept": float(np.mean(hits >= th)) if len(hits) else 0.0,
+            "val_false_boxes": len(false),
+            "val_false_rejected": float(np.mean(false < th)) if len(false) else 0.0,
+            "val_plate_windows_kept": float(np.mean(p[y == 1] >= th))}
+
+
+def export(model, path: Path, last: dict, d) -> None:
+    import tensorflow as tf
+
+    x = d["x"][~d["val"]]
+    rep_idx = np.random.default_rng(0).choice(len(x), 300, replace=False)
+    saved = RUN_DIR / "export_savedmodel"
+    model.export(str(saved), format="tf_saved_model", verbose=False)
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x[i][None].astype(np.float32)] for i in rep_idx)
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.float32
+    blob = conv.convert()
+    # the int8 model's own threshold on the validation windows (quantisation moves scores)
+    interp = tf.lite.Interpreter(model_content=blob)
+    interp.allocate_tensors()
+    i_d, o_d = interp.get_input_details()[0], interp.get_output_details()[0]
+    s, z = i_d["quantization"]
+    xv, yv, kv = d["x"][d["val"]], d["y"][d["val"]], d["kind"][d["val"]]
+    p = np.empty(len(xv), np.float32)
+    for i, w in enumerate(xv):
+        interp.set_tensor(i_d["index"], np.clip(np.round(w / s + z), -128, 127).astype(np.int8)[None])
+        interp.invoke()
+        p[i] = interp.get_tensor(o_d["index"]).reshape(-1)[0]
+    m = _val_metrics(p, yv, kv, d["score"][d["val"]])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(blob)
+    summary = json.loads((CACHE / "samples.json").read_text())
+    meta = {
+        "kind": "plate_check",
+        "version": "check-" + datetime.now(UTC).strftime("%Y%m%d%H%M"),
+        "architecture": "6 conv layers (3x3, BN, ReLU6), global average pool, sigmoid",
+        "input": {"height": IN_H, "width": IN_W, "channels": 3, "color": "BGR",
+                  "range": [0, 255]},
+        "window": {"context": CONTEXT, "min_aspect": MIN_ASPECT,
+                   "rule": "centred on the box, context * max(w, min_aspect * h) wide, "
+                           "the input's aspect, edges replicated"},
+        "threshold": round(m["threshold"], 4),
+        "threshold_rule": f"keeps {KEEP_POSITIVES:.0%} of the detector's boxes on validation "
+                          "plates at the default detector threshold (15 % of training scenes by "
+                          "source, never held-out ones)",
+        "validation_int8": m,
+        "training": {"epochs": last.get("epoch"), "loss": last.get("loss"),
+                     "seconds_last_epoch": last.get("seconds")},
+        "data": summary,
+        "quantization": "full int8 input, float output, calibrated on 300 training windows",
+    }
+    mtmp = path.with_suffix(".json.tmp")
+    mtmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path)
+    os.replace(mtmp, path.with_suffix(".json"))
+    log.info("exported %s (%d bytes): %s", path, len(blob), json.dumps(m))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a trained checkpoint again (the threshold is chosen again on the current data)."""
+    import keras
+
+    model = keras.models.load_model(args.checkpoint, compile=False)
+    d = np.load(CACHE / "samples.npz")
+    hist_path = args.checkpoint.with_name("history.json")
+    last = json.loads(hist_path.read_text())[-1] if hist_path.is_file() else {}
+    export(model, args.out, last, d)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Held-out scenes through the detector alone and with the check, per detector threshold."""
+    from lprd.config import DetectorConfig
+    from lprd.detect import PlateCheck, PlateDetector
+    from lprd.train.detector import evaluate
+
+    holdout = [s for s in load_scenes() if s.held_out]
+    det = PlateDetector(DetectorConfig(model=args.detector, threshold=min(args.threshold),
+                                       max_plates=100, tiles=args.tiles, check=False),
+                        num_threads=1)
+    check = PlateCheck(args.model, num_threads=1)
+    th_check = check.threshold if args.check_threshold is None else args.check_threshold
+
+    def detect_checked(img):
+        dets = det.detect(img)
+        ps = check.scores(img, [d.box for d in dets])
+        return [d for d, p in zip(dets, ps, strict=True) if p >= th_check]
+
+    results = {}
+    for t in args.threshold:
+        for name, fn in (("detector", lambda img: det.detect(img)),
+                         ("checked", detect_checked)):
+            r = evaluate(fn, holdout, t)
+            results[f"{name}@{t}"] = r
+            print(f"{name}@{t}: recall@0.5 {r['recall50']:.4f}  false/frame "
+                  f"{r['fp_per_frame']:.3f}  ({r['plates']} plates, {r['frames']} frames)  "
+                  + "  ".join(f"{s} {v['recall50']:.3f}/{v['fp_per_frame']:.2f}"
+                              for s, v in r["per_set"].items()), flush=True)
+    out = RUN_DIR / f"eval_tiles{args.tiles}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"check_threshold": th_check, **results}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lprd.train.plate_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="cut windows from the training scenes")
+    d.add_argument("--model", type=Path, default=None, help="detector (default: shipped)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--synthetic", type=int, default=12000,
+                   help="rendered plates and clutter pasted into training scenes (half each)")
+    t = sub.add_parser("train", help="train and export (minutes on one core)")
+    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--width", type=int, default=1, help="channel multiplier")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--out", type=Path, default=MODEL_PATH)
+    x = sub.add_parser("export", help="export a checkpoint again")
+    x.add_argument("--checkpoint", type=Path, default=RUN_DIR / "last.keras")
+    x.add_argument("--out", type=Path, default=MODEL_PATH)
+    e = sub.add_parser("eval", help="held-out scenes, detector alone and with the check")
+    e.add_argument("--model", type=Path, default=MODEL_PATH)
+    e.add_argument("--detector", type=Path, default=None)
+    e.add_argument("--threshold", type=float, nargs="+", default=[0.25, 0.35])
+    e.add_argument("--check-threshold", type=float, default=None,
+                   help="default: the one in the check's metadata")
+    e.add_argument("--tiles", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    return {"data": cmd_data, "train": cmd_train, "export": cmd_export,
+            "eval": cmd_eval}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
