@@ -448,8 +448,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tag = ("" if args.tiles == 1 else f"_tiles{args.tiles}") + ("_nocheck" if args.no_check
                                                                   else "")
     det = PlateDetector(DetectorConfig(model=args.model, threshold=min(th), max_plates=100,
-                                       tiles=args.tiles, check=not args.no_check),
-                        num_threads=1)
+                                       tiles=args.tiles, check=not args.no_check,
+                                       check_threshold=args.check_threshold), num_threads=1)
     for t in th:
         results[f"int8{tag}@{t}"] = evaluate(det.detect, holdout, t, RUN_DIR / f"fp_int8{tag}_{t}"
                                              if args.save_fp else None)
@@ -622,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
     e.add_argument("--no-check", action="store_true",
                    help="the detector alone, without the plate check on its boxes")
+    e.add_argument("--check-threshold", type=float, default=None,
+                   help="the plate check's threshold (default: its metadata's)")
     e.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="ms per 1080p / 720p frame, end to end")
     b.add_argument("--model", type=Path, default=None)
