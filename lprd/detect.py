@@ -4,6 +4,7 @@ heatmap peaks decoded to boxes in the frame's pixels."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -121,7 +122,8 @@ class PlateCheck:
     The heatmap alone cannot tell a plate from plate-sized text, lights or grilles at the
     thresholds that find far plates; the check sees the box at its own resolution."""
 
-    def __init__(self, path, num_threads: int = 1) -> None:
+    def __init__(self, path: str | Path | None, num_threads: int = 1) -> None:
+        """`path` None: the bundled models/plate_check.tflite."""
         self.model: TFLiteModel = load_model(path, "plate_check", num_threads)
         meta = self.model.metadata
         try:

@@ -445,8 +445,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     holdout = [s for s in load_scenes() if s.held_out]
     results = {}
     th = args.threshold
-    tag = ("" if args.tiles == 1 else f"_tiles{args.tiles}") + ("_nocheck" if args.no_check
-                                                                  else "")
+    tag = "" if args.tiles == 1 else f"_tiles{args.tiles}"
+    tag += "_nocheck" if args.no_check else ""
     det = PlateDetector(DetectorConfig(model=args.model, threshold=min(th), max_plates=100,
                                        tiles=args.tiles, check=not args.no_check,
                                        check_threshold=args.check_threshold), num_threads=1)

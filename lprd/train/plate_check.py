@@ -69,15 +69,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     from lprd.detect import PlateDetector
     from lprd.read import PlateReader
 
+    needed = [(ROOT / "cache" / "det" / "mined.json", "python -m lprd.train.mine --threshold 0.35")]
+    if args.synthetic:
+        needed.append((ROOT / "cache" / "det" / "scenes.npy", "python -m lprd.train.detector train"))
+    for path, how in needed:
+        if not path.is_file():
+            log.error("%s is missing: it is made by `%s` (the detector's recipe)", path, how)
+            return 1
     det = PlateDetector(DetectorConfig(model=args.model, threshold=LOW_THRESHOLD, max_plates=100,
                                        tiles=2, check=False), num_threads=1)
     reader = PlateReader(num_threads=1)
-    needed = {ROOT / "cache" / "det" / "mined.json": "python -m lprd.train.mine --threshold 0.35",
-              ROOT / "cache" / "det" / "scenes.npy": "python -m lprd.train.detector train"}
-    for path, how in needed.items():
-        if not path.is_file() and (path.suffix == ".json" or args.synthetic):
-            log.error("%s is missing: it is made by `%s` (the detector's recipe)", path, how)
-            return 1
     mined = json.loads((ROOT / "cache" / "det" / "mined.json").read_text())["found"]
     by_image: dict[str, list[dict]] = {}
     for f in mined:
