@@ -4,7 +4,9 @@ heatmap peaks decoded to boxes in the frame's pixels."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -158,6 +160,7 @@ TILE_EDGE = 2  # px: a tile's box this close to an edge inside the frame is a cu
 TILE_NMS_IOU = 0.3
 # px at the full pass's input: wider plates are found there (98 % of held-out ones, det-…-e81)
 TILE_MAX_WIDTH = 32
+ZOOM_MULTIPLE = 32  # the backbone's stride: the FPN's sums need sizes it divides
 
 
 def tile_grid(frame_h: int, frame_w: int, n: int) -> list[tuple[int, int, int, int]]:
@@ -169,6 +172,49 @@ def tile_grid(frame_h: int, frame_w: int, n: int) -> list[tuple[int, int, int, i
     sx, sy = (frame_w - tw) / (n - 1), (frame_h - th) / (n - 1)
     return [(round(i * sx), round(j * sy), round(tw), round(th))
             for j in range(n) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class _Net:
+    """One interpreter at one input size, and what a pass needs to know of it."""
+
+    interp: Any
+    h: int
+    w: int
+    inp: dict
+    heat: dict
+    reg: dict
+    xor: bool  # uint8 pixels to the int8 input with scale 1, zero point -128 is a sign flip
+
+
+def _net(model: TFLiteModel, h: int, w: int) -> _Net:
+    """`model`'s interpreter set to an h x w input (a flexible-input model is resized)."""
+    interp = model.interpreter
+    inp = interp.get_input_details()[0]
+    if tuple(inp["shape"][1:]) != (h, w, 3):
+        if tuple(inp["shape_signature"][1:3]) != (-1, -1):
+            raise ModelError(f"{model.path}: input shape {tuple(inp['shape'])} does not match "
+                             f"the metadata's {h}x{w}x3")
+        try:
+            interp.resize_tensor_input(inp["index"], [1, h, w, 3])
+            interp.allocate_tensors()
+        except (RuntimeError, ValueError) as e:
+            raise ModelError(f"{model.path}: does not run at the input shape {h}x{w}x3 "
+                             f"(metadata or detector.zoom): {e}") from None
+        inp = interp.get_input_details()[0]
+    outs = {int(d["shape"][-1]): d for d in interp.get_output_details()}
+    if set(outs) != {1, 4}:
+        raise ModelError(f"{model.path}: expected a 1-channel heatmap and a 4-channel "
+                         f"regression output, got {sorted(outs)} channels")
+    q = inp["quantization"]
+    return _Net(interp, h, w, inp, outs[1], outs[4],
+                inp["dtype"] == np.int8 and abs(q[0] - 1.0) < 1e-6 and q[1] == -128)
+
+
+def zoom_size(in_h: int, in_w: int, zoom: float) -> tuple[int, int]:
+    """The zoom pass's input: `zoom` times the model's, in multiples of ZOOM_MULTIPLE."""
+    return tuple(max(ZOOM_MULTIPLE, round(v * zoom / ZOOM_MULTIPLE) * ZOOM_MULTIPLE)
+                 for v in (in_h, in_w))
 
 
 class PlateDetector:
@@ -188,20 +234,15 @@ class PlateDetector:
             self.nms_iou = float(meta["decode"].get("nms_iou", 0.5))
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{self.model.path.with_suffix('.json')}: bad metadata ({e})") from None
-        interp = self.model.interpreter
-        inp = interp.get_input_details()[0]
-        if tuple(inp["shape"][1:]) != (self.in_h, self.in_w, 3):
-            raise ModelError(f"{self.model.path}: input shape {tuple(inp['shape'])} does not "
-                             f"match the metadata's {self.in_h}x{self.in_w}x3")
-        self._inp = inp
-        outs = {int(d["shape"][-1]): d for d in interp.get_output_details()}
-        if set(outs) != {1, 4}:
-            raise ModelError(f"{self.model.path}: expected a 1-channel heatmap and a 4-channel "
-                             f"regression output, got {sorted(outs)} channels")
-        self._heat, self._reg = outs[1], outs[4]
-        # uint8 pixels to the int8 input with scale 1, zero point -128 is a sign-bit flip.
-        q = inp["quantization"]
-        self._xor = inp["dtype"] == np.int8 and abs(q[0] - 1.0) < 1e-6 and q[1] == -128
+        sig = self.model.input_detail["shape_signature"]
+        if cfg.zoom > 1.0 and tuple(sig[1:3]) != (-1, -1):
+            raise ModelError(f"{self.model.path}: detector.zoom needs a detector exported with a "
+                             "flexible input size, as `python -m lprd.train.detector export` "
+                             f"makes them; this one's is fixed at {tuple(sig[1:3])}")
+        self._full = _net(self.model, self.in_h, self.in_w)
+        # a second interpreter: resizing one back and forth would reallocate every frame
+        self._zoom = (_net(load_model(self.model.path, "detector", num_threads),
+                           *zoom_size(self.in_h, self.in_w, cfg.zoom)) if cfg.zoom > 1.0 else None)
         self.check = PlateCheck(cfg.check_model, num_threads) if cfg.check else None
         self.check_threshold = (cfg.check_threshold if cfg.check_threshold is not None
                                 else self.check.threshold if self.check else 0.0)
@@ -212,8 +253,9 @@ class PlateDetector:
         which boxes an event comes from."""
         return self.model.version + (f"+{self.check.version}" if self.check else "")
 
-    def _output(self, d: dict) -> np.ndarray:
-        y = self.model.interpreter.get_tensor(d["index"])[0]
+    @staticmethod
+    def _output(interp, d: dict) -> np.ndarray:
+        y = interp.get_tensor(d["index"])[0]
         if d["dtype"] != np.float32:
             scale, zero = d["quantization"]
             y = (y.astype(np.float32) - zero) * scale
@@ -223,18 +265,25 @@ class PlateDetector:
         """Plates in a BGR uint8 frame, score-sorted, above cfg.threshold, NMS'd.
 
         With cfg.tiles = n > 1 the frame is also searched as an n x n grid of overlapping tiles,
-        each scaled up to the model's input: far plates get n times more pixels."""
+        each scaled up to the model's input: far plates get n times more pixels. With cfg.zoom
+        = z > 1 it is also searched whole at z times the model's input size. Either keeps only
+        the small plates it finds (the full pass finds wider ones better)."""
         if not isinstance(frame_bgr, np.ndarray) or frame_bgr.ndim != 3 \
                 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8 or frame_bgr.size == 0:
             raise ValueError(f"expected a BGR uint8 frame (H, W, 3), got "
                              f"{getattr(frame_bgr, 'shape', None)} "
                              f"{getattr(frame_bgr, 'dtype', type(frame_bgr).__name__)}")
         fh, fw = frame_bgr.shape[:2]
-        boxes, scores = self._pass(frame_bgr)
+        boxes, scores = self._pass(frame_bgr, self._full)
         all_boxes, all_scores = [boxes], [scores]
         full_scale = min(self.in_h / fh, self.in_w / fw)
+        if self._zoom is not None:
+            b, sc = self._pass(frame_bgr, self._zoom)
+            small = b[:, 2] * full_scale < TILE_MAX_WIDTH
+            all_boxes.append(b[small])
+            all_scores.append(sc[small])
         for x0, y0, tw, th in tile_grid(fh, fw, self.cfg.tiles):
-            b, sc = self._pass(frame_bgr[y0:y0 + th, x0:x0 + tw])
+            b, sc = self._pass(frame_bgr[y0:y0 + th, x0:x0 + tw], self._full)
             # Tiles are for the plates too small for the full pass; a plate cut by an edge
             # inside the frame is whole in a neighbour or the full pass.
             small = b[:, 2] * full_scale < TILE_MAX_WIDTH
@@ -255,22 +304,22 @@ class PlateDetector:
         return [d for d, p in zip(dets, ps, strict=True)
                 if p >= self.check_threshold][: self.cfg.max_plates]
 
-    def _pass(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _pass(self, frame_bgr: np.ndarray, net: _Net) -> tuple[np.ndarray, np.ndarray]:
         """One model run on the whole of `frame_bgr`: candidate boxes in its pixels, scores."""
         fh, fw = frame_bgr.shape[:2]
-        x, scale = letterbox(frame_bgr, self.in_h, self.in_w)
-        interp = self.model.interpreter
-        if self._xor:
+        x, scale = letterbox(frame_bgr, net.h, net.w)
+        interp, inp = net.interp, net.inp
+        if net.xor:
             x = (x ^ np.uint8(0x80)).view(np.int8)
-        elif self._inp["dtype"] != np.float32:
-            s, z = self._inp["quantization"]
-            info = np.iinfo(self._inp["dtype"])
-            x = np.clip(np.round(x / s + z), info.min, info.max).astype(self._inp["dtype"])
+        elif inp["dtype"] != np.float32:
+            s, z = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / s + z), info.min, info.max).astype(inp["dtype"])
         else:
             x = x.astype(np.float32)
-        interp.set_tensor(self._inp["index"], x[None])
+        interp.set_tensor(inp["index"], x[None])
         interp.invoke()
-        heat = self._output(self._heat)[..., 0]
-        reg = self._output(self._reg)
+        heat = self._output(interp, net.heat)[..., 0]
+        reg = self._output(interp, net.reg)
         return candidates(heat, reg, scale, fw, fh, self.stride, self.cfg.threshold,
                           self.cfg.max_plates, self.cfg.min_width)

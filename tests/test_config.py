@@ -79,6 +79,7 @@ BAD_CONFIGS = [
     ("cameras:\n  gate:\n    source: x.mp4\n    reconnect: {initial: 10, max: 1}\n",
      "cameras.gate.reconnect:"),
     ("tracker:\n  track_timeout: 0\n", "tracker.track_timeout:"),
+    ("detector:\n  zoom: 0.5\n", "detector.zoom:"),
     ("service:\n  log_level: loud\n", "service.log_level:"),
     ("cameras: [\n", "line 2"),
     ("- just\n- a list\n", "(top level): must be a mapping"),

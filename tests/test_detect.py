@@ -20,6 +20,7 @@ from lprd.detect import (
     letterbox,
     nms,
     tile_grid,
+    zoom_size,
 )
 from lprd.models import ModelError
 
@@ -79,21 +80,41 @@ def test_shipped_model_finds_rendered_plates_in_synthetic_scenes(detector: Plate
     assert found50 / n >= MIN_RECALL_IOU50, f"found {found50} of {n} plates at IoU >= 0.5"
 
 
-def test_tiles_find_far_plates_that_one_pass_misses(detector: PlateDetector) -> None:
+@pytest.mark.parametrize("search", [{"tiles": 2}, {"zoom": 2.0}], ids=["tiles", "zoom"])
+def test_tiles_or_zoom_find_far_plates_that_one_pass_misses(detector: PlateDetector,
+                                                             search: dict) -> None:
     # Plates 25-38 px wide in 1080p (8-13 px at the model's input in one pass). Measured for
-    # det-202612051946-e81: one pass 9/24, tiles=2 16/24, none boxed twice, the same with the
-    # plate check (11 and 18 on the plates drawn before old Brazilian Qs got their tail;
-    # det-202612051724-e86 13 and 21, det-202611251718-e26 6 and 13 on those).
-    tiled = PlateDetector(DetectorConfig(tiles=2), num_threads=1)
+    # det-202612051946-e81: one pass 9/24, tiles=2 16/24, zoom=2 16/24 (1.5: 13, 1.75: 17),
+    # none boxed twice, the same with the plate check (one pass and tiles 11 and 18 on the
+    # plates drawn before old Brazilian Qs got their tail; det-202612051724-e86 13 and 21,
+    # det-202611251718-e26 6 and 13 on those).
+    wide = PlateDetector(DetectorConfig(**search), num_threads=1)
     rng = np.random.default_rng(99)
     one = two = 0
     for _ in range(24):
         frame, truth = _scene(rng, 1080, 1920, share=(0.013, 0.02))
         one += max((_iou(d.box, truth) for d in detector.detect(frame)), default=0.0) >= 0.5
-        dets = tiled.detect(frame)
+        dets = wide.detect(frame)
         two += max((_iou(d.box, truth) for d in dets), default=0.0) >= 0.5
         assert sum(_iou(d.box, truth) > 0.1 for d in dets) <= 1, "a plate boxed twice"
     assert two >= 10 and two >= one + 4, (one, two)
+
+
+def test_zoom_pass_size_is_zoom_times_the_input_in_multiples_of_the_stride() -> None:
+    assert zoom_size(384, 640, 2.0) == (768, 1280)
+    assert zoom_size(384, 640, 1.5) == (576, 960)
+    assert zoom_size(384, 640, 1.75) == (672, 1120)
+    assert zoom_size(384, 640, 1.3) == (512, 832)  # 499 x 832 rounded to multiples of 32
+
+
+def test_zoom_with_a_fixed_input_model_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    # the plate check is a real TFLite model whose input size is fixed
+    fixed = copy_shipped_model("plate_check", tmp_path)
+    meta = json.loads(fixed.with_suffix(".json").read_text())
+    meta.update(kind="detector", stride=4, decode={"nms_iou": 0.5})
+    fixed.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=f"{fixed}.*flexible input size"):
+        PlateDetector(DetectorConfig(model=fixed, zoom=2.0, check=False))
 
 
 def test_tile_grid_overlaps_and_covers_the_frame() -> None:

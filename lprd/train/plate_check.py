@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "cache" / "check"
 RUN_DIR = ROOT / "runs" / "plate_check"
 MODEL_PATH = ROOT / "models" / "plate_check.tflite"
-IN_H, IN_W = 32, 96
+IN_H, IN_W = 32, 96  # the shipped check's window (`data --window`, `--context`)
 CONTEXT, MIN_ASPECT = 1.4, 2.0
 LOW_THRESHOLD = 0.1  # the detector threshold the negatives are mined at
 KEEP_POSITIVES = 0.99  # the check's threshold keeps this share of validation plates
@@ -84,6 +84,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     for f in mined:
         by_image.setdefault(f["image"], []).append(f)
     rng = np.random.default_rng(args.seed)
+    in_h, in_w = args.window
+    win = (in_h, in_w, args.context, MIN_ASPECT)
     xs, ys, val, kinds, det_scores = [], [], [], [], []
     counts: dict[str, int] = {}
     scenes = [s for s in load_scenes() if not s.held_out]
@@ -97,7 +99,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         def add(box, label, kind, n, jitter=True, score=np.nan, img=img, v=v):
             for _ in range(n):
                 z, sh = _jitter(rng) if jitter else (1.0, (0.0, 0.0))
-                xs.append(check_window(img, box, IN_H, IN_W, CONTEXT, MIN_ASPECT, z, sh))
+                xs.append(check_window(img, box, *win, z, sh))
                 ys.append(label)
                 val.append(v)
                 kinds.append(kind)
@@ -138,26 +140,28 @@ def cmd_data(args: argparse.Namespace) -> int:
         if i % 200 == 0:
             log.info("%d/%d scenes, %.0f s, %s", i, len(scenes), time.time() - t0, counts)
     if args.synthetic:
-        for win, label, kind in synthetic_windows(args.synthetic, args.seed + 1):
-            xs.append(win)
+        for w, label, kind in synthetic_windows(args.synthetic, args.seed + 1, win):
+            xs.append(w)
             ys.append(label)
             val.append(False)
             kinds.append(kind)
             det_scores.append(np.nan)
             counts[kind] = counts.get(kind, 0) + 1
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(CACHE / "samples.npz", x=np.stack(xs), y=np.array(ys, np.uint8),
+    args.cache.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.cache / "samples.npz", x=np.stack(xs), y=np.array(ys, np.uint8),
                         val=np.array(val, bool), kind=np.array(kinds),
                         score=np.array(det_scores, np.float32))
     summary = {"detector": det.version, "low_threshold": LOW_THRESHOLD, "tiles": 2,
                "boxes": counts, "windows": len(xs),
-               "windows_val": int(np.sum(val))}
-    (CACHE / "samples.json").write_text(json.dumps(summary, indent=1))
+               "windows_val": int(np.sum(val)),
+               "window": {"height": in_h, "width": in_w, "context": args.context,
+                          "min_aspect": MIN_ASPECT}}
+    (args.cache / "samples.json").write_text(json.dumps(summary, indent=1))
     log.info("wrote %d windows: %s", len(xs), summary)
     return 0
 
 
-def synthetic_windows(n: int, seed: int):
+def synthetic_windows(n: int, seed: int, win: tuple = (IN_H, IN_W, CONTEXT, MIN_ASPECT)):
     """Rendered plates warped into training scenes (positives) and text-like clutter (negatives),
     on square crops of the detector's cached letterboxed training frames."""
     import pickle
@@ -184,15 +188,22 @@ def synthetic_windows(n: int, seed: int):
         if b is None or b[2] < 4 or b[3] < 3:
             continue
         z, sh = _jitter(rng)
-        yield check_window(img, b, IN_H, IN_W, CONTEXT, MIN_ASPECT, z, sh), label, kind
+        yield check_window(img, b, *win, z, sh), label, kind
 
 
-def build_model(width: int = 1):
+def window_of(cache: Path) -> dict:
+    """The window geometry the cached samples were cut with (older caches: the shipped one)."""
+    summary = json.loads((cache / "samples.json").read_text())
+    return summary.get("window", {"height": IN_H, "width": IN_W, "context": CONTEXT,
+                                  "min_aspect": MIN_ASPECT})
+
+
+def build_model(width: int = 1, in_h: int = IN_H, in_w: int = IN_W):
     """A few thousand boxes a second on one core: the check runs on every box of every frame."""
     import keras
     from keras import layers
 
-    x = inp = keras.Input((IN_H, IN_W, 3), name="window")
+    x = inp = keras.Input((in_h, in_w, 3), name="window")
     x = layers.Rescaling(1 / 255.0)(x)
     for ch, stride in ((16, 2), (32, 1), (32, 2), (64, 1), (64, 2), (96, 1)):
         x = layers.Conv2D(ch * width, 3, strides=stride, padding="same", use_bias=False)(x)
@@ -227,12 +238,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.keras.utils.set_random_seed(args.seed)
-    d = np.load(CACHE / "samples.npz")
+    d = np.load(args.cache / "samples.npz")
     x, y, val, kind = d["x"], d["y"].astype(np.float32), d["val"], d["kind"]
     xt, yt = x[~val], y[~val]
     log.info("train %d windows (%d plates), val %d (%d plates)", len(xt), int(yt.sum()),
              int(val.sum()), int(y[val].sum()))
-    model = build_model(args.width)
+    model = build_model(args.width, *x.shape[1:3])
     steps = args.epochs * (len(xt) // args.batch)
     sched = tf.keras.optimizers.schedules.CosineDecay(args.lr * 0.1, steps, alpha=0.02,
                                                       warmup_target=args.lr,
@@ -257,10 +268,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         hist.append({"epoch": ep + 1, "loss": float(np.mean(losses)), **m,
                      "seconds": time.time() - t})
         log.info("epoch %d/%d %s", ep + 1, args.epochs, json.dumps(hist[-1]))
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    model.save(RUN_DIR / "last.keras")
-    (RUN_DIR / "history.json").write_text(json.dumps(hist, indent=1))
-    export(model, args.out, hist[-1], d)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    model.save(args.run_dir / "last.keras")
+    (args.run_dir / "history.json").write_text(json.dumps(hist, indent=1))
+    export(model, args.out, hist[-1], d, args.cache, args.run_dir)
     return 0
 
 
@@ -282,12 +293,12 @@ def _val_metrics(p: np.ndarray, y: np.ndarray, kind: np.ndarray, score: np.ndarr
             "val_plate_windows_kept": float(np.mean(p[y == 1] >= th))}
 
 
-def export(model, path: Path, last: dict, d) -> None:
+def export(model, path: Path, last: dict, d, cache: Path = CACHE, run_dir: Path = RUN_DIR) -> None:
     import tensorflow as tf
 
     x = d["x"][~d["val"]]
     rep_idx = np.random.default_rng(0).choice(len(x), 300, replace=False)
-    saved = RUN_DIR / "export_savedmodel"
+    saved = run_dir / "export_savedmodel"
     model.export(str(saved), format="tf_saved_model", verbose=False)
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -311,14 +322,15 @@ def export(model, path: Path, last: dict, d) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(blob)
-    summary = json.loads((CACHE / "samples.json").read_text())
+    summary = json.loads((cache / "samples.json").read_text())
+    win = window_of(cache)
     meta = {
         "kind": "plate_check",
         "version": "check-" + datetime.now(UTC).strftime("%Y%m%d%H%M"),
         "architecture": "6 conv layers (3x3, BN, ReLU6), global average pool, sigmoid",
-        "input": {"height": IN_H, "width": IN_W, "channels": 3, "color": "BGR",
-                  "range": [0, 255]},
-        "window": {"context": CONTEXT, "min_aspect": MIN_ASPECT,
+        "input": {"height": win["height"], "width": win["width"], "channels": 3,
+                  "color": "BGR", "range": [0, 255]},
+        "window": {"context": win["context"], "min_aspect": win["min_aspect"],
                    "rule": "centred on the box, context * max(w, min_aspect * h) wide, "
                            "the input's aspect, edges replicated"},
         "threshold": round(m["threshold"], 4),
@@ -343,11 +355,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     import keras
 
     model = keras.models.load_model(args.checkpoint, compile=False)
-    d = np.load(CACHE / "samples.npz")
+    d = np.load(args.cache / "samples.npz")
     hist_path = args.checkpoint.with_name("history.json")
     last = json.loads(hist_path.read_text())[-1] if hist_path.is_file() else {}
-    export(model, args.out, last, d)
+    export(model, args.out, last, d, args.cache, args.checkpoint.parent)
     return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 32x96") from None
+    if h < 8 or w < 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 8x8")
+    return h, w
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--synthetic", type=int, default=12000,
                    help="rendered plates and clutter pasted into training scenes (half each)")
+    d.add_argument("--window", type=_size, default=f"{IN_H}x{IN_W}", metavar="HxW",
+                   help="the check's input size (default %(default)s)")
+    d.add_argument("--context", type=float, default=CONTEXT,
+                   help="window width as a multiple of the box's (or of min_aspect x its height)")
+    d.add_argument("--cache", type=Path, default=CACHE, help="where the windows go")
     t = sub.add_parser("train", help="train and export (the shipped check: these defaults, "
                        "34 minutes on one thread)")
     t.add_argument("--epochs", type=int, default=10)
@@ -368,9 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", type=Path, default=MODEL_PATH)
+    t.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    t.add_argument("--cache", type=Path, default=CACHE)
     x = sub.add_parser("export", help="export a checkpoint again")
     x.add_argument("--checkpoint", type=Path, default=RUN_DIR / "last.keras")
     x.add_argument("--out", type=Path, default=MODEL_PATH)
+    x.add_argument("--cache", type=Path, default=CACHE)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     return {"data": cmd_data, "train": cmd_train, "export": cmd_export}[args.cmd](args)
