@@ -75,8 +75,8 @@ class DetectorConfig(_Strict):
         "model's full input size, for far, small plates; costs n*n more detector runs per frame")
     zoom: float = Field(
         1.0, ge=1.0, le=3.0, description="also search the whole frame at this many times the "
-        "model's input size for far, small plates (1: off; 2 finds about as many as tiles: 2 "
-        "at 3/4 of its cost); costs about zoom*zoom more detector work per frame")
+        "model's input size for far, small plates (1: off; 1.5 finds almost as many as tiles: "
+        "2 at about half its cost); costs about zoom*zoom more detector work per frame")
     check: bool = Field(
         True, description="pass each box through the plate check (models/plate_check.tflite), "
         "a small classifier that rejects plate-like text, lights and grilles")
