@@ -57,6 +57,16 @@ def test_a_box_on_a_known_unlabelled_plate_is_no_false_plate(tmp_path: Path) -> 
     assert (res["hit50"], res["fp"], res["ignored"]) == (1, 2, 0)
 
 
+def test_recall_of_plates_in_the_issue_s_size_range_leaves_narrower_ones_out(
+        tmp_path: Path) -> None:
+    sc = _scene(tmp_path, [(100, 100, 80, 20), (300, 300, 20, 6), (500, 100, 24, 8)])
+    dets = [Detection((101, 100, 80, 20), 0.9), Detection((300, 300, 20, 6), 0.9)]
+    res = evaluate(lambda img: dets, [sc], 0.5, unlabelled={})
+    assert res["hit50"] == 2 and res["plates"] == 3
+    # only the 80 px plate is >= 25 px wide in the frame, and it was found
+    assert res["recall50_in_spec"] == {"min_width": 25, "found": 1, "plates": 1, "recall50": 1.0}
+
+
 @pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")
 def test_the_unlabelled_plate_list_names_held_out_scenes_only() -> None:
     known = unlabelled_plates(UNLABELLED)
@@ -128,3 +138,16 @@ def test_plate_check_threshold_keeps_its_share_of_the_detector_hits_it_will_see(
     assert m["val_hits_kept"] >= KEEP_POSITIVES
     assert 0.5 <= m["threshold"] <= 0.51
     assert m["val_false_rejected"] == pytest.approx(np.mean(false < m["threshold"]))
+
+
+def test_plate_check_window_option_parses_hxw_and_names_a_bad_value(tmp_path: Path,
+                                                                    capsys) -> None:
+    from lprd.train.plate_check import IN_H, IN_W, _size, main, window_of
+
+    assert _size("40x128") == (40, 128) and _size("32X96") == (32, 96)
+    with pytest.raises(SystemExit):
+        main(["data", "--window", "40by128", "--cache", str(tmp_path)])
+    assert "'40by128': expected HxW" in capsys.readouterr().err
+    # a cache from before the option records no window: it was cut with the shipped one
+    (tmp_path / "samples.json").write_text('{"windows": 3}')
+    assert window_of(tmp_path)["height"] == IN_H and window_of(tmp_path)["width"] == IN_W

@@ -254,6 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # plates and non-plates drawn equally often per batch
     pos, neg = np.nonzero(yt == 1)[0], np.nonzero(yt == 0)[0]
     hist = []
+    best = None
     for ep in range(args.epochs):
         t = time.time()
         half = len(xt) // 2
@@ -268,10 +269,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         hist.append({"epoch": ep + 1, "loss": float(np.mean(losses)), **m,
                      "seconds": time.time() - t})
         log.info("epoch %d/%d %s", ep + 1, args.epochs, json.dumps(hist[-1]))
+        # validation's share of false boxes rejected jumps by 10-20 points between epochs
+        if args.keep_best_from and ep + 1 >= args.keep_best_from and (
+                best is None or m["val_false_rejected"] > best[0]["val_false_rejected"]):
+            best = (hist[-1], model.get_weights())
     args.run_dir.mkdir(parents=True, exist_ok=True)
     model.save(args.run_dir / "last.keras")
     (args.run_dir / "history.json").write_text(json.dumps(hist, indent=1))
-    export(model, args.out, hist[-1], d, args.cache, args.run_dir)
+    chosen = hist[-1]
+    if best is not None:
+        chosen = best[0]
+        model.set_weights(best[1])
+        model.save(args.run_dir / "best.keras")
+        log.info("exporting epoch %d, the most validation false boxes rejected from epoch %d on",
+                 chosen["epoch"], args.keep_best_from)
+    export(model, args.out, chosen, d, args.cache, args.run_dir)
     return 0
 
 
@@ -396,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", type=Path, default=MODEL_PATH)
     t.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    t.add_argument("--keep-best-from", type=int, default=None, metavar="EPOCH",
+                   help="export the epoch from this one on that rejects the most validation "
+                        "false boxes at its threshold (default: the last epoch)")
     t.add_argument("--cache", type=Path, default=CACHE)
     x = sub.add_parser("export", help="export a checkpoint again")
     x.add_argument("--checkpoint", type=Path, default=RUN_DIR / "last.keras")
