@@ -240,9 +240,11 @@ class PlateDetector:
                              "flexible input size, as `python -m lprd.train.detector export` "
                              f"makes them; this one's is fixed at {tuple(sig[1:3])}")
         self._full = _net(self.model, self.in_h, self.in_w)
-        # a second interpreter: resizing one back and forth would reallocate every frame
-        self._zoom = (_net(load_model(self.model.path, "detector", num_threads),
-                           *zoom_size(self.in_h, self.in_w, cfg.zoom)) if cfg.zoom > 1.0 else None)
+        zh, zw = zoom_size(self.in_h, self.in_w, cfg.zoom)
+        # a second interpreter: resizing one back and forth would reallocate every frame (and
+        # none where the zoom rounds to the model's own size)
+        self._zoom = (_net(load_model(self.model.path, "detector", num_threads), zh, zw)
+                      if zh * zw > self.in_h * self.in_w else None)
         self.check = PlateCheck(cfg.check_model, num_threads) if cfg.check else None
         self.check_threshold = (cfg.check_threshold if cfg.check_threshold is not None
                                 else self.check.threshold if self.check else 0.0)

@@ -105,6 +105,8 @@ def test_zoom_pass_size_is_zoom_times_the_input_in_multiples_of_the_stride() -> 
     assert zoom_size(384, 640, 1.5) == (576, 960)
     assert zoom_size(384, 640, 1.75) == (672, 1120)
     assert zoom_size(384, 640, 1.3) == (512, 832)  # 499 x 832 rounded to multiples of 32
+    assert zoom_size(384, 640, 1.02) == (384, 640)  # no second pass at all then
+    assert PlateDetector(DetectorConfig(zoom=1.02, check=False))._zoom is None
 
 
 def test_zoom_with_a_fixed_input_model_names_the_file_and_the_fix(tmp_path: Path) -> None:
