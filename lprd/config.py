@@ -81,9 +81,14 @@ class DetectorConfig(_Strict):
         True, description="pass each box through the plate check (models/plate_check.tflite), "
         "a small classifier that rejects plate-like text, lights and grilles")
     check_model: Path | None = Field(None, description="TFLite file; default: the bundled check")
+    check_weight: float = Field(
+        0.15, ge=0.0, le=2.0, description="how much the check's plate probability p counts: a "
+        "box scores its detector score times p**check_weight and must still reach threshold; "
+        "0: the check only drops boxes under check_threshold")
     check_threshold: float | None = Field(
-        None, gt=0.0, lt=1.0, description="boxes the check scores below are dropped; default: "
-        "the threshold in the check model's metadata")
+        None, gt=0.0, lt=1.0, description="boxes the check scores below are dropped whatever "
+        "their score; default: none with a check_weight, else the threshold in the check "
+        "model's metadata")
 
 
 class ReaderConfig(_Strict):

@@ -80,6 +80,7 @@ BAD_CONFIGS = [
      "cameras.gate.reconnect:"),
     ("tracker:\n  track_timeout: 0\n", "tracker.track_timeout:"),
     ("detector:\n  zoom: 0.5\n", "detector.zoom:"),
+    ("detector:\n  check_weight: -0.1\n", "detector.check_weight:"),
     ("service:\n  log_level: loud\n", "service.log_level:"),
     ("cameras: [\n", "line 2"),
     ("- just\n- a list\n", "(top level): must be a mapping"),

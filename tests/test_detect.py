@@ -13,8 +13,10 @@ from conftest import copy_shipped_model
 from lprd.config import DetectorConfig
 from lprd.detect import (
     TILE_OVERLAP,
+    Detection,
     PlateCheck,
     PlateDetector,
+    apply_check,
     check_window,
     decode,
     letterbox,
@@ -200,6 +202,29 @@ def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
     assert nms(boxes, scores, 0.5) == [1, 2]
 
 
+def test_check_weight_scales_scores_and_threshold_applies_to_the_product() -> None:
+    dets = [Detection((0, 0, 90, 30), 0.9), Detection((200, 0, 90, 30), 0.5),
+            Detection((400, 0, 90, 30), 0.4)]
+    probs = [0.001, 0.9, 1.0]
+    out = apply_check(dets, probs, 0.15, 0.35, 0.0, 10)
+    # 0.9 * 0.001**0.15 = 0.32 falls under 0.35: a sharp peak the check doubts goes
+    assert [d.box[0] for d in out] == [200, 400]
+    assert out[0].score == pytest.approx(0.5 * 0.9 ** 0.15)
+    assert out[1].score == pytest.approx(0.4)
+    # the product re-ranks: a sure check lifts a weaker peak above a doubted one
+    out = apply_check(dets[:2], [0.05, 1.0], 0.5, 0.1, 0.0, 10)
+    assert [d.box[0] for d in out] == [200, 0]
+    assert len(apply_check(dets, probs, 0.15, 0.1, 0.0, 1)) == 1
+
+
+def test_check_weight_zero_is_a_plain_veto_and_the_floor_always_applies() -> None:
+    dets = [Detection((0, 0, 90, 30), 0.9), Detection((200, 0, 90, 30), 0.5)]
+    out = apply_check(dets, [0.05, 0.1], 0.0, 0.35, 0.079, 10)
+    assert [(d.box[0], d.score) for d in out] == [(200, 0.5)]
+    out = apply_check(dets, [0.05, 0.1], 0.15, 0.35, 0.079, 10)
+    assert [d.box[0] for d in out] == [200]
+
+
 def test_letterbox_keeps_aspect_and_pads_bottom_right() -> None:
     img = np.full((1080, 1920, 3), 200, np.uint8)
     out, s = letterbox(img, 384, 640)
@@ -285,7 +310,11 @@ def test_plate_check_keeps_plates_and_drops_signs_stripes_and_blanks(detector: P
     # 0.043 (kept). Short words on a plain panel can outscore the weakest plates; a white-on-blue
     # "OPEN 24h" scores 0.79-0.89: as plate-like as many plates, not asserted.
     check = detector.check
-    assert check is not None and detector.check_threshold == check.threshold
+    # with the default check_weight the check's probability is part of the score, no veto;
+    # with weight 0 its metadata threshold is the veto
+    assert check is not None and detector.check_threshold == 0.0
+    assert PlateDetector(DetectorConfig(check_weight=0), num_threads=1).check_threshold \
+        == check.threshold
     rng = np.random.default_rng(11)
     plates = []
     for _ in range(16):
@@ -329,6 +358,8 @@ def test_without_the_check_the_detector_gives_a_superset_of_boxes(detector: Plat
 
 def test_check_threshold_from_config_overrides_the_model_s() -> None:
     det = PlateDetector(DetectorConfig(check_threshold=0.9), num_threads=1)
+    assert det.check_threshold == 0.9
+    det = PlateDetector(DetectorConfig(check_threshold=0.9, check_weight=0), num_threads=1)
     assert det.check_threshold == 0.9
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lprd.config import DetectorConfig
 from lprd.track import iou
 from lprd.train import scaled_channels
 from lprd.train.scenes import INPUT_H, INPUT_W, STRIDE, SceneSampler, build_cache, load_scenes
@@ -449,7 +450,6 @@ def evaluate(detect, scenes, threshold: float, fp_dir: Path | None = None,
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lprd.config import DetectorConfig
     from lprd.detect import PlateDetector
 
     holdout = [s for s in load_scenes() if s.held_out]
@@ -458,9 +458,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tag = "" if args.tiles == 1 else f"_tiles{args.tiles}"
     tag += "" if args.zoom == 1 else f"_zoom{args.zoom:g}"
     tag += "_nocheck" if args.no_check else ""
+    if not args.no_check and args.check_weight != DetectorConfig().check_weight:
+        tag += f"_w{args.check_weight:g}"
     det = PlateDetector(DetectorConfig(model=args.model, threshold=min(th), max_plates=100,
                                        tiles=args.tiles, zoom=args.zoom, check=not args.no_check,
-                                       check_threshold=args.check_threshold), num_threads=1)
+                                       check_threshold=args.check_threshold,
+                                       check_weight=args.check_weight), num_threads=1)
     for t in th:
         results[f"int8{tag}@{t}"] = evaluate(det.detect, holdout, t, RUN_DIR / f"fp_int8{tag}_{t}"
                                              if args.save_fp else None)
@@ -496,7 +499,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Milliseconds per frame, end to end (letterbox resize included), on `--threads` cores."""
-    from lprd.config import DetectorConfig
     from lprd.detect import PlateDetector
 
     det = PlateDetector(DetectorConfig(model=args.model, tiles=args.tiles, zoom=args.zoom,
@@ -639,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--zoom", type=float, default=1.0, help="detector.zoom (1: one pass)")
     e.add_argument("--no-check", action="store_true",
                    help="the detector alone, without the plate check on its boxes")
+    e.add_argument("--check-weight", type=float, default=DetectorConfig().check_weight,
+                   help="detector.check_weight (0: the check's threshold alone decides)")
     e.add_argument("--check-threshold", type=float, default=None,
                    help="the plate check's threshold (default: its metadata's)")
     e.set_defaults(func=cmd_eval)
