@@ -8,7 +8,14 @@ import cv2
 import numpy as np
 import pytest
 
-from lprd.train.detector import UNLABELLED, evaluate, unlabelled_plates
+from lprd.train.detector import (
+    CACHE_DIR,
+    UNLABELLED,
+    cache_for,
+    evaluate,
+    rescale_mined,
+    unlabelled_plates,
+)
 from lprd.train.mine import classify, merge_finds
 from lprd.train.pseudo_label import VariantRead
 from lprd.train.reader_data import DATA_ROOT
@@ -142,12 +149,24 @@ def test_plate_check_threshold_keeps_its_share_of_the_detector_hits_it_will_see(
 
 def test_plate_check_window_option_parses_hxw_and_names_a_bad_value(tmp_path: Path,
                                                                     capsys) -> None:
-    from lprd.train.plate_check import IN_H, IN_W, _size, main, window_of
+    from lprd.train import hw_size
+    from lprd.train.plate_check import IN_H, IN_W, main, window_of
 
-    assert _size("40x128") == (40, 128) and _size("32X96") == (32, 96)
+    assert hw_size("40x128") == (40, 128) and hw_size("32X96") == (32, 96)
     with pytest.raises(SystemExit):
         main(["data", "--window", "40by128", "--cache", str(tmp_path)])
     assert "'40by128': expected HxW" in capsys.readouterr().err
     # a cache from before the option records no window: it was cut with the shipped one
     (tmp_path / "samples.json").write_text('{"windows": 3}')
     assert window_of(tmp_path)["height"] == IN_H and window_of(tmp_path)["width"] == IN_W
+
+
+def test_a_larger_training_input_has_its_own_cache_and_the_mined_boxes_scaled_to_it() -> None:
+    assert cache_for((384, 640)) == CACHE_DIR
+    assert cache_for((576, 960)).name == "det_576x960"
+    found = {"counts": {"plate": 1}, "found": [
+        {"index": 3, "kind": "plate", "box": [10, 20, 30, 9], "box_cache": [4.0, 8.0, 12.0, 3.6]}]}
+    out = rescale_mined(found, 1.5)
+    assert out["found"][0]["box_cache"] == pytest.approx([6.0, 12.0, 18.0, 5.4])
+    assert out["found"][0]["box"] == [10, 20, 30, 9] and out["counts"] == found["counts"]
+    assert found["found"][0]["box_cache"][0] == 4.0  # the shipped cache's file is not changed

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ import numpy as np
 
 from lprd.config import DetectorConfig
 from lprd.track import iou
-from lprd.train import scaled_channels
+from lprd.train import hw_size, scaled_channels
 from lprd.train.scenes import INPUT_H, INPUT_W, STRIDE, SceneSampler, build_cache, load_scenes
 
 log = logging.getLogger("lprd.train.detector")
@@ -121,6 +122,41 @@ def reg_loss(y_true, y_pred):
     return (tf.reduce_sum(d[..., :2]) + 2.0 * tf.reduce_sum(d[..., 2:])) / n
 
 
+def cache_for(size: tuple[int, int]) -> Path:
+    """The scene cache of a training input size (height, width): `cache/det` for the shipped
+    640x384, `cache/det_<h>x<w>` for another."""
+    return CACHE_DIR if tuple(size) == (INPUT_H, INPUT_W) else CACHE_DIR.with_name(
+        f"det_{size[0]}x{size[1]}")
+
+
+def rescale_mined(found: dict, factor: float) -> dict:
+    """`lprd.train.mine`'s finds with their cache boxes scaled by `factor` (frame boxes kept)."""
+    return {**found, "found": [{**d, "box_cache": [v * factor for v in d["box_cache"]]}
+                               for d in found["found"]]}
+
+
+def prepare_cache(size: tuple[int, int]) -> Path:
+    """`build_cache` at `size`. Another size than the shipped one borrows the shipped cache's
+    rendered plates (the same seed renders the same ones) and its mined boxes, rescaled:
+    every scene is letterboxed by the same factor when the aspect is the same."""
+    cache = cache_for(size)
+    if cache != CACHE_DIR:
+        cache.mkdir(parents=True, exist_ok=True)
+        if (CACHE_DIR / "rendered.pkl").exists() and not (cache / "rendered.pkl").exists():
+            shutil.copy(CACHE_DIR / "rendered.pkl", cache / "rendered.pkl")
+        mined = CACHE_DIR / "mined.json"
+        f = size[0] / INPUT_H
+        if mined.exists() and not (cache / "mined.json").exists():
+            if abs(size[1] / INPUT_W - f) > 1e-6:
+                log.warning("%s: another aspect than %dx%d, its mined boxes are not reused",
+                            cache, INPUT_H, INPUT_W)
+            else:
+                found = rescale_mined(json.loads(mined.read_text()), f)
+                (cache / "mined.json").write_text(json.dumps(found))
+    build_cache(cache, size=size)
+    return cache
+
+
 def _state() -> dict:
     p = RUN_DIR / "state.json"
     return json.loads(p.read_text()) if p.exists() else {}
@@ -151,11 +187,13 @@ def train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    build_cache(CACHE_DIR)
-    sampler = SceneSampler(CACHE_DIR, size=args.crop, seed=args.seed + int(time.time()) % 1000)
     st = _state()
+    resume = (RUN_DIR / "last.keras").exists() and not args.fresh
+    size = tuple(st.get("input", (INPUT_H, INPUT_W))) if resume else args.input
+    sampler = SceneSampler(prepare_cache(size), size=args.crop,
+                           seed=args.seed + int(time.time()) % 1000)
     ckpt = RUN_DIR / "last.keras"
-    if ckpt.exists() and not args.fresh:
+    if resume:
         model = keras.models.load_model(ckpt, custom_objects={"focal_loss": focal_loss,
                                                                "reg_loss": reg_loss})
         log.info("resumed from %s after epoch %d, %.2f of %.2f h spent", ckpt, st["epoch"],
@@ -173,7 +211,7 @@ def train(args: argparse.Namespace) -> int:
         # ends on time however busy the shared cores are; the estimate is only for the log.
         st = {"epoch": 0, "steps": args.steps, "batch": args.batch, "crop": args.crop,
               "hours": args.hours, "elapsed_s": 0.0, "steps_done": 0, "lr_peak": args.lr_peak,
-              "width": args.width,
+              "width": args.width, "input": list(size),
               "init_from": str(args.init_from) if args.init_from else None,
               "steps_per_s_at_start": sps, "history": [],
               "started": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -213,7 +251,7 @@ def train(args: argparse.Namespace) -> int:
         rec = {"epoch": ep, "loss": m[0], "heat": m[1], "reg": m[2], "steps": st["steps_done"],
                "lr": lr_at(min(frac, 1.0), peak), "time": time.time()}
         if ep % args.eval_every == 0 or done:
-            det = KerasDetector(model)
+            det = KerasDetector(model, size=size)
             ev = evaluate(det.detect, holdout[:: args.eval_stride], threshold=0.35)
             rec.update({"recall50": ev["recall50"], "fp_per_frame": ev["fp_per_frame"]})
         st["history"].append(rec)
@@ -264,23 +302,25 @@ def plot_curves(hist: list[dict], path: Path) -> None:
 class KerasDetector:
     """The float model behind the same letterbox and decoding as lprd.detect."""
 
-    def __init__(self, model, threshold: float = 0.35) -> None:
+    def __init__(self, model, threshold: float = 0.35,
+                 size: tuple[int, int] = (INPUT_H, INPUT_W)) -> None:
         self.model = model
         self.threshold = threshold
+        self.size = size
 
     def detect(self, frame: np.ndarray, threshold: float | None = None):
         from lprd.detect import decode, letterbox
 
-        x, s = letterbox(frame, INPUT_H, INPUT_W)
+        x, s = letterbox(frame, *self.size)
         heat, reg = self.model(x[None].astype(np.float32), training=False)
         th = self.threshold if threshold is None else threshold
         return decode(np.asarray(heat)[0, ..., 0], np.asarray(reg)[0], s, frame.shape[1],
                       frame.shape[0], STRIDE, th, NMS_IOU)
 
 
-def representative_frames(n: int = 200, seed: int = 1) -> np.ndarray:
+def representative_frames(n: int = 200, seed: int = 1, cache: Path = CACHE_DIR) -> np.ndarray:
     """Real letterboxed training frames (never held-out ones) for int8 calibration."""
-    arr = np.load(CACHE_DIR / "scenes.npy", mmap_mode="r")
+    arr = np.load(cache / "scenes.npy", mmap_mode="r")
     idx = np.random.default_rng(seed).choice(len(arr), min(n, len(arr)), replace=False)
     return np.asarray(arr[np.sort(idx)])
 
@@ -295,7 +335,8 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
     saved = RUN_DIR / "export_savedmodel"
     fixed.export(str(saved), format="tf_saved_model", verbose=False)
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-    frames = representative_frames()
+    in_h, in_w = st.get("input", (INPUT_H, INPUT_W))
+    frames = representative_frames(cache=cache_for((in_h, in_w)))
 
     def rep():
         for f in frames:
@@ -318,7 +359,7 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
                    + f"-e{st['epoch']}",
         "architecture": "CenterNet-style: MobileNet-like depthwise-separable ReLU6 backbone, "
                         "FPN to stride 4; heatmap + offset + log size",
-        "input": {"height": INPUT_H, "width": INPUT_W, "channels": 3, "color": "BGR",
+        "input": {"height": in_h, "width": in_w, "channels": 3, "color": "BGR",
                   "range": [0, 255], "resize": "letterbox, top-left, zero pad, INTER_AREA"},
         "stride": STRIDE,
         "outputs": {"heat": "1 channel, sigmoid plate-centre score",
@@ -328,7 +369,7 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
                         f"{len(frames)} real training frames",
         "training": {k: st.get(k) for k in ("epoch", "steps_done", "batch", "crop", "hours",
                                             "started", "lr_peak", "init_from",
-                                            "width")},
+                                            "width", "input")},
         "data": data_summary(),
         "metrics": old.get("metrics", {}),
     }
@@ -618,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--steps", type=int, default=400, help="steps per epoch")
     t.add_argument("--batch", type=int, default=24)
     t.add_argument("--crop", type=int, default=192)
+    t.add_argument("--input", type=hw_size, default=f"{INPUT_H}x{INPUT_W}", metavar="HxW",
+                   help="the input the model is trained for (its scenes are cached at it, "
+                        "training crops come from them); the shipped one is 384x640")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--init-from", type=Path, default=None,

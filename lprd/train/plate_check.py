@@ -33,6 +33,7 @@ import numpy as np
 
 from lprd.detect import check_window
 from lprd.track import iou
+from lprd.train import hw_size
 from lprd.train.scenes import load_scenes
 
 log = logging.getLogger("lprd.train.plate_check")
@@ -374,16 +375,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 32x96") from None
-    if h < 8 or w < 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 8x8")
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lprd.train.plate_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -393,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--synthetic", type=int, default=12000,
                    help="rendered plates and clutter pasted into training scenes (half each)")
-    d.add_argument("--window", type=_size, default=f"{IN_H}x{IN_W}", metavar="HxW",
+    d.add_argument("--window", type=hw_size, default=f"{IN_H}x{IN_W}", metavar="HxW",
                    help="the check's input size (default %(default)s)")
     d.add_argument("--context", type=float, default=CONTEXT,
                    help="window width as a multiple of the box's (or of min_aspect x its height)")

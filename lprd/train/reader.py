@@ -35,6 +35,7 @@ from lprd.train.reader_data import (
     real_crops,
     render_chunk,
 )
+from lprd.train.splice import box_crops, splice_arrays
 
 log = logging.getLogger("lprd.train.reader")
 REPO = Path(__file__).resolve().parents[2]
@@ -44,13 +45,15 @@ CHUNK = 10_000
 
 
 def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
-              pseudo: list[Path] | None = None, nice: bool = True) -> None:
-    """Background process: keeps writing synthetic (and re-augmented real) chunks."""
+              pseudo: list[Path] | None = None, nice: bool = True, splices: int = 0) -> None:
+    """Background process: keeps writing synthetic (and re-augmented real) chunks; with
+    `splices`, that many spliced real crops (`lprd.train.splice`) join each real chunk."""
     if nice:
         os.nice(10)
     crops = [c for c in real_crops() if not is_heldout(c.text)]
     for folder in pseudo or []:
         crops += pseudo_crops(folder)
+    boxed = box_crops(crops) if splices else []
     rng = np.random.default_rng(seed + 7)
     for k in range(start, stop_at):
         out = cache / f"synth_{k:04d}.npz"
@@ -59,7 +62,11 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
         if crops and k % real_every == 0:
             rout = cache / f"real_{k:04d}.npz"
             if not rout.exists():
-                _save_chunk(rout, *real_arrays(crops, rng, copies=6))
+                xs, ys = real_arrays(crops, rng, copies=6)
+                more = splice_arrays(boxed, rng, splices) if boxed else None
+                if more is not None:
+                    xs, ys = np.concatenate([xs, more[0]]), np.concatenate([ys, more[1]])
+                _save_chunk(rout, xs, ys)
 
 
 def _save_chunk(out: Path, xs: np.ndarray, ys: np.ndarray) -> None:
@@ -369,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pseudo", type=Path, nargs="+", default=None,
                     help="also train on the crops in these folders (pseudo_label.py: OCR-"
                          "labelled scene crops; det_crops.py: crops at the detector's boxes)")
+    ap.add_argument("--splices", type=int, default=0,
+                    help="spliced real crops (lprd.train.splice: two crops of one set joined at "
+                         "a gap between characters) added to each real chunk")
     ap.add_argument("--export-only", action="store_true",
                     help="export the checkpoint in --run-dir to --out, then --evaluate it")
     ap.add_argument("--evaluate", action="store_true",
@@ -410,10 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.pseudo is not None:  # real crops change: re-augment them (with pseudo) first
         for f in args.cache.glob("real_*.npz"):
             f.unlink()
-        _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo, nice=False)
+        _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo, nice=False,
+                  splices=args.splices)
     bg = mp.get_context("spawn").Process(
         target=_renderer,
-        args=(args.cache, args.initial_chunks, args.max_chunks, 3, args.seed, args.pseudo),
+        args=(args.cache, args.initial_chunks, args.max_chunks, 3, args.seed, args.pseudo, True,
+              args.splices),
         daemon=True)
     bg.start()
 
@@ -518,6 +530,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
             "split": "by plate text, int(sha1('lprd-split-'+text).hexdigest()[:8], 16) % 1000 < 200 "
                      "is held out",
             "scene_crops": {str(f.name): len(pseudo_crops(f)) for f in args.pseudo or []},
+            "splices_per_real_chunk": args.splices,
         },
         "epochs": state["epoch"],
     }

@@ -71,21 +71,22 @@ def load_scenes(data_dir: Path = DATA_ROOT) -> list[Scene]:
 
 
 def build_cache(cache_dir: Path, data_dir: Path = DATA_ROOT, bank_size: int = 3000,
-                seed: int = 0) -> None:
-    """Letterboxed scenes (uint8 memmap), their boxes, and a bank of plate images to paste."""
+                seed: int = 0, size: tuple[int, int] = (INPUT_H, INPUT_W)) -> None:
+    """Letterboxed scenes (uint8 memmap, `size` = height, width), their boxes, and a bank of
+    plate images to paste."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     scenes = load_scenes(data_dir)
     train = [s for s in scenes if not s.held_out]
     if not (cache_dir / "scenes.npy").exists():
         arr = np.lib.format.open_memmap(cache_dir / "scenes.tmp.npy", "w+", np.uint8,
-                                        (len(train), INPUT_H, INPUT_W, 3))
+                                        (len(train), *size, 3))
         boxes, sets = [], []
         real_plates: list[np.ndarray] = []
         for i, s in enumerate(train):
             img = cv2.imread(str(s.path), cv2.IMREAD_COLOR)
             if img is None:
                 raise OSError(f"{s.path}: unreadable image")
-            arr[i], sc = letterbox(img, INPUT_H, INPUT_W)
+            arr[i], sc = letterbox(img, *size)
             boxes.append(np.array([[x * sc, y * sc, w * sc, h * sc] for x, y, w, h in s.boxes],
                                   np.float32).reshape(-1, 4))
             sets.append(s.set)
@@ -196,7 +197,8 @@ class SceneSampler:
             cx = bx + bw / 2 + rng.uniform(-0.45, 0.45) * win
             cy = by + bh / 2 + rng.uniform(-0.45, 0.45) * win
         else:
-            cx, cy = rng.uniform(0, INPUT_W), rng.uniform(0, INPUT_H * 0.95)
+            h, w = self.scenes.shape[1:3]
+            cx, cy = rng.uniform(0, w), rng.uniform(0, h * 0.95)
         flip = rng.random() < 0.3
         sx = -scale if flip else scale
         M = np.array([[sx, 0, S / 2 - sx * cx], [0, scale, S / 2 - scale * cy]], np.float32)
