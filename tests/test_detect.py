@@ -28,7 +28,8 @@ from lprd.models import ModelError
 
 # Shares of the test's 24 synthetic plates the shipped model must find. Measured for
 # det-202612051946-e81: 24/24 at IoU >= 0.3 and at IoU >= 0.5 (scores 0.68-0.94; the same with
-# the plate checks check-202612052352 and check-202612060245 on, as `detector` has it), as for
+# the plate checks check-202612052352 and check-202612060245 on, as `detector` has it; with the
+# check's probability in the score, check_weight 0.15, 0.68-0.93), as for
 # det-202612051724-e86 and det-202611251718-e26; the first model, det-202611250854-e17, found
 # 20/24 at IoU >= 0.5.
 MIN_RECALL_IOU30 = 0.95
@@ -87,9 +88,9 @@ def test_tiles_or_zoom_find_far_plates_that_one_pass_misses(detector: PlateDetec
                                                              search: dict) -> None:
     # Plates 25-38 px wide in 1080p (8-13 px at the model's input in one pass). Measured for
     # det-202612051946-e81: one pass 9/24, tiles=2 16/24, zoom=2 16/24 (1.5: 13, 1.75: 17),
-    # none boxed twice, the same with the plate check (one pass and tiles 11 and 18 on the
-    # plates drawn before old Brazilian Qs got their tail; det-202612051724-e86 13 and 21,
-    # det-202611251718-e26 6 and 13 on those).
+    # none boxed twice, the same with the plate check as a veto or in the score (one pass and
+    # tiles 11 and 18 on the plates drawn before old Brazilian Qs got their tail;
+    # det-202612051724-e86 13 and 21, det-202611251718-e26 6 and 13 on those).
     wide = PlateDetector(DetectorConfig(**search), num_threads=1)
     rng = np.random.default_rng(99)
     one = two = 0
