@@ -94,10 +94,9 @@ def apply_check(dets: list[Detection], plate_probs: list[float], weight: float, 
     product: a sharp heatmap peak may carry a doubtful check and a sure check a weak peak, where
     two separate thresholds drop both (on the check's validation scenes, at each of the veto
     rule's false-box counts for detector thresholds 0.3-0.5, weight 0.15 keeps more plates)."""
-    out = [Detection(box=d.box, score=d.score * p ** weight if weight else d.score)
+    out = [Detection(box=d.box, score=d.score * p ** weight)  # p ** 0 == 1: the score as is
            for d, p in zip(dets, plate_probs, strict=True) if p >= floor]
-    out = [d for d in out if d.score >= threshold]
-    return sorted(out, key=lambda d: -d.score)[:max_plates]
+    return sorted((d for d in out if d.score >= threshold), key=lambda d: -d.score)[:max_plates]
 
 
 def decode(heat: np.ndarray, reg: np.ndarray, scale: float, frame_w: int, frame_h: int,

@@ -146,7 +146,7 @@ def prepare_cache(size: tuple[int, int]) -> Path:
             shutil.copy(CACHE_DIR / "rendered.pkl", cache / "rendered.pkl")
         mined = CACHE_DIR / "mined.json"
         f = size[0] / INPUT_H
-        if mined.exists() and not (cache / "mined.json").exists():
+        if mined.exists():  # rescaled afresh each time: a new mining replaces the source
             if abs(size[1] / INPUT_W - f) > 1e-6:
                 log.warning("%s: another aspect than %dx%d, its mined boxes are not reused",
                             cache, INPUT_H, INPUT_W)
@@ -188,11 +188,11 @@ def train(args: argparse.Namespace) -> int:
 
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     st = _state()
-    resume = (RUN_DIR / "last.keras").exists() and not args.fresh
+    ckpt = RUN_DIR / "last.keras"
+    resume = ckpt.exists() and not args.fresh
     size = tuple(st.get("input", (INPUT_H, INPUT_W))) if resume else args.input
     sampler = SceneSampler(prepare_cache(size), size=args.crop,
                            seed=args.seed + int(time.time()) % 1000)
-    ckpt = RUN_DIR / "last.keras"
     if resume:
         model = keras.models.load_model(ckpt, custom_objects={"focal_loss": focal_loss,
                                                                "reg_loss": reg_loss})

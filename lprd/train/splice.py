@@ -16,6 +16,9 @@ from itertools import pairwise
 import cv2
 import numpy as np
 
+from lprd.read import encode_text
+from lprd.train.reader_data import real_sample
+
 WORK_H = 64  # crops are boxed at this height
 NARROW = "I1"  # characters narrower than the others in every plate font
 
@@ -145,9 +148,6 @@ def splice_arrays(boxed: list[Boxed], rng: np.random.Generator, n: int
                   ) -> tuple[np.ndarray, np.ndarray] | None:
     """`n` splices of random pairs of `boxed` with the same set and pattern, each augmented
     like a real crop (`real_sample`): images (n, H, W) uint8 and labels (n, MAX_LEN)."""
-    from lprd.read import encode_text
-    from lprd.train.reader_data import real_sample
-
     buckets: dict[tuple[str, str], list[Boxed]] = {}
     for b in boxed:
         buckets.setdefault((b.group, b.pattern), []).append(b)
