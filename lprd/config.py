@@ -89,6 +89,10 @@ class DetectorConfig(_Strict):
         None, gt=0.0, lt=1.0, description="boxes the check scores below are dropped whatever "
         "their score; default: none with a check_weight, else the threshold in the check "
         "model's metadata")
+    refine: float = Field(
+        0.5, ge=0.0, le=1.0, description="where the plate check has a box head, how far each "
+        "box moves towards the box the check draws on the plate (0: the detector's box as is, "
+        "1: the check's); the check sees the box at a finer scale than the detector's heatmap")
 
 
 class ReaderConfig(_Strict):

@@ -108,6 +108,16 @@ def decode(heat: np.ndarray, reg: np.ndarray, scale: float, frame_w: int, frame_
     return merge(boxes, scores, nms_iou, max_plates)
 
 
+def window_rect(box, out_h: int, out_w: int, context: float, min_aspect: float,
+                zoom: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)
+                ) -> tuple[float, float, float, float]:
+    """Centre x, y and width, height of the plate check's window on a box (see check_window)."""
+    x, y, w, h = (float(v) for v in box)
+    ww = context * max(w, min_aspect * h) * zoom
+    wh = ww * out_h / out_w
+    return x + w / 2 + shift[0] * ww, y + h / 2 + shift[1] * wh, ww, wh
+
+
 def check_window(frame: np.ndarray, box, out_h: int, out_w: int, context: float,
                  min_aspect: float, zoom: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)
                  ) -> np.ndarray:
@@ -115,10 +125,7 @@ def check_window(frame: np.ndarray, box, out_h: int, out_w: int, context: float,
     box, `context` times as wide as the box or as `min_aspect` times its height (a square box
     gets plate-like context), resized to out_h x out_w; edges outside the frame are replicated.
     `zoom` and `shift` (in window widths / heights) are for training's jitter."""
-    x, y, w, h = (float(v) for v in box)
-    ww = context * max(w, min_aspect * h) * zoom
-    wh = ww * out_h / out_w
-    cx, cy = x + w / 2 + shift[0] * ww, y + h / 2 + shift[1] * wh
+    cx, cy, ww, wh = window_rect(box, out_h, out_w, context, min_aspect, zoom, shift)
     x0, y0 = round(cx - ww / 2), round(cy - wh / 2)
     x1, y1 = max(x0 + 1, round(cx + ww / 2)), max(y0 + 1, round(cy + wh / 2))
     fh, fw = frame.shape[:2]
@@ -130,6 +137,27 @@ def check_window(frame: np.ndarray, box, out_h: int, out_w: int, context: float,
                                   max(0, x1 - fw), cv2.BORDER_REPLICATE)
     interp = cv2.INTER_AREA if crop.shape[1] > out_w else cv2.INTER_LINEAR
     return cv2.resize(crop, (out_w, out_h), interpolation=interp)
+
+
+def box_to_target(rect: tuple[float, float, float, float], box) -> np.ndarray:
+    """A plate's box relative to a check window (`window_rect`): its centre's offset in window
+    widths / heights and the log of its size over the window's: what the check's box head
+    learns."""
+    cx, cy, ww, wh = rect
+    x, y, w, h = (float(v) for v in box)
+    return np.array([(x + w / 2 - cx) / ww, (y + h / 2 - cy) / wh,
+                     np.log(max(w, 1.0) / ww), np.log(max(h, 1.0) / wh)], np.float32)
+
+
+def target_to_box(rect: tuple[float, float, float, float], t) -> tuple[int, int, int, int]:
+    """The inverse of box_to_target: x, y, w, h in the frame's pixels."""
+    cx, cy, ww, wh = rect
+    # a size far outside what training showed (log-ratios of about -2.5 to 0.5) is clipped
+    w = ww * float(np.exp(np.clip(t[2], -4.0, 1.0)))
+    h = wh * float(np.exp(np.clip(t[3], -4.0, 1.0)))
+    x = cx + float(t[0]) * ww - w / 2
+    y = cy + float(t[1]) * wh - h / 2
+    return round(x), round(y), max(1, round(w)), max(1, round(h))
 
 
 class PlateCheck:
@@ -159,13 +187,35 @@ class PlateCheck:
     def version(self) -> str:
         return self.model.version
 
+    @property
+    def refines(self) -> bool:
+        """Whether this check has a box head (checks since check-2026120607 have)."""
+        return any(o["shape"][-1] == 4 for o in self.model.interpreter.get_output_details())
+
     def scores(self, frame_bgr: np.ndarray, boxes) -> list[float]:
         """Plate probability of each x, y, w, h box of the frame."""
-        out = []
+        return self.assess(frame_bgr, boxes)[0]
+
+    def assess(self, frame_bgr: np.ndarray, boxes, pull: float = 1.0
+               ) -> tuple[list[float], list | None]:
+        """Plate probability of each box, and the box moved `pull` of the way to the one its
+        box head draws on the plate (in the head's terms; clipped to the frame; None for a
+        check without a box head)."""
+        fh, fw = frame_bgr.shape[:2]
+        probs, redrawn = [], []
         for b in boxes:
             win = check_window(frame_bgr, b, self.in_h, self.in_w, self.context, self.min_aspect)
-            out.append(float(self.model.run(win[None].astype(np.float32))[0].reshape(-1)[0]))
-        return out
+            outs = self.model.run(win[None].astype(np.float32))
+            probs.append(float(next(o for o in outs if o.shape[-1] == 1).reshape(-1)[0]))
+            t = next((o for o in outs if o.shape[-1] == 4), None)
+            if t is None:
+                continue
+            rect = window_rect(b, self.in_h, self.in_w, self.context, self.min_aspect)
+            src = box_to_target(rect, b)
+            x, y, w, h = target_to_box(rect, src + pull * (t.reshape(-1) - src))
+            x0, y0 = min(max(0, x), fw - 1), min(max(0, y), fh - 1)
+            redrawn.append((x0, y0, max(1, min(fw, x + w) - x0), max(1, min(fh, y + h) - y0)))
+        return probs, (redrawn if len(redrawn) == len(probs) else None)
 
 
 TILE_OVERLAP = 0.25  # share of a tile its neighbour also covers: smaller plates lie whole in one
@@ -318,9 +368,17 @@ class PlateDetector:
                      self.cfg.max_plates if self.check is None else 4 * self.cfg.max_plates)
         if self.check is None or not dets:
             return dets
-        ps = self.check.scores(frame_bgr, [d.box for d in dets])
-        return apply_check(dets, ps, self.cfg.check_weight, self.cfg.threshold,
-                           self.check_threshold, self.cfg.max_plates)
+        ps, redrawn = self.check.assess(frame_bgr, [d.box for d in dets], self.cfg.refine)
+        if self.cfg.refine and redrawn is not None:
+            dets = [Detection(box=b, score=d.score) for d, b in zip(dets, redrawn, strict=True)]
+        out = apply_check(dets, ps, self.cfg.check_weight, self.cfg.threshold,
+                          self.check_threshold, self.cfg.max_plates)
+        if self.cfg.refine and redrawn is not None and len(out) > 1:
+            # two boxes on one plate may be redrawn alike
+            keep = nms(np.array([d.box for d in out], np.float32),
+                       np.array([d.score for d in out], np.float32), self.nms_iou)
+            out = [out[i] for i in keep]
+        return out
 
     def _pass(self, frame_bgr: np.ndarray, net: _Net) -> tuple[np.ndarray, np.ndarray]:
         """One model run on the whole of `frame_bgr`: candidate boxes in its pixels, scores."""

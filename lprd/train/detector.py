@@ -499,12 +499,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tag = "" if args.tiles == 1 else f"_tiles{args.tiles}"
     tag += "" if args.zoom == 1 else f"_zoom{args.zoom:g}"
     tag += "_nocheck" if args.no_check else ""
+    if not args.no_check and args.refine != DetectorConfig().refine:
+        tag += f"_refine{args.refine:g}"
     if not args.no_check and args.check_weight != DetectorConfig().check_weight:
         tag += f"_w{args.check_weight:g}"
     det = PlateDetector(DetectorConfig(model=args.model, threshold=min(th), max_plates=100,
                                        tiles=args.tiles, zoom=args.zoom, check=not args.no_check,
                                        check_threshold=args.check_threshold,
-                                       check_weight=args.check_weight), num_threads=1)
+                                       check_weight=args.check_weight,
+                                       check_model=args.check_model,
+                                       refine=args.refine), num_threads=1)
     for t in th:
         results[f"int8{tag}@{t}"] = evaluate(det.detect, holdout, t, RUN_DIR / f"fp_int8{tag}_{t}"
                                              if args.save_fp else None)
@@ -687,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the detector alone, without the plate check on its boxes")
     e.add_argument("--check-weight", type=float, default=DetectorConfig().check_weight,
                    help="detector.check_weight (0: the check's threshold alone decides)")
+    e.add_argument("--check-model", type=Path, default=None,
+                   help="the plate check's TFLite file (default: the bundled one)")
+    e.add_argument("--refine", type=float, default=DetectorConfig().refine,
+                   help="detector.refine (0: the detector's boxes as they are)")
     e.add_argument("--check-threshold", type=float, default=None,
                    help="the plate check's threshold (default: its metadata's)")
     e.set_defaults(func=cmd_eval)

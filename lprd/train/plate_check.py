@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lprd.detect import check_window
+from lprd.detect import box_to_target, check_window, window_rect
 from lprd.track import iou
 from lprd.train import hw_size
 from lprd.train.scenes import load_scenes
@@ -57,6 +57,16 @@ def _val(sc) -> bool:
 def _jitter(rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
     return float(rng.uniform(0.85, 1.2)), (float(rng.uniform(-0.06, 0.06)),
                                            float(rng.uniform(-0.08, 0.08)))
+
+
+def _box_jitter(box, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """A box drawn off a plate the way the detector's miss it (shifted, too tall or too wide):
+    windows on these teach the box head to redraw it."""
+    x, y, w, h = (float(v) for v in box)
+    cx = x + w / 2 + rng.uniform(-0.15, 0.15) * w
+    cy = y + h / 2 + rng.uniform(-0.25, 0.25) * h
+    w2, h2 = w * float(np.exp(rng.uniform(-0.3, 0.3))), h * float(np.exp(rng.uniform(-0.4, 0.4)))
+    return cx - w2 / 2, cy - h2 / 2, w2, h2
 
 
 def _looks_like_plate(read) -> bool:
@@ -87,7 +97,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     in_h, in_w = args.window
     win = (in_h, in_w, args.context, MIN_ASPECT)
-    xs, ys, val, kinds, det_scores = [], [], [], [], []
+    xs, ys, val, kinds, det_scores, targets, sources = [], [], [], [], [], [], []
+    nan4 = np.full(4, np.nan, np.float32)
     counts: dict[str, int] = {}
     scenes = [s for s in load_scenes() if not s.held_out]
     t0 = time.time()
@@ -97,7 +108,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             continue
         v = _val(sc)
 
-        def add(box, label, kind, n, jitter=True, score=np.nan, img=img, v=v):
+        def add(box, label, kind, n, jitter=True, score=np.nan, target=None, img=img, v=v):
             for _ in range(n):
                 z, sh = _jitter(rng) if jitter else (1.0, (0.0, 0.0))
                 xs.append(check_window(img, box, *win, z, sh))
@@ -105,19 +116,27 @@ def cmd_data(args: argparse.Namespace) -> int:
                 val.append(v)
                 kinds.append(kind)
                 det_scores.append(score)
+                rect = window_rect(box, *win, z, sh)
+                # the box head's target, and the input box in the same terms (for its metrics)
+                targets.append(nan4 if target is None else box_to_target(rect, target))
+                sources.append(box_to_target(rect, box))
                 jitter = True  # the first copy of a detector box is as the detector drew it
             counts[kind] = counts.get(kind, 0) + 1
 
         for g in sc.boxes:
-            add(g, 1, "label", 3)
+            add(g, 1, "label", 3, target=g)
+            for _ in range(2):
+                add(_box_jitter(g, rng), 1, "label_box", 1, jitter=False, target=g)
         finds = by_image.get(sc.key, [])
         for f in finds:
-            if f["kind"] == "plate":
+            if f["kind"] == "plate":  # RapidOCR's boxes are drawn otherwise: no box target
                 add(f["box"], 1, "mined_plate", 2)
         for d in det.detect(img):
-            best = max((iou(g, d.box) for g in sc.boxes), default=0.0)
+            ious = [iou(g, d.box) for g in sc.boxes]
+            best = max(ious, default=0.0)
             if best >= 0.5:
-                add(d.box, 1, "detector_hit", 2, jitter=False, score=d.score)
+                add(d.box, 1, "detector_hit", 2, jitter=False, score=d.score,
+                    target=sc.boxes[int(np.argmax(ious))])
                 continue
             if best > 0.1:
                 continue
@@ -141,17 +160,20 @@ def cmd_data(args: argparse.Namespace) -> int:
         if i % 200 == 0:
             log.info("%d/%d scenes, %.0f s, %s", i, len(scenes), time.time() - t0, counts)
     if args.synthetic:
-        for w, label, kind in synthetic_windows(args.synthetic, args.seed + 1, win):
+        for w, label, kind, t, src in synthetic_windows(args.synthetic, args.seed + 1, win):
             xs.append(w)
             ys.append(label)
             val.append(False)
             kinds.append(kind)
             det_scores.append(np.nan)
+            targets.append(t)
+            sources.append(src)
             counts[kind] = counts.get(kind, 0) + 1
     args.cache.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.cache / "samples.npz", x=np.stack(xs), y=np.array(ys, np.uint8),
                         val=np.array(val, bool), kind=np.array(kinds),
-                        score=np.array(det_scores, np.float32))
+                        score=np.array(det_scores, np.float32), t=np.stack(targets),
+                        src=np.stack(sources))
     summary = {"detector": det.version, "low_threshold": LOW_THRESHOLD, "tiles": 2,
                "boxes": counts, "windows": len(xs),
                "windows_val": int(np.sum(val)),
@@ -189,7 +211,12 @@ def synthetic_windows(n: int, seed: int, win: tuple = (IN_H, IN_W, CONTEXT, MIN_
         if b is None or b[2] < 4 or b[3] < 3:
             continue
         z, sh = _jitter(rng)
-        yield check_window(img, b, *win, z, sh), label, kind
+        box = b
+        if label and k % 4 == 0:  # half the plates boxed off as the detector may box them
+            box, z, sh = _box_jitter(b, rng), 1.0, (0.0, 0.0)
+        rect = window_rect(box, *win, z, sh)
+        t = box_to_target(rect, b) if label else np.full(4, np.nan, np.float32)
+        yield check_window(img, box, *win, z, sh), label, kind, t, box_to_target(rect, box)
 
 
 def window_of(cache: Path) -> dict:
@@ -199,8 +226,10 @@ def window_of(cache: Path) -> dict:
                                   "min_aspect": MIN_ASPECT})
 
 
-def build_model(width: int = 1, in_h: int = IN_H, in_w: int = IN_W):
-    """A few thousand boxes a second on one core: the check runs on every box of every frame."""
+def build_model(width: int = 1, in_h: int = IN_H, in_w: int = IN_W, box_head: bool = False):
+    """A few thousand boxes a second on one core: the check runs on every box of every frame.
+    The box head reads the last feature map flattened, not pooled: where the plate lies in the
+    window is what it must tell."""
     import keras
     from keras import layers
 
@@ -210,10 +239,43 @@ def build_model(width: int = 1, in_h: int = IN_H, in_w: int = IN_W):
         x = layers.Conv2D(ch * width, 3, strides=stride, padding="same", use_bias=False)(x)
         x = layers.BatchNormalization()(x)
         x = layers.ReLU(6.0)(x)
+    feat = x
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.2)(x)
     out = layers.Dense(1, activation="sigmoid", name="plate")(x)
-    return keras.Model(inp, out, name="lprd_plate_check")
+    if not box_head:
+        return keras.Model(inp, out, name="lprd_plate_check")
+    b = layers.Conv2D(32, 1, use_bias=False)(feat)
+    b = layers.BatchNormalization()(b)
+    b = layers.ReLU(6.0)(b)
+    b = layers.Flatten()(b)
+    box = layers.Dense(4, name="box")(b)
+    return keras.Model(inp, [out, box], name="lprd_plate_check")
+
+
+def masked_huber(y_true, y_pred):
+    """Huber loss on the box targets of windows that have one (NaN rows have none)."""
+    import tensorflow as tf
+
+    ok = tf.math.is_finite(y_true[:, :1])
+    y = tf.where(tf.math.is_finite(y_true), y_true, 0.0)
+    err = tf.abs(y - y_pred)
+    hub = tf.where(err < 0.1, 0.5 * err ** 2 / 0.1, err - 0.05)
+    return tf.reduce_sum(hub, axis=1) * tf.cast(ok[:, 0], tf.float32)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of rows of box_to_target encodings of one window (IoU is the same in any axis
+    scale, so the window's units do)."""
+    def corners(t):
+        w, h = np.exp(t[:, 2]), np.exp(t[:, 3])
+        return t[:, 0] - w / 2, t[:, 1] - h / 2, t[:, 0] + w / 2, t[:, 1] + h / 2
+    ax0, ay0, ax1, ay1 = corners(a)
+    bx0, by0, bx1, by1 = corners(b)
+    inter = np.clip(np.minimum(ax1, bx1) - np.maximum(ax0, bx0), 0, None) \
+        * np.clip(np.minimum(ay1, by1) - np.maximum(ay0, by0), 0, None)
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    return inter / np.maximum(union, 1e-9)
 
 
 def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -242,15 +304,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     d = np.load(args.cache / "samples.npz")
     x, y, val, kind = d["x"], d["y"].astype(np.float32), d["val"], d["kind"]
     xt, yt = x[~val], y[~val]
+    box_head = "t" in d.files and args.box_weight > 0  # older caches have no box targets
+    tt = d["t"][~val] if box_head else None
     log.info("train %d windows (%d plates), val %d (%d plates)", len(xt), int(yt.sum()),
              int(val.sum()), int(y[val].sum()))
-    model = build_model(args.width, *x.shape[1:3])
+    model = build_model(args.width, *x.shape[1:3], box_head=box_head)
     steps = args.epochs * (len(xt) // args.batch)
     sched = tf.keras.optimizers.schedules.CosineDecay(args.lr * 0.1, steps, alpha=0.02,
                                                       warmup_target=args.lr,
                                                       warmup_steps=steps // 20)
+    bce = tf.keras.losses.BinaryCrossentropy(label_smoothing=0.02)
     model.compile(tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
-                  loss=tf.keras.losses.BinaryCrossentropy(label_smoothing=0.02))
+                  loss=[bce, masked_huber] if box_head else bce,
+                  loss_weights=[1.0, args.box_weight] if box_head else None)
     rng = np.random.default_rng(args.seed)
     # plates and non-plates drawn equally often per batch
     pos, neg = np.nonzero(yt == 1)[0], np.nonzero(yt == 0)[0]
@@ -264,9 +330,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         losses = []
         for s in range(0, len(idx) - args.batch + 1, args.batch):
             b = idx[s:s + args.batch]
-            losses.append(float(model.train_on_batch(_augment(xt[b], rng), yt[b])))
-        p = model.predict(x[val], batch_size=256, verbose=0)[:, 0]
+            r = model.train_on_batch(_augment(xt[b], rng), [yt[b], tt[b]] if box_head else yt[b],
+                                     return_dict=True)
+            losses.append(float(r["loss"]))
+        out = model.predict(x[val], batch_size=256, verbose=0)
+        p = (out[0] if box_head else out)[:, 0]
         m = _val_metrics(p, y[val], kind[val], d["score"][val])
+        if box_head:
+            m.update(_box_metrics(out[1], d["t"][val], d["src"][val], kind[val]))
         hist.append({"epoch": ep + 1, "loss": float(np.mean(losses)), **m,
                      "seconds": time.time() - t})
         log.info("epoch %d/%d %s", ep + 1, args.epochs, json.dumps(hist[-1]))
@@ -306,6 +377,24 @@ def _val_metrics(p: np.ndarray, y: np.ndarray, kind: np.ndarray, score: np.ndarr
             "val_plate_windows_kept": float(np.mean(p[y == 1] >= th))}
 
 
+def _box_metrics(pred: np.ndarray, t: np.ndarray, src: np.ndarray, kind: np.ndarray) -> dict:
+    """How the box head redraws boxes on validation plates: their IoU with the labelled box
+    before and after, and the shares at IoU >= 0.5 (what recall counts) and 0.7. `det`: the
+    detector's boxes that hit a plate (at IoU >= 0.5 by selection, so they can only lose at
+    0.5); `off`: labelled boxes drawn off (`_box_jitter`), some under 0.5."""
+    out = {}
+    for name, k in (("det", "detector_hit"), ("off", "label_box")):
+        sel = (kind == k) & np.isfinite(t[:, 0])
+        if not sel.any():
+            continue
+        before, after = box_iou(src[sel], t[sel]), box_iou(pred[sel], t[sel])
+        for tag, v in (("before", before), ("after", after)):
+            out[f"val_{name}_iou_{tag}"] = float(v.mean())
+            out[f"val_{name}_iou50_{tag}"] = float(np.mean(v >= 0.5))
+            out[f"val_{name}_iou70_{tag}"] = float(np.mean(v >= 0.7))
+    return out
+
+
 def export(model, path: Path, last: dict, d, cache: Path = CACHE, run_dir: Path = RUN_DIR) -> None:
     import tensorflow as tf
 
@@ -323,15 +412,22 @@ def export(model, path: Path, last: dict, d, cache: Path = CACHE, run_dir: Path 
     # the int8 model's own threshold on the validation windows (quantisation moves scores)
     interp = tf.lite.Interpreter(model_content=blob)
     interp.allocate_tensors()
-    i_d, o_d = interp.get_input_details()[0], interp.get_output_details()[0]
+    i_d = interp.get_input_details()[0]
+    o_d = next(o for o in interp.get_output_details() if o["shape"][-1] == 1)
+    b_d = next((o for o in interp.get_output_details() if o["shape"][-1] == 4), None)
     s, z = i_d["quantization"]
     xv, yv, kv = d["x"][d["val"]], d["y"][d["val"]], d["kind"][d["val"]]
     p = np.empty(len(xv), np.float32)
+    tb = np.empty((len(xv), 4), np.float32)
     for i, w in enumerate(xv):
         interp.set_tensor(i_d["index"], np.clip(np.round(w / s + z), -128, 127).astype(np.int8)[None])
         interp.invoke()
         p[i] = interp.get_tensor(o_d["index"]).reshape(-1)[0]
+        if b_d is not None:
+            tb[i] = interp.get_tensor(b_d["index"]).reshape(-1)
     m = _val_metrics(p, yv, kv, d["score"][d["val"]])
+    if b_d is not None:
+        m.update(_box_metrics(tb, d["t"][d["val"]], d["src"][d["val"]], kv))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(blob)
@@ -340,13 +436,17 @@ def export(model, path: Path, last: dict, d, cache: Path = CACHE, run_dir: Path 
     meta = {
         "kind": "plate_check",
         "version": "check-" + datetime.now(UTC).strftime("%Y%m%d%H%M"),
-        "architecture": "6 conv layers (3x3, BN, ReLU6), global average pool, sigmoid",
+        "architecture": "6 conv layers (3x3, BN, ReLU6), global average pool, sigmoid"
+                        + ("; a box head (1x1 conv to 32, flattened, dense 4)" if b_d else ""),
         "input": {"height": win["height"], "width": win["width"], "channels": 3,
                   "color": "BGR", "range": [0, 255]},
         "window": {"context": win["context"], "min_aspect": win["min_aspect"],
                    "rule": "centred on the box, context * max(w, min_aspect * h) wide, "
                            "the input's aspect, edges replicated"},
         "threshold": round(m["threshold"], 4),
+        **({"box_head": {"output": "the plate's box in the window: centre offset in window "
+                                   "widths / heights, log of its width / height over the "
+                                   "window's (lprd.detect.target_to_box)"}} if b_d else {}),
         "threshold_rule": f"keeps {KEEP_POSITIVES:.0%} of the detector's boxes on validation "
                           "plates at the default detector threshold (15 % of training scenes by "
                           "source, never held-out ones)",
@@ -395,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--width", type=int, default=2, help="channel multiplier")
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--box-weight", type=float, default=1.0,
+                   help="weight of the box head's loss (0: no box head)")
     t.add_argument("--seed", type=int, default=2)
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", type=Path, default=MODEL_PATH)
