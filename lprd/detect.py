@@ -189,7 +189,7 @@ class PlateCheck:
 
     @property
     def refines(self) -> bool:
-        """Whether this check has a box head (checks since check-2026120607 have)."""
+        """Whether this check has a box head (checks since check-202612060551 have)."""
         return any(o["shape"][-1] == 4 for o in self.model.interpreter.get_output_details())
 
     def scores(self, frame_bgr: np.ndarray, boxes) -> list[float]:

@@ -147,6 +147,30 @@ def test_plate_check_threshold_keeps_its_share_of_the_detector_hits_it_will_see(
     assert m["val_false_rejected"] == pytest.approx(np.mean(false < m["threshold"]))
 
 
+def test_box_head_metrics_measure_iou_in_window_terms_as_in_pixels() -> None:
+    from lprd.detect import box_to_target, window_rect
+    from lprd.track import iou
+    from lprd.train.plate_check import _box_jitter, _box_metrics, box_iou
+
+    plate = (400, 300, 120, 30)
+    rect = window_rect(plate, 32, 96, 1.4, 2.0)
+    rng = np.random.default_rng(3)
+    offs = [_box_jitter(plate, rng) for _ in range(400)]
+    src = np.stack([box_to_target(rect, b) for b in offs])
+    t = np.stack([box_to_target(rect, plate)] * len(offs))
+    # the window's units stretch x and y apart; IoU does not change with that
+    assert np.allclose(box_iou(src, t), [iou(b, plate) for b in offs], atol=1e-4)
+    # spread 1 draws boxes near the plate, mostly still at IoU >= 0.5; spread 2 further off
+    assert 0.9 <= np.mean(box_iou(src, t) >= 0.5) < 1.0
+    far = np.stack([box_to_target(rect, _box_jitter(plate, rng, 2.0)) for _ in range(400)])
+    assert np.mean(box_iou(far, t) >= 0.5) < 0.8
+    # a head that draws the plate exactly: every box at IoU 1 after, none worse
+    kind = np.array(["label_box"] * len(offs))
+    m = _box_metrics(t, t, src, kind)
+    assert m["val_off_iou_after"] == pytest.approx(1.0) and m["val_off_iou_before"] < 0.8
+    assert "val_det_iou_after" not in m  # no detector boxes in this set
+
+
 def test_plate_check_window_option_parses_hxw_and_names_a_bad_value(tmp_path: Path,
                                                                     capsys) -> None:
     from lprd.train import hw_size
