@@ -194,20 +194,20 @@ class PlateCheck:
 
     def scores(self, frame_bgr: np.ndarray, boxes) -> list[float]:
         """Plate probability of each x, y, w, h box of the frame."""
-        return self.assess(frame_bgr, boxes)[0]
+        return self.assess(frame_bgr, boxes, pull=0.0)[0]
 
     def assess(self, frame_bgr: np.ndarray, boxes, pull: float = 1.0
                ) -> tuple[list[float], list | None]:
         """Plate probability of each box, and the box moved `pull` of the way to the one its
         box head draws on the plate (in the head's terms; clipped to the frame; None for a
-        check without a box head)."""
+        check without a box head, or with pull 0: the boxes stay as they are)."""
         fh, fw = frame_bgr.shape[:2]
         probs, redrawn = [], []
         for b in boxes:
             win = check_window(frame_bgr, b, self.in_h, self.in_w, self.context, self.min_aspect)
             outs = self.model.run(win[None].astype(np.float32))
             probs.append(float(next(o for o in outs if o.shape[-1] == 1).reshape(-1)[0]))
-            t = next((o for o in outs if o.shape[-1] == 4), None)
+            t = next((o for o in outs if o.shape[-1] == 4), None) if pull else None
             if t is None:
                 continue
             rect = window_rect(b, self.in_h, self.in_w, self.context, self.min_aspect)
@@ -369,11 +369,11 @@ class PlateDetector:
         if self.check is None or not dets:
             return dets
         ps, redrawn = self.check.assess(frame_bgr, [d.box for d in dets], self.cfg.refine)
-        if self.cfg.refine and redrawn is not None:
+        if redrawn is not None:
             dets = [Detection(box=b, score=d.score) for d, b in zip(dets, redrawn, strict=True)]
         out = apply_check(dets, ps, self.cfg.check_weight, self.cfg.threshold,
                           self.check_threshold, self.cfg.max_plates)
-        if self.cfg.refine and redrawn is not None and len(out) > 1:
+        if redrawn is not None and len(out) > 1:
             # two boxes on one plate may be redrawn alike
             keep = nms(np.array([d.box for d in out], np.float32),
                        np.array([d.score for d in out], np.float32), self.nms_iou)
