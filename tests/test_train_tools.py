@@ -147,6 +147,20 @@ def test_plate_check_threshold_keeps_its_share_of_the_detector_hits_it_will_see(
     assert m["val_false_rejected"] == pytest.approx(np.mean(false < m["threshold"]))
 
 
+def test_text_boxes_become_negatives_unless_the_reader_sees_a_possible_plate() -> None:
+    from lprd.train.plate_check import _looks_like_plate, _maybe_plate
+    from lprd.types import Read
+
+    def read(text: str, conf: float) -> Read:
+        return Read(text=text, confidence=conf, chars=())
+
+    # reads of mined "text" boxes on training scenes: a cut-off plate, a badge, a watermark
+    cut_plate, badge, digits = read("Y2W59", 0.05), read("EQUUS", 0.6), read("10485714", 0.4)
+    assert _maybe_plate(cut_plate) and not _looks_like_plate(cut_plate)  # kept out as unsure
+    assert not _maybe_plate(badge) and not _maybe_plate(digits)  # taught as false boxes
+    assert not _maybe_plate(read("2BKP112", 0.01))  # too unsure to keep out
+
+
 def test_box_head_metrics_measure_iou_in_window_terms_as_in_pixels() -> None:
     from lprd.detect import box_to_target, window_rect
     from lprd.track import iou

@@ -83,6 +83,14 @@ def _looks_like_plate(read) -> bool:
             and any(c.isalpha() for c in t))
 
 
+def _maybe_plate(read) -> bool:
+    """Looser than `_looks_like_plate`, for boxes where RapidOCR found text that is no plate:
+    a cut-off or background plate reads as a weak mix of letters and digits."""
+    t = read.text
+    return (read.confidence >= 0.02 and 4 <= len(t) <= 9 and any(c.isdigit() for c in t)
+            and any(c.isalpha() for c in t))
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from lprd.config import DetectorConfig
     from lprd.detect import PlateDetector
@@ -149,14 +157,19 @@ def cmd_data(args: argparse.Namespace) -> int:
             if best > 0.1:
                 continue
             near = [f for f in finds if iou(f["box"], d.box) > 0.3]
-            if any(f["kind"] in ("plate", "text") for f in near):
+            texty = any(f["kind"] == "text" for f in near)
+            if any(f["kind"] == "plate" for f in near) or (texty and not args.text_negatives):
                 continue
             if sc.set in UNSURE_NEGATIVES and not any(f["kind"] == "sign" for f in near):
                 continue
-            if _looks_like_plate(reader.read_box(img, d.box)):
+            read = reader.read_box(img, d.box)
+            if _looks_like_plate(read) or (texty and _maybe_plate(read)):
                 counts["reader_says_plate"] = counts.get("reader_says_plate", 0) + 1
                 continue
-            add(d.box, 0, "detector_false", 2, jitter=False, score=d.score)
+            if texty:  # badges, signs, watermarks: the false boxes that cost most, weighted up
+                add(d.box, 0, "detector_text", 4, jitter=False, score=d.score)
+            else:
+                add(d.box, 0, "detector_false", 2, jitter=False, score=d.score)
         if sc.set not in UNSURE_NEGATIVES:  # one random plate-sized window: easy negatives
             h, w = img.shape[:2]
             bw = int(rng.uniform(0.03, 0.25) * w)
@@ -183,6 +196,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                         score=np.array(det_scores, np.float32), t=np.stack(targets),
                         src=np.stack(sources))
     summary = {"detector": det.version, "low_threshold": LOW_THRESHOLD, "tiles": 2,
+               "text_negatives": args.text_negatives,
                "boxes": counts, "windows": len(xs),
                "windows_val": int(np.sum(val)),
                "window": {"height": in_h, "width": in_w, "context": args.context,
@@ -500,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--box-spread", type=float, default=1.0,
                    help="how far off the plate the second of each label's two drawn-off boxes "
                         "lies (1: as the first, about 95 %% of them at IoU >= 0.5)")
+    d.add_argument("--text-negatives", action=argparse.BooleanOptionalAction, default=False,
+                   help="also teach as false the detector's boxes on text that RapidOCR read "
+                        "(`mine`'s \"text\": badges, signs, watermarks) unless our reader reads "
+                        "them as a possible plate")
     d.add_argument("--cache", type=Path, default=CACHE, help="where the windows go")
     t = sub.add_parser("train", help="train and export (the shipped check: these defaults, "
                        "33 minutes on one thread)")
