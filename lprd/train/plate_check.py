@@ -104,7 +104,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             log.error("%s is missing: it is made by `%s` (the detector's recipe)", path, how)
             return 1
     det = PlateDetector(DetectorConfig(model=args.model, threshold=LOW_THRESHOLD, max_plates=100,
-                                       tiles=2, check=False), num_threads=1)
+                                       tiles=2, zoom=args.zoom, check=False), num_threads=1)
     reader = PlateReader(num_threads=1)
     mined = json.loads((ROOT / "cache" / "det" / "mined.json").read_text())["found"]
     by_image: dict[str, list[dict]] = {}
@@ -112,7 +112,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         by_image.setdefault(f["image"], []).append(f)
     rng = np.random.default_rng(args.seed)
     in_h, in_w = args.window
-    win = (in_h, in_w, args.context, MIN_ASPECT)
+    win = (in_h, in_w, args.context, args.min_aspect)
     xs, ys, val, kinds, det_scores, targets, sources = [], [], [], [], [], [], []
     nan4 = np.full(4, np.nan, np.float32)
     counts: dict[str, int] = {}
@@ -196,11 +196,12 @@ def cmd_data(args: argparse.Namespace) -> int:
                         score=np.array(det_scores, np.float32), t=np.stack(targets),
                         src=np.stack(sources))
     summary = {"detector": det.version, "low_threshold": LOW_THRESHOLD, "tiles": 2,
+               "zoom": args.zoom,
                "text_negatives": args.text_negatives,
                "boxes": counts, "windows": len(xs),
                "windows_val": int(np.sum(val)),
                "window": {"height": in_h, "width": in_w, "context": args.context,
-                          "min_aspect": MIN_ASPECT}}
+                          "min_aspect": args.min_aspect}}
     (args.cache / "samples.json").write_text(json.dumps(summary, indent=1))
     log.info("wrote %d windows: %s", len(xs), summary)
     return 0
@@ -511,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="the check's input size (default %(default)s)")
     d.add_argument("--context", type=float, default=CONTEXT,
                    help="window width as a multiple of the box's (or of min_aspect x its height)")
+    d.add_argument("--min-aspect", type=float, default=MIN_ASPECT,
+                   help="a box narrower than this many times its height gets a window as wide "
+                        "as one that is (times --context), so a square plate shows whole")
+    d.add_argument("--zoom", type=float, default=1.0,
+                   help="also take the false boxes of the detector's zoom pass at this zoom "
+                        "(`detector.zoom`; 1: one pass and tiles 2 only)")
     d.add_argument("--box-spread", type=float, default=1.0,
                    help="how far off the plate the second of each label's two drawn-off boxes "
                         "lies (1: as the first, about 95 %% of them at IoU >= 0.5)")
