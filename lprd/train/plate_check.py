@@ -77,18 +77,16 @@ def _box_jitter(box, rng: np.random.Generator, spread: float = 1.0
     return cx - w2 / 2, cy - h2 / 2, w2, h2
 
 
-def _looks_like_plate(read) -> bool:
+def _looks_like_plate(read, min_confidence: float = 0.5) -> bool:
     t = read.text
-    return (read.confidence >= 0.5 and 4 <= len(t) <= 9 and any(c.isdigit() for c in t)
-            and any(c.isalpha() for c in t))
+    return (read.confidence >= min_confidence and 4 <= len(t) <= 9
+            and any(c.isdigit() for c in t) and any(c.isalpha() for c in t))
 
 
 def _maybe_plate(read) -> bool:
     """Looser than `_looks_like_plate`, for boxes where RapidOCR found text that is no plate:
     a cut-off or background plate reads as a weak mix of letters and digits."""
-    t = read.text
-    return (read.confidence >= 0.02 and 4 <= len(t) <= 9 and any(c.isdigit() for c in t)
-            and any(c.isalpha() for c in t))
+    return _looks_like_plate(read, min_confidence=0.02)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
