@@ -67,7 +67,7 @@ class CameraConfig(_Strict):
 
 class DetectorConfig(_Strict):
     model: Path | None = Field(None, description="TFLite file; default: the bundled detector")
-    threshold: float = Field(0.35, gt=0.0, lt=1.0)
+    threshold: float = Field(0.4, gt=0.0, lt=1.0)
     max_plates: int = Field(10, ge=1, le=100)
     min_width: int = Field(16, ge=1, description="boxes narrower than this (px) are ignored")
     tiles: int = Field(
@@ -77,6 +77,12 @@ class DetectorConfig(_Strict):
         1.0, ge=1.0, le=3.0, description="also search the whole frame at this many times the "
         "model's input size for far, small plates (1: off; 1.5 finds almost as many as tiles: "
         "2 at about half its cost); costs about zoom*zoom more detector work per frame")
+    second_look: int = Field(
+        6, ge=0, le=32, description="look again at up to this many of the one pass's weak "
+        "peaks of small plates (scores from second_look_min to threshold) through a window at "
+        "the frame's own pixels, for far plates; each window costs about 1/16 of a pass; 0: off")
+    second_look_min: float = Field(
+        0.1, gt=0.0, lt=1.0, description="the weakest peak the second look looks at again")
     check: bool = Field(
         True, description="pass each box through the plate check (models/plate_check.tflite), "
         "a small classifier that rejects plate-like text, lights and grilles")

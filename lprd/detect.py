@@ -224,6 +224,11 @@ TILE_NMS_IOU = 0.3
 # px at the full pass's input: wider plates are found there (98 % of held-out ones, det-…-e81)
 TILE_MAX_WIDTH = 32
 ZOOM_MULTIPLE = 32  # the backbone's stride: the FPN's sums need sizes it divides
+# The second look's window at the model's input: 1/16 of a full pass, room for a far plate and
+# the car around it. Cut at the frame's own pixels, but at most LOOK_MAX_ZOOM times the full
+# pass's scale (a 1080p frame: its own pixels; a 4K frame: 3/4 of them).
+LOOK_INPUT = (96, 160)
+LOOK_MAX_ZOOM = 3.0
 
 
 def tile_grid(frame_h: int, frame_w: int, n: int) -> list[tuple[int, int, int, int]]:
@@ -298,16 +303,20 @@ class PlateDetector:
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{self.model.path.with_suffix('.json')}: bad metadata ({e})") from None
         sig = self.model.input_detail["shape_signature"]
-        if cfg.zoom > 1.0 and tuple(sig[1:3]) != (-1, -1):
-            raise ModelError(f"{self.model.path}: detector.zoom needs a detector exported with a "
-                             "flexible input size, as `python -m lprd.train.detector export` "
-                             f"makes them; this one's is fixed at {tuple(sig[1:3])}")
+        for key, on in (("zoom", cfg.zoom > 1.0), ("second_look", cfg.second_look > 0)):
+            if on and tuple(sig[1:3]) != (-1, -1):
+                raise ModelError(f"{self.model.path}: detector.{key} needs a detector exported "
+                                 "with a flexible input size, as `python -m lprd.train.detector "
+                                 f"export` makes them; this one's is fixed at {tuple(sig[1:3])}")
         self._full = _net(self.model, self.in_h, self.in_w)
         zh, zw = zoom_size(self.in_h, self.in_w, cfg.zoom)
         # a second interpreter: resizing one back and forth would reallocate every frame (and
         # none where the zoom rounds to the model's own size)
         self._zoom = (_net(load_model(self.model.path, "detector", num_threads), zh, zw)
                       if zh * zw > self.in_h * self.in_w else None)
+        # the second look: a third interpreter at the window's size, for the same reason
+        self._look = (_net(load_model(self.model.path, "detector", num_threads), *LOOK_INPUT)
+                      if cfg.second_look else None)
         self.check = PlateCheck(cfg.check_model, num_threads) if cfg.check else None
         # with a weight the check's probability is part of the score; its own threshold (a
         # veto) applies when the weight is 0 or the config sets one
@@ -335,30 +344,42 @@ class PlateDetector:
         With cfg.tiles = n > 1 the frame is also searched as an n x n grid of overlapping tiles,
         each scaled up to the model's input: far plates get n times more pixels. With cfg.zoom
         = z > 1 it is also searched whole at z times the model's input size. Either keeps only
-        the small plates it finds (the full pass finds wider ones better)."""
+        the small plates it finds (the full pass finds wider ones better). With
+        cfg.second_look = k > 0 the k strongest small peaks of the full pass under the threshold
+        (from cfg.second_look_min) are looked at again through a window at the frame's own
+        pixels (`_second_look`)."""
         if not isinstance(frame_bgr, np.ndarray) or frame_bgr.ndim != 3 \
                 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8 or frame_bgr.size == 0:
             raise ValueError(f"expected a BGR uint8 frame (H, W, 3), got "
                              f"{getattr(frame_bgr, 'shape', None)} "
                              f"{getattr(frame_bgr, 'dtype', type(frame_bgr).__name__)}")
         fh, fw = frame_bgr.shape[:2]
-        boxes, scores = self._pass(frame_bgr, self._full)
-        all_boxes, all_scores = [boxes], [scores]
         full_scale = min(self.in_h / fh, self.in_w / fw)
+        th = self.cfg.threshold
+        if self._look is None:
+            all_boxes, all_scores = [], []
+            boxes, scores = self._pass(frame_bgr, self._full, th)
+        else:
+            boxes, scores = self._pass(frame_bgr, self._full, min(th, self.cfg.second_look_min))
+            all_boxes, all_scores = self._second_look(frame_bgr, boxes, scores, full_scale)
+            strong = scores >= th
+            boxes, scores = boxes[strong], scores[strong]
+        all_boxes.insert(0, boxes)
+        all_scores.insert(0, scores)
         if self._zoom is not None:
-            b, sc = self._pass(frame_bgr, self._zoom)
+            b, sc = self._pass(frame_bgr, self._zoom, th)
             small = b[:, 2] * full_scale < TILE_MAX_WIDTH
             all_boxes.append(b[small])
             all_scores.append(sc[small])
-        for x0, y0, tw, th in tile_grid(fh, fw, self.cfg.tiles):
-            b, sc = self._pass(frame_bgr[y0:y0 + th, x0:x0 + tw], self._full)
+        for x0, y0, tw, tth in tile_grid(fh, fw, self.cfg.tiles):
+            b, sc = self._pass(frame_bgr[y0:y0 + tth, x0:x0 + tw], self._full, th)
             # Tiles are for the plates too small for the full pass; a plate cut by an edge
             # inside the frame is whole in a neighbour or the full pass.
             small = b[:, 2] * full_scale < TILE_MAX_WIDTH
             whole = small & (((b[:, 0] > TILE_EDGE) | (x0 == 0))
                      & ((b[:, 0] + b[:, 2] < tw - TILE_EDGE) | (x0 + tw >= fw))
                      & ((b[:, 1] > TILE_EDGE) | (y0 == 0))
-                     & ((b[:, 1] + b[:, 3] < th - TILE_EDGE) | (y0 + th >= fh)))
+                     & ((b[:, 1] + b[:, 3] < tth - TILE_EDGE) | (y0 + tth >= fh)))
             all_boxes.append(b[whole] + np.array([x0, y0, 0, 0], np.float32))
             all_scores.append(sc[whole])
         # Passes at different scales box one plate less alike: merge them more eagerly.
@@ -380,8 +401,45 @@ class PlateDetector:
             out = [out[i] for i in keep]
         return out
 
-    def _pass(self, frame_bgr: np.ndarray, net: _Net) -> tuple[np.ndarray, np.ndarray]:
-        """One model run on the whole of `frame_bgr`: candidate boxes in its pixels, scores."""
+    def _second_look(self, frame_bgr: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                     full_scale: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Boxes (frame pixels) and scores from windows around the strongest small peaks of the
+        full pass under the threshold. A far plate is a few cells of the full pass's heatmap,
+        where it often peaks weakly; at the frame's own pixels it is a plate the model knows.
+        Only boxes near the peak looked at are kept: the rest of the window is the full pass's
+        to judge (on validation scenes, keeping them added false boxes and no plates)."""
+        fh, fw = frame_bgr.shape[:2]
+        weak = np.flatnonzero((scores < self.cfg.threshold)
+                              & (boxes[:, 2] * full_scale < TILE_MAX_WIDTH))
+        weak = weak[np.argsort(-scores[weak], kind="stable")][: self.cfg.second_look]
+        s = min(LOOK_MAX_ZOOM * full_scale, 1.0)
+        wh, ww = min(fh, round(LOOK_INPUT[0] / s)), min(fw, round(LOOK_INPUT[1] / s))
+        out_b: list[np.ndarray] = []
+        out_s: list[np.ndarray] = []
+        looked: list[tuple[float, float]] = []
+        for i in weak:
+            x, y, w, h = boxes[i]
+            cx, cy = x + w / 2, y + h / 2
+            # a peak near one already looked at is in that window
+            if any(abs(cx - a) < ww / 4 and abs(cy - b) < wh / 4 for a, b in looked):
+                continue
+            looked.append((cx, cy))
+            x0 = int(np.clip(round(cx - ww / 2), 0, fw - ww))
+            y0 = int(np.clip(round(cy - wh / 2), 0, fh - wh))
+            b, sc = self._pass(frame_bgr[y0:y0 + wh, x0:x0 + ww], self._look,
+                               self.cfg.threshold)
+            bx = b[:, 0] + b[:, 2] / 2 + x0
+            by = b[:, 1] + b[:, 3] / 2 + y0
+            keep = ((b[:, 2] * full_scale < TILE_MAX_WIDTH) & (np.abs(bx - cx) < max(w, 8))
+                    & (np.abs(by - cy) < max(h, 6)))
+            out_b.append(b[keep] + np.array([x0, y0, 0, 0], np.float32))
+            out_s.append(sc[keep])
+        return out_b, out_s
+
+    def _pass(self, frame_bgr: np.ndarray, net: _Net, threshold: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """One model run on the whole of `frame_bgr`: candidate boxes in its pixels (at or
+        above `threshold`), scores."""
         fh, fw = frame_bgr.shape[:2]
         x, scale = letterbox(frame_bgr, net.h, net.w)
         interp, inp = net.interp, net.inp
@@ -397,5 +455,5 @@ class PlateDetector:
         interp.invoke()
         heat = self._output(interp, net.heat)[..., 0]
         reg = self._output(interp, net.reg)
-        return candidates(heat, reg, scale, fw, fh, self.stride, self.cfg.threshold,
+        return candidates(heat, reg, scale, fw, fh, self.stride, threshold,
                           self.cfg.max_plates, self.cfg.min_width)

@@ -80,6 +80,8 @@ BAD_CONFIGS = [
      "cameras.gate.reconnect:"),
     ("tracker:\n  track_timeout: 0\n", "tracker.track_timeout:"),
     ("detector:\n  zoom: 0.5\n", "detector.zoom:"),
+    ("detector:\n  second_look: -1\n", "detector.second_look:"),
+    ("detector:\n  second_look_min: 1.5\n", "detector.second_look_min:"),
     ("detector:\n  check_weight: -0.1\n", "detector.check_weight:"),
     ("service:\n  log_level: loud\n", "service.log_level:"),
     ("cameras: [\n", "line 2"),

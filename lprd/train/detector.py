@@ -498,18 +498,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     th = args.threshold
     tag = "" if args.tiles == 1 else f"_tiles{args.tiles}"
     tag += "" if args.zoom == 1 else f"_zoom{args.zoom:g}"
+    tag += f"_look{args.second_look}" if args.second_look else ""
     tag += "_nocheck" if args.no_check else ""
     if not args.no_check and args.refine != DetectorConfig().refine:
         tag += f"_refine{args.refine:g}"
     if not args.no_check and args.check_weight != DetectorConfig().check_weight:
         tag += f"_w{args.check_weight:g}"
-    det = PlateDetector(DetectorConfig(model=args.model, threshold=min(th), max_plates=100,
-                                       tiles=args.tiles, zoom=args.zoom, check=not args.no_check,
-                                       check_threshold=args.check_threshold,
-                                       check_weight=args.check_weight,
-                                       check_model=args.check_model,
-                                       refine=args.refine), num_threads=1)
     for t in th:
+        # one detector per threshold: the second look starts from the peaks under it
+        det = PlateDetector(DetectorConfig(model=args.model, threshold=t, max_plates=100,
+                                           tiles=args.tiles, zoom=args.zoom,
+                                           check=not args.no_check,
+                                           second_look=args.second_look,
+                                           check_threshold=args.check_threshold,
+                                           check_weight=args.check_weight,
+                                           check_model=args.check_model,
+                                           refine=args.refine), num_threads=1)
         results[f"int8{tag}@{t}"] = evaluate(det.detect, holdout, t, RUN_DIR / f"fp_int8{tag}_{t}"
                                              if args.save_fp else None)
     if args.float:
@@ -538,6 +542,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # merged: runs with and without tiles or the check each add their keys
         meta.setdefault("metrics", {}).setdefault("heldout", {}).update(results)
         mp.write_text(json.dumps(meta, indent=1))
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
     (RUN_DIR / f"eval{tag}.json").write_text(json.dumps(results, indent=1))
     return 0
 
@@ -547,7 +552,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from lprd.detect import PlateDetector
 
     det = PlateDetector(DetectorConfig(model=args.model, tiles=args.tiles, zoom=args.zoom,
-                                       check=not args.no_check), num_threads=args.threads)
+                                       second_look=args.second_look, check=not args.no_check),
+                        num_threads=args.threads)
     rng = np.random.default_rng(0)
     for h, w in ((1080, 1920), (720, 1280)):
         frames = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2)]
@@ -681,12 +687,14 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(func=train)
     e = sub.add_parser("eval", help="held-out recall / false plates of the TFLite model")
     e.add_argument("--model", type=Path, default=None)
-    e.add_argument("--threshold", type=float, nargs="+", default=[0.35])
+    e.add_argument("--threshold", type=float, nargs="+", default=[DetectorConfig().threshold])
     e.add_argument("--float", action="store_true", help="also the float Keras checkpoint")
     e.add_argument("--save-fp", action="store_true", help="write false-plate crops to runs/")
     e.add_argument("--write-metadata", action="store_true")
     e.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
     e.add_argument("--zoom", type=float, default=1.0, help="detector.zoom (1: one pass)")
+    e.add_argument("--second-look", type=int, default=DetectorConfig().second_look,
+                   help="detector.second_look (0: one pass; default: the config's)")
     e.add_argument("--no-check", action="store_true",
                    help="the detector alone, without the plate check on its boxes")
     e.add_argument("--check-weight", type=float, default=DetectorConfig().check_weight,
@@ -704,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("-n", type=int, default=100)
     b.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
     b.add_argument("--zoom", type=float, default=1.0, help="detector.zoom (1: one pass)")
+    b.add_argument("--second-look", type=int, default=DetectorConfig().second_look,
+                   help="detector.second_look (0: one pass; default: the config's)")
     b.add_argument("--no-check", action="store_true", help="without the plate check")
     b.set_defaults(func=cmd_bench)
     x = sub.add_parser("export", help="TFLite + metadata from runs/detector/last.keras")

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     # the detector alone: its own false boxes are what the next schedule and the check learn
     # from (the check, on by default, would hide most of them)
     det = PlateDetector(DetectorConfig(model=args.model, threshold=args.threshold,
-                                       max_plates=50, check=False), num_threads=1)
+                                       max_plates=50, second_look=0, check=False),
+                        num_threads=1)
     ocr = Labeler(threads=1)
     # the same order as build_cache's training scenes: the index is the cache row
     scenes = [s for s in load_scenes() if s.held_out == args.held_out]

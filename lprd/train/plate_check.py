@@ -49,6 +49,9 @@ MODEL_PATH = ROOT / "models" / "plate_check.tflite"
 IN_H, IN_W = 32, 96  # the shipped check's window (`data --window`, `--context`)
 CONTEXT, MIN_ASPECT = 1.4, 2.0
 LOW_THRESHOLD = 0.1  # the detector threshold the negatives are mined at
+# The detector threshold the shipped check's own threshold was set for: the default until
+# 2026-12-06 (0.4 since, with the second look); kept so that the recipe reproduces the check.
+OPERATING_THRESHOLD = 0.35
 KEEP_POSITIVES = 0.99  # the check's threshold keeps this share of validation plates
 UNSURE_NEGATIVES = ("romanian_dashcam",)
 
@@ -102,7 +105,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             log.error("%s is missing: it is made by `%s` (the detector's recipe)", path, how)
             return 1
     det = PlateDetector(DetectorConfig(model=args.model, threshold=LOW_THRESHOLD, max_plates=100,
-                                       tiles=2, zoom=args.zoom, check=False), num_threads=1)
+                                       tiles=2, zoom=args.zoom, second_look=0, check=False),
+                        num_threads=1)
     reader = PlateReader(num_threads=1)
     mined = json.loads((ROOT / "cache" / "det" / "mined.json").read_text())["found"]
     by_image: dict[str, list[dict]] = {}
@@ -383,11 +387,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _val_metrics(p: np.ndarray, y: np.ndarray, kind: np.ndarray, score: np.ndarray) -> dict:
     """The threshold that keeps KEEP_POSITIVES of the detector's boxes on validation plates that
-    score at least the default detector threshold (the boxes the check will see), and the share
-    of its false boxes at that threshold the check rejects."""
-    from lprd.config import DetectorConfig
-
-    op = DetectorConfig().threshold
+    score at least OPERATING_THRESHOLD (the boxes the check will see), and the share of its
+    false boxes at that threshold the check rejects."""
+    op = OPERATING_THRESHOLD
     seen = score >= op  # NaN (not a detector box) compares False
     hits = p[(y == 1) & (kind == "detector_hit") & seen]
     th = float(np.quantile(hits, 1 - KEEP_POSITIVES)) if len(hits) else 0.5
