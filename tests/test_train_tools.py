@@ -13,6 +13,7 @@ from lprd.train.detector import (
     UNLABELLED,
     cache_for,
     evaluate,
+    far_plate_frames,
     rescale_mined,
     unlabelled_plates,
 )
@@ -84,6 +85,25 @@ def test_the_unlabelled_plate_list_names_held_out_scenes_only() -> None:
         sc = held[image]
         for x, y, w, h in boxes:
             assert 0 <= x and 0 <= y and x + w <= sc.width and y + h <= sc.height
+
+
+@pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")
+def test_far_plate_frames_are_seeded_small_and_clear_of_labelled_plates() -> None:
+    from lprd.train.plate_check import _val
+
+    frames = far_plate_frames(seed=7, per_scene=1)
+    again = far_plate_frames(seed=7, per_scene=1)
+    assert len(frames) > 250 and [p for _, p in frames] == [p for _, p in again]
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(frames[:5], again[:5],
+                                                              strict=True))
+    val = {s.path.name: s for s in load_scenes() if not s.held_out and _val(s)}
+    assert len(val) >= len(frames)
+    for img, placed in frames:
+        fh, fw = img.shape[:2]
+        scale = min(384 / fh, 640 / fw)
+        for x, y, w, h in placed:
+            assert 0 <= x and x + w <= fw and 0 <= y and y + h <= fh
+            assert 8 <= round(w * scale) <= 24  # far: under 32 px at the one pass's input
 
 
 def test_training_exact_rate_scores_both_reader_heads() -> None:

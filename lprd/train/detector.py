@@ -547,6 +547,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+FAR_WIDTH = (8, 24)  # px at the one pass's input: the plates it finds worst (under 32)
+
+
+def far_plate_frames(seed: int = 7, per_scene: int = 2) -> list[tuple[np.ndarray, list]]:
+    """Far plates with no held-out data in them: real crops of the crop sets' training texts
+    (one-row shapes, aspect >= 1.6) pasted FAR_WIDTH px wide at the one pass's input into the
+    plate check's validation scenes (training scenes), light matched, some blurred, clear of
+    the labelled plates. The held-out scenes have 52 plates under 32 px at the input, too few to
+    choose far-plate settings on (and choosing on them spoils them)."""
+    from lprd.train.plate_check import _val
+    from lprd.train.reader_data import is_heldout, real_crops
+
+    rng = np.random.default_rng(seed)
+    crops = [c for c in real_crops() if not is_heldout(c.text)
+             and c.set != "spain_street_crops"]  # those are square photos around the plate
+    frames = []
+    for sc in (s for s in load_scenes() if not s.held_out and _val(s)):
+        img = cv2.imread(str(sc.path), cv2.IMREAD_COLOR)
+        fh, fw = img.shape[:2]
+        scale = min(INPUT_H / fh, INPUT_W / fw)
+        placed: list[tuple[int, int, int, int]] = []
+        for _ in range(per_scene):
+            plate = cv2.imread(str(crops[rng.integers(len(crops))].path), cv2.IMREAD_COLOR)
+            aspect = plate.shape[1] / plate.shape[0]
+            w = round(rng.uniform(*FAR_WIDTH) / scale)
+            h = max(3, round(w / aspect))
+            if aspect < 1.6 or w < 16 or w > fw // 3:
+                continue
+            for _ in range(10):
+                box = (int(rng.uniform(0, fw - w)), int(rng.uniform(fh * 0.3, fh - h)), w, h)
+                if all(iou(box, o) == 0 and abs(box[0] - o[0]) > w + o[2]
+                       for o in (*sc.boxes, *placed)):
+                    break
+            else:
+                continue
+            x, y = box[:2]
+            q = cv2.resize(plate, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+            spot = img[y:y + h, x:x + w].astype(np.float32)
+            q *= np.clip((spot.mean() + 1) / (q.mean() + 1), 0.4, 1.3) ** rng.uniform(0.3, 0.9)
+            if rng.random() < 0.5:
+                q = cv2.GaussianBlur(q, (0, 0), rng.uniform(0.3, 0.8))
+            img[y:y + h, x:x + w] = np.clip(q + rng.normal(0, 3, q.shape), 0, 255).astype(np.uint8)
+            placed.append(box)
+        if placed:
+            frames.append((img, placed))
+    return frames
+
+
+def cmd_far(args: argparse.Namespace) -> int:
+    """Recall of `far_plate_frames`' pasted plates (IoU >= 0.5) per threshold."""
+    from lprd.detect import PlateDetector
+
+    frames = far_plate_frames(args.seed)
+    total = sum(len(p) for _, p in frames)
+    for t in args.threshold:
+        det = PlateDetector(DetectorConfig(model=args.model, threshold=t, max_plates=100,
+                                           tiles=args.tiles, zoom=args.zoom,
+                                           second_look=args.second_look,
+                                           check=not args.no_check), num_threads=1)
+        found = sum(any(iou(b, d.box) >= 0.5 for d in det.detect(img))
+                    for img, placed in frames for b in placed)
+        print(f"threshold {t}: {found}/{total} far plates found ({found / max(total, 1):.3f}; "
+              f"tiles {args.tiles}, zoom {args.zoom:g}, second_look {args.second_look}, "
+              f"{len(frames)} frames, seed {args.seed})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Milliseconds per frame, end to end (letterbox resize included), on `--threads` cores."""
     from lprd.detect import PlateDetector
@@ -706,6 +773,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--check-threshold", type=float, default=None,
                    help="the plate check's threshold (default: its metadata's)")
     e.set_defaults(func=cmd_eval)
+    f = sub.add_parser("far", help="recall of far plates pasted into validation scenes "
+                                   "(no held-out data): for choosing tiles, zoom, second_look")
+    f.add_argument("--model", type=Path, default=None)
+    f.add_argument("--threshold", type=float, nargs="+", default=[DetectorConfig().threshold])
+    f.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
+    f.add_argument("--zoom", type=float, default=1.0, help="detector.zoom (1: one pass)")
+    f.add_argument("--second-look", type=int, default=DetectorConfig().second_look,
+                   help="detector.second_look (0: one pass; default: the config's)")
+    f.add_argument("--no-check", action="store_true", help="without the plate check")
+    f.add_argument("--seed", type=int, default=7)
+    f.set_defaults(func=cmd_far)
     b = sub.add_parser("bench", help="ms per 1080p / 720p frame, end to end")
     b.add_argument("--model", type=Path, default=None)
     b.add_argument("--threads", type=int, default=1)
