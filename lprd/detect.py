@@ -406,7 +406,7 @@ class PlateDetector:
         """Boxes (frame pixels) and scores from windows around the strongest small peaks of the
         full pass under the threshold. A far plate is a few cells of the full pass's heatmap,
         where it often peaks weakly; at the frame's own pixels it is a plate the model knows.
-        Only boxes near the peak looked at are kept: the rest of the window is the full pass's
+        Only boxes near the peaks looked at are kept: the rest of the window is the full pass's
         to judge (on validation scenes, keeping them added false boxes and no plates)."""
         fh, fw = frame_bgr.shape[:2]
         weak = np.flatnonzero((scores < self.cfg.threshold)
@@ -414,24 +414,33 @@ class PlateDetector:
         weak = weak[np.argsort(-scores[weak], kind="stable")][: self.cfg.second_look]
         s = min(LOOK_MAX_ZOOM * full_scale, 1.0)
         wh, ww = min(fh, round(LOOK_INPUT[0] / s)), min(fw, round(LOOK_INPUT[1] / s))
+        centre = lambda i: (boxes[i, 0] + boxes[i, 2] / 2, boxes[i, 1] + boxes[i, 3] / 2)
+        # peaks near a stronger one share its window (they lie well inside it)
+        windows: list[list[int]] = []
+        for i in weak:
+            cx, cy = centre(i)
+            for peaks in windows:
+                a, b = centre(peaks[0])
+                if abs(cx - a) < ww / 4 and abs(cy - b) < wh / 4:
+                    peaks.append(i)
+                    break
+            else:
+                windows.append([i])
         out_b: list[np.ndarray] = []
         out_s: list[np.ndarray] = []
-        looked: list[tuple[float, float]] = []
-        for i in weak:
-            x, y, w, h = boxes[i]
-            cx, cy = x + w / 2, y + h / 2
-            # a peak near one already looked at is in that window
-            if any(abs(cx - a) < ww / 4 and abs(cy - b) < wh / 4 for a, b in looked):
-                continue
-            looked.append((cx, cy))
+        for peaks in windows:
+            cx, cy = centre(peaks[0])
             x0 = int(np.clip(round(cx - ww / 2), 0, fw - ww))
             y0 = int(np.clip(round(cy - wh / 2), 0, fh - wh))
             b, sc = self._pass(frame_bgr[y0:y0 + wh, x0:x0 + ww], self._look,
                                self.cfg.threshold)
             bx = b[:, 0] + b[:, 2] / 2 + x0
             by = b[:, 1] + b[:, 3] / 2 + y0
-            keep = ((b[:, 2] * full_scale < TILE_MAX_WIDTH) & (np.abs(bx - cx) < max(w, 8))
-                    & (np.abs(by - cy) < max(h, 6)))
+            near = np.zeros(len(b), bool)
+            for i in peaks:
+                (px, py), w, h = centre(i), boxes[i, 2], boxes[i, 3]
+                near |= (np.abs(bx - px) < max(w, 8)) & (np.abs(by - py) < max(h, 6))
+            keep = near & (b[:, 2] * full_scale < TILE_MAX_WIDTH)
             out_b.append(b[keep] + np.array([x0, y0, 0, 0], np.float32))
             out_s.append(sc[keep])
         return out_b, out_s

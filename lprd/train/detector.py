@@ -191,8 +191,9 @@ def train(args: argparse.Namespace) -> int:
     ckpt = RUN_DIR / "last.keras"
     resume = ckpt.exists() and not args.fresh
     size = tuple(st.get("input", (INPUT_H, INPUT_W))) if resume else args.input
+    small = st.get("small_share", 0.0) if resume else args.small_share
     sampler = SceneSampler(prepare_cache(size), size=args.crop,
-                           seed=args.seed + int(time.time()) % 1000)
+                           seed=args.seed + int(time.time()) % 1000, small_prob=small)
     if resume:
         model = keras.models.load_model(ckpt, custom_objects={"focal_loss": focal_loss,
                                                                "reg_loss": reg_loss})
@@ -211,7 +212,7 @@ def train(args: argparse.Namespace) -> int:
         # ends on time however busy the shared cores are; the estimate is only for the log.
         st = {"epoch": 0, "steps": args.steps, "batch": args.batch, "crop": args.crop,
               "hours": args.hours, "elapsed_s": 0.0, "steps_done": 0, "lr_peak": args.lr_peak,
-              "width": args.width, "input": list(size),
+              "width": args.width, "input": list(size), "small_share": small,
               "init_from": str(args.init_from) if args.init_from else None,
               "steps_per_s_at_start": sps, "history": [],
               "started": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -747,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--width", type=float, default=1.0,
                    help="channel multiplier (new runs; with --init-from, the checkpoint's)")
     t.add_argument("--out", type=Path, default=MODEL_PATH, help="where exports go")
+    t.add_argument("--small-share", type=float, default=0.0,
+                   help="share of training crops zoomed out, with pasted plates 7-26 px wide "
+                        "at the input: far plates (0 = the shipped recipe)")
     t.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads")
     t.add_argument("--eval-every", type=int, default=2)
     t.add_argument("--eval-stride", type=int, default=3, help="held-out subsample for curves")

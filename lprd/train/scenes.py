@@ -126,12 +126,17 @@ def render_bank(n: int, seed: int) -> list[np.ndarray]:
     return [_fit(render_plate(rng).image) for _ in range(n)]
 
 
+# `small_prob` crops: the scene at this scale (its plates shrink) and pasted plates this wide
+SMALL_SCALE = (0.3, 0.7)
+SMALL_WIDTH = (7, 26)
+
+
 class SceneSampler:
     """Random training crops (S x S) with CenterNet targets at stride 4."""
 
     def __init__(self, cache_dir: Path, size: int = 192, seed: int = 0,
                  synth_prob: float = 0.6, clutter_prob: float = 0.5,
-                 hard_prob: float = 0.2) -> None:
+                 hard_prob: float = 0.2, small_prob: float = 0.0) -> None:
         self.scenes = np.load(cache_dir / "scenes.npy", mmap_mode="r")
         with (cache_dir / "scenes_meta.pkl").open("rb") as f:
             meta = pickle.load(f)
@@ -167,6 +172,8 @@ class SceneSampler:
         self.rng = np.random.default_rng(seed)
         self.synth_prob = synth_prob
         self.clutter_prob = clutter_prob
+        # far plates: the scene zoomed out and pasted plates SMALL_WIDTH px wide
+        self.small_prob = small_prob
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s, o = self.size, self.size // STRIDE
@@ -187,7 +194,8 @@ class SceneSampler:
         else:
             k = rng.choice(len(self.p), p=self.p)
         src, boxes = self.scenes[k], self.boxes[k]
-        scale = float(np.exp(rng.uniform(np.log(0.55), np.log(1.6))))
+        small = rng.random() < self.small_prob
+        scale = float(np.exp(rng.uniform(*np.log(SMALL_SCALE if small else (0.55, 1.6)))))
         win = S / scale
         if hard:  # around one of the detector's own false plates
             cx = hb[0] + hb[2] / 2 + rng.uniform(-0.4, 0.4) * win
@@ -218,7 +226,8 @@ class SceneSampler:
             extra = []
             for _ in range(rng.integers(1, 4)):
                 b = paste_plate(img, self.bank[rng.integers(len(self.bank))], rng,
-                                np.concatenate([out_boxes, np.array(extra).reshape(-1, 4)]))
+                                np.concatenate([out_boxes, np.array(extra).reshape(-1, 4)]),
+                                SMALL_WIDTH if small else (7, 150))
                 if b is not None:
                     extra.append(b)
             if extra:
@@ -249,11 +258,13 @@ def _overlaps(box: tuple[float, float, float, float], others: np.ndarray, pad: f
 
 
 def paste_plate(img: np.ndarray, plate: np.ndarray, rng: np.random.Generator,
-                avoid: np.ndarray) -> tuple[float, float, float, float] | None:
-    """Warp a plate into `img` in place with perspective and matched light; returns its box."""
+                avoid: np.ndarray, width: tuple[float, float] = (7, 150)
+                ) -> tuple[float, float, float, float] | None:
+    """Warp a plate into `img` in place with perspective and matched light; returns its box.
+    Its width (px, before the yaw's foreshortening) is log-uniform in `width`."""
     S = img.shape[0]
     ph, pw = plate.shape[:2]
-    tw = float(np.exp(rng.uniform(np.log(7), np.log(150))))
+    tw = float(np.exp(rng.uniform(np.log(width[0]), np.log(width[1]))))
     th = tw * ph / pw
     yaw = rng.uniform(-0.55, 0.55) if rng.random() < 0.6 else 0.0  # foreshortening, sides
     far = 1.0 - abs(yaw) * rng.uniform(0.1, 0.35)
