@@ -228,3 +228,36 @@ def test_a_larger_training_input_has_its_own_cache_and_the_mined_boxes_scaled_to
     assert out["found"][0]["box_cache"] == pytest.approx([6.0, 12.0, 18.0, 5.4])
     assert out["found"][0]["box"] == [10, 20, 30, 9] and out["counts"] == found["counts"]
     assert found["found"][0]["box_cache"][0] == 4.0  # the shipped cache's file is not changed
+
+
+def test_real_crop_augmentation_strong_moves_crops_further_than_light() -> None:
+    from lprd.train.reader_data import INPUT_H, INPUT_W, real_sample
+
+    rng = np.random.default_rng(0)
+    img = np.full((60, 180, 3), 200, np.uint8)
+    for i in range(6):  # dark bars: characters, more or less
+        img[12:48, 15 + 27 * i:30 + 27 * i] = 30
+    plain = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), (INPUT_W, INPUT_H)).astype(float)
+    moved = {}
+    for strong in (False, True):
+        xs = [real_sample(rng, img, strong) for _ in range(200)]
+        assert all(x.shape == (INPUT_H, INPUT_W) and x.dtype == np.uint8 for x in xs)
+        moved[strong] = np.mean([np.abs(x - plain).mean() for x in xs])
+    assert moved[True] > moved[False] * 1.1, moved
+
+
+def test_paste_plate_keeps_far_plates_inside_their_width_range() -> None:
+    from lprd.train.scenes import SMALL_WIDTH, paste_plate
+
+    rng = np.random.default_rng(1)
+    plate = np.full((40, 160, 3), 220, np.uint8)
+    widths = []
+    for _ in range(100):
+        img = np.full((192, 192, 3), 90, np.uint8)
+        box = paste_plate(img, plate, rng, np.zeros((0, 4), np.float32), SMALL_WIDTH)
+        if box is not None:
+            widths.append(box[2])
+            assert img.max() > 90  # something was pasted
+    assert len(widths) > 80
+    # yaw shortens a plate, rotation and shear widen it a little
+    assert max(widths) < SMALL_WIDTH[1] * 1.2 and min(widths) > SMALL_WIDTH[0] * 0.5

@@ -45,7 +45,8 @@ CHUNK = 10_000
 
 
 def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
-              pseudo: list[Path] | None = None, nice: bool = True, splices: int = 0) -> None:
+              pseudo: list[Path] | None = None, nice: bool = True, splices: int = 0,
+              strong: bool = False) -> None:
     """Background process: keeps writing synthetic (and re-augmented real) chunks; with
     `splices`, that many spliced real crops (`lprd.train.splice`) join each real chunk."""
     if nice:
@@ -62,7 +63,7 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
         if crops and k % real_every == 0:
             rout = cache / f"real_{k:04d}.npz"
             if not rout.exists():
-                xs, ys = real_arrays(crops, rng, copies=6)
+                xs, ys = real_arrays(crops, rng, copies=6, strong=strong)
                 more = splice_arrays(boxed, rng, splices) if boxed else None
                 if more is not None:
                     xs, ys = np.concatenate([xs, more[0]]), np.concatenate([ys, more[1]])
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splices", type=int, default=0,
                     help="spliced real crops (lprd.train.splice: two crops of one set joined at "
                          "a gap between characters) added to each real chunk")
+    ap.add_argument("--real-aug", choices=("light", "strong"), default="light",
+                    help="augmentation of the real crops (strong: looser boxes, perspective, "
+                         "gamma, shadows, more blur; light = the shipped recipe)")
     ap.add_argument("--export-only", action="store_true",
                     help="export the checkpoint in --run-dir to --out, then --evaluate it")
     ap.add_argument("--evaluate", action="store_true",
@@ -421,11 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         for f in args.cache.glob("real_*.npz"):
             f.unlink()
         _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo, nice=False,
-                  splices=args.splices)
+                  splices=args.splices, strong=args.real_aug == "strong")
     bg = mp.get_context("spawn").Process(
         target=_renderer,
         args=(args.cache, args.initial_chunks, args.max_chunks, 3, args.seed, args.pseudo, True,
-              args.splices),
+              args.splices, args.real_aug == "strong"),
         daemon=True)
     bg.start()
 
@@ -530,7 +534,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
             "split": "by plate text, int(sha1('lprd-split-'+text).hexdigest()[:8], 16) % 1000 < 200 "
                      "is held out",
             "scene_crops": {str(f.name): len(pseudo_crops(f)) for f in args.pseudo or []},
-            "splices_per_real_chunk": args.splices,
+            "splices_per_real_chunk": args.splices, "real_aug": args.real_aug,
         },
         "epochs": state["epoch"],
     }
