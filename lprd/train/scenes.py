@@ -194,7 +194,7 @@ class SceneSampler:
         else:
             k = rng.choice(len(self.p), p=self.p)
         src, boxes = self.scenes[k], self.boxes[k]
-        small = rng.random() < self.small_prob
+        small = self.small_prob > 0 and rng.random() < self.small_prob  # off: the old stream
         scale = float(np.exp(rng.uniform(*np.log(SMALL_SCALE if small else (0.55, 1.6)))))
         win = S / scale
         if hard:  # around one of the detector's own false plates
