@@ -555,7 +555,7 @@ def far_plate_frames(seed: int = 7, per_scene: int = 2) -> list[tuple[np.ndarray
     """Far plates with no held-out data in them: real crops of the crop sets' training texts
     (one-row shapes, aspect >= 1.6) pasted FAR_WIDTH px wide at the one pass's input into the
     plate check's validation scenes (training scenes), light matched, some blurred, clear of
-    the labelled plates. The held-out scenes have 52 plates under 32 px at the input, too few to
+    the labelled plates. The held-out scenes have 35 plates under 32 px at the input, too few to
     choose far-plate settings on (and choosing on them spoils them)."""
     from lprd.train.plate_check import _val
     from lprd.train.reader_data import is_heldout, real_crops
