@@ -507,14 +507,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tag += f"_w{args.check_weight:g}"
     for t in th:
         # one detector per threshold: the second look starts from the peaks under it
-        det = PlateDetector(DetectorConfig(model=args.model, threshold=t, max_plates=100,
-                                           tiles=args.tiles, zoom=args.zoom,
-                                           check=not args.no_check,
-                                           second_look=args.second_look,
+        det = PlateDetector(_search_config(args, threshold=t, max_plates=100,
                                            check_threshold=args.check_threshold,
                                            check_weight=args.check_weight,
-                                           check_model=args.check_model,
-                                           refine=args.refine), num_threads=1)
+                                           check_model=args.check_model, refine=args.refine),
+                            num_threads=1)
         results[f"int8{tag}@{t}"] = evaluate(det.detect, holdout, t, RUN_DIR / f"fp_int8{tag}_{t}"
                                              if args.save_fp else None)
     if args.float:
@@ -603,10 +600,7 @@ def cmd_far(args: argparse.Namespace) -> int:
     frames = far_plate_frames(args.seed)
     total = sum(len(p) for _, p in frames)
     for t in args.threshold:
-        det = PlateDetector(DetectorConfig(model=args.model, threshold=t, max_plates=100,
-                                           tiles=args.tiles, zoom=args.zoom,
-                                           second_look=args.second_look,
-                                           check=not args.no_check), num_threads=1)
+        det = PlateDetector(_search_config(args, threshold=t, max_plates=100), num_threads=1)
         found = sum(any(iou(b, d.box) >= 0.5 for d in det.detect(img))
                     for img, placed in frames for b in placed)
         print(f"threshold {t}: {found}/{total} far plates found ({found / max(total, 1):.3f}; "
@@ -619,9 +613,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Milliseconds per frame, end to end (letterbox resize included), on `--threads` cores."""
     from lprd.detect import PlateDetector
 
-    det = PlateDetector(DetectorConfig(model=args.model, tiles=args.tiles, zoom=args.zoom,
-                                       second_look=args.second_look, check=not args.no_check),
-                        num_threads=args.threads)
+    det = PlateDetector(_search_config(args), num_threads=args.threads)
     rng = np.random.default_rng(0)
     for h, w in ((1080, 1920), (720, 1280)):
         frames = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for _ in range(2)]
@@ -728,6 +720,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_options(p: argparse.ArgumentParser) -> None:
+    """The options eval, far and bench share: which model, and how it searches a frame."""
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
+    p.add_argument("--zoom", type=float, default=1.0, help="detector.zoom (1: one pass)")
+    p.add_argument("--second-look", type=int, default=DetectorConfig().second_look,
+                   help="detector.second_look (0: one pass; default: the config's)")
+    p.add_argument("--no-check", action="store_true",
+                   help="the detector alone, without the plate check on its boxes")
+
+
+def _search_config(args: argparse.Namespace, **kw) -> DetectorConfig:
+    """A DetectorConfig from `_search_options`' arguments, and `kw`."""
+    return DetectorConfig(model=args.model, tiles=args.tiles, zoom=args.zoom,
+                          second_look=args.second_look, check=not args.no_check, **kw)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lprd-train detector", description=__doc__)
     sub = p.add_subparsers(dest="cmd")
@@ -757,17 +766,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--export-every", type=int, default=4)
     t.set_defaults(func=train)
     e = sub.add_parser("eval", help="held-out recall / false plates of the TFLite model")
-    e.add_argument("--model", type=Path, default=None)
     e.add_argument("--threshold", type=float, nargs="+", default=[DetectorConfig().threshold])
     e.add_argument("--float", action="store_true", help="also the float Keras checkpoint")
     e.add_argument("--save-fp", action="store_true", help="write false-plate crops to runs/")
     e.add_argument("--write-metadata", action="store_true")
-    e.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
-    e.add_argument("--zoom", type=float, default=1.0, help="detector.zoom (1: one pass)")
-    e.add_argument("--second-look", type=int, default=DetectorConfig().second_look,
-                   help="detector.second_look (0: one pass; default: the config's)")
-    e.add_argument("--no-check", action="store_true",
-                   help="the detector alone, without the plate check on its boxes")
+    _search_options(e)
     e.add_argument("--check-weight", type=float, default=DetectorConfig().check_weight,
                    help="detector.check_weight (0: the check's threshold alone decides)")
     e.add_argument("--check-model", type=Path, default=None,
@@ -779,24 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_eval)
     f = sub.add_parser("far", help="recall of far plates pasted into validation scenes "
                                    "(no held-out data): for choosing tiles, zoom, second_look")
-    f.add_argument("--model", type=Path, default=None)
     f.add_argument("--threshold", type=float, nargs="+", default=[DetectorConfig().threshold])
-    f.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
-    f.add_argument("--zoom", type=float, default=1.0, help="detector.zoom (1: one pass)")
-    f.add_argument("--second-look", type=int, default=DetectorConfig().second_look,
-                   help="detector.second_look (0: one pass; default: the config's)")
-    f.add_argument("--no-check", action="store_true", help="without the plate check")
+    _search_options(f)
     f.add_argument("--seed", type=int, default=7)
     f.set_defaults(func=cmd_far)
     b = sub.add_parser("bench", help="ms per 1080p / 720p frame, end to end")
-    b.add_argument("--model", type=Path, default=None)
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("-n", type=int, default=100)
-    b.add_argument("--tiles", type=int, default=1, help="detector.tiles (1: one pass)")
-    b.add_argument("--zoom", type=float, default=1.0, help="detector.zoom (1: one pass)")
-    b.add_argument("--second-look", type=int, default=DetectorConfig().second_look,
-                   help="detector.second_look (0: one pass; default: the config's)")
-    b.add_argument("--no-check", action="store_true", help="without the plate check")
+    _search_options(b)
     b.set_defaults(func=cmd_bench)
     x = sub.add_parser("export", help="TFLite + metadata from runs/detector/last.keras")
     x.add_argument("--out", default=str(MODEL_PATH))
