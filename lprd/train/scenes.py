@@ -126,9 +126,10 @@ def render_bank(n: int, seed: int) -> list[np.ndarray]:
     return [_fit(render_plate(rng).image) for _ in range(n)]
 
 
-# `small_prob` crops: the scene at this scale (its plates shrink) and pasted plates this wide
-SMALL_SCALE = (0.3, 0.7)
-SMALL_WIDTH = (7, 26)
+# A training crop's scene scale and its pasted plates' widths (px); `small_prob` crops use the
+# SMALL_ ones: the scene zoomed out (its plates shrink) and far pasted plates
+CROP_SCALE, PASTE_WIDTH = (0.55, 1.6), (7, 150)
+SMALL_SCALE, SMALL_WIDTH = (0.3, 0.7), (7, 26)
 
 
 class SceneSampler:
@@ -172,7 +173,6 @@ class SceneSampler:
         self.rng = np.random.default_rng(seed)
         self.synth_prob = synth_prob
         self.clutter_prob = clutter_prob
-        # far plates: the scene zoomed out and pasted plates SMALL_WIDTH px wide
         self.small_prob = small_prob
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,7 +195,7 @@ class SceneSampler:
             k = rng.choice(len(self.p), p=self.p)
         src, boxes = self.scenes[k], self.boxes[k]
         small = self.small_prob > 0 and rng.random() < self.small_prob  # off: the old stream
-        scale = float(np.exp(rng.uniform(*np.log(SMALL_SCALE if small else (0.55, 1.6)))))
+        scale = float(np.exp(rng.uniform(*np.log(SMALL_SCALE if small else CROP_SCALE))))
         win = S / scale
         if hard:  # around one of the detector's own false plates
             cx = hb[0] + hb[2] / 2 + rng.uniform(-0.4, 0.4) * win
@@ -227,7 +227,7 @@ class SceneSampler:
             for _ in range(rng.integers(1, 4)):
                 b = paste_plate(img, self.bank[rng.integers(len(self.bank))], rng,
                                 np.concatenate([out_boxes, np.array(extra).reshape(-1, 4)]),
-                                SMALL_WIDTH if small else (7, 150))
+                                SMALL_WIDTH if small else PASTE_WIDTH)
                 if b is not None:
                     extra.append(b)
             if extra:
@@ -258,7 +258,7 @@ def _overlaps(box: tuple[float, float, float, float], others: np.ndarray, pad: f
 
 
 def paste_plate(img: np.ndarray, plate: np.ndarray, rng: np.random.Generator,
-                avoid: np.ndarray, width: tuple[float, float] = (7, 150)
+                avoid: np.ndarray, width: tuple[float, float] = PASTE_WIDTH
                 ) -> tuple[float, float, float, float] | None:
     """Warp a plate into `img` in place with perspective and matched light; returns its box.
     Its width (px, before the yaw's foreshortening) is log-uniform in `width`."""
