@@ -248,8 +248,10 @@ class Tracker:
             if (not t.early_sent and self.cfg.early_confidence < 1.0
                     and t.frames >= max(self.cfg.early_min_frames, self.cfg.min_frames)
                     and t.vote is not None and t.vote.confidence >= self.cfg.early_confidence):
-                t.early_sent = True
                 ev = self._emit(t, final=False)
+                # a track seen only cut by the frame's edge so far gets its early event later,
+                # once seen whole; spending the chance now would hold it back to the final one
+                t.early_sent = ev is not None or t.silent
                 if ev is not None:
                     events.append(ev)
         expired = [t for t in self._tracks if now - t.last_seen > self.cfg.track_timeout]

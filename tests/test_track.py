@@ -212,6 +212,18 @@ def test_a_plate_seen_only_cut_by_the_frame_edge_gives_no_event() -> None:
     assert [(e.plate, e.final, e.frames) for e in events if e.final] == [("ENTER12", True, 4)]
 
 
+def test_a_plate_first_seen_cut_by_the_frame_edge_still_gets_an_early_event() -> None:
+    # A car that enters at the edge and then waits whole at a gate: its early event comes once
+    # the plate is seen whole, not only the final one when the car leaves.
+    tr = make_tracker(early_confidence=0.9, early_min_frames=3)
+    frames = [[obs("ENTER12", T0 + i * DT, (0, 400, 60 + 10 * i, 20), [0.999] * 7)]
+              for i in range(4)]
+    frames += [[obs("ENTER12", T0 + i * DT, (40, 400, 120, 30), [0.999] * 7)]
+               for i in range(4, 30)]
+    events = drive(tr, frames)
+    assert [(e.plate, e.final, e.frames) for e in events] == [("ENTER12", False, 5)]
+
+
 def test_cut_by_frame_edge() -> None:
     assert not cut_by_frame_edge((10, 10, 100, 30), (1280, 720))
     assert cut_by_frame_edge((0, 10, 100, 30), (1280, 720))
