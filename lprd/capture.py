@@ -71,7 +71,8 @@ def source_kind(source: str) -> SourceKind:
         return SourceKind.RTSP
     if low.startswith(("http://", "https://")):
         return SourceKind.HTTP
-    if source.startswith("/dev/video"):
+    # /dev/v4l/by-id/... and by-path/... name a camera stably across reboots and USB ports
+    if source.startswith("/dev/"):
         return SourceKind.V4L2
     return SourceKind.FILE
 

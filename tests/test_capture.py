@@ -449,8 +449,9 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_success() -> None:
 
 def test_sources_are_told_apart_by_their_form() -> None:
     kinds = [source_kind(s).value for s in (
-        "rtsp://cam/1", "http://cam/mjpg", "https://cam/mjpg", "/dev/video0", "clip.mp4")]
-    assert kinds == ["rtsp", "http", "http", "v4l2", "file"]
+        "rtsp://cam/1", "http://cam/mjpg", "https://cam/mjpg", "/dev/video0",
+        "/dev/v4l/by-id/usb-Cam_123-video-index0", "clip.mp4")]
+    assert kinds == ["rtsp", "http", "http", "v4l2", "v4l2", "file"]
 
 
 def test_ring_shape_fits_a_4_3_frame_at_max_width() -> None:
