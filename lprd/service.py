@@ -306,7 +306,7 @@ class Supervisor:
             target=_capture_entry, name=f"lprd-capture-{cam.name}", daemon=True,
             args=(cam.name, cam.cfg, cam.ring.name, child.q, child.stop, self.log_level,
                   cam.file))
-        child.proc.start()
+        start_child(child.proc, child.q)
         child.done = False
         child.started = child.beat = time.monotonic()
         child.restart_at = None
@@ -333,7 +333,7 @@ class Supervisor:
             target=inference_main, name="lprd-inference", daemon=True,
             args=(self.cfg, self._specs(), self.worker_ctl, w.q, w.stop, self.log_level,
                   tuple(self._recent.values())))
-        w.proc.start()
+        start_child(w.proc, w.q)
         w.done = False
         w.started = time.monotonic()
         w.beat = w.started + MODEL_LOAD_GRACE  # loading the models is not hanging
@@ -365,7 +365,9 @@ class Supervisor:
                 msg = q.get_nowait()
             except queue.Empty:
                 break
-            except (EOFError, OSError, ValueError) as e:  # a child killed mid-message
+            except EOFError:  # the child has exited and everything it sent is read
+                break
+            except (OSError, ValueError) as e:  # a child killed mid-message
                 log.warning("%s: lost a message from a dead process: %s", child.name, e)
                 break
             n += 1
@@ -716,6 +718,17 @@ class Supervisor:
         if self.sink is not None:
             self.sink.close()
         log.info("stopped after %.1f s (%d events in all)", time.monotonic() - t0, self.events)
+
+
+def start_child(proc: multiprocessing.process.BaseProcess, q: Any) -> None:
+    """Start `proc`, which sends on `q`, and close the supervisor's copy of `q`'s write end.
+
+    The supervisor only reads; with its write end open, a child killed in the middle of a
+    message would leave the read of the rest waiting forever, since no end of file could come.
+    Closed, that read fails and the rest of the queue's messages are lost, not the supervisor.
+    """
+    proc.start()
+    q._writer.close()  # private: Queue has no public way to drop one end
 
 
 def _stop_child(child: _Child, deadline: float, pump: Callable[[_Child], int]) -> None:

@@ -415,3 +415,35 @@ def test_the_demo_script_still_renders_the_committed_clips_plates():
     from lprd.demo import demo_script
 
     assert tuple(c.plate for c in demo_script().cars) == DEMO_PLATES
+
+
+def _die_mid_message(q) -> None:
+    # what a child killed while its queue's feeder writes looks like: a length, half the bytes
+    os.write(q._writer.fileno(), (1000).to_bytes(4, "big", signed=True) + b"x" * 10)
+    os._exit(0)
+
+
+def test_a_child_killed_mid_message_does_not_hang_the_supervisor() -> None:
+    import queue
+    import threading
+
+    from lprd.service import _MP, start_child
+
+    q = _MP.Queue()
+    proc = _MP.Process(target=_die_mid_message, args=(q,), daemon=True)
+    start_child(proc, q)
+    proc.join(30)
+    assert proc.exitcode == 0
+    got: list[object] = []
+
+    def read() -> None:
+        try:
+            q.get_nowait()
+        except (OSError, EOFError, queue.Empty) as e:
+            got.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "reading the cut message waits forever"
+    assert isinstance(got[0], OSError)
