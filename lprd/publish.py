@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lprd import __version__
-from lprd.config import MQTTConfig
+from lprd.config import MQTTConfig, TLSConfig
 from lprd.outbox import DropReport, Outbox, OutboxMessage, PendingMessage
 from lprd.types import CameraState, PlateEvent, iso_utc
 
@@ -298,6 +298,28 @@ def read_secret(path: Path, key: str) -> str:
 _STOP = object()
 
 
+def _check_tls_files(tls: TLSConfig) -> None:
+    """Load the TLS files as paho will, so that a bad one names its key now, not as an
+    OpenSSL error at connect time (paho loads them only when the client is made)."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+    except ssl.SSLError as e:
+        raise PublisherConfigError(f"mqtt.tls.ca: {tls.ca} holds no usable CA certificate "
+                                   f"({e.reason or e})") from None
+    if tls.cert:
+        def no_passphrase() -> bytes:  # OpenSSL would prompt on a terminal a daemon lacks
+            raise PublisherConfigError(f"mqtt.tls.key: {tls.key or tls.cert} is encrypted; "
+                                       "give an unencrypted key (readable by lprd only)")
+
+        try:
+            ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None,
+                                password=no_passphrase)
+        except ssl.SSLError as e:
+            raise PublisherConfigError(
+                f"mqtt.tls.cert, mqtt.tls.key: {tls.cert} and {tls.key or tls.cert} are not a "
+                f"PEM certificate and its private key ({e.reason or e})") from None
+
+
 class _PahoNoise(logging.Filter):
     """paho 2.2 logs an ERROR per loop while disconnected; our own line says it once, better."""
 
@@ -324,6 +346,8 @@ class Publisher:
         for key, p in (("ca", cfg.tls.ca), ("cert", cfg.tls.cert), ("key", cfg.tls.key)):
             if cfg.tls.enabled and p is not None and not Path(p).is_file():
                 raise PublisherConfigError(f"mqtt.tls.{key}: {p} is not a readable file")
+        if cfg.tls.enabled:
+            _check_tls_files(cfg.tls)
         self.outbox = Outbox(Path(storage_dir) / "outbox.sqlite", cfg.outbox.max_events,
                              cfg.outbox.max_age)
         self._q: queue.Queue[Any] = queue.Queue()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import pytest
 from conftest import BrokerTLS, MosquittoBroker, make_tls_files
 
 from lprd.config import MQTTConfig
-from lprd.publish import Publisher
+from lprd.publish import Publisher, PublisherConfigError
 from lprd.types import CharProb, PlateEvent
 
 PASSWORD = "S3cret-Pa55-xyzzy"
@@ -131,3 +132,21 @@ def test_untrusted_broker_certificate_is_reported_not_trusted(
     assert f"cannot connect to MQTT broker {secure_broker.host}:{secure_broker.port}" in \
         caplog.text
     assert not pub.connected
+
+
+def test_unusable_tls_files_name_their_key(tmp_path: Path, tls_files: BrokerTLS) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    other = make_tls_files(tmp_path / "other")
+    subprocess.run(["openssl", "pkey", "-in", str(tls_files.client_key), "-aes256", "-passout",
+                    "pass:secret", "-out", str(tmp_path / "encrypted.key")], check=True)
+    good = {"enabled": True, "ca": tls_files.ca, "cert": tls_files.client_cert,
+            "key": tls_files.client_key}
+    for change, says in (({"ca": garbage}, "mqtt.tls.ca: "),
+                         ({"cert": garbage}, "mqtt.tls.cert, mqtt.tls.key: "),
+                         ({"key": other.client_key}, "mqtt.tls.cert, mqtt.tls.key: "),
+                         ({"key": tmp_path / "encrypted.key"}, "mqtt.tls.key: ")):
+        cfg = MQTTConfig(host="127.0.0.1", port=1, tls={**good, **change})
+        with pytest.raises(PublisherConfigError, match=f"^{re.escape(says)}"):
+            Publisher(cfg, ["gate"], tmp_path / "store")
+    Publisher(MQTTConfig(host="127.0.0.1", port=1, tls=good), ["gate"], tmp_path / "store").stop()
