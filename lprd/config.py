@@ -252,7 +252,8 @@ class ServiceConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     stop_timeout: float = Field(8.0, gt=0)
     hang_timeout: float = Field(
-        30.0, gt=0, description="a worker silent this long counts as hung (watchdog stops)"
+        30.0, gt=0, description="a worker silent this long counts as hung and is restarted; "
+        "1.5 times as long stops the systemd watchdog pings"
     )
 
 

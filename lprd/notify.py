@@ -196,6 +196,10 @@ class WatchdogPinger:
         self._thread.start()
         return True
 
+    def set_gate(self, gate: WatchdogGate) -> None:
+        """Judge by `gate` from the next tick on (a reload changed the hang timeout)."""
+        self._gate = gate
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:

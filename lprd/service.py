@@ -217,8 +217,7 @@ class Supervisor:
                 log.warning("--once: no enabled file camera in %s; nothing to do",
                             self.config_path)
             self._start_worker()
-            self._pinger = WatchdogPinger(self.notifier,
-                                          WatchdogGate(self.cfg.service.hang_timeout),
+            self._pinger = WatchdogPinger(self.notifier, _watchdog_gate(self.cfg),
                                           self._heartbeats)
             self._pinger.start()
             while True:
@@ -624,6 +623,8 @@ class Supervisor:
         if new.service.log_level != old.service.log_level and self.log_level != "debug":
             self.log_level = new.service.log_level
             setup_logging(self.log_level)
+        if self._pinger is not None:
+            self._pinger.set_gate(_watchdog_gate(new))
         deadline = time.monotonic() + new.service.stop_timeout
         changed = False
         for name in set(old.cameras) | set(new.cameras):
@@ -718,6 +719,13 @@ class Supervisor:
         if self.sink is not None:
             self.sink.close()
         log.info("stopped after %.1f s (%d events in all)", time.monotonic() - t0, self.events)
+
+
+def _watchdog_gate(cfg: Config) -> WatchdogGate:
+    # The loop kills a child silent for hang_timeout and starts it again; the pings stop only
+    # when that did not help (the loop itself hung, a child that cannot be killed). A gate at
+    # hang_timeout itself could skip a ping just before the kill and let systemd restart all.
+    return WatchdogGate(cfg.service.hang_timeout * 1.5)
 
 
 def start_child(proc: multiprocessing.process.BaseProcess, q: Any) -> None:

@@ -287,6 +287,16 @@ def test_a_hung_worker_thread_stops_the_pings_until_it_recovers(
     assert any("pings resume" in m for m in msgs)
 
 
+def test_a_new_gate_judges_from_the_next_tick(notify_socket: NotifySocket) -> None:
+    # a reload that raises service.hang_timeout: a worker silent for 2 s is hung no longer
+    beats = {"inference": 100.0}
+    pinger = WatchdogPinger(Notifier(use_library=False), WatchdogGate(1.0), lambda: beats,
+                            interval=0.2, clock=lambda: 102.0)
+    assert not pinger.tick()
+    pinger.set_gate(WatchdogGate(3.0))
+    assert pinger.tick() and pinger.pings == 1
+
+
 def _beating_process(beat: mp.sharedctypes.Synchronized) -> None:  # type: ignore[name-defined]
     while True:
         beat.value = time.monotonic()  # CLOCK_MONOTONIC is system-wide: comparable across pids
