@@ -72,7 +72,7 @@ def candidates(heat: np.ndarray, reg: np.ndarray, scale: float, frame_w: int, fr
     x1 = np.clip(cx + w / 2, 0, frame_w)
     y1 = np.clip(cy + h / 2, 0, frame_h)
     boxes = np.stack([x0, y0, x1 - x0, y1 - y0], 1)
-    ok = boxes[:, 2] >= min_width
+    ok = (boxes[:, 2] >= min_width) & (boxes[:, 3] >= 1)  # a peak off the edge clips to h 0
     return boxes[ok], scores[ok]
 
 

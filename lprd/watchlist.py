@@ -986,10 +986,17 @@ class WatchlistSync:
                 log.exception("watchlist sync crashed")
                 ok = False
             failures = 0 if ok else failures + 1
-            # After a failure retry sooner (30 s, 60 s, ...), never later than the interval.
-            delay = self.cfg.interval if ok else min(self.cfg.interval, 30.0 * 2 ** (failures - 1))
-            self._wake.wait(delay)
+            self._wake.wait(retry_delay(failures, self.cfg.interval))
             self._wake.clear()
+
+
+def retry_delay(failures: int, interval: float) -> float:
+    """Seconds to the next sync after `failures` failed ones in a row: sooner after a failure
+    (30 s, 60 s, ...), never later than the interval."""
+    if not failures:
+        return interval
+    # the exponent capped: 2.0 ** 1024 overflows, after weeks of failures at interval 1 h
+    return min(interval, 30.0 * 2.0 ** min(failures - 1, 20))
 
 
 # ---------------------------------------------------------------- benchmark
@@ -1288,6 +1295,9 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return 2
         except sqlite3.Error as e:
             print(f"lprd watchlist: database error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a folder that cannot be made, an export to a missing folder
+            print(f"lprd watchlist: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
             return 2
     return run
 

@@ -18,6 +18,7 @@ from lprd.detect import (
     PlateDetector,
     apply_check,
     box_to_target,
+    candidates,
     check_window,
     decode,
     letterbox,
@@ -502,3 +503,13 @@ def test_check_metadata_without_its_window_is_refused(check_copy: Path) -> None:
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="plate_check.json.*window"):
         PlateDetector(DetectorConfig(check_model=check_copy))
+
+
+def test_a_peak_whose_box_lies_past_the_frame_edge_gives_no_box() -> None:
+    # clipped to the frame, such a box has no height: no crop could be read from it
+    heat = np.zeros((24, 40), np.float32)
+    reg = np.zeros((24, 40, 4), np.float32)
+    heat[23, 10], reg[23, 10] = 0.9, (0.5, 6.0, 1.0, -1.0)  # its centre 5 cells below the map
+    heat[10, 20], reg[10, 20] = 0.8, (0.5, 0.5, 1.0, -1.0)
+    boxes, scores = candidates(heat, reg, 1.0, 640, 384, 16, 0.5)
+    assert scores.tolist() == [pytest.approx(0.8)] and (boxes[:, 3] >= 1).all()

@@ -322,6 +322,18 @@ def test_cli_add_list_match_remove_export(tmp_path: Path,
     assert rc == 1 and "not on the watchlist" in err
 
 
+def test_cli_file_errors_name_the_file_without_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ["--db", str(tmp_path / "w.sqlite")]
+    out = tmp_path / "missing" / "x.csv"
+    rc, _, err = _run(["export", "-o", str(out), *db], capsys)
+    assert rc == 2 and str(out) in err and "Traceback" not in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rc, _, err = _run(["list", "--db", str(blocker / "w.sqlite")], capsys)
+    assert rc == 2 and str(blocker) in err
+
+
 def test_cli_import_reports_the_bad_row_and_imports_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = ["--db", str(tmp_path / "w.sqlite")]

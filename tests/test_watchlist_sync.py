@@ -17,7 +17,14 @@ import pytest
 from lprd.config import SyncConfig, WatchlistConfig
 from lprd.plate_match import WatchlistEntry
 from lprd.types import Candidate
-from lprd.watchlist import DB_NAME, SyncResult, SyncStatus, Watchlist, WatchlistSync
+from lprd.watchlist import (
+    DB_NAME,
+    SyncResult,
+    SyncStatus,
+    Watchlist,
+    WatchlistSync,
+    retry_delay,
+)
 
 GOOD_CSV = "plate,list,action,owner\nABC1234,residents,allow,Ann\nXYZ9876,hotlist,deny,\n"
 TOKEN = "s3cr3t-token-value"
@@ -411,3 +418,9 @@ def test_sync_thread_syncs_at_start_on_request_and_survives_failures(
         sync.stop()
         wl.close()
     assert sync._thread is None  # stopped within the timeout
+
+
+def test_failed_syncs_retry_sooner_and_never_overflow() -> None:
+    assert [retry_delay(n, 3600) for n in range(5)] == [3600, 30, 60, 120, 240]
+    assert retry_delay(2000, 3600) == 3600  # after weeks of failures: no OverflowError
+    assert retry_delay(3, 45) == 45
