@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm",
                         ".ppm", ".pnm", ".jp2"})
+# .dav: Dahua recorders' exports; .mts/.m2ts: camcorders; .264/.265/.hevc: raw NVR streams
 VIDEO_EXTS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
-                        ".wmv", ".flv", ".3gp", ".mjpeg", ".mjpg", ".h264", ".h265"})
+                        ".wmv", ".flv", ".3gp", ".mjpeg", ".mjpg", ".h264", ".h265", ".264",
+                        ".265", ".hevc", ".dav", ".mts", ".m2ts", ".ogv", ".vob"})
 
 
 class InputError(Exception):

@@ -45,7 +45,7 @@ def test_load_image_says_why_a_file_is_no_image(tmp_path: Path, bad_files) -> No
 def test_folders_give_their_images_and_videos_sorted(tmp_path: Path) -> None:
     d = tmp_path / "shots"
     d.mkdir()
-    for name in ("b.png", "a.JPG", "clip.mp4", "labels.jsonl", "README.md"):
+    for name in ("b.png", "a.JPG", "clip.mp4", "nvr.dav", "labels.jsonl", "README.md"):
         (d / name).write_bytes(b"x")
     (tmp_path / "empty").mkdir()
     got = list(expand_inputs([str(d), str(tmp_path / "empty"), str(tmp_path / "gone.jpg"),
@@ -53,7 +53,7 @@ def test_folders_give_their_images_and_videos_sorted(tmp_path: Path) -> None:
     inputs = [g for g in got if isinstance(g, Input)]
     assert [(i.shown, i.kind) for i in inputs] == [
         (str(d / "a.JPG"), "image"), (str(d / "b.png"), "image"), (str(d / "clip.mp4"), "video"),
-        (str(d / "README.md"), "image")]  # named explicitly: tried, and fails as an image
+        (str(d / "nvr.dav"), "video"), (str(d / "README.md"), "image")]  # named explicitly: tried, and fails as an image
     errors = {shown: str(e) for shown, e in (g for g in got if not isinstance(g, Input))}
     assert errors == {str(tmp_path / "empty"): "folder holds no image or video files",
                       str(tmp_path / "gone.jpg"): "no such file"}
