@@ -187,14 +187,15 @@ def _bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="lprd-bench-") as tmp:
         source = Path(args.source) if args.source else DEMO_CLIP
         if not args.source and not source.is_file():  # an installed package has no config/
+            source = Path(tmp) / "demo.mp4"
             try:
                 from lprd.demo import render_demo
-            except ImportError as e:  # rendering needs Pillow (the test/train extras)
+
+                render_demo(source)
+            except (ImportError, RuntimeError) as e:  # needs Pillow and the renderer's fonts
                 print(f"lprd bench: no demo clip here and none can be rendered ({e}); "
                       "give a video file", file=sys.stderr)
                 return 2
-            source = Path(tmp) / "demo.mp4"
-            render_demo(source)
         if not source.is_file():
             print(f"lprd bench: {source}: no such file", file=sys.stderr)
             return 2

@@ -1117,10 +1117,30 @@ def _open(args: argparse.Namespace) -> tuple[Watchlist, Config]:
     if getattr(args, "max_distance", None) is not None:
         wcfg = wcfg.model_copy(update={"max_distance": args.max_distance})
     path = args.db if args.db is not None else cfg.storage.dir / DB_NAME
+    _refuse_root_in_foreign_folder(path)
     try:
         return Watchlist(path, wcfg), cfg
     except sqlite3.Error as e:
         raise WatchlistError(f"{path}: cannot open the watchlist ({e})") from None
+
+
+def _refuse_root_in_foreign_folder(path: Path) -> None:
+    # root would create the list (or its journal) owned by root, which the service's own user
+    # then cannot write: every sync would fail while the old list goes on being served
+    if os.geteuid() != 0:
+        return
+    owned = path if path.exists() else path.parent
+    with contextlib.suppress(OSError):
+        uid = owned.stat().st_uid
+        if uid != 0:
+            import pwd
+
+            try:
+                user = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                user = str(uid)
+            raise WatchlistError(f"{path}: belongs to {user}; run this as {user} "
+                                 f"(sudo -u {user} lprd watchlist ...), not as root")
 
 
 def _print_json(obj: Any) -> None:
@@ -1305,7 +1325,8 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 def register(subparsers: Any) -> None:
     """`lprd watchlist add|remove|list|import|export|match|sync|status|bench`."""
     p = subparsers.add_parser(
-        "watchlist", help="the local watchlist: add, remove, list, import, export, match, sync",
+        "watchlist", help="the local watchlist: add, remove, list, import, export, match, sync, "
+        "status, bench",
         description="Manage the watchlist in <storage.dir>/watchlist.sqlite (or --db FILE).")
     sub = p.add_subparsers(dest="watchlist_command", metavar="ACTION")
     sub.required = True

@@ -334,6 +334,17 @@ def test_cli_file_errors_name_the_file_without_a_traceback(
     assert rc == 2 and str(blocker) in err
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_cli_as_root_refuses_a_folder_of_the_service_user(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "state"
+    d.mkdir()
+    os.chown(d, 65534, 65534)  # like /var/lib/lprd, owned by lprd
+    rc, _, err = _run(["add", "ABC1234", "--db", str(d / "w.sqlite")], capsys)
+    assert rc == 2 and "not as root" in err and "sudo -u " in err
+    assert list(d.iterdir()) == []  # nothing created that the service could not write
+
+
 def test_cli_import_reports_the_bad_row_and_imports_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = ["--db", str(tmp_path / "w.sqlite")]
