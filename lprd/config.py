@@ -42,7 +42,8 @@ class ReconnectConfig(_Strict):
 
 
 class CameraConfig(_Strict):
-    source: str = Field(..., min_length=1, description="file path, rtsp://, http(s)://, /dev/videoN or /dev/v4l/by-id/...")
+    source: str = Field(..., min_length=1, description="file path, rtsp://, http(s)://, "
+                        "/dev/videoN or /dev/v4l/by-id/...")
     fps: float = Field(5.0, ge=0.0, description="frames analysed per second; 0 = every frame")
     realtime: bool | None = Field(
         None, description="files: pace at the clip's own rate (true) or as fast as possible"

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import random
 import re
 import sqlite3
@@ -1133,8 +1134,6 @@ def _refuse_root_in_foreign_folder(path: Path) -> None:
     with contextlib.suppress(OSError):
         uid = owned.stat().st_uid
         if uid != 0:
-            import pwd
-
             try:
                 user = pwd.getpwuid(uid).pw_name
             except KeyError:
