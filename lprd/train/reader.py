@@ -125,7 +125,8 @@ def _stem(tf, batch: int | None = None, width: float = 1.0):
     return inp, block(x, scaled_channels(64, width))
 
 
-def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 1.0):
+def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 1.0,
+                attention: int = 0):
     """Plain conv stack (int8-friendly) with one of two heads.
 
     `slots`: one dense layer per character slot (the first shipped readers). `ctc`: a shared
@@ -133,6 +134,11 @@ def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 
     classifier wherever it sits, which generalises better from few real plates than per-slot
     weights. Its sequence is the feature map's two rows, top then bottom, so two-row plates read
     top row first; a learned per-row bias tells the rows apart.
+
+    `attention` > 0 adds that many heads of self-attention over the 64 steps (with a learned
+    position bias), a residual whose scale starts at 0: the convolutions see about 3 characters,
+    attention the whole plate (its layout, which edge is a band or a bolt). Starting at 0, a
+    model without it can be fine-tuned into one (`--init-from`) from the same outputs.
     """
     if head == "slots":
         return _build_slots(tf, batch)
@@ -149,6 +155,12 @@ def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 
     x = L.ReLU(6.0)(x)
     # context: frames, bolts, neighbours
     x = block(x, scaled_channels(96, width), kernel=(1, 3), dilation=(1, 2))
+    if attention:
+        ch = scaled_channels(96, width)
+        seq = L.Reshape((-1, ch))(x)
+        q = _keras_extras()[2]("pos")(seq)
+        a = L.MultiHeadAttention(attention, key_dim=32, name="attention")(q, q)
+        x = L.Add()([x, L.Reshape((2, -1, ch))(_keras_extras()[2]("scale")(a))])
     x = L.Dropout(0.2)(x)
     x = L.Conv2D(NUM_CLASSES, 1, name="logits")(x)
     out = L.Reshape((-1, NUM_CLASSES), name="sequence")(x)  # row-major: top row, bottom row
@@ -189,13 +201,32 @@ def _keras_extras():
             return x + self.bias
 
     @keras.saving.register_keras_serializable(package="lprd")
+    class Learned(keras.layers.Layer):
+        """`pos`: adds a learned bias per step and channel; `scale`: multiplies by a learned
+        per-channel scale that starts at 0 (a new residual branch changes nothing at first)."""
+
+        def __init__(self, kind, **kw):
+            super().__init__(**kw)
+            self.kind = kind
+
+        def build(self, shape):
+            self.w = self.add_weight(shape=tuple(shape[1:]) if self.kind == "pos" else
+                                     (shape[-1],), initializer="zeros", name=self.kind)
+
+        def call(self, x):
+            return x + self.w if self.kind == "pos" else x * self.w
+
+        def get_config(self):
+            return {**super().get_config(), "kind": self.kind}
+
+    @keras.saving.register_keras_serializable(package="lprd")
     def ctc_loss(y_true, y_pred):
         y_true = keras.ops.cast(y_true, "int32")
         label_len = keras.ops.sum(keras.ops.cast(y_true != PAD_CLASS, "int32"), axis=1)
         out_len = keras.ops.full_like(label_len, keras.ops.shape(y_pred)[1])
         return keras.ops.ctc_loss(y_true, y_pred, label_len, out_len, mask_index=PAD_CLASS)
 
-    return RowBias, ctc_loss
+    return RowBias, ctc_loss, Learned
 
 
 def RowBias():  # a layer factory: the class needs keras, imported late
@@ -237,7 +268,8 @@ def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
     """Full-integer int8 (uint8 input, float output), calibrated on `rep` (grey uint8 crops)."""
     # the same weights in a batch-1 graph: static shapes let the converter fold the reshape and
     # the dilated convolution (XNNPACK then runs it in 2 partitions, not 4; same reads)
-    fixed = build_model(tf, meta.get("head", "slots"), batch=1, width=meta.get("width", 1.0))
+    fixed = build_model(tf, meta.get("head", "slots"), batch=1, width=meta.get("width", 1.0),
+                        attention=meta.get("attention", 0))
     fixed.set_weights(model.get_weights())
     model = fixed
     if meta.get("head") == "ctc":  # trained on logits; ship probabilities
@@ -357,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=float, default=2.0,
                     help="channel multiplier of the CTC model (new runs; with --init-from, the "
                          "checkpoint's)")
+    ap.add_argument("--attention", type=int, default=0,
+                    help="heads of self-attention over the read's steps (0: none, the shipped "
+                         "reader); with --init-from, the checkpoint's other weights are kept")
     ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--steps-per-epoch", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
@@ -453,15 +488,12 @@ def main(argv: list[str] | None = None) -> int:
         model = tf.keras.models.load_model(ckpt)
         log.info("resumed from %s at epoch %d", ckpt, state["epoch"])
     else:
-        model = build_model(tf, args.head, width=args.width)
+        model = build_model(tf, args.head, width=args.width, attention=args.attention)
         state["head"], state["width"] = args.head, args.width
+        state["attention"] = args.attention
         if args.init_from is not None:
             src = tf.keras.models.load_model(args.init_from, compile=False)
-            if src.count_params() != model.count_params():
-                raise SystemExit(f"--init-from {args.init_from}: {src.count_params()} "
-                                 f"parameters, a --width {args.width} model has "
-                                 f"{model.count_params()}; give the checkpoint's --width")
-            model.set_weights(src.get_weights())
+            _copy_weights(src, model, args)
             # the epochs behind the checkpoint (its state.json, if beside it) name the export
             prior = args.init_from.with_name("state.json")
             ps = json.loads(prior.read_text()) if prior.exists() else {}
@@ -510,6 +542,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _copy_weights(src, model, args) -> None:
+    """`src`'s weights into `model`: all in order where the two have the same shape, else layer
+    by layer by name, where layers `src` lacks (attention added to a checkpoint without it) keep
+    their initial values."""
+    if src.count_params() == model.count_params():
+        model.set_weights(src.get_weights())
+        return
+    have = {layer.name: layer for layer in src.layers}
+    new = [layer.name for layer in model.layers if layer.weights and layer.name not in have]
+    for layer in model.layers:
+        if layer.name not in have:
+            continue
+        theirs = have[layer.name].get_weights()
+        if [w.shape for w in theirs] != [w.shape for w in layer.get_weights()]:
+            raise SystemExit(f"--init-from {args.init_from}: layer {layer.name} differs in shape "
+                             f"from a --width {args.width} model's; give the checkpoint's --width")
+        layer.set_weights(theirs)
+    names = {layer.name for layer in model.layers}
+    lost = [layer.name for layer in src.layers if layer.weights and layer.name not in names]
+    if lost:
+        raise SystemExit(f"--init-from {args.init_from}: this model has no layer "
+                         f"{', '.join(lost)}; give the checkpoint's --head and --attention")
+    if new:
+        log.info("layers new to the checkpoint, initialised fresh: %s", ", ".join(new))
+
+
 def _export(tf, model, xs, args, state, crops, held) -> None:
     init = state.get("init_from", {})
     meta = {
@@ -522,6 +580,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
         "max_len": MAX_LEN,
         "head": state.get("head", "slots"),
         "width": state.get("width", 1.0),
+        "attention": state.get("attention", 0),
         "input_size": [INPUT_H, INPUT_W],
         "input": "grey, uint8",
         "input_range": [0, 255],
