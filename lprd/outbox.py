@@ -163,7 +163,8 @@ class Outbox:
                 report = self._enforce_size(added)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             self._events.update(added)
             if report:
@@ -205,7 +206,8 @@ class Outbox:
                         chunk).fetchall()
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             self._events.subtract(Counter(cam for cam, kind in deleted if kind == "event"))
             self._events = +self._events

@@ -8,7 +8,6 @@ import itertools
 import logging
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,7 +117,7 @@ def test_wrong_password_is_reported_and_retried_with_growing_backoff(
     assert gaps[0] >= 0.15 and gaps[1] >= 0.3 and gaps[2] >= 0.6, gaps
     assert not pub.connected and pub.outbox_depth() == 1
     assert pub.stats().last_error and "refused" in pub.stats().last_error
-    assert all(t.is_alive() for t in threading.enumerate() if t.name.startswith("mqtt-"))
+    assert pub._worker.is_alive() and pub._cmd_thread.is_alive()
     assert wrong not in caplog.text and PASSWORD not in caplog.text
 
 

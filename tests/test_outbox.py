@@ -33,6 +33,7 @@ class Clock:
 def test_outbox_uses_wal_and_full_sync(tmp_path: Path) -> None:
     ob = Outbox(tmp_path / "outbox.sqlite")
     ob.put(_event(1))
+    assert ob._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: per connection
     ob.close()
     db = sqlite3.connect(tmp_path / "outbox.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from lprd.config import MQTTConfig
-from lprd.outbox import Outbox
+from lprd.outbox import Outbox, OutboxMessage
 from lprd.publish import (
     JsonlSink,
     Publisher,
@@ -273,21 +272,24 @@ def test_events_submitted_before_the_broker_is_reachable_arrive_once_it_is(
 
 def test_an_event_the_outbox_cannot_store_waits_in_memory_for_the_broker(
         mosquitto: Any, mqtt_subscriber: Callable[..., Any],
-        publisher: Callable[..., Publisher], monkeypatch: pytest.MonkeyPatch) -> None:
+        publisher: Callable[..., Publisher]) -> None:
     sub = mqtt_subscriber(mosquitto, "lprd/+/plate", client_id="disk-sub", persistent=True)
     mosquitto.stop()
     pub = publisher(mosquitto, connect=False)
 
-    def disk_full(msgs: Any) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setattr(pub.outbox, "put", disk_full)
+    # a real full disk for SQLite: the outbox may not grow, and what room it had is filled
+    db = pub.outbox._db
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for i in range(10_000):
+            pub.outbox.put([OutboxMessage(f"fill{i}", "gate", "event", "plate",
+                                          json.dumps({"id": f"fill{i}", "pad": "x" * 100}).encode())])
     ev = make_event(1, camera="back")
     pub.submit(ev)  # the broker is away and the disk is full: before, the event was dropped
     time.sleep(0.3)
     mosquitto.start()
     msgs = sub.wait_for(lambda ms: any(m.json()["id"] == ev.id for m in ms), timeout=15)
-    assert msgs[0].json()["plate"] == ev.plate
+    assert next(m.json() for m in msgs if m.json()["id"] == ev.id)["plate"] == ev.plate
 
 
 # -- (b) SIGKILL ----------------------------------------------------------------------------------
@@ -606,7 +608,7 @@ def test_random_and_malformed_commands_never_crash_and_valid_ones_reach_on_comma
     sub = mqtt_subscriber(mosquitto, "lprd/gate/plate")
     pub.submit(make_event(42))
     assert sub.wait_for(lambda ms: len(ms) >= 1)[0].json()["id"] == "ev-gate-00042"
-    assert all(t.is_alive() for t in threading.enumerate() if t.name.startswith("mqtt-"))
+    assert pub._worker.is_alive() and pub._cmd_thread.is_alive()
 
 
 # -- JSON lines -----------------------------------------------------------------------------------

@@ -209,10 +209,8 @@ def test_sigterm_stops_within_10_s_and_sends_the_final_event_of_an_open_track(
     early = sub.wait_for(lambda ms: any(not m.json()["final"] for m in ms), timeout=40,
                          topic_filter="lprd/demo/plate")
     first = next(m.json() for m in early if not m.json()["final"])
-    t0 = time.monotonic()
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
-    assert time.monotonic() - t0 < 10
     finals = sub.wait_for(lambda ms: any(m.json()["final"] and m.json()["id"] == first["id"]
                                          for m in ms), timeout=5, topic_filter="lprd/demo/plate")
     assert finals
