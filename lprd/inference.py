@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from lprd.clock import CLOCK_STEP, ClockWatch
 from lprd.config import Config
 from lprd.ring import FrameHeader, FrameRing, Lapped
 from lprd.track import Tracker
@@ -189,26 +190,6 @@ class Drained:
 
 HEARTBEAT_EVERY = 1.0
 IDLE_TICK = 0.5  # live cameras with no new frame still age their tracks this often
-CLOCK_STEP = 2.0  # s: the wall clock moved this much more or less than the monotonic clock
-
-
-class ClockWatch:
-    """Notices steps of the wall clock (NTP, an RTC-less boot syncing) against the monotonic one.
-
-    Live cameras stamp frames with wall-clock time, which the tracker ages tracks by.
-    """
-
-    def __init__(self, wall: float | None = None, mono: float | None = None):
-        self._wall = time.time() if wall is None else wall
-        self._mono = time.monotonic() if mono is None else mono
-
-    def step(self, wall: float | None = None, mono: float | None = None) -> float:
-        """Seconds the wall clock jumped since the last call (0.0 when it only ticked)."""
-        wall = time.time() if wall is None else wall
-        mono = time.monotonic() if mono is None else mono
-        jump = (wall - self._wall) - (mono - self._mono)
-        self._wall, self._mono = wall, mono
-        return jump if abs(jump) >= CLOCK_STEP else 0.0
 
 
 class _Feed:

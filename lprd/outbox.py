@@ -213,6 +213,14 @@ class Outbox:
             self._events = +self._events
         return len(deleted)
 
+    def shift_clock(self, delta: float) -> None:
+        """Move every stamp by `delta` seconds: the wall clock stepped. Without it a forward step
+        (a box without RTC that boots at its last shutdown time, then syncs) ages the waiting
+        messages by the step, and more than max_age drops them all before they are sent."""
+        with self._lock:
+            self._db.execute("UPDATE messages SET created = created + ? WHERE created >= ?",
+                             (delta, CLOCK_FLOOR))
+
     def expire(self) -> DropReport | None:
         """Drop messages older than max_age (not those stamped by an unset clock)."""
         now = self._clock()

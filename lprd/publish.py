@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lprd import __version__
+from lprd.clock import ClockWatch
 from lprd.config import MQTTConfig, TLSConfig
 from lprd.outbox import DropReport, Outbox, OutboxMessage, PendingMessage
 from lprd.types import CameraState, PlateEvent, iso_utc
@@ -566,7 +567,18 @@ class Publisher:
 
     # -- worker thread ---------------------------------------------------------------------------
 
+    def _follow_clock(self, clock: ClockWatch) -> None:
+        jump = clock.step()
+        if jump:
+            log.warning("the wall clock stepped %+.0f s; the outbox's messages keep their age",
+                        jump)
+            try:
+                self.outbox.shift_clock(jump)
+            except sqlite3.Error as e:
+                log.error("outbox: could not shift its stamps by the clock step (%s)", e)
+
     def _run(self) -> None:
+        clock = ClockWatch()
         next_expire = 0.0
         stopping = False
         acks: list[PendingMessage] = []
@@ -578,6 +590,7 @@ class Publisher:
             with contextlib.suppress(queue.Empty):
                 while len(items) < 5000:
                     items.append(self._q.get_nowait())
+            self._follow_clock(clock)  # before these items are stamped with the new time
             for item in items:
                 if item is _STOP:
                     stopping = True

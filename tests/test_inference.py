@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
+from lprd.clock import ClockWatch
 from lprd.config import Config, parse_config
 from lprd.demo import demo_script, demo_truth_frames
 from lprd.inference import (
     CameraSpec,
-    ClockWatch,
     Drained,
     EndOfStream,
     InferenceWorker,
@@ -227,6 +227,7 @@ def test_a_backward_clock_step_does_not_hold_a_live_cameras_tracks_open(
     fake = SimpleNamespace(time=lambda: real_time.time() + offset[0],
                            monotonic=real_time.monotonic, perf_counter=real_time.perf_counter)
     monkeypatch.setattr("lprd.inference.time", fake)
+    monkeypatch.setattr("lprd.clock.time", fake)
     cfg = parse_config({"watchlist": {"enabled": False}, "tracker": {"track_timeout": 0.5},
                         **ALL_READS})
     worker, q = make_worker(models, ring, every_frame=False, cfg=cfg, live=True)

@@ -138,6 +138,20 @@ def test_events_stamped_by_a_clock_that_ran_fast_still_expire(tmp_path: Path) ->
     assert report is not None and report.events == 1 and ob.depth() == 0
 
 
+def test_a_forward_clock_step_does_not_age_waiting_events(tmp_path: Path) -> None:
+    # a box without RTC boots at its last shutdown time, queues events, then NTP steps the
+    # clock 60 days on: shifted by the step, they keep their age and wait for the broker
+    clock = Clock()
+    ob = Outbox(tmp_path / "o.sqlite", max_age=3600.0, clock=clock)
+    ob.put(_event(1))
+    clock.t += 60 * 86_400 + 5
+    ob.shift_clock(60 * 86_400)
+    assert ob.expire() is None and ob.depth() == 1
+    clock.t += 3600
+    report = ob.expire()  # it still expires by its own age
+    assert report is not None and report.events == 1 and ob.depth() == 0
+
+
 def test_only_the_newest_crop_of_a_camera_waits(tmp_path: Path) -> None:
     ob = Outbox(tmp_path / "o.sqlite")
     ob.put(_event(1, crop=b"jpeg1"))

@@ -1,0 +1,27 @@
+"""Steps of the wall clock (NTP correcting it, an RTC-less box syncing after boot).
+
+Frames and outbox messages are stamped with wall-clock time; whoever ages things by those
+stamps shifts them by each step, so that a step neither ends nor stretches what it measures.
+"""
+
+from __future__ import annotations
+
+import time
+
+CLOCK_STEP = 2.0  # s: the wall clock moved this much more or less than the monotonic clock
+
+
+class ClockWatch:
+    """Notices steps of the wall clock against the monotonic one."""
+
+    def __init__(self, wall: float | None = None, mono: float | None = None):
+        self._wall = time.time() if wall is None else wall
+        self._mono = time.monotonic() if mono is None else mono
+
+    def step(self, wall: float | None = None, mono: float | None = None) -> float:
+        """Seconds the wall clock jumped since the last call (0.0 when it only ticked)."""
+        wall = time.time() if wall is None else wall
+        mono = time.monotonic() if mono is None else mono
+        jump = (wall - self._wall) - (mono - self._mono)
+        self._wall, self._mono = wall, mono
+        return jump if abs(jump) >= CLOCK_STEP else 0.0
