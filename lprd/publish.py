@@ -225,21 +225,24 @@ class EventSink(Protocol):
 
 
 class JsonlSink:
-    """One event JSON per line, to stdout ("-" or "stdout") or appended to a file."""
+    """One event JSON per line, to stdout ("-" or "stdout") or appended to a file.
+
+    A stream that fails stops (a closed pipe stays closed); a file that fails (a full disk) is
+    opened again at the next event, its cut line ended first, and says how many it missed."""
 
     def __init__(self, target: str | Path | TextIO) -> None:
         self._lock = threading.Lock()
-        self._own = False
+        self._path: Path | None = None
+        self._missed = 0
         if isinstance(target, (str, Path)):
             if str(target) in ("-", "stdout"):
                 self._out: TextIO | None = sys.stdout
                 self.name = "stdout"
             else:
-                path = Path(target)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._out = path.open("a", encoding="utf-8")
-                self._own = True
-                self.name = str(path)
+                self._path = Path(target)
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                self._out = self._path.open("a", encoding="utf-8")
+                self.name = str(self._path)
         else:
             self._out = target
             self.name = getattr(target, "name", "stream")
@@ -247,19 +250,50 @@ class JsonlSink:
     def submit(self, event: PlateEvent) -> None:
         line = event.to_json() + "\n"
         with self._lock:
+            if self._out is None and self._path is not None:
+                self._reopen()
             if self._out is None:
+                self._missed += self._path is not None
                 return
             try:
                 self._out.write(line)
                 self._out.flush()
-            except (OSError, ValueError) as e:  # closed pipe, full disk: stop, keep the daemon
-                log.error("events to %s stopped: %s", self.name, e)
+            except (OSError, ValueError) as e:  # closed pipe, full disk: keep the daemon
+                if self._path is None:
+                    log.error("events to %s stopped: %s", self.name, e)
+                else:
+                    log.error("events to %s failed: %s; trying again with the next event",
+                              self.name, e)
+                    self._missed += 1
+                    with contextlib.suppress(OSError, ValueError):
+                        self._out.close()  # drops what the failed flush left buffered
                 self._out = None
+                return
+            if self._missed:
+                log.warning("events to %s go on; %d event(s) could not be written", self.name,
+                            self._missed)
+                self._missed = 0
+
+    def _reopen(self) -> None:
+        assert self._path is not None
+        last = b""
+        try:
+            with contextlib.suppress(FileNotFoundError), self._path.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(size - 1, 0))
+                last = f.read(1)
+            out = self._path.open("a", encoding="utf-8")
+            if last not in (b"", b"\n"):  # end the line a failed write may have cut
+                out.write("\n")
+            self._out = out
+        except OSError:
+            pass
 
     def close(self) -> None:
         with self._lock:
-            if self._own and self._out is not None:
-                self._out.close()
+            if self._path is not None and self._out is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._out.close()
             self._out = None
 
     stop = close

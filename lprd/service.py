@@ -202,9 +202,12 @@ class Supervisor:
             if self.events_jsonl:
                 self.sink = JsonlSink(self.events_jsonl)
             self._start_publisher()
-        except (PublisherConfigError, OSError) as e:
+        except PublisherConfigError as e:
             print(f"{self.config_path}: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # a full or read-only disk: worth a restart (2 would stop systemd's)
+            log.error("cannot start the event outputs: %s", e)
+            return 1
         except sqlite3.OperationalError as e:  # locked or full disk: worth a restart, not a fix
             log.error("the MQTT outbox in %s cannot be opened: %s", self.cfg.storage.dir, e)
             return 1

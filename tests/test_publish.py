@@ -626,6 +626,45 @@ def test_jsonl_sink_appends_one_event_json_per_line(tmp_path: Path) -> None:
         make_event(9).to_dict()]
 
 
+FULL_DISK_CHILD = r"""
+import json, resource, signal, sys
+from lprd.publish import JsonlSink
+from lprd.types import CharProb, PlateEvent
+
+def event(i):
+    return PlateEvent(id=f"ev{i}", camera="gate", plate=f"FULL{i:03d}", confidence=0.9,
+                      chars=(CharProb("F", 0.9),), candidates=(), first_seen=1.7e9,
+                      last_seen=1.7e9, frames=3, final=True, box=(1, 2, 3, 4),
+                      frame_size=(640, 480))
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+sink = JsonlSink(sys.argv[1])
+sink.submit(event(0))
+size = len(open(sys.argv[1], "rb").read())
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, resource.RLIM_INFINITY))  # disk full
+for i in range(1, 4):
+    sink.submit(event(i))
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+sink.submit(event(4))
+sink.close()
+"""
+
+
+def test_jsonl_file_sink_goes_on_after_a_full_disk(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    plates, cut = [], 0
+    for line in path.read_text().splitlines():  # the line cut by the full disk is ended
+        try:
+            plates.append(json.loads(line)["plate"])
+        except ValueError:
+            cut += 1
+    assert plates == ["FULL000", "FULL004"] and cut == 1
+    assert "trying again" in run.stderr and "3 event(s) could not be written" in run.stderr
+
+
 def test_jsonl_sink_writes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     sink = JsonlSink("-")
     sink.submit(make_event(5, camera="back"))
