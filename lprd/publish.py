@@ -614,6 +614,7 @@ class Publisher:
     def _run(self) -> None:
         clock = ClockWatch()
         next_expire = 0.0
+        ack_error_logged = -60.0
         stopping = False
         acks: list[PendingMessage] = []
         while not stopping:
@@ -633,10 +634,16 @@ class Publisher:
                     self._handle(item, acks)
                 except Exception:  # one bad item must not cost the acks queued behind it
                     log.exception("MQTT worker error on %s (continuing)", item[0])
-            try:
-                if acks:
-                    self._ack(acks)  # on failure they stay in `acks` and are retried
+            if acks:
+                try:
+                    self._ack(acks)
                     acks = []
+                except sqlite3.Error as e:  # they stay in `acks`, retried; publishing goes on
+                    if time.monotonic() >= ack_error_logged + 60:
+                        ack_error_logged = time.monotonic()
+                        log.error("outbox: %d delivered message(s) cannot be marked so yet "
+                                  "(%s); retrying", len(acks), e)
+            try:
                 now = time.monotonic()
                 if now >= next_expire:
                     next_expire = now + EXPIRE_INTERVAL
