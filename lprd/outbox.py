@@ -6,6 +6,7 @@ transaction, in order, so that delivery in `seq` order keeps every camera's even
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -78,6 +79,32 @@ class DropReport:
                 f"because of {self.reason}; per camera {cams}; ids {ids}")
 
 
+def _salvage(path: Path) -> list[tuple]:
+    """The messages still readable in a damaged outbox, oldest first. A bad page ends a scan;
+    the next one starts past it, further each time it fails again."""
+    rows: list[tuple] = []
+    try:
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return rows
+    after, skip = 0, 1
+    with contextlib.closing(src):
+        while skip < 2 ** 40:
+            progressed = False
+            try:
+                for row in src.execute(
+                        "SELECT seq, event_id, camera, kind, subtopic, payload, retain, created "
+                        "FROM messages WHERE seq > ? ORDER BY seq", (after,)):
+                    after, progressed = row[0], True
+                    if row[3] in ("event", "action", "crop"):
+                        rows.append(row[1:])
+                break  # read to the end
+            except sqlite3.Error:
+                skip = 1 if progressed else skip * 2
+                after += skip
+    return rows
+
+
 class Outbox:
     """Thread-safe; one connection guarded by a lock (SQLite serialises writers anyway)."""
 
@@ -109,6 +136,13 @@ class Outbox:
                 if side.exists():
                     side.rename(aside.with_name(aside.name + suffix))
             self._db = self._open()
+            rows = _salvage(aside)
+            if rows:
+                self._db.executemany(
+                    "INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, "
+                    "created) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                log.warning("outbox: %d message(s) of the unreadable one could still be read; "
+                            "they wait in the new one", len(rows))
         self._events: Counter[str] = Counter()  # pending events per camera
         for camera, n in self._db.execute(
                 "SELECT camera, COUNT(*) FROM messages WHERE kind = 'event' GROUP BY camera"):

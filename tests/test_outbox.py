@@ -177,6 +177,26 @@ def test_a_corrupt_outbox_is_moved_aside_and_a_new_one_started(tmp_path: Path,
     assert ob.depth() == 1
 
 
+def test_the_readable_messages_of_a_damaged_outbox_are_kept(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    path = tmp_path / "outbox.sqlite"
+    ob = Outbox(path)
+    for i in range(300):  # about 25 table pages of 4 kB
+        ob.put([OutboxMessage(f"ev{i:05d}", "gate", "event", "plate", b"p" * 300)])
+    ob.close()
+    data = bytearray(path.read_bytes())
+    page = 4096 * (len(data) // 4096 // 2)  # one page in the middle: a few rows lost
+    data[page:page + 4096] = b"\xa5" * 4096
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="lprd.outbox"):
+        ob = Outbox(path)
+    assert "unreadable" in caplog.text and "could still be read" in caplog.text
+    ids = [p.message.event_id for p in ob.pending(limit=1000)]
+    assert 250 <= len(ids) < 300 and ids == sorted(ids)  # oldest first, past the bad page too
+    assert ids[0] == "ev00000" and ids[-1] == "ev00299"
+
+
 def test_a_locked_outbox_is_an_error_not_corruption_and_keeps_its_events(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "outbox.sqlite"
