@@ -403,6 +403,7 @@ class Publisher:
         self._states: dict[str, CameraState] = {}
         # Events the outbox could not store (a broken disk), held until the broker is back.
         self._direct: deque[OutboxMessage] = deque()
+        self._direct_sent: list[mqtt.MQTTMessageInfo] = []  # handed to paho, not yet acked
         self._published_depth: dict[str, int] = {}
         self._last_state_pub = 0.0
         self._drops: dict[str, dict[str, Any]] = {}
@@ -522,9 +523,10 @@ class Publisher:
             client.loop_stop()
         if self._worker is None or not self._worker.is_alive():
             self._apply_late_acks()
-        if self._direct:
+        lost = len(self._direct) + sum(not i.is_published() for i in self._direct_sent)
+        if lost:
             log.error("MQTT: %d message(s) the outbox could not store are lost (the broker "
-                      "never took them)", len(self._direct))
+                      "never took them)", lost)
         left = self.outbox.depth()
         self.outbox.close()
         log.info("MQTT publisher stopped; %d undelivered event(s) kept in the outbox", left)
@@ -729,9 +731,11 @@ class Publisher:
 
     def _send_direct(self) -> None:
         """Publish the events the outbox could not store, once connected (QoS 1, no ack kept)."""
+        self._direct_sent = [i for i in self._direct_sent if not i.is_published()]
         while self._direct and self._client is not None and self._connected:
             m = self._direct.popleft()
-            self._client.publish(self._topic(m), m.payload, qos=1, retain=m.retain)
+            self._direct_sent.append(
+                self._client.publish(self._topic(m), m.payload, qos=1, retain=m.retain))
 
     def _report_failure(self, text: str) -> None:
         self._failures += 1
