@@ -138,9 +138,11 @@ class Outbox:
             self._db = self._open()
             rows = _salvage(aside)
             if rows:
-                self._db.executemany(
-                    "INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, "
-                    "created) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                with self._db:  # one transaction (one fsync), not one per row
+                    self._db.execute("BEGIN")
+                    self._db.executemany(
+                        "INSERT INTO messages (event_id, camera, kind, subtopic, payload, "
+                        "retain, created) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 log.warning("outbox: %d message(s) of the unreadable one could still be read; "
                             "they wait in the new one", len(rows))
         self._events: Counter[str] = Counter()  # pending events per camera
