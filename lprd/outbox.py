@@ -19,6 +19,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MEMORY = ":memory:"  # an Outbox at this path keeps its messages in memory only
 # A message stamped before this (2025-01-01) was written while the clock was unset (a box with no
 # real-time clock that booted offline): its age is unknown, so only the size bound may drop it.
 CLOCK_FLOOR = 1_735_689_600.0
@@ -110,16 +111,18 @@ class Outbox:
 
     busy_timeout = 10.0  # seconds to wait for a lock held by another connection
 
-    def __init__(self, path: Path, max_events: int = 100_000, max_age: float = 7 * 86400.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path | str, max_events: int = 100_000,
+                 max_age: float = 7 * 86400.0, clock: Callable[[], float] = time.time) -> None:
         if max_events < 1 or max_age <= 0:
             raise ValueError("max_events must be >= 1 and max_age > 0")
         self.path = Path(path)
+        self.in_memory = str(path) == MEMORY  # not durable: while the disk cannot be used
         self.max_events = max_events
         self.max_age = max_age
         self._clock = clock
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.in_memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._open()
         except sqlite3.OperationalError:
@@ -155,7 +158,7 @@ class Outbox:
                              timeout=self.busy_timeout)
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
+            if mode.lower() != "wal" and not self.in_memory:
                 raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode={mode})")
             # FULL: a commit survives a power cut, not only a crash of this process.
             db.execute("PRAGMA synchronous=FULL")
@@ -248,6 +251,18 @@ class Outbox:
             self._events.subtract(Counter(cam for cam, kind in deleted if kind == "event"))
             self._events = +self._events
         return len(deleted)
+
+    def adopt(self, pending: Sequence[PendingMessage]) -> None:
+        """Take over another outbox's waiting messages, in their order, with their stamps."""
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, "
+                    "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(p.message.event_id, p.message.camera, p.message.kind, p.message.subtopic,
+                      p.message.payload, int(p.message.retain), p.created) for p in pending])
+            self._events.update(p.message.camera for p in pending if p.message.kind == "event")
 
     def shift_clock(self, delta: float) -> None:
         """Move every stamp by `delta` seconds: the wall clock stepped. Without it a forward step

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lprd import __version__
 from lprd.clock import ClockWatch
 from lprd.config import MQTTConfig, TLSConfig
-from lprd.outbox import DropReport, Outbox, OutboxMessage, PendingMessage
+from lprd.outbox import MEMORY, DropReport, Outbox, OutboxMessage, PendingMessage
 from lprd.types import CameraState, PlateEvent, iso_utc
 
 log = logging.getLogger(__name__)
@@ -383,8 +383,16 @@ class Publisher:
                 raise PublisherConfigError(f"mqtt.tls.{key}: {p} is not a readable file")
         if cfg.tls.enabled:
             _check_tls_files(cfg.tls)
-        self.outbox = Outbox(Path(storage_dir) / "outbox.sqlite", cfg.outbox.max_events,
-                             cfg.outbox.max_age)
+        self._disk_outbox: Path | None = None  # set while the outbox waits in memory
+        self._outbox_switch = threading.Lock()  # submit's writes against the move to disk
+        path = Path(storage_dir) / "outbox.sqlite"
+        try:
+            self.outbox = Outbox(path, cfg.outbox.max_events, cfg.outbox.max_age)
+        except sqlite3.OperationalError as e:  # a full or broken disk: read plates all the same
+            log.error("outbox %s cannot be opened (%s): events wait in memory, not durably, "
+                      "until it can (tried every %.0f s)", path, e, EXPIRE_INTERVAL)
+            self.outbox = Outbox(MEMORY, cfg.outbox.max_events, cfg.outbox.max_age)
+            self._disk_outbox = path
         self._q: queue.Queue[Any] = queue.Queue()
         self._cmd_q: queue.Queue[Any] = queue.Queue(maxsize=64)
         self._lock = threading.Lock()
@@ -456,7 +464,8 @@ class Publisher:
                     self._actions_sent.popitem(last=False)
         msgs = event_messages(event, self.cfg.crops, with_action)
         try:
-            report = self.outbox.put(msgs)
+            with self._outbox_switch:
+                report = self.outbox.put(msgs)
         except (sqlite3.Error, OSError) as e:  # a broken disk: publish without the outbox
             log.error("outbox write failed (%s); event %s waits in memory for the broker "
                       "(lost if lprd stops first)", e, event.id)
@@ -529,7 +538,11 @@ class Publisher:
                       "never took them)", lost)
         left = self.outbox.depth()
         self.outbox.close()
-        log.info("MQTT publisher stopped; %d undelivered event(s) kept in the outbox", left)
+        if self._disk_outbox is not None and left:
+            log.error("MQTT: %d undelivered event(s) are lost: the outbox %s never opened, "
+                      "they waited in memory", left, self._disk_outbox)
+        else:
+            log.info("MQTT publisher stopped; %d undelivered event(s) kept in the outbox", left)
 
     def _apply_late_acks(self) -> None:
         """Acks that came after the worker stopped: without them those events go out again."""
@@ -649,6 +662,8 @@ class Publisher:
                 now = time.monotonic()
                 if now >= next_expire:
                     next_expire = now + EXPIRE_INTERVAL
+                    if self._disk_outbox is not None and not self._inflight and not acks:
+                        self._open_disk_outbox(self._disk_outbox)
                     report = self.outbox.expire()
                     if report:
                         self._on_drop(report)
@@ -659,6 +674,25 @@ class Publisher:
             except Exception:  # keep publishing whatever one bad item did
                 log.exception("MQTT worker error (continuing)")
                 time.sleep(0.2)
+
+    def _open_disk_outbox(self, path: Path) -> None:
+        """Move the messages waiting in memory into the outbox on disk, once it opens. Only
+        with nothing in flight: the acks of those would name seqs of the memory outbox."""
+        try:
+            disk = Outbox(path, self.cfg.outbox.max_events, self.cfg.outbox.max_age)
+        except sqlite3.Error:
+            return
+        with self._outbox_switch:
+            waiting = self.outbox.pending(0, 10**9)
+            try:
+                disk.adopt(waiting)
+            except sqlite3.Error as e:
+                log.warning("outbox %s opened but cannot take the events yet (%s)", path, e)
+                disk.close()
+                return
+            self.outbox, self._cursor, self._disk_outbox = disk, 0, None
+        log.warning("outbox %s opened: %d message(s) moved there from memory", path,
+                    len(waiting))
 
     def _handle(self, item: tuple, acks: list[PendingMessage]) -> None:
         kind = item[0]

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from lprd.config import MQTTConfig
@@ -670,3 +671,41 @@ def test_jsonl_sink_writes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None
     sink.submit(make_event(5, camera="back"))
     out = capsys.readouterr().out
     assert json.loads(out) == make_event(5, camera="back").to_dict()
+
+
+DISK_FULL_AT_START_CHILD = r"""
+import resource, signal, sqlite3, sys
+from pathlib import Path
+from lprd.config import MQTTConfig
+from lprd.publish import Publisher
+from lprd.types import CharProb, PlateEvent
+
+store = Path(sys.argv[1])
+store.mkdir()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))  # no byte can be written
+pub = Publisher(MQTTConfig(host="127.0.0.1", port=int(sys.argv[2])), ["gate"], store)
+assert pub.outbox.in_memory
+pub.submit(PlateEvent(id="ev-mem", camera="gate", plate="MEM123", confidence=0.9,
+                      chars=(CharProb("M", 0.9),), candidates=(), first_seen=1.7e9,
+                      last_seen=1.7e9, frames=3, final=True, box=(1, 2, 3, 4),
+                      frame_size=(640, 480)))
+pub._open_disk_outbox(store / "outbox.sqlite")  # the worker tries every 30 s; still full
+assert pub.outbox.in_memory and pub.outbox.depth() == 1
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+pub._open_disk_outbox(store / "outbox.sqlite")
+assert not pub.outbox.in_memory and pub.outbox.depth() == 1
+pub.outbox.close()
+db = sqlite3.connect(store / "outbox.sqlite")
+print(db.execute("SELECT event_id FROM messages WHERE kind = 'event'").fetchall())
+"""
+
+
+def test_an_outbox_that_cannot_be_opened_waits_in_memory_then_moves_to_disk(
+        tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-c", DISK_FULL_AT_START_CHILD, str(tmp_path / "st"),
+                          str(free_port())], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[('ev-mem',)]"
+    assert "events wait in memory" in run.stderr and "moved there from memory" in run.stderr
