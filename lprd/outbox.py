@@ -25,6 +25,8 @@ MEMORY = ":memory:"  # an Outbox at this path keeps its messages in memory only
 CLOCK_FLOOR = 1_735_689_600.0
 FUTURE_SLACK = 60.0  # s: a message stamped later than now by more was stamped by a wrong clock
 KINDS = ("event", "action", "crop")
+_INSERT = ("INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, created) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -97,7 +99,7 @@ def _salvage(path: Path) -> list[tuple]:
                         "SELECT seq, event_id, camera, kind, subtopic, payload, retain, created "
                         "FROM messages WHERE seq > ? ORDER BY seq", (after,)):
                     after, progressed = row[0], True
-                    if row[3] in ("event", "action", "crop"):
+                    if row[3] in KINDS:
                         rows.append(row[1:])
                 break  # read to the end
             except sqlite3.Error:
@@ -143,9 +145,7 @@ class Outbox:
             if rows:
                 with self._db:  # one transaction (one fsync), not one per row
                     self._db.execute("BEGIN")
-                    self._db.executemany(
-                        "INSERT INTO messages (event_id, camera, kind, subtopic, payload, "
-                        "retain, created) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    self._db.executemany(_INSERT, rows)
                 log.warning("outbox: %d message(s) of the unreadable one could still be read; "
                             "they wait in the new one", len(rows))
         self._events: Counter[str] = Counter()  # pending events per camera
@@ -194,8 +194,7 @@ class Outbox:
                         self._db.execute(
                             "DELETE FROM messages WHERE kind = 'crop' AND camera = ?", (m.camera,))
                 self._db.executemany(
-                    "INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, "
-                    "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    _INSERT,
                     [(m.event_id, m.camera, m.kind, m.subtopic, m.payload, int(m.retain), now)
                      for m in messages])
                 added = Counter(m.camera for m in messages if m.kind == "event")
@@ -258,8 +257,7 @@ class Outbox:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.executemany(
-                    "INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, "
-                    "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    _INSERT,
                     [(p.message.event_id, p.message.camera, p.message.kind, p.message.subtopic,
                       p.message.payload, int(p.message.retain), p.created) for p in pending])
             self._events.update(p.message.camera for p in pending if p.message.kind == "event")
