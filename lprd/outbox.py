@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,8 +143,7 @@ class Outbox:
             self._db = self._open()
             rows = _salvage(aside)
             if rows:
-                with self._db:  # one transaction (one fsync), not one per row
-                    self._db.execute("BEGIN")
+                with self._transaction():  # one fsync, not one per row
                     self._db.executemany(_INSERT, rows)
                 log.warning("outbox: %d message(s) of the unreadable one could still be read; "
                             "they wait in the new one", len(rows))
@@ -152,6 +151,17 @@ class Outbox:
         for camera, n in self._db.execute(
                 "SELECT camera, COUNT(*) FROM messages WHERE kind = 'event' GROUP BY camera"):
             self._events[camera] = n
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
+                self._db.execute("ROLLBACK")
+            raise
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
@@ -186,8 +196,7 @@ class Outbox:
                 raise ValueError(f"unknown outbox message kind {m.kind!r}")
         now = self._clock()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 for m in messages:
                     if m.kind == "crop":
                         # Only the newest crop of a camera matters (a retained "last crop").
@@ -199,11 +208,6 @@ class Outbox:
                      for m in messages])
                 added = Counter(m.camera for m in messages if m.kind == "event")
                 report = self._enforce_size(added)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
-                    self._db.execute("ROLLBACK")
-                raise
             self._events.update(added)
             if report:
                 self._events.subtract(report.per_camera)
@@ -234,19 +238,13 @@ class Outbox:
             return 0
         deleted: list[tuple] = []
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 for i in range(0, len(seqs), 500):
                     chunk = seqs[i:i + 500]
                     marks = ",".join("?" * len(chunk))
                     deleted += self._db.execute(
                         f"DELETE FROM messages WHERE seq IN ({marks}) RETURNING camera, kind",
                         chunk).fetchall()
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite may have rolled back itself (disk full)
-                    self._db.execute("ROLLBACK")
-                raise
             self._events.subtract(Counter(cam for cam, kind in deleted if kind == "event"))
             self._events = +self._events
         return len(deleted)
@@ -254,8 +252,7 @@ class Outbox:
     def adopt(self, pending: Sequence[PendingMessage]) -> None:
         """Take over another outbox's waiting messages, in their order, with their stamps."""
         with self._lock:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
+            with self._transaction():
                 self._db.executemany(
                     _INSERT,
                     [(p.message.event_id, p.message.camera, p.message.kind, p.message.subtopic,

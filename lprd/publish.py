@@ -253,7 +253,8 @@ class JsonlSink:
             if self._out is None and self._path is not None:
                 self._reopen()
             if self._out is None:
-                self._missed += self._path is not None
+                if self._path is not None:
+                    self._missed += 1
                 return
             try:
                 self._out.write(line)

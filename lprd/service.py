@@ -208,7 +208,8 @@ class Supervisor:
         except OSError as e:  # a full or read-only disk: worth a restart (2 would stop systemd's)
             log.error("cannot start the event outputs: %s", e)
             return 1
-        except sqlite3.OperationalError as e:  # locked or full disk: worth a restart, not a fix
+        except sqlite3.OperationalError as e:  # worth a restart, not a fix (an outbox that
+            # cannot be opened waits in memory; this is what else SQLite may raise at start)
             log.error("the MQTT outbox in %s cannot be opened: %s", self.cfg.storage.dir, e)
             return 1
         code = 0
