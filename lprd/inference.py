@@ -224,8 +224,9 @@ class _Feed:
                   self.next_seq)
         return True
 
-    def next_frame(self) -> tuple[FrameHeader, np.ndarray] | None:
-        """(header, owned frame copy) of the next frame to analyse, or None for now."""
+    def next_frame(self) -> tuple[FrameHeader, np.ndarray | None] | None:
+        """(header, owned frame copy) of the next frame to analyse, or None for now; the copy is
+        None for a frame without motion (it is not analysed: 6 MB less to copy at 1080p)."""
         if not self.attach():
             return None
         ring = self.ring
@@ -236,7 +237,7 @@ class _Feed:
                 seq = self.next_seq
                 self.next_seq += 1
                 try:
-                    header, frame = ring.copy(seq)
+                    header, frame = ring.copy(seq, motion_only=True)
                 except Lapped:
                     self.done_seq = seq
                     self.skipped += 1  # flow control should prevent this; log and go on
@@ -252,7 +253,7 @@ class _Feed:
             if last <= self.done_seq:
                 return None
             try:
-                header, frame = ring.copy(last)
+                header, frame = ring.copy(last, motion_only=True)
             except (Lapped, ValueError):
                 continue
             if last > self.done_seq + 1:
@@ -365,7 +366,7 @@ class InferenceWorker:
                 header = replace(header, ts=time.time())
             self._last_ts[name] = header.ts
             feed.last_tick = time.monotonic()
-            if not header.motion:
+            if frame is None:  # no motion
                 feed.skipped += 1
                 self._send(tracker.update([], header.ts))
                 continue

@@ -281,9 +281,10 @@ class FrameRing:
                 continue  # the writer went round the whole ring meanwhile: take the new newest
         return None
 
-    def copy(self, seq: int) -> tuple[FrameHeader, np.ndarray]:
-        """An owned copy of frame `seq`, verified untorn; raises Lapped."""
+    def copy(self, seq: int, motion_only: bool = False) -> tuple[FrameHeader, np.ndarray | None]:
+        """An owned copy of frame `seq`, verified untorn; raises Lapped. With `motion_only`, a
+        frame without motion is not copied (None): it will not be analysed."""
         header, view = self.get(seq)
-        frame = view.copy()
+        frame = view.copy() if header.motion or not motion_only else None
         self.check(seq)
         return header, frame

@@ -46,6 +46,17 @@ def test_read_is_a_view_into_shared_memory_not_a_copy(ring: FrameRing) -> None:
         ring.check(seq)
 
 
+def test_copy_owns_its_pixels_and_skips_still_frames_when_asked(ring: FrameRing) -> None:
+    still = ring.write(_frame(7), ts=1.0, motion=False)
+    moving = ring.write(_frame(9), ts=2.0, motion=True)
+    header, frame = ring.copy(still, motion_only=True)
+    assert header.seq == still and not header.motion and frame is None
+    header, frame = ring.copy(still)
+    assert frame is not None and frame.flags.owndata and int(frame[0, 0, 0]) == 7
+    header, frame = ring.copy(moving, motion_only=True)
+    assert header.motion and frame is not None and int(frame[0, 0, 0]) == 9
+
+
 def test_sequence_numbers_start_at_one_and_latest_is_newest(ring: FrameRing) -> None:
     assert ring.latest() is None
     seqs = [ring.write(_frame(i), ts=float(i)) for i in range(10)]
