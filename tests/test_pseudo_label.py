@@ -9,6 +9,7 @@ from lprd.train.pseudo_label import (
     Line,
     Sample,
     VariantRead,
+    agree,
     assemble_lines,
     choose,
     decide,
@@ -181,3 +182,20 @@ def test_generic_two_row_plates_shaped_letters_over_digits_are_left_out() -> Non
     assert decide(two("P936EAB"), None, s).text == "P936EAB"
     # one-row plates are not concerned
     assert decide(_reads("LEC8019", "LEC8019", "LEC8019"), None, s).text == "LEC8019"
+
+
+def test_reader_agreement_needs_two_ocr_variants_a_confident_read_and_a_format() -> None:
+    reads = _reads("B123ABC", "B 123 ABC", "B128ABC", conf=0.6, min_char=0.2)  # OCR filters fail
+    assert agree(reads, "B123ABC", 0.9, "ro").text == "B123ABC"
+    assert agree(reads, "B128ABC", 0.9, "ro").reason == "disagree"  # only one variant reads it
+    assert agree(reads, "B123ABC", 0.3, "ro").reason == "reader_low_conf"
+    assert agree(_reads("Q123ABC", "Q123ABC", "x"), "Q123ABC", 0.9, "ro").reason == "pattern"
+
+
+def test_reader_agreement_distrusts_i_and_o_beside_digits_without_region_formats() -> None:
+    # a UK KV18ABF that both models read with an I
+    assert agree(_reads("KVI8ABF", "KVI8ABF", "KVI8ABF"), "KVI8ABF", 0.97, None).reason == (
+        "ambiguous")
+    assert agree(_reads("KV18ABF", "KV18ABF", "x"), "KV18ABF", 0.97, None).text == "KV18ABF"
+    two_rows = _reads("AB12CDE", "AB12CDE", "AB12CDE", det_rows=2)
+    assert agree(two_rows, "AB12CDE", 0.9, None).rows == 2

@@ -53,6 +53,7 @@ PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
     "es": (re.compile(r"\d{4}[BCDFGHJKLMNPRSTVWXYZ]{3}"), re.compile(r"[A-Z]{1,2}\d{4}[A-Z]{1,2}")),
 }
 _SEPARATORS = frozenset(" -·.:_'")
+_AMBIGUOUS = re.compile(r"[IO]\d|\d[IO]")
 
 
 # ---------------------------------------------------------------- pure logic (no I/O)
@@ -210,6 +211,30 @@ def decide(reads: Sequence[VariantRead], region: str | None, s: FilterSettings) 
     if two_rows and switches(text) < s.two_row_min_switches:
         return Decision(None, "two_rows_pattern", rows)
     return Decision(text, "kept", rows)
+
+
+# Second opinion: a box the OCR filters reject is kept when the reader's own read (a different
+# model, trained on other crops) equals what at least AGREE_MIN of RapidOCR's variants read.
+AGREE_MIN = 2
+AGREE_MIN_CONF = 0.5
+
+
+def agree(reads: Sequence[VariantRead], reader_text: str, reader_conf: float,
+          region: str | None) -> Decision:
+    """The label a reader read and RapidOCR's reads support together, or why not."""
+    if reader_conf < AGREE_MIN_CONF:
+        return Decision(None, "reader_low_conf")
+    same = [r for r in reads if normalize(r.raw) == reader_text]
+    if len(same) < AGREE_MIN:
+        return Decision(None, "disagree")
+    if not fits_pattern(reader_text, region, "region", max_switches=2):
+        return Decision(None, "pattern")
+    # Both models read a UK 1 as I (KV18ABF as KVI8ABF) alike; without the region's formats
+    # an I or O beside a digit cannot be trusted
+    if region not in PATTERNS and _AMBIGUOUS.search(reader_text):
+        return Decision(None, "ambiguous")
+    det = next((r for r in reads if r.name == "det"), None)
+    return Decision(reader_text, "kept", det.rows if det is not None and det.rows >= 2 else 1)
 
 
 def margin_box(box: Sequence[int], width: int, height: int,
@@ -536,63 +561,162 @@ def run_eval(root: Path, out: Path, threads: int, limit: int, target: float) -> 
     return 0
 
 
-def run_label(root: Path, out: Path, threads: int, limit: int) -> int:
+def _save_label(b: Box, text: str, rows: int, out: Path, root: Path,
+                cache: dict[Path, np.ndarray], pseudo: dict[str, Any]) -> dict[str, Any] | None:
+    """Cut `b`'s crop into out/images and return its labels.jsonl row (None: unreadable)."""
     import cv2
-    boxes: list[Box] = []
-    for name in SCENE_SETS:
-        got = list(scene_boxes(root, [name], False))
-        boxes += got[:limit] if limit else got
-    reads = read_all(boxes, out / "scene_reads.jsonl", threads)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    kept: Counter[str] = Counter()
-    reasons: dict[str, Counter[str]] = defaultdict(Counter)
-    texts: dict[str, set[str]] = defaultdict(set)
-    cache: dict[Path, np.ndarray] = {}
-    n_total: Counter[str] = Counter(b.set for b in boxes)
+    crop = _cut(b, cache)
+    if crop is None:
+        return None
+    name = f"{b.set}_{Path(b.image).stem}_{b.extra['plate_index']}.png"
+    ok, enc = cv2.imencode(".png", crop)
+    if not ok:
+        log.warning("cannot encode the crop of %s", b.key)
+        return None
+    (out / "images" / name).write_bytes(enc.tobytes())
+    x, y, w, h = b.crop_box
+    bx, by, bw, bh = b.box
+    return {"image": f"images/{name}", "region": b.region, "crop": True,
+            "width": w, "height": h, "plates": [{"text": text, "box": [0, 0, w, h]}],
+            "rows": rows, "source_set": b.set,
+            "source_image": str(b.image.relative_to(root / b.set)),
+            "source_plate_index": b.extra["plate_index"],
+            "source_box": list(b.box), "crop_box_in_source": [x, y, w, h],
+            "plate_box_in_crop": [bx - x, by - y, bw, bh],
+            "heldout": is_heldout(text), "pseudo": pseudo,
+            "md5": hashlib.md5(enc.tobytes()).hexdigest()}
+
+
+def _write_labels(out: Path, rows: Iterable[dict[str, Any]], summary: dict[str, Any]) -> None:
     tmp = out / "labels.jsonl.tmp"
     with tmp.open("w") as f:
-        for b in boxes:
-            if b.key not in reads:
-                reasons[b.set]["unreadable"] += 1
-                continue
-            s = settings_for(b.region)
-            d = decide(reads[b.key], b.region, s)
-            reasons[b.set][d.reason] += 1
-            if d.text is None:
-                continue
-            crop = _cut(b, cache)
-            if crop is None:
-                continue
-            name = f"{b.set}_{Path(b.image).stem}_{b.extra['plate_index']}.png"
-            ok, enc = cv2.imencode(".png", crop)
-            if not ok:
-                log.warning("cannot encode the crop of %s", b.key)
-                continue
-            (out / "images" / name).write_bytes(enc.tobytes())
-            x, y, w, h = b.crop_box
-            bx, by, bw, bh = b.box
-            row = {"image": f"images/{name}", "region": b.region, "crop": True,
-                   "width": w, "height": h, "plates": [{"text": d.text, "box": [0, 0, w, h]}],
-                   "rows": d.rows, "source_set": b.set,
-                   "source_image": str(b.image.relative_to(root / b.set)),
-                   "source_plate_index": b.extra["plate_index"],
-                   "source_box": list(b.box), "crop_box_in_source": [x, y, w, h],
-                   "plate_box_in_crop": [bx - x, by - y, bw, bh],
-                   "heldout": is_heldout(d.text),
-                   "pseudo": {"labeler": "rapidocr-onnxruntime PP-OCRv4", "filters": asdict(s),
-                              "reads": [asdict(r) for r in reads[b.key]]},
-                   "md5": hashlib.md5(enc.tobytes()).hexdigest()}
+        for row in rows:
             f.write(json.dumps(row) + "\n")
-            kept[b.set] += 1
-            texts[b.set].add(d.text)
     tmp.replace(out / "labels.jsonl")
-    summary = {name: {"boxes": n_total[name], "kept": kept[name], "unique_texts": len(texts[name]),
-                      "reasons": dict(reasons[name])} for name in SCENE_SETS}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for name, v in summary.items():
         print(f"{name:18s} {v['kept']:5d} kept of {v['boxes']:5d} boxes "
               f"({v['unique_texts']} texts)  {v['reasons']}")
     print(f"written {out / 'labels.jsonl'} and {out / 'images'}")
+
+
+def _scene_boxes_to_label(root: Path, limit: int) -> list[Box]:
+    boxes: list[Box] = []
+    for name in SCENE_SETS:
+        got = list(scene_boxes(root, [name], False))
+        boxes += got[:limit] if limit else got
+    return boxes
+
+
+def run_label(root: Path, out: Path, threads: int, limit: int) -> int:
+    boxes = _scene_boxes_to_label(root, limit)
+    reads = read_all(boxes, out / "scene_reads.jsonl", threads)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    reasons: dict[str, Counter[str]] = defaultdict(Counter)
+    texts: dict[str, set[str]] = defaultdict(set)
+    cache: dict[Path, np.ndarray] = {}
+    rows = []
+    for b in boxes:
+        if b.key not in reads:
+            reasons[b.set]["unreadable"] += 1
+            continue
+        s = settings_for(b.region)
+        d = decide(reads[b.key], b.region, s)
+        reasons[b.set][d.reason] += 1
+        if d.text is None:
+            continue
+        row = _save_label(b, d.text, d.rows, out, root, cache,
+                          {"labeler": "rapidocr-onnxruntime PP-OCRv4", "filters": asdict(s),
+                           "reads": [asdict(r) for r in reads[b.key]]})
+        if row is not None:
+            rows.append(row)
+            texts[b.set].add(d.text)
+    n_total = Counter(b.set for b in boxes)
+    _write_labels(out, rows, {name: {"boxes": n_total[name], "kept": reasons[name]["kept"],
+                                     "unique_texts": len(texts[name]),
+                                     "reasons": dict(reasons[name])} for name in SCENE_SETS})
+    return 0
+
+
+def _reader(model: Path) -> Any:
+    from lprd.config import ReaderConfig
+    from lprd.read import PlateReader
+    return PlateReader(ReaderConfig(model=model))
+
+
+def run_agree_eval(root: Path, ocr_dir: Path, model: Path, threads: int) -> int:
+    """Precision of `agree` on text-labelled plates whose text the reader never trained on."""
+    boxes = [b for b in _eval_boxes(root, 0) if b.truth and is_heldout(b.truth)]
+    reads = read_all(boxes, ocr_dir / "eval_reads.jsonl", threads)
+    reader = _reader(model)
+    cache: dict[Path, np.ndarray] = {}
+    kept = right = ocr_kept = both = 0
+    wrong = []
+    for b in boxes:
+        crop = _cut(b, cache)
+        if crop is None or b.key not in reads:
+            continue
+        r = reader.read(crop)
+        d = agree(reads[b.key], r.text, r.confidence, b.region)
+        ocr = decide(reads[b.key], b.region, settings_for(b.region)).text is not None
+        ocr_kept += ocr
+        if d.text is None:
+            continue
+        kept += 1
+        both += ocr
+        right += d.text == b.truth
+        if d.text != b.truth:
+            wrong.append((b.key, b.truth, d.text))
+    print(f"{len(boxes)} held-out-text plates: the reader and RapidOCR agree on {kept} "
+          f"({right} right, precision {100 * right / max(kept, 1):.1f} %); the OCR filters keep "
+          f"{ocr_kept}, {kept - both} more kept by agreement alone")
+    for w in wrong:
+        print("   wrong:", *w)
+    return 0
+
+
+def run_agree(root: Path, ocr_dir: Path, out: Path, model: Path, limit: int) -> int:
+    """Label the scene boxes the OCR filters reject where the reader agrees with RapidOCR."""
+    boxes = _scene_boxes_to_label(root, limit)
+    reads = _load_reads(ocr_dir / "scene_reads.jsonl")
+    if not reads:
+        print(f"no OCR reads in {ocr_dir}: run `python -m lprd.train.pseudo_label --out "
+              f"{ocr_dir}` first", file=sys.stderr)
+        return 2
+    reader = _reader(model)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    reasons: dict[str, Counter[str]] = defaultdict(Counter)
+    texts: dict[str, set[str]] = defaultdict(set)
+    cache: dict[Path, np.ndarray] = {}
+    rows = []
+    for b in boxes:
+        if b.key not in reads:
+            reasons[b.set]["unreadable"] += 1
+            continue
+        if decide(reads[b.key], b.region, settings_for(b.region)).text is not None:
+            reasons[b.set]["ocr_kept"] += 1  # already in the OCR labels
+            continue
+        crop = _cut(b, cache)
+        if crop is None or crop.size == 0:
+            reasons[b.set]["unreadable"] += 1
+            continue
+        r = reader.read(crop)
+        d = agree(reads[b.key], r.text, r.confidence, b.region)
+        reasons[b.set][d.reason] += 1
+        if d.text is None:
+            continue
+        row = _save_label(b, d.text, d.rows, out, root, cache,
+                          {"labeler": f"rapidocr-onnxruntime PP-OCRv4 + {reader.version}",
+                           "agree_min": AGREE_MIN, "reader_min_conf": AGREE_MIN_CONF,
+                           "reader_conf": r.confidence,
+                           "reads": [asdict(v) for v in reads[b.key]]})
+        if row is not None:
+            rows.append(row)
+            texts[b.set].add(d.text)
+    n_total = Counter(b.set for b in boxes)
+    _write_labels(out, rows, {name: {"boxes": n_total[name], "kept": reasons[name]["kept"],
+                                     "unique_texts": len(texts[name]),
+                                     "reasons": dict(reasons[name])} for name in SCENE_SETS})
     return 0
 
 
@@ -606,6 +730,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="--eval: precision the tuning must reach (plus a 1-point margin)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
     ap.add_argument("--limit", type=int, default=0, help="boxes per set (0: all), for a quick run")
+    ap.add_argument("--agree-with", type=Path, metavar="READER",
+                    help="second pass: label the boxes the OCR filters reject where this reader "
+                         "(.tflite) reads what two of RapidOCR's variants read; needs the OCR "
+                         "reads of a first pass in --out; with --eval, its precision on "
+                         "plates whose text the reader never trained on")
+    ap.add_argument("--agree-out", type=Path, default=Path("cache/pseudo_agree"),
+                    help="where --agree-with writes its crops and labels.jsonl")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -615,6 +746,10 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
     cv2.setNumThreads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.agree_with is not None:
+        if args.eval:
+            return run_agree_eval(args.data, args.out, args.agree_with, args.threads)
+        return run_agree(args.data, args.out, args.agree_out, args.agree_with, args.limit)
     if args.eval:
         return run_eval(args.data, args.out, args.threads, args.limit, args.target)
     return run_label(args.data, args.out, args.threads, args.limit)
