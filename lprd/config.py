@@ -222,6 +222,8 @@ class SyncConfig(_Strict):
     timeout: float = Field(30.0, gt=0, description="seconds for the whole download")
     list: str = Field("default", min_length=1, description="list name for rows that name none")
     action: str | None = Field(None, description="action for rows that name none")
+    allow_empty: bool = Field(False, description="let a list with no entries replace a non-empty "
+                              "one (off: an empty export is taken for an upstream fault)")
 
     @field_validator("action")
     @classmethod

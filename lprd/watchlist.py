@@ -928,6 +928,12 @@ class WatchlistSync:
                                              check_action(self.cfg.action), origin="sync")
                 except WatchlistError as e:
                     raise SyncError(f"{self._where()}: rejected list: {e}") from None
+                if not entries and status.entries and not self.cfg.allow_empty:
+                    # A header-only export from a broken upstream job would empty an allow list
+                    # and lock every car out; emptying the list on purpose is rare: say so.
+                    raise SyncError(f"{self._where()}: the list has no entries; keeping the "
+                                    f"{status.entries} synced ones (set "
+                                    f"watchlist.sync.allow_empty: true to accept an empty list)")
                 status = self.watchlist.replace_synced(entries, SyncStatus(
                     source=source, last_attempt=now, last_success=now, last_change=now,
                     last_sync_ok=True, last_error=None, etag=fetched.etag,

@@ -307,6 +307,18 @@ def test_file_source_syncs_and_an_unchanged_file_is_not_reread(wl: Watchlist,
     assert not r.ok and "cannot read" in (r.error or "") and wl.count() == 1
 
 
+def test_an_empty_list_keeps_a_synced_one_unless_allowed(wl: Watchlist, tmp_path: Path) -> None:
+    src = tmp_path / "plates.csv"
+    src.write_text("plate,list,action\nABC1234,residents,allow\n")
+    assert _sync(wl, str(src)).sync_once().changed
+    src.write_text("plate,list,action\n")  # a header-only export
+    r = _sync(wl, str(src)).sync_once()
+    assert not r.ok and "allow_empty" in (r.error or "") and r.entries == 1
+    assert wl.match("ABC1234").action == "allow" and not wl.sync_status().last_sync_ok
+    r = _sync(wl, str(src), allow_empty=True).sync_once()
+    assert r.ok and r.changed and r.entries == 0 and wl.match("ABC1234").match == "none"
+
+
 def test_a_file_written_while_it_is_read_is_not_swapped_in(wl: Watchlist, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import lprd.watchlist as watchlist_mod
