@@ -15,8 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lprd.cli import add_config_option, int_range, shown_path
 from lprd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from lprd.recognize import int_range
+from lprd.recognize import InputError, check_opencv_path
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int_range(0, 64), default=0,
                    help="TFLite threads (default: as the daemon, up to 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_config_option(p)
     p.set_defaults(func=_bench)
 
 
@@ -102,10 +104,14 @@ def run_bench(source: Path, cfg: Config, frames: int = 0, warmup: int = 3,
     from lprd.read import PlateReader
     from lprd.track import Tracker
 
+    try:
+        check_opencv_path(source)
+    except InputError as e:
+        raise ValueError(f"{shown_path(str(source))}: {e}") from None
     threads = threads or default_threads()
     pipeline = PlatePipeline(PlateDetector(cfg.detector, threads),
                              PlateReader(cfg.reader, threads), cfg)
-    tracker = Tracker(cfg.tracker, "bench", models=pipeline.models)
+    tracker = Tracker(cfg.tracker, "bench", models=pipeline.models, topn=cfg.reader.topn)
     cap = cv2.VideoCapture(str(source), cv2.CAP_FFMPEG)
     if not cap.isOpened():
         raise ValueError(f"{source}: cannot open as a video")

@@ -6,10 +6,49 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import signal
 import sys
+from typing import Any
 
 from lprd import __version__
-from lprd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, redacted
+from lprd.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    config_warnings,
+    file_problems,
+    load_config,
+    redacted,
+)
+
+# Argument helpers shared by the subcommands' modules.
+
+def add_config_option(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    # SUPPRESS keeps `lprd --config X recognize` working: the subcommand only overrides when given.
+    p.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="FILE",
+                   help=help or "YAML config (thresholds, reader.topn, model paths); default: "
+                   f"{DEFAULT_CONFIG_PATH} when it exists, else built-in defaults")
+
+
+def int_range(lo: int, hi: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
+
+
+def shown_path(name: str) -> str:
+    """`name` printable on any stdout: bytes of a name that are not UTF-8 appear as \\xff."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to (JSON text)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 # Each module has `register(subparsers)`, which adds its subcommand(s) with `func` set.
 COMMAND_MODULES = (
@@ -25,9 +64,15 @@ def _check_config(args: argparse.Namespace) -> int:
     path = args.file or args.config
     try:
         cfg = load_config(path)
+        # `run` would fail on these only later, or (models) over and over under systemd
+        problems = file_problems(cfg)
+        if problems:
+            raise ConfigError(str(path), problems)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    for w in config_warnings(cfg):
+        print(f"{path}: warning: {w}", file=sys.stderr)
     if args.print:
         print(json.dumps(redacted(cfg), indent=2))
     else:
@@ -62,14 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
-        return int(args.func(args) or 0)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must raise where it is caught
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): as the Python docs advise, point stdout at devnull
+        # so that the flush at exit does not fail again, and exit as a SIGPIPE'd command would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

@@ -1,31 +1,47 @@
 """The typed config: the single source of truth for every option and its default.
 
-Pure: `load_config` reads a file, everything else validates data already in memory.
+Pure: `load_config` reads the config file and `file_problems` the files it names; everything else
+validates data already in memory.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 DEFAULT_CONFIG_PATH = Path("/etc/lprd/config.yaml")
 _CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class _Strict(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Unknown keys are errors: a typo must not silently fall back to a default. No inf or nan:
+    # `gt=0` lets .inf through, and an endless timeout or interval breaks the code that uses it.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+def _topic_prefix(v: str) -> str:
+    if not v or any(ch in v for ch in "+#\0") or v.startswith("/") or v.endswith("/"):
+        raise ValueError("must be non-empty, without + # NUL, and not start or end with /")
+    return v
+
+
+# The first level(s) of published topics: a wildcard cannot be published to, and a leading or
+# trailing / makes an empty level.
+TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
 
 
 class MotionConfig(_Strict):
@@ -53,10 +69,14 @@ class CameraConfig(_Strict):
     stall_timeout: float = Field(10.0, gt=0, description="no frame for this long = stream lost")
     reconnect: ReconnectConfig = ReconnectConfig()
     motion: MotionConfig = MotionConfig()
-    roi: tuple[int, int, int, int] | None = Field(
+    # Inference and motion fall back to the whole frame for an ROI under 2x2 px inside it.
+    roi: tuple[NonNegativeInt, NonNegativeInt, Annotated[int, Field(ge=2)],
+               Annotated[int, Field(ge=2)]] | None = Field(
         None, description="x, y, w, h to analyse, in pixels of the frame after max_width scaling")
     ring_slots: int = Field(8, ge=2, le=256)
-    max_width: int = Field(1920, ge=64, description="larger frames are scaled down first")
+    # 7680: 8K UHD, the widest camera stream there is; the ring holds ring_slots frames of
+    # this width in shared memory, and a far wider one cannot even be mapped.
+    max_width: int = Field(1920, ge=64, le=7680, description="larger frames are scaled down first")
 
     @field_validator("reconnect")
     @classmethod
@@ -64,6 +84,14 @@ class CameraConfig(_Strict):
         if v.max < v.initial:
             raise ValueError("reconnect.max must be >= reconnect.initial")
         return v
+
+    @model_validator(mode="after")
+    def _roi_inside(self) -> CameraConfig:
+        # Frames are never wider than max_width: an ROI starting further right sees nothing.
+        if self.roi is not None and self.roi[0] > self.max_width - 2:
+            raise ValueError(f"roi x ({self.roi[0]}) must be at most max_width - 2 "
+                             f"({self.max_width - 2}): the analysed frame is no wider")
+        return self
 
 
 class DetectorConfig(_Strict):
@@ -167,18 +195,18 @@ class OutboxConfig(_Strict):
 
 class DiscoveryConfig(_Strict):
     enabled: bool = False
-    prefix: str = "homeassistant"
+    prefix: TopicPrefix = "homeassistant"
 
 
 class MQTTConfig(_Strict):
     enabled: bool = True
     host: str = Field("localhost", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
-    topic_prefix: str = "lprd"
+    topic_prefix: TopicPrefix = "lprd"
     client_id: str | None = None
     username: str | None = None
     password_file: Path | None = Field(None, description="the password is never put in this file")
-    keepalive: int = Field(30, ge=5)
+    keepalive: int = Field(30, ge=5, le=65535)  # MQTT sends it in 16 bits
     tls: TLSConfig = TLSConfig()
     outbox: OutboxConfig = OutboxConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
@@ -187,13 +215,6 @@ class MQTTConfig(_Strict):
         ReconnectConfig(initial=1.0, max=60.0),
         description="broker reconnect backoff (doubles per failed attempt), seconds",
     )
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        if not v or any(ch in v for ch in "+#\0") or v.startswith("/") or v.endswith("/"):
-            raise ValueError("must be non-empty, without + # NUL, and not start or end with /")
-        return v
 
     @field_validator("reconnect")
     @classmethod
@@ -214,13 +235,21 @@ class MQTTConfig(_Strict):
 _ACTION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def _printable(v: str) -> str:
+    if not v.isprintable():
+        raise ValueError("must be printable characters only")
+    return v
+
+
 class SyncConfig(_Strict):
     source: str | None = Field(None, description="https://, http:// or a file path (CSV/JSON)")
     interval: float = Field(3600.0, gt=0, description="seconds between syncs")
     token_file: Path | None = Field(None, description="bearer token for http(s) sources")
     max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger downloads are refused")
     timeout: float = Field(30.0, gt=0, description="seconds for the whole download")
-    list: str = Field("default", min_length=1, description="list name for rows that name none")
+    # the rule lprd.watchlist applies to a row's own list name
+    list: Annotated[str, AfterValidator(_printable)] = Field(
+        "default", min_length=1, max_length=64, description="list name for rows that name none")
     action: str | None = Field(None, description="action for rows that name none")
     allow_empty: bool = Field(False, description="let a list with no entries replace a non-empty "
                               "one (off: an empty export is taken for an upstream fault)")
@@ -269,6 +298,18 @@ class Config(_Strict):
     watchlist: WatchlistConfig = WatchlistConfig()
     storage: StorageConfig = StorageConfig()
     service: ServiceConfig = ServiceConfig()
+
+    @field_validator("cameras", mode="before")
+    @classmethod
+    def _names_are_text(cls, v: Any) -> Any:
+        # YAML reads an unquoted 1 or yes as a number or a boolean, not as the name written.
+        for name in v if isinstance(v, dict) else ():
+            if not isinstance(name, str):
+                how = ("YAML reads an unquoted yes, no, on, off, true or false as a boolean"
+                       if isinstance(name, bool) else f"'{name}'")
+                raise PydanticCustomError(
+                    "camera_name_type", f"camera name {name!r} must be a string: quote it ({how})")
+        return v
 
     @field_validator("cameras")
     @classmethod
@@ -335,6 +376,27 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(source, problems) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one, so
+    a second `gate:` camera or `mqtt:` block would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys set after override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                mark = first.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if mark is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     p = Path(path)
@@ -345,7 +407,7 @@ def load_config(path: str | Path) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(p), [f"cannot read: {e}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -356,3 +418,70 @@ def load_config(path: str | Path) -> Config:
 def redacted(cfg: Config) -> dict:
     """The config as a plain dict for display; never shows secrets (files only, by design)."""
     return cfg.model_dump(mode="json")
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why `path` cannot serve as a non-empty input file, or None."""
+    try:
+        with path.open("rb") as f:
+            if not f.read(1):
+                return f"{path} is empty"
+    except FileNotFoundError:
+        return f"{path}: file not found"
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    return None
+
+
+def model_file_problems(cfg: Config) -> list[str]:
+    """Model files (and their metadata) that are missing, unreadable or empty, one line per key.
+
+    A model that cannot be loaded does not come back by restarting: `lprd run` treats these as
+    config errors."""
+    from lprd.models import ModelError, default_model_path  # numpy: only when files are checked
+
+    models = [("detector.model", cfg.detector.model, "detector"),
+              ("reader.model", cfg.reader.model, "reader")]
+    if cfg.detector.check:
+        models.insert(1, ("detector.check_model", cfg.detector.check_model, "plate_check"))
+    problems = []
+    for key, path, name in models:
+        if path is None:
+            try:
+                path = default_model_path(name)
+            except ModelError as e:
+                problems.append(f"{key}: {e}")
+                continue
+        why = _file_problem(path) or _file_problem(path.with_suffix(".json"))
+        if why:
+            problems.append(f"{key}: {why}")
+    return problems
+
+
+def file_problems(cfg: Config) -> list[str]:
+    """Every file the config names and uses that is missing, unreadable or empty: the models,
+    and the MQTT password and TLS files and the sync token when they are in use."""
+    files: list[tuple[str, Path | None]] = []
+    if cfg.mqtt.enabled:
+        files.append(("mqtt.password_file", cfg.mqtt.password_file))
+        if cfg.mqtt.tls.enabled:
+            files += [(f"mqtt.tls.{k}", getattr(cfg.mqtt.tls, k)) for k in ("ca", "cert", "key")]
+    if cfg.watchlist.enabled and cfg.watchlist.sync.source:
+        files.append(("watchlist.sync.token_file", cfg.watchlist.sync.token_file))
+    problems = model_file_problems(cfg)
+    for key, path in files:
+        why = _file_problem(path) if path is not None else None
+        if why:
+            problems.append(f"{key}: {why}")
+    return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but leave the daemon doing nothing useful."""
+    out = []
+    if not any(cam.enabled for cam in cfg.cameras.values()):
+        out.append("no camera is enabled: lprd will analyse nothing (add one under cameras:)")
+    if not cfg.mqtt.enabled:
+        out.append("mqtt.enabled is false: events go only to `lprd run --events-jsonl FILE`, "
+                   "and nowhere without it")
+    return out

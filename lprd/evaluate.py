@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any, TextIO
 import cv2
 import numpy as np
 
+from lprd.cli import add_config_option, int_range, shown_path
 from lprd.config import Config, ConfigError
 from lprd.models import ModelError
 from lprd.recognize import (
     InputError,
-    add_config_option,
-    int_range,
     load_image,
     load_models,
     make_pipeline,
     open_config,
     with_topn,
+    write_image,
 )
 from lprd.track import iou, levenshtein
 from lprd.types import Box, Read
@@ -290,7 +290,7 @@ def parse_label(line: str, root: Path, texts: frozenset[str] | None) -> Labelled
         norm = normalise_plate(text) if text else None
         # "ignore": true marks a plate the labels know of but do not score (e.g. an unreadable
         # background plate): a box on it is neither a hit nor a false plate
-        ignored = p.get("ignore") is True
+        ignored = _flag(p, "ignore")
         plates.append(TruthPlate(box=_box(p.get("box")), text=norm,
                                  scored=not ignored and (texts is None
                                                          or (norm is not None and norm in texts))))
@@ -298,7 +298,15 @@ def parse_label(line: str, root: Path, texts: frozenset[str] | None) -> Labelled
     return LabelledImage(image=rec["image"], path=root / rec["image"],
                          width=w if isinstance(w, int) else None,
                          height=h if isinstance(h, int) else None,
-                         crop=bool(rec.get("crop")), plates=tuple(plates))
+                         crop=_flag(rec, "crop"), plates=tuple(plates))
+
+
+def _flag(rec: dict[str, Any], key: str) -> bool:
+    # a JSON boolean only: "false" as a string would otherwise count as true
+    v = rec.get(key, False)
+    if not isinstance(v, bool):
+        raise TypeError(f'"{key}" must be true or false, got {v!r}')
+    return v
 
 
 def read_texts(path: Path) -> frozenset[str]:
@@ -479,8 +487,15 @@ def write_report(folder: Path, m: Metrics, gallery: list[tuple[str, Miss, str]],
         lines.append(f"| ![{miss.truth}]({png}) | `{miss.truth}` | {e2e} | "
                      f"{_md_cell(miss.reader)} | {image.replace('|', '/')} |")
     out = folder / "report.md"
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # backslashreplace: a path or image name that is not UTF-8 must not lose the whole report
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="backslashreplace")
     return out
+
+
+def _cannot_read(name: str, e: OSError | UnicodeDecodeError, err: TextIO) -> int:
+    print(f"lprd eval: {shown_path(name)}: cannot read: {getattr(e, 'strerror', None) or e}",
+          file=err)
+    return 2
 
 
 def run_eval(args: argparse.Namespace, out: TextIO | None = None,
@@ -493,13 +508,15 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
     except ConfigError as e:
         print(e, file=err)
         return 2
+    # read one by one: a UnicodeDecodeError names no file
     try:
         texts = read_texts(Path(args.filter_texts)) if args.filter_texts else None
+    except (OSError, UnicodeDecodeError) as e:
+        return _cannot_read(args.filter_texts, e, err)
+    try:
         lines = labels.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        bad = getattr(e, "filename", None) or args.labels
-        print(f"lprd eval: {bad}: cannot read: {getattr(e, 'strerror', None) or e}", file=err)
-        return 2
+        return _cannot_read(args.labels, e, err)
     root = Path(args.root) if args.root else labels.parent
     if not root.is_dir():
         print(f"lprd eval: --root {root}: no such folder", file=err)
@@ -529,6 +546,15 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
               + (" (none holds a plate from --filter-texts)" if texts is not None else ""),
               file=err)
         return 2
+    if report is not None:
+        # made now, not after the whole run: a path that cannot be a folder fails at once
+        try:
+            (report / "misses" if args.report_max else report).mkdir(parents=True,
+                                                                     exist_ok=True)
+        except OSError as e:
+            print(f"lprd eval: --report {shown_path(str(report))}: {e.strerror or e}", file=err)
+            return 2
+    report_error: str | None = None
     need_detector = any(not i.crop for i in items)
     try:
         detector, reader = load_models(cfg, detector=need_detector, threads=args.threads)
@@ -562,14 +588,17 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
             continue
         score, _ = run_image(item, img, pipeline, reader, cfg)
         scores.append(score)
-        if report is not None:
+        if report is not None and report_error is None:
             for miss in score.misses:
                 if len(gallery) >= args.report_max:
                     dropped += 1
                     continue
                 png = f"misses/{len(gallery):05d}.png"
-                (report / "misses").mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(report / png), _miss_crop(img, miss.box))
+                try:
+                    write_image(report / png, _miss_crop(img, miss.box))
+                except OSError as e:  # the scoring goes on; the report is given up
+                    report_error = f"cannot write {png} ({e.strerror or e})"
+                    break
                 gallery.append((png, miss, item.image))
         bar.update()
     bar.close()
@@ -578,9 +607,13 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
     if detector is not None:
         models["detector"] = detector.version
     if args.json:
-        print(json.dumps({"labels": str(labels), "models": models, **m.to_dict()}), file=out)
+        print(json.dumps({"labels": shown_path(str(labels)), "models": models, **m.to_dict()}),
+              file=out)
     else:
         print(format_text(m), file=out)
+    if report_error is not None:
+        print(f"lprd eval: --report {shown_path(str(report))}: {report_error}", file=err)
+        return 2
     if report is not None:
         header = (f"Labels: `{labels}`" + (f", only plates listed in `{args.filter_texts}`"
                                            if texts is not None else "")
@@ -589,9 +622,10 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
         try:
             path = write_report(report, m, gallery, header, dropped)
         except OSError as e:
-            print(f"lprd eval: --report {report}: cannot write ({e.strerror or e})", file=err)
+            print(f"lprd eval: --report {shown_path(str(report))}: cannot write "
+                  f"({e.strerror or e})", file=err)
             return 2
-        print(f"report: {path}", file=err)
+        print(f"report: {shown_path(str(path))}", file=err)
     return 1 if failed else 0
 
 

@@ -310,7 +310,8 @@ class InferenceWorker:
         for name, spec in cameras.items():
             if name not in self.feeds:
                 self.feeds[name] = _Feed(name, spec)
-                tracker = Tracker(self.cfg.tracker, name, models=self.models)
+                tracker = Tracker(self.cfg.tracker, name, models=self.models,
+                                  topn=self.cfg.reader.topn)
                 for pass_id, plate, seen in self._kept.pop(name, []):
                     tracker.remember(pass_id, plate, seen)
                 self.trackers[name] = tracker

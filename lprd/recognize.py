@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import cv2
 import numpy as np
 
+from lprd.cli import add_config_option, int_range, shown_path
 from lprd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from lprd.models import ModelError
 from lprd.track import Tracker
@@ -44,13 +45,29 @@ class InputError(Exception):
     """One input file could not be used; the message is one line, without the path."""
 
 
-# shared with `lprd eval` ---------------------------------------------------------------------------
+def check_opencv_path(path: Path) -> None:
+    """InputError unless OpenCV can be given `path`: it crashes (SIGSEGV) on a name that is
+    not UTF-8."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the file name is not valid UTF-8, which OpenCV cannot open; "
+                         "rename the file") from None
 
-def add_config_option(p: argparse.ArgumentParser) -> None:
-    # SUPPRESS keeps `lprd --config X recognize` working: the subcommand only overrides when given.
-    p.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="FILE",
-                   help="YAML config (thresholds, reader.topn, model paths); default: "
-                   f"{DEFAULT_CONFIG_PATH} when it exists, else built-in defaults")
+
+def write_image(path: Path, img: np.ndarray) -> None:
+    """Write `img` in the format of `path`'s suffix; OSError says why not.
+
+    Encoded here and written by Python: cv2.imwrite crashes on names that are not UTF-8 and
+    reports no reason when it fails.
+    """
+    ok, buf = cv2.imencode(path.suffix, img)
+    if not ok:
+        raise OSError(f"cannot encode the image as {path.suffix}")
+    path.write_bytes(buf.tobytes())
+
+
+# shared with `lprd eval` ---------------------------------------------------------------------------
 
 
 def open_config(path: str | None) -> Config:
@@ -107,7 +124,7 @@ def with_topn(cfg: Config, topn: int | None) -> Config:
 
 @dataclass(frozen=True, slots=True)
 class Input:
-    shown: str  # the path as the user gave it (joined with the folder's entry)
+    shown: str  # the path as the user gave it (joined with the folder's entry); printable
     path: Path
     kind: str  # "image" | "video"
 
@@ -120,13 +137,13 @@ def expand_inputs(paths: Sequence[str]) -> Iterator[Input | tuple[str, InputErro
             entries = sorted(e for e in p.iterdir() if e.is_file()
                              and e.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS)
             if not entries:
-                yield given, InputError("folder holds no image or video files")
+                yield shown_path(given), InputError("folder holds no image or video files")
             for e in entries:
-                yield Input(str(Path(given) / e.name), e, _kind(e))
+                yield Input(shown_path(str(Path(given) / e.name)), e, _kind(e))
         elif not p.exists():
-            yield given, InputError("no such file")
+            yield shown_path(given), InputError("no such file")
         else:
-            yield Input(given, p, _kind(p))
+            yield Input(shown_path(given), p, _kind(p))
 
 
 def _kind(p: Path) -> str:
@@ -191,12 +208,14 @@ def _camera_name(p: Path) -> str:
 def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
                 ) -> Iterator[PlateEvent]:
     """Events of a video, clip time as epoch seconds from 0 (1970-01-01T00:00:00Z = its start)."""
+    check_opencv_path(path)
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise InputError("cannot open as a video (unsupported or corrupt)")
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = fps if 0 < fps < 1000 else 25.0
-    tracker = Tracker(cfg.tracker, _camera_name(path), models=pipeline.models)
+    tracker = Tracker(cfg.tracker, _camera_name(path), models=pipeline.models,
+                      topn=cfg.reader.topn)
     idx = -1
     ts = 0.0
     try:
@@ -222,6 +241,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
 
 
 def _write_event_crop(folder: Path, video: Path, ev: PlateEvent, taken: set[Path]) -> None:
+    """Write the event's crop with its read (InputError: it could not be written)."""
     assert ev.crop_jpeg is not None
     crop = cv2.imdecode(np.frombuffer(ev.crop_jpeg, np.uint8), cv2.IMREAD_COLOR)
     if crop is None:
@@ -229,7 +249,15 @@ def _write_event_crop(folder: Path, video: Path, ev: PlateEvent, taken: set[Path
     plates = [{"plate": ev.plate, "confidence": ev.confidence, "box": [0, 0, 0, 0]}]
     kind = "final" if ev.final else "early"
     dest = _unique_path(folder, f"{video.stem}-{ev.id[:8]}-{kind}", ".jpg", taken)
-    cv2.imwrite(str(dest), annotate(crop, plates, crop=True))
+    _write_annotation(dest, annotate(crop, plates, crop=True))
+
+
+def _write_annotation(dest: Path, img: np.ndarray) -> None:
+    try:
+        write_image(dest, img)
+    except OSError as e:  # the input's output is incomplete: it counts as failed
+        raise InputError(f"--annotate {shown_path(str(dest))}: cannot write "
+                         f"({e.strerror or e})") from None
 
 
 def _table_image(res: dict[str, Any], out: TextIO) -> None:
@@ -277,7 +305,8 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
         try:
             annotate_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            print(f"lprd recognize: --annotate {annotate_dir}: {e.strerror or e}", file=err)
+            print(f"lprd recognize: --annotate {shown_path(str(annotate_dir))}: {e.strerror or e}",
+                  file=err)
             return 2
     taken: set[Path] = set()
     failed = 0
@@ -324,22 +353,14 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
         out.flush()
         if annotate_dir:
             dest = _unique_path(annotate_dir, item.path.stem, ".jpg", taken)
-            cv2.imwrite(str(dest), annotate(img, plates, args.crops))
+            try:
+                _write_annotation(dest, annotate(img, plates, args.crops))
+            except InputError as e:
+                print(f"lprd recognize: {item.shown}: {e}", file=err)
+                failed += 1
     if failed:
         print(f"lprd recognize: {failed} of {len(inputs)} input(s) failed", file=err)
     return 1 if failed else 0
-
-
-def int_range(lo: int, hi: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
-        return v
-    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

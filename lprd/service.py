@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from lprd.capture import CaptureStatus, SourceKind, ring_shape, source_kind
-from lprd.config import CameraConfig, Config, ConfigError, load_config
+from lprd.config import (
+    CameraConfig,
+    Config,
+    ConfigError,
+    load_config,
+    model_file_problems,
+)
 from lprd.inference import (
     CameraSpec,
     Drained,
@@ -53,6 +59,9 @@ STABLE_AFTER = 60.0  # a child that ran this long restarts with the shortest del
 READY_GRACE = 15.0  # READY=1 at the latest this long after start, even if a camera stays silent
 MODEL_LOAD_GRACE = 60.0  # the worker may be silent this long while it loads the models
 EXIT_FILES_FAILED = 1
+# A bad config or a model that cannot be loaded: restarting cannot fix it, and the systemd unit
+# does not restart on this status (RestartPreventExitStatus=2). Other failures exit 1.
+EXIT_CONFIG = 2
 ONCE_DRAIN = 15.0  # --once: seconds to wait for the broker to acknowledge the last events
 RECENT_PASSES = 1000  # passes kept for a new inference process's dedupe memory
 
@@ -74,9 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
+        problems = model_file_problems(cfg)
+        if problems:
+            raise ConfigError(args.config, problems)
     except ConfigError as e:
         print(e, file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     level = "debug" if getattr(args, "verbose", False) else cfg.service.log_level
     setup_logging(level)
     sup = Supervisor(cfg, Path(args.config), events_jsonl=args.events_jsonl, once=args.once,
@@ -204,7 +216,7 @@ class Supervisor:
             self._start_publisher()
         except PublisherConfigError as e:
             print(f"{self.config_path}: {e}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         except OSError as e:  # a full or read-only disk: worth a restart (2 would stop systemd's)
             log.error("cannot start the event outputs: %s", e)
             return 1
@@ -217,7 +229,10 @@ class Supervisor:
             self._start_sync()
             for name, ccfg in self.cfg.cameras.items():
                 self._add_camera(name, ccfg)
-            if self.once and not self.cameras:
+            if not any(c.enabled for c in self.cfg.cameras.values()):
+                log.warning("no camera is enabled in %s: nothing will be analysed (add one "
+                            "under cameras:, or set its enabled: true)", self.config_path)
+            elif self.once and not self.cameras:
                 log.warning("--once: no enabled file camera in %s; nothing to do",
                             self.config_path)
             self._start_worker()
@@ -236,9 +251,9 @@ class Supervisor:
                 self._check_children()
                 self._maybe_ready()
                 self._periodic()
-                if self.worker_failed:
+                if self.worker_failed:  # a model that cannot be loaded, never transient
                     log.error("cannot run: %s", self.worker_failed)
-                    code = 1
+                    code = EXIT_CONFIG
                     break
                 if self.once and all(c.drained for c in self.cameras.values()):
                     failed = [c for c in self.cameras.values() if c.failed]
@@ -290,12 +305,17 @@ class Supervisor:
                 ccfg = ccfg.model_copy(update={"loop": False})  # --once must reach an end
         self._gen += 1
         h, w = ring_shape(ccfg)
+        ring_name = f"lprd-{os.getpid()}-{name}-{self._gen}"
         try:
-            ring = FrameRing.create(f"lprd-{os.getpid()}-{name}-{self._gen}", ccfg.ring_slots,
-                                    h, w)
-        except OSError as e:  # /dev/shm full or too small: the other cameras still run
-            log.error("camera %s: cannot create its %d-slot frame ring of %dx%d: %s", name,
-                      ccfg.ring_slots, w, h, e)
+            ring = FrameRing.create(ring_name, ccfg.ring_slots, h, w)
+        except (OSError, ValueError, OverflowError) as e:
+            # /dev/shm full or too small, or a ring too large to map (a large max_width and
+            # ring_slots on a 32-bit system): the other cameras still run
+            log.error("camera %s: cannot create its %d-slot frame ring of %dx%d (lower "
+                      "max_width or ring_slots): %s", name, ccfg.ring_slots, w, h, e)
+            # SharedMemory removes the segment it made only on OSError
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{ring_name}")
             return
         cam = _Camera(name, ccfg, ring, _Child(f"capture:{name}", _capture_entry))
         self.cameras[name] = cam
@@ -564,7 +584,12 @@ class Supervisor:
 
     def _start_publisher(self) -> None:
         if not self.cfg.mqtt.enabled:
-            log.info("mqtt.enabled is false: events go only to --events-jsonl")
+            if self.events_jsonl:
+                log.info("mqtt.enabled is false: events go only to --events-jsonl %s",
+                         self.events_jsonl)
+            else:
+                log.warning("mqtt.enabled is false and no --events-jsonl is given: events go "
+                            "nowhere (set mqtt.enabled: true or pass --events-jsonl FILE)")
             return
         from lprd.publish import Publisher
 
@@ -617,6 +642,9 @@ class Supervisor:
     def _reload(self) -> None:
         try:
             new = load_config(self.config_path)
+            problems = model_file_problems(new)
+            if problems:  # the new inference process would fail to start and stop the daemon
+                raise ConfigError(str(self.config_path), problems)
         except ConfigError as e:
             log.error("reload refused, the running config stays:\n%s", e)
             return

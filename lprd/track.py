@@ -18,7 +18,7 @@ from lprd.types import Box, Candidate, CharProb, Observation, PlateEvent, Watchl
 # plus a speed allowance per second since the track was last seen (a few frames' gap).
 MOTION_SLACK = 1.0
 MOTION_PER_SECOND = 6.0
-TOPN = 5  # candidates per event, the winner included
+TOPN = 5  # candidates per event, the winner included, unless the tracker is given reader.topn
 _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its length
 # OCR confusions folded away when deciding that two reads are "the same plate" (dedupe only).
 _FOLD = str.maketrans({"O": "0", "Q": "0", "D": "0", "I": "1", "B": "8", "S": "5", "Z": "2"})
@@ -159,13 +159,14 @@ class _Track:
     early_sent: bool = False
     silent: bool = False  # a continuation of a pass that was already reported
     vote: Vote | None = None
+    topn: int = TOPN
 
     def add(self, obs: Observation) -> None:
         r = obs.read
         probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [r.confidence] * len(
             r.text)
         self.voter.add(r.text, r.confidence, probs)
-        self.vote = self.voter.result()
+        self.vote = self.voter.result(self.topn)
         self.frames += 1
         self.whole += not cut_by_frame_edge(obs.box, obs.frame_size)
         self.first_seen = min(self.first_seen, obs.ts)
@@ -209,7 +210,7 @@ class Tracker:
     Events: an early one (final=False) once the voted read reaches `early_confidence` after
     `early_min_frames`, and a final one when the track is unseen for `track_timeout`; both share
     the id. Tracks with fewer than `min_frames` reads, or only reads of boxes that the frame's
-    edge cuts, emit nothing.
+    edge cuts, emit nothing. Each event carries at most `topn` candidates (reader.topn).
 
     Dedupe: a plate that comes back on this camera within `dedupe_window` seconds of its last
     sighting is the same pass. It keeps that pass's id and emits no event at all (the pass was
@@ -223,8 +224,12 @@ class Tracker:
         camera: str,
         new_id: Callable[[], str] = _default_id,
         models: Mapping[str, str] | None = None,
+        topn: int = TOPN,
     ) -> None:
+        if topn < 1:
+            raise ValueError(f"topn must be at least 1, got {topn}")
         self.cfg = cfg
+        self.topn = topn
         self.camera = camera
         self._new_id = new_id
         self._models = dict(models or {})
@@ -313,7 +318,8 @@ class Tracker:
             touched.append(self._tracks[ti])
         for oi, o in enumerate(obs):
             if oi not in used_o:
-                t = _Track(first_seen=o.ts, last_seen=o.ts, box=o.box, last_text=o.read.text)
+                t = _Track(first_seen=o.ts, last_seen=o.ts, box=o.box, last_text=o.read.text,
+                           topn=self.topn)
                 t.add(o)
                 self._tracks.append(t)
                 touched.append(t)

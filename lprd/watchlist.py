@@ -38,7 +38,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from pydantic import ValidationError
+
 from lprd import __version__
+from lprd.cli import add_config_option, int_range, shown_path
 from lprd.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -189,6 +192,8 @@ def make_entry(
 ) -> WatchlistEntry:
     """One validated entry from a row: reserved keys (plate or tag, list, action, valid_from,
     valid_until, info) plus free metadata; keys are matched case-insensitively."""
+    for key, value in fields.items():
+        _check_utf8(value, f"{where}: {shown_path(str(key))}")
     lower = {str(k).strip().lower(): k for k in fields}
     raw = fields[lower["plate"]] if "plate" in lower else fields.get(lower.get("tag", ""), None)
     if raw is None or raw == "":
@@ -235,6 +240,24 @@ def make_entry(
         info.update(extra)
     return WatchlistEntry(plate=plate, list=list_name, action=action, info=info,
                           valid_from=valid_from, valid_until=valid_until, origin=origin)
+
+
+def _check_utf8(value: Any, what: str) -> None:
+    """WatchlistError unless every text in `value` is valid Unicode: a command-line argument
+    that is not UTF-8 holds surrogates, which SQLite and JSON cannot store."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WatchlistError(f"{what}: '{shown_path(value)}' is not valid UTF-8 text") \
+                from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_utf8(k, what)
+            _check_utf8(v, f"{what}: {shown_path(str(k))}")
+    elif isinstance(value, list):
+        for v in value:
+            _check_utf8(v, what)
 
 
 def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -1114,7 +1137,8 @@ def benchmark(entries: int = 100_000, lookups: int = 2000, seed: int = 0,
 # ---------------------------------------------------------------- CLI
 
 
-def _open(args: argparse.Namespace) -> tuple[Watchlist, Config]:
+def _open(args: argparse.Namespace, create: bool = False) -> tuple[Watchlist, Config]:
+    """The CLI's store; without `create`, a missing file is an error (a mistyped --db)."""
     cfg_path = Path(getattr(args, "config", None) or DEFAULT_CONFIG_PATH)
     if args.db is not None and not cfg_path.exists() and cfg_path == DEFAULT_CONFIG_PATH:
         cfg = Config()  # --db alone works on a machine without /etc/lprd/config.yaml
@@ -1124,6 +1148,9 @@ def _open(args: argparse.Namespace) -> tuple[Watchlist, Config]:
     if getattr(args, "max_distance", None) is not None:
         wcfg = wcfg.model_copy(update={"max_distance": args.max_distance})
     path = args.db if args.db is not None else cfg.storage.dir / DB_NAME
+    if not create and not path.is_file():
+        raise WatchlistError(f"no watchlist at {shown_path(str(path))} (add or import entries "
+                             "first, or check --db and storage.dir)")
     _refuse_root_in_foreign_folder(path)
     try:
         return Watchlist(path, wcfg), cfg
@@ -1175,7 +1202,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
         info[key.strip()] = value
     fields["info"] = info
     entry = make_entry(fields, "add")
-    wl, _ = _open(args)
+    wl, _ = _open(args, create=True)
     with wl:
         wl.add(entry)
     if args.json:
@@ -1230,7 +1257,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         entries = parse_document(data, fmt, args.list, check_action(args.action))
     except WatchlistError as e:
         raise WatchlistError(f"{name}: {e}; nothing imported") from None
-    wl, _ = _open(args)
+    wl, _ = _open(args, create=True)
     with wl:
         wl.import_entries(entries, replace_all=args.replace)
         total = wl.count()
@@ -1271,7 +1298,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    wl, cfg = _open(args)
+    wl, cfg = _open(args, create=True)
     scfg = cfg.watchlist.sync
     if args.source:
         scfg = scfg.model_copy(update={"source": args.source})
@@ -1302,6 +1329,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.lookups > args.entries:  # the exact and fuzzy lookups sample the listed plates
+        raise WatchlistError(f"--lookups {args.lookups} is more than --entries {args.entries}")
     res = benchmark(args.entries, args.lookups, max_distance=args.max_distance)
     if args.json:
         _print_json(res)
@@ -1315,6 +1344,8 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
+        except BrokenPipeError:  # `... | head`: lprd's main ends quietly, as other commands do
+            raise
         except (WatchlistError, ConfigError) as e:
             print(f"lprd watchlist: {e}", file=sys.stderr)
             return 2
@@ -1336,13 +1367,17 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="watchlist_command", metavar="ACTION")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", type=Path, default=None,
-                        help="watchlist file (default: <storage.dir>/watchlist.sqlite)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    store = argparse.ArgumentParser(add_help=False)  # the options of commands that open the store
+    store.add_argument("--db", type=Path, default=None,
+                       help="watchlist file (default: <storage.dir>/watchlist.sqlite)")
+    add_config_option(store, help="YAML config (storage.dir, watchlist.*); default: "
+                      f"{DEFAULT_CONFIG_PATH}, or built-in defaults with --db when it is absent")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str
-            ) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+            opens_store: bool = True) -> argparse.ArgumentParser:
+        parents = [common, store] if opens_store else [common]
+        sp = sub.add_parser(name, parents=parents, help=help_, description=help_)
         sp.set_defaults(func=_guard(func))
         return sp
 
@@ -1380,17 +1415,39 @@ def register(subparsers: Any) -> None:
     m.add_argument("plate")
     m.add_argument("--candidate", action="append", metavar="PLATE",
                    help="an alternative reading, as the reader gives; repeatable")
-    m.add_argument("--max-distance", type=float, help="override watchlist.max_distance")
+    m.add_argument("--max-distance", type=_max_distance,
+                   help="override watchlist.max_distance (0..2)")
 
     s = add("sync", _cmd_sync, "sync once from watchlist.sync.source now (exit 1: failed)")
     s.add_argument("--source", help="override watchlist.sync.source")
 
     add("status", _cmd_status, "entry counts and the last sync's outcome")
 
-    b = add("bench", _cmd_bench, "measure sync time and lookup latency on a generated list")
-    b.add_argument("--entries", type=int, default=100_000)
-    b.add_argument("--lookups", type=int, default=2000)
-    b.add_argument("--max-distance", type=float, default=1.0)
+    # No --db or --config: the bench builds its generated list in a temporary folder and never
+    # opens the watchlist, so either would be taken and silently ignored.
+    b = add("bench", _cmd_bench, "measure sync time and lookup latency on a generated list",
+            opens_store=False)
+    b.add_argument("--entries", type=int_range(1, 10**7), default=100_000,
+                   help="plates on the generated list (default 100000)")
+    b.add_argument("--lookups", type=int_range(2, 10**7), default=2000,
+                   help="lookups of each kind, at most --entries (default 2000)")
+    b.add_argument("--max-distance", type=_max_distance, default=1.0,
+                   help="watchlist.max_distance to match with (0..2, default 1)")
+
+
+def _max_distance(text: str) -> float:
+    """--max-distance, checked by the config's own model: the same bounds as in the YAML."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        WatchlistConfig(max_distance=v)
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a valid watchlist.max_distance: {e.errors()[0]['msg'].lower()}"
+        ) from None
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +53,21 @@ def test_bench_prints_valid_json_with_every_stage(tiny_clip, capsys):
 def test_bench_reports_a_missing_source(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "none.mp4")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_bench_takes_config_after_the_subcommand(tiny_clip, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("reader:\n  min_confidence: 7\n")
+    assert main(["bench", "-c", str(cfg), str(tiny_clip)]) == 2  # read, and refused
+    assert "reader.min_confidence" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_video_name_that_is_not_utf8(tiny_clip, tmp_path):
+    clip = tmp_path / os.fsdecode(b"v\xff.mp4")
+    shutil.copy(tiny_clip, clip)
+    # a subprocess: OpenCV crashed (SIGSEGV) on such a name
+    r = subprocess.run([sys.executable, "-m", "lprd", "bench", clip.name], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1
+    assert "lprd bench: v\\xff.mp4: the file name is not valid UTF-8" in r.stderr

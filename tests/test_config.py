@@ -86,6 +86,34 @@ BAD_CONFIGS = [
     ("service:\n  log_level: loud\n", "service.log_level:"),
     ("cameras: [\n", "line 2"),
     ("- just\n- a list\n", "(top level): must be a mapping"),
+    # PyYAML alone keeps the last of a repeated key: the first camera or block would vanish
+    ("cameras:\n  gate:\n    source: a.mp4\n  gate:\n    source: b.mp4\n",
+     "line 4, column 3: invalid YAML: duplicate key 'gate' (first on line 2)"),
+    ("mqtt:\n  port: 1883\ncameras: {}\nmqtt:\n  host: broker\n",
+     "line 4, column 1: invalid YAML: duplicate key 'mqtt' (first on line 1)"),
+    ("mqtt:\n  discovery:\n    prefix: 'ha/#'\n", "mqtt.discovery.prefix: must be non-empty"),
+    ("mqtt:\n  discovery:\n    prefix: ''\n", "mqtt.discovery.prefix: must be non-empty"),
+    ("mqtt:\n  keepalive: 100000\n", "mqtt.keepalive: Input should be less than or equal to 65535"),
+    ("cameras:\n  gate:\n    source: x.mp4\n    max_width: 1000000000\n",
+     "cameras.gate.max_width: Input should be less than or equal to 7680"),
+    ("watchlist:\n  sync:\n    interval: .inf\n",
+     "watchlist.sync.interval: Input should be a finite number"),
+    ("tracker:\n  track_timeout: 1e400\n",
+     "tracker.track_timeout: Input should be a finite number"),
+    ("cameras:\n  1:\n    source: x.mp4\n",
+     "cameras: camera name 1 must be a string: quote it ('1')"),
+    ("cameras:\n  yes:\n    source: x.mp4\n",
+     "cameras: camera name True must be a string: quote it (YAML reads an unquoted yes"),
+    ("cameras:\n  gate:\n    source: x.mp4\n    roi: [-10, -10, 0, 0]\n",
+     "cameras.gate.roi.0: Input should be greater than or equal to 0"),
+    ("cameras:\n  gate:\n    source: x.mp4\n    roi: [0, 0, 1, 100]\n",
+     "cameras.gate.roi.2: Input should be greater than or equal to 2"),
+    ("cameras:\n  gate:\n    source: x.mp4\n    roi: [1919, 0, 100, 100]\n",
+     "cameras.gate: roi x (1919) must be at most max_width - 2 (1918)"),
+    ("watchlist:\n  sync:\n    list: \"night\\tshift\"\n",
+     "watchlist.sync.list: must be printable"),
+    (f"watchlist:\n  sync:\n    list: {'x' * 65}\n",
+     "watchlist.sync.list: String should have at most 64 characters"),
 ]
 
 
@@ -99,6 +127,19 @@ def test_check_config_names_the_bad_key_and_exits_2(tmp_path, capsys, text, expe
     assert expected in err
     assert err.startswith(str(f))
     assert "Traceback" not in err
+
+
+def test_anchors_merge_keys_and_the_limits_themselves_still_load(tmp_path):
+    # A merged key that a mapping then sets again is an override, not a repeated key.
+    f = tmp_path / "ok.yaml"
+    f.write_text("cameras:\n  a: &cam {source: a.mp4, fps: 2, roi: [0, 0, 2, 2]}\n"
+                 "  b:\n    <<: *cam\n    fps: 3\n    max_width: 7680\n    roi: [7678, 0, 2, 2]\n"
+                 "  '1':\n    source: c.mp4\n"
+                 "mqtt:\n  keepalive: 65535\n  discovery: {prefix: ha/lprd}\n"
+                 "watchlist:\n  sync: {list: night shift}\n")
+    cfg = load_config(f)
+    assert (cfg.cameras["a"].fps, cfg.cameras["b"].fps, cfg.cameras["b"].source) == (2, 3, "a.mp4")
+    assert list(cfg.cameras) == ["a", "b", "1"]
 
 
 def test_check_config_reports_a_missing_file(tmp_path, capsys):
@@ -153,3 +194,108 @@ def test_a_stall_timeout_not_below_the_hang_timeout_is_refused_naming_both_keys(
                             "service.hang_timeout (30 s)")
     parse_config({"cameras": {"gate": {"source": "rtsp://cam/1", "stall_timeout": 40}},
                   "service": {"hang_timeout": 60}})
+
+
+def _model(tmp_path: Path, name: str, content: bytes, kind: str) -> Path:
+    """A model file with `content` and a good metadata sidecar copied from models/."""
+    p = tmp_path / f"{name}.tflite"
+    p.write_bytes(content)
+    (tmp_path / f"{name}.json").write_bytes((ROOT / "models" / f"{kind}.json").read_bytes())
+    return p
+
+
+@pytest.mark.parametrize(("key", "content", "expected"), [
+    ("detector.model", None, "{p}: file not found"),
+    ("detector.model", b"", "{p} is empty"),
+    ("detector.check_model", b"", "{p} is empty"),
+    ("reader.model", b"", "{p} is empty"),
+])
+def test_check_config_names_a_missing_or_empty_model_file_and_exits_2(
+        tmp_path, capsys, key, content, expected):
+    section, name = key.split(".")
+    kind = {"model": section, "check_model": "plate_check"}[name]
+    p = _model(tmp_path, "m", content or b"", kind)
+    if content is None:
+        p.unlink()
+    f = tmp_path / "c.yaml"
+    f.write_text(f"{section}:\n  {name}: {p}\n")
+    assert main(["check-config", str(f)]) == 2
+    assert capsys.readouterr().err == f"{f}: {key}: {expected.format(p=p)}\n"
+
+
+def test_check_config_names_a_model_whose_metadata_is_missing(tmp_path, capsys):
+    p = _model(tmp_path, "reader", b"not empty", "reader")
+    p.with_suffix(".json").unlink()
+    f = tmp_path / "c.yaml"
+    f.write_text(f"reader:\n  model: {p}\n")
+    assert main(["check-config", str(f)]) == 2
+    assert f"reader.model: {p.with_suffix('.json')}: file not found" in capsys.readouterr().err
+
+
+def test_check_config_names_missing_secret_tls_and_token_files(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({
+        "mqtt": {"username": "lprd", "password_file": str(tmp_path / "nope"),
+                 "tls": {"enabled": True, "ca": str(empty)}},
+        "watchlist": {"sync": {"source": "https://example.invalid/list.csv",
+                               "token_file": str(tmp_path / "token")}},
+    }))
+    assert main(["check-config", str(f)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{f}: mqtt.password_file: {tmp_path / 'nope'}: file not found",
+        f"{f}: mqtt.tls.ca: {empty} is empty",
+        f"{f}: watchlist.sync.token_file: {tmp_path / 'token'}: file not found",
+    ]
+
+
+def test_check_config_skips_the_files_of_what_is_turned_off(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({
+        "cameras": {"gate": {"source": "rtsp://cam/1"}},
+        "detector": {"check": False, "check_model": str(tmp_path / "nope.tflite")},
+        "mqtt": {"tls": {"enabled": False, "ca": str(tmp_path / "nope.pem")}},
+        "watchlist": {"sync": {"token_file": str(tmp_path / "token")}},  # no source: no sync
+    }))
+    assert main(["check-config", str(f)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_check_config_warns_when_nothing_would_be_analysed_or_sent(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("cameras:\n  gate:\n    source: rtsp://cam/1\n    enabled: false\n"
+                 "mqtt:\n  enabled: false\n")
+    assert main(["check-config", str(f)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"{f}: warning: no camera is enabled: lprd will analyse nothing (add one under cameras:)",
+        (f"{f}: warning: mqtt.enabled is false: events go only to `lprd run --events-jsonl "
+         "FILE`, and nowhere without it"),
+    ]
+
+
+def test_lprd_run_with_a_missing_model_exits_2_before_starting(tmp_path):
+    # systemd stops restarting on 2; a model that is not there will not appear by restarting.
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"cameras": {"gate": {"source": str(ROOT / "config" / "demo.mp4")}},
+                                 "mqtt": {"enabled": False}, "storage": {"dir": str(tmp_path)},
+                                 "reader": {"model": str(tmp_path / "reader.tflite")}}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "lprd", "--config", str(f), "run", "--once"],
+                       check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr == f"{f}: reader.model: {tmp_path / 'reader.tflite'}: file not found\n"
+
+
+def test_output_into_a_closed_pipe_exits_141_without_a_traceback():
+    # `lprd ... | head -1`: the reader is gone before lprd writes.
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "lprd", "check-config", "--print", str(EXAMPLE)],
+                           check=False, stdout=w, stderr=subprocess.PIPE, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (141, "")

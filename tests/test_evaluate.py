@@ -7,6 +7,8 @@ import io
 import json
 import os
 import select
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -167,6 +169,11 @@ def test_an_ignored_plate_is_neither_found_nor_a_false_plate(tmp_path: Path) -> 
     ('{"image": "a.jpg", "plates": [{"text": 7, "box": [1, 2, 3, 4]}]}', '"text"'),
     ('{"image": "a.jpg", "plates": [{"text": "A", "box": [1, 2, 0, 4]}]}', "no area"),
     ('{"image": "a.jpg", "plates": [{"text": "A", "box": [1, 2, Infinity, 4]}]}', "not finite"),
+    # a string is no flag: "false" counted as true
+    ('{"image": "a.jpg", "crop": "false", "plates": []}', '"crop" must be true or false'),
+    ('{"image": "a.jpg", "crop": 1, "plates": []}', '"crop" must be true or false'),
+    ('{"image": "a.jpg", "plates": [{"text": "A", "box": [1, 2, 3, 4], "ignore": "yes"}]}',
+     '"ignore" must be true or false'),
 ])
 def test_parse_label_says_what_is_wrong(tmp_path: Path, line: str, words: str) -> None:
     with pytest.raises((ValueError, TypeError), match=words):
@@ -213,6 +220,16 @@ def test_eval_exits_2_with_one_line_for_a_missing_labels_file(tmp_path: Path, ca
     assert main(["eval", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.jsonl" in err[0] and "No such file" in err[0]
+
+
+def test_eval_names_a_filter_texts_file_that_is_not_utf8(tmp_path: Path, capsys) -> None:
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"image": "a.png", "plates": []}) + "\n")
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes(b"AB\xff12\n")
+    assert main(["eval", str(labels), "--filter-texts", str(texts)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"lprd eval: {texts}: cannot read: 'utf-8' codec can't decode")
 
 
 def test_eval_exits_2_when_the_filter_leaves_nothing(tmp_path: Path, capsys) -> None:
@@ -362,3 +379,52 @@ def test_eval_report_filter_and_limit(tmp_path: Path, capsys) -> None:
         assert png.name in md and cv2.imread(str(png)) is not None
     assert main(["eval", str(labels), "--limit", "2", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 2
+
+
+def test_a_report_folder_that_cannot_be_made_fails_before_any_model_loads(tmp_path: Path,
+                                                                          capsys) -> None:
+    recs = _rendered_set(tmp_path, n_crops=1, n_scenes=0)
+    labels = tmp_path / "labels.jsonl"
+    _write_labels(labels, recs)
+    (tmp_path / "r.txt").write_text("")
+    cfg = tmp_path / "c.yaml"  # a model that is missing: loading it would fail first
+    cfg.write_text(f"reader:\n  model: {tmp_path / 'gone.tflite'}\n")
+    report = tmp_path / "r.txt" / "report"
+    assert main(["eval", str(labels), "-c", str(cfg), "--report", str(report)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"lprd eval: --report {report}: Not a directory\n"
+
+
+def _missed_crop(tmp_path: Path) -> Path:
+    """labels.jsonl of one rendered crop labelled with a text it does not show: one miss."""
+    recs = _rendered_set(tmp_path, n_crops=1, n_scenes=0)
+    recs[0]["plates"][0]["text"] = "QQQ000"
+    labels = tmp_path / "labels.jsonl"
+    _write_labels(labels, recs)
+    return labels
+
+
+def test_a_miss_crop_that_cannot_be_written_fails_the_report_not_the_scores(
+        tmp_path: Path, capsys) -> None:
+    labels = _missed_crop(tmp_path)
+    report = tmp_path / "report"
+    (report / "misses" / "00000.png").mkdir(parents=True)  # where the crop would go
+    assert main(["eval", str(labels), "--report", str(report), "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "end-to-end exact  0.0 % (0/1)" in out
+    assert f"lprd eval: --report {report}: cannot write misses/00000.png (Is a directory)" in err
+    assert not (report / "report.md").exists()  # no report whose gallery lacks a crop
+
+
+def test_a_report_folder_named_in_bytes_that_are_not_utf8_is_written(tmp_path: Path) -> None:
+    labels = _missed_crop(tmp_path)
+    report = tmp_path / os.fsdecode(b"rep\xff")
+    # a subprocess: cv2.imwrite crashed (SIGSEGV) on such a name
+    r = subprocess.run([sys.executable, "-m", "lprd", "eval", str(labels), "--report",
+                        str(report), "--no-progress"], capture_output=True, text=True,
+                       errors="replace", timeout=120, check=False,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert r.returncode == 0, r.stderr
+    png = (report / "misses" / "00000.png").read_bytes()
+    assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR) is not None
+    assert "misses/00000.png" in (report / "report.md").read_text()

@@ -164,10 +164,11 @@ def make_worker(models: tuple, ring: FrameRing, every_frame: bool, cfg: Config |
     return w, q
 
 
-def test_worker_turns_a_clip_in_a_ring_into_one_final_event_per_car(models, clip, ring):
-    worker, q = make_worker(models, ring, every_frame=True)
+def play_clip(worker: InferenceWorker, ring: FrameRing, frames: list) -> list:
+    """Every frame through the ring at 15 fps clip time, then the end of the stream: what the
+    worker sent."""
     t0 = 1_700_000_000.0
-    for i, (frame, _) in enumerate(clip):
+    for i, (frame, _) in enumerate(frames):
         assert ring.wait_room(5.0), "the worker did not ack (flow control stuck)"
         ring.write(frame, t0 + i / 15.0)
         while worker.step():
@@ -175,7 +176,12 @@ def test_worker_turns_a_clip_in_a_ring_into_one_final_event_per_car(models, clip
     worker.handle(EndOfStream("cam"))
     while "cam" in worker.feeds:
         worker.step()
-    out = drain(q)
+    return drain(worker.out)
+
+
+def test_worker_turns_a_clip_in_a_ring_into_one_final_event_per_car(models, clip, ring):
+    worker, _ = make_worker(models, ring, every_frame=True)
+    out = play_clip(worker, ring, clip)
     assert isinstance(out[-1], Drained) and out[-1].frames == len(clip)
     events = [m for m in out if isinstance(m, PlateEvent)]
     finals = [e for e in events if e.final]
@@ -185,6 +191,14 @@ def test_worker_turns_a_clip_in_a_ring_into_one_final_event_per_car(models, clip
     assert len({e.id for e in finals}) == len(finals)
     assert all(e.models == worker.models for e in events)
     assert ring.acked == len(clip)
+
+
+def test_worker_events_carry_at_most_reader_topn_candidates(models, clip, ring):
+    cfg = parse_config({"watchlist": {"enabled": False}, "reader": {"min_confidence": 0.0,
+                                                                    "topn": 1}})
+    worker, _ = make_worker(models, ring, every_frame=True, cfg=cfg)
+    events = [m for m in play_clip(worker, ring, clip) if isinstance(m, PlateEvent)]
+    assert events and [len(e.candidates) for e in events] == [1] * len(events)
 
 
 def test_worker_skips_frames_the_motion_gate_marked_still(models, clip, ring):

@@ -4,6 +4,10 @@ rendered video) with the shipped models; input checks that need no model run alw
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -15,6 +19,8 @@ from lprd.recognize import Input, InputError, annotate, expand_inputs, load_imag
 from lprd.track import iou
 from lprd.types import Candidate, CharProb, Read
 
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CLIP = REPO / "config" / "demo.mp4"
 IMAGE_KEYS = {"image", "width", "height", "processing_ms", "plates"}
 PLATE_KEYS = {"plate", "confidence", "box", "candidates"}
 
@@ -235,3 +241,47 @@ def test_bench_refuses_negative_counts(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["bench", "--frames", "-1"])
     assert e.value.code == 2 and "outside 0.." in capsys.readouterr().err
+
+
+def test_recognize_video_gives_each_event_at_most_topn_candidates(capsys) -> None:
+    assert main(["recognize", "--json", "--topn", "1", str(DEMO_CLIP)]) == 0
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert events, "no vehicle pass found in the demo clip"
+    assert [len(ev["candidates"]) for ev in events] == [1] * len(events)
+    assert all(ev["candidates"][0]["plate"] == ev["plate"] for ev in events)
+
+
+def test_names_that_are_not_utf8_are_read_written_and_printed(tmp_path: Path) -> None:
+    # A subprocess: OpenCV crashed (SIGSEGV) on these names; stdout is strict UTF-8, as under
+    # PYTHONIOENCODING=utf-8, where printing the name raised UnicodeEncodeError.
+    (path, text, _), = _plates(tmp_path, n=1)
+    crop = tmp_path / os.fsdecode(b"v\xff.png")
+    path.rename(crop)
+    bad_video = tmp_path / os.fsdecode(b"v\xff.mp4")
+    shutil.copy(DEMO_CLIP, bad_video)
+    clip = tmp_path / "gate.mp4"
+    shutil.copy(DEMO_CLIP, clip)
+    ann = tmp_path / os.fsdecode(b"ann\xff")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(REPO)}
+
+    def lprd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lprd", "recognize", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, errors="replace",
+                              timeout=120, check=False)
+
+    r = lprd("--crops", "--every", "3", "--annotate", ann.name, crop.name, bad_video.name,
+             clip.name)
+    assert r.returncode == 1, r.stderr  # the video named in bytes failed; the others did not
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("v\\xff.png  ") and text in lines[0]
+    assert len(lines) > 1 and all(line.startswith("gate.mp4  ") for line in lines[1:])
+    assert ("lprd recognize: v\\xff.mp4: the file name is not valid UTF-8, which OpenCV "
+            "cannot open; rename the file") in r.stderr
+    written = sorted(os.listdir(os.fsencode(ann)))
+    assert written[-1] == b"v\xff.jpg" and len(written) == len(lines)  # one crop per event
+    for name in written:
+        data = (ann / os.fsdecode(name)).read_bytes()
+        assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+    r = lprd("--crops", "--json", crop.name)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["image"] == "v\\xff.png"

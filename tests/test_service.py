@@ -445,3 +445,57 @@ def test_a_child_killed_mid_message_does_not_hang_the_supervisor() -> None:
     t.join(10)
     assert not t.is_alive(), "reading the cut message waits forever"
     assert isinstance(got[0], OSError)
+
+
+def test_a_model_that_will_not_load_stops_run_with_status_2(tmp_path, daemons):
+    # It passes the start check (the file is there) and fails in the inference process: as
+    # permanent as a missing one, so 2, on which systemd stops restarting.
+    model = tmp_path / "detector.tflite"
+    model.write_bytes(b"not a TFLite model " * 100)
+    (tmp_path / "detector.json").write_bytes((ROOT / "models" / "detector.json").read_bytes())
+    cams = {"demo": {"source": str(DEMO_CLIP), "fps": 0}}
+    config = write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
+                          detector={"model": str(model)})
+    d = start(daemons, config, "--once", "--events-jsonl", str(tmp_path / "events.jsonl"))
+    assert d.wait(90) == 2, d.log()[-3000:]
+    assert f"cannot run: {model}: not a valid TFLite model" in d.log()
+
+
+def test_run_warns_when_no_camera_is_enabled_and_events_have_nowhere_to_go(tmp_path, daemons):
+    cams = {"gate": {"source": str(DEMO_CLIP), "enabled": False}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"), "--once")
+    assert d.wait(60) == 0, d.log()[-3000:]
+    log = d.log()
+    assert "WARNING lprd.service: no camera is enabled in " in log
+    assert ("WARNING lprd.service: mqtt.enabled is false and no --events-jsonl is given: events "
+            "go nowhere (set mqtt.enabled: true or pass --events-jsonl FILE)") in log
+    assert "events go only to --events-jsonl" not in log
+
+
+def test_a_frame_ring_too_large_to_map_skips_its_camera_and_leaves_no_segment(tmp_path, caplog):
+    import glob
+
+    from lprd.config import CameraConfig, Config
+    from lprd.service import Supervisor
+
+    # The config refuses such a max_width; mmap may still refuse a smaller ring (32-bit boards).
+    cam = CameraConfig(source=str(DEMO_CLIP)).model_copy(update={"max_width": 10**9})
+    sup = Supervisor(Config(), tmp_path / "c.yaml")
+    sup._add_camera("big", cam)
+    assert sup.cameras == {}
+    assert "camera big: cannot create its 8-slot frame ring" in caplog.text
+    assert not glob.glob(f"/dev/shm/lprd-{os.getpid()}-big-*")
+
+
+def test_a_reload_naming_a_missing_model_is_refused_and_the_daemon_runs_on(tmp_path, daemons):
+    # Taken, it would restart inference with a model that is not there and stop the daemon.
+    path = write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st")
+    d = start(daemons, path, "--events-jsonl", str(tmp_path / "events.jsonl"))
+    d.wait_log(r"models loaded")
+    write_config(path, {}, None, tmp_path / "st", reader={"model": str(tmp_path / "r.tflite")})
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload refused")
+    assert f"reader.model: {tmp_path / 'r.tflite'}: file not found" in d.log()
+    assert "inference: restarting" not in d.log() and d.proc.poll() is None
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0

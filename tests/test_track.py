@@ -93,6 +93,22 @@ def test_o_zero_misreads_on_some_frames_are_outvoted_and_lower_the_share() -> No
     assert ev.candidates[1].confidence < ev.candidates[0].confidence
 
 
+def test_events_carry_at_most_the_trackers_topn_candidates() -> None:
+    # three readings of one plate: a top-5 vote has at least three candidates
+    texts = ["AB0123", "ABO123", "AB0I23"] * 3
+    frames = [[obs(t, T0 + i * DT, moving_box(i), [0.98, 0.98, 0.7, 0.7, 0.98, 0.98])]
+              for i, t in enumerate(texts)]
+    counts = {}
+    for topn in (1, 2, 5):
+        tr = Tracker(TrackerConfig(early_confidence=1.0), "gate", topn=topn)
+        (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
+        assert ev.candidates[0].plate == ev.plate == "AB0123"
+        counts[topn] = len(ev.candidates)
+    assert counts[1] == 1 and counts[2] == 2 and counts[5] >= 3
+    with pytest.raises(ValueError, match="topn"):
+        Tracker(TrackerConfig(), "gate", topn=0)
+
+
 def test_reads_with_an_extra_character_lose_the_weighted_length_vote() -> None:
     tr = make_tracker(early_confidence=1.0)
     texts = ["7ABC123", "7ABC1231", "7ABC123", "I7ABC123", "7ABC123", "7ABC123"]

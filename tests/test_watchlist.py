@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -325,6 +326,7 @@ def test_cli_add_list_match_remove_export(tmp_path: Path,
 def test_cli_file_errors_name_the_file_without_a_traceback(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = ["--db", str(tmp_path / "w.sqlite")]
+    assert _run(["add", "ABC1234", *db], capsys)[0] == 0
     out = tmp_path / "missing" / "x.csv"
     rc, _, err = _run(["export", "-o", str(out), *db], capsys)
     assert rc == 2 and str(out) in err and "Traceback" not in err
@@ -352,10 +354,101 @@ def test_cli_import_reports_the_bad_row_and_imports_nothing(
     bad.write_text(SEED_CSV + "??,x,y,z,w,v\n")
     rc, _, err = _run(["import", str(bad), *db], capsys)
     assert rc == 2 and "line 5" in err and "nothing imported" in err
-    rc, out, _ = _run(["status", "--json", *db], capsys)
-    assert json.loads(out)["entries"] == 0
+    assert not (tmp_path / "w.sqlite").exists()  # not even an empty list was made
     rc, _, err = _run(["add", "!!", *db], capsys)
     assert rc == 2 and "no letters or digits" in err
+
+
+def test_cli_read_commands_refuse_a_missing_watchlist_and_create_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "typo" / "w.sqlite"
+    for cmd in (["list"], ["status"], ["export"], ["match", "ABC1234"], ["remove", "ABC1234"]):
+        rc, out, err = _run([*cmd, "--db", str(db)], capsys)
+        assert (rc, out) == (2, ""), cmd
+        assert err.startswith(f"lprd watchlist: no watchlist at {db} "), cmd
+    assert not (tmp_path / "typo").exists()
+    rc, _, _ = _run(["add", "ABC1234", "--db", str(db)], capsys)  # add makes it
+    assert rc == 0 and db.is_file()
+    assert _run(["list", "--db", str(db)], capsys)[:2] == (0, "ABC1234  list=default  action=-\n")
+
+
+def test_cli_refuses_text_that_is_not_utf8_naming_the_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ["--db", str(tmp_path / "w.sqlite")]
+    owner = "owner=" + os.fsdecode(b"b\xffb")  # as the shell hands over such bytes
+    rc, _, err = _run(["add", "QQQ111", "--info", owner, *db], capsys)
+    assert rc == 2 and err == "lprd watchlist: add: info: owner: 'b\\xffb' is not valid UTF-8 text\n"
+    rc, _, err = _run(["add", os.fsdecode(b"QQ\xffQ111"), *db], capsys)  # not dropped silently
+    assert rc == 2 and "add: plate: 'QQ\\xffQ111' is not valid UTF-8" in err
+    doc = tmp_path / "list.json"  # JSON escapes can spell a lone surrogate too
+    doc.write_text('[{"plate": "ABC123", "notes": ["ok", "\\udcff"]}]')
+    rc, _, err = _run(["import", str(doc), *db], capsys)
+    assert rc == 2 and "entry 1: notes:" in err and "nothing imported" in err
+    assert not (tmp_path / "w.sqlite").exists()
+
+
+def test_cli_max_distance_keeps_the_configs_bounds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ["--db", str(tmp_path / "w.sqlite")]
+    _run(["add", "ABC1234", *db], capsys)
+    for bad, why in (("10", "less than or equal to 2"), ("nan", "finite"), ("inf", "finite"),
+                     ("-1", "greater than or equal to 0"), ("two", "not a number")):
+        err = _run_err(["match", "ABC1234", "--max-distance", bad, *db], capsys)
+        assert "argument --max-distance: " in err and why in err, bad
+    rc, out, _ = _run(["match", "A8C1234", "--max-distance", "2", *db], capsys)
+    assert rc == 0 and out.startswith("fuzzy ABC1234")
+
+
+def _run_err(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """stderr of a command that argparse refuses (exit 2, with its usage)."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_bench_refuses_counts_it_cannot_run_and_takes_no_db(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for args, words in ((["--lookups", "1"], "--lookups: 1 is outside 2.."),
+                        (["--entries", "0"], "--entries: 0 is outside 1.."),
+                        (["--max-distance", "5"], "--max-distance: 5 is not a valid"),
+                        (["--db", str(tmp_path / "w.sqlite")], "unrecognized arguments: --db")):
+        assert words in _run_err(["bench", *args], capsys), args
+    rc, _, err = _run(["bench", "--entries", "10", "--lookups", "20"], capsys)
+    assert rc == 2 and err == "lprd watchlist: --lookups 20 is more than --entries 10\n"
+    rc, out, _ = _run(["bench", "--entries", "3", "--lookups", "3", "--json"], capsys)
+    res = json.loads(out)
+    assert rc == 0 and res["lookups_each"] == 3 and res["exact_ms"]["matched"] == 3
+
+
+def test_cli_takes_config_after_the_action(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from lprd.cli import main as lprd_main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"storage:\n  dir: {tmp_path / 'var'}\n")
+    assert lprd_main(["watchlist", "add", "ABC1234", "-c", str(cfg)]) == 0
+    assert (tmp_path / "var" / DB_NAME).is_file()
+    capsys.readouterr()
+    assert lprd_main(["watchlist", "list", "--config", str(cfg)]) == 0
+    assert capsys.readouterr().out.startswith("ABC1234  ")
+
+
+def test_cli_lets_a_broken_pipe_through_to_lprds_main(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    db = ["--db", str(tmp_path / "w.sqlite")]
+    assert main(["add", "ABC1234", *db]) == 0
+    r, w = os.pipe()
+    os.close(r)  # the reader went away, as `| head` does after its lines
+    with open(w, "w", buffering=1) as pipe:  # line-buffered: each line goes out at once
+        monkeypatch.setattr(sys, "stdout", pipe)
+        try:
+            with pytest.raises(BrokenPipeError):  # not "lprd watchlist: : Broken pipe", exit 2
+                main(["list", "--json", *db])
+        finally:
+            monkeypatch.undo()
+            with contextlib.suppress(BrokenPipeError):  # the unread rest goes with the pipe
+                pipe.close()
 
 
 def test_cli_uses_storage_dir_from_the_config_end_to_end(tmp_path: Path) -> None:
