@@ -320,6 +320,8 @@ class Config(_Strict):
                     f"camera name {name!r} must be 1-64 letters, digits, '_' or '-' "
                     "(it becomes an MQTT topic level)"
                 )
+            if name == "cmd":  # <prefix>/cmd/+ carries commands to lprd
+                raise ValueError("camera name 'cmd' is reserved for MQTT commands: choose another")
         return v
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ HOLD_LIMIT = 30.0  # most seconds new messages wait for paho's resends after a r
 DIRECT_MAX = 1000  # messages the outbox could not store, kept in memory for the broker
 MAX_COMMAND_BYTES = 4096
 RESERVED_SUBTOPICS = frozenset({"plate", "state", "crop"})
+ANNOUNCED_FILE = "mqtt_announced.json"  # in storage.dir: the retained topics of the last run
 
 
 # -- topics -------------------------------------------------------------------------------------
@@ -57,7 +58,8 @@ def topic_level(name: str) -> str:
 
 def camera_level(camera: str) -> str:
     level = topic_level(camera)
-    # `<prefix>/cmd/+` carries commands: a camera called "cmd" must not land there.
+    # `<prefix>/cmd/+` carries commands: a camera called "cmd" must not land there (the config
+    # refuses that name; a Publisher given it directly still keeps off the command topics).
     return "_cmd" if level == "cmd" else level
 
 
@@ -153,11 +155,50 @@ def discovery_messages(cfg: MQTTConfig, cameras: Sequence[str]) -> list[tuple[st
                 "image_topic": f"{base}/crop", "content_type": "image/jpeg", "qos": 1,
             } if cfg.crops else None),
         ]
-        for component, suffix, body in configs:
-            topic = f"{dp}/{component}/{node}/{obj}_{suffix}/config"
+        for (component, suffix, body), topic in zip(configs, _discovery_topics(
+                dp, cfg.topic_prefix, camera), strict=True):
             payload = b"" if body is None else json.dumps(
                 {**body, **common}, separators=(",", ":")).encode()
             out.append((topic, payload))
+    return out
+
+
+def _discovery_topics(discovery_prefix: str, topic_prefix: str, camera: str) -> list[str]:
+    """A camera's discovery config topics, in discovery_messages' order."""
+    node, obj = _slug(topic_prefix), _slug(camera)
+    return [f"{discovery_prefix}/{component}/{node}/{obj}_{suffix}/config"
+            for component, suffix in (("sensor", "plate"), ("binary_sensor", "connected"),
+                                      ("sensor", "outbox"), ("image", "crop"))]
+
+
+def announced_record(cfg: MQTTConfig, cameras: Sequence[str]) -> dict[str, Any]:
+    """What this run leaves retained on the broker (saved, so a later run can clear it)."""
+    return {"prefix": cfg.topic_prefix, "cameras": list(cameras), "crops": cfg.crops,
+            "discovery": cfg.discovery.prefix if cfg.discovery.enabled else None}
+
+
+def retired_messages(old: dict[str, Any], cfg: MQTTConfig,
+                     cameras: Sequence[str]) -> list[tuple[str, bytes]]:
+    """Empty retained payloads that clear what an earlier run announced and this one does not:
+    a removed camera's state, crop and discovery configs (Home Assistant would keep showing it,
+    available and frozen), a crop after crops went off, everything under a changed prefix."""
+    now = announced_record(cfg, cameras)
+    prefix = old.get("prefix")
+    if not isinstance(prefix, str) or not isinstance(old.get("cameras"), list):
+        return []
+    out: list[tuple[str, bytes]] = []
+    if prefix != now["prefix"]:
+        out.append((f"{prefix}/status", b""))
+    for camera in (c for c in old["cameras"] if isinstance(c, str)):
+        kept = prefix == now["prefix"] and camera in now["cameras"]
+        base = f"{prefix}/{camera_level(camera)}"
+        if not kept:
+            out.append((f"{base}/state", b""))
+        if old.get("crops") and not (kept and now["crops"]):
+            out.append((f"{base}/crop", b""))
+        dp = old.get("discovery")
+        if isinstance(dp, str) and not (kept and now["discovery"] == dp):
+            out += [(t, b"") for t in _discovery_topics(dp, prefix, camera)]
     return out
 
 
@@ -386,6 +427,7 @@ class Publisher:
             _check_tls_files(cfg.tls)
         self._disk_outbox: Path | None = None  # set while the outbox waits in memory
         self._outbox_switch = threading.Lock()  # submit's writes against the move to disk
+        self._announced_path = Path(storage_dir) / ANNOUNCED_FILE
         path = Path(storage_dir) / "outbox.sqlite"
         try:
             self.outbox = Outbox(path, cfg.outbox.max_events, cfg.outbox.max_age)
@@ -758,6 +800,7 @@ class Publisher:
         if self.cfg.discovery.enabled:
             subs.append((f"{self.cfg.discovery.prefix}/status", 1))
             self._publish_discovery()
+        self._retire_old_topics()
         self._client.subscribe(subs)  # type: ignore[union-attr]
         for camera in list(self._states):
             self._publish_state(camera)
@@ -869,6 +912,31 @@ class Publisher:
     def _publish_discovery(self) -> None:
         for topic, payload in discovery_messages(self.cfg, self.cameras):
             self._publish_raw(topic, payload, retain=True)
+
+    def _retire_old_topics(self) -> None:
+        """Clear the retained topics an earlier run left that this one does not use, then
+        record this run's (an unreadable or unwritable record only costs stale topics)."""
+        now = announced_record(self.cfg, self.cameras)
+        try:
+            old = json.loads(self._announced_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            old = {}
+        except (OSError, ValueError) as e:
+            log.warning("MQTT: cannot read %s (%s): retained topics of removed cameras stay",
+                        self._announced_path, e)
+            old = {}
+        if old == now:
+            return
+        for topic, payload in retired_messages(old if isinstance(old, dict) else {}, self.cfg,
+                                               self.cameras):
+            self._publish_raw(topic, payload, retain=True)
+        tmp = self._announced_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(now) + "\n", encoding="utf-8")
+            tmp.replace(self._announced_path)
+        except OSError as e:
+            log.warning("MQTT: cannot record the announced topics in %s: %s",
+                        self._announced_path, e)
 
     def _publish_raw(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Not outboxed (state, status, discovery: the latest value is all that matters)."""

@@ -613,8 +613,12 @@ class Supervisor:
         # Called on the MQTT thread: only set a flag for the loop.
         if command == "reload":
             self.flags.reload = True
-        elif command == "watchlist_sync" and self.sync is not None:
-            self.sync.request()
+        elif command == "watchlist_sync":
+            if self.sync is not None:
+                self.sync.request()
+            else:
+                log.warning("MQTT command watchlist_sync ignored: no watchlist.sync.source is "
+                            "configured (or the watchlist is disabled)")
         else:
             log.warning("unknown MQTT command %r ignored", command)
 

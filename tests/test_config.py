@@ -69,6 +69,7 @@ def test_every_key_in_the_example_has_a_comment_nearby():
 
 BAD_CONFIGS = [
     ("mqtt:\n  hots: broker\n", "mqtt.hots: unknown key"),
+    ("cameras:\n  cmd: {source: a.mp4}\n", "camera name 'cmd' is reserved for MQTT commands"),
     ("mqtt:\n  host: ''\n", "mqtt.host:"),
     ("mqtt:\n  port: seventeen\n", "mqtt.port:"),
     ("mqtt:\n  port: 70000\n", "mqtt.port:"),

@@ -35,6 +35,7 @@ from lprd.publish import (
     action_level,
     camera_level,
     parse_command,
+    retired_messages,
     topic_level,
 )
 from lprd.types import CameraState, Candidate, CharProb, PlateEvent, WatchlistMatch
@@ -110,6 +111,14 @@ def test_topic_levels_never_carry_wildcards_separators_or_control_characters() -
     assert topic_level("Einfahrt-Süd_2") == "Einfahrt-Süd_2"
     assert camera_level("cmd") == "_cmd"  # the command topics stay commands
     assert action_level("state") == "action_state" and action_level("open/gate") == "open_gate"
+
+
+def test_a_new_topic_prefix_clears_everything_the_old_one_left_retained() -> None:
+    old = {"prefix": "old", "cameras": ["gate"], "crops": False, "discovery": None}
+    cleared = retired_messages(old, MQTTConfig(topic_prefix="new"), ["gate"])
+    assert cleared == [("old/status", b""), ("old/gate/state", b"")]
+    assert retired_messages(old, MQTTConfig(topic_prefix="old"), ["gate"]) == []
+    assert retired_messages({"garbage": 1}, MQTTConfig(), ["gate"]) == []
 
 
 def test_command_payloads_are_validated_into_plain_dicts() -> None:
@@ -538,6 +547,29 @@ def test_discovery_is_republished_when_home_assistant_comes_online(
         "homeassistant/image/lprd/gate_crop/config"}
     assert [m.payload for m in fresh if "/image/" in m.topic] == [b""]
     assert all(m.payload == r.payload for m in fresh for r in retained if m.topic == r.topic)
+
+
+def test_a_camera_removed_from_the_config_leaves_no_retained_topics_behind(
+        tmp_path: Path, mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    storage = tmp_path / "kept"  # lprd's storage.dir, the same across both runs
+    first = publisher(mosquitto, cameras=("gate", "back"), storage=storage, crops=True,
+                      discovery={"enabled": True})
+    first.submit(make_event(1, "back", crop=b"\xff\xd8jpeg"))
+    first.publish_state(CameraState("back", connected=True))
+    mqtt_subscriber(mosquitto, "lprd/back/crop").wait_for(lambda ms: len(ms) >= 1)
+    first.stop(timeout=2)
+    publisher(mosquitto, cameras=("gate",), storage=storage, crops=False,
+              discovery={"enabled": True})
+    time.sleep(0.3)
+    late = mqtt_subscriber(mosquitto, "#")  # joins after: sees only what is still retained
+    late.wait_for(lambda ms: any(m.topic == "lprd/status" for m in ms))
+    time.sleep(0.3)
+    topics = {m.topic for m in late.snapshot() if m.retain}
+    assert not [t for t in topics if "back" in t], topics
+    assert "homeassistant/sensor/lprd/gate_plate/config" in topics
+    assert "homeassistant/image/lprd/gate_crop/config" not in topics  # crops went off
+    assert json.loads((storage / "mqtt_announced.json").read_text())["cameras"] == ["gate"]
 
 
 # -- (e) commands ---------------------------------------------------------------------------------
