@@ -46,8 +46,8 @@ def _substitution_table() -> dict[tuple[str, str], float]:
     return table
 
 
-def _groups() -> dict[str, str]:
-    """Each character's group representative (union-find over CONFUSABLE_PAIRS)."""
+def lookalike_groups(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Each character of `pairs` to its group's representative (union-find over the pairs)."""
     parent: dict[str, str] = {}
 
     def find(c: str) -> str:
@@ -55,7 +55,7 @@ def _groups() -> dict[str, str]:
             c = parent[c]
         return c
 
-    for a, b in CONFUSABLE_PAIRS:
+    for a, b in pairs:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
@@ -63,7 +63,7 @@ def _groups() -> dict[str, str]:
 
 
 _SUB = _substitution_table()
-_CANON = str.maketrans(_groups())
+_CANON = str.maketrans(lookalike_groups(CONFUSABLE_PAIRS))
 # The cheapest edit that changes a plate's canonical form: it bounds how many such edits fit.
 _HARD_COST = min(INDEL_COST, SUBSTITUTION_COST)
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lprd.config import TrackerConfig
+from lprd.plate_match import CONFUSABLE_PAIRS, lookalike_groups, normalize_plate
 from lprd.types import Box, Candidate, CharProb, Observation, PlateEvent, WatchlistMatch
 
 # How far a plate's centre may move and still be the same track, in plate widths: a fixed slack
@@ -20,8 +21,17 @@ MOTION_SLACK = 1.0
 MOTION_PER_SECOND = 6.0
 TOPN = 5  # candidates per event, the winner included, unless the tracker is given reader.topn
 _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its length
-# OCR confusions folded away when deciding that two reads are "the same plate" (dedupe only).
-_FOLD = str.maketrans({"O": "0", "Q": "0", "D": "0", "I": "1", "B": "8", "S": "5", "Z": "2"})
+# After a gap in a track's reads (longer than a missed frame or two) its box may have moved far:
+# only a read at most GAP_MAX_EDITS characters off its text (look-alikes folded) joins it, or a
+# car that pulls up where the last one waited would continue that car's track.
+GAP_SECONDS = 0.5
+GAP_MAX_EDITS = 1
+# Look-alikes that say nothing about a new vehicle: the pairs plate_match prices cheapest (O/0,
+# I/1, B/8, S/5, Z/2, G/6), and Q/D read as O/0, the reader's most frequent slip on real plates
+# (MODEL_CARD). Dearer ones (3/8, 1/7, A/4) can tell two plates apart.
+_FOLD = str.maketrans(lookalike_groups(
+    [pair for pair, cost in CONFUSABLE_PAIRS.items() if cost <= 0.25]
+    + [("0", "D"), ("0", "Q")]))
 
 
 def _default_id() -> str:
@@ -49,7 +59,7 @@ def text_distance(a: str, b: str) -> float:
 
 def plate_key(text: str) -> str:
     """The plate with separators dropped and look-alike characters folded (0/O, 1/I, 8/B ...)."""
-    return "".join(ch for ch in text.upper() if ch.isalnum()).translate(_FOLD)
+    return normalize_plate(text).translate(_FOLD)
 
 
 def iou(a: Box, b: Box) -> float:
@@ -84,13 +94,16 @@ class Vote:
 class Voter:
     """Confidence-weighted vote: on the length first, then per position among reads of that length.
 
-    Each read adds its confidence w to its length; per position it adds w * p(char) to the char it
-    read. A character's share is its summed weight over the total weight of reads of that length,
-    so a lone unsure read keeps its own low probability and a split vote lowers the share.
+    Each read adds its confidence per character (confidence ** (1/n)) to its length: a plain
+    confidence, a product over the characters, would favour reads that missed one. Per position
+    it adds its confidence w times p(char) to the char it read. A character's share is its summed
+    weight over the total w of reads of that length, so a lone unsure read keeps its own low
+    probability and a split vote lowers the share.
     """
 
     def __init__(self) -> None:
         self._length_w: dict[int, float] = {}
+        self._pos_total: dict[int, float] = {}
         self._pos_w: dict[int, list[dict[str, float]]] = {}
 
     @property
@@ -100,15 +113,19 @@ class Voter:
     def add(self, text: str, confidence: float, probs: Sequence[float]) -> None:
         if not text:
             return
-        w = max(confidence, _MIN_WEIGHT)
         n = len(text)
-        self._length_w[n] = self._length_w.get(n, 0.0) + w
+        if len(probs) != n:
+            raise ValueError(f"{len(probs)} probabilities for the {n} characters of {text!r}")
+        w = max(confidence, _MIN_WEIGHT)
+        w_len = max(max(confidence, 0.0) ** (1 / n), _MIN_WEIGHT)
+        self._length_w[n] = self._length_w.get(n, 0.0) + w_len
+        self._pos_total[n] = self._pos_total.get(n, 0.0) + w
         pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
         for i, (ch, p) in enumerate(zip(text, probs)):
             pos[i][ch] = pos[i].get(ch, 0.0) + w * p
 
     def _shares(self, n: int) -> list[list[tuple[str, float]]]:
-        total = self._length_w[n]
+        total = self._pos_total[n]
         return [sorted(((c, v / total) for c, v in d.items()), key=lambda t: (-t[1], t[0]))
                 for d in self._pos_w[n]]
 
@@ -116,7 +133,8 @@ class Voter:
         if self.empty:
             raise ValueError("no reads to vote on")
         total = sum(self._length_w.values())
-        lengths = sorted(self._length_w, key=lambda n: (-self._length_w[n], n))
+        # on an exact tie the longer length wins, as the shorter one may have missed a character
+        lengths = sorted(self._length_w, key=lambda n: (-self._length_w[n], -n))
         best_len = lengths[0]
         shares = self._shares(best_len)
         len_share = self._length_w[best_len] / total
@@ -158,17 +176,26 @@ class _Track:
     id: str | None = None  # assigned when the track first emits (or joins a pass)
     early_sent: bool = False
     silent: bool = False  # a continuation of a pass that was already reported
+    pass_key: str = ""  # the key of the pass it was taken to continue, while silent
     vote: Vote | None = None
+    key: str = ""  # plate_key of the vote
     topn: int = TOPN
 
     def add(self, obs: Observation) -> None:
         r = obs.read
-        probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [r.confidence] * len(
-            r.text)
-        self.voter.add(r.text, r.confidence, probs)
-        self.vote = self.voter.result(self.topn)
+        cut = cut_by_frame_edge(obs.box, obs.frame_size)
+        # A cut read misses characters: it votes only until the plate is seen whole, and then
+        # its votes are dropped, or a car entering at the edge would be reported truncated.
+        if not cut and not self.whole:
+            self.voter = Voter()
+        if not (cut and self.whole):
+            probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [
+                r.confidence] * len(r.text)
+            self.voter.add(r.text, r.confidence, probs)
+            self.vote = self.voter.result(self.topn)
+            self.key = plate_key(self.vote.plate)
         self.frames += 1
-        self.whole += not cut_by_frame_edge(obs.box, obs.frame_size)
+        self.whole += not cut
         self.first_seen = min(self.first_seen, obs.ts)
         self.last_seen = max(self.last_seen, obs.ts)
         self.box = obs.box
@@ -215,7 +242,9 @@ class Tracker:
     Dedupe: a plate that comes back on this camera within `dedupe_window` seconds of its last
     sighting is the same pass. It keeps that pass's id and emits no event at all (the pass was
     reported and its final event is never repeated); each sighting slides the window on, so a car
-    that waits at a gate is one pass. Later than that, it is a new pass with a new id.
+    that waits at a gate is one pass. Later than that, it is a new pass with a new id. So is a
+    track taken for a pass whose vote later settles on another plate (look-alikes such as O/0
+    folded): its first reads were misread as the plate just reported.
     """
 
     def __init__(
@@ -250,6 +279,10 @@ class Tracker:
         events: list[PlateEvent] = []
         touched = self._associate(obs)
         for t in touched:
+            if t.silent and t.key != t.pass_key:
+                # Its vote moved off the pass it was taken to continue (its first reads looked
+                # like the plate just reported): another vehicle, a new pass with its own events.
+                t.id, t.silent, t.early_sent = None, False, False
             if (not t.early_sent and self.cfg.early_confidence < 1.0
                     and t.frames >= max(self.cfg.early_min_frames, self.cfg.min_frames)
                     and t.vote is not None and t.vote.confidence >= self.cfg.early_confidence):
@@ -329,17 +362,19 @@ class Tracker:
         dt = o.ts - t.last_seen
         if dt > self.cfg.track_timeout:
             return None
-        voted = t.vote.plate if t.vote else t.last_text
         key = plate_key(o.read.text)
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
-        tdist = min(text_distance(key, plate_key(voted)), text_distance(key, plate_key(t.last_text)))
+        keys = (t.key, plate_key(t.last_text))
+        tdist = min(text_distance(key, k) for k in keys)
         if tdist > self.cfg.max_text_distance:
+            return None
+        if dt > GAP_SECONDS and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS:
             return None
         overlap = iou(t.box, o.box)
         near = (overlap >= self.cfg.iou
                 or centre_shift(t.box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * max(dt, 0.0))
         # The same plate text is the same vehicle wherever it shows up (a missed stretch of frames).
-        same_plate = key == plate_key(voted)
+        same_plate = key == t.key
         if not (near or same_plate):
             return None
         return 2.0 * (1.0 - tdist) + overlap
@@ -348,14 +383,11 @@ class Tracker:
 
     def _pass_of(self, t: _Track) -> str | None:
         """The id of an already reported pass of the same plate that `t` continues, if any."""
-        assert t.vote is not None
-        key = plate_key(t.vote.plate)
         for other in self._tracks:
-            if other is not t and other.id is not None and other.vote is not None \
-                    and plate_key(other.vote.plate) == key:
+            if other is not t and other.id is not None and other.key == t.key:
                 return other.id
         for pid, p in self._passes.items():
-            if p.key == key and t.first_seen - p.last_seen <= self.cfg.dedupe_window:
+            if p.key == t.key and t.first_seen - p.last_seen <= self.cfg.dedupe_window:
                 return pid
         return None
 
@@ -367,7 +399,7 @@ class Tracker:
         if t.id is None:
             pid = self._pass_of(t)
             if pid is not None:
-                t.id, t.silent = pid, True
+                t.id, t.silent, t.pass_key = pid, True, t.key
                 return None
             t.id = self._new_id()
         v = t.vote
@@ -389,14 +421,19 @@ class Tracker:
             if t.id is not None and t.vote is not None:
                 p = self._passes.get(t.id)
                 if p is None:
-                    self._passes[t.id] = _Pass(plate_key(t.vote.plate), t.last_seen)
+                    self._passes[t.id] = _Pass(t.key, t.last_seen)
                 else:
                     p.last_seen = max(p.last_seen, t.last_seen)
         return events
 
     def _forget_passes(self, now: float) -> None:
-        # An open track that began within a pass's window may still turn out to continue it.
-        cutoff = min([now] + [t.first_seen for t in self._tracks])
+        # An open track not yet reported (or silent) that began within a pass's window and votes
+        # its plate may still turn out to continue it. Only those hold a pass back: a car parked
+        # in view for hours would otherwise keep every pass since it arrived.
+        since: dict[str, float] = {}
+        for t in self._tracks:
+            if t.id is None or t.silent:
+                since[t.key] = min(since.get(t.key, now), t.first_seen)
         for pid in [pid for pid, p in self._passes.items()
-                    if cutoff - p.last_seen > self.cfg.dedupe_window]:
+                    if since.get(p.key, now) - p.last_seen > self.cfg.dedupe_window]:
             del self._passes[pid]
