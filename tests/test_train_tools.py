@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,7 @@ from lprd.train.detector import (
 )
 from lprd.train.mine import classify, merge_finds
 from lprd.train.pseudo_label import VariantRead
-from lprd.train.reader_data import DATA_ROOT
+from lprd.train.reader_data import DATA_ROOT, is_heldout, pseudo_crops
 from lprd.train.scenes import Scene, load_scenes
 from lprd.types import Detection
 
@@ -85,6 +86,18 @@ def test_the_unlabelled_plate_list_names_held_out_scenes_only() -> None:
         sc = held[image]
         for x, y, w, h in boxes:
             assert 0 <= x and 0 <= y and x + w <= sc.width and y + h <= sc.height
+
+
+@pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")
+def test_scene_crops_keep_out_every_scene_the_detector_holds_out(tmp_path: Path) -> None:
+    # cars4_072 is a training photo upstream, held out because it shows a test photo's plate
+    rows = [{"image": "images/a.png", "plates": [{"text": "2SQH590", "box": [0, 0, 1, 1]}],
+             "source_set": "us_ca_parking", "source_image": "images/cars4_072.jpg"},
+            {"image": "images/b.png", "plates": [{"text": "4YTD483", "box": [0, 0, 1, 1]}],
+             "source_set": "us_ca_parking", "source_image": "images/cars026.jpg"}]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not any(is_heldout(r["plates"][0]["text"]) for r in rows)
+    assert [c.text for c in pseudo_crops(tmp_path)] == ["4YTD483"]
 
 
 @pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")

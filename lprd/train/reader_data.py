@@ -241,27 +241,22 @@ def pseudo_crops(folder: Path, root: Path = DATA_ROOT, prefix: str | None = None
                  ) -> list[RealCrop]:
     """Crops cut from scenes (`pseudo_label`, `det_crops`) safe to train on: texts held out
     from the reader and crops from scenes held out from the detector are left out."""
-    from lprd.train.scenes import is_held_out
+    from lprd.train.scenes import load_scenes
 
     lab = folder / "labels.jsonl"
     if not lab.is_file():
         return []
-    scenes: dict[tuple[str, str], dict] = {}
-    for line in lab.open():
-        r = json.loads(line)
-        s = r["source_set"]
-        if (s, "") not in scenes:
-            for sl in (root / s / "labels.jsonl").open():
-                sr = json.loads(sl)
-                scenes[(s, sr["image"])] = sr
-            scenes[(s, "")] = {}
+    rows = [json.loads(line) for line in lab.open()]
+    if not rows:
+        return []
+    # the detector's own split, with every rule it applies (us_ca_parking photos sharing a
+    # text with a test photo are held out too)
+    scenes = {sc.key: sc.held_out for sc in load_scenes(root)}
     out = []
-    for line in lab.open():
-        r = json.loads(line)
+    for r in rows:
         t = r["plates"][0]["text"]
-        src = scenes.get((r["source_set"], r["source_image"]))
-        if (not t or is_heldout(t) or len(t) > MAX_LEN or src is None
-                or is_held_out(r["source_set"], src, frozenset())[0]):
+        held = scenes.get(f"{r['source_set']}/{r['source_image']}")
+        if not t or is_heldout(t) or len(t) > MAX_LEN or held is None or held:
             continue
         out.append(RealCrop(folder / r["image"], t, (prefix or folder.name + "_") + r["source_set"],
                             r.get("region")))
