@@ -20,14 +20,23 @@ log = logging.getLogger(__name__)
 REQUIRED_META = ("version", "input", "stride", "decode")
 
 
-def letterbox(img: np.ndarray, h: int, w: int) -> tuple[np.ndarray, float]:
-    """Resize to fit (h, w) keeping the aspect, top-left aligned, zero padded; returns the scale."""
+def letterbox(img: np.ndarray, h: int, w: int, enlarge: bool = True
+              ) -> tuple[np.ndarray, float]:
+    """Resize to fit (h, w) keeping the aspect, top-left aligned, zero padded; returns the scale.
+
+    `enlarge` False: an image smaller than (h, w) is padded at its own pixels. The model knows
+    plates 7-150 px wide at its input; a tight ROI scaled up puts its plate at 200-300 px, where
+    it is missed. Whole frames are enlarged, as the training scenes were."""
     ih, iw = img.shape[:2]
-    s = min(h / ih, w / iw)
-    nh, nw = min(h, round(ih * s)), min(w, round(iw * s))
+    s = min(h / ih, w / iw) if enlarge else min(h / ih, w / iw, 1.0)
+    # at least a pixel: a frame 1 px high shrinks to 0 rows otherwise
+    nh, nw = max(1, min(h, round(ih * s))), max(1, min(w, round(iw * s)))
     out = np.zeros((h, w, 3), np.uint8)
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
-    cv2.resize(img, (nw, nh), dst=out[:nh, :nw], interpolation=interp)
+    if (nh, nw) == (ih, iw):
+        out[:nh, :nw] = img
+    else:
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+        cv2.resize(img, (nw, nh), dst=out[:nh, :nw], interpolation=interp)
     return out, s
 
 
@@ -232,14 +241,16 @@ LOOK_MAX_ZOOM = 3.0
 
 
 def tile_grid(frame_h: int, frame_w: int, n: int) -> list[tuple[int, int, int, int]]:
-    """x, y, w, h of an n x n grid of overlapping tiles covering the frame ([] for n <= 1)."""
+    """x, y, w, h of an n x n grid of overlapping tiles covering the frame ([] for n <= 1).
+    Every tile lies in the frame and is at least 1 px; a frame a few px across has fewer (the
+    same tile is not repeated)."""
     if n <= 1:
         return []
-    tw = frame_w / (n - (n - 1) * TILE_OVERLAP)
-    th = frame_h / (n - (n - 1) * TILE_OVERLAP)
+    tw = max(1, round(frame_w / (n - (n - 1) * TILE_OVERLAP)))
+    th = max(1, round(frame_h / (n - (n - 1) * TILE_OVERLAP)))
     sx, sy = (frame_w - tw) / (n - 1), (frame_h - th) / (n - 1)
-    return [(round(i * sx), round(j * sy), round(tw), round(th))
-            for j in range(n) for i in range(n)]
+    return list(dict.fromkeys((round(i * sx), round(j * sy), tw, th)
+                              for j in range(n) for i in range(n)))
 
 
 @dataclass(frozen=True)
@@ -255,8 +266,9 @@ class _Net:
     xor: bool  # uint8 pixels to the int8 input with scale 1, zero point -128 is a sign flip
 
 
-def _net(model: TFLiteModel, h: int, w: int) -> _Net:
-    """`model`'s interpreter set to an h x w input (a flexible-input model is resized)."""
+def _net(model: TFLiteModel, h: int, w: int, stride: int) -> _Net:
+    """`model`'s interpreter set to an h x w input (a flexible-input model is resized); its
+    heatmap must be the input's size over the metadata's `stride`."""
     interp = model.interpreter
     inp = interp.get_input_details()[0]
     if tuple(inp["shape"][1:]) != (h, w, 3):
@@ -274,6 +286,11 @@ def _net(model: TFLiteModel, h: int, w: int) -> _Net:
     if set(outs) != {1, 4}:
         raise ModelError(f"{model.path}: expected a 1-channel heatmap and a 4-channel "
                          f"regression output, got {sorted(outs)} channels")
+    # a stride that is not the model's decodes every peak to the wrong place and size
+    hh, hw = (int(v) for v in outs[1]["shape"][1:3])
+    if (hh * stride, hw * stride) != (h, w):
+        raise model.bad_meta("stride", f"{stride} does not fit {model.path.name}: its heatmap "
+                             f"at the input {h}x{w} is {hh}x{hw}")
     q = inp["quantization"]
     return _Net(interp, h, w, inp, outs[1], outs[4],
                 inp["dtype"] == np.int8 and abs(q[0] - 1.0) < 1e-6 and q[1] == -128)
@@ -295,27 +312,28 @@ class PlateDetector:
         missing = [k for k in REQUIRED_META if k not in meta]
         if missing:
             raise ModelError(f"{self.model.path.with_suffix('.json')}: metadata lacks {missing}")
-        try:
-            self.in_h = int(meta["input"]["height"])
-            self.in_w = int(meta["input"]["width"])
-            self.stride = int(meta["stride"])
-            self.nms_iou = float(meta["decode"].get("nms_iou", 0.5))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"{self.model.path.with_suffix('.json')}: bad metadata ({e})") from None
+        self.in_h = self.model.meta("input.height", "int")
+        self.in_w = self.model.meta("input.width", "int")
+        self.stride = self.model.meta("stride", "int")
+        self.nms_iou = float(self.model.meta("decode.nms_iou", "number", 0.5))
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise self.model.bad_meta("decode.nms_iou", f"must be in (0, 1], got {self.nms_iou}")
         sig = self.model.input_detail["shape_signature"]
         for key, on in (("zoom", cfg.zoom > 1.0), ("second_look", cfg.second_look > 0)):
             if on and tuple(sig[1:3]) != (-1, -1):
                 raise ModelError(f"{self.model.path}: detector.{key} needs a detector exported "
                                  "with a flexible input size, as `python -m lprd.train.detector "
                                  f"export` makes them; this one's is fixed at {tuple(sig[1:3])}")
-        self._full = _net(self.model, self.in_h, self.in_w)
+        self._full = _net(self.model, self.in_h, self.in_w, self.stride)
         zh, zw = zoom_size(self.in_h, self.in_w, cfg.zoom)
         # a second interpreter: resizing one back and forth would reallocate every frame (and
         # none where the zoom rounds to the model's own size)
-        self._zoom = (_net(load_model(self.model.path, "detector", num_threads), zh, zw)
+        self._zoom = (_net(load_model(self.model.path, "detector", num_threads), zh, zw,
+                           self.stride)
                       if zh * zw > self.in_h * self.in_w else None)
         # the second look: a third interpreter at the window's size, for the same reason
-        self._look = (_net(load_model(self.model.path, "detector", num_threads), *LOOK_INPUT)
+        self._look = (_net(load_model(self.model.path, "detector", num_threads), *LOOK_INPUT,
+                           self.stride)
                       if cfg.second_look else None)
         self.check = PlateCheck(cfg.check_model, num_threads) if cfg.check else None
         # with a weight the check's probability is part of the score; its own threshold (a
@@ -338,13 +356,15 @@ class PlateDetector:
             y = (y.astype(np.float32) - zero) * scale
         return y
 
-    def detect(self, frame_bgr: np.ndarray) -> list[Detection]:
+    def detect(self, frame_bgr: np.ndarray, enlarge: bool = True) -> list[Detection]:
         """Plates in a BGR uint8 frame, score-sorted, above cfg.threshold, NMS'd.
 
         With cfg.tiles = n > 1 the frame is also searched as an n x n grid of overlapping tiles,
         each scaled up to the model's input: far plates get n times more pixels. With cfg.zoom
         = z > 1 it is also searched whole at z times the model's input size. Either keeps only
-        the small plates it finds (the full pass finds wider ones better). With
+        the small plates it finds (the full pass finds wider ones better). A frame smaller
+        than a pass's input is scaled up to it, as in training; with `enlarge` False (an ROI cut
+        from a frame) it is padded at its own pixels instead. With
         cfg.second_look = k > 0 the k strongest small peaks of the full pass under the threshold
         (from cfg.second_look_min) are looked at again through a window at the frame's own
         pixels (`_second_look`)."""
@@ -354,25 +374,27 @@ class PlateDetector:
                              f"{getattr(frame_bgr, 'shape', None)} "
                              f"{getattr(frame_bgr, 'dtype', type(frame_bgr).__name__)}")
         fh, fw = frame_bgr.shape[:2]
-        full_scale = min(self.in_h / fh, self.in_w / fw)
+        full_scale = min(self.in_h / fh, self.in_w / fw, np.inf if enlarge else 1.0)
         th = self.cfg.threshold
         if self._look is None:
             all_boxes, all_scores = [], []
-            boxes, scores = self._pass(frame_bgr, self._full, th)
+            boxes, scores = self._pass(frame_bgr, self._full, th, enlarge)
         else:
-            boxes, scores = self._pass(frame_bgr, self._full, min(th, self.cfg.second_look_min))
-            all_boxes, all_scores = self._second_look(frame_bgr, boxes, scores, full_scale)
+            boxes, scores = self._pass(frame_bgr, self._full, min(th, self.cfg.second_look_min),
+                                       enlarge)
+            all_boxes, all_scores = self._second_look(frame_bgr, boxes, scores, full_scale,
+                                                      enlarge)
             strong = scores >= th
             boxes, scores = boxes[strong], scores[strong]
         all_boxes.insert(0, boxes)
         all_scores.insert(0, scores)
         if self._zoom is not None:
-            b, sc = self._pass(frame_bgr, self._zoom, th)
+            b, sc = self._pass(frame_bgr, self._zoom, th, enlarge)
             small = b[:, 2] * full_scale < TILE_MAX_WIDTH
             all_boxes.append(b[small])
             all_scores.append(sc[small])
         for x0, y0, tw, tth in tile_grid(fh, fw, self.cfg.tiles):
-            b, sc = self._pass(frame_bgr[y0:y0 + tth, x0:x0 + tw], self._full, th)
+            b, sc = self._pass(frame_bgr[y0:y0 + tth, x0:x0 + tw], self._full, th, enlarge)
             # Tiles are for the plates too small for the full pass; a plate cut by an edge
             # inside the frame is whole in a neighbour or the full pass.
             small = b[:, 2] * full_scale < TILE_MAX_WIDTH
@@ -402,7 +424,8 @@ class PlateDetector:
         return out
 
     def _second_look(self, frame_bgr: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
-                     full_scale: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                     full_scale: float, enlarge: bool
+                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Boxes (frame pixels) and scores from windows around the strongest small peaks of the
         full pass under the threshold. A far plate is a few cells of the full pass's heatmap,
         where it often peaks weakly; at the frame's own pixels it is a plate the model knows.
@@ -433,7 +456,7 @@ class PlateDetector:
             x0 = int(np.clip(round(cx - ww / 2), 0, fw - ww))
             y0 = int(np.clip(round(cy - wh / 2), 0, fh - wh))
             b, sc = self._pass(frame_bgr[y0:y0 + wh, x0:x0 + ww], self._look,
-                               self.cfg.threshold)
+                               self.cfg.threshold, enlarge)
             bx = b[:, 0] + b[:, 2] / 2 + x0
             by = b[:, 1] + b[:, 3] / 2 + y0
             near = np.zeros(len(b), bool)
@@ -445,12 +468,12 @@ class PlateDetector:
             out_s.append(sc[keep])
         return out_b, out_s
 
-    def _pass(self, frame_bgr: np.ndarray, net: _Net, threshold: float
+    def _pass(self, frame_bgr: np.ndarray, net: _Net, threshold: float, enlarge: bool
               ) -> tuple[np.ndarray, np.ndarray]:
         """One model run on the whole of `frame_bgr`: candidate boxes in its pixels (at or
         above `threshold`), scores."""
         fh, fw = frame_bgr.shape[:2]
-        x, scale = letterbox(frame_bgr, net.h, net.w)
+        x, scale = letterbox(frame_bgr, net.h, net.w, enlarge)
         interp, inp = net.interp, net.inp
         if net.xor:
             x = (x ^ np.uint8(0x80)).view(np.int8)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,28 @@ _SEARCH_DIRS = (
 
 class ModelError(Exception):
     """A model file is missing, unreadable or not what lprd expects; names the file."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What `TFLiteModel.meta` checks a metadata value against: the words for its error, the test.
+_META_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "number": ("a number", _is_num),
+    "str": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
+    "object": ("an object", lambda v: isinstance(v, dict)),
+    "sizes": ("two positive integers", lambda v: isinstance(v, list) and len(v) == 2
+              and all(_is_int(x) and x > 0 for x in v)),
+    "pair": ("two numbers", lambda v: isinstance(v, list) and len(v) == 2
+             and all(_is_num(x) for x in v)),
+}
+_REQUIRED = object()
 
 
 def default_model_path(name: str) -> Path:
@@ -56,6 +80,32 @@ class TFLiteModel:
         return str(self.metadata.get("version", "unknown"))
 
     @property
+    def meta_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def bad_meta(self, key: str, why: str) -> ModelError:
+        """The error for a metadata value that is there but unusable: names the file and key."""
+        return ModelError(f"{self.meta_path}: {key} {why}")
+
+    def meta(self, key: str, kind: str, default: Any = _REQUIRED) -> Any:
+        """The metadata's value at dotted `key` ("input.height"), checked to be of `kind` (a
+        `_META_KINDS` key); `default` where it is missing. A wrong type fails here, at load,
+        rather than as a raw exception at the first frame or a silently wrong read."""
+        v: Any = self.metadata
+        for i, k in enumerate(key.split(".")):
+            if not isinstance(v, dict):
+                raise self.bad_meta(".".join(key.split(".")[:i]), "must be an object")
+            if k not in v:
+                if default is _REQUIRED:
+                    raise ModelError(f"{self.meta_path}: metadata lacks {key}")
+                return default
+            v = v[k]
+        what, ok = _META_KINDS[kind]
+        if not ok(v):
+            raise self.bad_meta(key, f"must be {what}, got {json.dumps(v)[:60]}")
+        return v
+
+    @property
     def input_detail(self) -> dict:
         return self.interpreter.get_input_details()[0]
 
@@ -90,6 +140,9 @@ def load_model(path: str | Path | None, name: str, num_threads: int = 1) -> TFLi
         raise ModelError(f"{meta_path}: metadata file missing (it sits beside the model)") from None
     except (OSError, ValueError) as e:
         raise ModelError(f"{meta_path}: unreadable metadata: {e}") from None
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{meta_path}: metadata must be a JSON object, got "
+                         f"{json.dumps(metadata)[:60]}")
     if metadata.get("kind") != name:
         raise ModelError(f"{meta_path}: metadata says kind={metadata.get('kind')!r}, "
                          f"expected {name!r}")

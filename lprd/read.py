@@ -72,7 +72,8 @@ def decode(probs: np.ndarray, alphabet: str = ALPHABET, topn: int = 5) -> Read:
     chars = tuple(CharProb(classes[k], float(probs[i, k])) for i, k in enumerate(best)
                   if k != len(alphabet))
     text = "".join(c.c for c in chars)
-    conf = float(np.prod(probs[np.arange(len(best)), best]))
+    # an empty read is no plate: its pads' product would say 1.0 on a blank crop
+    conf = float(np.prod(probs[np.arange(len(best)), best])) if text else 0.0
     return Read(text=text, confidence=conf, chars=chars,
                 candidates=tuple(_top_reads(probs, classes, topn)))
 
@@ -193,7 +194,8 @@ def _fits(text: str, fmt: str) -> bool:
 
 
 def _top_reads(probs: np.ndarray, classes: str, topn: int, per_slot: int = 3) -> list[Candidate]:
-    """The k likeliest slot sequences (each slot's `per_slot` best classes), merged by text.
+    """The k likeliest slot sequences (each slot's `per_slot` best classes), merged by text; the
+    likeliest sequence's text (what `decode` reads) first, the others by their merged probability.
 
     Slots are independent, so the k best sequences come out of a heap in order: each popped
     sequence pushes its successors, one slot moved to its next class, only at or after the slot
@@ -206,7 +208,9 @@ def _top_reads(probs: np.ndarray, classes: str, topn: int, per_slot: int = 3) ->
     p1 = probs[np.arange(len(probs)), top1]
     sure = p1 >= 0.999
     rows = probs[~sure]
-    tops = np.argsort(rows, axis=1)[:, ::-1][:, :per_slot]
+    # stable on -p: of two classes with the same probability (common in int8 outputs) the lower
+    # index comes first, as argmax has it, so the first read is the decoded text
+    tops = np.argsort(-rows, axis=1, kind="stable")[:, :per_slot]
     ltops = np.log(np.maximum(np.take_along_axis(rows, tops, axis=1).astype(np.float64), 1e-12))
     base = float(np.log(p1[sure].astype(np.float64)).sum())
     tops_l, lt = tops.tolist(), ltops.tolist()
@@ -223,15 +227,19 @@ def _top_reads(probs: np.ndarray, classes: str, topn: int, per_slot: int = 3) ->
     unsure = np.flatnonzero(~sure).tolist()
     best = top1.tolist()
     merged: dict[str, float] = {}
+    texts = []
     for lp, idx in found:
         full = list(best)
         for i, s, k in zip(unsure, idx, tops_l, strict=True):
             full[i] = k[s]
         t = "".join(classes[k] for k in full).replace(PAD, "")
+        texts.append(t)
         if t:
             merged[t] = merged.get(t, 0.0) + math.exp(lp)
-    ranked = sorted(merged.items(), key=lambda kv: -kv[1])[:topn]
-    return [Candidate(t, p) for t, p in ranked]
+    # The read (texts[0]: every slot's argmax) leads even where another text outweighs it once
+    # merged (JOT208 over JOTI208, its I a pad in two sequences): alternatives are cands[1:].
+    ranked = sorted(merged.items(), key=lambda kv: (kv[0] != texts[0], -kv[1]))
+    return [Candidate(t, p) for t, p in ranked[:topn]]
 
 
 def expand_box(box: Box, frame_w: int, frame_h: int, margin: tuple[float, float]) -> Box:
@@ -242,41 +250,69 @@ def expand_box(box: Box, frame_w: int, frame_h: int, margin: tuple[float, float]
     return (x0, y0, max(1, x1 - x0), max(1, y1 - y0))
 
 
+def _grey(crop: np.ndarray) -> np.ndarray:
+    """A crop as 2-D uint8 grey. Anything else is refused: uint16 or 0-1 float levels taken as
+    0-255 grey read as nothing with confidence, and OpenCV fails on float64 or (H, W, 1)."""
+    if isinstance(crop, np.ndarray) and crop.ndim == 3 and crop.shape[2] == 1:
+        crop = crop[:, :, 0]
+    if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8 \
+            or not (crop.ndim == 2 or crop.ndim == 3 and crop.shape[2] == 3):
+        raise ValueError(f"expected a uint8 crop, grey (H, W) or BGR (H, W, 3), got "
+                         f"{getattr(crop, 'shape', None)} "
+                         f"{getattr(crop, 'dtype', type(crop).__name__)}")
+    if crop.size == 0:
+        raise ValueError("empty crop")
+    return crop if crop.ndim == 2 else cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+
+
 class PlateReader:
     """Loads the reader model once; `read` is called per crop (about a millisecond)."""
 
     def __init__(self, cfg: ReaderConfig | None = None, num_threads: int = 1):
         self.cfg = cfg or ReaderConfig()
-        self.model = load_model(self.cfg.model, "reader", num_threads=num_threads)
-        meta = self.model.metadata
-        try:
-            self.alphabet: str = meta["alphabet"]
-            self.input_h, self.input_w = (int(v) for v in meta["input_size"])
-            self.margin = tuple(meta.get("crop_margin", _DEFAULT_MARGIN))
-            # the model's input range: raw grey levels (0-255) or [0, 1]
-            self.input_scale = float(meta.get("input_range", [0, 1])[1]) / 255.0
-            self.head: str = meta.get("head", "slots")
-            if self.head not in ("slots", "ctc"):
-                raise ValueError(f"unknown head {self.head!r}")
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"{self.model.path.with_suffix('.json')}: bad reader metadata ({e})"
-                             ) from None
-        shape = tuple(self.model.input_detail["shape"])
-        if shape[1:3] != (self.input_h, self.input_w):
-            raise ModelError(f"{self.model.path}: input {shape} does not match its metadata "
-                             f"{self.input_h}x{self.input_w}")
-        classes = int(self.model.interpreter.get_output_details()[0]["shape"][-1])
-        if classes != len(self.alphabet) + 1:
-            raise ModelError(f"{self.model.path}: {classes} output classes do not match its "
+        m = self.model = load_model(self.cfg.model, "reader", num_threads=num_threads)
+        self.alphabet: str = m.meta("alphabet", "str")
+        if len(set(self.alphabet)) != len(self.alphabet) or PAD in self.alphabet:
+            raise m.bad_meta("alphabet", f"must not repeat a character or hold the pad {PAD!r}")
+        self.input_h, self.input_w = m.meta("input_size", "sizes")
+        margin = m.meta("crop_margin", "pair", list(_DEFAULT_MARGIN))
+        if min(margin) < 0:
+            raise m.bad_meta("crop_margin", f"must not be negative, got {margin}")
+        self.margin = (float(margin[0]), float(margin[1]))
+        # the model's input range: raw grey levels [0, 255] or [0, 1]
+        lo, hi = m.meta("input_range", "pair", [0, 1])
+        if lo != 0 or hi <= 0:
+            raise m.bad_meta("input_range", f"must be [0, top] with top > 0, got {[lo, hi]}")
+        self.input_scale = float(hi) / 255.0
+        self.head: str = m.meta("head", "str", "slots")
+        if self.head not in ("slots", "ctc"):
+            raise m.bad_meta("head", f"must be 'slots' or 'ctc', got {self.head!r}")
+        max_len = m.meta("max_len", "int", MAX_LEN)
+        shape = tuple(int(v) for v in m.input_detail["shape"])
+        if shape[1:] != (self.input_h, self.input_w, 1):
+            raise ModelError(f"{m.path}: input {shape} does not match its metadata "
+                             f"{self.input_h}x{self.input_w}x1 (grey)")
+        out = tuple(int(v) for v in m.interpreter.get_output_details()[0]["shape"])
+        if len(out) != 3:
+            raise ModelError(f"{m.path}: output {out} is not (1, steps, classes)")
+        if out[2] != len(self.alphabet) + 1:
+            raise ModelError(f"{m.path}: {out[2]} output classes do not match its "
                              f"metadata's alphabet of {len(self.alphabet)} characters plus the "
                              f"pad/blank")
+        # a slot head has one step per character; a CTC head more (a doubled letter needs a
+        # blank between): read with the other head's decoding, the model misreads silently
+        if not (out[1] == max_len if self.head == "slots" else out[1] > max_len):
+            raise m.bad_meta("head", f"{self.head!r} does not fit {m.path.name}, whose output "
+                             f"has {out[1]} steps for max_len {max_len} (a slots head has "
+                             f"max_len, a CTC head more)")
 
     @property
     def version(self) -> str:
         return self.model.version
 
     def prepare(self, crop_bgr: np.ndarray) -> np.ndarray:
-        g = crop_bgr if crop_bgr.ndim == 2 else cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2GRAY)
+        """The model's input for a uint8 crop, grey (H, W) or (H, W, 1) or BGR (H, W, 3)."""
+        g = _grey(crop_bgr)
         g = cv2.resize(g, (self.input_w, self.input_h), interpolation=cv2.INTER_AREA
                        if g.shape[0] > self.input_h else cv2.INTER_LINEAR)
         return (g.astype(np.float32) * self.input_scale)[None, :, :, None]
@@ -292,8 +328,6 @@ class PlateReader:
         return out[0]
 
     def read(self, crop_bgr: np.ndarray) -> Read:
-        if crop_bgr.size == 0:
-            raise ValueError("empty crop")
         if self.head == "ctc" and self.cfg.formats:
             return ctc_with_formats(self.output(crop_bgr), self.cfg.formats,
                                     self.cfg.format_ratio, self.alphabet, self.cfg.topn)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import copy_shipped_model
 
-from lprd.config import DetectorConfig
+from lprd.config import Config, DetectorConfig, ReaderConfig
 from lprd.detect import (
     TILE_OVERLAP,
     Detection,
@@ -28,7 +28,9 @@ from lprd.detect import (
     window_rect,
     zoom_size,
 )
+from lprd.inference import PlatePipeline
 from lprd.models import ModelError
+from lprd.read import PlateReader
 
 # Shares of the test's 24 synthetic plates the shipped model must find. Measured for
 # det-202612051946-e81: 24/24 at IoU >= 0.3 and at IoU >= 0.5 (scores 0.68-0.94; the same with
@@ -295,6 +297,57 @@ def test_letterbox_keeps_aspect_and_pads_bottom_right() -> None:
     assert out[:360].min() == 200 and out[360:].max() == 0
 
 
+def test_letterbox_pads_a_small_image_at_its_own_pixels_unless_told_to_enlarge() -> None:
+    img = np.random.default_rng(0).integers(0, 255, (100, 160, 3), dtype=np.uint8)
+    out, s = letterbox(img, 384, 640, enlarge=False)
+    assert s == 1.0 and (out[:100, :160] == img).all()
+    assert out[100:].max() == 0 and out[:, 160:].max() == 0
+    out, s = letterbox(img, 384, 640)  # training's scene cache: enlarged, as it was built
+    assert s == pytest.approx(3.84) and out.shape == (384, 640, 3)
+    # a frame 1 px high scaled down keeps a row (0 rows failed in cv2.resize)
+    for shape in ((1, 5000, 3), (5000, 1, 3), (2, 3000, 3)):
+        out, _ = letterbox(np.full(shape, 50, np.uint8), 384, 640, enlarge=False)
+        assert out.shape == (384, 640, 3) and out[0, 0, 0] == 50
+
+
+@pytest.mark.parametrize("roi_width", [1.5, 2.0])
+def test_a_tight_roi_finds_its_plate_at_the_frame_s_own_pixels(detector: PlateDetector,
+                                                               roi_width: float) -> None:
+    # An ROI 1.5-2x the plate's width, searched as the daemon does. Scaled up to the model's
+    # input it put 51-77 px plates at 200-400 px, past the 7-150 px the model knows:
+    # det-202612051946-e81 found 0/12 (1.5x) and 6/12 (2x); padded at its own pixels, 12/12.
+    pipeline = PlatePipeline(detector, PlateReader(ReaderConfig(), 1), Config())
+    rng = np.random.default_rng(31)
+    found = 0
+    for _ in range(12):
+        frame, (x, y, w, h) = _scene(rng, 720, 1280, share=(0.04, 0.06))
+        rw, rh = round(roi_width * w), round(roi_width * w * 9 / 16)
+        roi = (max(0, x + w // 2 - rw // 2), max(0, y + h // 2 - rh // 2), rw, rh)
+        boxes = [d.box for d in pipeline._detect(frame, roi)]
+        found += max((_iou(b, (x, y, w, h)) for b in boxes), default=0.0) >= 0.5
+    assert found >= 11, found
+
+
+@pytest.mark.parametrize("search", [{"tiles": 3}, {"tiles": 4}, {"zoom": 2.0}, {}],
+                         ids=["tiles3", "tiles4", "zoom", "one_pass"])
+def test_frames_a_pixel_or_two_across_give_no_plates(search: dict) -> None:
+    # they raised in cv2.resize (a side scaled to 0 px) or divided by a 0 px tile
+    det = PlateDetector(DetectorConfig(**search), num_threads=1)
+    rng = np.random.default_rng(2)
+    for shape in ((1, 5000), (5000, 1), (2, 3000), (1, 1), (2, 2), (1, 640)):
+        for frame in (np.zeros((*shape, 3), np.uint8),
+                      rng.integers(0, 255, (*shape, 3), dtype=np.uint8)):
+            assert det.detect(frame) == []
+
+
+def test_tiles_of_a_thin_frame_lie_in_it() -> None:
+    for fh, fw, n in ((1, 1920, 3), (1080, 1, 4), (1, 1, 2), (2, 5, 4)):
+        tiles = tile_grid(fh, fw, n)
+        assert tiles and len(set(tiles)) == len(tiles)
+        assert all(w >= 1 and h >= 1 and x >= 0 and y >= 0 and x + w <= fw and y + h <= fh
+                   for x, y, w, h in tiles), tiles
+
+
 @pytest.fixture
 def model_copy(tmp_path: Path) -> Path:
     return copy_shipped_model("detector", tmp_path)
@@ -324,6 +377,40 @@ def test_reader_metadata_is_refused_for_the_detector(model_copy: Path) -> None:
     meta["kind"] = "reader"
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="kind"):
+        PlateDetector(DetectorConfig(model=model_copy))
+
+
+def _edit(meta_path: Path, key: str, value) -> None:
+    """Set dotted `key` of the metadata to `value` (the whole file for key "")."""
+    meta = json.loads(meta_path.read_text())
+    if not key:
+        meta = value
+    else:
+        *up, last = key.split(".")
+        o = meta
+        for k in up:
+            o = o[k]
+        o[last] = value
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("", [1, 2], "JSON object"),
+    ("", None, "JSON object"),
+    ("decode", [], "decode must be an object"),
+    ("decode", None, "decode must be an object"),
+    ("input", "384x640", "input must be an object"),
+    ("input.height", "384", "input.height must be a positive integer"),
+    ("stride", 0, "stride must be a positive integer"),
+    ("stride", 4.7, "stride must be a positive integer"),
+    ("decode.nms_iou", 2, "decode.nms_iou must be in"),
+    # a stride the model does not have loaded and found nothing, silently
+    ("stride", 8, "stride 8 does not fit detector.tflite: its heatmap at .* is 96x160"),
+])
+def test_metadata_of_the_wrong_type_or_stride_gives_model_error_naming_file_and_key(
+        model_copy: Path, key: str, value, match: str) -> None:
+    _edit(model_copy.with_suffix(".json"), key, value)
+    with pytest.raises(ModelError, match=f"{model_copy.with_suffix('.json')}: .*{match}"):
         PlateDetector(DetectorConfig(model=model_copy))
 
 

@@ -11,7 +11,7 @@ from conftest import copy_shipped_model
 
 from lprd.config import ReaderConfig
 from lprd.models import ModelError, default_model_path
-from lprd.read import PlateReader
+from lprd.read import ALPHABET, PlateReader
 
 # Share of the test's seeded rendered plates (single-row layouts, each put in a detector-like crop
 # with camera effects by the training pipeline's own `synth_sample`) the shipped reader must read
@@ -81,6 +81,35 @@ def test_grey_tiny_and_empty_crops(reader: PlateReader) -> None:
         reader.read(np.zeros((0, 10, 3), np.uint8))
 
 
+def test_a_blank_crop_reads_empty_with_no_confidence(reader: PlateReader) -> None:
+    # the pads' product said 1.0: a sure read of nothing
+    for crop in (np.zeros((40, 128, 3), np.uint8), np.full((40, 128, 3), 255, np.uint8)):
+        r = reader.read(crop)
+        assert (r.text, r.confidence) == ("", 0.0), r
+
+
+def test_grey_bgr_and_single_channel_uint8_crops_read_alike(reader: PlateReader) -> None:
+    import cv2
+
+    for img, _, _ in _rendered()[:6]:
+        bgr = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        texts = {reader.read(c).text for c in (bgr, grey, grey[:, :, None])}
+        assert len(texts) == 1, texts
+
+
+def test_crops_that_are_not_uint8_grey_or_bgr_are_refused(reader: PlateReader) -> None:
+    # uint16 or 0-1 float crops read '' with confidence 1.0; float64 and (H, W, 1) raised
+    # OpenCV errors
+    img = _rendered()[0][0]
+    bgr = img if img.ndim == 3 else np.repeat(img[:, :, None], 3, axis=2)
+    for crop in (bgr.astype(np.uint16) * 257, bgr.astype(np.float32) / 255,
+                 bgr.astype(np.float32), bgr.astype(np.float64), bgr > 128,
+                 np.concatenate([bgr, bgr[:, :, :1]], axis=2), bgr[None], bgr.tolist()):
+        with pytest.raises(ValueError, match="expected a uint8 crop"):
+            reader.read(crop)
+
+
 @pytest.fixture
 def model_copy(tmp_path: Path) -> Path:
     return copy_shipped_model("reader", tmp_path)
@@ -114,3 +143,44 @@ def test_bad_metadata_gives_model_error_naming_the_file(model_copy: Path, key, v
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ModelError, match=match):
         PlateReader(ReaderConfig(model=model_copy))
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("alphabet", list(ALPHABET), "alphabet must be a non-empty string"),
+    ("alphabet", 36, "alphabet must be a non-empty string"),
+    ("alphabet", None, "alphabet must be a non-empty string"),
+    ("alphabet", "0" * 36, "alphabet must not repeat a character"),
+    ("input_size", "40x128", "input_size must be two positive integers"),
+    ("input_range", [0], "input_range must be two numbers"),
+    ("input_range", [10, 255], "input_range must be \\[0, top\\]"),
+    ("crop_margin", [0.03], "crop_margin must be two numbers"),
+    ("crop_margin", "ab", "crop_margin must be two numbers"),
+    ("crop_margin", [-0.1, 0.08], "crop_margin must not be negative"),
+    ("head", None, "head must be a non-empty string"),
+    ("max_len", "10", "max_len must be a positive integer"),
+    # without `head` the reader took the shipped CTC model for a slot head and misread it
+    ("head", _DELETE, "head 'slots' does not fit reader.tflite, whose output has 64 steps"),
+    ("max_len", 64, "head 'ctc' does not fit"),
+])
+def test_metadata_of_the_wrong_type_or_head_gives_model_error_naming_file_and_key(
+        model_copy: Path, key: str, value, match: str) -> None:
+    meta_path = model_copy.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    if value is _DELETE:
+        del meta[key]
+    else:
+        meta[key] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=f"{meta_path}: {match}"):
+        PlateReader(ReaderConfig(model=model_copy))
+
+
+def test_metadata_without_its_json_object_gives_model_error(model_copy: Path) -> None:
+    meta_path = model_copy.with_suffix(".json")
+    for text in ("null", "[1, 2]", '"reader"'):
+        meta_path.write_text(text)
+        with pytest.raises(ModelError, match=f"{meta_path}: metadata must be a JSON object"):
+            PlateReader(ReaderConfig(model=model_copy))

@@ -53,6 +53,37 @@ def test_decode_reads_text_with_char_probabilities_and_ranked_candidates():
     assert r.confidence == pytest.approx(r.candidates[0].confidence, rel=1e-3)
 
 
+def test_tied_classes_give_the_read_as_the_first_candidate():
+    # int8 outputs often tie: argmax reads the lower index (0), the candidates' order had O first
+    p = _probs([{"A": 0.9}, {"0": 0.45, "O": 0.45}, {"1": 0.9}])
+    r = decode(p)
+    assert r.text == "A01" and r.candidates[0].plate == "A01"
+    assert [c.plate for c in r.candidates[:2]] == ["A01", "AO1"]
+    # a character tied with the pad: read, and first
+    r = decode(_probs([{"G": 0.45, "_": 0.45}, {"N": 0.9}, {"S": 0.9}]))
+    assert r.text == "GNS" and r.candidates[0].plate == "GNS"
+
+
+def test_the_read_leads_its_candidates_even_where_a_merged_text_outweighs_it():
+    # JOT22 is the likeliest sequence (0.4 * 0.4); JOT2 is two (2, pad and pad, 2: 0.4 * 0.35
+    # each), more once merged. The read's alternatives are candidates[1:].
+    p = _probs([{"J": 0.99}, {"O": 0.99}, {"T": 0.99}, {"2": 0.4, "_": 0.35},
+                {"2": 0.4, "_": 0.35}])
+    r = decode(p)
+    assert r.text == "JOT22"
+    assert [c.plate for c in r.candidates[:2]] == ["JOT22", "JOT2"]
+    assert r.candidates[1].confidence > r.candidates[0].confidence
+    assert r.candidates[0].confidence == pytest.approx(r.confidence, rel=1e-3)
+
+
+def test_an_empty_read_has_no_confidence():
+    # every slot a sure pad: the product of their probabilities was 1.0
+    r = decode(_probs([]))
+    assert (r.text, r.confidence, r.chars) == ("", 0.0, ())
+    r = decode(ctc_to_slots(_ctc_seq([{"-": 0.98}] * 8)))
+    assert (r.text, r.confidence) == ("", 0.0)
+
+
 def test_format_prefers_a_fitting_read_when_nearly_as_likely():
     # the model leans to "O" in a digit position of LLLNNNN (0/O confusion)
     slots = [{"A": 0.95}, {"B": 0.95}, {"C": 0.95}, {"O": 0.55, "0": 0.4},
@@ -135,7 +166,8 @@ def test_ctc_formats_restore_a_doubled_letter_the_best_path_merged() -> None:
 
 def test_top_reads_merge_the_likeliest_slot_sequences_by_text():
     # brute force: every combination of each slot's 3 best classes, the 15 likeliest kept (the
-    # search's width for 5 reads), merged by text with pads dropped, as the reader does
+    # search's width for 5 reads), merged by text with pads dropped, as the reader does; the
+    # likeliest sequence's text (the read) first, the rest by merged probability
     import itertools
 
     classes = ALPHABET + PAD_CHAR
@@ -154,7 +186,8 @@ def test_top_reads_merge_the_likeliest_slot_sequences_by_text():
         for p, text in sorted(seqs, reverse=True)[:15]:
             if text:
                 merged[text] = merged.get(text, 0.0) + p
-        want = sorted(merged.items(), key=lambda kv: -kv[1])[:5]
+        read = max(seqs)[1]
+        want = sorted(merged.items(), key=lambda kv: (kv[0] != read, -kv[1]))[:5]
         got = _top_reads(probs, classes, 5, per_slot=3)
         assert [c.confidence for c in got] == pytest.approx([p for _, p in want], rel=1e-6)
-        assert got[0].plate == want[0][0]
+        assert [c.plate for c in got] == [t for t, _ in want]
