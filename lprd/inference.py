@@ -132,7 +132,8 @@ class CameraSpec:
 
 @dataclass(frozen=True, slots=True)
 class PastPass:
-    """A pass reported on a camera: seeds a new worker's dedupe memory (supervisor -> worker)."""
+    """A pass reported on a camera: seeds a new worker's dedupe memory (supervisor -> worker),
+    and an ending worker's passes back to the supervisor; `plate` may be its folded key."""
 
     camera: str
     id: str
@@ -406,9 +407,14 @@ class InferenceWorker:
                          skipped={n: f.skipped for n, f in self.feeds.items()})
 
     def shutdown(self) -> None:
-        """Close every track (their final events go out) and drop the ring mappings."""
+        """Close every track (their final events go out), drop the ring mappings, and hand the
+        passes still in their dedupe window to the supervisor: a car that stayed in view kept
+        its pass alive past its final event, and the next worker must know until when."""
         for name in list(self.feeds):
             self._finish(name, send_drained=False)
+        for name, passes in self._kept.items():
+            for pass_id, key, seen in passes:
+                self.out.put(PastPass(name, pass_id, key, seen))
 
 
 def default_threads() -> int:

@@ -89,10 +89,11 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_CONFIG
-    level = "debug" if getattr(args, "verbose", False) else cfg.service.log_level
+    verbose = bool(getattr(args, "verbose", False))
+    level = "debug" if verbose else cfg.service.log_level
     setup_logging(level)
     sup = Supervisor(cfg, Path(args.config), events_jsonl=args.events_jsonl, once=args.once,
-                     log_level=level)
+                     log_level=level, verbose=verbose)
     return sup.run()
 
 
@@ -166,11 +167,12 @@ class Supervisor:
     """Runs the daemon until SIGTERM/SIGINT (or, with `once`, until every file is done)."""
 
     def __init__(self, cfg: Config, config_path: Path, events_jsonl: str | None = None,
-                 once: bool = False, log_level: str = "info"):
+                 once: bool = False, log_level: str = "info", verbose: bool = False):
         self.cfg = cfg
         self.config_path = config_path
         self.once = once
         self.log_level = log_level
+        self.verbose = verbose  # -v: debug logging whatever the config says
         self.events_jsonl = events_jsonl
         self.sink: Any = None
         self.flags = _Flags()
@@ -193,6 +195,8 @@ class Supervisor:
         # Recent passes, handed to a new inference process: a car still in view after a
         # restart or reload stays the pass it was (no second event).
         self._recent: dict[str, PastPass] = {}
+        # The running config, kept while a reload's new inference process loads its models.
+        self._fallback: Config | None = None
         self._gen = 0
         self._analysed: dict[str, int] = {}
         self._status_at = 0.0
@@ -419,22 +423,35 @@ class Supervisor:
                          msg.frames)
         elif isinstance(msg, WorkerReady):
             self.worker_ready = True
+            self._fallback = None
             self.models = dict(msg.models)
             self.worker.failures = 0 if self.worker.failures < 3 else self.worker.failures
             log.info("models loaded: %s", ", ".join(f"{k} {v}" for k, v in msg.models.items()))
         elif isinstance(msg, WorkerFailed):
-            self.worker_failed = msg.reason
+            if self._fallback is not None:
+                # a reload's models would not load: go back to the running ones, not down
+                log.error("reload refused, the running models stay: %s", msg.reason)
+                self.cfg = self.cfg.model_copy(update={"detector": self._fallback.detector,
+                                                       "reader": self._fallback.reader})
+                self._fallback = None
+            else:
+                self.worker_failed = msg.reason
+        elif isinstance(msg, PastPass):
+            self._remember(msg)
         else:
             log.warning("%s sent an unknown record %r", child.name, type(msg).__name__)
+
+    def _remember(self, p: PastPass) -> None:
+        old = self._recent.pop(p.id, None)  # newest last
+        self._recent[p.id] = p if old is None or p.last_seen >= old.last_seen else old
+        while len(self._recent) > RECENT_PASSES:
+            del self._recent[next(iter(self._recent))]
 
     def _on_event(self, ev: PlateEvent) -> None:
         self.events += 1
         if ev.final:
             self._early.pop(ev.id, None)
-            self._recent.pop(ev.id, None)  # newest last
-            self._recent[ev.id] = PastPass(ev.camera, ev.id, ev.plate, ev.last_seen)
-            while len(self._recent) > RECENT_PASSES:
-                del self._recent[next(iter(self._recent))]
+            self._remember(PastPass(ev.camera, ev.id, ev.plate, ev.last_seen))
         else:
             self._early[ev.id] = ev
         if self.sink is not None:
@@ -656,9 +673,14 @@ class Supervisor:
         old = self.cfg
         self.cfg = new
         log.info("reloading %s", self.config_path)
-        if new.service.log_level != old.service.log_level and self.log_level != "debug":
-            self.log_level = new.service.log_level
+        if new.service.log_level != old.service.log_level and not self.verbose:
+            self.log_level = new.service.log_level  # for the processes started from now on
             setup_logging(self.log_level)
+        if new.storage != old.storage:
+            # the outbox (with undelivered events) and the watchlist live there
+            log.warning("storage.dir: a change needs a restart (systemctl restart lprd); %s "
+                        "stays in use until then", old.storage.dir)
+            new = self.cfg = new.model_copy(update={"storage": old.storage})
         if self._pinger is not None:
             self._pinger.set_gate(_watchdog_gate(new))
         deadline = time.monotonic() + new.service.stop_timeout
@@ -674,25 +696,17 @@ class Supervisor:
                 self._remove_camera(name, deadline)
             if name in new.cameras:
                 self._add_camera(name, new.cameras[name])
-        # the outbox and the watchlist live in storage.dir: a new one needs them restarted
-        if new.storage != old.storage:
-            try:
-                new.storage.dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                log.error("storage.dir %s cannot be created: %s", new.storage.dir, e)
-        if (new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras)
-                or new.storage != old.storage):
+        if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):
             from lprd.publish import PublisherConfigError
 
             self._stop_publisher(2.0)
             try:
                 self._start_publisher()
             except (PublisherConfigError, OSError, ValueError, sqlite3.OperationalError) as e:
-                # an unreadable password or TLS file, an outbox the new storage.dir cannot
-                # hold: keep the running settings (the outbox stays where it is)
-                log.error("reload: the new mqtt or storage settings are refused (%s); keeping "
-                          "the running ones", e)
-                self.cfg = self.cfg.model_copy(update={"mqtt": old.mqtt, "storage": old.storage})
+                # an unreadable password or TLS file: keep the running settings
+                log.error("reload: the new mqtt settings are refused (%s); keeping the running "
+                          "ones", e)
+                self.cfg = self.cfg.model_copy(update={"mqtt": old.mqtt})
                 new = self.cfg
                 try:
                     self._start_publisher()
@@ -701,16 +715,19 @@ class Supervisor:
                                   "--events-jsonl until the next reload")
                     self.publisher = None
         if (new.watchlist.sync != old.watchlist.sync
-                or new.watchlist.enabled != old.watchlist.enabled or new.storage != old.storage):
+                or new.watchlist.enabled != old.watchlist.enabled):
             self._stop_sync()
         if self.sync is None:
             self._start_sync()
         else:
             self.sync.request()  # fetch the list again now, in the sync thread
-        pipeline_keys = ("detector", "reader", "tracker", "watchlist", "storage")
-        if (any(getattr(new, k) != getattr(old, k) for k in pipeline_keys)
-                or new.mqtt.crops != old.mqtt.crops):
+        # the sync settings are the sync thread's: the worker only matches against the list
+        matching = new.watchlist.model_copy(update={"sync": old.watchlist.sync})
+        if (any(getattr(new, k) != getattr(old, k) for k in ("detector", "reader", "tracker"))
+                or matching != old.watchlist or new.mqtt.crops != old.mqtt.crops):
             log.info("models, tracker or watchlist settings changed: restarting inference")
+            if (new.detector, new.reader) != (old.detector, old.reader) and self.worker_ready:
+                self._fallback = old
             # its own stop_timeout: slow camera or sync stops above must not cut the time the
             # worker has to close its tracks and send their final events
             _stop_child(self.worker, time.monotonic() + new.service.stop_timeout,

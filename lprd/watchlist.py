@@ -957,6 +957,10 @@ class WatchlistSync:
                     raise SyncError(f"{self._where()}: the list has no entries; keeping the "
                                     f"{status.entries} synced ones (set "
                                     f"watchlist.sync.allow_empty: true to accept an empty list)")
+                if self._stopping:
+                    # a reload replaced this sync (maybe its source): its list must not land
+                    # over the new one's
+                    raise SyncError(f"{self._where()}: list not swapped in, the sync is stopping")
                 status = self.watchlist.replace_synced(entries, SyncStatus(
                     source=source, last_attempt=now, last_success=now, last_change=now,
                     last_sync_ok=True, last_error=None, etag=fetched.etag,

@@ -19,6 +19,7 @@ from lprd.inference import (
     Drained,
     EndOfStream,
     InferenceWorker,
+    PastPass,
     PlatePipeline,
     SetCameras,
     crop_jpeg,
@@ -199,6 +200,23 @@ def test_worker_events_carry_at_most_reader_topn_candidates(models, clip, ring):
     worker, _ = make_worker(models, ring, every_frame=True, cfg=cfg)
     events = [m for m in play_clip(worker, ring, clip) if isinstance(m, PlateEvent)]
     assert events and [len(e.candidates) for e in events] == [1] * len(events)
+
+
+def test_a_stopping_worker_hands_its_passes_to_the_supervisor(models, clip, ring):
+    # The next worker (a reload, a restart) must know them, or a car still in view is a new
+    # pass with a second event.
+    worker, q = make_worker(models, ring, every_frame=True)
+    t0 = 1_700_000_000.0
+    for i, (frame, _) in enumerate(clip[: len(clip) // 2]):
+        ring.write(frame, t0 + i / 15.0)
+        while worker.step():
+            pass
+    worker.shutdown()
+    out = drain(q)
+    finals = {e.id: e for e in out if isinstance(e, PlateEvent) and e.final}
+    passes = [m for m in out if isinstance(m, PastPass)]
+    assert finals and {p.id for p in passes} == set(finals)
+    assert all(p.camera == "cam" and p.last_seen >= finals[p.id].last_seen for p in passes)
 
 
 def test_worker_skips_frames_the_motion_gate_marked_still(models, clip, ring):

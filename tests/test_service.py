@@ -251,18 +251,9 @@ def test_sighup_reloads_the_config_starting_only_the_new_camera_and_tells_system
     write_config(path, {"a": cam_a, "b": dict(cam_a)}, mosquitto, tmp_path / "st",
                  mqtt={"username": "u", "password_file": str(tmp_path / "pw")})
     d.signal(signal.SIGHUP)
-    d.wait_log(r"new mqtt or storage settings are refused \(mqtt.password_file: .* is empty\)")
+    d.wait_log(r"new mqtt settings are refused \(mqtt.password_file: .* is empty\)")
     d.wait_log(r"reload done", count=2)
     d.wait_log(r"MQTT: connected to", count=3)  # start, the first reload, this one
-    assert d.proc.poll() is None
-    # A storage.dir where no outbox can be made (under a file): refused, the daemon goes on
-    # with its outbox where it was (before, it exited and lost its open tracks' events).
-    (tmp_path / "afile").write_text("")
-    write_config(path, {"a": cam_a, "b": dict(cam_a)}, mosquitto, tmp_path / "afile" / "st")
-    d.signal(signal.SIGHUP)
-    d.wait_log(r"new mqtt or storage settings are refused")
-    d.wait_log(r"reload done", count=3)
-    d.wait_log(r"MQTT: connected to", count=4)
     assert d.proc.poll() is None
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
@@ -485,6 +476,37 @@ def test_a_frame_ring_too_large_to_map_skips_its_camera_and_leaves_no_segment(tm
     assert sup.cameras == {}
     assert "camera big: cannot create its 8-slot frame ring" in caplog.text
     assert not glob.glob(f"/dev/shm/lprd-{os.getpid()}-big-*")
+
+
+def test_a_reload_whose_model_will_not_load_goes_back_to_the_running_models(tmp_path, daemons):
+    # The file is there (check-config cannot tell), but it is no model: the new inference
+    # process fails to load it. The daemon must run on with the models it had, not stop.
+    bad = tmp_path / "r.tflite"
+    bad.write_bytes(b"not a model" * 100)
+    (tmp_path / "r.json").write_text((ROOT / "models" / "reader.json").read_text())
+    path = write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st")
+    d = start(daemons, path, "--events-jsonl", str(tmp_path / "events.jsonl"))
+    d.wait_log(r"models loaded")
+    write_config(path, {}, None, tmp_path / "st", reader={"model": str(bad)})
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload refused, the running models stay")
+    d.wait_log(r"(?s)reload refused.*models loaded")
+    assert d.proc.poll() is None
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+
+
+def test_a_new_storage_dir_waits_for_a_restart(tmp_path, daemons):
+    path = write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st")
+    d = start(daemons, path, "--events-jsonl", str(tmp_path / "events.jsonl"))
+    d.wait_log(r"models loaded")
+    write_config(path, {}, None, tmp_path / "st2")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload done")
+    assert "storage.dir: a change needs a restart" in d.log()
+    assert "restarting inference" not in d.log() and not (tmp_path / "st2").exists()
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
 
 
 def test_a_reload_naming_a_missing_model_is_refused_and_the_daemon_runs_on(tmp_path, daemons):
