@@ -235,9 +235,14 @@ class MQTTConfig(_Strict):
 _ACTION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def _printable(v: str) -> str:
-    if not v.isprintable():
-        raise ValueError("must be printable characters only")
+def is_list_name(name: str) -> bool:
+    """A watchlist's list name: 1-64 printable characters (the config's and every row's)."""
+    return 1 <= len(name) <= 64 and name.isprintable()
+
+
+def _list_name(v: str) -> str:
+    if not is_list_name(v):
+        raise ValueError("must be 1-64 printable characters")
     return v
 
 
@@ -247,9 +252,8 @@ class SyncConfig(_Strict):
     token_file: Path | None = Field(None, description="bearer token for http(s) sources")
     max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger downloads are refused")
     timeout: float = Field(30.0, gt=0, description="seconds for the whole download")
-    # the rule lprd.watchlist applies to a row's own list name
-    list: Annotated[str, AfterValidator(_printable)] = Field(
-        "default", min_length=1, max_length=64, description="list name for rows that name none")
+    list: Annotated[str, AfterValidator(_list_name)] = Field(
+        "default", description="list name for rows that name none")
     action: str | None = Field(None, description="action for rows that name none")
     allow_empty: bool = Field(False, description="let a list with no entries replace a non-empty "
                               "one (off: an empty export is taken for an upstream fault)")
@@ -478,12 +482,16 @@ def file_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def config_warnings(cfg: Config) -> list[str]:
-    """Settings that are valid but leave the daemon doing nothing useful."""
+def config_warnings(cfg: Config, events_jsonl: bool | None = None) -> list[str]:
+    """Settings that are valid but leave the daemon doing nothing useful; `events_jsonl`: whether
+    `run` was given --events-jsonl (None: not known, as for check-config)."""
     out = []
     if not any(cam.enabled for cam in cfg.cameras.values()):
-        out.append("no camera is enabled: lprd will analyse nothing (add one under cameras:)")
-    if not cfg.mqtt.enabled:
+        out.append("no camera is enabled: lprd will analyse nothing (add one under cameras:, or "
+                   "set its enabled: true)")
+    if not cfg.mqtt.enabled and not events_jsonl:
         out.append("mqtt.enabled is false: events go only to `lprd run --events-jsonl FILE`, "
-                   "and nowhere without it")
+                   "and nowhere without it" if events_jsonl is None else
+                   "mqtt.enabled is false and no --events-jsonl is given: events go nowhere "
+                   "(set mqtt.enabled: true or pass --events-jsonl FILE)")
     return out

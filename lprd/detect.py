@@ -363,8 +363,9 @@ class PlateDetector:
         each scaled up to the model's input: far plates get n times more pixels. With cfg.zoom
         = z > 1 it is also searched whole at z times the model's input size. Either keeps only
         the small plates it finds (the full pass finds wider ones better). A frame smaller
-        than a pass's input is scaled up to it, as in training; with `enlarge` False (an ROI cut
-        from a frame) it is padded at its own pixels instead. With
+        than the full pass's input is scaled up to it, as in training; with `enlarge` False (an
+        ROI cut from a frame) the full pass and the second look take it at its own pixels,
+        padded, and only tiles and zoom scale it up. With
         cfg.second_look = k > 0 the k strongest small peaks of the full pass under the threshold
         (from cfg.second_look_min) are looked at again through a window at the frame's own
         pixels (`_second_look`)."""
@@ -389,12 +390,12 @@ class PlateDetector:
         all_boxes.insert(0, boxes)
         all_scores.insert(0, scores)
         if self._zoom is not None:
-            b, sc = self._pass(frame_bgr, self._zoom, th, enlarge)
+            b, sc = self._pass(frame_bgr, self._zoom, th, True)  # its small boxes only
             small = b[:, 2] * full_scale < TILE_MAX_WIDTH
             all_boxes.append(b[small])
             all_scores.append(sc[small])
         for x0, y0, tw, tth in tile_grid(fh, fw, self.cfg.tiles):
-            b, sc = self._pass(frame_bgr[y0:y0 + tth, x0:x0 + tw], self._full, th, enlarge)
+            b, sc = self._pass(frame_bgr[y0:y0 + tth, x0:x0 + tw], self._full, th, True)
             # Tiles are for the plates too small for the full pass; a plate cut by an edge
             # inside the frame is whole in a neighbour or the full pass.
             small = b[:, 2] * full_scale < TILE_MAX_WIDTH

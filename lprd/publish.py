@@ -130,45 +130,50 @@ def discovery_messages(cfg: MQTTConfig, cameras: Sequence[str]) -> list[tuple[st
                        "sw_version": __version__},
             "origin": origin,
         }
-        configs: list[tuple[str, str, dict[str, Any] | None]] = [
-            ("sensor", "plate", {
+        # in _ENTITIES' order; None removes the entity's config
+        bodies: list[dict[str, Any] | None] = [
+            {
                 "name": "Last plate", "unique_id": f"{node}_{obj}_plate", "icon": "mdi:car",
                 "state_topic": f"{base}/plate", "value_template": "{{ value_json.plate }}",
                 "json_attributes_topic": f"{base}/plate",
                 "json_attributes_template": PLATE_ATTRIBUTES_TEMPLATE, "qos": 1,
-            }),
-            ("binary_sensor", "connected", {
+            },
+            {
                 "name": "Camera connected", "unique_id": f"{node}_{obj}_connected",
                 "device_class": "connectivity", "entity_category": "diagnostic",
                 "state_topic": f"{base}/state", "value_template": CONNECTED_TEMPLATE,
                 "payload_on": "ON", "payload_off": "OFF",
                 "json_attributes_topic": f"{base}/state", "qos": 1,
-            }),
-            ("sensor", "outbox", {
+            },
+            {
                 "name": "Undelivered events", "unique_id": f"{node}_{obj}_outbox",
                 "icon": "mdi:tray-full", "entity_category": "diagnostic",
                 "state_class": "measurement", "state_topic": f"{base}/state",
                 "value_template": "{{ value_json.outbox_depth }}", "qos": 1,
-            }),
-            ("image", "crop", {
+            },
+            {
                 "name": "Last plate crop", "unique_id": f"{node}_{obj}_crop",
                 "image_topic": f"{base}/crop", "content_type": "image/jpeg", "qos": 1,
-            } if cfg.crops else None),
+            } if cfg.crops else None,
         ]
-        for (component, suffix, body), topic in zip(configs, _discovery_topics(
-                dp, cfg.topic_prefix, camera), strict=True):
+        for body, topic in zip(bodies, _discovery_topics(dp, cfg.topic_prefix, camera),
+                               strict=True):
             payload = b"" if body is None else json.dumps(
                 {**body, **common}, separators=(",", ":")).encode()
             out.append((topic, payload))
     return out
 
 
+# Home Assistant entities per camera: (component, object id suffix).
+_ENTITIES = (("sensor", "plate"), ("binary_sensor", "connected"), ("sensor", "outbox"),
+             ("image", "crop"))
+
+
 def _discovery_topics(discovery_prefix: str, topic_prefix: str, camera: str) -> list[str]:
     """A camera's discovery config topics, in discovery_messages' order."""
     node, obj = _slug(topic_prefix), _slug(camera)
     return [f"{discovery_prefix}/{component}/{node}/{obj}_{suffix}/config"
-            for component, suffix in (("sensor", "plate"), ("binary_sensor", "connected"),
-                                      ("sensor", "outbox"), ("image", "crop"))]
+            for component, suffix in _ENTITIES]
 
 
 def announced_record(cfg: MQTTConfig, cameras: Sequence[str]) -> dict[str, Any]:

@@ -86,7 +86,8 @@ def decode_with_formats(probs: np.ndarray, formats: list[str], ratio: float,
     model's slot distributions act as the likelihood and the format list as a prior.
     """
     raw = decode(probs, alphabet, topn)
-    if not formats or any(_fits(raw.text, f) for f in formats):
+    # a blank read (no plate; its confidence is 0) is not turned into the likeliest format
+    if not formats or not raw.text or any(_fits(raw.text, f) for f in formats):
         return raw
     pad = len(alphabet)
     best: tuple[float, np.ndarray] | None = None

@@ -28,6 +28,7 @@ from lprd.config import (
     CameraConfig,
     Config,
     ConfigError,
+    config_warnings,
     load_config,
     model_file_problems,
 )
@@ -233,10 +234,10 @@ class Supervisor:
             self._start_sync()
             for name, ccfg in self.cfg.cameras.items():
                 self._add_camera(name, ccfg)
-            if not any(c.enabled for c in self.cfg.cameras.values()):
-                log.warning("no camera is enabled in %s: nothing will be analysed (add one "
-                            "under cameras:, or set its enabled: true)", self.config_path)
-            elif self.once and not self.cameras:
+            for w in config_warnings(self.cfg, bool(self.events_jsonl)):
+                log.warning("%s: %s", self.config_path, w)
+            if self.once and not self.cameras and any(
+                    c.enabled for c in self.cfg.cameras.values()):
                 log.warning("--once: no enabled file camera in %s; nothing to do",
                             self.config_path)
             self._start_worker()
@@ -600,13 +601,10 @@ class Supervisor:
     # -- MQTT and the watchlist sync -------------------------------------------------------------
 
     def _start_publisher(self) -> None:
-        if not self.cfg.mqtt.enabled:
+        if not self.cfg.mqtt.enabled:  # config_warnings says so when nothing else takes them
             if self.events_jsonl:
                 log.info("mqtt.enabled is false: events go only to --events-jsonl %s",
                          self.events_jsonl)
-            else:
-                log.warning("mqtt.enabled is false and no --events-jsonl is given: events go "
-                            "nowhere (set mqtt.enabled: true or pass --events-jsonl FILE)")
             return
         from lprd.publish import Publisher
 

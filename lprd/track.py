@@ -21,9 +21,12 @@ MOTION_SLACK = 1.0
 MOTION_PER_SECOND = 6.0
 TOPN = 5  # candidates per event, the winner included, unless the tracker is given reader.topn
 _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its length
-# After a gap in a track's reads (longer than a missed frame or two) its box may have moved far:
-# only a read at most GAP_MAX_EDITS characters off its text (look-alikes folded) joins it, or a
-# car that pulls up where the last one waited would continue that car's track.
+# After a gap in a track's reads (more than GAP_FRAMES frame intervals, and GAP_SECONDS) its box
+# may have moved far: only a read at most GAP_MAX_EDITS characters off its text (look-alikes
+# folded) joins it, or a car that pulls up where the last one waited would continue that car's
+# track. The interval is the shortest seen between frames with reads (a camera's fps is not
+# known here, and the cap may be anything from 0.1 to 30).
+GAP_FRAMES = 3
 GAP_SECONDS = 0.5
 GAP_MAX_EDITS = 1
 # Look-alikes that say nothing about a new vehicle: the pairs plate_match prices cheapest (O/0,
@@ -94,16 +97,17 @@ class Vote:
 class Voter:
     """Confidence-weighted vote: on the length first, then per position among reads of that length.
 
-    Each read adds its confidence per character (confidence ** (1/n)) to its length: a plain
-    confidence, a product over the characters, would favour reads that missed one. Per position
-    it adds its confidence w times p(char) to the char it read. A character's share is its summed
-    weight over the total w of reads of that length, so a lone unsure read keeps its own low
-    probability and a split vote lowers the share.
+    The winning length is the one with the most confidence per character (confidence ** (1/n))
+    summed over its reads: a plain confidence, a product over the characters, would favour reads
+    that missed one. Shares use plain confidences w: the length's share is its summed w over all
+    reads', and per position a read adds w times p(char) to the char it read, a character's share
+    being that over the length's summed w. A lone unsure read keeps its own low probability and a
+    split vote lowers the share.
     """
 
     def __init__(self) -> None:
-        self._length_w: dict[int, float] = {}
-        self._pos_total: dict[int, float] = {}
+        self._length_w: dict[int, float] = {}  # summed confidences per length: the shares
+        self._pick_w: dict[int, float] = {}  # summed confidences per character: the winner
         self._pos_w: dict[int, list[dict[str, float]]] = {}
 
     @property
@@ -118,14 +122,14 @@ class Voter:
             raise ValueError(f"{len(probs)} probabilities for the {n} characters of {text!r}")
         w = max(confidence, _MIN_WEIGHT)
         w_len = max(max(confidence, 0.0) ** (1 / n), _MIN_WEIGHT)
-        self._length_w[n] = self._length_w.get(n, 0.0) + w_len
-        self._pos_total[n] = self._pos_total.get(n, 0.0) + w
+        self._length_w[n] = self._length_w.get(n, 0.0) + w
+        self._pick_w[n] = self._pick_w.get(n, 0.0) + w_len
         pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
         for i, (ch, p) in enumerate(zip(text, probs)):
             pos[i][ch] = pos[i].get(ch, 0.0) + w * p
 
     def _shares(self, n: int) -> list[list[tuple[str, float]]]:
-        total = self._pos_total[n]
+        total = self._length_w[n]
         return [sorted(((c, v / total) for c, v in d.items()), key=lambda t: (-t[1], t[0]))
                 for d in self._pos_w[n]]
 
@@ -134,7 +138,7 @@ class Voter:
             raise ValueError("no reads to vote on")
         total = sum(self._length_w.values())
         # on an exact tie the longer length wins, as the shorter one may have missed a character
-        lengths = sorted(self._length_w, key=lambda n: (-self._length_w[n], -n))
+        lengths = sorted(self._length_w, key=lambda n: (-self._pick_w[n], -n))
         best_len = lengths[0]
         shares = self._shares(best_len)
         len_share = self._length_w[best_len] / total
@@ -264,6 +268,8 @@ class Tracker:
         self._models = dict(models or {})
         self._tracks: list[_Track] = []
         self._passes: dict[str, _Pass] = {}  # reported passes, by id, kept for dedupe_window
+        self._read_at: float | None = None  # the latest frame with reads
+        self._step = math.inf  # the shortest interval seen between frames with reads
 
     @property
     def open_tracks(self) -> int:
@@ -277,6 +283,11 @@ class Tracker:
                 raise ValueError(f"observation from camera {o.camera!r} given to the tracker "
                                  f"of {self.camera!r}")
         events: list[PlateEvent] = []
+        if obs:
+            ts = obs[0].ts
+            if self._read_at is not None and ts > self._read_at:
+                self._step = min(self._step, ts - self._read_at)
+            self._read_at = ts
         touched = self._associate(obs)
         for t in touched:
             if t.silent and t.key != t.pass_key:
@@ -368,7 +379,8 @@ class Tracker:
         tdist = min(text_distance(key, k) for k in keys)
         if tdist > self.cfg.max_text_distance:
             return None
-        if dt > GAP_SECONDS and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS:
+        gap = max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
+        if dt > gap and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS:
             return None
         overlap = iou(t.box, o.box)
         near = (overlap >= self.cfg.iou

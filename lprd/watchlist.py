@@ -48,6 +48,7 @@ from lprd.config import (
     ConfigError,
     SyncConfig,
     WatchlistConfig,
+    is_list_name,
     load_config,
 )
 from lprd.plate_match import (
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 DB_NAME = "watchlist.sqlite"
 SCHEMA_VERSION = 1
 _ACTION = re.compile(r"^[a-z0-9_-]{1,64}$")
-_MAX_LIST_NAME = 64
 _MAX_PROBLEMS_SHOWN = 5
 _COLUMNS = ("plate", "list", "action", "valid_from", "valid_until")
 _READ_CHUNK = 64 * 1024
@@ -212,7 +212,7 @@ def make_entry(
         raise WatchlistError(f"{where}: plate {raw!r} is longer than {MAX_PLATE_CHARS} characters")
     list_raw = fields.get(lower.get("list", ""), None)
     list_name = str(list_raw).strip() if list_raw not in (None, "") else default_list
-    if not list_name or len(list_name) > _MAX_LIST_NAME or not list_name.isprintable():
+    if not is_list_name(list_name):
         raise WatchlistError(f"{where}: list name {list_raw!r} must be 1-64 printable characters")
     action_raw = fields.get(lower.get("action", ""), None)
     action = check_action(action_raw, f"{where}: action") if action_raw not in (None, "") \
@@ -1455,19 +1455,15 @@ def _max_distance(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m lprd.watchlist ARGS` is `lprd watchlist ARGS`."""
+    """`python -m lprd.watchlist ARGS` is `lprd watchlist ARGS` (lprd's own entry point: its
+    logging, a closed pipe ending quietly)."""
+    from lprd.cli import main as lprd_main
+
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default=str(DEFAULT_CONFIG_PATH))
     known, rest = pre.parse_known_args(argv)
-    parser = argparse.ArgumentParser(prog="lprd")
-    parser.add_argument("-c", "--config", default=str(DEFAULT_CONFIG_PATH))
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args(["-c", known.config, "watchlist", *rest])
-    logging.basicConfig(level=os.environ.get("LPRD_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    return lprd_main(["--config", known.config, "watchlist", *rest])
 
 
 if __name__ == "__main__":

@@ -112,9 +112,9 @@ BAD_CONFIGS = [
     ("cameras:\n  gate:\n    source: x.mp4\n    roi: [1919, 0, 100, 100]\n",
      "cameras.gate: roi x (1919) must be at most max_width - 2 (1918)"),
     ("watchlist:\n  sync:\n    list: \"night\\tshift\"\n",
-     "watchlist.sync.list: must be printable"),
+     "watchlist.sync.list: must be 1-64 printable characters"),
     (f"watchlist:\n  sync:\n    list: {'x' * 65}\n",
-     "watchlist.sync.list: String should have at most 64 characters"),
+     "watchlist.sync.list: must be 1-64 printable characters"),
 ]
 
 
@@ -270,7 +270,8 @@ def test_check_config_warns_when_nothing_would_be_analysed_or_sent(tmp_path, cap
     assert main(["check-config", str(f)]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"{f}: warning: no camera is enabled: lprd will analyse nothing (add one under cameras:)",
+        (f"{f}: warning: no camera is enabled: lprd will analyse nothing (add one under "
+         "cameras:, or set its enabled: true)"),
         (f"{f}: warning: mqtt.enabled is false: events go only to `lprd run --events-jsonl "
          "FILE`, and nowhere without it"),
     ]

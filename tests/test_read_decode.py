@@ -103,6 +103,11 @@ def test_format_does_not_override_a_confident_read():
     assert r.text == "ABCO123"
 
 
+def test_format_does_not_make_a_plate_of_a_blank_read():
+    r = decode_with_formats(_probs([]), ["LLLNNNN"], ratio=0.5)
+    assert (r.text, r.confidence) == ("", 0.0)
+
+
 def test_bad_format_in_config_names_the_key():
     with pytest.raises(ConfigError) as e:
         parse_config({"reader": {"formats": ["LLL-NNN"]}})

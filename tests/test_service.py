@@ -457,9 +457,9 @@ def test_run_warns_when_no_camera_is_enabled_and_events_have_nowhere_to_go(tmp_p
     d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"), "--once")
     assert d.wait(60) == 0, d.log()[-3000:]
     log = d.log()
-    assert "WARNING lprd.service: no camera is enabled in " in log
-    assert ("WARNING lprd.service: mqtt.enabled is false and no --events-jsonl is given: events "
-            "go nowhere (set mqtt.enabled: true or pass --events-jsonl FILE)") in log
+    assert "WARNING lprd.service: " in log and ": no camera is enabled: lprd will" in log
+    assert (": mqtt.enabled is false and no --events-jsonl is given: events go nowhere (set "
+            "mqtt.enabled: true or pass --events-jsonl FILE)") in log
     assert "events go only to --events-jsonl" not in log
 
 

@@ -115,8 +115,9 @@ def test_reads_with_an_extra_character_lose_the_weighted_length_vote() -> None:
     frames = [[obs(t, T0 + i * DT, moving_box(i))] for i, t in enumerate(texts)]
     (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
     assert ev.plate == "7ABC123"
-    # Length share 4/6 (every read is 0.99 per character, whatever its length) scales confidence.
-    assert ev.confidence == pytest.approx(4 / 6 * 0.99 ** 7)
+    # Length share 4/6 (equal weights per read length aside from confidence) scales confidence.
+    w7, w8 = 0.99 ** 7, 0.99 ** 8
+    assert ev.confidence == pytest.approx(4 * w7 / (4 * w7 + 2 * w8) * 0.99 ** 7)
     assert any(len(c.plate) == 8 for c in ev.candidates)
 
 
@@ -176,6 +177,19 @@ def test_a_car_pulling_up_where_the_last_one_waited_starts_its_own_track() -> No
     frames = [[obs(t, T0 + i * DT, moving_box(i))] if t else [] for i, t in enumerate(texts)]
     (ev,) = drive(tr, frames) + tr.flush(now=T0 + 20)
     assert (ev.plate, ev.frames) == ("KLM4455", 6)
+
+
+@pytest.mark.parametrize("step", [0.51, 1.0])
+def test_a_misread_at_a_low_frame_rate_is_no_gap(step: float) -> None:
+    # At 1-2 analysed frames a second, the next frame is no gap: a read two characters off
+    # still joins its track (the gap rule is counted in frame intervals).
+    tr = make_tracker(early_confidence=1.0, track_timeout=3.0)
+    texts = ["KLM4455", "KLM4455", "KLX4Y55", "KLM4455", "KLM4455", "KLM4455"]
+    events = []
+    for i, t in enumerate(texts):
+        events += tr.update([obs(t, T0 + i * step, moving_box(i))], now=T0 + i * step)
+    events += tr.flush(now=T0 + 100)
+    assert [(e.plate, e.frames) for e in events] == [("KLM4455", 6)]
 
 
 def test_track_closes_only_once_unseen_for_the_timeout() -> None:
