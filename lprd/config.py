@@ -34,8 +34,9 @@ class _Strict(BaseModel):
 
 
 def _topic_prefix(v: str) -> str:
-    if not v or any(ch in v for ch in "+#\0") or v.startswith("/") or v.endswith("/"):
-        raise ValueError("must be non-empty, without + # NUL, and not start or end with /")
+    if not v or any(ch in v for ch in "+#\0") or v.startswith(("/", "$")) or v.endswith("/"):
+        raise ValueError("must be non-empty, without + # NUL, and not start with / or $ (the "
+                         "broker's own topics) nor end with /")
     return v
 
 
@@ -489,6 +490,19 @@ def config_warnings(cfg: Config, events_jsonl: bool | None = None) -> list[str]:
     if not any(cam.enabled for cam in cfg.cameras.values()):
         out.append("no camera is enabled: lprd will analyse nothing (add one under cameras:, or "
                    "set its enabled: true)")
+    sources: dict[str, str] = {}
+    for name, cam in cfg.cameras.items():
+        if not cam.enabled:
+            continue
+        if cam.source in sources:  # a V4L2 device opens once: the second camera never gets it
+            # (the source itself may hold credentials: not shown)
+            out.append(f"cameras {sources[cam.source]} and {name} have the same source (every "
+                       "plate would be reported twice; a V4L2 camera opens for one only)")
+        sources.setdefault(cam.source, name)
+    tls = cfg.mqtt.tls
+    if cfg.mqtt.enabled and not tls.enabled and (tls.ca or tls.cert or tls.key or tls.insecure):
+        out.append("mqtt.tls has files or insecure set but tls.enabled is false: the broker is "
+                   "reached without TLS")
     if not cfg.mqtt.enabled and not events_jsonl:
         out.append("mqtt.enabled is false: events go only to `lprd run --events-jsonl FILE`, "
                    "and nowhere without it" if events_jsonl is None else

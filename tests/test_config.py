@@ -69,6 +69,7 @@ def test_every_key_in_the_example_has_a_comment_nearby():
 
 BAD_CONFIGS = [
     ("mqtt:\n  hots: broker\n", "mqtt.hots: unknown key"),
+    ("mqtt:\n  topic_prefix: '$SYS/lprd'\n", "not start with / or $ (the broker's own topics)"),
     ("cameras:\n  cmd: {source: a.mp4}\n", "camera name 'cmd' is reserved for MQTT commands"),
     ("mqtt:\n  host: ''\n", "mqtt.host:"),
     ("mqtt:\n  port: seventeen\n", "mqtt.port:"),
@@ -260,7 +261,9 @@ def test_check_config_skips_the_files_of_what_is_turned_off(tmp_path, capsys):
         "watchlist": {"sync": {"token_file": str(tmp_path / "token")}},  # no source: no sync
     }))
     assert main(["check-config", str(f)]) == 0
-    assert capsys.readouterr().err == ""
+    # no missing file is named: only that TLS is off with a CA set
+    assert capsys.readouterr().err == (f"{f}: warning: mqtt.tls has files or insecure set but "
+                                       "tls.enabled is false: the broker is reached without TLS\n")
 
 
 def test_check_config_warns_when_nothing_would_be_analysed_or_sent(tmp_path, capsys):
@@ -275,6 +278,17 @@ def test_check_config_warns_when_nothing_would_be_analysed_or_sent(tmp_path, cap
         (f"{f}: warning: mqtt.enabled is false: events go only to `lprd run --events-jsonl "
          "FILE`, and nowhere without it"),
     ]
+
+
+def test_check_config_warns_of_a_shared_source_and_tls_files_without_tls(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("cameras:\n  a: {source: 'rtsp://u:secret@cam/1'}\n"
+                 "  b: {source: 'rtsp://u:secret@cam/1'}\n"
+                 "mqtt:\n  tls: {ca: /etc/ssl/ca.pem}\n")
+    assert main(["check-config", str(f)]) == 0
+    err = capsys.readouterr().err
+    assert "cameras a and b have the same source" in err and "secret" not in err
+    assert "mqtt.tls has files or insecure set but tls.enabled is false" in err
 
 
 def test_lprd_run_with_a_missing_model_exits_2_before_starting(tmp_path):
