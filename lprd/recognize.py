@@ -89,9 +89,16 @@ def load_image(path: Path) -> np.ndarray:
         raise InputError(f"cannot read: {e.strerror or e}") from None
     if data.size == 0:
         raise InputError("empty file")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if img is None or img.size == 0:
         raise InputError("not an image OpenCV can decode (corrupt or another kind of file)")
+    if img.dtype == np.uint16:
+        # scaled by its own top level, not shifted 8 bits: 10- or 12-bit sensor data in a
+        # 16-bit file would load near black
+        top = max(int(img.max()), 255)
+        img = cv2.convertScaleAbs(img, alpha=255.0 / top)
+    elif img.dtype != np.uint8:
+        raise InputError(f"{img.dtype} pixels: lprd reads 8- and 16-bit images")
     return img
 
 

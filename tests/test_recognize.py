@@ -49,6 +49,20 @@ def test_load_image_says_why_a_file_is_no_image(tmp_path: Path, bad_files) -> No
     assert img.shape == (10, 30, 3) and img[0, 0, 0] == 77
 
 
+def test_16_bit_images_load_by_their_own_range(tmp_path: Path) -> None:
+    grey = np.tile(np.arange(0, 256, 17, dtype=np.uint16), (4, 1))  # 0..255
+    for bits in (8, 12, 16):  # 8-bit levels stored in 16 bits, 12-bit sensor data, full range
+        path = tmp_path / f"g{bits}.png"
+        cv2.imwrite(str(path), (grey.astype(np.int64) * ((1 << bits) - 1) // 255).astype(np.uint16))
+        img = load_image(path)
+        assert img.dtype == np.uint8 and img.shape == (4, 16, 3)
+        assert abs(int(img[0, -1, 0]) - 255) <= 1 and img[0, 0, 0] == 0, (bits, img[0, :, 0])
+    path = tmp_path / "f.tiff"
+    cv2.imwrite(str(path), np.ones((4, 4, 3), np.float32))
+    with pytest.raises(InputError, match="float32 pixels"):
+        load_image(path)
+
+
 def test_folders_give_their_images_and_videos_sorted(tmp_path: Path) -> None:
     d = tmp_path / "shots"
     d.mkdir()
