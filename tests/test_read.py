@@ -126,26 +126,32 @@ def test_corrupt_model_file_gives_model_error_naming_it(model_copy: Path) -> Non
         PlateReader(ReaderConfig(model=model_copy))
 
 
+_DELETE = object()
+
+
+def _edit_metadata(model: Path, key: str, value: object) -> Path:
+    """Set (or with _DELETE remove) one key of `model`'s metadata; returns the metadata's path."""
+    meta_path = model.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    if value is _DELETE:
+        del meta[key]
+    else:
+        meta[key] = value
+    meta_path.write_text(json.dumps(meta))
+    return meta_path
+
+
 @pytest.mark.parametrize(("key", "value", "match"), [
     ("head", "attention", "head"),
-    ("alphabet", None, "alphabet|metadata"),
+    ("alphabet", _DELETE, "alphabet|metadata"),
     ("input_size", [32, 100], "does not match"),
     ("alphabet", "0123456789", "output classes"),
 ])
 def test_bad_metadata_gives_model_error_naming_the_file(model_copy: Path, key, value,
                                                         match) -> None:
-    meta_path = model_copy.with_suffix(".json")
-    meta = json.loads(meta_path.read_text())
-    if value is None:
-        del meta[key]
-    else:
-        meta[key] = value
-    meta_path.write_text(json.dumps(meta))
+    _edit_metadata(model_copy, key, value)
     with pytest.raises(ModelError, match=match):
         PlateReader(ReaderConfig(model=model_copy))
-
-
-_DELETE = object()
 
 
 @pytest.mark.parametrize(("key", "value", "match"), [
@@ -167,13 +173,7 @@ _DELETE = object()
 ])
 def test_metadata_of_the_wrong_type_or_head_gives_model_error_naming_file_and_key(
         model_copy: Path, key: str, value, match: str) -> None:
-    meta_path = model_copy.with_suffix(".json")
-    meta = json.loads(meta_path.read_text())
-    if value is _DELETE:
-        del meta[key]
-    else:
-        meta[key] = value
-    meta_path.write_text(json.dumps(meta))
+    meta_path = _edit_metadata(model_copy, key, value)
     with pytest.raises(ModelError, match=f"{meta_path}: {match}"):
         PlateReader(ReaderConfig(model=model_copy))
 

@@ -478,17 +478,24 @@ def test_a_frame_ring_too_large_to_map_skips_its_camera_and_leaves_no_segment(tm
     assert not glob.glob(f"/dev/shm/lprd-{os.getpid()}-big-*")
 
 
+def _reload_idle_daemon(tmp_path: Path, daemons, storage: str = "st", **sections: dict):
+    """A daemon without cameras, its models loaded, then sent SIGHUP for a config with
+    `storage` and `sections` instead."""
+    path = write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st")
+    d = start(daemons, path, "--events-jsonl", str(tmp_path / "events.jsonl"))
+    d.wait_log(r"models loaded")
+    write_config(path, {}, None, tmp_path / storage, **sections)
+    d.signal(signal.SIGHUP)
+    return d
+
+
 def test_a_reload_whose_model_will_not_load_goes_back_to_the_running_models(tmp_path, daemons):
     # The file is there (check-config cannot tell), but it is no model: the new inference
     # process fails to load it. The daemon must run on with the models it had, not stop.
     bad = tmp_path / "r.tflite"
     bad.write_bytes(b"not a model" * 100)
     (tmp_path / "r.json").write_text((ROOT / "models" / "reader.json").read_text())
-    path = write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st")
-    d = start(daemons, path, "--events-jsonl", str(tmp_path / "events.jsonl"))
-    d.wait_log(r"models loaded")
-    write_config(path, {}, None, tmp_path / "st", reader={"model": str(bad)})
-    d.signal(signal.SIGHUP)
+    d = _reload_idle_daemon(tmp_path, daemons, reader={"model": str(bad)})
     d.wait_log(r"reload refused, the running models stay")
     d.wait_log(r"(?s)reload refused.*models loaded")
     assert d.proc.poll() is None
@@ -497,11 +504,7 @@ def test_a_reload_whose_model_will_not_load_goes_back_to_the_running_models(tmp_
 
 
 def test_a_new_storage_dir_waits_for_a_restart(tmp_path, daemons):
-    path = write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st")
-    d = start(daemons, path, "--events-jsonl", str(tmp_path / "events.jsonl"))
-    d.wait_log(r"models loaded")
-    write_config(path, {}, None, tmp_path / "st2")
-    d.signal(signal.SIGHUP)
+    d = _reload_idle_daemon(tmp_path, daemons, storage="st2")
     d.wait_log(r"reload done")
     assert "storage.dir: a change needs a restart" in d.log()
     assert "restarting inference" not in d.log() and not (tmp_path / "st2").exists()
@@ -511,11 +514,7 @@ def test_a_new_storage_dir_waits_for_a_restart(tmp_path, daemons):
 
 def test_a_reload_naming_a_missing_model_is_refused_and_the_daemon_runs_on(tmp_path, daemons):
     # Taken, it would restart inference with a model that is not there and stop the daemon.
-    path = write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st")
-    d = start(daemons, path, "--events-jsonl", str(tmp_path / "events.jsonl"))
-    d.wait_log(r"models loaded")
-    write_config(path, {}, None, tmp_path / "st", reader={"model": str(tmp_path / "r.tflite")})
-    d.signal(signal.SIGHUP)
+    d = _reload_idle_daemon(tmp_path, daemons, reader={"model": str(tmp_path / "r.tflite")})
     d.wait_log(r"reload refused")
     assert f"reader.model: {tmp_path / 'r.tflite'}: file not found" in d.log()
     assert "inference: restarting" not in d.log() and d.proc.poll() is None

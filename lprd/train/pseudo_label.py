@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
@@ -608,9 +608,15 @@ def _scene_boxes_to_label(root: Path, limit: int) -> list[Box]:
     return boxes
 
 
-def run_label(root: Path, out: Path, threads: int, limit: int) -> int:
-    boxes = _scene_boxes_to_label(root, limit)
-    reads = read_all(boxes, out / "scene_reads.jsonl", threads)
+# A box's label: the decision, and the `pseudo` record that says how it was made.
+Judge = Callable[[Box, list[VariantRead], dict[Path, np.ndarray]],
+                 tuple[Decision, dict[str, Any]]]
+
+
+def _label_boxes(root: Path, out: Path, boxes: Sequence[Box],
+                 reads: dict[str, list[VariantRead]], judge: Judge) -> None:
+    """Crops and labels.jsonl in `out` for the boxes `judge` labels; summary.json counts why
+    the others were not."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     reasons: dict[str, Counter[str]] = defaultdict(Counter)
     texts: dict[str, set[str]] = defaultdict(set)
@@ -620,14 +626,11 @@ def run_label(root: Path, out: Path, threads: int, limit: int) -> int:
         if b.key not in reads:
             reasons[b.set]["unreadable"] += 1
             continue
-        s = settings_for(b.region)
-        d = decide(reads[b.key], b.region, s)
+        d, pseudo = judge(b, reads[b.key], cache)
         reasons[b.set][d.reason] += 1
         if d.text is None:
             continue
-        row = _save_label(b, d.text, d.rows, out, root, cache,
-                          {"labeler": "rapidocr-onnxruntime PP-OCRv4", "filters": asdict(s),
-                           "reads": [asdict(r) for r in reads[b.key]]})
+        row = _save_label(b, d.text, d.rows, out, root, cache, pseudo)
         if row is not None:
             rows.append(row)
             texts[b.set].add(d.text)
@@ -635,6 +638,19 @@ def run_label(root: Path, out: Path, threads: int, limit: int) -> int:
     _write_labels(out, rows, {name: {"boxes": n_total[name], "kept": reasons[name]["kept"],
                                      "unique_texts": len(texts[name]),
                                      "reasons": dict(reasons[name])} for name in SCENE_SETS})
+
+
+def run_label(root: Path, out: Path, threads: int, limit: int) -> int:
+    boxes = _scene_boxes_to_label(root, limit)
+    reads = read_all(boxes, out / "scene_reads.jsonl", threads)
+
+    def judge(b: Box, rs: list[VariantRead], cache: dict[Path, np.ndarray]
+              ) -> tuple[Decision, dict[str, Any]]:
+        s = settings_for(b.region)
+        return decide(rs, b.region, s), {"labeler": "rapidocr-onnxruntime PP-OCRv4",
+                                         "filters": asdict(s), "reads": [asdict(r) for r in rs]}
+
+    _label_boxes(root, out, boxes, reads, judge)
     return 0
 
 
@@ -684,39 +700,21 @@ def run_agree(root: Path, ocr_dir: Path, out: Path, model: Path, limit: int) -> 
               f"{ocr_dir}` first", file=sys.stderr)
         return 2
     reader = _reader(model)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    reasons: dict[str, Counter[str]] = defaultdict(Counter)
-    texts: dict[str, set[str]] = defaultdict(set)
-    cache: dict[Path, np.ndarray] = {}
-    rows = []
-    for b in boxes:
-        if b.key not in reads:
-            reasons[b.set]["unreadable"] += 1
-            continue
-        if decide(reads[b.key], b.region, settings_for(b.region)).text is not None:
-            reasons[b.set]["ocr_kept"] += 1  # already in the OCR labels
-            continue
+
+    def judge(b: Box, rs: list[VariantRead], cache: dict[Path, np.ndarray]
+              ) -> tuple[Decision, dict[str, Any]]:
+        if decide(rs, b.region, settings_for(b.region)).text is not None:
+            return Decision(None, "ocr_kept"), {}  # already in the OCR labels
         crop = _cut(b, cache)
         if crop is None or crop.size == 0:
-            reasons[b.set]["unreadable"] += 1
-            continue
+            return Decision(None, "unreadable"), {}
         r = reader.read(crop)
-        d = agree(reads[b.key], r.text, r.confidence, b.region)
-        reasons[b.set][d.reason] += 1
-        if d.text is None:
-            continue
-        row = _save_label(b, d.text, d.rows, out, root, cache,
-                          {"labeler": f"rapidocr-onnxruntime PP-OCRv4 + {reader.version}",
-                           "agree_min": AGREE_MIN, "reader_min_conf": AGREE_MIN_CONF,
-                           "reader_conf": r.confidence,
-                           "reads": [asdict(v) for v in reads[b.key]]})
-        if row is not None:
-            rows.append(row)
-            texts[b.set].add(d.text)
-    n_total = Counter(b.set for b in boxes)
-    _write_labels(out, rows, {name: {"boxes": n_total[name], "kept": reasons[name]["kept"],
-                                     "unique_texts": len(texts[name]),
-                                     "reasons": dict(reasons[name])} for name in SCENE_SETS})
+        return agree(rs, r.text, r.confidence, b.region), {
+            "labeler": f"rapidocr-onnxruntime PP-OCRv4 + {reader.version}",
+            "agree_min": AGREE_MIN, "reader_min_conf": AGREE_MIN_CONF,
+            "reader_conf": r.confidence, "reads": [asdict(v) for v in rs]}
+
+    _label_boxes(root, out, boxes, reads, judge)
     return 0
 
 
