@@ -71,7 +71,7 @@ class Miss:
     box: Box
     truth: str
     found: bool  # some detection at IoU > FOUND_IOU
-    e2e: str | None  # the best-overlapping kept read
+    e2e: str | None  # the kept read matched to it
     reader: str | None  # the reader on the true box
 
 
@@ -141,16 +141,18 @@ def score_image(truth: Sequence[TruthPlate], preds: Sequence[PredPlate],
         s.false_plates = len(preds) - len(m10)
         matched = set(m10.values())
         s.false_reads = sum(1 for i, p in enumerate(preds) if p.kept and i not in matched)
+    # An end-to-end read is credited to one plate at most, the one its box matches (one to one,
+    # among the reads that pass the filter, as they would reach an event).
+    kept = [p for p in preds if p.kept]
+    e2e = match_boxes(tboxes, [p.box for p in kept], FOUND_IOU, strict=True)
     for i in scored:
         t = truth[i]
         if t.text is None:
             continue
         s.text_plates += 1
-        overlapping = sorted(((iou(t.box, p.box), p) for p in preds if p.kept
-                              and iou(t.box, p.box) > FOUND_IOU), key=lambda x: -x[0])
-        exact = any(normalise_plate(p.text) == t.text for _, p in overlapping)
-        topn = any(t.text in {normalise_plate(c) for c in (p.text, *p.candidates)}
-                   for _, p in overlapping)
+        p = kept[e2e[i]] if i in e2e else None
+        exact = p is not None and normalise_plate(p.text) == t.text
+        topn = p is not None and t.text in {normalise_plate(c) for c in (p.text, *p.candidates)}
         s.e2e_exact += exact
         s.e2e_topn += topn
         r = reader_reads[i] if i < len(reader_reads) else None
@@ -165,7 +167,7 @@ def score_image(truth: Sequence[TruthPlate], preds: Sequence[PredPlate],
         if not exact or (r_text is not None and r_text != t.text):
             found = crop or any(iou(t.box, p.box) > FOUND_IOU for p in preds)
             s.misses.append(Miss(box=t.box, truth=t.text, found=found,
-                                 e2e=overlapping[0][1].text if overlapping else None,
+                                 e2e=p.text if p is not None else None,
                                  reader=r_text))
     return s
 

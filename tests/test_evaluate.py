@@ -65,6 +65,14 @@ def test_score_image_counts_found_false_and_exact_reads() -> None:
     assert (miss.truth, miss.e2e, miss.reader, miss.found) == ("XY9876", "XY9B76", "XY9876", True)
 
 
+def test_one_read_is_credited_to_the_plate_its_box_matches_only() -> None:
+    truth = [TruthPlate((0, 0, 100, 30), "AAA111"), TruthPlate((60, 0, 100, 30), "BBB222")]
+    # one box on the first plate, read as the second (IoU 0.25 with the second's box)
+    s = score_image(truth, [PredPlate((0, 0, 100, 30), "BBB222")], [None, None], 1.0)
+    assert (s.found10, s.e2e_exact, s.e2e_topn) == (1, 0, 0)
+    assert {(m.truth, m.e2e) for m in s.misses} == {("AAA111", "BBB222"), ("BBB222", None)}
+
+
 def test_a_false_plate_whose_read_the_filter_drops_is_no_false_read() -> None:
     preds = [PredPlate((500, 0, 100, 30), "XXX", kept=False),  # a tail light, read as junk
              PredPlate((800, 0, 100, 30), "AB123", kept=True)]  # a sign read as a plate

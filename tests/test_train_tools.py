@@ -66,6 +66,14 @@ def test_a_box_on_a_known_unlabelled_plate_is_no_false_plate(tmp_path: Path) -> 
     assert (res["hit50"], res["fp"], res["ignored"]) == (1, 2, 0)
 
 
+def test_a_second_box_on_one_plate_is_a_false_plate_as_in_lprd_eval(tmp_path: Path) -> None:
+    sc = _scene(tmp_path, [(100, 100, 80, 20)])
+    dets = [Detection((101, 100, 80, 20), 0.9),
+            Detection((130, 100, 60, 22), 0.6)]  # the plate's right part, boxed again
+    res = evaluate(lambda img: dets, [sc], 0.5, unlabelled={})
+    assert (res["hit50"], res["hit10"], res["fp"]) == (1, 1, 1)
+
+
 def test_recall_of_plates_in_the_issue_s_size_range_leaves_narrower_ones_out(
         tmp_path: Path) -> None:
     sc = _scene(tmp_path, [(100, 100, 80, 20), (300, 300, 20, 6), (500, 100, 24, 8)])

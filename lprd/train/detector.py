@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from lprd.config import DetectorConfig
+from lprd.evaluate import match_boxes
 from lprd.track import iou
 from lprd.train import hw_size, scaled_channels
 from lprd.train.scenes import INPUT_H, INPUT_W, STRIDE, SceneSampler, build_cache, load_scenes
@@ -424,8 +425,9 @@ def unlabelled_plates(path: Path = UNLABELLED) -> dict[str, list[tuple[int, int,
 
 def evaluate(detect, scenes, threshold: float, fp_dir: Path | None = None,
              unlabelled: dict[str, list] | None = None) -> dict:
-    """Recall at IoU >= 0.5 and > 0.1, and detections overlapping no plate (IoU <= 0.1).
-    A detection on a plate the labels miss (`unlabelled_plates`) is no false plate ("ignored")."""
+    """Recall at IoU >= 0.5 and > 0.1, and false plates: detections that no plate takes, one to
+    one at IoU > 0.1. A detection on a plate the labels miss (`unlabelled_plates`) is no false
+    plate ("ignored")."""
     if unlabelled is None:
         unlabelled = unlabelled_plates()
     per_set: dict[str, dict] = {}
@@ -443,33 +445,34 @@ def evaluate(detect, scenes, threshold: float, fp_dir: Path | None = None,
         skip = unlabelled.get(sc.key, [])
         r["frames"] += 1
         r["plates"] += len(sc.boxes)
-        used50: set[int] = set()
         in_scale = min(INPUT_H / img.shape[0], INPUT_W / img.shape[1])
-        for g in sc.boxes:
-            ious = [iou(g, d.box) for d in dets]
-            if ious and max(ious) > 0.1:
-                r["hit10"] += 1
-            cand = [i for i, v in enumerate(ious) if v >= 0.5 and i not in used50]
+        # the same one-to-one matching as `lprd eval`: a second box on a plate is a false plate;
+        # the plates the labels miss match boxes too, and are neither hits nor misses
+        truth = [*sc.boxes, *skip]
+        dboxes = [d.box for d in dets]
+        m50 = match_boxes(truth, dboxes, 0.5)
+        m10 = match_boxes(truth, dboxes, 0.1, strict=True)
+        for i, g in enumerate(sc.boxes):
+            r["hit10"] += i in m10
             b = bins.setdefault(_size_bin(g[2] * in_scale), [0, 0])
             b[1] += 1
             spec[1] += g[2] >= SPEC_MIN_WIDTH
-            if cand:
-                used50.add(max(cand, key=lambda i: ious[i]))
+            if i in m50:
                 r["hit50"] += 1
                 b[0] += 1
                 spec[0] += g[2] >= SPEC_MIN_WIDTH
-        for d in dets:
-            if all(iou(g, d.box) <= 0.1 for g in sc.boxes):
-                if any(iou(u, d.box) > 0.1 for u in skip):
-                    r["ignored"] += 1
-                    continue
-                r["fp"] += 1
-                if fp_dir is not None:
-                    x, y, w, h = d.box
-                    pad = max(w, h) // 2
-                    crop = img[max(0, y - pad):y + h + pad, max(0, x - pad):x + w + pad]
-                    if crop.size:
-                        fp_crops.append((sc.path.name, d.score, crop))
+        on_truth = {pi: ti for ti, pi in m10.items()}
+        for di, d in enumerate(dets):
+            if di in on_truth:
+                r["ignored"] += on_truth[di] >= len(sc.boxes)
+                continue
+            r["fp"] += 1
+            if fp_dir is not None:
+                x, y, w, h = d.box
+                pad = max(w, h) // 2
+                crop = img[max(0, y - pad):y + h + pad, max(0, x - pad):x + w + pad]
+                if crop.size:
+                    fp_crops.append((sc.path.name, d.score, crop))
     tot = {k: sum(r[k] for r in per_set.values()) for k in ("frames", "plates", "hit50",
                                                              "hit10", "fp", "ignored")}
     res = {"recall50": tot["hit50"] / max(tot["plates"], 1),
