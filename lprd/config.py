@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -45,6 +46,23 @@ def _topic_prefix(v: str) -> str:
 TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
 
 
+def _beside_config(v: Any, info: ValidationInfo) -> Any:
+    # Relative to the config file's folder, not the working directory: check-config run from a
+    # shell and the service run in /var/lib/lprd must mean the same file.
+    base = (info.context or {}).get("base")
+    if base is None or v is None:
+        return v
+    if isinstance(v, Path):
+        return v if v.is_absolute() else base / v
+    return v if "://" in v or v.startswith("/") else str(base / v)  # URLs and devices as given
+
+
+# A file named in the config; relative to the config file's folder when read from a file.
+ConfigPath = Annotated[Path, AfterValidator(_beside_config)]
+# A source that may be a URL, a device or a file; a relative file path as for ConfigPath.
+Source = Annotated[str, AfterValidator(_beside_config)]
+
+
 class MotionConfig(_Strict):
     enabled: bool = Field(False, description="skip detection on frames where nothing moved")
     threshold: float = Field(0.002, ge=0.0, le=1.0, description="share of changed pixels")
@@ -59,7 +77,7 @@ class ReconnectConfig(_Strict):
 
 
 class CameraConfig(_Strict):
-    source: str = Field(..., min_length=1, description="file path, rtsp://, http(s)://, "
+    source: Source = Field(..., min_length=1, description="file path, rtsp://, http(s)://, "
                         "/dev/videoN or /dev/v4l/by-id/...")
     fps: float = Field(5.0, ge=0.0, description="frames analysed per second; 0 = every frame")
     realtime: bool | None = Field(
@@ -96,7 +114,8 @@ class CameraConfig(_Strict):
 
 
 class DetectorConfig(_Strict):
-    model: Path | None = Field(None, description="TFLite file; default: the bundled detector")
+    model: ConfigPath | None = Field(
+        None, description="TFLite file; default: the bundled detector")
     threshold: float = Field(0.4, gt=0.0, lt=1.0)
     max_plates: int = Field(10, ge=1, le=100)
     min_width: int = Field(16, ge=1, description="boxes narrower than this (px) are ignored")
@@ -116,7 +135,8 @@ class DetectorConfig(_Strict):
     check: bool = Field(
         True, description="pass each box through the plate check (models/plate_check.tflite), "
         "a small classifier that rejects plate-like text, lights and grilles")
-    check_model: Path | None = Field(None, description="TFLite file; default: the bundled check")
+    check_model: ConfigPath | None = Field(
+        None, description="TFLite file; default: the bundled check")
     check_weight: float = Field(
         0.15, ge=0.0, le=2.0, description="how much the check's plate probability p counts: a "
         "box scores its detector score times p**check_weight and must still reach threshold; "
@@ -132,7 +152,7 @@ class DetectorConfig(_Strict):
 
 
 class ReaderConfig(_Strict):
-    model: Path | None = Field(None, description="TFLite file; default: the bundled reader")
+    model: ConfigPath | None = Field(None, description="TFLite file; default: the bundled reader")
     min_confidence: float = Field(0.3, ge=0.0, le=1.0, description="reads below are dropped")
     topn: int = Field(5, ge=1, le=50)
     min_chars: int = Field(3, ge=1)
@@ -183,9 +203,9 @@ class TrackerConfig(_Strict):
 
 class TLSConfig(_Strict):
     enabled: bool = False
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
+    ca: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
     insecure: bool = Field(False, description="skip the host name check (testing only)")
 
 
@@ -206,7 +226,8 @@ class MQTTConfig(_Strict):
     topic_prefix: TopicPrefix = "lprd"
     client_id: str | None = None
     username: str | None = None
-    password_file: Path | None = Field(None, description="the password is never put in this file")
+    password_file: ConfigPath | None = Field(
+        None, description="the password is never put in this file")
     keepalive: int = Field(30, ge=5, le=65535)  # MQTT sends it in 16 bits
     tls: TLSConfig = TLSConfig()
     outbox: OutboxConfig = OutboxConfig()
@@ -248,9 +269,9 @@ def _list_name(v: str) -> str:
 
 
 class SyncConfig(_Strict):
-    source: str | None = Field(None, description="https://, http:// or a file path (CSV/JSON)")
+    source: Source | None = Field(None, description="https://, http:// or a file path (CSV/JSON)")
     interval: float = Field(3600.0, gt=0, description="seconds between syncs")
-    token_file: Path | None = Field(None, description="bearer token for http(s) sources")
+    token_file: ConfigPath | None = Field(None, description="bearer token for http(s) sources")
     max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger downloads are refused")
     timeout: float = Field(30.0, gt=0, description="seconds for the whole download")
     list: Annotated[str, AfterValidator(_list_name)] = Field(
@@ -282,7 +303,7 @@ class WatchlistConfig(_Strict):
 
 
 class StorageConfig(_Strict):
-    dir: Path = Path("/var/lib/lprd")
+    dir: ConfigPath = Path("/var/lib/lprd")
 
 
 class ServiceConfig(_Strict):
@@ -358,15 +379,16 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def parse_config(data: Any, source: str = "<config>") -> Config:
-    """Validate already-parsed YAML; raise ConfigError naming each bad key."""
+def parse_config(data: Any, source: str = "<config>", base: Path | None = None) -> Config:
+    """Validate already-parsed YAML; raise ConfigError naming each bad key. Relative file paths
+    are taken relative to `base` (the config file's folder) when given."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise ConfigError(source, [f"(top level): must be a mapping of keys, not {kind}"])
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"base": base})
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -419,7 +441,7 @@ def load_config(path: str | Path) -> Config:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(str(p), [f"{where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
-    return parse_config(data, str(p))
+    return parse_config(data, str(p), p.absolute().parent)
 
 
 def redacted(cfg: Config) -> dict:

@@ -140,7 +140,8 @@ def test_anchors_merge_keys_and_the_limits_themselves_still_load(tmp_path):
                  "mqtt:\n  keepalive: 65535\n  discovery: {prefix: ha/lprd}\n"
                  "watchlist:\n  sync: {list: night shift}\n")
     cfg = load_config(f)
-    assert (cfg.cameras["a"].fps, cfg.cameras["b"].fps, cfg.cameras["b"].source) == (2, 3, "a.mp4")
+    assert (cfg.cameras["a"].fps, cfg.cameras["b"].fps) == (2, 3)
+    assert cfg.cameras["b"].source == str(tmp_path / "a.mp4")
     assert list(cfg.cameras) == ["a", "b", "1"]
 
 
@@ -169,6 +170,37 @@ def test_lprd_run_with_a_bad_config_exits_2_with_one_line_per_problem(tmp_path):
            "indented)" in lines
     assert any(ln.startswith(f"{f}: mqtt.port:") for ln in lines)
     assert "Traceback" not in p.stderr
+
+
+def test_relative_paths_are_beside_the_config_file_whatever_the_working_directory(
+        tmp_path, monkeypatch, capsys):
+    etc = tmp_path / "etc"
+    (etc / "models").mkdir(parents=True)
+    (etc / "secret").write_text("pw\n")
+    f = etc / "config.yaml"
+    f.write_text("cameras:\n"
+                 "  clip: {source: clips/a.mp4}\n"
+                 "  cam: {source: 'rtsp://u:p@cam/stream'}\n"
+                 "  usb: {source: /dev/video0}\n"
+                 "reader: {model: models/r.tflite}\n"
+                 "mqtt: {password_file: secret, username: u}\n"
+                 "watchlist: {sync: {source: lists/plates.csv}}\n"
+                 "storage: {dir: state}\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    cfg = load_config("etc/config.yaml")
+    assert cfg.cameras["clip"].source == str(etc / "clips" / "a.mp4")
+    assert cfg.cameras["cam"].source == "rtsp://u:p@cam/stream"
+    assert cfg.cameras["usb"].source == "/dev/video0"
+    assert cfg.reader.model == etc / "models" / "r.tflite"
+    assert cfg.mqtt.password_file == etc / "secret"
+    assert cfg.watchlist.sync.source == str(etc / "lists" / "plates.csv")
+    assert cfg.storage.dir == etc / "state"
+    assert cfg.detector.model is None and cfg.mqtt.tls.ca is None  # defaults stay
+    # check-config looks where the service will: the missing model is named by its full path
+    assert main(["check-config", "etc/config.yaml"]) == 2
+    assert str(etc / "models" / "r.tflite") in capsys.readouterr().err
+    # a config built in memory has no folder: its paths stay as given
+    assert parse_config({"reader": {"model": "r.tflite"}}).reader.model == Path("r.tflite")
 
 
 def test_config_error_lists_every_problem_not_only_the_first(tmp_path):
