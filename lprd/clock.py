@@ -17,11 +17,13 @@ class ClockWatch:
     def __init__(self, wall: float | None = None, mono: float | None = None):
         self._wall = time.time() if wall is None else wall
         self._mono = time.monotonic() if mono is None else mono
+        self.elapsed = 0.0
 
     def step(self, wall: float | None = None, mono: float | None = None) -> float:
         """Seconds the wall clock jumped since the last call (0.0 when it only ticked)."""
         wall = time.time() if wall is None else wall
         mono = time.monotonic() if mono is None else mono
         jump = (wall - self._wall) - (mono - self._mono)
+        self.elapsed = mono - self._mono  # the span this call looked at
         self._wall, self._mono = wall, mono
         return jump if abs(jump) >= CLOCK_STEP else 0.0

@@ -133,13 +133,18 @@ class Outbox:
         except sqlite3.DatabaseError as e:
             # A corrupt outbox must not stop the daemon: keep the file for inspection, start anew.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._clock())}")
+            try:
+                self.path.rename(aside)
+                for suffix in ("-wal", "-shm"):
+                    side = self.path.with_name(self.path.name + suffix)
+                    if side.exists():
+                        side.rename(aside.with_name(aside.name + suffix))
+            except OSError as moving:  # a file system remounted read-only: the caller's
+                # fallback (an outbox in memory) takes over, as for any outbox that cannot open
+                raise sqlite3.OperationalError(
+                    f"unreadable ({e}) and cannot be moved aside: {moving}") from None
             log.error("outbox %s is unreadable (%s); moved it to %s and started an empty one",
                       self.path, e, aside)
-            self.path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                side = self.path.with_name(self.path.name + suffix)
-                if side.exists():
-                    side.rename(aside.with_name(aside.name + suffix))
             self._db = self._open()
             rows = _salvage(aside)
             if rows:
@@ -259,13 +264,17 @@ class Outbox:
                       p.message.payload, int(p.message.retain), p.created) for p in pending])
             self._events.update(p.message.camera for p in pending if p.message.kind == "event")
 
-    def shift_clock(self, delta: float) -> None:
-        """Move every stamp by `delta` seconds: the wall clock stepped. Without it a forward step
-        (a box without RTC that boots at its last shutdown time, then syncs) ages the waiting
-        messages by the step, and more than max_age drops them all before they are sent."""
+    def shift_clock(self, delta: float, since: float = 0.0) -> None:
+        """Move the stamps made before a step of the wall clock by `delta` seconds. Without it
+        a forward step (a box without RTC that boots at its last shutdown time, then syncs) ages
+        the waiting messages by the step, and more than max_age drops them all before they are
+        sent. Messages put in the last `since` seconds (the span in which the step was seen),
+        stamped within it by the new clock, are already right."""
+        now = self._clock()
         with self._lock:
-            self._db.execute("UPDATE messages SET created = created + ? WHERE created >= ?",
-                             (delta, CLOCK_FLOOR))
+            self._db.execute("UPDATE messages SET created = created + ? WHERE created >= ? "
+                             "AND NOT created BETWEEN ? AND ?",
+                             (delta, CLOCK_FLOOR, now - since - 1.0, now + 1.0))
 
     def expire(self) -> DropReport | None:
         """Drop messages older than max_age (not those stamped by an unset clock)."""

@@ -670,7 +670,7 @@ class Publisher:
             log.warning("the wall clock stepped %+.0f s; the outbox's messages keep their age",
                         jump)
             try:
-                self.outbox.shift_clock(jump)
+                self.outbox.shift_clock(jump, since=clock.elapsed)
             except sqlite3.Error as e:
                 log.error("outbox: could not shift its stamps by the clock step (%s)", e)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import glob
 import logging
 import multiprocessing
@@ -202,6 +203,7 @@ class Supervisor:
         self._analysed: dict[str, int] = {}
         self._status_at = 0.0
         self._pinger: WatchdogPinger | None = None
+        self._storage_lock: int | None = None
 
     # -- the main loop ---------------------------------------------------------------------------
 
@@ -209,6 +211,10 @@ class Supervisor:
         self._install_signals()
         try:
             self.cfg.storage.dir.mkdir(parents=True, exist_ok=True)
+            self._storage_lock = lock_storage(self.cfg.storage.dir)
+        except StorageInUse as e:
+            log.error("%s", e)
+            return 1
         except OSError as e:
             log.error("storage.dir %s cannot be created: %s", self.cfg.storage.dir, e)
             return 1
@@ -221,13 +227,16 @@ class Supervisor:
             self._start_publisher()
         except PublisherConfigError as e:
             print(f"{self.config_path}: {e}", file=sys.stderr)
+            self._unlock_storage()
             return EXIT_CONFIG
         except OSError as e:  # a full or read-only disk: worth a restart (2 would stop systemd's)
             log.error("cannot start the event outputs: %s", e)
+            self._unlock_storage()
             return 1
         except sqlite3.OperationalError as e:  # worth a restart, not a fix (an outbox that
             # cannot be opened waits in memory; this is what else SQLite may raise at start)
             log.error("the MQTT outbox in %s cannot be opened: %s", self.cfg.storage.dir, e)
+            self._unlock_storage()
             return 1
         code = 0
         try:
@@ -269,6 +278,11 @@ class Supervisor:
         finally:
             self._shutdown()
         return code
+
+    def _unlock_storage(self) -> None:
+        if self._storage_lock is not None:
+            os.close(self._storage_lock)  # the lock goes with it
+            self._storage_lock = None
 
     def _install_signals(self) -> None:
         def stop(signum: int, _frame: object) -> None:
@@ -769,6 +783,7 @@ class Supervisor:
             cam.ring.unlink()
         if self.sink is not None:
             self.sink.close()
+        self._unlock_storage()
         log.info("stopped after %.1f s (%d events in all)", time.monotonic() - t0, self.events)
 
 
@@ -808,6 +823,28 @@ def _stop_child(child: _Child, deadline: float, pump: Callable[[_Child], int]) -
         proc.join(1.0)
     pump(child)
     child.proc = None
+
+
+class StorageInUse(Exception):
+    pass
+
+
+def lock_storage(folder: Path) -> int:
+    """Lock `folder` for this process (an open descriptor; the lock goes with the process).
+
+    Two daemons on one storage.dir would both send every waiting event (duplicates) and count
+    the outbox wrong: `lprd run --once` with the service's config while the service runs."""
+    fd = os.open(folder / "lprd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StorageInUse(f"storage.dir {folder} is in use by another lprd (pid {owner}): stop "
+                           "it, or give this run a storage.dir of its own") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _remove_stale_rings() -> None:

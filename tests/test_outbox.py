@@ -152,6 +152,20 @@ def test_a_forward_clock_step_does_not_age_waiting_events(tmp_path: Path) -> Non
     assert report is not None and report.events == 1 and ob.depth() == 0
 
 
+def test_an_event_put_after_a_backward_step_keeps_its_stamp(tmp_path: Path) -> None:
+    # The clock ran 8 days fast and NTP set it back; the next car's event, put (by the
+    # caller's thread) before the worker saw the step, is stamped by the right clock already.
+    clock = Clock()
+    ob = Outbox(tmp_path / "o.sqlite", max_age=86_400.0, clock=clock)
+    ob.put(_event(1))  # stamped 8 days ahead
+    clock.t -= 8 * 86_400
+    ob.put(_event(2))
+    ob.shift_clock(-8 * 86_400, since=0.5)
+    ages = {p.message.event_id: clock.t - p.created for p in ob.pending()}
+    assert ages == {"ev00001": pytest.approx(0.0), "ev00002": pytest.approx(0.0)}
+    assert ob.expire() is None and ob.depth() == 2
+
+
 def test_only_the_newest_crop_of_a_camera_waits(tmp_path: Path) -> None:
     ob = Outbox(tmp_path / "o.sqlite")
     ob.put(_event(1, crop=b"jpeg1"))
@@ -175,6 +189,24 @@ def test_a_corrupt_outbox_is_moved_aside_and_a_new_one_started(tmp_path: Path,
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not")
     ob.put(_event(1))
     assert ob.depth() == 1
+
+
+def test_a_corrupt_outbox_that_cannot_be_moved_is_an_operational_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    # A file system remounted read-only after a fault: the publisher falls back to an outbox
+    # in memory on OperationalError, and nothing claims the file was moved.
+    path = tmp_path / "outbox.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+
+    def read_only(self, target):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "rename", read_only)
+    with caplog.at_level(logging.ERROR, logger="lprd.outbox"), \
+            pytest.raises(sqlite3.OperationalError, match="cannot be moved aside: .*Read-only"):
+        Outbox(path)
+    assert "moved it to" not in caplog.text
 
 
 def test_the_readable_messages_of_a_damaged_outbox_are_kept(tmp_path: Path,

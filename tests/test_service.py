@@ -520,3 +520,20 @@ def test_a_reload_naming_a_missing_model_is_refused_and_the_daemon_runs_on(tmp_p
     assert "inference: restarting" not in d.log() and d.proc.poll() is None
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
+
+
+def test_a_second_daemon_on_the_same_storage_dir_refuses_to_start(tmp_path, daemons):
+    # Both would send every waiting event of the one outbox (duplicates), each counting it wrong.
+    first = start(daemons, write_config(tmp_path / "a.yaml", {}, None, tmp_path / "st"))
+    first.wait_log(r"models loaded")
+    second = start(daemons, write_config(tmp_path / "b.yaml", {}, None, tmp_path / "st"),
+                   "--once")
+    assert second.wait(30) == 1
+    assert (f"storage.dir {tmp_path / 'st'} is in use by another lprd (pid {first.proc.pid})"
+            in second.log())
+    assert first.proc.poll() is None
+    first.signal(signal.SIGTERM)
+    assert first.wait(10) == 0
+    # the lock went with the first daemon
+    third = start(daemons, write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st"), "--once")
+    assert third.wait(60) == 0, third.log()[-2000:]
