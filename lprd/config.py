@@ -229,6 +229,9 @@ class MQTTConfig(_Strict):
     password_file: ConfigPath | None = Field(
         None, description="the password is never put in this file")
     keepalive: int = Field(30, ge=5, le=65535)  # MQTT sends it in 16 bits
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT version: 5 tells an event the broker refused (an ACL, a size "
+        "limit) from a delivered one, and its size limit; 3.1.1 for brokers without 5")
     tls: TLSConfig = TLSConfig()
     outbox: OutboxConfig = OutboxConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
@@ -252,6 +255,11 @@ class MQTTConfig(_Strict):
         if (self.tls.cert is None) != (self.tls.key is None):
             raise ValueError("mqtt.tls.cert and mqtt.tls.key go together: set both or neither")
         return self
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_number(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 _ACTION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -324,6 +324,12 @@ class Outbox:
                 log.debug("closing outbox: %s", e)
 
 
+def drop_report(reason: str, messages: Sequence[OutboxMessage]) -> DropReport:
+    """A DropReport for messages lost outside the outbox's bounds, in their order."""
+    rows = [(i, m.event_id, m.camera, m.kind) for i, m in enumerate(messages)]
+    return _report(reason, rows) or DropReport(reason=reason, events=0, messages=0)
+
+
 def _report(reason: str, rows: list[tuple]) -> DropReport | None:
     """rows: (seq, event_id, camera, kind) of deleted messages."""
     if not rows:

@@ -30,7 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lprd import __version__
 from lprd.clock import ClockWatch
 from lprd.config import MQTTConfig, TLSConfig
-from lprd.outbox import MEMORY, DropReport, Outbox, OutboxMessage, PendingMessage
+from lprd.outbox import (
+    MEMORY,
+    DropReport,
+    Outbox,
+    OutboxMessage,
+    PendingMessage,
+    drop_report,
+)
 from lprd.types import CameraState, PlateEvent, iso_utc
 
 log = logging.getLogger(__name__)
@@ -354,7 +361,8 @@ class PublisherStats:
     outbox_depth: int
     submitted: int  # events accepted since start
     delivered: int  # event messages acknowledged by the broker since start
-    dropped: int  # events the outbox bounds threw away since start
+    dropped: int  # events thrown away since start: the outbox's bounds, undeliverable ones
+    refused: int  # events the broker refused since start (MQTT 5); they wait in the outbox
     latency_p50: float | None  # seconds from submit to PUBACK, recent events
     latency_p95: float | None
     last_error: str | None
@@ -466,10 +474,13 @@ class Publisher:
         self._actions_sent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._failures = 0
         self._last_fail_reason: str | None = None
+        self._max_packet: int | None = None  # the broker's, from its CONNACK (MQTT 5)
+        self._refused_logged: dict[str, int] = {}
         # Shared counters (under _lock).
         self._submitted = 0
         self._delivered = 0
         self._dropped = 0
+        self._refused = 0
         self._latencies: deque[float] = deque(maxlen=2000)
         self._last_error: str | None = None
         self._commands_dropped = 0
@@ -494,7 +505,10 @@ class Publisher:
         log.info("MQTT: connecting to %s:%d%s as %s; %d undelivered event(s) in the outbox",
                  self.cfg.host, self.cfg.port, " (TLS)" if self.cfg.tls.enabled else "",
                  self._client_id, depth)
-        self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive)
+        # MQTT 5: no session kept on the broker, as clean_session does for 3.1.1 (the outbox
+        # is the session)
+        extra = {"clean_start": True} if self.cfg.protocol == "5" else {}
+        self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **extra)
         self._client.loop_start()
 
     def submit(self, event: PlateEvent) -> None:
@@ -543,6 +557,7 @@ class Publisher:
             return PublisherStats(
                 connected=self.connected, outbox_depth=self.outbox.depth(),
                 submitted=self._submitted, delivered=self._delivered, dropped=self._dropped,
+                refused=self._refused,
                 latency_p50=_quantile(lat, 0.5), latency_p95=_quantile(lat, 0.95),
                 last_error=self._last_error)
 
@@ -613,8 +628,12 @@ class Publisher:
     def _make_client(self) -> mqtt.Client:
         cfg = self.cfg
         self._client_id = cfg.client_id or f"lprd-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
-                        clean_session=True, protocol=mqtt.MQTTv311)
+        if cfg.protocol == "5":
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
+                            protocol=mqtt.MQTTv5)
+        else:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
+                            clean_session=True, protocol=mqtt.MQTTv311)
         c.enable_logger(_paho_log)
         c.max_inflight_messages_set(PAHO_INFLIGHT)
         c.max_queued_messages_set(0)
@@ -637,7 +656,8 @@ class Publisher:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
-        self._q.put(("connect", not reason.is_failure, str(reason)))
+        limit = getattr(properties, "MaximumPacketSize", None)  # MQTT 5 only
+        self._q.put(("connect", not reason.is_failure, str(reason), limit))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # Called inside paho's `except OSError`: the exception says why (refused, TLS ...).
@@ -650,7 +670,10 @@ class Publisher:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
-        self._q.put(("ack", mid))
+        if reason.is_failure:  # MQTT 5: the broker took the message and threw it away
+            self._q.put(("refused", mid, str(reason)))
+        else:
+            self._q.put(("ack", mid))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self.cfg.discovery.enabled and msg.topic == f"{self.cfg.discovery.prefix}/status":
@@ -750,7 +773,10 @@ class Publisher:
                 acks.append(msg)
         elif kind == "wake":
             pass
+        elif kind == "refused":
+            self._handle_refused(item[1], item[2])
         elif kind == "connect":
+            self._max_packet = item[3]
             self._handle_connect(ok=item[1], reason=item[2])
         elif kind == "connect_fail":
             self._connected = False
@@ -778,7 +804,51 @@ class Publisher:
                 lost = self._direct.popleft()
                 log.error("MQTT: event %s lost: the outbox cannot store it and %d others wait "
                           "in memory for the broker", lost.event_id, DIRECT_MAX)
+                self._count_drop(drop_report("memory", [lost]))
             self._send_direct()
+
+    def _handle_refused(self, mid: int, reason: str) -> None:
+        """The broker refused a message (MQTT 5: an ACL that does not cover the topic, its
+        size limit). It stays in the outbox and goes out again at the next start; the rest
+        goes on meanwhile."""
+        pm = self._inflight.pop(mid, None)
+        if pm is None:
+            return
+        with self._lock:
+            self._refused += pm.message.kind == "event"
+            self._last_error = f"the broker refused {self._topic(pm.message)}: {reason}"
+        n = self._refused_logged.get(reason, 0) + 1
+        self._refused_logged[reason] = n
+        if (n & (n - 1)) == 0:  # at 1, 2, 4, 8 ... per reason: no flood
+            log.error("MQTT: the broker refused %s of event %s (%s; %d time(s) for this reason): "
+                      "it stays in the outbox and is sent again when lprd restarts; check the "
+                      "broker's ACL and size limits", self._topic(pm.message),
+                      pm.message.event_id, reason, n)
+
+    def _fit_to_broker(self, pm: PendingMessage) -> bytes | None:
+        """The payload to send, within the broker's Maximum Packet Size (MQTT 5 CONNACK): an
+        event loses its crop, other messages over it are dropped (None). Sent, the broker
+        would disconnect us, and paho would send it first again after each reconnect."""
+        payload = pm.message.payload
+        topic = self._topic(pm.message)
+        # fixed header (<= 5), topic length (2), packet id (2), properties length (1)
+        overhead = 10 + len(topic.encode())
+        if self._max_packet is None or len(payload) + overhead <= self._max_packet:
+            return payload
+        if pm.message.kind == "event":
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                obj = json.loads(payload)
+                if obj.pop("crop_jpeg", None) is not None:
+                    smaller = json.dumps(obj, separators=(",", ":")).encode()
+                    if len(smaller) + overhead <= self._max_packet:
+                        log.warning("MQTT: event %s sent without its crop: %d bytes are over the "
+                                    "broker's maximum packet size (%d)", pm.message.event_id,
+                                    len(payload) + overhead, self._max_packet)
+                        return smaller
+        log.error("MQTT: dropping %s of event %s: %d bytes are over the broker's maximum packet "
+                  "size (%d)", topic, pm.message.event_id, len(payload) + overhead,
+                  self._max_packet)
+        return None
 
     def _handle_connect(self, ok: bool, reason: str) -> None:
         if not ok:
@@ -848,14 +918,16 @@ class Publisher:
             if not batch:
                 return
             for pm in batch:
+                payload = self._fit_to_broker(pm)
                 try:
-                    info = client.publish(self._topic(pm.message), pm.message.payload, qos=1,
+                    if payload is None:
+                        raise ValueError("over the broker's maximum packet size")
+                    info = client.publish(self._topic(pm.message), payload, qos=1,
                                           retain=pm.message.retain)
                 except ValueError as e:  # cannot ever be sent: drop it rather than block all
                     log.error("dropping undeliverable message %d (event %s): %s", pm.seq,
                               pm.message.event_id, e)
-                    self.outbox.ack([pm.seq])
-                    self._cursor = pm.seq
+                    self._drop_undeliverable(pm)
                     continue
                 if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                     return  # paho's queue refused it; retry from the same cursor later
@@ -875,6 +947,17 @@ class Publisher:
 
     def _on_drop(self, report: DropReport) -> None:
         log.warning("outbox bound (mqtt.outbox.%s): %s", report.reason, report.describe())
+        self._count_drop(report)
+
+    def _drop_undeliverable(self, pm: PendingMessage) -> None:
+        """A message that can never be sent leaves the outbox (it would block the rest)."""
+        self.outbox.ack([pm.seq])
+        self._cursor = pm.seq
+        self._depth_cache = self.outbox.depth()
+        self._count_drop(drop_report("undeliverable", [pm.message]))
+
+    def _count_drop(self, report: DropReport) -> None:
+        """Counted in stats and on the cameras' state topics (`outbox_dropped`)."""
         at = iso_utc(time.time())
         with self._lock:
             self._dropped += report.events

@@ -741,3 +741,61 @@ def test_an_outbox_that_cannot_be_opened_waits_in_memory_then_moves_to_disk(
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[('ev-mem',)]"
     assert "events wait in memory" in run.stderr and "moved there from memory" in run.stderr
+
+
+# -- what the broker refuses (MQTT 5) -----------------------------------------------------------
+
+def test_an_event_the_broker_refuses_stays_in_the_outbox_and_goes_out_at_the_next_start(
+        tmp_path: Path, mosquitto_factory: Callable[..., Any],
+        mqtt_subscriber: Callable[..., Any], publisher: Callable[..., Publisher],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # An ACL that does not cover the gate's plate topic: a 3.1.1 broker acknowledges such a
+    # message like a delivered one and drops it; 5 says so, and the event is kept.
+    acl = tmp_path / "acl"
+    acl.write_text("topic read #\ntopic write lprd/status\ntopic write lprd/+/state\n"
+                   "topic write lprd/back/plate\n")
+    broker = mosquitto_factory(extra=f"acl_file {acl}\n")
+    sub = mqtt_subscriber(broker, "lprd/+/plate")
+    storage = tmp_path / "st"
+    caplog.set_level(logging.ERROR, logger="lprd.publish")
+    pub = publisher(broker, storage=storage)
+    pub.submit(make_event(1, "gate"))
+    pub.submit(make_event(2, "back"))  # not held up by the refused one
+    sub.wait_for(lambda ms: len(ms) >= 1)
+    wait_until(lambda: pub.stats().refused == 1, what="the refusal")
+    assert [m.json()["id"] for m in sub.messages] == ["ev-back-00002"]
+    assert pub.outbox.depth("gate") == 1 and pub.stats().delivered == 1
+    assert "the broker refused lprd/gate/plate of event ev-gate-00001" in caplog.text
+    assert "Not authorized" in pub.stats().last_error
+    pub.stop(timeout=2)
+    # the admin fixes the ACL; at the next start the event goes out
+    acl.write_text("topic readwrite #\n")
+    broker.stop()
+    broker.start()
+    sub = mqtt_subscriber(broker, "lprd/+/plate")
+    pub = publisher(broker, storage=storage)
+    sub.wait_for(lambda ms: any(m.json()["id"] == "ev-gate-00001" for m in ms))
+    wait_until(lambda: pub.outbox.depth() == 0, what="an empty outbox")
+
+
+def test_an_event_over_the_broker_s_packet_limit_goes_without_its_crop(
+        mosquitto_factory: Callable[..., Any], mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    # Sent whole, the broker would disconnect us, and paho would send it first again after
+    # every reconnect: nothing else would ever be delivered.
+    broker = mosquitto_factory(extra="max_packet_size 8000\n")
+    sub = mqtt_subscriber(broker, "lprd/+/plate")
+    caplog.set_level(logging.WARNING, logger="lprd.publish")
+    pub = publisher(broker, crops=True)
+    pub.submit(make_event(1, crop=os.urandom(9000)))  # base64: 12 kB in the event
+    wait_until(lambda: pub.outbox.size() == 0, what="an empty outbox")
+    assert "event ev-gate-00001 sent without its crop" in caplog.text
+    # the separate 9 kB crop message cannot go at all: dropped and counted, not looped
+    assert "dropping lprd/gate/crop of event ev-gate-00001" in caplog.text
+    assert pub.stats().dropped == 0  # a crop is no event
+    pub.submit(make_event(2, crop=os.urandom(1000)))
+    sub.wait_for(lambda ms: len(ms) >= 2)
+    first, second = (m.json() for m in sub.messages[:2])
+    assert first["id"] == "ev-gate-00001" and "crop_jpeg" not in first
+    assert second["id"] == "ev-gate-00002" and second["crop_jpeg"]
+    assert "disconnected" not in caplog.text
