@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import gc
 import hashlib
 import http.client
@@ -438,17 +439,64 @@ class SyncResult:
 # ---------------------------------------------------------------- the store
 
 
+def _corrupt(path: Path) -> bool:
+    """True when SQLite finds `path` damaged (not merely locked or missing)."""
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30.0)) as conn:
+            return conn.execute("PRAGMA quick_check").fetchone()[0] != "ok"
+    except sqlite3.OperationalError:
+        return False
+    except sqlite3.DatabaseError:
+        return True
+
+
 class Watchlist:
     """The SQLite store. Thread-safe: each thread gets its own connection."""
 
-    def __init__(self, path: Path, cfg: WatchlistConfig | None = None) -> None:
+    def __init__(self, path: Path, cfg: WatchlistConfig | None = None,
+                 recover: bool = False) -> None:
+        """`recover`: a corrupt file is moved aside and a new, empty store started (the
+        daemon's choice: a sync fills it again; the CLI reports the error instead)."""
         self.path = Path(path)
         self.cfg = cfg or WatchlistConfig()
         self._local = threading.local()
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._prepare()
+        except sqlite3.OperationalError:  # locked, disk full, read-only: not corruption
+            raise
+        except sqlite3.DatabaseError as e:
+            if not recover:
+                raise WatchlistError(f"{self.path}: unreadable ({e})") from None
+            self.close()
+            self._move_aside(e)
+            self._prepare()
+
+    def _move_aside(self, error: Exception) -> None:
+        # The inference process and the sync open the store at once: one moves it, the other
+        # finds the new one (the lock, and the check under it).
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not _corrupt(self.path):
+                return
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    side.rename(aside.with_name(aside.name + suffix))
+            log.error("watchlist %s is unreadable (%s); moved it to %s and started an empty "
+                      "one: a sync fills it again, entries added by hand are in the moved file",
+                      self.path, error, aside)
+        finally:
+            os.close(fd)
+
+    def _prepare(self) -> None:
         conn = self._conn()
+        if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("quick_check failed")
         # Read first: the write lock would wait behind a sync's swap of the whole list.
         have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         version = self._meta(conn, "schema") if "meta" in have else None
@@ -467,8 +515,8 @@ class Watchlist:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Watchlist:
-        """The daemon's store: <storage.dir>/watchlist.sqlite."""
-        return cls(cfg.storage.dir / DB_NAME, cfg.watchlist)
+        """The daemon's store: <storage.dir>/watchlist.sqlite (a corrupt one moved aside)."""
+        return cls(cfg.storage.dir / DB_NAME, cfg.watchlist, recover=True)
 
     # -- connections and transactions
 
@@ -479,10 +527,14 @@ class Watchlist:
             # only so close() can close other threads' connections; each thread uses its own.
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for a sync's swap
-            conn.execute("PRAGMA synchronous=NORMAL")
-            # A swap of a big list grows the WAL to the list's size; give the disk back after.
-            conn.execute("PRAGMA journal_size_limit=4194304")
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for a sync's swap
+                conn.execute("PRAGMA synchronous=NORMAL")
+                # A swap of a big list grows the WAL to the list's size; give the disk back.
+                conn.execute("PRAGMA journal_size_limit=4194304")
+            except sqlite3.Error:  # not a database: the caller moves it aside or reports it
+                conn.close()
+                raise
             self._local.conn = conn
             with self._conns_lock:
                 # Threads come and go (a sync on SIGHUP): close what finished threads left.

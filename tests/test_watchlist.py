@@ -486,3 +486,36 @@ def test_benchmark_finds_every_listed_and_every_confused_plate(tmp_path: Path) -
     res = benchmark(entries=400, lookups=50, workdir=tmp_path)
     assert res["exact_ms"]["matched"] == 50 and res["fuzzy_ms"]["matched"] == 50
     assert res["sync_replace_s"]["wall"] > 0 and res["db_bytes"] > 0
+
+
+# -- a damaged store ------------------------------------------------------------------------------
+
+def _damage_a_page(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    page = 4096 * (len(data) // 4096 // 2)
+    data[page:page + 4096] = b"\xa5" * 4096
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["not a database", "a bad page"])
+def test_the_daemon_moves_a_damaged_store_aside_and_starts_an_empty_one(
+        tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    # An SD card fault: without this every event carried no match (no allow, no deny) and
+    # every sync failed, until someone removed the file by hand.
+    path = tmp_path / DB_NAME
+    if damage == "not a database":
+        path.write_bytes(b"this is not a database" * 200)
+    else:
+        with Watchlist(path) as wl:
+            wl.import_entries([WatchlistEntry(f"AB{i:05d}", info={"owner": "x" * 40})
+                               for i in range(3000)])
+        _damage_a_page(path)
+    with pytest.raises(WatchlistError, match="unreadable"):  # the CLI says so, moves nothing
+        Watchlist(path)
+    assert not list(tmp_path.glob("*.corrupt-*"))
+    with Watchlist(path, recover=True) as wl:
+        assert wl.count() == 0
+        wl.add(WatchlistEntry("ABC1234", action="allow"))
+        assert wl.match("ABC1234").action == "allow"
+    assert "is unreadable" in caplog.text and "moved it to" in caplog.text
+    assert len(list(tmp_path.glob(f"{DB_NAME}.corrupt-*[0-9]"))) == 1
