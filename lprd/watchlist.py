@@ -333,9 +333,10 @@ def detect_format(name: str = "", content_type: str | None = None, data: bytes =
 
 def parse_document(
     data: bytes, fmt: str, default_list: str = "default", default_action: str | None = None,
-    origin: str = "local",
+    origin: str = "local", max_entries: int | None = None,
 ) -> list[WatchlistEntry]:
-    """A whole CSV or JSON list, validated: any bad row rejects the document (names the rows)."""
+    """A whole CSV or JSON list, validated: any bad row rejects the document (names the rows).
+    More than `max_entries` rows reject it too, before they all take memory."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -347,7 +348,10 @@ def parse_document(
     seen: dict[tuple[str, str], str] = {}
     problems: list[str] = []
     with _gc_paused():
-        for where, fields in rows:
+        for n, (where, fields) in enumerate(rows, 1):
+            if max_entries is not None and n > max_entries:
+                raise WatchlistError(f"more than {max_entries} entries (watchlist.sync."
+                                     "max_entries; about 1.5 kB of memory each while a sync runs)")
             try:
                 entry = make_entry(fields, where, default_list, default_action, origin)
             except WatchlistError as e:
@@ -915,6 +919,15 @@ class WatchlistSync:
             if length is not None and total != length:
                 raise SyncError(f"{where}: truncated download ({total} of {length} bytes)")
             data = b"".join(chunks)
+            charset = resp.headers.get_content_charset()
+            if charset and charset.replace("-", "").replace("_", "").lower() not in (
+                    "utf8", "usascii", "ascii"):
+                # A spreadsheet's export (windows-1252, latin-1): the parser reads UTF-8.
+                try:
+                    data = data.decode(charset).encode("utf-8")
+                except (LookupError, UnicodeDecodeError) as e:
+                    raise SyncError(f"{where}: cannot decode the list as its declared "
+                                    f"charset {charset!r} ({e})") from None
             try:
                 fmt = detect_format(url, resp.headers.get("Content-Type"), data)
             except WatchlistError as e:
@@ -1000,7 +1013,8 @@ class WatchlistSync:
             else:
                 try:
                     entries = parse_document(fetched.data, fetched.fmt, self.cfg.list,
-                                             check_action(self.cfg.action), origin="sync")
+                                             check_action(self.cfg.action), origin="sync",
+                                             max_entries=self.cfg.max_entries)
                 except WatchlistError as e:
                     raise SyncError(f"{self._where()}: rejected list: {e}") from None
                 if not entries and status.entries and not self.cfg.allow_empty:

@@ -319,6 +319,31 @@ def test_an_empty_list_keeps_a_synced_one_unless_allowed(wl: Watchlist, tmp_path
     assert r.ok and r.changed and r.entries == 0 and wl.match("ABC1234").match == "none"
 
 
+def test_a_list_longer_than_max_entries_is_refused_and_the_last_one_kept(
+        wl: Watchlist, tmp_path: Path) -> None:
+    # A sync holds the whole list in memory before the swap: 64 MB of short rows would take
+    # gigabytes, and an out-of-memory kill at start becomes a restart loop.
+    src = tmp_path / "plates.csv"
+    src.write_text("plate\nABC1234\n")
+    assert _sync(wl, str(src), max_entries=3).sync_once().changed
+    src.write_text("plate\n" + "".join(f"AB{i:05d}\n" for i in range(4)))
+    r = _sync(wl, str(src), max_entries=3).sync_once()
+    assert not r.ok and "more than 3 entries (watchlist.sync.max_entries" in (r.error or "")
+    assert wl.count() == 1 and wl.match("ABC1234").match == "exact"
+
+
+def test_a_list_in_its_declared_charset_is_read(server: ListServer, wl: Watchlist) -> None:
+    # A spreadsheet's CSV export, served as windows-1252 (the owner's name has an e-acute).
+    body = "plate,owner\nABC1234,Ren\u00e9e\n".encode("cp1252")
+    server.routes["/l.csv"] = Route(body, content_type="text/csv; charset=windows-1252")
+    r = _sync(wl, server.url("/l.csv")).sync_once()
+    assert r.ok and r.changed, r.error
+    assert wl.match("ABC1234").info == {"owner": "Ren\u00e9e"}
+    server.routes["/bad.csv"] = Route(b"plate\nABC1\n", content_type="text/csv; charset=nope-1")
+    r = _sync(wl, server.url("/bad.csv")).sync_once()
+    assert not r.ok and "declared charset 'nope-1'" in (r.error or "")
+
+
 def test_a_file_written_while_it_is_read_is_not_swapped_in(wl: Watchlist, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import lprd.watchlist as watchlist_mod
