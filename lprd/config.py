@@ -211,6 +211,8 @@ class TLSConfig(_Strict):
 
 class OutboxConfig(_Strict):
     max_events: int = Field(100_000, ge=1)
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="payload bytes; with crops "
+                           "on, events are 10-20 times larger, and this bound comes first")
     max_age: float = Field(7 * 86400, gt=0, description="seconds; older events are dropped")
 
 

@@ -68,7 +68,7 @@ class PendingMessage:
 class DropReport:
     """What a bound threw away (oldest first): counts are events, not messages."""
 
-    reason: str  # "max_events" | "max_age"
+    reason: str  # "max_events" | "max_bytes" | "max_age" | a loss outside the bounds
     events: int
     messages: int
     per_camera: dict[str, int] = field(default_factory=dict)
@@ -114,12 +114,14 @@ class Outbox:
     busy_timeout = 10.0  # seconds to wait for a lock held by another connection
 
     def __init__(self, path: Path | str, max_events: int = 100_000,
-                 max_age: float = 7 * 86400.0, clock: Callable[[], float] = time.time) -> None:
-        if max_events < 1 or max_age <= 0:
-            raise ValueError("max_events must be >= 1 and max_age > 0")
+                 max_age: float = 7 * 86400.0, clock: Callable[[], float] = time.time,
+                 max_bytes: int | None = None) -> None:
+        if max_events < 1 or max_age <= 0 or (max_bytes is not None and max_bytes < 1):
+            raise ValueError("max_events and max_bytes must be >= 1 and max_age > 0")
         self.path = Path(path)
         self.in_memory = str(path) == MEMORY  # not durable: while the disk cannot be used
         self.max_events = max_events
+        self.max_bytes = max_bytes
         self.max_age = max_age
         self._clock = clock
         self._lock = threading.Lock()
@@ -156,6 +158,10 @@ class Outbox:
         for camera, n in self._db.execute(
                 "SELECT camera, COUNT(*) FROM messages WHERE kind = 'event' GROUP BY camera"):
             self._events[camera] = n
+        # payload bytes waiting: crops make events 10-20 times larger, so a count alone
+        # does not bound the disk
+        self._bytes = self._db.execute(
+            "SELECT COALESCE(SUM(length(payload)), 0) FROM messages").fetchone()[0]
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -202,39 +208,54 @@ class Outbox:
         now = self._clock()
         with self._lock:
             with self._transaction():
+                size = self._bytes + sum(len(m.payload) for m in messages)
                 for m in messages:
                     if m.kind == "crop":
                         # Only the newest crop of a camera matters (a retained "last crop").
-                        self._db.execute(
-                            "DELETE FROM messages WHERE kind = 'crop' AND camera = ?", (m.camera,))
+                        size -= sum(r[0] for r in self._db.execute(
+                            "DELETE FROM messages WHERE kind = 'crop' AND camera = ? "
+                            "RETURNING length(payload)", (m.camera,)).fetchall())
                 self._db.executemany(
                     _INSERT,
                     [(m.event_id, m.camera, m.kind, m.subtopic, m.payload, int(m.retain), now)
                      for m in messages])
                 added = Counter(m.camera for m in messages if m.kind == "event")
-                report = self._enforce_size(added)
+                report, size = self._enforce_size(added, size)
+            self._bytes = size  # once committed
             self._events.update(added)
             if report:
                 self._events.subtract(report.per_camera)
                 self._events = +self._events
             return report
 
-    def _enforce_size(self, added: Counter[str]) -> DropReport | None:
-        total = sum(self._events.values()) + sum(added.values())
-        excess = total - self.max_events
-        if excess <= 0:
-            return None
+    def _enforce_size(self, added: Counter[str], size: int) -> tuple[DropReport | None, int]:
+        """Drop the oldest events over the bounds: (what was dropped, payload bytes left)."""
         # Rows of one event are contiguous, so cutting before the first kept event drops whole
-        # events with their action and crop messages.
-        row = self._db.execute(
-            "SELECT seq FROM messages WHERE kind = 'event' ORDER BY seq LIMIT 1 OFFSET ?",
-            (excess,)).fetchone()
-        if row is None:  # keep at least the newest event
-            return None
+        # events with their action and crop messages. The newest event always stays.
+        cut, reason = 0, ""
+        excess = sum(self._events.values()) + sum(added.values()) - self.max_events
+        if excess > 0:
+            row = self._db.execute(
+                "SELECT seq FROM messages WHERE kind = 'event' ORDER BY seq LIMIT 1 OFFSET ?",
+                (excess,)).fetchone()
+            if row is not None:
+                cut, reason = row[0], "max_events"
+        if self.max_bytes is not None and size > self.max_bytes:
+            # the first event whose older rows hold the excess bytes, else the newest event
+            row = self._db.execute(
+                "SELECT seq FROM (SELECT seq, kind, SUM(length(payload)) OVER (ORDER BY seq "
+                "ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before FROM messages) "
+                "WHERE kind = 'event' AND (before >= ? OR seq = (SELECT MAX(seq) FROM messages "
+                "WHERE kind = 'event')) ORDER BY seq LIMIT 1",
+                (size - self.max_bytes,)).fetchone()
+            if row is not None and row[0] > cut:
+                cut, reason = row[0], "max_bytes"
+        if not cut:
+            return None, size
         rows = self._db.execute(
-            "DELETE FROM messages WHERE seq < ? RETURNING seq, event_id, camera, kind",
-            (row[0],)).fetchall()
-        return _report("max_events", rows)
+            "DELETE FROM messages WHERE seq < ? RETURNING seq, event_id, camera, kind, "
+            "length(payload)", (cut,)).fetchall()
+        return _report(reason, rows), size - sum(r[4] for r in rows)
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Delete delivered messages; unknown seqs (already dropped) are ignored."""
@@ -248,9 +269,10 @@ class Outbox:
                     chunk = seqs[i:i + 500]
                     marks = ",".join("?" * len(chunk))
                     deleted += self._db.execute(
-                        f"DELETE FROM messages WHERE seq IN ({marks}) RETURNING camera, kind",
-                        chunk).fetchall()
-            self._events.subtract(Counter(cam for cam, kind in deleted if kind == "event"))
+                        f"DELETE FROM messages WHERE seq IN ({marks}) "
+                        "RETURNING camera, kind, length(payload)", chunk).fetchall()
+            self._bytes -= sum(n for _, _, n in deleted)
+            self._events.subtract(Counter(cam for cam, kind, _ in deleted if kind == "event"))
             self._events = +self._events
         return len(deleted)
 
@@ -262,6 +284,7 @@ class Outbox:
                     _INSERT,
                     [(p.message.event_id, p.message.camera, p.message.kind, p.message.subtopic,
                       p.message.payload, int(p.message.retain), p.created) for p in pending])
+            self._bytes += sum(len(p.message.payload) for p in pending)
             self._events.update(p.message.camera for p in pending if p.message.kind == "event")
 
     def shift_clock(self, delta: float, since: float = 0.0) -> None:
@@ -287,7 +310,9 @@ class Outbox:
                              (now, now + FUTURE_SLACK))
             rows = self._db.execute(
                 "DELETE FROM messages WHERE created < ? AND created >= ? "
-                "RETURNING seq, event_id, camera, kind", (cutoff, CLOCK_FLOOR)).fetchall()
+                "RETURNING seq, event_id, camera, kind, length(payload)",
+                (cutoff, CLOCK_FLOOR)).fetchall()
+            self._bytes -= sum(r[4] for r in rows)
             report = _report("max_age", rows)
             if report:
                 self._events.subtract(report.per_camera)
@@ -331,11 +356,11 @@ def drop_report(reason: str, messages: Sequence[OutboxMessage]) -> DropReport:
 
 
 def _report(reason: str, rows: list[tuple]) -> DropReport | None:
-    """rows: (seq, event_id, camera, kind) of deleted messages."""
+    """rows: (seq, event_id, camera, kind, ...) of deleted messages."""
     if not rows:
         return None
     rows.sort()
-    events = [(eid, cam) for _, eid, cam, kind in rows if kind == "event"]
+    events = [(eid, cam) for _, eid, cam, kind, *_ in rows if kind == "event"]
     return DropReport(
         reason=reason,
         events=len(events),

@@ -443,11 +443,13 @@ class Publisher:
         self._announced_path = Path(storage_dir) / ANNOUNCED_FILE
         path = Path(storage_dir) / "outbox.sqlite"
         try:
-            self.outbox = Outbox(path, cfg.outbox.max_events, cfg.outbox.max_age)
+            self.outbox = Outbox(path, cfg.outbox.max_events, cfg.outbox.max_age,
+                                 max_bytes=cfg.outbox.max_bytes)
         except sqlite3.OperationalError as e:  # a full or broken disk: read plates all the same
             log.error("outbox %s cannot be opened (%s): events wait in memory, not durably, "
                       "until it can (tried every %.0f s)", path, e, EXPIRE_INTERVAL)
-            self.outbox = Outbox(MEMORY, cfg.outbox.max_events, cfg.outbox.max_age)
+            self.outbox = Outbox(MEMORY, cfg.outbox.max_events, cfg.outbox.max_age,
+                                 max_bytes=cfg.outbox.max_bytes)
             self._disk_outbox = path
         self._q: queue.Queue[Any] = queue.Queue()
         self._cmd_q: queue.Queue[Any] = queue.Queue(maxsize=64)
@@ -750,7 +752,8 @@ class Publisher:
         """Move the messages waiting in memory into the outbox on disk, once it opens. Only
         with nothing in flight: the acks of those would name seqs of the memory outbox."""
         try:
-            disk = Outbox(path, self.cfg.outbox.max_events, self.cfg.outbox.max_age)
+            disk = Outbox(path, self.cfg.outbox.max_events, self.cfg.outbox.max_age,
+                          max_bytes=self.cfg.outbox.max_bytes)
         except sqlite3.Error:
             return
         with self._outbox_switch:

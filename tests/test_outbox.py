@@ -99,6 +99,27 @@ def test_size_bound_drops_oldest_whole_events_and_reports_them(tmp_path: Path) -
     assert "max_events" in reports[0].describe() and "ev00000" in reports[0].describe()
 
 
+def test_byte_bound_drops_oldest_whole_events_and_survives_a_reopen(tmp_path: Path) -> None:
+    # Events with crops are 10-20 times larger: a count alone does not bound the disk.
+    ob = Outbox(tmp_path / "o.sqlite", max_bytes=10_000)
+    for i in range(1, 6):
+        ob.put(_event(i, crop=b"c" * 100) + [
+            OutboxMessage(f"ev{i:05d}", "gate", "action", "allow", b"a" * 2900)])
+    # each event: ~15 + 2900 bytes, plus one crop that only the newest keeps
+    ids = [p.message.event_id for p in ob.pending() if p.message.kind == "event"]
+    assert ids == ["ev00003", "ev00004", "ev00005"]
+    report = ob.put([OutboxMessage("big", "gate", "event", "plate", b"x" * 12_000)])
+    assert report is not None and report.reason == "max_bytes" and report.events == 3
+    assert [p.message.event_id for p in ob.pending()] == ["big"]  # the newest always stays
+    ob.close()
+    ob = Outbox(tmp_path / "o.sqlite", max_bytes=10_000)
+    report = ob.put(_event(9))
+    assert report is not None and report.first_id == "big"  # the byte count was reread
+    ob.ack([p.seq for p in ob.pending()])
+    ob.put([OutboxMessage("a", "gate", "event", "plate", b"x" * 9000)])
+    assert ob.put([OutboxMessage("b", "gate", "event", "plate", b"x" * 900)]) is None
+
+
 def test_age_bound_drops_events_older_than_max_age(tmp_path: Path) -> None:
     clock = Clock()
     ob = Outbox(tmp_path / "o.sqlite", max_age=60.0, clock=clock)
