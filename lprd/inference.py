@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -427,7 +428,13 @@ def child_signals() -> None:
     and die with the supervisor even when it is SIGKILLed (no orphans holding cameras)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    parent = os.getppid()
+    # A SIGTERM to the whole group (`timeout`, `kill -- -PGID`, a container's init) would end
+    # us before our final events; the supervisor's stop flag does it in order.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The pid the parent had when it started us: getppid() after our imports may already be
+    # init's if the supervisor died meanwhile.
+    pp = multiprocessing.parent_process()
+    parent = pp.pid if pp is not None and pp.pid is not None else os.getppid()
     try:
         import ctypes
 

@@ -86,6 +86,25 @@ def _attach_untracked(name: str) -> shared_memory.SharedMemory:
             resource_tracker.register = register  # type: ignore[assignment]
 
 
+def _reserve(shm: shared_memory.SharedMemory) -> None:
+    """Take the segment's pages now: a sparse segment larger than what /dev/shm has left is
+    created all the same, and its writer then dies of SIGBUS at the first frame it cannot hold
+    (Docker's default /dev/shm is 64 MiB; a 1080p ring of 8 slots is 50 MiB)."""
+    path = f"/dev/shm/{shm.name.lstrip('/')}"
+    if not os.path.exists(path):  # not Linux: the segment stays sparse
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, shm.size)
+    except OSError as e:
+        shm.close()
+        shm.unlink()
+        raise OSError(e.errno, f"/dev/shm has no room for a {shm.size / 2**20:.0f} MiB frame "
+                      f"ring ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
 class FrameRing:
     """Fixed slots of up to height*width*3 bytes of BGR pixels each, addressed by sequence number.
 
@@ -140,12 +159,13 @@ class FrameRing:
         stride = _SLOT_HEADER_BYTES + _round_up(height * width * _CHANNELS)
         shm = shared_memory.SharedMemory(name=name, create=True,
                                          size=_HEADER_BYTES + stride * slots)
+        _reserve(shm)
         hdr = np.ndarray((_HEADER_BYTES // 8,), dtype=np.int64, buffer=shm.buf)
         hdr[:] = 0
         hdr[_H_SLOTS], hdr[_H_HEIGHT], hdr[_H_WIDTH], hdr[_H_STRIDE] = slots, height, width, stride
         hdr[_H_VERSION] = _VERSION
         hdr[_H_MAGIC] = _MAGIC  # last: an attacher never sees a half-made header as valid
-        for i in range(slots):  # only the headers: pixel pages stay untouched until written
+        for i in range(slots):  # the slots' headers
             np.ndarray((2,), dtype=np.int64, buffer=shm.buf, offset=_HEADER_BYTES + i * stride)[:] = 0
         del hdr
         return cls(shm, owner=True)

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from lprd.capture import CaptureStatus, SourceKind, ring_shape, source_kind
+from lprd.cli import add_config_option
 from lprd.config import (
+    DEFAULT_CONFIG_PATH,
     CameraConfig,
     Config,
     ConfigError,
@@ -66,6 +68,7 @@ EXIT_FILES_FAILED = 1
 EXIT_CONFIG = 2
 ONCE_DRAIN = 15.0  # --once: seconds to wait for the broker to acknowledge the last events
 RECENT_PASSES = 1000  # passes kept for a new inference process's dedupe memory
+ONCE_MAX_DEATHS = 5  # --once gives a file up when its capture dies this many times in a row
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also append every event as one JSON line to FILE ('-' = stdout)")
     p.add_argument("--once", action="store_true",
                    help="process the file sources to their end, send the last events and exit "
-                   "(0: every file was read, 1: some could not be); live cameras are skipped")
+                   "(0: every file was read, 1: some could not be, 2: a bad config or a model "
+                   "that cannot be loaded); live cameras are skipped")
+    add_config_option(p, help=f"YAML config; default: {DEFAULT_CONFIG_PATH}")
     p.set_defaults(func=_run)
 
 
@@ -127,6 +132,7 @@ class _Child:
     failures: int = 0
     restart_at: float | None = None
     done: bool = False  # ended on purpose (a file at its end, or given up in --once)
+    killed: bool = False  # killed as hung; its death is awaited, not repeated
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
@@ -343,13 +349,13 @@ class Supervisor:
     def _start_capture(self, cam: _Camera) -> None:
         child = cam.child
         child.q = _MP.Queue()
-        child.stop = _MP.Event()
+        child.stop = StopFlag()
         child.proc = _MP.Process(
             target=_capture_entry, name=f"lprd-capture-{cam.name}", daemon=True,
             args=(cam.name, cam.cfg, cam.ring.name, child.q, child.stop, self.log_level,
                   cam.file))
         start_child(child.proc, child.q)
-        child.done = False
+        child.done = child.killed = False
         child.started = child.beat = time.monotonic()
         child.restart_at = None
         log.info("camera %s: capture process %d started", cam.name, child.proc.pid)
@@ -368,7 +374,7 @@ class Supervisor:
     def _start_worker(self) -> None:
         w = self.worker
         w.q = _MP.Queue()
-        w.stop = _MP.Event()
+        w.stop = StopFlag()
         self.worker_ctl = _MP.Queue()
         self.worker_ready = False
         w.proc = _MP.Process(
@@ -376,7 +382,7 @@ class Supervisor:
             args=(self.cfg, self._specs(), self.worker_ctl, w.q, w.stop, self.log_level,
                   tuple(self._recent.values())))
         start_child(w.proc, w.q)
-        w.done = False
+        w.done = w.killed = False
         w.started = time.monotonic()
         w.beat = w.started + MODEL_LOAD_GRACE  # loading the models is not hanging
         w.restart_at = None
@@ -437,6 +443,7 @@ class Supervisor:
                 log.info("camera %s: all frames analysed (%d with motion)", msg.camera,
                          msg.frames)
         elif isinstance(msg, WorkerReady):
+            self.worker.beat = time.monotonic()  # the load's grace ends: a hang counts from now
             self.worker_ready = True
             self._fallback = None
             self.models = dict(msg.models)
@@ -487,12 +494,16 @@ class Supervisor:
             self._send_worker(EndOfStream(cam.name))
         if self.once and st.error and not cam.eof and not cam.failed:
             # A file that cannot be read will not get better by retrying: give it up.
-            cam.failed = st.error
-            log.error("camera %s: %s; --once gives this file up", cam.name, st.error)
-            cam.child.stop.set()
-            cam.eof = True
-            self._send_worker(EndOfStream(cam.name))
+            self._give_up_file(cam, st.error)
         self._publish_state(cam)
+
+    def _give_up_file(self, cam: _Camera, why: str) -> None:
+        cam.failed = why
+        log.error("camera %s: %s; --once gives this file up", cam.name, why)
+        if cam.child.stop is not None:
+            cam.child.stop.set()
+        cam.eof = True
+        self._send_worker(EndOfStream(cam.name))
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -510,11 +521,19 @@ class Supervisor:
                     child.done = True
                     log.debug("camera %s: capture process ended", cam.name)
                     continue
-                self._schedule_restart(child, f"exit status {code}")
-            elif child.proc is not None and now - child.beat > self.cfg.service.hang_timeout:
+                # --once: a file whose decoder crashes, a ring /dev/shm cannot hold; retrying
+                # from the same frame will not help, and --once must end
+                if not self._schedule_restart(child, _exit_reason(code),
+                                              ONCE_MAX_DEATHS if self.once else None):
+                    self._give_up_file(cam, f"its capture process died {child.failures} times "
+                                       "in a row")
+                    continue
+            elif (child.proc is not None and not child.killed
+                  and now - child.beat > self.cfg.service.hang_timeout):
                 log.error("%s: no sign of life for %.0f s; killing it", child.name,
                           now - child.beat)
                 child.proc.kill()
+                child.killed = True  # once: a process stuck in the kernel dies when it can
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 log.info("%s: restarting", child.name)
                 self._start_capture(cam)
@@ -526,10 +545,12 @@ class Supervisor:
             self._close_orphans()
             if self.worker_failed:
                 return
-            self._schedule_restart(w, f"exit status {code}")
-        elif w.proc is not None and now - w.beat > self.cfg.service.hang_timeout:
+            self._schedule_restart(w, _exit_reason(code))
+        elif (w.proc is not None and not w.killed
+              and now - w.beat > self.cfg.service.hang_timeout):
             log.error("inference: no heartbeat for %.0f s; killing it", now - w.beat)
             w.proc.kill()
+            w.killed = True
         if w.proc is None and w.restart_at is not None and now >= w.restart_at:
             log.info("inference: restarting")
             self._start_worker()
@@ -543,18 +564,26 @@ class Supervisor:
             self._on_event(replace(ev, final=True))
         self._early.clear()
 
-    def _schedule_restart(self, child: _Child, why: str) -> None:
+    def _schedule_restart(self, child: _Child, why: str, limit: int | None = None) -> bool:
+        """Restart a dead child after a backoff; False (and no restart) at `limit` deaths in
+        a row."""
         now = time.monotonic()
         if now - child.started > STABLE_AFTER:
             child.failures = 0
         delay = min(RESTART_MAX, RESTART_MIN * 2 ** child.failures)
         child.failures += 1
-        child.restart_at = now + delay
-        # A killed child may hold its queue's lock or its stop event's condition: touching either
-        # (Event.set at shutdown) could wait forever. Each start makes fresh ones.
+        # A killed child may hold its queue's lock: touching it could wait forever. Each start
+        # makes a fresh queue and stop flag.
         child.q = None
         child.stop = None
+        if limit is not None and child.failures >= limit:
+            child.restart_at = None
+            child.done = True
+            log.error("%s died (%s), %d times in a row", child.name, why, child.failures)
+            return False
+        child.restart_at = now + delay
         log.error("%s died (%s); restarting in %.0f s", child.name, why, delay)
+        return True
 
     def _maybe_ready(self) -> None:
         if self.ready_sent or not self.worker_ready:
@@ -664,10 +693,10 @@ class Supervisor:
             log.exception("watchlist sync could not start; the last synced list stays in use")
             self.sync = None
 
-    def _stop_sync(self) -> None:
+    def _stop_sync(self, timeout: float = 5.0) -> None:
         if self.sync is not None:
             with contextlib.suppress(Exception):
-                self.sync.stop()
+                self.sync.stop(timeout)
             self.sync = None
 
     # -- SIGHUP ---------------------------------------------------------------------------------
@@ -760,6 +789,8 @@ class Supervisor:
         self.notifier.stopping()
         t0 = time.monotonic()
         budget = self.cfg.service.stop_timeout
+        # a stop_timeout longer than the unit's TimeoutStopSec is granted, not cut by SIGKILL
+        self.notifier.extend_timeout(budget + 3.0)
         deadline = t0 + budget * 0.75  # the rest is for MQTT to flush
         for cam in self.cameras.values():
             if cam.child.stop is not None:
@@ -773,7 +804,7 @@ class Supervisor:
         self._close_orphans()  # a worker killed at the deadline closed none of its tracks
         if self._pinger is not None:
             self._pinger.stop()
-        self._stop_sync()
+        self._stop_sync(max(0.5, min(5.0, t0 + budget - 1.0 - time.monotonic())))
         # --once has no systemd stop deadline: give the broker time to take every event.
         left = max(1.0, t0 + budget - time.monotonic())
         drain = ONCE_DRAIN if self.once else max(0.0, left - 1.0)
@@ -785,6 +816,19 @@ class Supervisor:
             self.sink.close()
         self._unlock_storage()
         log.info("stopped after %.1f s (%d events in all)", time.monotonic() - t0, self.events)
+
+
+def _exit_reason(code: int | None) -> str:
+    """A child's exit status in words; a signal named, with what SIGBUS usually means here."""
+    if code is None or code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"exit status {code}"
+    if name == "SIGBUS":
+        return "killed by SIGBUS: is /dev/shm too small for its frame ring?"
+    return f"killed by {name}"
 
 
 def _watchdog_gate(cfg: Config) -> WatchdogGate:
@@ -823,6 +867,32 @@ def _stop_child(child: _Child, deadline: float, pump: Callable[[_Child], int]) -
         proc.join(1.0)
     pump(child)
     child.proc = None
+
+
+class StopFlag:
+    """A child's stop request. multiprocessing.Event.set() waits, without a timeout, for every
+    process sleeping in its wait() to wake up: a child frozen or killed in that wait would hang
+    the supervisor's stop for good. Setting this flag never blocks; a child polls it."""
+
+    POLL = 0.05  # s: how soon a waiting child sees the flag
+
+    def __init__(self) -> None:
+        self._flag = _MP.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._flag.value:
+            left = self.POLL if end is None else min(self.POLL, end - time.monotonic())
+            if left <= 0:
+                return False
+            time.sleep(left)
+        return True
 
 
 class StorageInUse(Exception):

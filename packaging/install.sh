@@ -120,6 +120,17 @@ if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c '' 2>/dev/null; then
     say "the venv's interpreter is gone (Python upgraded?): making a new venv"
     rm -rf "$VENV"
 fi
+# The venv's python links to the system's: after an upgrade of Debian (3.11 -> 3.13) it still
+# runs, but the venv's packages sit under the old version's folder and pip is gone.
+pyver() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+if [ -x "$VENV/bin/python" ] && [ -f "$VENV/pyvenv.cfg" ]; then
+    made="$(sed -n 's/^version[_a-z]* *= *\([0-9]*\.[0-9]*\).*/\1/p' "$VENV/pyvenv.cfg" | head -n 1)"
+    now="$(pyver "$PYTHON")"
+    if [ -n "$made" ] && [ -n "$now" ] && [ "$made" != "$now" ]; then
+        say "the venv was made with Python $made, the system has $now: making a new venv"
+        rm -rf "$VENV"
+    fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV"
     mkdir -p "$(dirname "$VENV")"
@@ -178,10 +189,17 @@ owned 0750 "$LPRD_UID:$LPRD_GID" "$STATE"
 install -d -m 0755 "$UNIT_DIR"
 install -m 0644 "$REPO/packaging/lprd.service" "$UNIT_DIR/lprd.service"
 
-if ! "$VENV/bin/lprd" --config "$ETC/config.yaml" check-config >/dev/null 2>&1; then
-    say "warning: $ETC/config.yaml does not pass 'lprd check-config'; the service will not" \
-        "start until it does:"
-    "$VENV/bin/lprd" --config "$ETC/config.yaml" check-config >&2 || true
+# As the service's user where we can: a file only root may read passes as root, and the
+# service would then fail on it.
+AS_LPRD=()
+if [ "$IS_ROOT" = 1 ] && [ -z "$ROOT" ] && command -v runuser >/dev/null; then
+    AS_LPRD=(runuser -u lprd --)
+fi
+if ! "${AS_LPRD[@]}" "$VENV/bin/lprd" --config "$ETC/config.yaml" check-config >/dev/null 2>&1
+then
+    say "warning: $ETC/config.yaml does not pass 'lprd check-config' as the service's user;" \
+        "the service will not start until it does:"
+    "${AS_LPRD[@]}" "$VENV/bin/lprd" --config "$ETC/config.yaml" check-config >&2 || true
 fi
 
 if [ "$DO_SYSTEMCTL" = 1 ]; then

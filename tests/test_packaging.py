@@ -212,3 +212,16 @@ def test_upgrade_keeps_an_edited_config_and_uninstall_keeps_data_until_purge(
     assert not (root / "var/lib/lprd").exists()
     if os.geteuid() == 0:  # sysusers leaves shadow unreadable to others: only root can edit it
         assert not re.search(r"^lprd:", (root / "etc/passwd").read_text(), re.MULTILINE)
+
+
+def test_a_venv_of_another_python_version_is_made_again(tmp_path: Path, wheel_dir: Path
+                                                        ) -> None:
+    # After Debian 12 -> 13 the venv's python (a link to the system's) still runs, but its
+    # packages and pip sit under the old version's folder: the service would not start.
+    root = tmp_path / "root"
+    _install(root, wheel_dir)
+    cfg = root / "opt/lprd/venv/pyvenv.cfg"
+    cfg.write_text(re.sub(r"(?m)^version(_info)? *= *\S+", "version = 3.9.2", cfg.read_text()))
+    r = _install(root, wheel_dir)
+    assert "the venv was made with Python 3.9, the system has" in r.stdout
+    assert "version = 3.9.2" not in cfg.read_text()

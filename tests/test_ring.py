@@ -207,3 +207,17 @@ def test_reader_never_accepts_a_torn_frame_from_a_writer_lapping_it() -> None:
         ring.unlink()
     assert writer.exitcode == 0
     assert accepted > 0 and lapped > 0
+
+
+def test_a_ring_that_dev_shm_cannot_hold_fails_at_creation(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    # Created sparse, it would succeed and its writer die of SIGBUS at the first frame it
+    # could not hold (Docker's default /dev/shm is 64 MiB).
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("lprd.ring.os.posix_fallocate", full)
+    name = _name()
+    with pytest.raises(OSError, match=r"/dev/shm has no room for a \d+ MiB frame ring"):
+        FrameRing.create(name, 4, 480, 640)
+    assert not Path(f"/dev/shm/{name}").exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lprd.service import StopFlag
 from lprd.track import text_distance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +45,8 @@ def write_config(path: Path, cameras: dict, broker: object | None, storage: Path
 class Daemon:
     """`python -m lprd run` as a subprocess; its log goes to a file the test can wait on."""
 
-    def __init__(self, config: Path, *args: str, env: dict | None = None):
+    def __init__(self, config: Path, *args: str, env: dict | None = None,
+                 new_session: bool = False):
         self.log_path = config.with_suffix(".log")
         self.out_path = config.with_suffix(".out")
         self._log = self.log_path.open("w")
@@ -53,7 +57,7 @@ class Daemon:
                    **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "lprd", "--config", str(config),
                                       "run", *args], stdout=self._out, stderr=self._log,
-                                     env=env, cwd=str(ROOT))
+                                     env=env, cwd=str(ROOT), start_new_session=new_session)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -93,8 +97,9 @@ def daemons() -> Iterator[list[Daemon]]:
         d.close()
 
 
-def start(daemons: list[Daemon], config: Path, *args: str, env: dict | None = None) -> Daemon:
-    d = Daemon(config, *args, env=env)
+def start(daemons: list[Daemon], config: Path, *args: str, env: dict | None = None,
+          new_session: bool = False) -> Daemon:
+    d = Daemon(config, *args, env=env, new_session=new_session)
     daemons.append(d)
     return d
 
@@ -537,3 +542,70 @@ def test_a_second_daemon_on_the_same_storage_dir_refuses_to_start(tmp_path, daem
     # the lock went with the first daemon
     third = start(daemons, write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st"), "--once")
     assert third.wait(60) == 0, third.log()[-2000:]
+
+
+def _frozen_waiter(flag) -> None:
+    flag.wait()
+
+
+def test_setting_a_stop_flag_never_waits_for_a_frozen_child() -> None:
+    # multiprocessing.Event.set() waits for every sleeping waiter to wake: a child frozen (or
+    # killed) in its wait hung the daemon's stop for good.
+    flag = StopFlag()
+    child = multiprocessing.get_context("spawn").Process(target=_frozen_waiter, args=(flag,))
+    child.start()
+    try:
+        time.sleep(1.0)  # in its wait
+        os.kill(child.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        flag.set()
+        assert time.monotonic() - t0 < 0.1 and flag.is_set()
+        os.kill(child.pid, signal.SIGCONT)
+        child.join(10)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_in_order(tmp_path, daemons):
+    # `timeout lprd run`, `kill -- -PGID`, a container's init: every process gets SIGTERM.
+    # The children leave it to the supervisor, which stops them in order.
+    cams = {"demo": {"source": str(DEMO_CLIP), "fps": 0, "loop": True}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"),
+              "--events-jsonl", str(tmp_path / "ev.jsonl"), new_session=True)
+    d.wait_log(r"final event", timeout=60)
+    os.killpg(d.proc.pid, signal.SIGTERM)
+    assert d.wait(20) == 0, d.log()[-3000:]
+    assert "stopped after" in d.log() and "died" not in d.log()
+
+
+def test_a_hung_inference_process_is_killed_soon_after_its_models_loaded(tmp_path, daemons):
+    # The grace for loading the models ended at the load, not a minute after the start.
+    cams = {"demo": {"source": str(DEMO_CLIP), "fps": 0, "loop": True, "stall_timeout": 2}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
+                                    service={"hang_timeout": 4}))
+    (m,) = d.wait_log(r"inference process (\d+) started")
+    d.wait_log(r"models loaded")
+    os.kill(int(m.group(1)), signal.SIGSTOP)
+    d.wait_log(r"inference: no heartbeat for \d+ s; killing it", timeout=15)
+    d.wait_log(r"inference: restarting", timeout=15)
+    assert d.proc.poll() is None
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0
+
+
+def test_once_gives_up_a_file_whose_capture_keeps_dying(tmp_path, daemons):
+    # A decoder that crashes on the file, a ring /dev/shm cannot hold: each restart dies the
+    # same way, and --once must end (exit 1), not retry forever.
+    cams = {"demo": {"source": str(DEMO_CLIP), "fps": 0, "realtime": True}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"), "--once")
+    for n in range(1, 6):
+        found = d.wait_log(r"camera demo: capture process (\d+) started", count=n, timeout=40)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(found[n - 1].group(1)), signal.SIGKILL)
+    assert d.wait(30) == 1, d.log()[-3000:]
+    log = d.log()
+    assert "capture:demo died (killed by SIGKILL), 5 times in a row" in log
+    assert "camera demo: its capture process died 5 times in a row; --once gives this file up" \
+        in log
