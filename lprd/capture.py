@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 1.0  # seconds between heartbeat status records
 MAX_BAD_FRAMES = 50  # consecutive undecodable frames that count as a lost stream
+STABLE_SESSION = 60.0  # s: a session this long resets the reconnect backoff
 DEFAULT_FILE_FPS = 25.0  # when a file does not say its frame rate
 MOTION_WIDTH = 160  # px: the motion gate works on a frame this wide
 MOTION_PIXEL_DELTA = 25  # grey levels a pixel must change by to count as changed
@@ -177,23 +178,31 @@ def fit_frame(frame: np.ndarray, max_width: int, ring: FrameRing) -> np.ndarray:
     return cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
 
 
-def _seek(cap: cv2.VideoCapture, pos: int) -> None:
-    """Move a reopened file to frame `pos`, by seeking or, where that fails, by skipping."""
-    if cap.set(cv2.CAP_PROP_POS_FRAMES, pos):
-        return
-    for _ in range(pos):
-        if not cap.grab():
-            return
+def _seek(cap: cv2.VideoCapture, pos: int, fps: float) -> bool:
+    """Move a reopened file to frame `pos`; False where the demuxer cannot land there.
+
+    OpenCV's seek says it succeeded on MPEG-TS and lands on the next keyframe instead (up to
+    a GOP of frames lost): the frame it lands on is checked by its timestamp."""
+    if not cap.set(cv2.CAP_PROP_POS_FRAMES, pos) or not cap.grab():
+        return False
+    if round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000.0) != pos:
+        return False
+    return bool(cap.set(cv2.CAP_PROP_POS_FRAMES, pos))  # the checked frame again, next
 
 
-def _open(source: str, kind: SourceKind, timeout: float) -> cv2.VideoCapture:
-    ms = int(timeout * 1000)
+def _open(source: str, kind: SourceKind, open_timeout: float,
+          read_timeout: float) -> cv2.VideoCapture:
     if kind is SourceKind.V4L2:
+        # OpenCV waits 10 s for a V4L2 frame unless told otherwise; it reads this once, at the
+        # first wait, and a capture process has one camera
+        os.environ.setdefault("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT",
+                              str(max(1, math.ceil(read_timeout))))
         return cv2.VideoCapture(source, cv2.CAP_V4L2)
     if kind is SourceKind.RTSP and "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ:
         # UDP loses packets (smeared frames) behind NAT and on busy Wi-Fi; TCP is what works.
         os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"
-    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout * 1000),
+              cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout * 1000)]
     return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
 
 
@@ -238,6 +247,7 @@ class Capture:
         self._file_index = 0  # clip frames decoded so far, across loops and reopens
         self._file_pos = 0  # frames grabbed in this pass of the file: where a reopen resumes
         self._got = 0  # frames written in the current session
+        self._session_start = time.monotonic()
         if resume is not None and self.is_file:  # a restarted process: no replay of the clip
             self._file_t0, self._file_index, self._file_pos = resume.t0, resume.index, resume.pos
             log.info("%s: resuming %s at frame %d", camera, self.shown, resume.pos)
@@ -291,6 +301,7 @@ class Capture:
 
     def run(self) -> None:
         backoff = Backoff(self.cfg.reconnect.initial, self.cfg.reconnect.max)
+        fails = 0
         log.info("%s: capturing %s (%s%s)", self.camera, self.shown, self.kind.value,
                  "" if not self.is_file else
                  ", realtime" if self.realtime else ", every frame")
@@ -316,10 +327,18 @@ class Capture:
                 except Exception as e:  # a decoder or OS surprise must not end the camera
                     log.exception("%s: capture failed", self.camera)
                     reason = f"capture failed: {type(e).__name__}: {e}"
-                if self._got:
-                    backoff.reset()
+                if self._got and time.monotonic() - self._session_start >= STABLE_SESSION:
+                    backoff.reset()  # not after a session of a few frames: a flapping stream
+                    # would be reopened every second, forever
+                    fails = 0
+                fails += 1
                 delay = backoff.next()
-                log.warning("%s: %s; retrying in %.1f s", self.camera, reason, delay)
+                # the first failure and then 2, 4, 8 ... in a row: no log flood while a camera
+                # is down for the night
+                loud = fails & (fails - 1) == 0
+                log.log(logging.WARNING if loud else logging.DEBUG, "%s: %s; retrying in %.1f s%s",
+                        self.camera, reason, delay,
+                        f" ({fails} failures in a row)" if fails > 1 else "")
                 self._set(False, reason)
                 self._sleep(delay)
         except _Stopped:
@@ -330,13 +349,14 @@ class Capture:
         """Open the source and pump frames until it ends (raises _Ended) or stop (_Stopped)."""
         cfg = self.cfg
         self._got = 0
+        self._session_start = time.monotonic()
         if self.is_file:
             p = Path(cfg.source)
             if not p.is_file():
                 raise _Ended(f"file not found: {self.shown}")
             if p.stat().st_size == 0:
                 raise _Ended(f"file is empty (0 bytes): {self.shown}")
-        cap = _open(cfg.source, self.kind, cfg.stall_timeout)
+        cap = _open(cfg.source, self.kind, cfg.open_timeout, cfg.stall_timeout)
         try:
             if not cap.isOpened():
                 why = ("corrupt, truncated or not a video" if self.is_file
@@ -351,8 +371,18 @@ class Capture:
                     clip_fps = DEFAULT_FILE_FPS
                 if self._file_t0 is None:
                     self._file_t0 = time.time()
-                if self._file_pos:  # reopened after a failure: resume, do not replay
-                    _seek(cap, self._file_pos)
+                if self._file_pos and not _seek(cap, self._file_pos, clip_fps):
+                    # reopened after a failure: resume, do not replay; where a seek cannot
+                    # land on the frame, read up to it from the start
+                    cap.release()
+                    cap = _open(cfg.source, self.kind, cfg.open_timeout, cfg.stall_timeout)
+                    for i in range(self._file_pos):
+                        if i % 25 == 0:
+                            if self.stop.is_set():
+                                raise _Stopped
+                            self.heartbeat()
+                        if not cap.grab():
+                            raise _Ended("end of file", eof=True)
             pace_t0 = time.monotonic()
             pace_index = self._file_index
             interval = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
@@ -377,8 +407,9 @@ class Capture:
                         raise _Ended(f"no frame could be decoded from {self.shown} "
                                      "(corrupt or unsupported file)")
                     waited = time.monotonic() - grab_at
-                    if waited >= cfg.stall_timeout * 0.9:
-                        raise _Ended(f"stream stalled: no frame for {waited:.1f} s")
+                    if waited >= cfg.stall_timeout * 0.9:  # the text stays the same per retry:
+                        # it is the state topic's error, and a new one is a new message
+                        raise _Ended(f"stream stalled: no frame for {cfg.stall_timeout:g} s")
                     raise _Ended("stream lost: the source closed or dropped the connection")
                 self._grabbed += 1
                 if self.is_file:
@@ -404,7 +435,7 @@ class Capture:
                 if not ok or frame is None:
                     bad += 1
                     if bad >= MAX_BAD_FRAMES or time.monotonic() - last_good > cfg.stall_timeout:
-                        raise _Ended(f"{bad} frames in a row could not be decoded")
+                        raise _Ended("frames in a row could not be decoded")
                     continue
                 try:
                     frame = fit_frame(frame, cfg.max_width, self.ring)

@@ -86,6 +86,9 @@ class CameraConfig(_Strict):
     loop: bool = Field(False, description="files: start again at the end")
     enabled: bool = True
     stall_timeout: float = Field(10.0, gt=0, description="no frame for this long = stream lost")
+    open_timeout: float = Field(
+        10.0, gt=0, description="seconds to open a stream (RTSP's handshake and stream "
+        "probing take 2 s or more on a busy device)")
     reconnect: ReconnectConfig = ReconnectConfig()
     motion: MotionConfig = MotionConfig()
     # Inference and motion fall back to the whole frame for an ROI under 2x2 px inside it.
@@ -368,10 +371,11 @@ class Config(_Strict):
         # A capture blocked in a read sends no heartbeat: waiting longer than hang_timeout for a
         # frame would get it killed as hung instead of reconnecting.
         for name, cam in self.cameras.items():
-            if cam.stall_timeout >= self.service.hang_timeout:
-                raise ValueError(
-                    f"cameras.{name}.stall_timeout ({cam.stall_timeout:g} s) must be below "
-                    f"service.hang_timeout ({self.service.hang_timeout:g} s)")
+            for key in ("stall_timeout", "open_timeout"):
+                if getattr(cam, key) >= self.service.hang_timeout:
+                    raise ValueError(
+                        f"cameras.{name}.{key} ({getattr(cam, key):g} s) must be below "
+                        f"service.hang_timeout ({self.service.hang_timeout:g} s)")
         return self
 
 

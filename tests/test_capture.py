@@ -7,6 +7,8 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -196,6 +198,23 @@ def test_file_loops_when_asked_with_sequence_and_time_going_on(
     assert not cam.eof()
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+@pytest.mark.parametrize("codec", ["libx264", "mpeg2video"])
+def test_a_restarted_capture_resumes_an_mpeg_ts_file_at_its_frame(
+        tmp_path: Path, cams: Callable[..., Cam], codec: str) -> None:
+    # OpenCV's seek in MPEG-TS says it succeeded and lands on the next keyframe: up to a GOP
+    # of frames (50 here) were lost, and the clip's times were off by as many.
+    src = indexed_video(tmp_path / "clip.avi", 150, fps=25)
+    ts = tmp_path / "clip.ts"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(src), "-c:v", codec, "-g", "50",
+                    "-q:v", "2", str(ts)], check=True, timeout=120)
+    cam = cams(CameraConfig(source=str(ts)), in_thread=True,
+               resume=FilePosition(t0=1000.0, index=20, pos=20))
+    assert cam.pump(cam.eof, timeout=60)
+    assert [s.index for s in cam.seen] == list(range(20, 150))
+    assert cam.seen[0].ref.ts == pytest.approx(1000.0 + 20 / 25)
+
+
 def test_a_file_reopened_after_a_decode_failure_resumes_instead_of_replaying(
         tmp_path: Path, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch) -> None:
     import lprd.capture as capture_mod
@@ -373,6 +392,41 @@ def test_http_stream_that_drops_and_returns_is_reconnected(
         s.connected for s in cam.statuses[-3:])  # reported connected again
 
 
+def test_a_flapping_stream_backs_off_and_its_retries_stop_flooding_the_log(
+        mjpeg: MjpegServer, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A camera that sends a few frames and hangs up, again and again: a session with frames
+    # reset the backoff, so it was reopened every `initial` seconds forever, each retry logged.
+    import lprd.capture as capture_mod
+
+    real_open = capture_mod._open
+
+    class HangsUpAfter3:
+        def __init__(self, cap: Any) -> None:
+            self.cap, self.grabbed = cap, 0
+
+        def grab(self) -> bool:
+            self.grabbed += 1
+            return self.grabbed <= 3 and self.cap.grab()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.cap, name)
+
+    monkeypatch.setattr(capture_mod, "_open", lambda *a: HangsUpAfter3(real_open(*a)))
+    caplog.set_level(logging.DEBUG, logger="lprd.capture")
+    cam = cams(CameraConfig(source=mjpeg.url, fps=0, reconnect={"initial": 0.1, "max": 0.8}),
+               in_thread=True)
+    assert cam.pump(lambda: len(caplog.text.split("retrying in")) > 6, timeout=30)
+    delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", caplog.text)]
+    assert delays[:5] == [0.1, 0.2, 0.4, 0.8, 0.8]
+    retries = [r for r in caplog.records if "retrying" in r.message][:7]
+    warned = [r for r in retries if r.levelno >= logging.WARNING]
+    assert len(warned) == 3  # failures 1, 2 and 4 of the first 7 (then 8, 16 ...)
+    assert "(4 failures in a row)" in warned[-1].message
+    # the state's error text is the same each time: one retained message, not one per retry
+    assert len(set(cam.errors())) == 1
+
+
 def test_stalled_stream_is_detected_and_reopened(
         mjpeg: MjpegServer, cams: Callable[..., Cam]) -> None:
     cam = cams(CameraConfig(source=mjpeg.url, fps=10, stall_timeout=1.0, reconnect=FAST_RETRY))
@@ -407,19 +461,25 @@ def _udp_sockets(pid: int) -> int:
 @pytest.mark.skipif(not rtsp_available(), reason="GStreamer RTSP server (Debian packages) missing")
 def test_rtsp_stream_over_tcp_is_captured_and_reconnected_after_the_server_restarts(
         cams: Callable[..., Cam]) -> None:
-    server = RtspServer(fps=15).start()
+    # The limits are upper bounds for a loaded machine (opening this stream takes about 2 s
+    # idle, probing included), not expected times.
+    server = RtspServer(fps=15).start(timeout=60)
     try:
         cam = cams(CameraConfig(source=server.url, fps=0, reconnect=FAST_RETRY,
-                                stall_timeout=3.0))
-        assert cam.pump(lambda: len(cam.seen) >= 10, timeout=30)
+                                stall_timeout=3.0, open_timeout=10.0))
+        assert cam.pump(lambda: len(cam.seen) >= 10, timeout=60)
         assert {s.shape for s in cam.seen if s.shape} == {(240, 320, 3)}
         assert _udp_sockets(cam.runner.pid) == 0  # RTP interleaved in the TCP session
+        n = len(cam.statuses)
         server.stop()  # a real stream loss
-        assert cam.pump(lambda: any(not s.connected and s.error for s in cam.statuses),
-                        timeout=20)
+        assert cam.pump(lambda: any(not s.connected and s.error for s in cam.statuses[n:]),
+                        timeout=30)
+        lost = len(cam.statuses)
         restarted = time.time()
-        server.start()
-        assert cam.pump(lambda: cam.seen[-1].ref.ts > restarted + 0.2, timeout=30)
+        server.start(timeout=60)
+        # reconnected: a new session's status and its frames (not the old session's last ones)
+        assert cam.pump(lambda: any(s.connected for s in cam.statuses[lost:])
+                        and cam.seen[-1].ref.ts > restarted + 0.2, timeout=60)
         assert cam.seen[-1].shape == (240, 320, 3)
     finally:
         server.stop()

@@ -229,6 +229,10 @@ def test_a_stall_timeout_not_below_the_hang_timeout_is_refused_naming_both_keys(
                             "service.hang_timeout (30 s)")
     parse_config({"cameras": {"gate": {"source": "rtsp://cam/1", "stall_timeout": 40}},
                   "service": {"hang_timeout": 60}})
+    # an open blocks as a read does: it is bounded alike
+    with pytest.raises(ConfigError, match=r"cameras.gate.open_timeout \(30 s\) must be below "
+                       r"service.hang_timeout \(30 s\)"):
+        parse_config({"cameras": {"gate": {"source": "rtsp://cam/1", "open_timeout": 30}}})
 
 
 def _model(tmp_path: Path, name: str, content: bytes, kind: str) -> Path:

@@ -582,7 +582,8 @@ def test_a_sigterm_to_the_whole_process_group_stops_in_order(tmp_path, daemons):
 
 def test_a_hung_inference_process_is_killed_soon_after_its_models_loaded(tmp_path, daemons):
     # The grace for loading the models ended at the load, not a minute after the start.
-    cams = {"demo": {"source": str(DEMO_CLIP), "fps": 0, "loop": True, "stall_timeout": 2}}
+    cams = {"demo": {"source": str(DEMO_CLIP), "fps": 0, "loop": True, "stall_timeout": 2,
+                     "open_timeout": 2}}
     d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
                                     service={"hang_timeout": 4}))
     (m,) = d.wait_log(r"inference process (\d+) started")
