@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 1.0  # seconds between heartbeat status records
 MAX_BAD_FRAMES = 50  # consecutive undecodable frames that count as a lost stream
 STABLE_SESSION = 60.0  # s: a session this long resets the reconnect backoff
+MAX_LAG = 3.0  # s: a live stream's decoding this far behind is reopened (its backlog dropped)
 DEFAULT_FILE_FPS = 25.0  # when a file does not say its frame rate
 MOTION_WIDTH = 160  # px: the motion gate works on a frame this wide
 MOTION_PIXEL_DELTA = 25  # grey levels a pixel must change by to count as changed
@@ -215,6 +216,35 @@ class _Ended(Exception):
         super().__init__(reason)
 
 
+class _Behind(Exception):
+    """Decoding fell too far behind a live stream: reopen it at once, with fresh frames."""
+
+
+class LagWatch:
+    """How far decoding has fallen behind a live stream, in seconds.
+
+    The wall time since a frame minus the stream time since it (RTSP carries the camera's own
+    timestamps), taken from the frame where that difference was smallest: a session starts
+    with a burst of buffered frames. It grows when the device decodes fewer frames a second
+    than the camera sends; every frame is then stamped later than it was taken."""
+
+    def __init__(self) -> None:
+        self._base: float | None = None
+        self._last_ms = -1.0
+
+    def update(self, stream_ms: float, now: float) -> float:
+        if stream_ms <= 0 or stream_ms <= self._last_ms:  # no timestamps, or a repeat
+            if stream_ms < self._last_ms:  # the stream's clock went back: start over
+                self._base = None
+            self._last_ms = stream_ms
+            return 0.0
+        self._last_ms = stream_ms
+        d = now - stream_ms / 1000.0
+        if self._base is None or d < self._base:
+            self._base = d
+        return d - self._base
+
+
 class _Stopped(Exception):
     pass
 
@@ -301,7 +331,7 @@ class Capture:
 
     def run(self) -> None:
         backoff = Backoff(self.cfg.reconnect.initial, self.cfg.reconnect.max)
-        fails = 0
+        fails = behind = 0
         log.info("%s: capturing %s (%s%s)", self.camera, self.shown, self.kind.value,
                  "" if not self.is_file else
                  ", realtime" if self.realtime else ", every frame")
@@ -322,6 +352,13 @@ class Capture:
                         self.status(eof=True)
                         return
                     reason = e.reason
+                except _Behind as e:
+                    # not the source's fault: no backoff, and reopening drops the backlog
+                    behind += 1
+                    if behind & (behind - 1) == 0:
+                        log.warning("%s: %s (%d time(s) so far); reopening it", self.camera, e,
+                                    behind)
+                    continue
                 except (_Stopped, KeyboardInterrupt):
                     raise
                 except Exception as e:  # a decoder or OS surprise must not end the camera
@@ -389,6 +426,7 @@ class Capture:
             next_due = 0.0
             last_good = time.monotonic()
             bad = 0
+            lag = LagWatch() if self.kind is SourceKind.RTSP else None
             while True:
                 if self.stop.is_set():
                     raise _Stopped
@@ -412,6 +450,11 @@ class Capture:
                         raise _Ended(f"stream stalled: no frame for {cfg.stall_timeout:g} s")
                     raise _Ended("stream lost: the source closed or dropped the connection")
                 self._grabbed += 1
+                if lag is not None and lag.update(cap.get(cv2.CAP_PROP_POS_MSEC),
+                                                  time.monotonic()) > MAX_LAG:
+                    raise _Behind(f"decoding fell {MAX_LAG:g} s behind the stream: this device "
+                                  "decodes fewer frames a second than the camera sends (use "
+                                  "its substream, or a lower frame rate or resolution)")
                 if self.is_file:
                     ts = self._file_t0 + self._file_index / clip_fps  # type: ignore[operator]
                     self._file_index += 1

@@ -34,6 +34,7 @@ from lprd.capture import (
     Backoff,
     Capture,
     CaptureStatus,
+    LagWatch,
     MotionGate,
     capture_main,
     redact_source,
@@ -547,3 +548,50 @@ def test_frame_refs_can_go_to_their_own_queue_and_eof_says_the_last_seq(
         worker.join(10)
         ring.close()
         ring.unlink()
+
+
+def test_lag_watch_measures_how_far_decoding_falls_behind_a_stream() -> None:
+    w = LagWatch()
+    # a burst of buffered frames at the start, then frames as fast as the camera sends them
+    assert [w.update(ms, t) for ms, t in ((40, 10.0), (80, 10.0), (120, 10.0), (160, 10.04),
+                                          (200, 10.08))] == pytest.approx([0.0] * 5)
+    # then 20 frames a second decoded of a 25 fps stream: 0.2 s later each second
+    lags = [w.update(200 + 40 * i, 10.08 + 0.05 * i) for i in range(1, 126)]
+    assert lags[-1] == pytest.approx(1.25, abs=0.01)
+    assert w.update(0, 20.0) == 0.0  # no timestamps: no lag claimed
+    assert w.update(40, 30.0) == 0.0  # the stream's clock started over: so does the watch
+
+
+@pytest.mark.skipif(not rtsp_available(), reason="GStreamer RTSP server (Debian packages) missing")
+def test_a_stream_decoded_slower_than_it_arrives_is_reopened_not_left_to_lag(
+        cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A device that decodes 10 of the camera's 15 frames a second fell further behind for
+    # good, every frame stamped later than it was taken.
+    import lprd.capture as capture_mod
+
+    real_open = capture_mod._open
+
+    class SlowDecoder:
+        def __init__(self, cap: Any) -> None:
+            self.cap = cap
+
+        def grab(self) -> bool:
+            time.sleep(0.1)
+            return self.cap.grab()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.cap, name)
+
+    monkeypatch.setattr(capture_mod, "_open", lambda *a: SlowDecoder(real_open(*a)))
+    caplog.set_level(logging.INFO, logger="lprd.capture")
+    server = RtspServer(fps=15).start(timeout=60)
+    try:
+        cam = cams(CameraConfig(source=server.url, fps=0, open_timeout=10.0), in_thread=True)
+        assert cam.pump(lambda: "decoding fell 3 s behind the stream" in caplog.text,
+                        timeout=60)
+        n = len(cam.seen)
+        assert cam.pump(lambda: len(cam.seen) > n + 5, timeout=30)  # reopened, frames again
+        assert caplog.text.count("connected to") >= 2
+    finally:
+        server.stop()
