@@ -860,6 +860,8 @@ class Publisher:
             if "authori" in reason.lower() or "password" in reason.lower():
                 who = f"user {self.cfg.username!r}" if self.cfg.username else "no username"
                 hint = f" ({who}; check mqtt.username and mqtt.password_file)"
+            elif "protocol" in reason.lower() and self.cfg.protocol == "5":
+                hint = ' (a broker without MQTT 5: set mqtt.protocol: "3.1.1")'
             self._report_failure(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused the "
                                  f"connection: {reason}{hint}")
             return

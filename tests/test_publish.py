@@ -800,3 +800,26 @@ def test_an_event_over_the_broker_s_packet_limit_goes_without_its_crop(
     assert first["id"] == "ev-gate-00001" and "crop_jpeg" not in first
     assert second["id"] == "ev-gate-00002" and second["crop_jpeg"]
     assert "disconnected" not in caplog.text
+
+
+def test_a_broker_that_refuses_mqtt_5_is_told_apart_and_the_key_named(tmp_path: Path) -> None:
+    pub = Publisher(MQTTConfig(host="127.0.0.1", port=free_port()), ["gate"], tmp_path / "st")
+    try:
+        pub._handle_connect(ok=False, reason="Unsupported protocol version")
+        assert pub.stats().last_error.endswith(
+            'refused the connection: Unsupported protocol version (a broker without MQTT 5: '
+            'set mqtt.protocol: "3.1.1")')
+    finally:
+        pub.stop(timeout=1)
+
+
+def test_mqtt_3_1_1_still_delivers_for_brokers_without_5(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    sub = mqtt_subscriber(mosquitto, "lprd/#")
+    pub = publisher(mosquitto, protocol="3.1.1")
+    for i in range(3):
+        pub.submit(make_event(i))
+    sub.wait_for(lambda ms: len(ms) >= 3, topic_filter="lprd/gate/plate")
+    wait_until(lambda: pub.stats().delivered == 3 and pub.outbox.depth() == 0, what="acks")
+    assert sub.payloads("lprd/status")[-1] == b"online"
