@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lprd.storage import move_aside
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -134,13 +136,8 @@ class Outbox:
             raise
         except sqlite3.DatabaseError as e:
             # A corrupt outbox must not stop the daemon: keep the file for inspection, start anew.
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._clock())}")
             try:
-                self.path.rename(aside)
-                for suffix in ("-wal", "-shm"):
-                    side = self.path.with_name(self.path.name + suffix)
-                    if side.exists():
-                        side.rename(aside.with_name(aside.name + suffix))
+                aside = move_aside(self.path, int(self._clock()))
             except OSError as moving:  # a file system remounted read-only: the caller's
                 # fallback (an outbox in memory) takes over, as for any outbox that cannot open
                 raise sqlite3.OperationalError(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import glob
 import logging
 import multiprocessing
@@ -50,6 +49,7 @@ from lprd.inference import (
 )
 from lprd.notify import Notifier, WatchdogGate, WatchdogPinger, setup_logging
 from lprd.ring import FrameRing
+from lprd.storage import StorageInUse, lock_storage
 from lprd.types import CameraState, FilePosition, FrameRef, PlateEvent
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ EXIT_FILES_FAILED = 1
 # A bad config or a model that cannot be loaded: restarting cannot fix it, and the systemd unit
 # does not restart on this status (RestartPreventExitStatus=2). Other failures exit 1.
 EXIT_CONFIG = 2
+EXIT_IN_USE = 3  # another lprd runs on this storage.dir
 ONCE_DRAIN = 15.0  # --once: seconds to wait for the broker to acknowledge the last events
 RECENT_PASSES = 1000  # passes kept for a new inference process's dedupe memory
 ONCE_MAX_DEATHS = 5  # --once gives a file up when its capture dies this many times in a row
@@ -220,7 +221,7 @@ class Supervisor:
             self._storage_lock = lock_storage(self.cfg.storage.dir)
         except StorageInUse as e:
             log.error("%s", e)
-            return 1
+            return EXIT_IN_USE
         except OSError as e:
             log.error("storage.dir %s cannot be created: %s", self.cfg.storage.dir, e)
             return 1
@@ -893,28 +894,6 @@ class StopFlag:
                 return False
             time.sleep(left)
         return True
-
-
-class StorageInUse(Exception):
-    pass
-
-
-def lock_storage(folder: Path) -> int:
-    """Lock `folder` for this process (an open descriptor; the lock goes with the process).
-
-    Two daemons on one storage.dir would both send every waiting event (duplicates) and count
-    the outbox wrong: `lprd run --once` with the service's config while the service runs."""
-    fd = os.open(folder / "lprd.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise StorageInUse(f"storage.dir {folder} is in use by another lprd (pid {owner}): stop "
-                           "it, or give this run a storage.dir of its own") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _remove_stale_rings() -> None:

@@ -64,6 +64,7 @@ from lprd.plate_match import (
     normalize_plate,
     query_strings,
 )
+from lprd.storage import move_aside
 from lprd.types import Candidate, WatchlistMatch
 
 log = logging.getLogger(__name__)
@@ -486,11 +487,7 @@ class Watchlist:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if not _corrupt(self.path):
                 return
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            for suffix in ("", "-wal", "-shm"):
-                side = self.path.with_name(self.path.name + suffix)
-                if side.exists():
-                    side.rename(aside.with_name(aside.name + suffix))
+            aside = move_aside(self.path, int(time.time()))
             log.error("watchlist %s is unreadable (%s); moved it to %s and started an empty "
                       "one: a sync fills it again, entries added by hand are in the moved file",
                       self.path, error, aside)

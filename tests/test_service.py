@@ -533,7 +533,7 @@ def test_a_second_daemon_on_the_same_storage_dir_refuses_to_start(tmp_path, daem
     first.wait_log(r"models loaded")
     second = start(daemons, write_config(tmp_path / "b.yaml", {}, None, tmp_path / "st"),
                    "--once")
-    assert second.wait(30) == 1
+    assert second.wait(30) == 3
     assert (f"storage.dir {tmp_path / 'st'} is in use by another lprd (pid {first.proc.pid})"
             in second.log())
     assert first.proc.poll() is None

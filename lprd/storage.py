@@ -1,0 +1,60 @@
+"""The files of storage.dir that more than one part of lprd cares about: the daemon's lock, and
+moving a damaged SQLite file aside (the outbox's, the watchlist's) with its WAL and shared-memory
+files."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "lprd.pid"
+
+
+class StorageInUse(Exception):
+    pass
+
+
+def lock_storage(folder: Path) -> int | None:
+    """Lock `folder` for this process; the returned descriptor holds the lock (None: not locked).
+
+    Two daemons on one storage.dir would both send every waiting event (duplicates) and count
+    the outbox wrong: `lprd run --once` with the service's config while the service runs. The
+    folder itself is locked, not a file in it, so that a folder remounted read-only after a
+    disk fault still works (its outbox then waits in memory)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            owner = (folder / PID_FILE).read_text().strip() or "?"
+        except OSError:
+            owner = "?"
+        raise StorageInUse(f"storage.dir {folder} is in use by another lprd (pid {owner}): stop "
+                           "it, or give this run a storage.dir of its own") from None
+    except OSError as e:  # a file system without locks: run, as before there was a lock
+        os.close(fd)
+        log.warning("storage.dir %s cannot be locked (%s): a second lprd on it would not be "
+                    "refused", folder, e.strerror)
+        return None
+    try:
+        (folder / PID_FILE).write_text(f"{os.getpid()}\n")
+    except OSError as e:  # read-only: the lock holds all the same
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+            raise
+    return fd
+
+
+def move_aside(path: Path, stamp: int) -> Path:
+    """Rename a damaged SQLite file, with its -wal and -shm, to `<name>.corrupt-<stamp>`."""
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(aside.with_name(aside.name + suffix))
+    return aside
