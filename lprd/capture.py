@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from lprd.config import CameraConfig, MotionConfig
+from lprd.config import OPEN_TIMEOUT, CameraConfig, MotionConfig
 from lprd.ring import FrameRing
 from lprd.types import CameraState, FilePosition, FrameRef
 
@@ -261,6 +261,8 @@ class Capture:
         self.frames = frames if frames is not None else events
         self.stop = stop
         self.kind = source_kind(cfg.source)
+        # set by the config's check against service.hang_timeout; a bare CameraConfig has none
+        self.open_timeout = cfg.open_timeout if cfg.open_timeout is not None else OPEN_TIMEOUT
         self.shown = redact_source(cfg.source)
         self.is_file = self.kind is SourceKind.FILE
         # Files default to realtime=False: every frame is analysed, flow-controlled by acks.
@@ -393,7 +395,7 @@ class Capture:
                 raise _Ended(f"file not found: {self.shown}")
             if p.stat().st_size == 0:
                 raise _Ended(f"file is empty (0 bytes): {self.shown}")
-        cap = _open(cfg.source, self.kind, cfg.open_timeout, cfg.stall_timeout)
+        cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout)
         try:
             if not cap.isOpened():
                 why = ("corrupt, truncated or not a video" if self.is_file
@@ -412,7 +414,7 @@ class Capture:
                     # reopened after a failure: resume, do not replay; where a seek cannot
                     # land on the frame, read up to it from the start
                     cap.release()
-                    cap = _open(cfg.source, self.kind, cfg.open_timeout, cfg.stall_timeout)
+                    cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout)
                     for i in range(self._file_pos):
                         if i % 25 == 0:
                             if self.stop.is_set():

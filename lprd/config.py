@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 DEFAULT_CONFIG_PATH = Path("/etc/lprd/config.yaml")
+OPEN_TIMEOUT = 10.0  # s: cameras.*.open_timeout unless set (or hang_timeout is shorter)
 _CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -86,9 +87,10 @@ class CameraConfig(_Strict):
     loop: bool = Field(False, description="files: start again at the end")
     enabled: bool = True
     stall_timeout: float = Field(10.0, gt=0, description="no frame for this long = stream lost")
-    open_timeout: float = Field(
-        10.0, gt=0, description="seconds to open a stream (RTSP's handshake and stream "
-        "probing take 2 s or more on a busy device)")
+    open_timeout: float | None = Field(
+        None, gt=0, description="seconds to open a stream (RTSP's handshake and stream "
+        "probing take 2 s or more on a busy device); default: 10, at most 0.9 times "
+        "service.hang_timeout")
     reconnect: ReconnectConfig = ReconnectConfig()
     motion: MotionConfig = MotionConfig()
     # Inference and motion fall back to the whole frame for an ROI under 2x2 px inside it.
@@ -371,6 +373,8 @@ class Config(_Strict):
         # A capture blocked in a read sends no heartbeat: waiting longer than hang_timeout for a
         # frame would get it killed as hung instead of reconnecting.
         for name, cam in self.cameras.items():
+            if cam.open_timeout is None:  # a default that every hang_timeout allows
+                cam.open_timeout = min(OPEN_TIMEOUT, 0.9 * self.service.hang_timeout)
             for key in ("stall_timeout", "open_timeout"):
                 if getattr(cam, key) >= self.service.hang_timeout:
                     raise ValueError(

@@ -54,9 +54,11 @@ def test_example_config_documents_every_key_of_the_model():
 def test_example_config_shows_each_default_value():
     # Parsed through the model, so 1 and 1.0 or a path and its string compare equal.
     example = _flat(load_config(EXAMPLE).model_dump(mode="json"))
-    # the example's camera is off until its placeholder source is replaced
+    # the example's camera is off until its placeholder source is replaced; an unset
+    # open_timeout is given its value when the config is read
     wrong = {k: (example[k], d) for k, d in _model_defaults().items()
-             if k not in ("cameras.*.source", "cameras.*.enabled") and example.get(k) != d}
+             if k not in ("cameras.*.source", "cameras.*.enabled", "cameras.*.open_timeout")
+             and example.get(k) != d}
     assert not wrong, f"example value != model default (example, default): {wrong}"
 
 
@@ -233,6 +235,11 @@ def test_a_stall_timeout_not_below_the_hang_timeout_is_refused_naming_both_keys(
     with pytest.raises(ConfigError, match=r"cameras.gate.open_timeout \(30 s\) must be below "
                        r"service.hang_timeout \(30 s\)"):
         parse_config({"cameras": {"gate": {"source": "rtsp://cam/1", "open_timeout": 30}}})
+    # unset, it is 10 s, or less where hang_timeout is short (a config valid before the key)
+    cams = {"gate": {"source": "rtsp://cam/1", "stall_timeout": 5}}
+    assert parse_config({"cameras": cams}).cameras["gate"].open_timeout == 10
+    short = parse_config({"cameras": cams, "service": {"hang_timeout": 8}})
+    assert short.cameras["gate"].open_timeout == pytest.approx(7.2)
 
 
 def _model(tmp_path: Path, name: str, content: bytes, kind: str) -> Path:
