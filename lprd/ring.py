@@ -86,25 +86,6 @@ def _attach_untracked(name: str) -> shared_memory.SharedMemory:
             resource_tracker.register = register  # type: ignore[assignment]
 
 
-def _reserve(shm: shared_memory.SharedMemory) -> None:
-    """Take the segment's pages now: a sparse segment larger than what /dev/shm has left is
-    created all the same, and its writer then dies of SIGBUS at the first frame it cannot hold
-    (Docker's default /dev/shm is 64 MiB; a 1080p ring of 8 slots is 50 MiB)."""
-    path = f"/dev/shm/{shm.name.lstrip('/')}"
-    if not os.path.exists(path):  # not Linux: the segment stays sparse
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, shm.size)
-    except OSError as e:
-        shm.close()
-        shm.unlink()
-        raise OSError(e.errno, f"/dev/shm has no room for a {shm.size / 2**20:.0f} MiB frame "
-                      f"ring ({e.strerror})") from None
-    finally:
-        os.close(fd)
-
-
 class FrameRing:
     """Fixed slots of up to height*width*3 bytes of BGR pixels each, addressed by sequence number.
 
@@ -125,7 +106,8 @@ class FrameRing:
         self.height = int(hdr[_H_HEIGHT])
         self.width = int(hdr[_H_WIDTH])
         self.capacity = self.height * self.width * _CHANNELS  # pixel bytes per slot
-        stride = int(hdr[_H_STRIDE])
+        stride = self._stride = int(hdr[_H_STRIDE])
+        self._reserved = 0  # pixel bytes of every slot taken in /dev/shm by this writer
         need = _HEADER_BYTES + stride * self.slots
         if shm.size < need:
             raise ValueError(f"shared memory {shm.name!r} is {shm.size} bytes, ring needs {need}")
@@ -159,13 +141,12 @@ class FrameRing:
         stride = _SLOT_HEADER_BYTES + _round_up(height * width * _CHANNELS)
         shm = shared_memory.SharedMemory(name=name, create=True,
                                          size=_HEADER_BYTES + stride * slots)
-        _reserve(shm)
         hdr = np.ndarray((_HEADER_BYTES // 8,), dtype=np.int64, buffer=shm.buf)
         hdr[:] = 0
         hdr[_H_SLOTS], hdr[_H_HEIGHT], hdr[_H_WIDTH], hdr[_H_STRIDE] = slots, height, width, stride
         hdr[_H_VERSION] = _VERSION
         hdr[_H_MAGIC] = _MAGIC  # last: an attacher never sees a half-made header as valid
-        for i in range(slots):  # the slots' headers
+        for i in range(slots):  # only the headers: pixel pages stay untouched until written
             np.ndarray((2,), dtype=np.int64, buffer=shm.buf, offset=_HEADER_BYTES + i * stride)[:] = 0
         del hdr
         return cls(shm, owner=True)
@@ -216,6 +197,8 @@ class FrameRing:
         if not self.fits(h, w):
             raise ValueError(f"frame {w}x{h} does not fit a slot of {self.capacity} bytes "
                              "(scale it down first)")
+        if h * w * _CHANNELS > self._reserved:
+            self._reserve(h * w * _CHANNELS)
         seq = self.last_seq + 1
         i = seq % self.slots
         # Seqlock order: busy mark, pixels, fields, seq. Each store is one aligned 8-byte write;
@@ -230,6 +213,28 @@ class FrameRing:
         self._hdr[_H_LAST] = seq
         self._hdr[_H_WRITER] = os.getpid()
         return seq
+
+    def _reserve(self, nbytes: int) -> None:
+        """Take /dev/shm's pages for `nbytes` of every slot before they are written. The
+        segment is sparse: written where /dev/shm has no room left, its pages kill the writer
+        with SIGBUS (Docker's default /dev/shm is 64 MiB). Only what the camera's frames use is
+        taken: a ring is sized for max_width, a substream fills a small part of it."""
+        path = f"/dev/shm/{self._shm.name.lstrip('/')}"
+        if os.path.exists(path):  # Linux; elsewhere the segment stays sparse
+            fd = os.open(path, os.O_RDWR)
+            try:
+                for i in range(self.slots):
+                    os.posix_fallocate(fd, _HEADER_BYTES + i * self._stride,
+                                       _SLOT_HEADER_BYTES + nbytes)
+            except OSError as e:
+                need = self.slots * (_SLOT_HEADER_BYTES + nbytes) / 2**20
+                raise OSError(e.errno, f"/dev/shm has no room for this camera's frame ring "
+                              f"({need:.0f} MiB for {self.slots} frames; {e.strerror}): "
+                              "give /dev/shm more room, or lower max_width or ring_slots"
+                              ) from None
+            finally:
+                os.close(fd)
+        self._reserved = nbytes
 
     def has_room(self) -> bool:
         """Whether the next write would overwrite only frames the consumer has acknowledged."""

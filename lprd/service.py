@@ -211,6 +211,7 @@ class Supervisor:
         self._status_at = 0.0
         self._pinger: WatchdogPinger | None = None
         self._storage_lock: int | None = None
+        self._skipped: list[str] = []  # --once: file cameras that could not start
 
     # -- the main loop ---------------------------------------------------------------------------
 
@@ -277,7 +278,7 @@ class Supervisor:
                     code = EXIT_CONFIG
                     break
                 if self.once and all(c.drained for c in self.cameras.values()):
-                    failed = [c for c in self.cameras.values() if c.failed]
+                    failed = [c.name for c in self.cameras.values() if c.failed] + self._skipped
                     code = EXIT_FILES_FAILED if failed else 0
                     log.info("--once: every file done (%d events%s)", self.events,
                              f"; {len(failed)} file(s) could not be read" if failed else "")
@@ -342,6 +343,8 @@ class Supervisor:
             # SharedMemory removes the segment it made only on OSError
             with contextlib.suppress(OSError):
                 os.unlink(f"/dev/shm/{ring_name}")
+            if self.once:
+                self._skipped.append(name)  # a file not read: exit status 1
             return
         cam = _Camera(name, ccfg, ring, _Child(f"capture:{name}", _capture_entry))
         self.cameras[name] = cam

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -209,15 +210,23 @@ def test_reader_never_accepts_a_torn_frame_from_a_writer_lapping_it() -> None:
     assert accepted > 0 and lapped > 0
 
 
-def test_a_ring_that_dev_shm_cannot_hold_fails_at_creation(monkeypatch: pytest.MonkeyPatch
-                                                           ) -> None:
-    # Created sparse, it would succeed and its writer die of SIGBUS at the first frame it
-    # could not hold (Docker's default /dev/shm is 64 MiB).
+def test_a_frame_dev_shm_cannot_hold_is_an_error_not_a_crash(
+        ring: FrameRing, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The segment is sparse: written where /dev/shm has no room, its pages killed the writer
+    # with SIGBUS (Docker's default /dev/shm is 64 MiB). The pages are taken before the write.
+    taken: list[tuple[int, int]] = []
+    real = os.posix_fallocate
+    monkeypatch.setattr("lprd.ring.os.posix_fallocate",
+                        lambda fd, off, n: (taken.append((off, n)), real(fd, off, n)))
+    ring.write(_frame(1, 24, 32), ts=1.0)  # a small frame takes only its own size per slot
+    assert len(taken) == ring.slots and {n for _, n in taken} == {64 + 24 * 32 * 3}
+    ring.write(_frame(2, 24, 32), ts=2.0)
+    assert len(taken) == ring.slots  # taken once
+
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("lprd.ring.os.posix_fallocate", full)
-    name = _name()
-    with pytest.raises(OSError, match=r"/dev/shm has no room for a \d+ MiB frame ring"):
-        FrameRing.create(name, 4, 480, 640)
-    assert not Path(f"/dev/shm/{name}").exists()
+    with pytest.raises(OSError, match=r"/dev/shm has no room for this camera's frame ring"):
+        ring.write(_frame(3), ts=3.0)  # a larger frame needs more
+    assert ring.last_seq == 2

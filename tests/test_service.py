@@ -476,10 +476,11 @@ def test_a_frame_ring_too_large_to_map_skips_its_camera_and_leaves_no_segment(tm
 
     # The config refuses such a max_width; mmap may still refuse a smaller ring (32-bit boards).
     cam = CameraConfig(source=str(DEMO_CLIP)).model_copy(update={"max_width": 10**9})
-    sup = Supervisor(Config(), tmp_path / "c.yaml")
+    sup = Supervisor(Config(), tmp_path / "c.yaml", once=True)
     sup._add_camera("big", cam)
     assert sup.cameras == {}
     assert "camera big: cannot create its 8-slot frame ring" in caplog.text
+    assert sup._skipped == ["big"]  # --once: a file not read, exit status 1
     assert not glob.glob(f"/dev/shm/lprd-{os.getpid()}-big-*")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import lprd.storage as storage
+from lprd import storage
 from lprd.storage import StorageInUse, lock_storage, move_aside
 
 
