@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 1.0  # seconds between heartbeat status records
 MAX_BAD_FRAMES = 50  # consecutive undecodable frames that count as a lost stream
 STABLE_SESSION = 60.0  # s: a session this long resets the reconnect backoff
-MAX_LAG = 3.0  # s: a live stream's decoding this far behind is reopened (its backlog dropped)
+MAX_LAG = 3.0  # s: a live stream's decoding this far behind ...
+LAG_HOLD = 5.0  # s: ... for this long is reopened (its backlog dropped)
 DEFAULT_FILE_FPS = 25.0  # when a file does not say its frame rate
 MOTION_WIDTH = 160  # px: the motion gate works on a frame this wide
 MOTION_PIXEL_DELTA = 25  # grey levels a pixel must change by to count as changed
@@ -221,28 +222,47 @@ class _Behind(Exception):
 
 
 class LagWatch:
-    """How far decoding has fallen behind a live stream, in seconds.
+    """Whether decoding has fallen behind a live stream for good.
 
-    The wall time since a frame minus the stream time since it (RTSP carries the camera's own
-    timestamps), taken from the frame where that difference was smallest: a session starts
-    with a burst of buffered frames. It grows when the device decodes fewer frames a second
-    than the camera sends; every frame is then stamped later than it was taken."""
+    The lag is the wall time since a frame minus the stream time since it (RTSP carries the
+    camera's own timestamps), from the frame where that difference was smallest: a session
+    starts with a burst of buffered frames. That base creeps up by DRIFT a second, so that a
+    camera clock a little slower than ours is no lag. The lag grows for good when the device
+    decodes fewer frames a second than the camera sends; a network hiccup drains within a
+    second or two. Only a lag over `limit` that lasts `hold` seconds counts."""
 
-    def __init__(self) -> None:
+    DRIFT = 0.005  # s a second: camera clocks off by up to 0.5 %
+
+    def __init__(self, limit: float = MAX_LAG, hold: float = LAG_HOLD) -> None:
+        self.limit, self.hold = limit, hold
+        self.lag = 0.0
         self._base: float | None = None
+        self._at = 0.0
         self._last_ms = -1.0
+        self._over_since: float | None = None
 
-    def update(self, stream_ms: float, now: float) -> float:
+    def update(self, stream_ms: float, now: float) -> bool:
+        """Take a frame's stream time (ms) and the monotonic time; True: reopen the stream."""
         if stream_ms <= 0 or stream_ms <= self._last_ms:  # no timestamps, or a repeat
             if stream_ms < self._last_ms:  # the stream's clock went back: start over
                 self._base = None
+                self._over_since = None
             self._last_ms = stream_ms
-            return 0.0
+            return False
         self._last_ms = stream_ms
         d = now - stream_ms / 1000.0
-        if self._base is None or d < self._base:
+        if self._base is None:
             self._base = d
-        return d - self._base
+        else:
+            self._base = min(d, self._base + self.DRIFT * (now - self._at))
+        self._at = now
+        self.lag = d - self._base
+        if self.lag <= self.limit:
+            self._over_since = None
+            return False
+        if self._over_since is None:
+            self._over_since = now
+        return now - self._over_since >= self.hold
 
 
 class _Stopped(Exception):
@@ -453,10 +473,11 @@ class Capture:
                     raise _Ended("stream lost: the source closed or dropped the connection")
                 self._grabbed += 1
                 if lag is not None and lag.update(cap.get(cv2.CAP_PROP_POS_MSEC),
-                                                  time.monotonic()) > MAX_LAG:
-                    raise _Behind(f"decoding fell {MAX_LAG:g} s behind the stream: this device "
-                                  "decodes fewer frames a second than the camera sends (use "
-                                  "its substream, or a lower frame rate or resolution)")
+                                                  time.monotonic()):
+                    raise _Behind(f"decoding stayed over {MAX_LAG:g} s behind the stream for "
+                                  f"{LAG_HOLD:g} s: this device decodes fewer frames a second "
+                                  "than the camera sends (use its substream, or a lower frame "
+                                  "rate or resolution)")
                 if self.is_file:
                     ts = self._file_t0 + self._file_index / clip_fps  # type: ignore[operator]
                     self._file_index += 1
