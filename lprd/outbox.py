@@ -238,15 +238,19 @@ class Outbox:
             if row is not None:
                 cut, reason = row[0], "max_events"
         if self.max_bytes is not None and size > self.max_bytes:
-            # the first event whose older rows hold the excess bytes, else the newest event
-            row = self._db.execute(
-                "SELECT seq FROM (SELECT seq, kind, SUM(length(payload)) OVER (ORDER BY seq "
-                "ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before FROM messages) "
-                "WHERE kind = 'event' AND (before >= ? OR seq = (SELECT MAX(seq) FROM messages "
-                "WHERE kind = 'event')) ORDER BY seq LIMIT 1",
-                (size - self.max_bytes,)).fetchone()
-            if row is not None and row[0] > cut:
-                cut, reason = row[0], "max_bytes"
+            # the first event whose older rows hold the excess bytes, else the newest event;
+            # read from the oldest row on, so it costs what it drops, not the whole table
+            excess, before, last_event = size - self.max_bytes, 0, 0
+            rows = self._db.execute("SELECT seq, kind, length(payload) FROM messages ORDER BY seq")
+            for seq, kind, n in rows:
+                if kind == "event":
+                    last_event = seq
+                    if before >= excess:
+                        break
+                before += n
+            rows.close()
+            if last_event > cut:
+                cut, reason = last_event, "max_bytes"
         if not cut:
             return None, size
         rows = self._db.execute(

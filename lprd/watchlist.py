@@ -444,6 +444,14 @@ class SyncResult:
 # ---------------------------------------------------------------- the store
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _corrupt(path: Path) -> bool:
     """True when SQLite finds `path` damaged (not merely locked or missing)."""
     try:
@@ -917,14 +925,14 @@ class WatchlistSync:
                 raise SyncError(f"{where}: truncated download ({total} of {length} bytes)")
             data = b"".join(chunks)
             charset = resp.headers.get_content_charset()
-            if charset and charset.replace("-", "").replace("_", "").lower() not in (
-                    "utf8", "usascii", "ascii"):
-                # A spreadsheet's export (windows-1252, latin-1): the parser reads UTF-8.
+            if charset and not _is_utf8(data):
+                # A spreadsheet's export (windows-1252, latin-1): the parser reads UTF-8. Text
+                # that is UTF-8 stays so whatever the header says (servers default to latin-1).
                 try:
                     data = data.decode(charset).encode("utf-8")
                 except (LookupError, UnicodeDecodeError) as e:
-                    raise SyncError(f"{where}: cannot decode the list as its declared "
-                                    f"charset {charset!r} ({e})") from None
+                    raise SyncError(f"{where}: not UTF-8, and not its declared charset "
+                                    f"{charset!r} either ({e})") from None
             try:
                 fmt = detect_format(url, resp.headers.get("Content-Type"), data)
             except WatchlistError as e:
