@@ -477,6 +477,7 @@ class Publisher:
         self._failures = 0
         self._last_fail_reason: str | None = None
         self._max_packet: int | None = None  # the broker's, from its CONNACK (MQTT 5)
+        self._protocol = cfg.protocol  # 3.1.1 once a broker refused 5
         self._refused_logged: dict[str, int] = {}
         # Shared counters (under _lock).
         self._submitted = 0
@@ -509,7 +510,11 @@ class Publisher:
                  self._client_id, depth)
         # MQTT 5: no session kept on the broker, as clean_session does for 3.1.1 (the outbox
         # is the session)
-        extra = {"clean_start": True} if self.cfg.protocol == "5" else {}
+        self._connect()
+
+    def _connect(self) -> None:
+        assert self._client is not None
+        extra = {"clean_start": True} if self._protocol == "5" else {}
         self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **extra)
         self._client.loop_start()
 
@@ -630,7 +635,7 @@ class Publisher:
     def _make_client(self) -> mqtt.Client:
         cfg = self.cfg
         self._client_id = cfg.client_id or f"lprd-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-        if cfg.protocol == "5":
+        if self._protocol == "5":
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
                             protocol=mqtt.MQTTv5)
         else:
@@ -853,6 +858,20 @@ class Publisher:
                   self._max_packet)
         return None
 
+    def _fall_back_to_311(self, reason: str) -> None:
+        """A broker that does not speak MQTT 5: go on with 3.1.1, which it refused nothing of
+        before 5 was the default."""
+        log.warning("MQTT: the broker %s:%d refused MQTT 5 (%s); using 3.1.1 (set mqtt.protocol: "
+                    "\"3.1.1\" to start so; with 3.1.1 an event the broker refuses counts as "
+                    "delivered)", self.cfg.host, self.cfg.port, reason)
+        old = self._client
+        self._protocol = "3.1.1"
+        self._client = self._make_client()
+        if old is not None:
+            old.disconnect()
+            old.loop_stop()
+        self._connect()
+
     def _handle_connect(self, ok: bool, reason: str) -> None:
         if not ok:
             self._connected = False
@@ -860,8 +879,9 @@ class Publisher:
             if "authori" in reason.lower() or "password" in reason.lower():
                 who = f"user {self.cfg.username!r}" if self.cfg.username else "no username"
                 hint = f" ({who}; check mqtt.username and mqtt.password_file)"
-            elif "protocol" in reason.lower() and self.cfg.protocol == "5":
-                hint = ' (a broker without MQTT 5: set mqtt.protocol: "3.1.1")'
+            elif "protocol" in reason.lower() and self._protocol == "5":
+                self._fall_back_to_311(reason)
+                return
             self._report_failure(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused the "
                                  f"connection: {reason}{hint}")
             return

@@ -11,9 +11,11 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -802,15 +804,59 @@ def test_an_event_over_the_broker_s_packet_limit_goes_without_its_crop(
     assert "disconnected" not in caplog.text
 
 
-def test_a_broker_that_refuses_mqtt_5_is_told_apart_and_the_key_named(tmp_path: Path) -> None:
-    pub = Publisher(MQTTConfig(host="127.0.0.1", port=free_port()), ["gate"], tmp_path / "st")
+class _Broker311:
+    """A broker of MQTT 3.1.1 only, as old ones are: a CONNECT of version 5 gets CONNACK
+    "unacceptable protocol version"; one of 3.1.1 is accepted (then all is read, nothing done)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.versions: list[int] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            f = conn.makefile("rb")
+            f.read(1)  # CONNECT
+            n, shift = 0, 0
+            while True:  # the remaining length, a varint
+                b = f.read(1)[0]
+                n |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            level = f.read(n)[6]  # after the protocol name "MQTT" and its length
+            self.versions.append(level)
+            conn.sendall(b"\x20\x02\x00" + (b"\x00" if level == 4 else b"\x01"))
+            while level == 4 and conn.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_broker_without_mqtt_5_gets_3_1_1_after_its_refusal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    broker = _Broker311()
+    caplog.set_level(logging.WARNING, logger="lprd.publish")
+    pub = Publisher(MQTTConfig(host="127.0.0.1", port=broker.port,
+                               reconnect={"initial": 0.1, "max": 0.5}), ["gate"], tmp_path / "st")
     try:
-        pub._handle_connect(ok=False, reason="Unsupported protocol version")
-        assert pub.stats().last_error.endswith(
-            'refused the connection: Unsupported protocol version (a broker without MQTT 5: '
-            'set mqtt.protocol: "3.1.1")')
+        pub.start()
+        wait_until(lambda: pub.connected, what="a 3.1.1 connection")
+        assert broker.versions[:2] == [5, 4]
+        assert "refused MQTT 5" in caplog.text and 'set mqtt.protocol: "3.1.1"' in caplog.text
     finally:
         pub.stop(timeout=1)
+        broker.close()
 
 
 def test_mqtt_3_1_1_still_delivers_for_brokers_without_5(

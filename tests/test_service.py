@@ -545,18 +545,21 @@ def test_a_second_daemon_on_the_same_storage_dir_refuses_to_start(tmp_path, daem
     assert third.wait(60) == 0, third.log()[-2000:]
 
 
-def _frozen_waiter(flag) -> None:
+def _frozen_waiter(flag, waiting) -> None:
+    waiting.set()
     flag.wait()
 
 
 def test_setting_a_stop_flag_never_waits_for_a_frozen_child() -> None:
     # multiprocessing.Event.set() waits for every sleeping waiter to wake: a child frozen (or
     # killed) in its wait hung the daemon's stop for good.
-    flag = StopFlag()
-    child = multiprocessing.get_context("spawn").Process(target=_frozen_waiter, args=(flag,))
+    flag, waiting = StopFlag(), StopFlag()
+    child = multiprocessing.get_context("spawn").Process(target=_frozen_waiter,
+                                                         args=(flag, waiting))
     child.start()
     try:
-        time.sleep(1.0)  # in its wait
+        assert waiting.wait(30)
+        time.sleep(0.2)  # in its wait
         os.kill(child.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         flag.set()
