@@ -508,12 +508,12 @@ class Publisher:
         log.info("MQTT: connecting to %s:%d%s as %s; %d undelivered event(s) in the outbox",
                  self.cfg.host, self.cfg.port, " (TLS)" if self.cfg.tls.enabled else "",
                  self._client_id, depth)
-        # MQTT 5: no session kept on the broker, as clean_session does for 3.1.1 (the outbox
-        # is the session)
         self._connect()
 
     def _connect(self) -> None:
         assert self._client is not None
+        # MQTT 5: no session kept on the broker, as clean_session does for 3.1.1 (the outbox
+        # is the session)
         extra = {"clean_start": True} if self._protocol == "5" else {}
         self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **extra)
         self._client.loop_start()
@@ -944,9 +944,10 @@ class Publisher:
                 return
             for pm in batch:
                 payload = self._fit_to_broker(pm)
+                if payload is None:  # logged: cannot ever be sent; dropped rather than block all
+                    self._drop_undeliverable(pm)
+                    continue
                 try:
-                    if payload is None:
-                        raise ValueError("over the broker's maximum packet size")
                     info = client.publish(self._topic(pm.message), payload, qos=1,
                                           retain=pm.message.retain)
                 except ValueError as e:  # cannot ever be sent: drop it rather than block all

@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--once", action="store_true",
                    help="process the file sources to their end, send the last events and exit "
                    "(0: every file was read, 1: some could not be, 2: a bad config or a model "
-                   "that cannot be loaded); live cameras are skipped")
+                   "that cannot be loaded, 3: another lprd runs on storage.dir); live cameras "
+                   "are skipped")
     add_config_option(p, help=f"YAML config; default: {DEFAULT_CONFIG_PATH}")
     p.set_defaults(func=_run)
 
