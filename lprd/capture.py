@@ -501,7 +501,8 @@ class Capture:
                 if not ok or frame is None:
                     bad += 1
                     if bad >= MAX_BAD_FRAMES or time.monotonic() - last_good > cfg.stall_timeout:
-                        raise _Ended("frames in a row could not be decoded")
+                        raise _Ended(f"frames could not be decoded ({MAX_BAD_FRAMES} in a "
+                                     f"row, or none for {cfg.stall_timeout:g} s)")
                     continue
                 try:
                     frame = fit_frame(frame, cfg.max_width, self.ring)
