@@ -478,6 +478,8 @@ class Publisher:
         self._last_fail_reason: str | None = None
         self._max_packet: int | None = None  # the broker's, from its CONNACK (MQTT 5)
         self._protocol = cfg.protocol  # 3.1.1 once a broker refused 5
+        self._closed_at_connect = 0  # connections closed before the broker's CONNACK, in a row
+        self._refused_at_connect = False  # the last CONNACK refused: its close is no news
         self._refused_logged: dict[str, int] = {}
         # Shared counters (under _lock).
         self._submitted = 0
@@ -795,6 +797,17 @@ class Publisher:
                 log.warning("MQTT: disconnected from %s:%d (%s); %d message(s) in flight will "
                             "be resent, new events wait in the outbox",
                             self.cfg.host, self.cfg.port, item[1], len(self._inflight))
+            elif self._refused_at_connect:  # paho's close after a refusing CONNACK: reported
+                self._refused_at_connect = False
+            elif self._protocol == "5" and self._closed_at_connect >= 2:
+                # a broker of 3.1.1 only may close the connection instead of refusing 5
+                self._fall_back_to_311(f"it closed the connection 3 times before accepting "
+                                       f"it: {item[1]}")
+                return
+            else:
+                self._closed_at_connect += 1
+                self._report_failure(f"MQTT broker {self.cfg.host}:{self.cfg.port} closed the "
+                                     f"connection before accepting it ({item[1]})")
             self._connected = False
         elif kind == "state":
             state: CameraState = item[1]
@@ -873,8 +886,10 @@ class Publisher:
         self._connect()
 
     def _handle_connect(self, ok: bool, reason: str) -> None:
+        self._closed_at_connect = 0  # the broker answered
         if not ok:
             self._connected = False
+            self._refused_at_connect = True
             hint = ""
             if "authori" in reason.lower() or "password" in reason.lower():
                 who = f"user {self.cfg.username!r}" if self.cfg.username else "no username"
@@ -886,7 +901,7 @@ class Publisher:
                                  f"connection: {reason}{hint}")
             return
         self._connected = True
-        self._failures = 0
+        self._failures = self._closed_at_connect = 0
         self._last_fail_reason = None
         # paho resends what was in flight; new messages wait until those are acknowledged so
         # that nothing overtakes an older event.

@@ -117,6 +117,8 @@ def test_wrong_password_is_reported_and_retried_with_growing_backoff(
     assert gaps[0] >= 0.15 and gaps[1] >= 0.3 and gaps[2] >= 0.6, gaps
     assert not pub.connected and pub.outbox_depth() == 1
     assert pub.stats().last_error and "refused" in pub.stats().last_error
+    # paho's close after the refusal is no second failure, nor a sign of a broker without 5
+    assert "closed the connection before" not in caplog.text and pub._protocol == "5"
     assert pub._worker.is_alive() and pub._cmd_thread.is_alive()
     assert wrong not in caplog.text and PASSWORD not in caplog.text
 

@@ -808,7 +808,8 @@ class _Broker311:
     """A broker of MQTT 3.1.1 only, as old ones are: a CONNECT of version 5 gets CONNACK
     "unacceptable protocol version"; one of 3.1.1 is accepted (then all is read, nothing done)."""
 
-    def __init__(self) -> None:
+    def __init__(self, close: bool = False) -> None:
+        self.close_on_5 = close  # some close the connection instead of refusing 5
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.versions: list[int] = []
@@ -835,6 +836,8 @@ class _Broker311:
                     break
             level = f.read(n)[6]  # after the protocol name "MQTT" and its length
             self.versions.append(level)
+            if level == 5 and self.close_on_5:
+                return
             conn.sendall(b"\x20\x02\x00" + (b"\x00" if level == 4 else b"\x01"))
             while level == 4 and conn.recv(4096):
                 pass
@@ -843,17 +846,20 @@ class _Broker311:
         self.sock.close()
 
 
+@pytest.mark.parametrize("close", [False, True], ids=["refuses", "closes"])
 def test_a_broker_without_mqtt_5_gets_3_1_1_after_its_refusal(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    broker = _Broker311()
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, close: bool) -> None:
+    broker = _Broker311(close)
     caplog.set_level(logging.WARNING, logger="lprd.publish")
     pub = Publisher(MQTTConfig(host="127.0.0.1", port=broker.port,
                                reconnect={"initial": 0.1, "max": 0.5}), ["gate"], tmp_path / "st")
     try:
         pub.start()
         wait_until(lambda: pub.connected, what="a 3.1.1 connection")
-        assert broker.versions[:2] == [5, 4]
+        # a refusal says it at once; a close is told from a broker that is away after 3
+        assert broker.versions == ([5, 5, 5, 4] if close else [5, 4])
         assert "refused MQTT 5" in caplog.text and 'set mqtt.protocol: "3.1.1"' in caplog.text
+        assert ("closed the connection before accepting it" in caplog.text) == close
     finally:
         pub.stop(timeout=1)
         broker.close()
