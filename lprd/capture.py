@@ -200,6 +200,10 @@ def _open(source: str, kind: SourceKind, open_timeout: float,
         os.environ.setdefault("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT",
                               str(max(1, math.ceil(read_timeout))))
         return cv2.VideoCapture(source, cv2.CAP_V4L2)
+    # FFmpeg writes its own errors to stderr, one or two each reconnect of a flapping stream
+    # (50,000 lines a day); ours say what happened. At debug level they are kept.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL",
+                          "16" if log.isEnabledFor(logging.DEBUG) else "-8")
     if kind is SourceKind.RTSP and "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ:
         # UDP loses packets (smeared frames) behind NAT and on busy Wi-Fi; TCP is what works.
         os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"
@@ -300,6 +304,7 @@ class Capture:
         self._file_pos = 0  # frames grabbed in this pass of the file: where a reopen resumes
         self._got = 0  # frames written in the current session
         self._session_start = time.monotonic()
+        self._loud = True  # the last failure was logged at warning level (or there was none)
         if resume is not None and self.is_file:  # a restarted process: no replay of the clip
             self._file_t0, self._file_index, self._file_pos = resume.t0, resume.index, resume.pos
             log.info("%s: resuming %s at frame %d", camera, self.shown, resume.pos)
@@ -377,7 +382,8 @@ class Capture:
                 except _Behind as e:
                     # not the source's fault: no backoff, and reopening drops the backlog
                     behind += 1
-                    if behind & (behind - 1) == 0:
+                    self._loud = behind & (behind - 1) == 0
+                    if self._loud:
                         log.warning("%s: %s (%d time(s) so far); reopening it", self.camera, e,
                                     behind)
                     continue
@@ -394,7 +400,7 @@ class Capture:
                 delay = backoff.next()
                 # the first failure and then 2, 4, 8 ... in a row: no log flood while a camera
                 # is down for the night
-                loud = fails & (fails - 1) == 0
+                loud = self._loud = fails & (fails - 1) == 0
                 log.log(logging.WARNING if loud else logging.DEBUG, "%s: %s; retrying in %.1f s%s",
                         self.camera, reason, delay,
                         f" ({fails} failures in a row)" if fails > 1 else "")
@@ -515,8 +521,9 @@ class Capture:
                 self._got += 1
                 self.last_ts = ts
                 h, w = frame.shape[:2]
-                if self._got == 1:
-                    log.info("%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)
+                if self._got == 1:  # said as loudly as the failure before it
+                    log.log(logging.INFO if self._loud else logging.DEBUG,
+                            "%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)
                     self._set(True, None)
                 ref = FrameRef(camera=self.camera, seq=seq, ts=ts, width=w, height=h,
                                file=FilePosition(self._file_t0, self._file_index, self._file_pos)

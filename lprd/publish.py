@@ -368,6 +368,16 @@ class PublisherStats:
     last_error: str | None
 
 
+def _release(client: mqtt.Client) -> None:
+    """Disconnect and stop a paho client, and let it go now: its callbacks are our bound
+    methods, a cycle that kept its socket pair open until a full garbage collection (2 file
+    descriptors each reload that changed mqtt.*)."""
+    client.disconnect()
+    client.loop_stop()
+    client.on_connect = client.on_connect_fail = client.on_disconnect = None
+    client.on_publish = client.on_message = None
+
+
 class PublisherConfigError(ValueError):
     """A setting the publisher cannot work with; the message names the key."""
 
@@ -600,8 +610,8 @@ class Publisher:
                 info = client.publish(f"{self.prefix}/status", "offline", qos=1, retain=True)
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(max(0.1, min(1.0, deadline - time.monotonic())))
-            client.disconnect()
-            client.loop_stop()
+            _release(client)
+            self._client = None
         if self._worker is None or not self._worker.is_alive():
             self._apply_late_acks()
         lost = len(self._direct) + sum(not i.is_published() for i in self._direct_sent)
@@ -881,8 +891,7 @@ class Publisher:
         self._protocol = "3.1.1"
         self._client = self._make_client()
         if old is not None:
-            old.disconnect()
-            old.loop_stop()
+            _release(old)
         self._connect()
 
     def _handle_connect(self, ok: bool, reason: str) -> None:

@@ -702,6 +702,7 @@ class Supervisor:
         if self.sync is not None:
             with contextlib.suppress(Exception):
                 self.sync.stop(timeout)
+                self.sync.watchlist.close()  # its connections (3 descriptors each reload)
             self.sync = None
 
     # -- SIGHUP ---------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -426,6 +428,36 @@ def test_a_flapping_stream_backs_off_and_its_retries_stop_flooding_the_log(
     assert "(4 failures in a row)" in warned[-1].message
     # the state's error text is the same each time: one retained message, not one per retry
     assert len(set(cam.errors())) == 1
+    # and "connected" is said as loudly as the failure before it
+    infos = [r for r in caplog.records if "connected to" in r.message][:6]
+    assert [r.levelno for r in infos] == [logging.INFO, logging.INFO, logging.INFO,
+                                          logging.DEBUG, logging.INFO, logging.DEBUG]
+
+
+def test_ffmpeg_s_own_errors_stay_off_stderr_at_info_level(
+        cams: Callable[..., Cam], capfd: pytest.CaptureFixture[str]) -> None:
+    # A stream that breaks off: FFmpeg wrote a line to stderr (the journal) every retry,
+    # beside lprd's own, throttled, line.
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                c, _ = srv.accept()
+                with c:
+                    c.recv(1000)
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; "
+                              b"boundary=frame\r\nContent-Length: 100000\r\n\r\n--frame\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        cam = cams(CameraConfig(source=f"http://127.0.0.1:{srv.getsockname()[1]}/s.mjpg",
+                                reconnect=FAST_RETRY))
+        assert cam.pump(lambda: len(cam.errors()) >= 1 and cam.runner.is_alive(), timeout=20)
+        time.sleep(1.0)  # a few more retries
+    finally:
+        srv.close()
+    assert "Stream ends prematurely" not in capfd.readouterr().err
 
 
 def test_stalled_stream_is_detected_and_reopened(

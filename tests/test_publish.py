@@ -875,3 +875,30 @@ def test_mqtt_3_1_1_still_delivers_for_brokers_without_5(
     sub.wait_for(lambda ms: len(ms) >= 3, topic_filter="lprd/gate/plate")
     wait_until(lambda: pub.stats().delivered == 3 and pub.outbox.depth() == 0, what="acks")
     assert sub.payloads("lprd/status")[-1] == b"online"
+
+
+def test_a_stopped_publisher_leaves_no_socket_open_without_a_garbage_collection(
+        tmp_path: Path, mosquitto: Any) -> None:
+    # Every reload that changes mqtt.* stops one publisher and starts another: paho's socket
+    # pair stayed open until a full garbage collection (2 descriptors each).
+    import gc
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def start_and_stop() -> None:
+        pub = Publisher(MQTTConfig(host=mosquitto.host, port=mosquitto.port), ["gate"],
+                        tmp_path / "st")
+        pub.start()
+        wait_until(lambda: pub.connected, what="connected")
+        pub.stop(timeout=2)
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = fds()
+        for _ in range(5):
+            start_and_stop()
+        assert fds() == before
+    finally:
+        gc.enable()

@@ -467,3 +467,35 @@ def test_failed_syncs_retry_sooner_and_never_overflow() -> None:
     assert [retry_delay(n, 3600) for n in range(5)] == [3600, 30, 60, 120, 240]
     assert retry_delay(2000, 3600) == 3600  # after weeks of failures: no OverflowError
     assert retry_delay(3, 45) == 45
+
+
+def test_the_daemon_s_sync_closes_its_store_when_it_stops(tmp_path: Path) -> None:
+    # Each reload that changes watchlist.sync starts a new sync: the old one's SQLite
+    # connections stayed open until a full garbage collection (3 descriptors each).
+    import gc
+
+    from lprd.config import Config
+    from lprd.service import Supervisor
+
+    src = tmp_path / "plates.csv"
+    src.write_text("plate\nABC1234\n")
+    cfg = Config.model_validate({"storage": {"dir": str(tmp_path / "st")},
+                                 "watchlist": {"sync": {"source": str(src)}}})
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    sup = Supervisor(cfg, tmp_path / "c.yaml")
+    gc.collect()
+    gc.disable()
+    try:
+        before = fds()
+        for _ in range(3):
+            sup._start_sync()
+            assert sup.sync is not None
+            sup.sync.request()
+            time.sleep(0.3)
+            sup._stop_sync()
+        assert fds() == before
+    finally:
+        gc.enable()
