@@ -47,6 +47,7 @@ PAHO_INFLIGHT = 64  # of those, how many may be on the wire at once
 STATE_INTERVAL = 2.0  # least seconds between state republishes for a changed outbox depth
 EXPIRE_INTERVAL = 30.0
 HOLD_LIMIT = 30.0  # most seconds new messages wait for paho's resends after a reconnect
+REFUSED_RETRY = 300.0  # s between new tries of the messages the broker refused (MQTT 5)
 DIRECT_MAX = 1000  # messages the outbox could not store, kept in memory for the broker
 MAX_COMMAND_BYTES = 4096
 RESERVED_SUBTOPICS = frozenset({"plate", "state", "crop"})
@@ -491,6 +492,8 @@ class Publisher:
         self._closed_at_connect = 0  # connections closed before the broker's CONNACK, in a row
         self._refused_at_connect = False  # the last CONNACK refused: its close is no news
         self._refused_logged: dict[str, int] = {}
+        self._refused_seqs: set[int] = set()  # refused, waiting in the outbox for a new try
+        self._refused_retry_at = 0.0
         # Shared counters (under _lock).
         self._submitted = 0
         self._delivered = 0
@@ -759,6 +762,9 @@ class Publisher:
                         self._on_drop(report)
                     self._check_network_thread()
                 self._maybe_publish_states()
+                if self._refused_seqs and now >= self._refused_retry_at:
+                    self._refused_retry_at = now + REFUSED_RETRY
+                    self._retry_refused()
                 if not stopping:
                     self._pump()
             except Exception:  # keep publishing whatever one bad item did
@@ -782,6 +788,7 @@ class Publisher:
                 disk.close()
                 return
             self.outbox, self._cursor, self._disk_outbox = disk, 0, None
+            self._refused_seqs.clear()  # seqs of the memory outbox; all go out again anyway
         log.warning("outbox %s opened: %d message(s) moved there from memory", path,
                     len(waiting))
 
@@ -840,11 +847,14 @@ class Publisher:
 
     def _handle_refused(self, mid: int, reason: str) -> None:
         """The broker refused a message (MQTT 5: an ACL that does not cover the topic, its
-        size limit). It stays in the outbox and goes out again at the next start; the rest
-        goes on meanwhile."""
+        size limit). It stays in the outbox, tried again every REFUSED_RETRY seconds and at the
+        next start; the rest goes on meanwhile."""
         pm = self._inflight.pop(mid, None)
         if pm is None:
             return
+        if not self._refused_seqs:
+            self._refused_retry_at = time.monotonic() + REFUSED_RETRY
+        self._refused_seqs.add(pm.seq)
         with self._lock:
             self._refused += pm.message.kind == "event"
             self._last_error = f"the broker refused {self._topic(pm.message)}: {reason}"
@@ -852,9 +862,31 @@ class Publisher:
         self._refused_logged[reason] = n
         if (n & (n - 1)) == 0:  # at 1, 2, 4, 8 ... per reason: no flood
             log.error("MQTT: the broker refused %s of event %s (%s; %d time(s) for this reason): "
-                      "it stays in the outbox and is sent again when lprd restarts; check the "
-                      "broker's ACL and size limits", self._topic(pm.message),
-                      pm.message.event_id, reason, n)
+                      "it stays in the outbox and is tried again every %.0f s and at the next "
+                      "start; check the broker's ACL and size limits", self._topic(pm.message),
+                      pm.message.event_id, reason, n, REFUSED_RETRY)
+
+    def _retry_refused(self) -> None:
+        """Send the refused messages that still wait once more (an ACL may have been fixed)."""
+        client = self._client
+        if client is None or not self._connected:
+            return
+        for seq in sorted(self._refused_seqs)[:max(0, WINDOW - len(self._inflight))]:
+            self._refused_seqs.discard(seq)
+            found = self.outbox.pending(seq - 1, 1)
+            if not found or found[0].seq != seq:  # gone meanwhile (an outbox bound)
+                continue
+            pm = found[0]
+            payload = self._fit_to_broker(pm)
+            if payload is None:
+                self._drop_undeliverable(pm)
+                continue
+            info = client.publish(self._topic(pm.message), payload, qos=1,
+                                  retain=pm.message.retain)
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self._inflight[info.mid] = pm
+            else:
+                self._refused_seqs.add(seq)
 
     def _fit_to_broker(self, pm: PendingMessage) -> bytes | None:
         """The payload to send, within the broker's Maximum Packet Size (MQTT 5 CONNACK): an
@@ -1002,7 +1034,7 @@ class Publisher:
     def _drop_undeliverable(self, pm: PendingMessage) -> None:
         """A message that can never be sent leaves the outbox (it would block the rest)."""
         self.outbox.ack([pm.seq])
-        self._cursor = pm.seq
+        self._cursor = max(self._cursor, pm.seq)  # a retried refused one lies behind it
         self._depth_cache = self.outbox.depth()
         self._count_drop(drop_report("undeliverable", [pm.message]))
 

@@ -747,10 +747,10 @@ def test_an_outbox_that_cannot_be_opened_waits_in_memory_then_moves_to_disk(
 
 # -- what the broker refuses (MQTT 5) -----------------------------------------------------------
 
-def test_an_event_the_broker_refuses_stays_in_the_outbox_and_goes_out_at_the_next_start(
+def test_an_event_the_broker_refuses_stays_in_the_outbox_and_goes_out_once_it_is_allowed(
         tmp_path: Path, mosquitto_factory: Callable[..., Any],
         mqtt_subscriber: Callable[..., Any], publisher: Callable[..., Publisher],
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     # An ACL that does not cover the gate's plate topic: a 3.1.1 broker acknowledges such a
     # message like a delivered one and drops it; 5 says so, and the event is kept.
     acl = tmp_path / "acl"
@@ -771,13 +771,14 @@ def test_an_event_the_broker_refuses_stays_in_the_outbox_and_goes_out_at_the_nex
     assert "the broker refused lprd/gate/plate of event ev-gate-00001" in caplog.text
     assert "Not authorized" in pub.stats().last_error
     pub.stop(timeout=2)
-    # the admin fixes the ACL; at the next start the event goes out
-    acl.write_text("topic readwrite #\n")
-    broker.stop()
-    broker.start()
-    sub = mqtt_subscriber(broker, "lprd/+/plate")
+    # the admin fixes the ACL (mosquitto rereads it on SIGHUP); the next try delivers it,
+    # without a restart
+    monkeypatch.setattr("lprd.publish.REFUSED_RETRY", 0.5)
     pub = publisher(broker, storage=storage)
-    sub.wait_for(lambda ms: any(m.json()["id"] == "ev-gate-00001" for m in ms))
+    wait_until(lambda: pub.stats().refused == 1, what="refused again at the start")
+    acl.write_text("topic readwrite #\n")
+    broker.proc.send_signal(signal.SIGHUP)
+    sub.wait_for(lambda ms: any(m.json()["id"] == "ev-gate-00001" for m in ms), timeout=15)
     wait_until(lambda: pub.outbox.depth() == 0, what="an empty outbox")
 
 
