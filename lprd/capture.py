@@ -358,7 +358,7 @@ class Capture:
 
     def run(self) -> None:
         backoff = Backoff(self.cfg.reconnect.initial, self.cfg.reconnect.max)
-        fails = behind = 0
+        fails = behind = loops = 0
         log.info("%s: capturing %s (%s%s)", self.camera, self.shown, self.kind.value,
                  "" if not self.is_file else
                  ", realtime" if self.realtime else ", every frame")
@@ -370,7 +370,10 @@ class Capture:
                 except _Ended as e:
                     if e.eof and (self._got or self._file_pos):
                         if self.cfg.loop:
-                            log.info("%s: end of %s, looping", self.camera, self.shown)
+                            loops += 1  # said once; a short clip loops thousands of times a day
+                            self._loud = loops == 1
+                            log.log(logging.INFO if self._loud else logging.DEBUG,
+                                    "%s: end of %s, looping", self.camera, self.shown)
                             self._file_pos = 0
                             continue
                         log.info("%s: end of %s (%d frames)", self.camera, self.shown,
