@@ -664,7 +664,8 @@ class Supervisor:
         """Stop MQTT; with `drain`, first wait up to that long for the outbox to empty."""
         if self.publisher is not None:
             try:
-                if drain > 0 and not self.publisher.wait_idle(drain):
+                if (drain > 0 and not self.publisher.wait_idle(drain)
+                        and not self.publisher.outbox.in_memory):  # else stop() says they are lost
                     log.warning("MQTT: %d event(s) not yet acknowledged; they stay in the "
                                 "outbox for the next start", self.publisher.outbox_depth())
                 self.publisher.stop(timeout=timeout)
