@@ -4,7 +4,7 @@ files."""
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import fcntl
 import logging
 import os
@@ -42,11 +42,8 @@ def lock_storage(folder: Path) -> int | None:
         log.warning("storage.dir %s cannot be locked (%s): a second lprd on it would not be "
                     "refused", folder, e.strerror)
         return None
-    try:
-        (folder / PID_FILE).write_text(f"{os.getpid()}\n")
-    except OSError as e:  # read-only: the lock holds all the same
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
-            raise
+    with contextlib.suppress(OSError):  # read-only or full: the lock holds all the same, and
+        (folder / PID_FILE).write_text(f"{os.getpid()}\n")  # the pid is only for the message
     return fd
 
 
