@@ -876,17 +876,28 @@ class Publisher:
             found = self.outbox.pending(seq - 1, 1)
             if not found or found[0].seq != seq:  # gone meanwhile (an outbox bound)
                 continue
-            pm = found[0]
-            payload = self._fit_to_broker(pm)
-            if payload is None:
-                self._drop_undeliverable(pm)
-                continue
-            info = client.publish(self._topic(pm.message), payload, qos=1,
-                                  retain=pm.message.retain)
-            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                self._inflight[info.mid] = pm
-            else:
+            if self._send(client, found[0]) is False:
                 self._refused_seqs.add(seq)
+
+    def _send(self, client: mqtt.Client, pm: PendingMessage) -> bool | None:
+        """Hand one message to paho (in flight from then on): True; False where paho's queue
+        refused it (try again later); None where it can never be sent (dropped, counted)."""
+        payload = self._fit_to_broker(pm)  # None: over the broker's packet size (logged)
+        if payload is not None:
+            try:
+                info = client.publish(self._topic(pm.message), payload, qos=1,
+                                      retain=pm.message.retain)
+            except ValueError as e:
+                log.error("dropping undeliverable message %d (event %s): %s", pm.seq,
+                          pm.message.event_id, e)
+                payload = None
+        if payload is None:  # it can never be sent: dropped rather than block the rest
+            self._drop_undeliverable(pm)
+            return None
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            return False
+        self._inflight[info.mid] = pm
+        return True
 
     def _fit_to_broker(self, pm: PendingMessage) -> bytes | None:
         """The payload to send, within the broker's Maximum Packet Size (MQTT 5 CONNACK): an
@@ -999,23 +1010,12 @@ class Publisher:
             if not batch:
                 return
             for pm in batch:
-                payload = self._fit_to_broker(pm)
-                if payload is None:  # logged: cannot ever be sent; dropped rather than block all
-                    self._drop_undeliverable(pm)
-                    continue
-                try:
-                    info = client.publish(self._topic(pm.message), payload, qos=1,
-                                          retain=pm.message.retain)
-                except ValueError as e:  # cannot ever be sent: drop it rather than block all
-                    log.error("dropping undeliverable message %d (event %s): %s", pm.seq,
-                              pm.message.event_id, e)
-                    self._drop_undeliverable(pm)
-                    continue
-                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                sent = self._send(client, pm)
+                if sent is False:
                     return  # paho's queue refused it; retry from the same cursor later
-                self._inflight[info.mid] = pm
-                self._cursor = pm.seq
-                room -= 1
+                if sent:
+                    self._cursor = pm.seq
+                    room -= 1
 
     def _ack(self, acked: list[PendingMessage]) -> None:
         self.outbox.ack(pm.seq for pm in acked)
