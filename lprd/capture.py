@@ -303,7 +303,7 @@ class Capture:
         self._file_index = 0  # clip frames decoded so far, across loops and reopens
         self._file_pos = 0  # frames grabbed in this pass of the file: where a reopen resumes
         self._got = 0  # frames written in the current session
-        self._session_start = time.monotonic()
+        self._session_start = 0.0  # monotonic time the current session began
         self._loud = True  # the last failure was logged at warning level (or there was none)
         if resume is not None and self.is_file:  # a restarted process: no replay of the clip
             self._file_t0, self._file_index, self._file_pos = resume.t0, resume.index, resume.pos

@@ -228,25 +228,10 @@ class Supervisor:
             log.error("storage.dir %s cannot be created: %s", self.cfg.storage.dir, e)
             return 1
         _remove_stale_rings()
-        from lprd.publish import JsonlSink, PublisherConfigError
-
-        try:
-            if self.events_jsonl:
-                self.sink = JsonlSink(self.events_jsonl)
-            self._start_publisher()
-        except PublisherConfigError as e:
-            print(f"{self.config_path}: {e}", file=sys.stderr)
+        failed = self._start_outputs()
+        if failed is not None:
             self._unlock_storage()
-            return EXIT_CONFIG
-        except OSError as e:  # a full or read-only disk: worth a restart (2 would stop systemd's)
-            log.error("cannot start the event outputs: %s", e)
-            self._unlock_storage()
-            return 1
-        except sqlite3.OperationalError as e:  # worth a restart, not a fix (an outbox that
-            # cannot be opened waits in memory; this is what else SQLite may raise at start)
-            log.error("the MQTT outbox in %s cannot be opened: %s", self.cfg.storage.dir, e)
-            self._unlock_storage()
-            return 1
+            return failed
         code = 0
         try:
             self._start_sync()
@@ -287,6 +272,26 @@ class Supervisor:
         finally:
             self._shutdown()
         return code
+
+    def _start_outputs(self) -> int | None:
+        """The JSON-lines sink and the MQTT publisher; the exit status when they cannot start."""
+        from lprd.publish import JsonlSink, PublisherConfigError
+
+        try:
+            if self.events_jsonl:
+                self.sink = JsonlSink(self.events_jsonl)
+            self._start_publisher()
+        except PublisherConfigError as e:
+            print(f"{self.config_path}: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        except OSError as e:  # a full or read-only disk: worth a restart (2 would stop systemd's)
+            log.error("cannot start the event outputs: %s", e)
+            return 1
+        except sqlite3.OperationalError as e:  # worth a restart, not a fix (an outbox that
+            # cannot be opened waits in memory; this is what else SQLite may raise at start)
+            log.error("the MQTT outbox in %s cannot be opened: %s", self.cfg.storage.dir, e)
+            return 1
+        return None
 
     def _unlock_storage(self) -> None:
         if self._storage_lock is not None:
