@@ -194,7 +194,7 @@ class ReaderConfig(_Strict):
 class TrackerConfig(_Strict):
     track_timeout: float = Field(1.5, gt=0, description="seconds unseen before a track closes")
     early_confidence: float = Field(
-        0.97, gt=0, le=1.0, description="emit an early event at this voted confidence; 1 = never"
+        0.9, gt=0, le=1.0, description="emit an early event at this voted confidence; 1 = never"
     )
     early_min_frames: int = Field(3, ge=1)
     min_frames: int = Field(1, ge=1, description="shorter tracks emit nothing")

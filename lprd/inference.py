@@ -372,6 +372,7 @@ class InferenceWorker:
             feed.last_tick = time.monotonic()
             if frame is None:  # no motion
                 feed.skipped += 1
+                tracker.hold(header.ts)
                 self._send(tracker.update([], header.ts))
                 continue
             try:

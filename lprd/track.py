@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import heapq
 import math
+import statistics
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -24,11 +26,20 @@ _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its le
 # After a gap in a track's reads (more than GAP_FRAMES frame intervals, and GAP_SECONDS) its box
 # may have moved far: only a read at most GAP_MAX_EDITS characters off its text (look-alikes
 # folded) joins it, or a car that pulls up where the last one waited would continue that car's
-# track. The interval is the shortest seen between frames with reads (a camera's fps is not
-# known here, and the cap may be anything from 0.1 to 30).
+# track. A track that has sent its early event is sure of its plate: after a gap only its own
+# plate joins it, or the next car in a queue, one character off, would take over its pass. A
+# read that it refuses starts a track of its own that stays in doubt: with fewer reads than
+# an early event needs it is taken for a misread of that pass and reports nothing.
+# The interval is the median of the recent ones between frames with reads (a camera's fps is
+# not known here, the cap may be anything from 0.1 to 30, and it drops under load: the
+# shortest interval ever seen would make every later frame a gap).
 GAP_FRAMES = 3
 GAP_SECONDS = 0.5
 GAP_MAX_EDITS = 1
+_STEPS_KEPT = 15
+# Best observations kept per track, by read text: a car parked for hours is read in ever new
+# misreads, each of which would otherwise keep its frame's crop.
+_BEST_KEPT = 8
 # Look-alikes that say nothing about a new vehicle: the pairs plate_match prices cheapest (O/0,
 # I/1, B/8, S/5, Z/2, G/6), and Q/D read as O/0, the reader's most frequent slip on real plates
 # (MODEL_CARD). Dearer ones (3/8, 1/7, A/4) can tell two plates apart.
@@ -103,18 +114,25 @@ class Voter:
     reads', and per position a read adds w times p(char) to the char it read, a character's share
     being that over the length's summed w. A lone unsure read keeps its own low probability and a
     split vote lowers the share.
+
+    The reader's own alternatives (Read.candidates) join the candidates at their mean
+    probability over the reads: a plate read steadily as ABC1234 with ABC1284 its runner-up in
+    every frame keeps ABC1284 among the event's candidates, for the watchlist to match.
     """
 
     def __init__(self) -> None:
         self._length_w: dict[int, float] = {}  # summed confidences per length: the shares
         self._pick_w: dict[int, float] = {}  # summed confidences per character: the winner
         self._pos_w: dict[int, list[dict[str, float]]] = {}
+        self._reads = 0
+        self._alt_p: dict[str, float] = {}  # the reader's alternatives: summed probabilities
 
     @property
     def empty(self) -> bool:
         return not self._length_w
 
-    def add(self, text: str, confidence: float, probs: Sequence[float]) -> None:
+    def add(self, text: str, confidence: float, probs: Sequence[float],
+            alternatives: Sequence[Candidate] = ()) -> None:
         if not text:
             return
         n = len(text)
@@ -127,6 +145,10 @@ class Voter:
         pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
         for i, (ch, p) in enumerate(zip(text, probs)):
             pos[i][ch] = pos[i].get(ch, 0.0) + w * p
+        self._reads += 1
+        for c in alternatives:
+            if c.plate and c.plate != text:
+                self._alt_p[c.plate] = self._alt_p.get(c.plate, 0.0) + c.confidence
 
     def _shares(self, n: int) -> list[list[tuple[str, float]]]:
         total = self._length_w[n]
@@ -148,6 +170,8 @@ class Voter:
         for n in lengths:
             for text, p in _top_strings(self._shares(n), topn):
                 cands.setdefault(text, min(1.0, p * self._length_w[n] / total))
+        for text, p in self._alt_p.items():
+            cands[text] = max(cands.get(text, 0.0), min(1.0, p / self._reads))
         ranked = sorted(cands.items(), key=lambda t: -t[1])[:topn]
         plate = "".join(c.c for c in chars)
         if plate not in dict(ranked):  # the winner always leads, even on a tie
@@ -172,6 +196,7 @@ class _Track:
     last_seen: float
     box: Box
     last_text: str
+    last_key: str = ""  # plate_key(last_text)
     frames: int = 0
     whole: int = 0  # observations whose box the frame's edge does not cut
     voter: Voter = field(default_factory=Voter)
@@ -181,6 +206,7 @@ class _Track:
     early_sent: bool = False
     silent: bool = False  # a continuation of a pass that was already reported
     pass_key: str = ""  # the key of the pass it was taken to continue, while silent
+    doubt_of: str | None = None  # the id of the sure pass it began one character off, after a gap
     vote: Vote | None = None
     key: str = ""  # plate_key of the vote
     topn: int = TOPN
@@ -195,7 +221,7 @@ class _Track:
         if not (cut and self.whole):
             probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [
                 r.confidence] * len(r.text)
-            self.voter.add(r.text, r.confidence, probs)
+            self.voter.add(r.text, r.confidence, probs, r.candidates)
             self.vote = self.voter.result(self.topn)
             self.key = plate_key(self.vote.plate)
         self.frames += 1
@@ -204,10 +230,15 @@ class _Track:
         self.last_seen = max(self.last_seen, obs.ts)
         self.box = obs.box
         self.last_text = r.text
+        self.last_key = plate_key(r.text)
         score = _quality(obs)
         prev = self.best.get(r.text)
         if prev is None or score > _quality(prev):
             self.best[r.text] = obs
+            if len(self.best) > _BEST_KEPT:
+                plate = self.vote.plate if self.vote is not None else r.text
+                del self.best[min((k for k in self.best if k not in (plate, r.text)),
+                                  key=lambda k: _quality(self.best[k]))]
         if self.best_any is None or score > _quality(self.best_any):
             self.best_any = obs
 
@@ -269,7 +300,8 @@ class Tracker:
         self._tracks: list[_Track] = []
         self._passes: dict[str, _Pass] = {}  # reported passes, by id, kept for dedupe_window
         self._read_at: float | None = None  # the latest frame with reads
-        self._step = math.inf  # the shortest interval seen between frames with reads
+        self._steps: deque[float] = deque(maxlen=_STEPS_KEPT)  # recent intervals between them
+        self._step = math.inf  # their median
 
     @property
     def open_tracks(self) -> int:
@@ -286,7 +318,8 @@ class Tracker:
         if obs:
             ts = obs[0].ts
             if self._read_at is not None and ts > self._read_at:
-                self._step = min(self._step, ts - self._read_at)
+                self._steps.append(ts - self._read_at)
+                self._step = statistics.median(self._steps)
             self._read_at = ts
         touched = self._associate(obs)
         for t in touched:
@@ -307,6 +340,18 @@ class Tracker:
         events.extend(self._close(expired))
         self._forget_passes(now)
         return events
+
+    def hold(self, ts: float) -> None:
+        """A frame at `ts` was skipped for want of motion: the plates seen in the last frame
+        with reads are still where they were. A car waiting at the gate keeps its track open
+        (one pass, its final event when it leaves) instead of closing it and coming back as a
+        new pass once it drives off, past the dedupe window."""
+        if self._read_at is None:
+            return
+        for t in self._tracks:
+            if t.last_seen >= self._read_at:
+                t.last_seen = max(t.last_seen, ts)
+        self._read_at = max(self._read_at, ts)
 
     def passes(self) -> list[tuple[str, str, float]]:
         """(id, plate key, last seen) of the reported passes still within the dedupe window."""
@@ -344,9 +389,10 @@ class Tracker:
 
     def _associate(self, obs: list[Observation]) -> list[_Track]:
         pairs: list[tuple[float, int, int]] = []
-        for oi, o in enumerate(obs):
+        keys = [plate_key(o.read.text) for o in obs]
+        for oi, (o, key) in enumerate(zip(obs, keys)):
             for ti, t in enumerate(self._tracks):
-                s = self._match_score(t, o)
+                s = self._match_score(t, o, key)
                 if s is not None:
                     pairs.append((s, oi, ti))
         pairs.sort(key=lambda p: -p[0])
@@ -363,33 +409,50 @@ class Tracker:
         for oi, o in enumerate(obs):
             if oi not in used_o:
                 t = _Track(first_seen=o.ts, last_seen=o.ts, box=o.box, last_text=o.read.text,
-                           topn=self.topn)
+                           topn=self.topn, doubt_of=self._doubted(o, keys[oi]))
                 t.add(o)
                 self._tracks.append(t)
                 touched.append(t)
         return touched
 
-    def _match_score(self, t: _Track, o: Observation) -> float | None:
+    def _match_score(self, t: _Track, o: Observation, key: str) -> float | None:
+        """How well `o` (its plate_key `key`) continues `t`; None: it does not."""
         dt = o.ts - t.last_seen
         if dt > self.cfg.track_timeout:
             return None
-        key = plate_key(o.read.text)
+        # The same plate text is the same vehicle wherever it shows up (a missed stretch of frames).
+        same_plate = key == t.key
+        overlap = iou(t.box, o.box)
+        if not (same_plate or self._near(t, o, overlap)):  # before the edit distances: a
+            return None  # parking lot has many pairs
+        if dt > self._gap() and t.early_sent and not t.silent and not same_plate:
+            return None
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
-        keys = (t.key, plate_key(t.last_text))
+        keys = (t.key, t.last_key)
         tdist = min(text_distance(key, k) for k in keys)
         if tdist > self.cfg.max_text_distance:
             return None
-        gap = max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
-        if dt > gap and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS:
-            return None
-        overlap = iou(t.box, o.box)
-        near = (overlap >= self.cfg.iou
-                or centre_shift(t.box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * max(dt, 0.0))
-        # The same plate text is the same vehicle wherever it shows up (a missed stretch of frames).
-        same_plate = key == t.key
-        if not (near or same_plate):
+        if dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS:
             return None
         return 2.0 * (1.0 - tdist) + overlap
+
+    def _gap(self) -> float:
+        return max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
+
+    def _near(self, t: _Track, o: Observation, overlap: float) -> bool:
+        dt = max(o.ts - t.last_seen, 0.0)
+        return (overlap >= self.cfg.iou
+                or centre_shift(t.box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * dt)
+
+    def _doubted(self, o: Observation, key: str) -> str | None:
+        """The sure pass that refused `o` after a gap though it is one character off, if any."""
+        for t in self._tracks:
+            if (t.early_sent and not t.silent and t.id is not None
+                    and o.ts - t.last_seen <= self.cfg.track_timeout
+                    and self._near(t, o, iou(t.box, o.box))
+                    and levenshtein(key, t.key) <= GAP_MAX_EDITS):
+                return t.id
+        return None
 
     # events ------------------------------------------------------------------------------------
 
@@ -410,6 +473,9 @@ class Tracker:
             return None
         if t.id is None:
             pid = self._pass_of(t)
+            if (pid is None and t.doubt_of is not None
+                    and t.frames < max(self.cfg.early_min_frames, self.cfg.min_frames)):
+                pid = t.doubt_of
             if pid is not None:
                 t.id, t.silent, t.pass_key = pid, True, t.key
                 return None
@@ -432,6 +498,8 @@ class Tracker:
                 events.append(ev)
             if t.id is not None and t.vote is not None:
                 p = self._passes.get(t.id)
+                if p is None and t.doubt_of == t.id:
+                    continue  # a misread of a pass still open: that pass records itself
                 if p is None:
                     self._passes[t.id] = _Pass(t.key, t.last_seen)
                 else:

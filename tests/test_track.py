@@ -19,7 +19,7 @@ from lprd.track import (
     plate_key,
     text_distance,
 )
-from lprd.types import Box, CharProb, Observation, PlateEvent, Read
+from lprd.types import Box, Candidate, CharProb, Observation, PlateEvent, Read
 
 FPS = 5.0
 DT = 1.0 / FPS
@@ -190,6 +190,113 @@ def test_a_misread_at_a_low_frame_rate_is_no_gap(step: float) -> None:
         events += tr.update([obs(t, T0 + i * step, moving_box(i))], now=T0 + i * step)
     events += tr.flush(now=T0 + 100)
     assert [(e.plate, e.frames) for e in events] == [("KLM4455", 6)]
+
+
+def test_a_frame_rate_drop_does_not_make_every_frame_a_gap() -> None:
+    # Two reads 0.1 s apart once, then the analysis slows to one frame a second (load, many
+    # plates): a read two characters off at that rate still joins its track, no one-frame ghost.
+    tr = make_tracker(early_confidence=1.0, track_timeout=3.0)
+    events = tr.update([obs("ZZZ9999", T0, (100, 100, 120, 30))], now=T0)
+    events += tr.update([obs("ZZZ9999", T0 + 0.1, (100, 100, 120, 30))], now=T0 + 0.1)
+    events += tr.flush(now=T0 + 10)
+    texts = ["KLM4455"] * 20 + ["KLX4Y55"] + ["KLM4455"] * 3
+    t1 = T0 + 20
+    for i, t in enumerate(texts):
+        events += tr.update([obs(t, t1 + i, (600, 500, 120, 30))], now=t1 + i)
+    events += tr.flush(now=t1 + 100)
+    assert [(e.plate, e.frames) for e in events] == [("ZZZ9999", 2), ("KLM4455", 24)]
+
+
+def test_the_next_car_one_character_off_gets_its_own_pass_after_an_early_event() -> None:
+    # A sequential fleet at a gate: A (ABC1234) is sure, gets its early event, waits 4 s and
+    # leaves; B (ABC1235) stops on the same spot 1 s later and must get its own early event
+    # (the gate opens for it), and A's final event keeps A's plate.
+    tr = make_tracker(track_timeout=1.5)
+    frames = [[obs("ABC1234", T0 + i * DT, (600, 500, 120, 30))] for i in range(20)]
+    frames += [[] for _ in range(5)]
+    frames += [[obs("ABC1235", T0 + i * DT, (605, 502, 120, 30))] for i in range(25, 50)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 20)
+    assert sorted((e.id, e.final, e.plate) for e in events) == [
+        ("ev1", False, "ABC1234"), ("ev1", True, "ABC1234"),
+        ("ev2", False, "ABC1235"), ("ev2", True, "ABC1235")]
+
+
+def test_a_lone_misread_after_a_gap_in_a_sure_pass_is_no_event_of_its_own() -> None:
+    # A waiting car, sure of its plate, is hidden for a second (a person walks past); the first
+    # read after that is one character off. It is taken for a misread of the pass: no ghost
+    # event, and the pass still records its own plate for the dedupe window.
+    tr = make_tracker(track_timeout=3.0)
+    texts = ["ABC1234"] * 10 + [None] * 5 + ["ABC1284"] + ["ABC1234"] * 10
+    frames = [[obs(t, T0 + i * DT, (600, 500, 120, 30))] if t else [] for i, t in enumerate(texts)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 20)
+    assert [(e.plate, e.final, e.id) for e in events] == [("ABC1234", False, "ev1"),
+                                                          ("ABC1234", True, "ev1")]
+    assert [(pid, key) for pid, key, _ in tr.passes()] == [("ev1", plate_key("ABC1234"))]
+
+
+def test_an_eight_character_plate_read_as_surely_as_int8_allows_gets_an_early_event() -> None:
+    # The int8 reader's softmax tops out at 255/256 a character: an 8-character plate read
+    # perfectly in every frame is 0.969 sure. The default threshold must let it through.
+    tr = make_tracker()
+    frames = [[obs("AB1234CD", T0 + i * DT, moving_box(i, dx=5), probs=[255 / 256] * 8)]
+              for i in range(5)]
+    events = drive(tr, frames)
+    assert [(e.plate, e.final) for e in events] == [("AB1234CD", False)]
+
+
+def test_the_readers_alternatives_stay_among_the_event_candidates() -> None:
+    # Read steadily as ABC1234 with ABC1284 its runner-up each time: the vote alone would list
+    # only ABC1234, and a watchlist with candidates on would never see ABC1284.
+    tr = make_tracker(early_confidence=1.0)
+    frames = []
+    for i in range(6):
+        o = obs("ABC1234", T0 + i * DT, moving_box(i))
+        read = Read(o.read.text, 0.7, o.read.chars,
+                    (Candidate("ABC1234", 0.7), Candidate("ABC1284", 0.25)))
+        frames.append([Observation(o.camera, o.seq, o.ts, o.box, o.frame_size, o.det_score,
+                                   read)])
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 20)
+    assert ev.plate == "ABC1234"
+    assert [(c.plate, round(c.confidence, 3)) for c in ev.candidates][:2] == [
+        ("ABC1234", pytest.approx(ev.confidence, abs=1e-3)), ("ABC1284", 0.25)]
+
+
+def test_a_car_parked_for_hours_keeps_a_bounded_number_of_best_observations() -> None:
+    # Each new misread of a parked car kept its best frame (crop included) for good.
+    tr = make_tracker(early_confidence=1.0, track_timeout=600)
+    rng = np.random.default_rng(3)
+    for i in range(400):
+        text = "ABC1234" if i % 2 else "".join(rng.choice(list("ABCDEFGHJK"), 7))
+        text = "ABC1234" if text == "ABC1234" else "ABC12" + text[:2]  # near the plate
+        tr.update([obs(text, T0 + i * DT, (600, 500, 120, 30), crop=b"jpg")], now=T0 + i * DT)
+    (t,) = tr._tracks
+    assert len(t.best) <= 8 and "ABC1234" in t.best
+
+
+def test_a_car_standing_still_under_motion_gating_stays_one_pass() -> None:
+    # Motion gating skips the frames of a car waiting at the gate (the inference worker calls
+    # hold() for them): its track stays open, and when it drives off a minute later, past the
+    # dedupe window, it is still one pass with one final event. A plate that left before the
+    # scene went still is not held.
+    tr = make_tracker(early_confidence=1.0, track_timeout=1.5, dedupe_window=30)
+    events = []
+    for i in range(10):  # arriving: A and B read
+        ts = T0 + i * DT
+        events += tr.update([obs("ABC1234", ts, (600, 500, 120, 30)),
+                             obs("XYZ987", ts, (100 + 40 * i, 200, 120, 30))], now=ts)
+    for i in range(10, 20):  # B gone, A still read while the scene settles
+        ts = T0 + i * DT
+        events += tr.update([obs("ABC1234", ts, (600, 500, 120, 30))], now=ts)
+    for i in range(20, 320):  # a minute without motion
+        ts = T0 + i * DT
+        tr.hold(ts)
+        events += tr.update([], now=ts)
+    for i in range(320, 330):  # driving off
+        ts = T0 + i * DT
+        events += tr.update([obs("ABC1234", ts, (600 + 30 * (i - 320), 500, 120, 30))], now=ts)
+    events += tr.flush(now=T0 + 400)
+    assert [(e.plate, e.frames) for e in events] == [("XYZ987", 10), ("ABC1234", 30)]
+    assert events[1].last_seen == T0 + 329 * DT
 
 
 def test_track_closes_only_once_unseen_for_the_timeout() -> None:
