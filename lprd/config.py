@@ -510,14 +510,23 @@ def model_file_problems(cfg: Config) -> list[str]:
 
 def file_problems(cfg: Config) -> list[str]:
     """Every file the config names and uses that is missing, unreadable or empty: the models,
-    and the MQTT password and TLS files and the sync token when they are in use."""
-    files: list[tuple[str, Path | None]] = []
+    the MQTT password and TLS files and the sync token when they are in use, and the file
+    sources of enabled cameras and of the sync (a typo there would otherwise show only when
+    `run` retries it)."""
+    from lprd.capture import SourceKind, source_kind  # cv2: only when files are checked
+
+    files: list[tuple[str, Path | None]] = [
+        (f"cameras.{name}.source", Path(cam.source)) for name, cam in cfg.cameras.items()
+        if cam.enabled and source_kind(cam.source) is SourceKind.FILE]
     if cfg.mqtt.enabled:
         files.append(("mqtt.password_file", cfg.mqtt.password_file))
         if cfg.mqtt.tls.enabled:
             files += [(f"mqtt.tls.{k}", getattr(cfg.mqtt.tls, k)) for k in ("ca", "cert", "key")]
-    if cfg.watchlist.enabled and cfg.watchlist.sync.source:
-        files.append(("watchlist.sync.token_file", cfg.watchlist.sync.token_file))
+    sync = cfg.watchlist.sync
+    if cfg.watchlist.enabled and sync.source:
+        files.append(("watchlist.sync.token_file", sync.token_file))
+        if "://" not in sync.source:
+            files.append(("watchlist.sync.source", Path(sync.source)))
     problems = model_file_problems(cfg)
     for key, path in files:
         why = _file_problem(path) if path is not None else None

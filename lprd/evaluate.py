@@ -534,7 +534,8 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
             continue
         try:
             item = parse_label(line, root, texts)
-        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        # json.JSONDecodeError is a ValueError; nesting thousands deep, a RecursionError
+        except (ValueError, TypeError, RecursionError) as e:
             print(f"lprd eval: {labels}:{n}: bad label line: {e}", file=err)
             failed += 1
             continue

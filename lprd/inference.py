@@ -395,10 +395,7 @@ class InferenceWorker:
     def _send(self, events: list[PlateEvent]) -> None:
         for ev in events:
             if self.watchlist is not None:
-                try:
-                    ev = replace(ev, watchlist=self.watchlist.match(ev.plate, ev.candidates))
-                except Exception as e:  # noqa: BLE001 - the event still goes out, unmatched
-                    log.error("watchlist lookup of %s failed: %s", ev.plate, e)
+                ev = self.watchlist.match_event(ev)
             log.info("camera %s: %s event %s plate %s (%.2f, %d frames)", ev.camera,
                      "final" if ev.final else "early", ev.id, ev.plate, ev.confidence, ev.frames,
                      extra={"camera": ev.camera, "event_id": ev.id})

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import re
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -77,6 +78,21 @@ def open_config(path: str | None) -> Config:
     return load_config(path)
 
 
+def _open_watchlist(cfg: Config) -> Any:
+    """The daemon's watchlist, to match video events as the daemon would; None when the config
+    disables it or it was never made (recognize creates and repairs nothing)."""
+    from lprd.watchlist import DB_NAME, Watchlist, WatchlistError
+
+    path = cfg.storage.dir / DB_NAME
+    if not cfg.watchlist.enabled or not path.is_file():
+        return None
+    try:
+        return Watchlist(path, cfg.watchlist)
+    except (WatchlistError, OSError, sqlite3.Error) as e:
+        log.warning("watchlist %s not used, events carry no match: %s", path, e)
+        return None
+
+
 def load_image(path: Path) -> np.ndarray:
     """A BGR image, or InputError saying in one line why not."""
     if not path.exists():
@@ -89,7 +105,12 @@ def load_image(path: Path) -> np.ndarray:
         raise InputError(f"cannot read: {e.strerror or e}") from None
     if data.size == 0:
         raise InputError("empty file")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error as e:  # over OpenCV's pixel limit (1 gigapixel), or a codec's assertion
+        raise InputError("OpenCV cannot decode it: "
+                         + ("too large (over its pixel limit)" if "PIXELS" in str(e)
+                            else str(e).strip().splitlines()[-1])) from None
     if img is None or img.size == 0:
         raise InputError("not an image OpenCV can decode (corrupt or another kind of file)")
     if img.dtype == np.uint16:
@@ -315,6 +336,8 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
             print(f"lprd recognize: --annotate {shown_path(str(annotate_dir))}: {e.strerror or e}",
                   file=err)
             return 2
+    watchlist = _open_watchlist(cfg) if any(
+        isinstance(i, Input) and i.kind == "video" for i in inputs) else None
     taken: set[Path] = set()
     failed = 0
     for item in inputs:
@@ -329,6 +352,8 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
                 for ev in track_video(item.path, pipeline, cfg, every=args.every):
                     if not (ev.final or args.early):
                         continue
+                    if watchlist is not None:
+                        ev = watchlist.match_event(ev)
                     if annotate_dir and ev.crop_jpeg:
                         _write_event_crop(annotate_dir, item.path, ev, taken)
                     if not cfg.mqtt.crops:  # taken only for --annotate: keep the lines short

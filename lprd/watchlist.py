@@ -65,7 +65,7 @@ from lprd.plate_match import (
     query_strings,
 )
 from lprd.storage import move_aside
-from lprd.types import Candidate, WatchlistMatch
+from lprd.types import Candidate, PlateEvent, WatchlistMatch
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +263,17 @@ def _check_utf8(value: Any, what: str) -> None:
 
 
 def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    # A spreadsheet saved in a European locale separates by semicolons
+    delimiter = ";" if ";" in first and "," not in first else ","
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter)
     try:
         header: list[str] | None = None
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue  # blank line
+            if header is None and len(row) == 1 and any(ch.isdigit() for ch in row[0]):
+                header = ["plate"]  # a plain list, one plate a line: no header word has digits
             if header is None:
                 header = [h.strip() for h in row]
                 lowered = [h.lower() for h in header]
@@ -677,6 +682,15 @@ class Watchlist:
     def _union(sql: str) -> str:
         """The same query over both origins' tables ({o} stands for the origin)."""
         return " UNION ALL ".join(sql.replace("{o}", o) for o in ORIGINS)
+
+    def match_event(self, ev: PlateEvent) -> PlateEvent:
+        """`ev` with its watchlist match; a failed lookup is logged and the event goes out
+        unmatched (a broken store must not hold back the plate's event)."""
+        try:
+            return replace(ev, watchlist=self.match(ev.plate, ev.candidates))
+        except Exception as e:  # noqa: BLE001
+            log.error("watchlist lookup of %s failed: %s", ev.plate, e)
+            return ev
 
     def match(self, plate: str, candidates: Sequence[Candidate] = (),
               now: float | None = None) -> WatchlistMatch:
@@ -1215,7 +1229,10 @@ def benchmark(entries: int = 100_000, lookups: int = 2000, seed: int = 0,
 def _open(args: argparse.Namespace, create: bool = False) -> tuple[Watchlist, Config]:
     """The CLI's store; without `create`, a missing file is an error (a mistyped --db)."""
     cfg_path = Path(getattr(args, "config", None) or DEFAULT_CONFIG_PATH)
-    if args.db is not None and not cfg_path.exists() and cfg_path == DEFAULT_CONFIG_PATH:
+    if not cfg_path.exists() and cfg_path == DEFAULT_CONFIG_PATH:
+        if args.db is None:
+            raise WatchlistError(f"{cfg_path}: file not found: give the daemon's config with "
+                                 "-c FILE, or the watchlist file with --db FILE")
         cfg = Config()  # --db alone works on a machine without /etc/lprd/config.yaml
     else:
         cfg = load_config(cfg_path)

@@ -296,6 +296,21 @@ def test_check_config_names_missing_secret_tls_and_token_files(tmp_path, capsys)
     ]
 
 
+def test_check_config_names_a_missing_camera_file_and_sync_file(tmp_path, capsys):
+    # check-config said OK; `run` then failed on the typo (or retried it for ever)
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({
+        "cameras": {"gate": {"source": "nothere.mp4"}, "cam": {"source": "rtsp://cam/1"},
+                    "off": {"source": "gone.mp4", "enabled": False}},
+        "watchlist": {"sync": {"source": "lists/nolist.csv"}},
+    }))
+    assert main(["check-config", str(f)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{f}: cameras.gate.source: {tmp_path / 'nothere.mp4'}: file not found",
+        f"{f}: watchlist.sync.source: {tmp_path / 'lists/nolist.csv'}: file not found",
+    ]
+
+
 def test_check_config_skips_the_files_of_what_is_turned_off(tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({

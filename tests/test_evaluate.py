@@ -332,15 +332,16 @@ def test_eval_reports_bad_lines_and_images_and_scores_the_rest(tmp_path: Path, c
              {"image": "images/notes.png", "crop": True,
               "plates": [{"text": "TEXT1", "box": [0, 0, 9, 9]}]}]
     labels = tmp_path / "labels.jsonl"
-    _write_labels(labels, recs, extra=["{broken"])
+    _write_labels(labels, recs, extra=["{broken", "[" * 100_000])
     assert main(["eval", str(labels), "--no-progress"]) == 1
     out, err = capsys.readouterr()
     errs = [e for e in err.splitlines() if e.startswith("lprd eval:")]
-    assert len(errs) == 3
+    assert len(errs) == 4
     assert any("labels.jsonl:7: bad label line" in e for e in errs)
+    assert any("labels.jsonl:8: bad label line" in e for e in errs)  # nested too deep
     assert any("missing.png: no such file" in e for e in errs)
     assert any("notes.png: not an image" in e for e in errs)
-    assert "images            4 (1 scenes, 3 crops), 3 failed" in out
+    assert "images            4 (1 scenes, 3 crops), 4 failed" in out
 
 
 def test_eval_refuses_a_missing_root_or_a_report_path_that_is_a_file(tmp_path: Path,

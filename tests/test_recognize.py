@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -33,13 +35,25 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     files["empty"].write_bytes(b"")
     _, buf = cv2.imencode(".jpg", np.full((60, 200, 3), 128, np.uint8))
     files["truncated"].write_bytes(buf.tobytes()[:40])
+    files["huge"] = tmp_path / "huge.png"
+    files["huge"].write_bytes(_png_header_only(40000, 40000))
     return files
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that claims w x h grey pixels and holds one row: OpenCV refuses it by its header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * (w + 1))) + chunk(b"IEND", b""))
 
 
 def test_load_image_says_why_a_file_is_no_image(tmp_path: Path, bad_files) -> None:
     cases = {tmp_path / "none.png": "no such file", tmp_path: "is a folder",
              bad_files["empty"]: "empty file", bad_files["text"]: "not an image",
-             bad_files["truncated"]: "not an image"}
+             bad_files["truncated"]: "not an image",
+             bad_files["huge"]: "too large"}  # it raised cv2.error, ending the whole batch
     for path, words in cases.items():
         with pytest.raises(InputError, match=words):
             load_image(path)
@@ -299,3 +313,25 @@ def test_names_that_are_not_utf8_are_read_written_and_printed(tmp_path: Path) ->
     r = lprd("--crops", "--json", crop.name)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["image"] == "v\\xff.png"
+
+
+def test_recognize_video_matches_events_against_the_configured_watchlist(tmp_path: Path,
+                                                                         capsys) -> None:
+    # `recognize` prints events "as published": with the daemon's watchlist in place, a listed
+    # plate must say so (it always said "none"). Without the store, nothing is created.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"storage:\n  dir: {tmp_path / 'state'}\n")
+    assert main(["recognize", "-c", str(cfg), "--json", str(DEMO_CLIP)]) == 0
+    plain = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert plain and all(e["watchlist"]["match"] == "none" for e in plain)
+    assert not (tmp_path / "state").exists()
+    listed = plain[0]["plate"]
+    assert main(["-c", str(cfg), "watchlist", "add", listed.lower(), "--action", "alert",
+                 "--list", "stolen"]) == 0
+    capsys.readouterr()
+    assert main(["recognize", "-c", str(cfg), "--json", str(DEMO_CLIP)]) == 0
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {e["plate"]: e["watchlist"]["match"] for e in events} == {
+        e["plate"]: "exact" if e["plate"] == listed else "none" for e in plain}
+    (hit,) = [e for e in events if e["plate"] == listed]
+    assert (hit["watchlist"]["list"], hit["watchlist"]["action"]) == ("stolen", "alert")

@@ -204,6 +204,18 @@ def test_a_bad_row_rejects_the_whole_list_and_names_the_row(doc: str, fmt: str,
         parse_document(doc.encode(), fmt)
 
 
+def test_a_plain_list_and_a_semicolon_csv_import() -> None:
+    # The commonest lists a user has: one plate a line (no header), and a spreadsheet saved
+    # in a European locale (semicolons). Both were refused, the first plate taken for a header.
+    plain = parse_document(b"ABC1234\nxyz-999\n\n", "csv")
+    assert [e.plate for e in plain] == ["ABC1234", "XYZ999"]
+    semi = parse_document(b"plate;list;action\nABC1234;stolen;alert\n", "csv")
+    assert [(e.plate, e.list, e.action) for e in semi] == [("ABC1234", "stolen", "alert")]
+    # a header word has no digits: a one-column file headed by an unknown word is still refused
+    with pytest.raises(WatchlistError, match="needs a 'plate' or 'tag' column"):
+        parse_document(b"kenteken\nAB123C\n", "csv")
+
+
 def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
     # A deferred constraint makes COMMIT itself fail, as a full disk can.
     conn = sqlite3.connect(tmp_path / "t.sqlite", isolation_level=None)
@@ -432,6 +444,19 @@ def test_cli_takes_config_after_the_action(tmp_path: Path,
     capsys.readouterr()
     assert lprd_main(["watchlist", "list", "--config", str(cfg)]) == 0
     assert capsys.readouterr().out.startswith("ABC1234  ")
+
+
+def test_cli_without_the_default_config_says_how_to_go_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import lprd.watchlist as wlmod
+
+    monkeypatch.setattr(wlmod, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "config.yaml")
+    rc, _, err = _run(["list", "-c", str(tmp_path / "etc" / "config.yaml")], capsys)
+    assert rc == 2 and "file not found: give the daemon's config with -c FILE, or the " \
+        "watchlist file with --db FILE" in err
+    rc, _, _ = _run(["add", "ABC1234", "--db", str(tmp_path / "w.sqlite")], capsys)
+    assert rc == 0
 
 
 def test_cli_ends_quietly_into_a_closed_pipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
