@@ -203,11 +203,15 @@ def _bench(args: argparse.Namespace) -> int:
                       "give a video file", file=sys.stderr)
                 return 2
         if not source.is_file():
-            print(f"lprd bench: {source}: no such file", file=sys.stderr)
+            print(f"lprd bench: {source}: " + ("a folder; give one video file" if source.is_dir()
+                                               else "no such file"), file=sys.stderr)
             return 2
         try:
             res = run_bench(source, cfg, args.frames, args.warmup, args.threads)
-        except (ModelError, ValueError) as e:
+        except ModelError as e:  # as recognize and eval: a setup error, not a failed run
+            print(f"lprd bench: {e}", file=sys.stderr)
+            return 2
+        except ValueError as e:
             print(f"lprd bench: {e}", file=sys.stderr)
             return 1
     summary = res.summary()

@@ -1283,6 +1283,12 @@ def _describe(e: WatchlistEntry) -> str:
     return "  ".join(parts)
 
 
+def _list_arg(v: str) -> str:
+    if not is_list_name(v):  # "" would quietly mean the default list
+        raise argparse.ArgumentTypeError(f"{v!r}: a list name is 1-64 printable characters")
+    return v
+
+
 def _cmd_add(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {"plate": args.plate, "list": args.list, "action": args.action,
                               "valid_from": args.valid_from, "valid_until": args.valid_until}
@@ -1475,7 +1481,7 @@ def register(subparsers: Any) -> None:
 
     a = add("add", _cmd_add, "add a plate (replaces the same plate on the same list)")
     a.add_argument("plate")
-    a.add_argument("--list", default="default", help="list name (default: default)")
+    a.add_argument("--list", type=_list_arg, default="default", help="list name (default: default)")
     a.add_argument("--action", help="allow, deny, alert or another topic word")
     a.add_argument("--info", action="append", metavar="KEY=VALUE",
                    help="metadata (owner, make, model, permit, lot, valid, notes ...); repeatable")
@@ -1484,22 +1490,22 @@ def register(subparsers: Any) -> None:
 
     r = add("remove", _cmd_remove, "remove a plate (exit 1 if it was not there)")
     r.add_argument("plate")
-    r.add_argument("--list", help="only from this list")
+    r.add_argument("--list", type=_list_arg, help="only from this list")
 
     ls = add("list", _cmd_list, "print the entries")
-    ls.add_argument("--list", help="only this list")
+    ls.add_argument("--list", type=_list_arg, help="only this list")
     ls.add_argument("--plate", help="only this plate")
 
     im = add("import", _cmd_import, "import a CSV or JSON list (all rows or none)")
     im.add_argument("file", help="CSV (plate or tag column; the seed's plates.csv works) or "
                                  "JSON; - for stdin")
     im.add_argument("--format", choices=("csv", "json"), help="default: by extension/content")
-    im.add_argument("--list", default="default", help="list name for rows that name none")
+    im.add_argument("--list", type=_list_arg, default="default", help="list name for rows that name none")
     im.add_argument("--action", help="action for rows that name none")
     im.add_argument("--replace", action="store_true", help="drop all other local entries")
 
     ex = add("export", _cmd_export, "write the entries as CSV (or JSON with --json)")
-    ex.add_argument("--list", help="only this list")
+    ex.add_argument("--list", type=_list_arg, help="only this list")
     ex.add_argument("-o", "--output", help="file (default: stdout)")
 
     m = add("match", _cmd_match,

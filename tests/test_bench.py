@@ -55,6 +55,16 @@ def test_bench_reports_a_missing_source(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_bench_says_a_folder_is_no_video_and_a_missing_model_is_status_2(tmp_path, capsys,
+                                                                          tiny_clip):
+    assert main(["bench", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"lprd bench: {tmp_path}: a folder; give one video file\n"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"reader:\n  model: {tmp_path / 'nope.tflite'}\n")
+    assert main(["bench", "-c", str(cfg), str(tiny_clip)]) == 2  # as recognize and eval
+    assert "nope.tflite: model file not found" in capsys.readouterr().err
+
+
 def test_bench_takes_config_after_the_subcommand(tiny_clip, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("reader:\n  min_confidence: 7\n")

@@ -446,6 +446,14 @@ def test_cli_takes_config_after_the_action(tmp_path: Path,
     assert capsys.readouterr().out.startswith("ABC1234  ")
 
 
+def test_cli_refuses_an_empty_list_name(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # `--list ""` put the plate on "default" without a word
+    err = _run_err(["add", "X2", "--list", "", "--db", str(tmp_path / "w.sqlite")], capsys)
+    assert "argument --list: '': a list name is 1-64 printable characters" in err
+    assert not (tmp_path / "w.sqlite").exists()
+
+
 def test_cli_without_the_default_config_says_how_to_go_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
