@@ -233,6 +233,10 @@ TILE_NMS_IOU = 0.3
 # px at the full pass's input: wider plates are found there (98 % of held-out ones, det-…-e81)
 TILE_MAX_WIDTH = 32
 ZOOM_MULTIPLE = 32  # the backbone's stride: the FPN's sums need sizes it divides
+# An ROI looked at this much closer than the whole frame is also searched at the frame's scale,
+# for the plates at least this wide (px at the ROI pass's input) that the model knows less well
+REGION_CLOSER = 1.5
+REGION_WIDE_WIDTH = 96
 # The second look's window at the model's input: 1/16 of a full pass, room for a far plate and
 # the car around it. Cut at the frame's own pixels, but at most LOOK_MAX_ZOOM times the full
 # pass's scale (a 1080p frame: its own pixels; a 4K frame: 3/4 of them).
@@ -423,6 +427,39 @@ class PlateDetector:
                        np.array([d.score for d in out], np.float32), self.nms_iou)
             out = [out[i] for i in keep]
         return out
+
+    def detect_region(self, frame_bgr: np.ndarray, rect: tuple[int, int, int, int]
+                      ) -> list[Detection]:
+        """Plates in the part x0, y0, x1, y1 of the frame (a camera's ROI), in frame pixels.
+
+        The part is searched at its own pixels, padded: scaled up, a tight ROI's plate is
+        larger than any the model knows. But at its own pixels a plate over about 150 px is too
+        (a gate camera's close plates) where the whole frame, shrunk, shows it at a size the
+        model knows. So a part looked at much closer than the whole frame would be is also
+        searched at the whole frame's scale, for its wide plates: an ROI never loses a plate
+        that the whole frame would find."""
+        x0, y0, x1, y1 = rect
+        fh, fw = frame_bgr.shape[:2]
+        part = frame_bgr[y0:y1, x0:x1]
+        ph, pw = part.shape[:2]
+        dets = self.detect(part, enlarge=False)
+        frame_scale = min(self.in_h / fh, self.in_w / fw)
+        own = min(self.in_h / ph, self.in_w / pw, 1.0)
+        if own > REGION_CLOSER * frame_scale:
+            sh, sw = max(1, round(ph * frame_scale)), max(1, round(pw * frame_scale))
+            small = cv2.resize(part, (sw, sh), interpolation=cv2.INTER_AREA)
+            sy, sx = ph / sh, pw / sw
+            wide = [Detection((round(bx * sx), round(by * sy), round(bw * sx), round(bh * sy)),
+                              d.score)
+                    for d in self.detect(small, enlarge=False) for bx, by, bw, bh in (d.box,)
+                    if bw * sx * own >= REGION_WIDE_WIDTH]
+            if wide:
+                dets += wide
+                boxes = np.array([d.box for d in dets], np.float32)
+                scores = np.array([d.score for d in dets], np.float32)
+                dets = [dets[i] for i in nms(boxes, scores, TILE_NMS_IOU)[:self.cfg.max_plates]]
+        return [Detection(box=(bx + x0, by + y0, bw, bh), score=d.score)
+                for d in dets for bx, by, bw, bh in (d.box,)]
 
     def _second_look(self, frame_bgr: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                      full_scale: float, enlarge: bool

@@ -111,10 +111,7 @@ class PlatePipeline:
         x0, y0, x1, y1 = max(0, x), max(0, y), min(fw, x + w), min(fh, y + h)
         if x1 - x0 < 2 or y1 - y0 < 2:  # an ROI outside this frame: search the whole frame
             return self.detector.detect(frame_bgr)
-        # at its own pixels: scaled up, a tight ROI's plate is larger than any the model knows
-        dets = self.detector.detect(frame_bgr[y0:y1, x0:x1], enlarge=False)
-        return [Detection(box=(bx + x0, by + y0, bw, bh), score=d.score)
-                for d in dets for bx, by, bw, bh in (d.box,)]
+        return self.detector.detect_region(frame_bgr, (x0, y0, x1, y1))
 
 
 # -- the inference worker process ---------------------------------------------------------------

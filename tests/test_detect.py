@@ -328,6 +328,22 @@ def test_a_tight_roi_finds_its_plate_at_the_frame_s_own_pixels(detector: PlateDe
     assert found >= 11, found
 
 
+def test_an_roi_finds_the_close_plates_the_whole_frame_finds(detector: PlateDetector) -> None:
+    # A gate camera's ROI around a close plate (210-300 px in 1080p). At its own pixels the
+    # plate is past the 7-150 px the model knows: det-202612051946-e81 found 10 of 16 that way;
+    # the whole frame, shrunk, finds all 16, and so must the ROI.
+    pipeline = PlatePipeline(detector, PlateReader(ReaderConfig(), 1), Config())
+    rng = np.random.default_rng(5)
+    found = 0
+    for _ in range(16):
+        frame, (x, y, w, h) = _scene(rng, 1080, 1920, share=(0.11, 0.16))
+        roi = (max(0, x - 150), max(0, y - 100), w + 300, h + 200)
+        boxes = [d.box for d in pipeline._detect(frame, roi)]
+        assert all(roi[0] <= b[0] and b[0] + b[2] <= roi[0] + roi[2] + 2 for b in boxes)
+        found += max((_iou(b, (x, y, w, h)) for b in boxes), default=0.0) >= 0.5
+    assert found >= 15, found
+
+
 @pytest.mark.parametrize("search", [{"tiles": 3}, {"tiles": 4}, {"zoom": 2.0}, {}],
                          ids=["tiles3", "tiles4", "zoom", "one_pass"])
 def test_frames_a_pixel_or_two_across_give_no_plates(search: dict) -> None:
