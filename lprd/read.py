@@ -179,7 +179,70 @@ def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str
         k = int(np.where(allowed[j], logp[ts, :blank].sum(axis=0), -np.inf).argmax())
         idx.append(k)
         ps.append(float(np.exp(logp[ts, k].max())))
+    # CTC reads one class over steps with no blank between as one character: a path that
+    # splits such a run in two invents a doubled character (a plate cut by the frame's edge,
+    # one short of its format, read AXK312 -> AXK3312). The search above is quick because it
+    # does not track classes; where its path is of that kind, the exact search decides.
+    if any(idx[j] == idx[j - 1] and seg[j][-1] == seg[j - 1][0] + 1 for j in range(1, len(fmt))):
+        return _ctc_align_by_class(logp, allowed)
     return float(dp[end]), idx, ps
+
+
+def _ctc_align_by_class(logp: np.ndarray, allowed: list[np.ndarray]
+                        ) -> tuple[float, list[int], list[float]] | None:
+    """`_ctc_align`'s search with one class per character, and a blank between two characters
+    of the same class (as CTC decodes them): a state per character and class, and the blanks."""
+    steps, blank = logp.shape[0], logp.shape[1] - 1
+    n = len(allowed)
+    emit = np.where(np.array(allowed)[None], logp[:, None, :blank], -np.inf)  # steps, n, classes
+    lb = logp[:, blank]
+    rows = np.arange(n)
+    dpb = np.full(n + 1, -np.inf)  # blank j: before character j (n: after the last)
+    dpb[0] = lb[0]
+    dpc = np.full((n, blank), -np.inf)
+    dpc[0] = emit[0, 0]
+    back_b = np.zeros((steps, n + 1), np.int16)  # -1 stay, else the class of character j-1
+    back_c = np.zeros((steps, n, blank), np.int16)  # -2 stay, -1 from blank j, else j-1's class
+    for t in range(1, steps):
+        a1 = dpc.argmax(axis=1)
+        t1 = dpc[rows, a1]
+        rest = dpc.copy()
+        rest[rows, a1] = -np.inf
+        a2 = rest.argmax(axis=1)
+        t2 = rest[rows, a2]
+        from_c = np.concatenate([[-np.inf], t1])
+        back_b[t] = np.where(from_c > dpb, np.concatenate([[0], a1]), -1)
+        new_b = np.maximum(dpb, from_c) + lb[t]
+        # from character j-1: its best class, or its second best where that is this class
+        same = np.arange(blank)[None] == a1[:-1, None]
+        prev = np.full((n, blank), -np.inf)
+        prev[1:] = np.where(same, t2[:-1, None], t1[:-1, None])
+        prev_k = np.zeros((n, blank), np.int16)
+        prev_k[1:] = np.where(same, a2[:-1, None], a1[:-1, None])
+        moves = np.stack([dpc, np.broadcast_to(dpb[:n, None], dpc.shape), prev])
+        pick = moves.argmax(axis=0)
+        back_c[t] = np.where(pick == 0, -2, np.where(pick == 1, -1, prev_k))
+        dpc = moves.max(axis=0) + emit[t]
+        dpb = new_b
+    k_end = int(dpc[-1].argmax())
+    if not np.isfinite(max(dpb[-1], dpc[-1, k_end])):
+        return None
+    score = float(max(dpb[-1], dpc[-1, k_end]))
+    j, k, on_blank = (n, -1, True) if dpb[-1] >= dpc[-1, k_end] else (n - 1, k_end, False)
+    idx, best = [0] * n, [-np.inf] * n
+    for t in range(steps - 1, -1, -1):
+        if on_blank:
+            b = int(back_b[t, j])
+            if t and b >= 0:
+                j, k, on_blank = j - 1, b, False
+            continue
+        idx[j], best[j] = k, max(best[j], float(logp[t, k]))
+        b = int(back_c[t, j, k])
+        if t and b == -1:
+            on_blank = True
+        elif t and b >= 0:
+            j, k = j - 1, b
+    return score, idx, [float(np.exp(v)) for v in best]
 
 
 def _format_masks(fmt: str, alphabet: str) -> list[np.ndarray]:
