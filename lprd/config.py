@@ -517,7 +517,8 @@ def file_problems(cfg: Config) -> list[str]:
 
     files: list[tuple[str, Path | None]] = [
         (f"cameras.{name}.source", Path(cam.source)) for name, cam in cfg.cameras.items()
-        if cam.enabled and source_kind(cam.source) is SourceKind.FILE]
+        if cam.enabled and "://" not in cam.source  # udp://, rtmp://: FFmpeg's to open
+        and source_kind(cam.source) is SourceKind.FILE]
     if cfg.mqtt.enabled:
         files.append(("mqtt.password_file", cfg.mqtt.password_file))
         if cfg.mqtt.tls.enabled:

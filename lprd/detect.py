@@ -360,7 +360,8 @@ class PlateDetector:
             y = (y.astype(np.float32) - zero) * scale
         return y
 
-    def detect(self, frame_bgr: np.ndarray, enlarge: bool = True) -> list[Detection]:
+    def detect(self, frame_bgr: np.ndarray, enlarge: bool = True, one_pass: bool = False
+               ) -> list[Detection]:
         """Plates in a BGR uint8 frame, score-sorted, above cfg.threshold, NMS'd.
 
         With cfg.tiles = n > 1 the frame is also searched as an n x n grid of overlapping tiles,
@@ -372,7 +373,7 @@ class PlateDetector:
         padded, and only tiles and zoom scale it up. With
         cfg.second_look = k > 0 the k strongest small peaks of the full pass under the threshold
         (from cfg.second_look_min) are looked at again through a window at the frame's own
-        pixels (`_second_look`)."""
+        pixels (`_second_look`). `one_pass`: the full pass and the check only."""
         if not isinstance(frame_bgr, np.ndarray) or frame_bgr.ndim != 3 \
                 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8 or frame_bgr.size == 0:
             raise ValueError(f"expected a BGR uint8 frame (H, W, 3), got "
@@ -381,7 +382,7 @@ class PlateDetector:
         fh, fw = frame_bgr.shape[:2]
         full_scale = min(self.in_h / fh, self.in_w / fw, np.inf if enlarge else 1.0)
         th = self.cfg.threshold
-        if self._look is None:
+        if self._look is None or one_pass:
             all_boxes, all_scores = [], []
             boxes, scores = self._pass(frame_bgr, self._full, th, enlarge)
         else:
@@ -393,12 +394,12 @@ class PlateDetector:
             boxes, scores = boxes[strong], scores[strong]
         all_boxes.insert(0, boxes)
         all_scores.insert(0, scores)
-        if self._zoom is not None:
+        if self._zoom is not None and not one_pass:
             b, sc = self._pass(frame_bgr, self._zoom, th, True)  # its small boxes only
             small = b[:, 2] * full_scale < TILE_MAX_WIDTH
             all_boxes.append(b[small])
             all_scores.append(sc[small])
-        for x0, y0, tw, tth in tile_grid(fh, fw, self.cfg.tiles):
+        for x0, y0, tw, tth in tile_grid(fh, fw, 1 if one_pass else self.cfg.tiles):
             b, sc = self._pass(frame_bgr[y0:y0 + tth, x0:x0 + tw], self._full, th, True)
             # Tiles are for the plates too small for the full pass; a plate cut by an edge
             # inside the frame is whole in a neighbour or the full pass.
@@ -451,7 +452,9 @@ class PlateDetector:
             sy, sx = ph / sh, pw / sw
             wide = [Detection((round(bx * sx), round(by * sy), round(bw * sx), round(bh * sy)),
                               d.score)
-                    for d in self.detect(small, enlarge=False) for bx, by, bw, bh in (d.box,)
+                    # the small-plate passes (tiles, zoom, second look) are the part's own
+                    for d in self.detect(small, enlarge=False, one_pass=True)
+                    for bx, by, bw, bh in (d.box,)
                     if bw * sx * own >= REGION_WIDE_WIDTH]
             if wide:
                 dets += wide

@@ -170,10 +170,11 @@ class Voter:
         for n in lengths:
             for text, p in _top_strings(self._shares(n), topn):
                 cands.setdefault(text, min(1.0, p * self._length_w[n] / total))
-        for text, p in self._alt_p.items():
-            cands[text] = max(cands.get(text, 0.0), min(1.0, p / self._reads))
-        ranked = sorted(cands.items(), key=lambda t: -t[1])[:topn]
         plate = "".join(c.c for c in chars)
+        for text, p in self._alt_p.items():
+            if text != plate:  # the winner's figure is the vote's, as its confidence
+                cands[text] = max(cands.get(text, 0.0), min(1.0, p / self._reads))
+        ranked = sorted(cands.items(), key=lambda t: -t[1])[:topn]
         if plate not in dict(ranked):  # the winner always leads, even on a tie
             ranked = [(plate, conf)] + ranked[: topn - 1]
         ranked.sort(key=lambda t: (t[0] != plate, -t[1]))
@@ -207,6 +208,7 @@ class _Track:
     silent: bool = False  # a continuation of a pass that was already reported
     pass_key: str = ""  # the key of the pass it was taken to continue, while silent
     doubt_of: str | None = None  # the id of the sure pass it began one character off, after a gap
+    present: bool = False  # read in the latest analysed frame (hold() keeps it open)
     vote: Vote | None = None
     key: str = ""  # plate_key of the vote
     topn: int = TOPN
@@ -302,6 +304,7 @@ class Tracker:
         self._read_at: float | None = None  # the latest frame with reads
         self._steps: deque[float] = deque(maxlen=_STEPS_KEPT)  # recent intervals between them
         self._step = math.inf  # their median
+        self._holding = False  # hold() came before this update: a frame skipped, not analysed
 
     @property
     def open_tracks(self) -> int:
@@ -322,6 +325,11 @@ class Tracker:
                 self._step = statistics.median(self._steps)
             self._read_at = ts
         touched = self._associate(obs)
+        if obs or not self._holding:  # an analysed frame: who is in it (none, without reads)
+            seen = {id(t) for t in touched}
+            for t in self._tracks:
+                t.present = id(t) in seen
+        self._holding = False
         for t in touched:
             if t.silent and t.key != t.pass_key:
                 # Its vote moved off the pass it was taken to continue (its first reads looked
@@ -346,12 +354,10 @@ class Tracker:
         with reads are still where they were. A car waiting at the gate keeps its track open
         (one pass, its final event when it leaves) instead of closing it and coming back as a
         new pass once it drives off, past the dedupe window."""
-        if self._read_at is None:
-            return
         for t in self._tracks:
-            if t.last_seen >= self._read_at:
+            if t.present:
                 t.last_seen = max(t.last_seen, ts)
-        self._read_at = max(self._read_at, ts)
+        self._holding = True
 
     def passes(self) -> list[tuple[str, str, float]]:
         """(id, plate key, last seen) of the reported passes still within the dedupe window."""
@@ -378,6 +384,8 @@ class Tracker:
             t.last_seen += delta
         for p in self._passes.values():
             p.last_seen += delta
+        if self._read_at is not None:
+            self._read_at += delta
 
     def flush(self, now: float) -> list[PlateEvent]:
         """Close every open track (end of a file, shutdown) and return the final events."""
@@ -425,7 +433,7 @@ class Tracker:
         overlap = iou(t.box, o.box)
         if not (same_plate or self._near(t, o, overlap)):  # before the edit distances: a
             return None  # parking lot has many pairs
-        if dt > self._gap() and t.early_sent and not t.silent and not same_plate:
+        if dt > self._gap() and self._sure(t) and not same_plate:
             return None
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
         keys = (t.key, t.last_key)
@@ -435,6 +443,14 @@ class Tracker:
         if dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS:
             return None
         return 2.0 * (1.0 - tdist) + overlap
+
+    def _sure(self, t: _Track) -> bool:
+        """Sure of its plate: its early event is out and twice the reads that took are behind
+        it. With fewer, a read one character off after a gap may be the correction of an early
+        misread (3 frames of ABC1734, then ABC1234 for good), which a new pass would leave
+        standing as a ghost."""
+        return (t.early_sent and not t.silent
+                and t.frames >= 2 * max(self.cfg.early_min_frames, self.cfg.min_frames))
 
     def _gap(self) -> float:
         return max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
@@ -447,7 +463,7 @@ class Tracker:
     def _doubted(self, o: Observation, key: str) -> str | None:
         """The sure pass that refused `o` after a gap though it is one character off, if any."""
         for t in self._tracks:
-            if (t.early_sent and not t.silent and t.id is not None
+            if (self._sure(t) and t.id is not None
                     and o.ts - t.last_seen <= self.cfg.track_timeout
                     and self._near(t, o, iou(t.box, o.box))
                     and levenshtein(key, t.key) <= GAP_MAX_EDITS):

@@ -274,6 +274,9 @@ def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 continue  # blank line
             if header is None and len(row) == 1 and any(ch.isdigit() for ch in row[0]):
                 header = ["plate"]  # a plain list, one plate a line: no header word has digits
+            if header == ["plate"] and any(c in row[0] for c in ";,\t|"):
+                raise WatchlistError(f"line {reader.line_num}: more than a plate in a list of "
+                                     "one plate a line (give a header: plate,list,action ...)")
             if header is None:
                 header = [h.strip() for h in row]
                 lowered = [h.lower() for h in header]

@@ -301,6 +301,7 @@ def test_check_config_names_a_missing_camera_file_and_sync_file(tmp_path, capsys
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({
         "cameras": {"gate": {"source": "nothere.mp4"}, "cam": {"source": "rtsp://cam/1"},
+                    "udp": {"source": "udp://@:1234"}, "rtmp": {"source": "rtmp://x/live"},
                     "off": {"source": "gone.mp4", "enabled": False}},
         "watchlist": {"sync": {"source": "lists/nolist.csv"}},
     }))

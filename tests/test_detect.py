@@ -344,6 +344,22 @@ def test_an_roi_finds_the_close_plates_the_whole_frame_finds(detector: PlateDete
     assert found >= 15, found
 
 
+def test_an_roi_s_wide_plate_search_is_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The search at the frame's scale is for wide plates: tiles, zoom and the second look (the
+    # small-plate passes) ran there too and doubled an ROI's cost for nothing.
+    det = PlateDetector(DetectorConfig(tiles=3), num_threads=1)
+    frame, (x, y, w, h) = _scene(np.random.default_rng(5), 1080, 1920, share=(0.11, 0.16))
+    rect = (max(0, x - 150), max(0, y - 100), min(1920, x + w + 150), min(1080, y + h + 100))
+    calls = []
+    real = det._pass
+    monkeypatch.setattr(det, "_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    det.detect(frame[rect[1]:rect[3], rect[0]:rect[2]], enlarge=False)
+    alone = len(calls)
+    calls.clear()
+    det.detect_region(frame, rect)
+    assert len(calls) == alone + 1
+
+
 @pytest.mark.parametrize("search", [{"tiles": 3}, {"tiles": 4}, {"zoom": 2.0}, {}],
                          ids=["tiles3", "tiles4", "zoom", "one_pass"])
 def test_frames_a_pixel_or_two_across_give_no_plates(search: dict) -> None:

@@ -214,6 +214,9 @@ def test_a_plain_list_and_a_semicolon_csv_import() -> None:
     # a header word has no digits: a one-column file headed by an unknown word is still refused
     with pytest.raises(WatchlistError, match="needs a 'plate' or 'tag' column"):
         parse_document(b"kenteken\nAB123C\n", "csv")
+    # a row with more than a plate is refused, not read as the plate XYZ999DENY
+    with pytest.raises(WatchlistError, match="line 2: more than a plate"):
+        parse_document(b"ABC1234\nXYZ999;deny\n", "csv")
 
 
 def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
