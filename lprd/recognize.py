@@ -165,7 +165,10 @@ def expand_inputs(paths: Sequence[str]) -> Iterator[Input | tuple[str, InputErro
             entries = sorted(e for e in p.iterdir() if e.is_file()
                              and e.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS)
             if not entries:
-                yield shown_path(given), InputError("folder holds no image or video files")
+                sub = any(e.is_dir() for e in p.iterdir())
+                yield shown_path(given), InputError(
+                    "folder holds no image or video files"
+                    + (" (its subfolders are not searched: name them too)" if sub else ""))
             for e in entries:
                 yield Input(shown_path(str(Path(given) / e.name)), e, _kind(e))
         elif not p.exists():
@@ -332,6 +335,10 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
     if annotate_dir:
         try:
             annotate_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            print(f"lprd recognize: --annotate {shown_path(str(annotate_dir))}: a file, not a "
+                  "folder", file=err)
+            return 2
         except OSError as e:
             print(f"lprd recognize: --annotate {shown_path(str(annotate_dir))}: {e.strerror or e}",
                   file=err)

@@ -83,15 +83,19 @@ def test_folders_give_their_images_and_videos_sorted(tmp_path: Path) -> None:
     for name in ("b.png", "a.JPG", "clip.mp4", "nvr.dav", "labels.jsonl", "README.md"):
         (d / name).write_bytes(b"x")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "nested" / "day1").mkdir(parents=True)
+    (tmp_path / "nested" / "day1" / "a.jpg").write_bytes(b"x")
     got = list(expand_inputs([str(d), str(tmp_path / "empty"), str(tmp_path / "gone.jpg"),
-                              str(d / "README.md")]))
+                              str(d / "README.md"), str(tmp_path / "nested")]))
     inputs = [g for g in got if isinstance(g, Input)]
     assert [(i.shown, i.kind) for i in inputs] == [
         (str(d / "a.JPG"), "image"), (str(d / "b.png"), "image"), (str(d / "clip.mp4"), "video"),
         (str(d / "nvr.dav"), "video"), (str(d / "README.md"), "image")]  # named explicitly: tried, and fails as an image
     errors = {shown: str(e) for shown, e in (g for g in got if not isinstance(g, Input))}
     assert errors == {str(tmp_path / "empty"): "folder holds no image or video files",
-                      str(tmp_path / "gone.jpg"): "no such file"}
+                      str(tmp_path / "gone.jpg"): "no such file",
+                      str(tmp_path / "nested"): "folder holds no image or video files (its "
+                      "subfolders are not searched: name them too)"}
 
 
 def test_plate_dict_has_the_alpr_style_keys() -> None:
@@ -262,7 +266,8 @@ def test_recognize_exits_2_when_annotate_names_a_file(tmp_path: Path, capsys) ->
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), np.full((40, 120, 3), 200, np.uint8))
     assert main(["recognize", "--crops", "--annotate", str(img), str(img)]) == 2
-    assert "--annotate" in capsys.readouterr().err  # a FileExistsError traceback before
+    # a FileExistsError traceback before, then "File exists"
+    assert capsys.readouterr().err == f"lprd recognize: --annotate {img}: a file, not a folder\n"
 
 
 def test_bench_refuses_negative_counts(capsys) -> None:
