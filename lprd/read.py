@@ -129,7 +129,7 @@ def ctc_with_formats(seq: np.ndarray, formats: list[str], ratio: float,
     raw_lp = float(logp.max(axis=1).sum())
     best: tuple[float, list[int], list[float]] | None = None
     for f in formats:
-        fit = _ctc_align(logp, f, alphabet)
+        fit = _ctc_align(logp, f, alphabet, math.log(ratio))
         if fit is not None and (best is None or fit[0] > best[0]):
             best = fit
     if best is None or best[0] < math.log(ratio) + raw_lp:
@@ -142,7 +142,7 @@ def ctc_with_formats(seq: np.ndarray, formats: list[str], ratio: float,
     return Read(text=text, confidence=conf, chars=chars, candidates=tuple(cands))
 
 
-def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str
+def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str, floor: float = -math.inf
                ) -> tuple[float, list[int], list[float]] | None:
     """Best CTC path (log-probability) through `fmt` (L letter, N digit, X any), the class of
     each character and its probability; None when the sequence is too short for it."""
@@ -155,25 +155,33 @@ def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str
     emit[:, 0::2] = logp[:, blank:blank + 1]
     for j, a in enumerate(allowed):
         emit[:, 2 * j + 1] = np.where(a, logp[:, :blank], -np.inf).max(axis=1)
-    skip = np.zeros(n_states, bool)
-    skip[3::2] = True  # char j-1 -> char j without a blank (their classes differ in practice)
-    dp = np.full(n_states, -np.inf)
-    dp[:2] = emit[0, :2]
-    back = np.zeros((steps, n_states), np.int8)  # 0 stay, 1 from s-1, 2 from s-2
+    # Plain Python over a few dozen states: numpy calls on such short rows cost more than the
+    # sums (3x slower); this runs per format for every read that fits none.
+    rows = emit.tolist()
+    neg = -math.inf
+    dp = [neg] * n_states
+    dp[0], dp[1] = rows[0][0], rows[0][1]
+    back = [[0] * n_states]  # 0 stay, 1 from s-1, 2 from s-2
     for t in range(1, steps):
-        one = np.concatenate([[-np.inf], dp[:-1]])
-        two = np.where(skip, np.concatenate([[-np.inf, -np.inf], dp[:-2]]), -np.inf)
-        moves = np.stack([dp, one, two])
-        back[t] = moves.argmax(axis=0)
-        dp = moves.max(axis=0) + emit[t]
+        e, nd, bk = rows[t], [0.0] * n_states, [0] * n_states
+        for st in range(n_states):
+            best, b = dp[st], 0
+            if st and dp[st - 1] > best:
+                best, b = dp[st - 1], 1
+            # char j-1 -> char j without a blank (a split run is checked below)
+            if st >= 3 and st % 2 and dp[st - 2] > best:
+                best, b = dp[st - 2], 2
+            nd[st], bk[st] = best + e[st], b
+        dp = nd
+        back.append(bk)
     end = n_states - 1 if dp[-1] >= dp[-2] else n_states - 2
-    if not np.isfinite(dp[end]):
+    if not math.isfinite(dp[end]):
         return None
     state, seg = end, [[] for _ in fmt]
     for t in range(steps - 1, -1, -1):
         if state % 2:
             seg[state // 2].append(t)
-        state -= int(back[t, state])
+        state -= back[t][state]
     idx, ps = [], []
     for j, ts in enumerate(seg):  # one class per character: the best over its steps
         k = int(np.where(allowed[j], logp[ts, :blank].sum(axis=0), -np.inf).argmax())
@@ -184,65 +192,80 @@ def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str
     # one short of its format, read AXK312 -> AXK3312). The search above is quick because it
     # does not track classes; where its path is of that kind, the exact search decides.
     if any(idx[j] == idx[j - 1] and seg[j][-1] == seg[j - 1][0] + 1 for j in range(1, len(fmt))):
-        return _ctc_align_by_class(logp, allowed)
+        return _ctc_align_by_class(logp, allowed, floor)
     return float(dp[end]), idx, ps
 
 
-def _ctc_align_by_class(logp: np.ndarray, allowed: list[np.ndarray]
+def _ctc_align_by_class(logp: np.ndarray, allowed: list[np.ndarray], floor: float = -math.inf
                         ) -> tuple[float, list[int], list[float]] | None:
     """`_ctc_align`'s search with one class per character, and a blank between two characters
-    of the same class (as CTC decodes them): a state per character and class, and the blanks."""
+    of the same class (as CTC decodes them): a state per character and class, and the blanks.
+    A class that costs more than `floor` (log, against each step's best) wherever it is used
+    cannot be in a path worth having: it is left out."""
     steps, blank = logp.shape[0], logp.shape[1] - 1
     n = len(allowed)
-    emit = np.where(np.array(allowed)[None], logp[:, None, :blank], -np.inf)  # steps, n, classes
-    lb = logp[:, blank]
-    rows = np.arange(n)
-    dpb = np.full(n + 1, -np.inf)  # blank j: before character j (n: after the last)
-    dpb[0] = lb[0]
-    dpc = np.full((n, blank), -np.inf)
-    dpc[0] = emit[0, 0]
-    back_b = np.zeros((steps, n + 1), np.int16)  # -1 stay, else the class of character j-1
-    back_c = np.zeros((steps, n, blank), np.int16)  # -2 stay, -1 from blank j, else j-1's class
-    for t in range(1, steps):
-        a1 = dpc.argmax(axis=1)
-        t1 = dpc[rows, a1]
-        rest = dpc.copy()
-        rest[rows, a1] = -np.inf
-        a2 = rest.argmax(axis=1)
-        t2 = rest[rows, a2]
-        from_c = np.concatenate([[-np.inf], t1])
-        back_b[t] = np.where(from_c > dpb, np.concatenate([[0], a1]), -1)
-        new_b = np.maximum(dpb, from_c) + lb[t]
-        # from character j-1: its best class, or its second best where that is this class
-        same = np.arange(blank)[None] == a1[:-1, None]
-        prev = np.full((n, blank), -np.inf)
-        prev[1:] = np.where(same, t2[:-1, None], t1[:-1, None])
-        prev_k = np.zeros((n, blank), np.int16)
-        prev_k[1:] = np.where(same, a2[:-1, None], a1[:-1, None])
-        moves = np.stack([dpc, np.broadcast_to(dpb[:n, None], dpc.shape), prev])
-        pick = moves.argmax(axis=0)
-        back_c[t] = np.where(pick == 0, -2, np.where(pick == 1, -1, prev_k))
-        dpc = moves.max(axis=0) + emit[t]
-        dpb = new_b
-    k_end = int(dpc[-1].argmax())
-    if not np.isfinite(max(dpb[-1], dpc[-1, k_end])):
+    gap = (logp[:, :blank] - logp.max(axis=1, keepdims=True)).max(axis=0)
+    cls = [np.flatnonzero(a & (gap >= floor)).tolist() for a in allowed]
+    if not all(cls):
         return None
-    score = float(max(dpb[-1], dpc[-1, k_end]))
-    j, k, on_blank = (n, -1, True) if dpb[-1] >= dpc[-1, k_end] else (n - 1, k_end, False)
-    idx, best = [0] * n, [-np.inf] * n
+    lp = logp.tolist()
+    neg = -math.inf
+    dpb = [neg] * (n + 1)  # blank j: before character j (n: after the last)
+    dpb[0] = lp[0][blank]
+    dpc = [dict.fromkeys(c, neg) for c in cls]
+    for k in cls[0]:
+        dpc[0][k] = lp[0][k]
+    back: list[tuple[list, list]] = [([], [])]
+    for t in range(1, steps):
+        row = lp[t]
+        # each character's best class and its best other than that one
+        tops = []
+        for d in dpc:
+            k1 = max(d, key=d.__getitem__)
+            k2 = max((k for k in d if k != k1), key=d.__getitem__, default=None)
+            tops.append((k1, d[k1], k2, d[k2] if k2 is not None else neg))
+        nb, bb = [0.0] * (n + 1), [-1] * (n + 1)  # -1 stay, else the class of character j-1
+        for j in range(n + 1):
+            best = dpb[j]
+            if j and tops[j - 1][1] > best:
+                best, bb[j] = tops[j - 1][1], tops[j - 1][0]
+            nb[j] = best + row[blank]
+        nc, bc = [], []  # per class: -2 stay, -1 from blank j, else character j-1's class
+        for j, d in enumerate(dpc):
+            cur, src = {}, {}
+            for k, v in d.items():
+                best, b = v, -2
+                if dpb[j] > best:
+                    best, b = dpb[j], -1
+                if j:
+                    k1, v1, k2, v2 = tops[j - 1]
+                    pk, pv = (k2, v2) if k1 == k else (k1, v1)
+                    if pv > best:
+                        best, b = pv, pk
+                cur[k], src[k] = best + row[k], b
+            nc.append(cur)
+            bc.append(src)
+        dpb, dpc = nb, nc
+        back.append((bb, bc))
+    k_end = max(dpc[-1], key=dpc[-1].__getitem__)
+    score = max(dpb[-1], dpc[-1][k_end])
+    if not math.isfinite(score):
+        return None
+    j, k, on_blank = (n, -1, True) if dpb[-1] >= dpc[-1][k_end] else (n - 1, k_end, False)
+    idx, best_lp = [0] * n, [neg] * n
     for t in range(steps - 1, -1, -1):
+        bb, bc = back[t]
         if on_blank:
-            b = int(back_b[t, j])
-            if t and b >= 0:
-                j, k, on_blank = j - 1, b, False
+            if t and bb[j] >= 0:
+                j, k, on_blank = j - 1, bb[j], False
             continue
-        idx[j], best[j] = k, max(best[j], float(logp[t, k]))
-        b = int(back_c[t, j, k])
-        if t and b == -1:
+        idx[j], best_lp[j] = k, max(best_lp[j], lp[t][k])
+        b = bc[j][k] if t else -2
+        if b == -1:
             on_blank = True
-        elif t and b >= 0:
+        elif b >= 0:
             j, k = j - 1, b
-    return score, idx, [float(np.exp(v)) for v in best]
+    return score, idx, [math.exp(v) for v in best_lp]
 
 
 def _format_masks(fmt: str, alphabet: str) -> list[np.ndarray]:
