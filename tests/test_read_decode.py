@@ -211,3 +211,36 @@ def test_top_reads_merge_the_likeliest_slot_sequences_by_text():
         got = _top_reads(probs, classes, 5, per_slot=3)
         assert [c.confidence for c in got] == pytest.approx([p for _, p in want], rel=1e-6)
         assert [c.plate for c in got] == [t for t, _ in want]
+
+
+def test_the_exact_ctc_alignment_matches_brute_force() -> None:
+    # Every CTC path of a few steps over 4 classes, collapsed as CTC decodes: the best whose
+    # text fits the allowed classes per character is what the search by class returns.
+    import itertools
+    import math
+
+    from lprd.read import _ctc_align_by_class
+
+    rng = np.random.default_rng(1)
+    for _ in range(80):
+        steps, classes = int(rng.integers(3, 6)), 4
+        logp = np.log(rng.dirichlet(np.ones(classes + 1) * 0.4, size=steps))
+        allowed = [rng.random(classes) < 0.7 for _ in range(int(rng.integers(1, 4)))]
+        for a in allowed:
+            a[rng.integers(classes)] = True
+        best, text = -np.inf, None
+        for path in itertools.product(range(classes + 1), repeat=steps):
+            out = [k for i, k in enumerate(path) if k != classes and (i == 0 or path[i - 1] != k)]
+            if len(out) == len(allowed) and all(a[k] for a, k in zip(allowed, out)):
+                lp = sum(logp[t, k] for t, k in enumerate(path))
+                if lp > best:
+                    best, text = lp, out
+        got = _ctc_align_by_class(logp, allowed)
+        if text is None:
+            assert got is None
+        else:
+            assert got is not None and got[0] == pytest.approx(best) and got[1] == text
+            # a floor only leaves out paths below it: the best one above it is still found
+            floor = math.log(0.05)
+            if best > logp.max(axis=1).sum() + floor:
+                assert _ctc_align_by_class(logp, allowed, floor)[1] == text
