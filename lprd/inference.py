@@ -414,8 +414,14 @@ class InferenceWorker:
 
 
 def default_threads() -> int:
-    """TFLite threads for the worker: the cores, up to 4 (captures need some CPU too)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """TFLite threads for the worker: the cores it may run on, up to 4 (captures need some CPU
+    too). The affinity, not os.cpu_count(): under `CPUAffinity=` or `taskset` more threads than
+    cores only contend."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def child_signals() -> None:

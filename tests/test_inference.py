@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 import uuid
@@ -334,3 +335,16 @@ def test_worker_fills_in_the_watchlist_match(models, clip, ring, tmp_path):
     m = finals[0].watchlist
     assert m.match in ("exact", "fuzzy") and m.plate == plate, (finals[0].plate, m)
     assert m.list == "residents" and m.action == "allow" and m.info.get("owner") == "Ada"
+
+
+def test_default_threads_follow_the_cores_the_process_may_use() -> None:
+    # taskset / systemd CPUAffinity= limit the cores; os.cpu_count() does not see that
+    from lprd.inference import default_threads
+
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert default_threads() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert default_threads() == max(1, min(4, len(before)))
