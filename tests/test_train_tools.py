@@ -282,3 +282,26 @@ def test_paste_plate_keeps_far_plates_inside_their_width_range() -> None:
     assert len(widths) > 80
     # yaw shortens a plate, rotation and shear widen it a little
     assert max(widths) < SMALL_WIDTH[1] * 1.2 and min(widths) > SMALL_WIDTH[0] * 0.5
+
+
+def test_a_row_pool_reader_starts_from_a_checkpoint_without_it_with_the_same_reads(
+        tmp_path: Path) -> None:
+    # --row-pool adds a residual whose scale starts at 0: initialised from a reader without it
+    # (its layers matched by name), it must read exactly as that reader does at first.
+    tf = pytest.importorskip("tensorflow")
+    import argparse
+
+    from lprd.train.reader import _copy_weights, _keras_extras, build_model
+
+    _keras_extras()
+    x = np.random.default_rng(0).integers(0, 255, (3, 40, 128, 1)).astype(np.float32)
+    tf.keras.utils.clear_session()  # layer names as in a training process of their own
+    build_model(tf, "ctc", width=1.0).save(tmp_path / "src.keras")
+    tf.keras.utils.clear_session()
+    model = build_model(tf, "ctc", width=1.0, row_pool=True)
+    src = tf.keras.models.load_model(tmp_path / "src.keras", compile=False)
+    _copy_weights(src, model, argparse.Namespace(init_from=tmp_path / "src.keras", width=1.0))
+    new = {layer.name for layer in model.layers if layer.weights} - {
+        layer.name for layer in src.layers if layer.weights}
+    assert new == {"row_pool_score", "row_pool_proj", "row_pool_scale"}
+    np.testing.assert_allclose(model(x, training=False), src(x, training=False), atol=1e-5)

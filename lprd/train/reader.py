@@ -126,7 +126,7 @@ def _stem(tf, batch: int | None = None, width: float = 1.0):
 
 
 def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 1.0,
-                attention: int = 0):
+                attention: int = 0, row_pool: bool = False):
     """Plain conv stack (int8-friendly) with one of two heads.
 
     `slots`: one dense layer per character slot (the first shipped readers). `ctc`: a shared
@@ -139,6 +139,12 @@ def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 
     position bias), a residual whose scale starts at 0: the convolutions see about 3 characters,
     attention the whole plate (its layout, which edge is a band or a bolt). Starting at 0, a
     model without it can be fine-tuned into one (`--init-from`) from the same outputs.
+
+    `row_pool` adds a second way to make the two rows: per column, a softmax over the 5 feature
+    rows picks which of them each plate row is made of, so a tilted two-row plate's rows can
+    follow the tilt (the (4,1) conv's weights are the same in every column). It is a residual
+    with a scale that starts at 0, like attention. Its layers are named, so that the other
+    layers keep their automatic names and a checkpoint without it loads by name.
     """
     if head == "slots":
         return _build_slots(tf, batch)
@@ -147,10 +153,17 @@ def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 
     inp, x = _stem(tf, batch, width)
     x = L.MaxPooling2D((2, 1))(x)  # 5x32: 32 steps a row, enough for 10 characters and repeats
     x = block(x, scaled_channels(80, width))
-    x = block(x, scaled_channels(96, width))
+    x = feat = block(x, scaled_channels(96, width))
     x = L.Conv2D(scaled_channels(128, width), (INPUT_H // 8 - 1, 1), padding="valid",
                  use_bias=False)(x)  # 2x32
     x = L.BatchNormalization()(x)
+    if row_pool:
+        RowPool, Learned = _keras_extras()[3], _keras_extras()[2]
+        score = L.Conv2D(2, 1, name="row_pool_score")(feat)
+        rows = RowPool(name="row_pool")([score, feat])  # 2x32
+        rows = L.Conv2D(scaled_channels(128, width), 1, use_bias=False,
+                        name="row_pool_proj")(rows)
+        x = L.Add(name="row_pool_add")([x, Learned("scale", name="row_pool_scale")(rows)])
     x = RowBias()(x)
     x = L.ReLU(6.0)(x)
     # context: frames, bolts, neighbours
@@ -220,13 +233,25 @@ def _keras_extras():
             return {**super().get_config(), "kind": self.kind}
 
     @keras.saving.register_keras_serializable(package="lprd")
+    class RowPool(keras.layers.Layer):
+        """[scores (h, w, 2), features (h, w, c)] -> (2, w, c): each output row is its
+        column's features weighted by a softmax of its score over the rows."""
+
+        def call(self, inputs):
+            score, feat = inputs
+            a = keras.ops.softmax(score, axis=1)
+            return keras.ops.concatenate(
+                [keras.ops.sum(a[..., r:r + 1] * feat, axis=1, keepdims=True) for r in (0, 1)],
+                axis=1)
+
+    @keras.saving.register_keras_serializable(package="lprd")
     def ctc_loss(y_true, y_pred):
         y_true = keras.ops.cast(y_true, "int32")
         label_len = keras.ops.sum(keras.ops.cast(y_true != PAD_CLASS, "int32"), axis=1)
         out_len = keras.ops.full_like(label_len, keras.ops.shape(y_pred)[1])
         return keras.ops.ctc_loss(y_true, y_pred, label_len, out_len, mask_index=PAD_CLASS)
 
-    return RowBias, ctc_loss, Learned
+    return RowBias, ctc_loss, Learned, RowPool
 
 
 def RowBias():  # a layer factory: the class needs keras, imported late
@@ -269,7 +294,7 @@ def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
     # the same weights in a batch-1 graph: static shapes let the converter fold the reshape and
     # the dilated convolution (XNNPACK then runs it in 2 partitions, not 4; same reads)
     fixed = build_model(tf, meta.get("head", "slots"), batch=1, width=meta.get("width", 1.0),
-                        attention=meta.get("attention", 0))
+                        attention=meta.get("attention", 0), row_pool=meta.get("row_pool", False))
     fixed.set_weights(model.get_weights())
     model = fixed
     if meta.get("head") == "ctc":  # trained on logits; ship probabilities
@@ -392,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", type=int, default=0,
                     help="heads of self-attention over the read's steps (0: none, the shipped "
                          "reader); with --init-from, the checkpoint's other weights are kept")
+    ap.add_argument("--row-pool", action="store_true",
+                    help="make the two rows by a per-column softmax over the feature rows too "
+                         "(tilted two-row plates); with --init-from, the checkpoint's other "
+                         "weights are kept")
     ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--steps-per-epoch", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
@@ -488,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         model = tf.keras.models.load_model(ckpt)
         log.info("resumed from %s at epoch %d", ckpt, state["epoch"])
     else:
-        model = build_model(tf, args.head, width=args.width, attention=args.attention)
+        model = build_model(tf, args.head, width=args.width, attention=args.attention,
+                            row_pool=args.row_pool)
         state["head"], state["width"] = args.head, args.width
-        state["attention"] = args.attention
+        state["attention"], state["row_pool"] = args.attention, args.row_pool
         if args.init_from is not None:
             src = tf.keras.models.load_model(args.init_from, compile=False)
             _copy_weights(src, model, args)
@@ -563,7 +593,7 @@ def _copy_weights(src, model, args) -> None:
     lost = [layer.name for layer in src.layers if layer.weights and layer.name not in names]
     if lost:
         raise SystemExit(f"--init-from {args.init_from}: this model has no layer "
-                         f"{', '.join(lost)}; give the checkpoint's --head and --attention")
+                         f"{', '.join(lost)}; give the checkpoint's --head, --attention and --row-pool")
     if new:
         log.info("layers new to the checkpoint, initialised fresh: %s", ", ".join(new))
 
@@ -581,6 +611,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
         "head": state.get("head", "slots"),
         "width": state.get("width", 1.0),
         "attention": state.get("attention", 0),
+        "row_pool": state.get("row_pool", False),
         "input_size": [INPUT_H, INPUT_W],
         "input": "grey, uint8",
         "input_range": [0, 255],
