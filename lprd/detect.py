@@ -434,11 +434,11 @@ class PlateDetector:
         """Plates in the part x0, y0, x1, y1 of the frame (a camera's ROI), in frame pixels.
 
         The part is searched at its own pixels, padded: scaled up, a tight ROI's plate is
-        larger than any the model knows. But at its own pixels a plate over about 150 px is too
-        (a gate camera's close plates) where the whole frame, shrunk, shows it at a size the
-        model knows. So a part looked at much closer than the whole frame would be is also
-        searched at the whole frame's scale, for its wide plates: an ROI never loses a plate
-        that the whole frame would find."""
+        larger than any the model knows. Even at its own pixels a plate over about 150 px (a
+        gate camera's close plate) is larger than that, where the whole frame, shrunk, shows it
+        at a size the model knows. So a part looked at much closer than the whole frame would
+        be is also searched at the whole frame's scale, for its wide plates: an ROI does not
+        lose the plates the whole frame finds."""
         x0, y0, x1, y1 = rect
         fh, fw = frame_bgr.shape[:2]
         part = frame_bgr[y0:y1, x0:x1]

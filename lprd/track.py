@@ -26,10 +26,11 @@ _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its le
 # After a gap in a track's reads (more than GAP_FRAMES frame intervals, and GAP_SECONDS) its box
 # may have moved far: only a read at most GAP_MAX_EDITS characters off its text (look-alikes
 # folded) joins it, or a car that pulls up where the last one waited would continue that car's
-# track. A track that has sent its early event is sure of its plate: after a gap only its own
-# plate joins it, or the next car in a queue, one character off, would take over its pass. A
-# read that it refuses starts a track of its own that stays in doubt: with fewer reads than
-# an early event needs it is taken for a misread of that pass and reports nothing.
+# track. A track sure of its plate (its early event out, twice the reads that took behind it)
+# takes only its own plate after a gap, or the next car in a queue, one character off, would
+# take over its pass. A read that it refuses starts a track of its own that stays in doubt: with
+# fewer reads than an early event needs it is taken for a misread of that pass and reports
+# nothing.
 # The interval is the median of the recent ones between frames with reads (a camera's fps is
 # not known here, the cap may be anything from 0.1 to 30, and it drops under load: the
 # shortest interval ever seen would make every later frame a gap).
