@@ -369,8 +369,11 @@ class Progress:
 # running -----------------------------------------------------------------------------------------------
 
 def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | None,
-              reader: PlateReader, cfg: Config) -> tuple[ImageScore, list[PredPlate]]:
-    """Everything the daemon would see for one image, plus the reader on each true box."""
+              reader: PlateReader, cfg: Config, max_width: int = 0
+              ) -> tuple[ImageScore, list[PredPlate]]:
+    """Everything the daemon would see for one image, plus the reader on each true box. A
+    scene wider than `max_width` (0: no limit) is scaled down first, as a camera's frames are
+    (`cameras.*.max_width`); boxes come back in the image's pixels."""
     h, w = img.shape[:2]
     t0 = time.perf_counter()
     if item.crop:
@@ -384,13 +387,21 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
         reads: list[Read | None] = [read if t.scored and t.text else None for t in item.plates]
     else:
         assert pipeline is not None
-        obs = pipeline.process(img, "eval", 0, 0.0)
+        s = max_width / w if 0 < max_width < w else 1.0
+        seen = img if s == 1.0 else cv2.resize(img, (max(1, int(w * s)), max(1, int(h * s))),
+                                               interpolation=cv2.INTER_AREA)
+        sx, sy = w / seen.shape[1], h / seen.shape[0]
+        obs = pipeline.process(seen, "eval", 0, 0.0)
         latency = (time.perf_counter() - t0) * 1000
         rc = cfg.reader
-        preds = [PredPlate(o.box, o.read.text, tuple(c.plate for c in o.read.candidates[:rc.topn]),
-                           kept=rc.keeps(o.read.text, o.read.confidence)) for o in obs]
-        reads = [reader.read_box(img, t.box) if t.scored and t.text else None
-                 for t in item.plates]
+        preds = [PredPlate((round(bx * sx), round(by * sy), round(bw * sx), round(bh * sy)),
+                           o.read.text, tuple(c.plate for c in o.read.candidates[:rc.topn]),
+                           kept=rc.keeps(o.read.text, o.read.confidence))
+                 for o in obs for bx, by, bw, bh in (o.box,)]
+        reads = [reader.read_box(seen, (round(t.box[0] / sx), round(t.box[1] / sy),
+                                        max(1, round(t.box[2] / sx)),
+                                        max(1, round(t.box[3] / sy))))
+                 if t.scored and t.text else None for t in item.plates]
     return score_image(item.plates, preds, reads, latency, crop=item.crop), preds
 
 
@@ -589,7 +600,7 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
             failed += 1
             bar.update()
             continue
-        score, _ = run_image(item, img, pipeline, reader, cfg)
+        score, _ = run_image(item, img, pipeline, reader, cfg, args.max_width)
         scores.append(score)
         if report is not None and report_error is None:
             for miss in score.misses:
@@ -654,6 +665,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "texts; other plates are ignored and images without a listed plate skipped")
     p.add_argument("--limit", type=int_range(1, 10**9), metavar="N",
                    help="score only the first N images")
+    p.add_argument("--max-width", type=int_range(0, 100_000), default=1920, metavar="PX",
+                   help="scale scenes wider than this down first, as the daemon does with a "
+                        "camera's frames (cameras.*.max_width; default 1920; 0: full size)")
     p.add_argument("--topn", type=int_range(1, 50), default=None, metavar="N",
                    help="N for the top-N rates (default: reader.topn of the config)")
     p.add_argument("--threads", type=int_range(1, 64), default=1,

@@ -437,3 +437,30 @@ def test_a_report_folder_named_in_bytes_that_are_not_utf8_is_written(tmp_path: P
     png = (report / "misses" / "00000.png").read_bytes()
     assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR) is not None
     assert "misses/00000.png" in (report / "report.md").read_text()
+
+
+def test_eval_scales_wide_scenes_down_as_the_daemon_does(tmp_path: Path, capsys) -> None:
+    # A camera's frames over max_width are scaled down before detection; eval scored wide
+    # stills at full size, which is not what the daemon sees. Scaled, boxes come back in the
+    # image's pixels: the scene at 4x (2560 px wide) with --max-width 640 scores exactly as the
+    # 640 px scene does at full size.
+    recs = _rendered_set(tmp_path, n_crops=0, n_scenes=3)
+    labels, big_labels = tmp_path / "labels.jsonl", tmp_path / "big.jsonl"
+    _write_labels(labels, recs)
+    big = []
+    for r in recs:
+        img = cv2.imread(str(tmp_path / r["image"]))
+        name = r["image"].replace(".jpg", "_x4.png")
+        cv2.imwrite(str(tmp_path / name), cv2.resize(img, None, fx=4, fy=4,
+                                                     interpolation=cv2.INTER_NEAREST))
+        big.append({"image": name, "width": 2560, "height": 1920,
+                    "plates": [{"text": p["text"], "box": [4 * v for v in p["box"]]}
+                               for p in r["plates"]]})
+    _write_labels(big_labels, big)
+    keys = ("detection_recall_iou50", "e2e_exact", "reader_exact")
+    assert main(["eval", str(labels), "--json", "--no-progress", "--max-width", "0"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(big_labels), "--json", "--no-progress", "--max-width", "640"]) == 0
+    scaled = json.loads(capsys.readouterr().out)
+    assert small["detection_recall_iou50"] > 0
+    assert {k: scaled[k] for k in keys} == {k: small[k] for k in keys}
