@@ -398,11 +398,21 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
                            o.read.text, tuple(c.plate for c in o.read.candidates[:rc.topn]),
                            kept=rc.keeps(o.read.text, o.read.confidence))
                  for o in obs for bx, by, bw, bh in (o.box,)]
-        reads = [reader.read_box(seen, (round(t.box[0] / sx), round(t.box[1] / sy),
-                                        max(1, round(t.box[2] / sx)),
-                                        max(1, round(t.box[3] / sy))))
+        reads = [reader.read_box(seen, t.box if s == 1.0
+                                 else _scaled_box(t.box, sx, sy, seen.shape[:2]))
                  if t.scored and t.text else None for t in item.plates]
     return score_image(item.plates, preds, reads, latency, crop=item.crop), preds
+
+
+def _scaled_box(box: tuple[int, int, int, int], sx: float, sy: float,
+                shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box in the pixels of an image scaled down by sx, sy (to shape): outward to whole
+    pixels, inside it, at least a pixel (a box in the last pixel column would round off it)."""
+    h, w = shape
+    x0, y0 = min(w - 1, math.floor(box[0] / sx)), min(h - 1, math.floor(box[1] / sy))
+    x1 = min(w, max(x0 + 1, math.ceil((box[0] + box[2]) / sx)))
+    y1 = min(h, max(y0 + 1, math.ceil((box[1] + box[3]) / sy)))
+    return max(0, x0), max(0, y0), x1 - max(0, x0), y1 - max(0, y0)
 
 
 def _relaxed(cfg: Config) -> Config:

@@ -358,7 +358,7 @@ class InferenceWorker:
                     self._finish(name, send_drained=True)
                 elif not feed.spec.every_frame and time.monotonic() - feed.last_tick > IDLE_TICK:
                     feed.last_tick = time.monotonic()
-                    self._send(tracker.update([], time.time()))
+                    self._send(tracker.tick(time.time()))
                 continue
             busy = True
             header, frame = item
@@ -370,7 +370,7 @@ class InferenceWorker:
             if frame is None:  # no motion
                 feed.skipped += 1
                 tracker.hold(header.ts)
-                self._send(tracker.update([], header.ts))
+                self._send(tracker.tick(header.ts))
                 continue
             try:
                 obs = self.pipeline.process(frame, name, header.seq, header.ts, roi=feed.spec.roi)

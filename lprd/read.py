@@ -187,13 +187,19 @@ def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str, floor: float = -math.i
         k = int(np.where(allowed[j], logp[ts, :blank].sum(axis=0), -np.inf).argmax())
         idx.append(k)
         ps.append(float(np.exp(logp[ts, k].max())))
-    # CTC reads one class over steps with no blank between as one character: a path that
-    # splits such a run in two invents a doubled character (a plate cut by the frame's edge,
-    # one short of its format, read AXK312 -> AXK3312). The search above is quick because it
-    # does not track classes; where its path is of that kind, the exact search decides.
-    if any(idx[j] == idx[j - 1] and seg[j][-1] == seg[j - 1][0] + 1 for j in range(1, len(fmt))):
+    # The search above is quick because it does not track classes: a character may take
+    # another class at each of its steps (A then B reads as two characters in CTC), and a run
+    # of one class with no blank between may be split in two (CTC reads one character there:
+    # a plate cut by the frame's edge, one short of its format, read AXK312 -> AXK3312). Its
+    # score is then no real path's; where the path with one class per character scores less,
+    # or splits a run, the exact search decides.
+    on_char = {t for ts in seg for t in ts}
+    score = (sum(float(logp[ts, k].sum()) for ts, k in zip(seg, idx, strict=True))
+             + sum(float(logp[t, blank]) for t in range(steps) if t not in on_char))
+    if score < dp[end] - 1e-9 or any(idx[j] == idx[j - 1] and seg[j][-1] == seg[j - 1][0] + 1
+                                     for j in range(1, len(fmt))):
         return _ctc_align_by_class(logp, allowed, floor)
-    return float(dp[end]), idx, ps
+    return score, idx, ps
 
 
 def _ctc_align_by_class(logp: np.ndarray, allowed: list[np.ndarray], floor: float = -math.inf

@@ -270,7 +270,9 @@ class _Pass:
 
 
 class Tracker:
-    """Per-camera tracker: `update` with each frame's observations, `flush` at the end.
+    """Per-camera tracker: `update` with each analysed frame's observations (none, without
+    reads), `hold` then `tick` for a frame skipped for want of motion, `tick` alone while no
+    frame comes, `flush` at the end.
 
     Events: an early one (final=False) once the voted read reaches `early_confidence` after
     `early_min_frames`, and a final one when the track is unseen for `track_timeout`; both share
@@ -305,7 +307,6 @@ class Tracker:
         self._read_at: float | None = None  # the latest frame with reads
         self._steps: deque[float] = deque(maxlen=_STEPS_KEPT)  # recent intervals between them
         self._step = math.inf  # their median
-        self._holding = False  # hold() came before this update: a frame skipped, not analysed
 
     @property
     def open_tracks(self) -> int:
@@ -326,11 +327,9 @@ class Tracker:
                 self._step = statistics.median(self._steps)
             self._read_at = ts
         touched = self._associate(obs)
-        if obs or not self._holding:  # an analysed frame: who is in it (none, without reads)
-            seen = {id(t) for t in touched}
-            for t in self._tracks:
-                t.present = id(t) in seen
-        self._holding = False
+        seen = {id(t) for t in touched}  # an analysed frame: who is in it (none, without reads)
+        for t in self._tracks:
+            t.present = id(t) in seen
         for t in touched:
             if t.silent and t.key != t.pass_key:
                 # Its vote moved off the pass it was taken to continue (its first reads looked
@@ -345,8 +344,14 @@ class Tracker:
                 t.early_sent = ev is not None or t.silent
                 if ev is not None:
                     events.append(ev)
+        events.extend(self.tick(now))
+        return events
+
+    def tick(self, now: float) -> list[PlateEvent]:
+        """Time passes without an analysed frame (a frame skipped for want of motion, after
+        `hold`; none arrived): close the tracks unseen for track_timeout."""
         expired = [t for t in self._tracks if now - t.last_seen > self.cfg.track_timeout]
-        events.extend(self._close(expired))
+        events = self._close(expired)
         self._forget_passes(now)
         return events
 
@@ -358,7 +363,6 @@ class Tracker:
         for t in self._tracks:
             if t.present:
                 t.last_seen = max(t.last_seen, ts)
-        self._holding = True
 
     def passes(self) -> list[tuple[str, str, float]]:
         """(id, plate key, last seen) of the reported passes still within the dedupe window."""

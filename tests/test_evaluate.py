@@ -464,3 +464,14 @@ def test_eval_scales_wide_scenes_down_as_the_daemon_does(tmp_path: Path, capsys)
     scaled = json.loads(capsys.readouterr().out)
     assert small["detection_recall_iou50"] > 0
     assert {k: scaled[k] for k in keys} == {k: small[k] for k in keys}
+
+
+def test_a_true_box_in_the_last_pixels_of_a_scaled_scene_stays_in_it() -> None:
+    # 4000x3000 scaled to 1920: x = 3999 rounded to 1920, off the image, and the reader's crop
+    # was empty (a ValueError that ended the whole eval).
+    from lprd.evaluate import _scaled_box
+
+    s = 4000 / 1920
+    assert _scaled_box((3999, 100, 1, 10), s, s, (1440, 1920)) == (1919, 48, 1, 5)
+    assert _scaled_box((100, 2999, 10, 1), s, s, (1440, 1920)) == (48, 1439, 5, 1)
+    assert _scaled_box((0, 0, 4000, 3000), s, s, (1440, 1920)) == (0, 0, 1920, 1440)

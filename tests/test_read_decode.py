@@ -244,3 +244,13 @@ def test_the_exact_ctc_alignment_matches_brute_force() -> None:
             floor = math.log(0.05)
             if best > logp.max(axis=1).sum() + floor:
                 assert _ctc_align_by_class(logp, allowed, floor)[1] == text
+
+
+def test_ctc_formats_do_not_take_two_classes_for_one_character() -> None:
+    # The quick alignment scored a character by the best class at each of its steps: A then B
+    # counted as one character at the raw read's own score, so the format "L" read AB as A even
+    # at ratio 1. Read as one class per character, that path is five times less likely.
+    seq = _ctc_seq([{"A": 0.5, "1": 0.4, "-": 0.1}, {"B": 0.5, "2": 0.4, "-": 0.1}])
+    assert decode(ctc_to_slots(seq)).text == "AB"
+    assert ctc_with_formats(seq, ["L"], ratio=1.0).text == "AB"
+    assert ctc_with_formats(seq, ["L"], ratio=0.1).text == "A"
