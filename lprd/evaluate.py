@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from lprd.cli import add_config_option, int_range, shown_path
-from lprd.config import Config, ConfigError
+from lprd.config import CameraConfig, Config, ConfigError
 from lprd.models import ModelError
 from lprd.recognize import (
     InputError,
@@ -675,9 +675,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "texts; other plates are ignored and images without a listed plate skipped")
     p.add_argument("--limit", type=int_range(1, 10**9), metavar="N",
                    help="score only the first N images")
-    p.add_argument("--max-width", type=int_range(0, 100_000), default=1920, metavar="PX",
+    width = CameraConfig.model_fields["max_width"].default  # a camera's, unless it sets one
+    p.add_argument("--max-width", type=int_range(0, 100_000), default=width, metavar="PX",
                    help="scale scenes wider than this down first, as the daemon does with a "
-                        "camera's frames (cameras.*.max_width; default 1920; 0: full size)")
+                        f"camera's frames (cameras.*.max_width; default {width}; 0: full size)")
     p.add_argument("--topn", type=int_range(1, 50), default=None, metavar="N",
                    help="N for the top-N rates (default: reader.topn of the config)")
     p.add_argument("--threads", type=int_range(1, 64), default=1,
