@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from lprd.config import OPEN_TIMEOUT, CameraConfig, MotionConfig
+from lprd.notify import loud_repeat
 from lprd.ring import FrameRing
 from lprd.types import CameraState, FilePosition, FrameRef
 
@@ -162,8 +163,9 @@ class MotionGate:
         return self._last_motion is not None and ts - self._last_motion <= self.cfg.keep_alive
 
 
-def fit_frame(frame: np.ndarray, max_width: int, ring: FrameRing) -> np.ndarray:
-    """A BGR uint8 frame no wider than max_width that fits a ring slot (INTER_AREA downscale)."""
+def fit_frame(frame: np.ndarray, max_width: int, ring: FrameRing | None) -> np.ndarray:
+    """A BGR uint8 frame no wider than max_width that fits a ring slot, if a ring is given
+    (INTER_AREA downscale)."""
     if frame.dtype != np.uint8:
         raise ValueError(f"unsupported pixel type {frame.dtype}")
     if frame.ndim == 2:
@@ -171,11 +173,12 @@ def fit_frame(frame: np.ndarray, max_width: int, ring: FrameRing) -> np.ndarray:
     elif frame.shape[2] == 4:
         frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
     h, w = frame.shape[:2]
-    scale = min(1.0, max_width / w, math.sqrt(ring.capacity / (3 * h * w)))
+    scale = min(1.0, max_width / w,
+                math.sqrt(ring.capacity / (3 * h * w)) if ring is not None else 1.0)
     if scale >= 1.0:
         return frame
     nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
-    while not ring.fits(nh, nw):  # rounding can leave it a row too big
+    while ring is not None and not ring.fits(nh, nw):  # rounding can leave it a row too big
         nw, nh = max(1, nw - 1), max(1, nh - 1)
     return cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
 
@@ -385,7 +388,7 @@ class Capture:
                 except _Behind as e:
                     # not the source's fault: no backoff, and reopening drops the backlog
                     behind += 1
-                    self._loud = behind & (behind - 1) == 0
+                    self._loud = loud_repeat(behind)
                     if self._loud:
                         log.warning("%s: %s (%d time(s) so far); reopening it", self.camera, e,
                                     behind)
@@ -403,7 +406,7 @@ class Capture:
                 delay = backoff.next()
                 # the first failure and then 2, 4, 8 ... in a row: no log flood while a camera
                 # is down for the night
-                loud = self._loud = fails & (fails - 1) == 0
+                loud = self._loud = loud_repeat(fails)
                 log.log(logging.WARNING if loud else logging.DEBUG, "%s: %s; retrying in %.1f s%s",
                         self.camera, reason, delay,
                         f" ({fails} failures in a row)" if fails > 1 else "")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import cv2
 import numpy as np
 
+from lprd.capture import fit_frame
 from lprd.cli import add_config_option, int_range, shown_path
 from lprd.config import CameraConfig, Config, ConfigError
 from lprd.models import ModelError
@@ -387,9 +388,7 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
         reads: list[Read | None] = [read if t.scored and t.text else None for t in item.plates]
     else:
         assert pipeline is not None
-        s = max_width / w if 0 < max_width < w else 1.0
-        seen = img if s == 1.0 else cv2.resize(img, (max(1, int(w * s)), max(1, int(h * s))),
-                                               interpolation=cv2.INTER_AREA)
+        seen = fit_frame(img, max_width, None) if max_width else img
         sx, sy = w / seen.shape[1], h / seen.shape[0]
         obs = pipeline.process(seen, "eval", 0, 0.0)
         latency = (time.perf_counter() - t0) * 1000
@@ -398,7 +397,7 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
                            o.read.text, tuple(c.plate for c in o.read.candidates[:rc.topn]),
                            kept=rc.keeps(o.read.text, o.read.confidence))
                  for o in obs for bx, by, bw, bh in (o.box,)]
-        reads = [reader.read_box(seen, t.box if s == 1.0
+        reads = [reader.read_box(seen, t.box if seen is img
                                  else _scaled_box(t.box, sx, sy, seen.shape[:2]))
                  if t.scored and t.text else None for t in item.plates]
     return score_image(item.plates, preds, reads, latency, crop=item.crop), preds

@@ -133,6 +133,12 @@ class Notifier:
         return usec / 1_000_000 if usec > 0 else None
 
 
+def loud_repeat(n: int) -> bool:
+    """Whether the n-th time in a row of one failure is logged at its own level: the 1st, 2nd,
+    4th, 8th ... (no flood while a camera or a broker is down for the night)."""
+    return n > 0 and n & (n - 1) == 0
+
+
 def _one_line(text: str) -> str:
     # Each assignment is one line: a newline in STATUS would start a new (bogus) assignment.
     return " ".join(text.split("\n")).strip()

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lprd import __version__
 from lprd.clock import ClockWatch
 from lprd.config import MQTTConfig, TLSConfig
+from lprd.notify import loud_repeat
 from lprd.outbox import (
     MEMORY,
     DropReport,
@@ -860,7 +861,7 @@ class Publisher:
             self._last_error = f"the broker refused {self._topic(pm.message)}: {reason}"
         n = self._refused_logged.get(reason, 0) + 1
         self._refused_logged[reason] = n
-        if (n & (n - 1)) == 0:  # at 1, 2, 4, 8 ... per reason: no flood
+        if loud_repeat(n):  # per reason
             log.error("MQTT: the broker refused %s of event %s (%s; %d time(s) for this reason): "
                       "it stays in the outbox and is tried again every %.0f s and at the next "
                       "start; check the broker's ACL and size limits", self._topic(pm.message),
@@ -989,7 +990,7 @@ class Publisher:
         with self._lock:
             self._last_error = text
         # One line per new reason and then at 1, 2, 4, 8 ... failures: no flood during outages.
-        loud = text != self._last_fail_reason or (n & (n - 1)) == 0
+        loud = text != self._last_fail_reason or loud_repeat(n)
         self._last_fail_reason = text
         log.log(logging.WARNING if loud else logging.DEBUG,
                 "%s; attempt %d, retrying in %.3g s (backoff up to %.3g s)",
