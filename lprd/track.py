@@ -307,6 +307,7 @@ class Tracker:
         self._read_at: float | None = None  # the latest frame with reads
         self._steps: deque[float] = deque(maxlen=_STEPS_KEPT)  # recent intervals between them
         self._step = math.inf  # their median
+        self._early_frames = max(cfg.early_min_frames, cfg.min_frames)  # reads an early event needs
 
     @property
     def open_tracks(self) -> int:
@@ -336,7 +337,7 @@ class Tracker:
                 # like the plate just reported): another vehicle, a new pass with its own events.
                 t.id, t.silent, t.early_sent = None, False, False
             if (not t.early_sent and self.cfg.early_confidence < 1.0
-                    and t.frames >= max(self.cfg.early_min_frames, self.cfg.min_frames)
+                    and t.frames >= self._early_frames
                     and t.vote is not None and t.vote.confidence >= self.cfg.early_confidence):
                 ev = self._emit(t, final=False)
                 # a track seen only cut by the frame's edge so far gets its early event later,
@@ -455,7 +456,7 @@ class Tracker:
         misread (3 frames of ABC1734, then ABC1234 for good), which a new pass would leave
         standing as a ghost."""
         return (t.early_sent and not t.silent
-                and t.frames >= 2 * max(self.cfg.early_min_frames, self.cfg.min_frames))
+                and t.frames >= 2 * self._early_frames)
 
     def _gap(self) -> float:
         return max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
@@ -495,7 +496,7 @@ class Tracker:
         if t.id is None:
             pid = self._pass_of(t)
             if (pid is None and t.doubt_of is not None
-                    and t.frames < max(self.cfg.early_min_frames, self.cfg.min_frames)):
+                    and t.frames < self._early_frames):
                 pid = t.doubt_of
             if pid is not None:
                 t.id, t.silent, t.pass_key = pid, True, t.key
