@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -305,3 +306,32 @@ def test_a_row_pool_reader_starts_from_a_checkpoint_without_it_with_the_same_rea
         layer.name for layer in src.layers if layer.weights}
     assert new == {"row_pool_score", "row_pool_proj", "row_pool_scale"}
     np.testing.assert_allclose(model(x, training=False), src(x, training=False), atol=1e-5)
+
+
+def test_reproduce_chains_the_shipped_stages_and_skips_those_done(tmp_path: Path) -> None:
+    from lprd.train.reader import SHIPPED_STAGES, parser, reproduce_plan, stage_done
+
+    out = tmp_path / "models" / "reader.tflite"
+    stages = [parser().parse_args(argv) for argv in reproduce_plan(out, 2, root=tmp_path)]
+    assert [(s.epochs, s.lr, s.seed) for s in stages] == [(24, 2e-3, 1), (20, 1e-3, 2),
+                                                          (20, 7e-4, 3)]
+    assert len(stages) == len(SHIPPED_STAGES)
+    assert stages[0].init_from is None and stages[0].run_dir == tmp_path / "runs" / "reader"
+    for before, stage in itertools.pairwise(stages):  # each from the one before's weights
+        assert stage.init_from == before.run_dir / "model.keras"
+        assert stage.cache != before.cache and stage.run_dir != before.run_dir
+    # only the last stage replaces the shipped model; all train on both scene-crop folders
+    assert [s.out for s in stages] == [stages[0].run_dir / "reader.tflite",
+                                       stages[1].run_dir / "reader.tflite", out]
+    assert all(s.pseudo == [tmp_path / "cache" / "pseudo", tmp_path / "cache" / "detcrops"]
+               and s.width == 2.0 and s.threads == 2 and s.head == "ctc" for s in stages)
+
+    run = stages[0].run_dir
+    assert not stage_done(run, 24)  # never started
+    run.mkdir(parents=True)
+    (run / "state.json").write_text(json.dumps({"epoch": 10, "history": []}))
+    assert not stage_done(run, 24)  # stopped part way: resumed, not skipped
+    (run / "state.json").write_text(json.dumps({"epoch": 24, "history": []}))
+    assert stage_done(run, 24)
+    (run / "state.json").write_text("{half a fil")
+    assert not stage_done(run, 24)
