@@ -314,8 +314,8 @@ class WatchlistConfig(_Strict):
     candidates: bool = Field(True, description="also match the reader's alternative readings")
     allow_max_distance: float = Field(
         0.5, ge=0, le=2.0, description="an 'allow' entry (it opens a gate) matches only the read "
-        "itself and at most this far: look-alike swaps (O/0, 8/B, 5/S) cost 0.25-0.75, any other "
-        "change 1")
+        "itself and at most this far: letter/digit look-alikes (O/0, 8/B, 5/S) cost 0.25-0.75, any "
+        "other change 1 (1/7 or M/N as well: for deny and alert they cost 0.5)")
     fuzzy_min_chars: int = Field(4, ge=1, description="shorter reads only match exactly")
     sync: SyncConfig = SyncConfig()
 

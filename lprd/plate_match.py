@@ -31,15 +31,21 @@ CONFUSABLE_PAIRS: dict[tuple[str, str], float] = {
     ("E", "F"): 0.5, ("P", "R"): 0.5,
 }
 
+# For an "allow" entry (it opens a gate) only a letter/digit look-alike is cheap: where a plate's
+# format fixes each place to a letter or a digit, O/0 or 8/B is a reader's slip, while a swap
+# within letters or within digits (1/7, M/N, O/D) makes another car's valid plate.
+_ALLOW_PAIRS = {(a, b): c for (a, b), c in CONFUSABLE_PAIRS.items()
+                if a.isdigit() != b.isdigit()}
+
 # Which entry wins when several are equally close: safety first (a deny beats an allow).
 _ACTION_RANK = {"deny": 0, "alert": 1, "allow": 3}
 _OTHER_ACTION_RANK = 2
 _NO_ACTION_RANK = 4
 
 
-def _substitution_table() -> dict[tuple[str, str], float]:
+def _substitution_table(pairs: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
     table: dict[tuple[str, str], float] = {}
-    for (a, b), cost in CONFUSABLE_PAIRS.items():
+    for (a, b), cost in pairs.items():
         if not 0 < cost < SUBSTITUTION_COST:
             raise ValueError(f"confusion cost {a}/{b}={cost} must lie in (0, {SUBSTITUTION_COST})")
         table[a, b] = table[b, a] = cost
@@ -62,7 +68,8 @@ def lookalike_groups(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {c: find(c) for c in parent}
 
 
-_SUB = _substitution_table()
+_SUB = _substitution_table(CONFUSABLE_PAIRS)
+_SUB_ALLOW = _substitution_table(_ALLOW_PAIRS)
 _CANON = str.maketrans(lookalike_groups(CONFUSABLE_PAIRS))
 # The cheapest edit that changes a plate's canonical form: it bounds how many such edits fit.
 _HARD_COST = min(INDEL_COST, SUBSTITUTION_COST)
@@ -92,8 +99,11 @@ def substitution_cost(a: str, b: str) -> float:
     return _SUB.get((a, b), SUBSTITUTION_COST)
 
 
-def weighted_distance(a: str, b: str, limit: float = math.inf) -> float:
-    """Edit distance where OCR-confusable substitutions are cheap; inf once above `limit`."""
+def weighted_distance(a: str, b: str, limit: float = math.inf, *, allow: bool = False
+                      ) -> float:
+    """Edit distance where OCR-confusable substitutions are cheap; inf once above `limit`.
+    `allow`: only letter/digit look-alikes are cheap (`_ALLOW_PAIRS`)."""
+    sub = _SUB_ALLOW if allow else _SUB
     if a == b:
         return 0.0
     if abs(len(a) - len(b)) * INDEL_COST > limit:
@@ -105,7 +115,7 @@ def weighted_distance(a: str, b: str, limit: float = math.inf) -> float:
             cur.append(min(
                 prev[j] + INDEL_COST,
                 cur[j - 1] + INDEL_COST,
-                prev[j - 1] + (0.0 if ca == cb else _SUB.get((ca, cb), SUBSTITUTION_COST)),
+                prev[j - 1] + (0.0 if ca == cb else sub.get((ca, cb), SUBSTITUTION_COST)),
             ))
         if min(cur) > limit:  # every path already costs more: stop early
             return math.inf
@@ -192,7 +202,8 @@ def match_entries(
 
     An entry whose action is "allow" (it opens a gate) matches only the read itself, not an
     alternative reading, and at most allow_max_distance from it: another car's plate one
-    character away must not open the gate, while an O/0 slip of the reader still may.
+    character away must not open the gate, while an O/0 slip of the reader still may: for it
+    only letter/digit look-alikes are cheap (1/7 or M/N turns one valid plate into another).
     """
     queries = query_strings(plate, candidates, use_candidates)
     best: tuple | None = None
@@ -208,7 +219,7 @@ def match_entries(
             limit = max_distance if len(text) >= fuzzy_min_chars else 0.0
             if strict:
                 limit = min(limit, allow_max_distance)
-            d = weighted_distance(text, entry.plate, limit)
+            d = weighted_distance(text, entry.plate, limit, allow=strict)
             if d == math.inf:
                 continue
             key = (d, via != "read", -conf, rank, action_rank(entry.action), entry.plate,

@@ -190,6 +190,15 @@ def test_an_allow_entry_matches_only_the_read_and_only_by_look_alikes() -> None:
     kw = {"fuzzy_min_chars": 4, "allow_max_distance": 0.5}
     assert match_entries("A8C1234", (), gate, 1.0, NOW, **kw).match == "fuzzy"  # 8/B: 0.25
     assert match_entries("ABC1235", (), gate, 1.0, NOW, **kw).match == "none"  # another car
+    # a swap within digits or within letters the reader also makes (0.5 for deny) is another
+    # car's valid plate too: only a letter/digit look-alike is a slip for an allow entry
+    for other in ("ABC7234", "ABC1284", "ABG1234"):  # 1/7, 3/8, C/G
+        assert match_entries(other, (), gate, 1.0, NOW, **kw).match == "none", other
+    assert match_entries("ABCI234", (), gate, 1.0, NOW, **kw).distance == 0.25  # I/1
+    assert match_entries("A8CI234", (), gate, 1.0, NOW, **kw).distance == 0.5  # two slips
+    assert match_entries("ABC7234", (), [WatchlistEntry("ABC1234", list="stolen",
+                                                        action="deny")],
+                         1.0, NOW, **kw).distance == 0.5
     assert match_entries("ABC123", (), gate, 1.0, NOW, **kw).match == "none"
     assert match_entries("ZZZ999", [Candidate("ABC1234", 0.4)], gate, 1.0, NOW,
                          **kw).match == "none"  # an alternative reading opens nothing
