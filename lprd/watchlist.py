@@ -483,17 +483,41 @@ class Watchlist:
         self._local = threading.local()
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
+        self._recover = recover
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    def _open(self) -> None:
         try:
             self._prepare()
         except sqlite3.OperationalError:  # locked, disk full, read-only: not corruption
             raise
         except sqlite3.DatabaseError as e:
-            if not recover:
+            if not self._recover:
                 raise WatchlistError(f"{self.path}: unreadable ({e})") from None
             self.close()
             self._move_aside(e)
             self._prepare()
+        self._file = self._file_now()
+
+    def _file_now(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def follow_file(self) -> bool:
+        """Reopen the store where its path now names another file, and say so: the inference
+        process moved a corrupt file aside and started an empty one, and this process's
+        connections still reach the moved file (a sync would fill that one)."""
+        if self._file_now() == self._file:
+            return False
+        log.warning("watchlist %s was replaced (a damaged file moved aside); opening the new one",
+                    self.path)
+        self.close()
+        self._open()
+        return True
 
     def _move_aside(self, error: Exception) -> None:
         # The inference process and the sync open the store at once: one moves it, the other
@@ -1009,6 +1033,7 @@ class WatchlistSync:
     def _sync_once(self) -> SyncResult:
         t0 = time.monotonic()
         now = time.time()
+        self.watchlist.follow_file()  # before its status: a new file has no ETag to send
         status = self.watchlist.sync_status()
         source = self.cfg.source
         size = 0

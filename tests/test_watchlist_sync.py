@@ -499,3 +499,29 @@ def test_the_daemon_s_sync_closes_its_store_when_it_stops(tmp_path: Path) -> Non
         assert fds() == before
     finally:
         gc.enable()
+
+
+def test_a_store_moved_aside_by_the_inference_process_is_followed_and_filled_again(
+        server: ListServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The inference process moves a damaged store aside and starts an empty one. The
+    # supervisor's sync kept its connections to the moved file and went on filling that one
+    # (reporting success, then sending its ETag for 304s) while events matched an empty list.
+    path = tmp_path / DB_NAME
+    syncing = Watchlist(path, WatchlistConfig(), recover=True)
+    rows = "".join(f"AB{i:05d},stolen,deny\n" for i in range(3000))
+    server.routes["/list.csv"] = Route(("plate,list,action\n" + rows).encode(), etag='"v1"')
+    sync = _sync(syncing, server.url("/list.csv"))
+    assert sync.sync_once().entries == 3000
+    data = bytearray(path.read_bytes())  # an SD card fault in the middle of the file
+    page = 4096 * (len(data) // 4096 // 2)
+    data[page:page + 4096] = b"\xa5" * 4096
+    path.write_bytes(bytes(data))
+    with Watchlist(path, WatchlistConfig(), recover=True) as worker:  # moves it aside
+        assert worker.count() == 0
+        r = sync.sync_once()
+        assert r.ok and r.changed and not r.not_modified
+        assert "If-None-Match" not in server.requests[-1][1]  # the new file has no ETag yet
+        assert worker.count() == 3000 and worker.match("AB00042").action == "deny"
+    assert "was replaced" in caplog.text
+    assert sync.sync_once().not_modified  # and from then on the new file's ETag
+    syncing.close()
