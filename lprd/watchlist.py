@@ -144,7 +144,9 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
     if isinstance(value, (int, float)):
         if not math.isfinite(value):
             raise WatchlistError(f"{what}: {value!r} is not a date or time")
-        return float(value)
+        if not (isinstance(value, int) and 10_000_000 <= value <= 99_999_999):
+            return _epoch(float(value), what)
+        value = str(value)  # a JSON 20261231 is the date the string '20261231' is
     if not isinstance(value, str):
         raise WatchlistError(f"{what}: {value!r} is not a date or time")
     text = value.strip()
@@ -152,24 +154,41 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
     day_only = (len(text) == 8 and text.isdigit()) or (len(text) == 10 and text[4:5] == "-")
     try:
         if not day_only and text.replace(".", "", 1).isdigit():  # epoch seconds, as a CSV cell
-            return float(text)
+            return _epoch(float(text), what)
         if day_only:
             day = date.fromisoformat(text)
+            if end and day == date.max:  # 9999-12-31, "never": the last second there is
+                return datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
             if end:
                 day += timedelta(days=1)
             return datetime.combine(day, dtime()).timestamp()
         return datetime.fromisoformat(text).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         raise WatchlistError(
             f"{what}: {value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time"
         ) from None
 
 
+def _epoch(seconds: float, what: str) -> float:
+    """Epoch seconds that are a time of years 1970-9999: a JavaScript time in milliseconds
+    would be year 57000, never valid, and unprintable."""
+    try:
+        if datetime.fromtimestamp(seconds, tz=UTC).year >= 1970:
+            return seconds
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise WatchlistError(f"{what}: {seconds:.16g} is not epoch seconds of a year 1970-9999 "
+                         "(milliseconds?); give seconds or a date (YYYY-MM-DD)")
+
+
 def iso_time(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds").replace(
+            "+00:00", "Z")
+    except (ValueError, OverflowError, OSError):  # stored by an lprd that let it in
+        return f"{ts:.16g}"
 
 
 def check_action(action: str | None, what: str = "action") -> str | None:
@@ -300,12 +319,20 @@ def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
         raise WatchlistError("empty document: no CSV header")
 
 
+def _no_constant(name: str) -> None:
+    # Python's json writes NaN and Infinity; JSON has neither, and an event carrying one in
+    # its watchlist info is refused by strict parsers (JavaScript's)
+    raise WatchlistError(f"not valid JSON: {name} is not a JSON value (use null)")
+
+
 def _json_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise WatchlistError(f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") \
             from None
+    except RecursionError:
+        raise WatchlistError("not valid JSON: nested too deep") from None
     if isinstance(doc, dict):
         for key in ("entries", "plates"):
             if isinstance(doc.get(key), list):
@@ -1083,8 +1110,12 @@ class WatchlistSync:
                                     seconds=time.monotonic() - t0)
                 log.info("watchlist sync: %d entries from %s swapped in (%d bytes, %.2f s)",
                          status.entries, self._where(), size, result.seconds)
-        except (SyncError, sqlite3.Error) as e:
-            msg = str(e) if isinstance(e, SyncError) else f"storing the list failed: {e}"
+        except Exception as e:  # recorded: the status must not go on saying the last one's
+            if not isinstance(e, (SyncError, sqlite3.Error)):
+                log.exception("watchlist sync: unexpected error")
+            msg = (str(e) if isinstance(e, SyncError) else
+                   f"storing the list failed: {e}" if isinstance(e, sqlite3.Error) else
+                   f"unexpected error: {e!r}")
             try:
                 status = replace(self.watchlist.sync_status(), last_attempt=now,
                                  last_sync_ok=False, last_error=msg)

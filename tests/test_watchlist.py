@@ -25,6 +25,7 @@ from lprd.watchlist import (
     detect_format,
     dump_csv,
     dump_json,
+    iso_time,
     main,
     parse_document,
     parse_time,
@@ -178,6 +179,17 @@ def test_a_date_means_the_whole_local_day() -> None:
     assert parse_time("20300501", end=True) == datetime(2030, 5, 2).timestamp()
     with pytest.raises(WatchlistError, match="not a date"):
         parse_time("next tuesday", what="valid_until")
+    # JSON numbers: 20300501 is the date the string is, not 1970-08-23 (expired on import)
+    assert parse_time(20300501) == start and parse_time(1.9e9) == 1.9e9
+    # "never expires" (adding a day to it overflowed and crashed a sync)
+    assert parse_time("9999-12-31", end=True) == datetime(9999, 12, 31, 23, 59, 59,
+                                                         tzinfo=UTC).timestamp()
+    # JavaScript's milliseconds were taken for seconds of year 57968: never valid, and
+    # `watchlist list` and `export` could not print them
+    for ms in (1767139200000, "1767139200000"):
+        with pytest.raises(WatchlistError, match="milliseconds"):
+            parse_time(ms, what="valid_from")
+    assert iso_time(1767139200000.0) == "1767139200000"  # one stored before: printed as is
 
 
 @pytest.mark.parametrize("doc,fmt,expect", [
@@ -195,6 +207,10 @@ def test_a_date_means_the_whole_local_day() -> None:
     ('[{"plate": "ABC123"}, "XYZ"]', "json", "entry 2: not an object"),
     ('[{"plate": ["A"]}]', "json", "entry 1: plate .* is not text"),
     ('[{"plate": "ABC123", "info": 5}]', "json", "info must be an object"),
+    # Python's json.dump writes NaN: an event carrying it in its info is not JSON
+    ('[{"plate": "ABC123", "info": {"score": NaN}}]', "json", "NaN is not a JSON value"),
+    ("[" * 100_000 + "]" * 100_000, "json", "nested too deep"),
+    ("plate,valid_until\nABC123,1767139200000\n", "csv", "milliseconds"),
     # Cyrillic look-alikes would be dropped and the plate stored as '12377': refused instead
     ("plate\nABC123\nА123ВС 77\n", "csv", "line 3: plate .* characters other than A-Z"),
 ])

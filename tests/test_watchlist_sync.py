@@ -525,3 +525,23 @@ def test_a_store_moved_aside_by_the_inference_process_is_followed_and_filled_aga
     assert "was replaced" in caplog.text
     assert sync.sync_once().not_modified  # and from then on the new file's ETag
     syncing.close()
+
+
+def test_an_error_no_check_foresaw_is_a_failed_sync_in_the_status(
+        server: ListServer, wl: Watchlist, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # It escaped to the thread's catch-all: the status went on saying the last sync was good.
+    import lprd.watchlist
+
+    _good(server, wl)
+    server.routes["/new.csv"] = Route(b"plate\nNEW001\n")
+
+    def broken(*a: object, **kw: object) -> None:
+        raise OverflowError("a bug in a parser")  # fault injection: no input provokes one now
+
+    monkeypatch.setattr(lprd.watchlist, "parse_document", broken)
+    r = _sync(wl, server.url("/new.csv")).sync_once()
+    assert not r.ok and "OverflowError" in (r.error or "")
+    st = wl.sync_status()
+    assert st.last_sync_ok is False and "a bug in a parser" in (st.last_error or "")
+    assert wl.count() == 2 and "unexpected error" in caplog.text
