@@ -1005,6 +1005,13 @@ class WatchlistSync:
                 fmt = detect_format(url, resp.headers.get("Content-Type"), data)
             except WatchlistError as e:
                 raise SyncError(f"{where}: {e}") from None
+            if length is None and not resp.chunked and fmt == "csv" \
+                    and not data.endswith((b"\n", b"\r")):
+                # The body ends where the connection closed: nothing tells a list cut in its
+                # last rows (with a partial plate) from a whole one but the last line break.
+                raise SyncError(f"{where}: the server sent no length and the list does not end "
+                                "with a line break: it may be cut short (send Content-Length, "
+                                "or end the list with a newline)")
             return _Fetched(data, fmt, resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
 
     def _fetch_file(self, path: Path, etag: str | None) -> _Fetched | None:

@@ -234,6 +234,13 @@ def test_oversized_stream_without_length_is_aborted_at_max_bytes(server: ListSer
     # Under the limit the same kind of response (no length, closed at the end) is fine.
     server.routes["/small.csv"] = Route(b"plate\nOK0001\n", mode="stream")
     assert _sync(wl, server.url("/small.csv"), max_bytes=100_000).sync_once().entries == 1
+    # Cut in its last row, such a body ends where the connection closed: only the missing
+    # line break says so (it landed half the list and a partial plate, P00000, as good)
+    server.routes["/cut.csv"] = Route(body[:60], mode="stream")
+    r = _sync(wl, server.url("/cut.csv")).sync_once()
+    assert not r.ok and "cut short" in (r.error or "") and wl.entries()[0].plate == "OK0001"
+    server.routes["/whole.csv"] = Route(body[:62], mode="stream")  # up to a line break
+    assert _sync(wl, server.url("/whole.csv")).sync_once().entries == 7
 
 
 def test_slow_server_times_out_and_keeps_the_list(server: ListServer, wl: Watchlist) -> None:
