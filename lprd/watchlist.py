@@ -1435,13 +1435,18 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     wl, _ = _open(args)
     with wl:
-        entries = wl.entries(list_name=args.list)
+        entries = wl.entries(list_name=args.list,
+                             origin=None if args.origin == "all" else args.origin)
+        left = wl.count("sync") if args.origin == "local" else 0
     text = dump_json(entries) if args.json else dump_csv(entries)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"exported {len(entries)} entries to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    if left:
+        print(f"the {left} synced entries are not in it (the sync source's: --origin sync or "
+              "all)", file=sys.stderr)
     return 0
 
 
@@ -1573,6 +1578,11 @@ def register(subparsers: Any) -> None:
     ex = add("export", _cmd_export, "write the entries as CSV (or JSON with --json)")
     ex.add_argument("--list", type=_list_arg, help="only this list")
     ex.add_argument("-o", "--output", help="file (default: stdout)")
+    # a backup of both, imported again, turned the synced entries into local ones that no
+    # later sync removes (and a plate on both was twice in the file: the import refused it)
+    ex.add_argument("--origin", choices=("local", "sync", "all"), default="local",
+                    help="local (default): the entries added and imported here, what a backup "
+                         "needs; sync: the list as the sync source last sent it; all: both")
 
     m = add("match", _cmd_match,
             "print what the daemon would attach to an event for this read (exit 1: no match)")

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from lprd.config import WatchlistConfig
+from lprd.config import SyncConfig, WatchlistConfig
 from lprd.plate_match import WatchlistEntry, match_entries
 from lprd.types import Candidate
 from lprd.watchlist import (
     DB_NAME,
     Watchlist,
     WatchlistError,
+    WatchlistSync,
     benchmark,
     detect_format,
     dump_csv,
@@ -348,6 +349,21 @@ def test_cli_add_list_match_remove_export(tmp_path: Path,
     rc, out, _ = _run(["remove", "XYZ987", *db], capsys)
     rc, out, _ = _run(["export", *db], capsys)
     assert out.splitlines()[0] == "plate,list,action,valid_from,valid_until,make,owner"
+    # a backup holds what was added here: synced entries re-imported from one became local
+    # ones that no later sync removes
+    src = tmp_path / "source.csv"
+    src.write_text("plate,list,action\nOLD999,residents,allow\nABC1234,residents,allow\n")
+    with Watchlist(tmp_path / "w.sqlite") as w:
+        assert WatchlistSync(w, SyncConfig(source=str(src))).sync_once().entries == 2
+    rc, out, err = _run(["export", *db], capsys)
+    assert rc == 0 and "OLD999" not in out and "the 2 synced entries are not in it" in err
+    backup = tmp_path / "backup.csv"
+    backup.write_text(out)
+    assert _run(["import", "--replace", str(backup), *db], capsys)[0] == 0
+    rc, out, _ = _run(["export", "--origin", "sync", *db], capsys)
+    assert [r.split(",")[0] for r in out.splitlines()[1:]] == ["ABC1234", "OLD999"]
+    rc, out, _ = _run(["export", "--origin", "all", *db], capsys)
+    assert len(out.splitlines()) == 1 + 3
     rc, out, _ = _run(["remove", "ABC1234", *db], capsys)
     assert rc == 0 and "removed ABC1234" in out
     rc, _, err = _run(["remove", "ABC1234", *db], capsys)
