@@ -1303,8 +1303,6 @@ def _open(args: argparse.Namespace, create: bool = False) -> tuple[Watchlist, Co
     else:
         cfg = load_config(cfg_path)
     wcfg = cfg.watchlist
-    if getattr(args, "max_distance", None) is not None:
-        wcfg = wcfg.model_copy(update={"max_distance": args.max_distance})
     path = args.db if args.db is not None else cfg.storage.dir / DB_NAME
     if not create and not path.is_file():
         raise WatchlistError(f"no watchlist at {shown_path(str(path))} (add or import entries "
@@ -1452,9 +1450,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_match(args: argparse.Namespace) -> int:
     cands = [Candidate(c, 0.0) for c in args.candidate or ()]
-    wl, _ = _open(args)
+    wl, cfg = _open(args)
     with wl:
-        m = wl.match(args.plate, cands)
+        if args.max_distance is None:
+            m = wl.match(args.plate, cands)
+        else:
+            # a one-off distance compares every entry: deepening the stored index for it
+            # made the file bigger and every sync slower for good (it never shrinks)
+            w = cfg.watchlist
+            m = match_entries(args.plate, cands, wl.entries(), args.max_distance, time.time(),
+                              use_candidates=w.candidates, fuzzy_min_chars=w.fuzzy_min_chars,
+                              allow_max_distance=w.allow_max_distance)
     if args.json:
         _print_json(asdict(m))
     elif m.match == "none":
