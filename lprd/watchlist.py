@@ -285,7 +285,8 @@ def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
     first = next((line for line in text.splitlines() if line.strip()), "")
     # A spreadsheet saved in a European locale separates by semicolons
     delimiter = ";" if ";" in first and "," not in first else ","
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter,
+                        skipinitialspace=True)  # '"ABC1", "stolen"': by hand, quoted
     try:
         header: list[str] | None = None
         for row in reader:

@@ -228,6 +228,10 @@ def test_a_plain_list_and_a_semicolon_csv_import() -> None:
     assert [e.plate for e in plain] == ["ABC1234", "XYZ999"]
     semi = parse_document(b"plate;list;action\nABC1234;stolen;alert\n", "csv")
     assert [(e.plate, e.list, e.action) for e in semi] == [("ABC1234", "stolen", "alert")]
+    # quoted cells after ", " (written by hand): the list was named '"stolen"', quotes and all
+    spaced = parse_document(b'plate, list, owner\n"ABC1234", "stolen", "Ann, Bob"\n', "csv")
+    assert [(e.plate, e.list, e.info) for e in spaced] == [("ABC1234", "stolen",
+                                                            {"owner": "Ann, Bob"})]
     # a header word has no digits: a one-column file headed by an unknown word is still refused
     with pytest.raises(WatchlistError, match="needs a 'plate' or 'tag' column"):
         parse_document(b"kenteken\nAB123C\n", "csv")
