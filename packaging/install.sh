@@ -137,10 +137,23 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 say "installing lprd from $PACKAGE"
+SOURCE="$PACKAGE"
+if [ -f "$PACKAGE/pyproject.toml" ]; then  # a folder, as pip tells one from a package name
+    # pip builds a source folder in place: as root that left a root-owned build/ and
+    # lprd.egg-info/ in the user's checkout, and build/lib's copy of a module since deleted
+    # was installed again. Build from a fresh copy of what the package is made of.
+    SOURCE="$(mktemp -d)"
+    trap 'rm -rf "$SOURCE"' EXIT
+    for f in lprd setup.cfg pyproject.toml README.md; do
+        [ -e "$PACKAGE/$f" ] || die "$PACKAGE is not an lprd source folder (no $f)"
+    done
+    tar -C "$PACKAGE" --exclude=__pycache__ --exclude='*.pyc' \
+        -cf - lprd setup.cfg pyproject.toml README.md | tar -C "$SOURCE" -xf -
+fi
 # --force-reinstall --no-deps for lprd itself: same version number, new code on upgrade.
-"$VENV/bin/pip" install --disable-pip-version-check --quiet "${PIP_ARGS[@]}" "$PACKAGE"
+"$VENV/bin/pip" install --disable-pip-version-check --quiet "${PIP_ARGS[@]}" "$SOURCE"
 "$VENV/bin/pip" install --disable-pip-version-check --quiet --force-reinstall --no-deps \
-    "${PIP_ARGS[@]}" "$PACKAGE"
+    "${PIP_ARGS[@]}" "$SOURCE"
 if [ "$DO_SYSTEMD_PY" = 1 ]; then
     if ! "$VENV/bin/pip" install --disable-pip-version-check --quiet "${PIP_ARGS[@]}" \
             "systemd-python>=235"; then
