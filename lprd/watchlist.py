@@ -162,7 +162,7 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
             if end:
                 day += timedelta(days=1)
             return datetime.combine(day, dtime()).timestamp()
-        return datetime.fromisoformat(text).timestamp()
+        return _epoch(datetime.fromisoformat(text).timestamp(), what)
     except (ValueError, OverflowError):
         raise WatchlistError(
             f"{what}: {value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time"
@@ -170,15 +170,15 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
 
 
 def _epoch(seconds: float, what: str) -> float:
-    """Epoch seconds that are a time of years 1970-9999: a JavaScript time in milliseconds
-    would be year 57000, never valid, and unprintable."""
+    """Epoch seconds of a time `iso_time` can print (UTC years 1-9999): a JavaScript time in
+    milliseconds would be year 57000, never valid, and no command could print it."""
     try:
-        if datetime.fromtimestamp(seconds, tz=UTC).year >= 1970:
-            return seconds
+        datetime.fromtimestamp(seconds, tz=UTC)
+        return seconds
     except (ValueError, OverflowError, OSError):
-        pass
-    raise WatchlistError(f"{what}: {seconds:.16g} is not epoch seconds of a year 1970-9999 "
-                         "(milliseconds?); give seconds or a date (YYYY-MM-DD)")
+        raise WatchlistError(f"{what}: {seconds:.16g} is not a time up to the year 9999 (UTC; "
+                             "epoch milliseconds?): give epoch seconds or a date (YYYY-MM-DD)"
+                             ) from None
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -281,12 +281,22 @@ def _check_utf8(value: Any, what: str) -> None:
             _check_utf8(v, what)
 
 
+def _unquoted(cell: str) -> str:
+    """The cell stripped, and unquoted where all of it is quoted: '"stolen"' after ', ' (by
+    hand) is no CSV quote to the csv module (skipinitialspace would make a quote inside such
+    a cell, '"Ace" Towing', an error that refuses the whole list)."""
+    text = cell.strip()
+    inner = text[1:-1]
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in inner.replace('""', ""):
+        return inner.replace('""', '"')
+    return text
+
+
 def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
     first = next((line for line in text.splitlines() if line.strip()), "")
     # A spreadsheet saved in a European locale separates by semicolons
     delimiter = ";" if ";" in first and "," not in first else ","
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter,
-                        skipinitialspace=True)  # '"ABC1", "stolen"': by hand, quoted
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter)
     try:
         header: list[str] | None = None
         for row in reader:
@@ -298,7 +308,7 @@ def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise WatchlistError(f"line {reader.line_num}: more than a plate in a list of "
                                      "one plate a line (give a header: plate,list,action ...)")
             if header is None:
-                header = [h.strip() for h in row]
+                header = [_unquoted(h) for h in row]
                 lowered = [h.lower() for h in header]
                 if "" in header:
                     raise WatchlistError(f"line {reader.line_num}: a header column has no name")
@@ -313,7 +323,7 @@ def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise WatchlistError(
                     f"line {reader.line_num}: {len(row)} fields where the header has "
                     f"{len(header)} (truncated, or an unquoted comma?)")
-            yield f"line {reader.line_num}", {h: cell.strip() for h, cell in zip(header, row)}
+            yield f"line {reader.line_num}", {h: _unquoted(cell) for h, cell in zip(header, row)}
     except csv.Error as e:
         raise WatchlistError(f"line {reader.line_num}: not valid CSV ({e})") from None
     if header is None:
@@ -326,9 +336,16 @@ def _no_constant(name: str) -> None:
     raise WatchlistError(f"not valid JSON: {name} is not a JSON value (use null)")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, Infinity to Python
+        _no_constant(text)
+    return value
+
+
 def _json_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        doc = json.loads(text, parse_constant=_no_constant)
+        doc = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except json.JSONDecodeError as e:
         raise WatchlistError(f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") \
             from None
@@ -512,6 +529,7 @@ class Watchlist:
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
         self._recover = recover
+        self._gen = 0  # bumped when the path names a new file: connections reopen
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._open()
 
@@ -543,7 +561,8 @@ class Watchlist:
             return False
         log.warning("watchlist %s was replaced (a damaged file moved aside); opening the new one",
                     self.path)
-        self.close()
+        # each thread reopens at its next query: one closing another's mid-query failed it
+        self._gen += 1
         self._open()
         return True
 
@@ -591,6 +610,11 @@ class Watchlist:
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.gen != self._gen:  # the file was replaced
+            with self._conns_lock:
+                self._conns = [(t, c) for t, c in self._conns if c is not conn]
+            conn.close()
+            conn = None
         if conn is None:
             # Autocommit mode: every transaction below is explicit. check_same_thread is off
             # only so close() can close other threads' connections; each thread uses its own.
@@ -604,7 +628,7 @@ class Watchlist:
             except sqlite3.Error:  # not a database: the caller moves it aside or reports it
                 conn.close()
                 raise
-            self._local.conn = conn
+            self._local.conn, self._local.gen = conn, self._gen
             with self._conns_lock:
                 # Threads come and go (a sync on SIGHUP): close what finished threads left.
                 for t, c in self._conns:
@@ -748,11 +772,15 @@ class Watchlist:
             return ev
 
     def match(self, plate: str, candidates: Sequence[Candidate] = (),
-              now: float | None = None) -> WatchlistMatch:
+              now: float | None = None, max_distance: float | None = None) -> WatchlistMatch:
         """What the daemon attaches to an event: exact first, then OCR-weighted fuzzy, over the
         read and (cfg.candidates) the reader's candidates. One read transaction: one snapshot,
-        so a sync's swap shows the old list or the new one, never a mix."""
+        so a sync's swap shows the old list or the new one, never a mix. `max_distance`
+        overrides the config's once (`watchlist match --max-distance`): deeper than the stored
+        index, every entry is compared (deepened for it, the index stayed so for good)."""
         cfg = self.cfg
+        if max_distance is not None:
+            cfg = cfg.model_copy(update={"max_distance": max_distance})
         if not cfg.enabled:
             return WatchlistMatch.none()
         queries = query_strings(plate, candidates, cfg.candidates)
@@ -768,7 +796,10 @@ class Watchlist:
                 texts * len(ORIGINS)).fetchall()
             read_exact = queries[0][1] == "read" and any(
                 r[0] == texts[0] and self._entry(r).active(now) for r in rows)
-            if not read_exact and cfg.max_distance > 0:
+            if not read_exact and index_depth(cfg.max_distance) > self._depth:
+                rows += conn.execute(self._union(
+                    f"SELECT {_COLS}, '{{o}}' FROM entries_{{o}} e")).fetchall()
+            elif not read_exact and cfg.max_distance > 0:
                 keys = sorted({k for t in texts if len(t) >= cfg.fuzzy_min_chars
                                for k in index_keys(t, self._depth)})
                 if keys:
@@ -1068,11 +1099,12 @@ class WatchlistSync:
     def _sync_once(self) -> SyncResult:
         t0 = time.monotonic()
         now = time.time()
-        self.watchlist.follow_file()  # before its status: a new file has no ETag to send
-        status = self.watchlist.sync_status()
+        status = SyncStatus()
         source = self.cfg.source
         size = 0
         try:
+            self.watchlist.follow_file()  # before its status: a new file has no ETag to send
+            status = self.watchlist.sync_status()
             if not source:
                 raise SyncError("no watchlist.sync.source is configured")
             fetched = self._fetch(source, status)
@@ -1436,7 +1468,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with wl:
         entries = wl.entries(list_name=args.list,
                              origin=None if args.origin == "all" else args.origin)
-        left = wl.count("sync") if args.origin == "local" else 0
+        left = (len(wl.entries(list_name=args.list, origin="sync"))
+                if args.origin == "local" else 0)
     text = dump_json(entries) if args.json else dump_csv(entries)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
@@ -1451,17 +1484,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_match(args: argparse.Namespace) -> int:
     cands = [Candidate(c, 0.0) for c in args.candidate or ()]
-    wl, cfg = _open(args)
+    wl, _ = _open(args)
     with wl:
-        if args.max_distance is None:
-            m = wl.match(args.plate, cands)
-        else:
-            # a one-off distance compares every entry: deepening the stored index for it
-            # made the file bigger and every sync slower for good (it never shrinks)
-            w = cfg.watchlist
-            m = match_entries(args.plate, cands, wl.entries(), args.max_distance, time.time(),
-                              use_candidates=w.candidates, fuzzy_min_chars=w.fuzzy_min_chars,
-                              allow_max_distance=w.allow_max_distance)
+        m = wl.match(args.plate, cands, max_distance=args.max_distance)
     if args.json:
         _print_json(asdict(m))
     elif m.match == "none":
@@ -1582,7 +1607,8 @@ def register(subparsers: Any) -> None:
     im.add_argument("--action", help="action for rows that name none")
     im.add_argument("--replace", action="store_true", help="drop all other local entries")
 
-    ex = add("export", _cmd_export, "write the entries as CSV (or JSON with --json)")
+    ex = add("export", _cmd_export, "write the entries added and imported here (--origin: "
+             "or the synced ones) as CSV (or JSON with --json)")
     ex.add_argument("--list", type=_list_arg, help="only this list")
     ex.add_argument("-o", "--output", help="file (default: stdout)")
     # a backup of both, imported again, turned the synced entries into local ones that no

@@ -326,12 +326,17 @@ def test_reproduce_chains_the_shipped_stages_and_skips_those_done(tmp_path: Path
     assert all(s.pseudo == [tmp_path / "cache" / "pseudo", tmp_path / "cache" / "detcrops"]
                and s.width == 2.0 and s.threads == 2 and s.head == "ctc" for s in stages)
 
-    run = stages[0].run_dir
-    assert not stage_done(run, 24)  # never started
+    run, meta = stages[0].run_dir, stages[0].out.with_suffix(".json")
+    assert not stage_done(run, 24, stages[0].out)  # never started
     run.mkdir(parents=True)
     (run / "state.json").write_text(json.dumps({"epoch": 10, "history": []}))
-    assert not stage_done(run, 24)  # stopped part way: resumed, not skipped
+    meta.write_text(json.dumps({"epochs": 8}))
+    assert not stage_done(run, 24, stages[0].out)  # stopped part way: resumed, not skipped
     (run / "state.json").write_text(json.dumps({"epoch": 24, "history": []}))
-    assert stage_done(run, 24)
+    # trained, but stopped before its last export: the export of epoch 20 must not be taken
+    meta.write_text(json.dumps({"epochs": 20}))
+    assert not stage_done(run, 24, stages[0].out)
+    meta.write_text(json.dumps({"epochs": 24}))
+    assert stage_done(run, 24, stages[0].out)
     (run / "state.json").write_text("{half a fil")
-    assert not stage_done(run, 24)
+    assert not stage_done(run, 24, stages[0].out)

@@ -211,6 +211,8 @@ def test_a_date_means_the_whole_local_day() -> None:
     # Python's json.dump writes NaN: an event carrying it in its info is not JSON
     ('[{"plate": "ABC123", "info": {"score": NaN}}]', "json", "NaN is not a JSON value"),
     ("[" * 100_000 + "]" * 100_000, "json", "nested too deep"),
+    ('[{"plate": "ABC123", "info": {"score": 1e400}}]', "json", "1e400 is not a JSON value"),
+    ("plate,valid_until\nABC123,9999-12-31T23:59:59-05:00\n", "csv", "up to the year 9999"),
     ("plate,valid_until\nABC123,1767139200000\n", "csv", "milliseconds"),
     # Cyrillic look-alikes would be dropped and the plate stored as '12377': refused instead
     ("plate\nABC123\nА123ВС 77\n", "csv", "line 3: plate .* characters other than A-Z"),
@@ -229,9 +231,11 @@ def test_a_plain_list_and_a_semicolon_csv_import() -> None:
     semi = parse_document(b"plate;list;action\nABC1234;stolen;alert\n", "csv")
     assert [(e.plate, e.list, e.action) for e in semi] == [("ABC1234", "stolen", "alert")]
     # quoted cells after ", " (written by hand): the list was named '"stolen"', quotes and all
-    spaced = parse_document(b'plate, list, owner\n"ABC1234", "stolen", "Ann, Bob"\n', "csv")
-    assert [(e.plate, e.list, e.info) for e in spaced] == [("ABC1234", "stolen",
-                                                            {"owner": "Ann, Bob"})]
+    spaced = parse_document(b'plate, list, owner\nABC1234, "stolen", "Ann"\n', "csv")
+    assert [(e.plate, e.list, e.info) for e in spaced] == [("ABC1234", "stolen", {"owner": "Ann"})]
+    # a quote inside such a cell stays as it was (not a CSV error that refuses the list)
+    towing = parse_document(b'plate, list, notes\nABC1234, stolen, "Ace" Towing\n', "csv")
+    assert towing[0].info == {"notes": '"Ace" Towing'}
     # a header word has no digits: a one-column file headed by an unknown word is still refused
     with pytest.raises(WatchlistError, match="needs a 'plate' or 'tag' column"):
         parse_document(b"kenteken\nAB123C\n", "csv")
@@ -363,6 +367,8 @@ def test_cli_add_list_match_remove_export(tmp_path: Path,
     assert rc == 0 and "OLD999" not in out and "the 2 synced entries are not in it" in err
     backup = tmp_path / "backup.csv"
     backup.write_text(out)
+    rc, out, err = _run(["export", "--list", "stolen", *db], capsys)
+    assert rc == 0 and "synced" not in err  # none of them on that list
     assert _run(["import", "--replace", str(backup), *db], capsys)[0] == 0
     rc, out, _ = _run(["export", "--origin", "sync", *db], capsys)
     assert [r.split(",")[0] for r in out.splitlines()[1:]] == ["ABC1234", "OLD999"]
@@ -450,6 +456,8 @@ def test_cli_max_distance_keeps_the_configs_bounds(
     assert rc == 0 and out.startswith("fuzzy ABC1234")
     rc, out, _ = _run(["match", "XBC1239", "--max-distance", "2", *db], capsys)  # 2 edits
     assert rc == 0 and out.startswith("fuzzy ABC1234 (distance 2")
+    with Watchlist(tmp_path / "w.sqlite", WatchlistConfig(enabled=False)) as w:
+        assert w.match("XBC1239", max_distance=2).match == "none"  # off is off
     # a one-off check leaves the stored index as the daemon's max_distance (1) needs it:
     # deepened, it stayed so for good (a 20,000-entry list: 3.5 -> 8.7 MB, syncs 3x slower)
     with contextlib.closing(sqlite3.connect(tmp_path / "w.sqlite")) as c:

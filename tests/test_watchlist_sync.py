@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -37,7 +39,7 @@ class Route:
     content_type: str | None = "text/csv"
     etag: str | None = None
     last_modified: str | None = None
-    mode: str = "normal"  # normal | truncate | slow | stream (no Content-Length)
+    mode: str = "normal"  # normal | truncate | slow | stream (no Content-Length) | chunked
     need_token: bool = False
     hits: int = 0
 
@@ -91,6 +93,8 @@ def _handler(srv: ListServer) -> type[BaseHTTPRequestHandler]:
             body = route.body
             if route.mode == "stream":
                 self.send_header("Connection", "close")
+            elif route.mode == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
             else:
                 # truncate: promise the whole body, send half, hang up
                 self.send_header("Content-Length", str(len(body)))
@@ -105,6 +109,11 @@ def _handler(srv: ListServer) -> type[BaseHTTPRequestHandler]:
                         self.wfile.write(body[i:i + 1])
                         self.wfile.flush()
                         time.sleep(0.2)
+                elif route.mode == "chunked":
+                    for i in range(0, len(body), 20):
+                        part = body[i:i + 20]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    self.wfile.write(b"0\r\n\r\n")
                 else:
                     for i in range(0, len(body), 65536):
                         self.wfile.write(body[i:i + 65536])
@@ -241,6 +250,9 @@ def test_oversized_stream_without_length_is_aborted_at_max_bytes(server: ListSer
     assert not r.ok and "cut short" in (r.error or "") and wl.entries()[0].plate == "OK0001"
     server.routes["/whole.csv"] = Route(body[:62], mode="stream")  # up to a line break
     assert _sync(wl, server.url("/whole.csv")).sync_once().entries == 7
+    # chunked encoding marks its own end: no line break needed there
+    server.routes["/chunked.csv"] = Route(body[:60], mode="chunked")
+    assert _sync(wl, server.url("/chunked.csv")).sync_once().entries == 7
 
 
 def test_slow_server_times_out_and_keeps_the_list(server: ListServer, wl: Watchlist) -> None:
@@ -531,6 +543,59 @@ def test_a_store_moved_aside_by_the_inference_process_is_followed_and_filled_aga
         assert worker.count() == 3000 and worker.match("AB00042").action == "deny"
     assert "was replaced" in caplog.text
     assert sync.sync_once().not_modified  # and from then on the new file's ETag
+    syncing.close()
+
+
+def test_a_replaced_store_is_reopened_without_failing_other_threads_queries(
+        tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+    shared = Watchlist(path, WatchlistConfig(), recover=True)
+    shared.add(WatchlistEntry("ABC1234", action="deny"))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def query() -> None:
+        while not stop.is_set():
+            try:
+                shared.match("ABC1234")
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+                return
+
+    reader = threading.Thread(target=query)
+    reader.start()
+    time.sleep(0.1)
+    os.replace(path, tmp_path / "moved.sqlite")  # as the inference process's move aside
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with Watchlist(path) as fresh:
+        fresh.add(WatchlistEntry("NEW1", action="alert"))
+    assert shared.follow_file()
+    time.sleep(0.2)
+    stop.set()
+    reader.join()
+    assert errors == []  # closing its connection under it raised "closed database"
+    assert shared.match("NEW1").action == "alert"
+    shared.close()
+
+
+def test_a_store_replaced_by_one_that_cannot_be_opened_is_a_failed_sync(
+        tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+    syncing = Watchlist(path, WatchlistConfig(), recover=True)
+    src = tmp_path / "list.csv"
+    src.write_text("plate\nABC1234\n")
+    sync = _sync(syncing, str(src))
+    assert sync.sync_once().ok
+    other = tmp_path / "other.sqlite"
+    with Watchlist(other) as w:  # a store of a newer lprd
+        w.write_sync_status(SyncStatus())
+    with contextlib.closing(sqlite3.connect(other)) as c:
+        c.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+        c.commit()
+    os.replace(other, path)
+    r = sync.sync_once()  # it raised out of the sync, which recorded nothing
+    assert not r.ok and "schema 99" in (r.error or "")
     syncing.close()
 
 

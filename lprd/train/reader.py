@@ -77,10 +77,15 @@ def reproduce_plan(out: Path, threads: int, root: Path = REPO) -> list[list[str]
     return plan
 
 
-def stage_done(run_dir: Path, epochs: int) -> bool:
-    """Whether the run in `run_dir` has trained all its `epochs` (its state.json says so)."""
+def stage_done(run_dir: Path, epochs: int, out: Path) -> bool:
+    """Whether the run in `run_dir` has trained all its `epochs` (its state.json says so) and
+    exported its last epoch to `out` (the export comes after the state: a stop between them
+    left the model of 4 epochs before)."""
+    state, meta = run_dir / "state.json", out.with_suffix(".json")
     try:
-        return json.loads((run_dir / "state.json").read_text())["epoch"] >= epochs
+        return (json.loads(state.read_text())["epoch"] >= epochs
+                and json.loads(meta.read_text())["epochs"] >= epochs
+                and meta.stat().st_mtime >= state.stat().st_mtime)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -98,7 +103,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         det_crops.main(["--out", str(detcrops), "--pseudo", str(pseudo)])
     for k, argv in enumerate(reproduce_plan(args.out, args.threads), 1):
         stage = parser().parse_args(argv)
-        if stage_done(stage.run_dir, stage.epochs):
+        if stage_done(stage.run_dir, stage.epochs, stage.out):
             log.info("stage %d of %d (%s) is done", k, len(SHIPPED_STAGES), stage.run_dir)
             continue
         log.info("stage %d of %d: %s", k, len(SHIPPED_STAGES), " ".join(argv))
