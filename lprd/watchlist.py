@@ -541,7 +541,8 @@ class Watchlist:
         except sqlite3.DatabaseError as e:
             if not self._recover:
                 raise WatchlistError(f"{self.path}: unreadable ({e})") from None
-            self.close()
+            self._gen += 1  # the others reopen at their next query (none closed under it)
+            self._drop_own()
             self._move_aside(e)
             self._prepare()
         self._file = self._file_now()
@@ -609,12 +610,9 @@ class Watchlist:
     # -- connections and transactions
 
     def _conn(self) -> sqlite3.Connection:
+        if getattr(self._local, "gen", self._gen) != self._gen:  # the file was replaced
+            self._drop_own()
         conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.gen != self._gen:  # the file was replaced
-            with self._conns_lock:
-                self._conns = [(t, c) for t, c in self._conns if c is not conn]
-            conn.close()
-            conn = None
         if conn is None:
             # Autocommit mode: every transaction below is explicit. check_same_thread is off
             # only so close() can close other threads' connections; each thread uses its own.
@@ -637,6 +635,15 @@ class Watchlist:
                 self._conns = [(t, c) for t, c in self._conns if t.is_alive()]
                 self._conns.append((threading.current_thread(), conn))
         return conn
+
+    def _drop_own(self) -> None:
+        """Close this thread's connection (another thread's may be mid-query)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            with self._conns_lock:
+                self._conns = [(t, c) for t, c in self._conns if c is not conn]
+            conn.close()
+            self._local.conn = None
 
     class _Txn:
         def __init__(self, conn: sqlite3.Connection, begin: str) -> None:
@@ -1160,7 +1167,7 @@ class WatchlistSync:
                 status = replace(self.watchlist.sync_status(), last_attempt=now,
                                  last_sync_ok=False, last_error=msg)
                 self.watchlist.write_sync_status(status)
-            except sqlite3.Error as e2:
+            except (sqlite3.Error, WatchlistError) as e2:
                 log.error("watchlist sync: cannot record the failure: %s", e2)
             result = SyncResult(False, False, status.entries, error=msg, bytes=size,
                                 seconds=time.monotonic() - t0)
