@@ -162,20 +162,23 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
             if end:
                 day += timedelta(days=1)
             return datetime.combine(day, dtime()).timestamp()
-        return _epoch(datetime.fromisoformat(text).timestamp(), what)
+        return _epoch(datetime.fromisoformat(text).timestamp(), what, text)
     except (ValueError, OverflowError):
         raise WatchlistError(
             f"{what}: {value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time"
         ) from None
 
 
-def _epoch(seconds: float, what: str) -> float:
+def _epoch(seconds: float, what: str, given: str | None = None) -> float:
     """Epoch seconds of a time `iso_time` can print (UTC years 1-9999): a JavaScript time in
-    milliseconds would be year 57000, never valid, and no command could print it."""
+    milliseconds would be year 57000, never valid, and no command could print it. `given`:
+    the ISO time they came from, for the message."""
     try:
         datetime.fromtimestamp(seconds, tz=UTC)
         return seconds
     except (ValueError, OverflowError, OSError):
+        if given is not None:
+            raise WatchlistError(f"{what}: {given!r} is after the year 9999 in UTC") from None
         raise WatchlistError(f"{what}: {seconds:.16g} is not a time up to the year 9999 (UTC; "
                              "epoch milliseconds?): give epoch seconds or a date (YYYY-MM-DD)"
                              ) from None
@@ -281,51 +284,51 @@ def _check_utf8(value: Any, what: str) -> None:
             _check_utf8(v, what)
 
 
-def _unquoted(cell: str) -> str:
-    """The cell stripped, and unquoted where all of it is quoted: '"stolen"' after ', ' (by
-    hand) is no CSV quote to the csv module (skipinitialspace would make a quote inside such
-    a cell, '"Ace" Towing', an error that refuses the whole list)."""
-    text = cell.strip()
-    inner = text[1:-1]
-    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in inner.replace('""', ""):
-        return inner.replace('""', '"')
-    return text
+def _csv_table(text: str, delimiter: str) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every row. A list typed by hand puts a space after each comma:
+    only skipinitialspace reads '"stolen"' and '"Smith, John"' there as quoted cells, and with
+    it a quote inside a cell ('"Ace" Towing') is an error, which the plain reading (the csv
+    module's default) takes as text: the first reading that parses wins."""
+    for skip in (True, False):
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter,
+                            skipinitialspace=skip)
+        try:
+            return [(reader.line_num, row) for row in reader]
+        except csv.Error as e:
+            error = f"line {reader.line_num}: not valid CSV ({e})"
+    raise WatchlistError(error)
 
 
 def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
     first = next((line for line in text.splitlines() if line.strip()), "")
     # A spreadsheet saved in a European locale separates by semicolons
     delimiter = ";" if ";" in first and "," not in first else ","
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter)
-    try:
-        header: list[str] | None = None
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue  # blank line
-            if header is None and len(row) == 1 and any(ch.isdigit() for ch in row[0]):
-                header = ["plate"]  # a plain list, one plate a line: no header word has digits
-            if header == ["plate"] and any(c in row[0] for c in ";,\t|"):
-                raise WatchlistError(f"line {reader.line_num}: more than a plate in a list of "
-                                     "one plate a line (give a header: plate,list,action ...)")
-            if header is None:
-                header = [_unquoted(h) for h in row]
-                lowered = [h.lower() for h in header]
-                if "" in header:
-                    raise WatchlistError(f"line {reader.line_num}: a header column has no name")
-                if len(set(lowered)) != len(lowered):
-                    raise WatchlistError(f"line {reader.line_num}: repeated header column")
-                if "plate" not in lowered and "tag" not in lowered:
-                    raise WatchlistError(
-                        f"line {reader.line_num}: the header needs a 'plate' or 'tag' column "
-                        f"(got {', '.join(header)})")
-                continue
-            if len(row) != len(header):
+    header: list[str] | None = None
+    for line, row in _csv_table(text, delimiter):
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        if header is None and len(row) == 1 and any(ch.isdigit() for ch in row[0]):
+            header = ["plate"]  # a plain list, one plate a line: no header word has digits
+        if header == ["plate"] and any(c in row[0] for c in ";,\t|"):
+            raise WatchlistError(f"line {line}: more than a plate in a list of "
+                                 "one plate a line (give a header: plate,list,action ...)")
+        if header is None:
+            header = [h.strip() for h in row]
+            lowered = [h.lower() for h in header]
+            if "" in header:
+                raise WatchlistError(f"line {line}: a header column has no name")
+            if len(set(lowered)) != len(lowered):
+                raise WatchlistError(f"line {line}: repeated header column")
+            if "plate" not in lowered and "tag" not in lowered:
                 raise WatchlistError(
-                    f"line {reader.line_num}: {len(row)} fields where the header has "
-                    f"{len(header)} (truncated, or an unquoted comma?)")
-            yield f"line {reader.line_num}", {h: _unquoted(cell) for h, cell in zip(header, row)}
-    except csv.Error as e:
-        raise WatchlistError(f"line {reader.line_num}: not valid CSV ({e})") from None
+                    f"line {line}: the header needs a 'plate' or 'tag' column "
+                    f"(got {', '.join(header)})")
+            continue
+        if len(row) != len(header):
+            raise WatchlistError(
+                f"line {line}: {len(row)} fields where the header has "
+                f"{len(header)} (truncated, or an unquoted comma?)")
+        yield f"line {line}", {h: cell.strip() for h, cell in zip(header, row)}
     if header is None:
         raise WatchlistError("empty document: no CSV header")
 
@@ -338,8 +341,8 @@ def _no_constant(name: str) -> None:
 
 def _finite(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value):  # 1e400: valid JSON, Infinity to Python
-        _no_constant(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, Infinity to Python (and to JavaScript)
+        raise WatchlistError(f"JSON number {text} is too large (use null or text)")
     return value
 
 
@@ -541,9 +544,9 @@ class Watchlist:
         except sqlite3.DatabaseError as e:
             if not self._recover:
                 raise WatchlistError(f"{self.path}: unreadable ({e})") from None
-            self._gen += 1  # the others reopen at their next query (none closed under it)
             self._drop_own()
             self._move_aside(e)
+            self._gen += 1  # the others reopen at their next query (none closed under it)
             self._prepare()
         self._file = self._file_now()
 

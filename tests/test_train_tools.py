@@ -309,7 +309,13 @@ def test_a_row_pool_reader_starts_from_a_checkpoint_without_it_with_the_same_rea
 
 
 def test_reproduce_chains_the_shipped_stages_and_skips_those_done(tmp_path: Path) -> None:
-    from lprd.train.reader import SHIPPED_STAGES, parser, reproduce_plan, stage_done
+    from lprd.train.reader import (
+        SHIPPED_STAGES,
+        epochs_trained,
+        parser,
+        reproduce_plan,
+        stage_done,
+    )
 
     out = tmp_path / "models" / "reader.tflite"
     stages = [parser().parse_args(argv) for argv in reproduce_plan(out, 2, root=tmp_path)]
@@ -336,6 +342,7 @@ def test_reproduce_chains_the_shipped_stages_and_skips_those_done(tmp_path: Path
     # trained, but stopped before its last export: the export of epoch 20 must not be taken
     meta.write_text(json.dumps({"epochs": 20}))
     assert not stage_done(run, 24, stages[0].out)
+    assert epochs_trained(run) == 24  # so --reproduce exports it instead of training none
     meta.write_text(json.dumps({"epochs": 24}))
     assert stage_done(run, 24, stages[0].out)
     (run / "state.json").write_text("{half a fil")

@@ -77,15 +77,23 @@ def reproduce_plan(out: Path, threads: int, root: Path = REPO) -> list[list[str]
     return plan
 
 
-def stage_done(run_dir: Path, epochs: int, out: Path) -> bool:
-    """Whether the run in `run_dir` has trained all its `epochs` (its state.json says so) and
-    exported its last epoch to `out` (the export comes after the state: a stop between them
-    left the model of 4 epochs before)."""
-    state, meta = run_dir / "state.json", out.with_suffix(".json")
+def epochs_trained(run_dir: Path) -> int:
+    """The epochs the run in `run_dir` has trained (its state.json; 0 for none)."""
     try:
-        return (json.loads(state.read_text())["epoch"] >= epochs
+        return int(json.loads((run_dir / "state.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def stage_done(run_dir: Path, epochs: int, out: Path) -> bool:
+    """Whether the run in `run_dir` has trained all its `epochs` and exported its last epoch to
+    `out` (the export comes after the state: a stop between them left the model of 4 epochs
+    before)."""
+    meta = out.with_suffix(".json")
+    try:
+        return (epochs_trained(run_dir) >= epochs
                 and json.loads(meta.read_text())["epochs"] >= epochs
-                and meta.stat().st_mtime >= state.stat().st_mtime)
+                and meta.stat().st_mtime >= (run_dir / "state.json").stat().st_mtime)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -105,9 +113,13 @@ def _reproduce(args: argparse.Namespace) -> int:
         stage = parser().parse_args(argv)
         if stage_done(stage.run_dir, stage.epochs, stage.out):
             log.info("stage %d of %d (%s) is done", k, len(SHIPPED_STAGES), stage.run_dir)
-            continue
-        log.info("stage %d of %d: %s", k, len(SHIPPED_STAGES), " ".join(argv))
-        train(stage)
+        elif epochs_trained(stage.run_dir) >= stage.epochs:  # stopped in its last export
+            log.info("stage %d of %d: exporting its last epoch to %s", k, len(SHIPPED_STAGES),
+                     stage.out)
+            export_run(stage)
+        else:
+            log.info("stage %d of %d: %s", k, len(SHIPPED_STAGES), " ".join(argv))
+            train(stage)
     return 0
 
 
@@ -530,15 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.export_only:
-        import tensorflow as tf
-
-        state = json.loads((args.run_dir / "state.json").read_text())
-        _keras_extras()
-        model = tf.keras.models.load_model(args.run_dir / "model.keras")
-        crops = real_crops()
-        held = [c for c in crops if is_heldout(c.text)]
-        xs, _ = _load_chunks(args.cache, "synth_*.npz", 1)
-        _export(tf, model, xs, args, state, crops, held)
+        export_run(args)
         args.evaluate = True
     if args.evaluate:
         print(json.dumps(report(args.out), indent=2))
@@ -546,6 +550,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.reproduce:
         return _reproduce(args)
     return train(args)
+
+
+def export_run(args: argparse.Namespace) -> None:
+    """The checkpoint in --run-dir exported to --out."""
+    import tensorflow as tf
+
+    state = json.loads((args.run_dir / "state.json").read_text())
+    _keras_extras()
+    model = tf.keras.models.load_model(args.run_dir / "model.keras")
+    crops = real_crops()
+    held = [c for c in crops if is_heldout(c.text)]
+    xs, _ = _load_chunks(args.cache, "synth_*.npz", 1)
+    _export(tf, model, xs, args, state, crops, held)
 
 
 def train(args: argparse.Namespace) -> int:
