@@ -838,11 +838,12 @@ class Watchlist:
             rows = conn.execute(sql + " ORDER BY 1, 2, 7", params * len(origins)).fetchall()
         return [self._entry(r) for r in rows]
 
-    def count(self, origin: str | None = None) -> int:
+    def count(self, origin: str | None = None, list_name: str | None = None) -> int:
+        where, params = ("", ()) if list_name is None else (" WHERE list = ?", (list_name,))
         conn = self._conn()
         with self._read(conn):
-            return sum(conn.execute(f"SELECT COUNT(*) FROM entries_{o}").fetchone()[0]
-                       for o in (ORIGINS if origin is None else (origin,)))
+            return sum(conn.execute(f"SELECT COUNT(*) FROM entries_{o}{where}", params)
+                       .fetchone()[0] for o in (ORIGINS if origin is None else (origin,)))
 
     # -- local edits (CLI)
 
@@ -1478,8 +1479,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with wl:
         entries = wl.entries(list_name=args.list,
                              origin=None if args.origin == "all" else args.origin)
-        left = (len(wl.entries(list_name=args.list, origin="sync"))
-                if args.origin == "local" else 0)
+        left = wl.count("sync", args.list) if args.origin == "local" else 0
     text = dump_json(entries) if args.json else dump_csv(entries)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")

@@ -144,11 +144,12 @@ if [ -f "$PACKAGE/pyproject.toml" ]; then  # a folder, as pip tells one from a p
     # was installed again. Build from a fresh copy of what the package is made of.
     SOURCE="$(mktemp -d)"
     trap 'rm -rf "$SOURCE"' EXIT
-    for f in lprd setup.cfg pyproject.toml README.md; do
+    PARTS=(lprd setup.cfg pyproject.toml README.md)
+    for f in "${PARTS[@]}"; do
         [ -e "$PACKAGE/$f" ] || die "$PACKAGE is not an lprd source folder (no $f)"
     done
-    tar -C "$PACKAGE" --exclude=__pycache__ --exclude='*.pyc' \
-        -cf - lprd setup.cfg pyproject.toml README.md | tar -C "$SOURCE" -xf -
+    tar -C "$PACKAGE" --exclude=__pycache__ --exclude='*.pyc' -cf - "${PARTS[@]}" \
+        | tar -C "$SOURCE" -xf -
 fi
 # --force-reinstall --no-deps for lprd itself: same version number, new code on upgrade.
 "$VENV/bin/pip" install --disable-pip-version-check --quiet "${PIP_ARGS[@]}" "$SOURCE"
