@@ -1351,6 +1351,11 @@ def _open(args: argparse.Namespace, create: bool = False) -> tuple[Watchlist, Co
     if not create and not path.is_file():
         raise WatchlistError(f"no watchlist at {shown_path(str(path))} (add or import entries "
                              "first, or check --db and storage.dir)")
+    if args.db is not None and not path.parent.is_dir():
+        # a mistyped folder would be made, and the entries kept where the daemon never looks
+        raise WatchlistError(f"--db {shown_path(str(path))}: the folder "
+                             f"{shown_path(str(path.parent))} does not exist (check the path, "
+                             "or create the folder first)")
     _refuse_root_in_foreign_folder(path)
     try:
         return Watchlist(path, wcfg), cfg

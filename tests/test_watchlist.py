@@ -431,7 +431,11 @@ def test_cli_read_commands_refuse_a_missing_watchlist_and_create_nothing(
         assert (rc, out) == (2, ""), cmd
         assert err.startswith(f"lprd watchlist: no watchlist at {db} "), cmd
     assert not (tmp_path / "typo").exists()
-    rc, _, _ = _run(["add", "ABC1234", "--db", str(db)], capsys)  # add makes it
+    rc, out, err = _run(["add", "ABC1234", "--db", str(db)], capsys)  # nor does add: a typo
+    assert (rc, out) == (2, "") and f"the folder {db.parent} does not exist" in err
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "typo").mkdir()
+    rc, _, _ = _run(["add", "ABC1234", "--db", str(db)], capsys)  # add makes the file
     assert rc == 0 and db.is_file()
     assert _run(["list", "--db", str(db)], capsys)[:2] == (0, "ABC1234  list=default  action=-\n")
 
