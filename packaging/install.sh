@@ -115,6 +115,26 @@ owned() {  # owned MODE UID:GID PATH...: ownership only when we may set it
     if [ "$IS_ROOT" = 1 ]; then chown "$owner" "$@"; fi
 }
 
+# -- a running daemon is stopped while its code and models are replaced ---------------------------
+# A child process restarted in between (a crash, a hang, a reload) would run the new code under
+# the old supervisor. It starts again at the end, or from the EXIT trap where the install fails.
+LIVE_SYSTEMD=0
+if [ "$DO_SYSTEMCTL" = 1 ] && [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then LIVE_SYSTEMD=1; fi
+STOPPED=0 COPY=""
+on_exit() {
+    [ -z "$COPY" ] || rm -rf "$COPY"
+    if [ "$STOPPED" = 1 ]; then
+        say "the install stopped on an error: starting the stopped lprd again"
+        systemctl start lprd.service || say "warning: lprd did not start: journalctl -u lprd"
+    fi
+}
+trap on_exit EXIT
+if [ "$LIVE_SYSTEMD" = 1 ] && systemctl -q is-active lprd.service; then
+    say "stopping lprd while its program and models are replaced"
+    systemctl stop lprd.service
+    STOPPED=1
+fi
+
 # -- the program ----------------------------------------------------------------------------------
 if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c '' 2>/dev/null; then
     say "the venv's interpreter is gone (Python upgraded?): making a new venv"
@@ -142,8 +162,8 @@ if [ -f "$PACKAGE/pyproject.toml" ]; then  # a folder, as pip tells one from a p
     # pip builds a source folder in place: as root that left a root-owned build/ and
     # lprd.egg-info/ in the user's checkout, and build/lib's copy of a module since deleted
     # was installed again. Build from a fresh copy of what the package is made of.
-    SOURCE="$(mktemp -d)"
-    trap 'rm -rf "$SOURCE"' EXIT
+    COPY="$(mktemp -d)"
+    SOURCE="$COPY"
     PARTS=(lprd setup.cfg pyproject.toml README.md)
     for f in "${PARTS[@]}"; do
         [ -e "$PACKAGE/$f" ] || die "$PACKAGE is not an lprd source folder (no $f)"
@@ -219,11 +239,12 @@ fi
 if [ "$DO_SYSTEMCTL" = 1 ]; then
     if [ -n "$ROOT" ]; then
         systemctl --root="$ROOT" enable lprd.service
-    elif [ -d /run/systemd/system ]; then
+    elif [ "$LIVE_SYSTEMD" = 1 ]; then
         systemctl daemon-reload
         systemctl enable lprd.service
-        if [ "$START" = 1 ] || systemctl -q is-active lprd.service; then
+        if [ "$START" = 1 ] || [ "$STOPPED" = 1 ] || systemctl -q is-active lprd.service; then
             say "(re)starting lprd"
+            STOPPED=0  # from here a failed start is reported by systemctl, not tried again
             systemctl restart lprd.service
         fi
     else
