@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 1.0  # seconds between heartbeat status records
 MAX_BAD_FRAMES = 50  # consecutive undecodable frames that count as a lost stream
-STABLE_SESSION = 60.0  # s: a session this long resets the reconnect backoff
+STABLE_SESSION = 60.0  # s: a session this long resets the reconnect backoff,
+STABLE_PER_DELAY = 10.0  # ... as does one this many times the delay before it
 MAX_LAG = 3.0  # s: a live stream's decoding this far behind ...
 LAG_HOLD = 5.0  # s: ... for this long is reopened (its backlog dropped)
 DEFAULT_FILE_FPS = 25.0  # when a file does not say its frame rate
@@ -43,6 +45,7 @@ class SourceKind(str, Enum):
     FILE = "file"
     RTSP = "rtsp"
     HTTP = "http"
+    STREAM = "stream"  # another network URL FFmpeg opens: udp://, rtmp://, srt://, tcp:// ...
     V4L2 = "v4l2"
 
 
@@ -75,6 +78,8 @@ def source_kind(source: str) -> SourceKind:
         return SourceKind.RTSP
     if low.startswith(("http://", "https://")):
         return SourceKind.HTTP
+    if re.match(r"[a-z][a-z0-9+.-]*://", low) and not low.startswith("file://"):
+        return SourceKind.STREAM
     # /dev/v4l/by-id/... and by-path/... name a camera stably across reboots and USB ports
     if source.startswith("/dev/"):
         return SourceKind.V4L2
@@ -110,14 +115,16 @@ class Backoff:
         self.initial = initial
         self.maximum = maximum
         self._next = initial
+        self.last = 0.0  # the delay next() returned last (0: none since a reset)
 
     def next(self) -> float:
-        delay = self._next
+        delay = self.last = self._next
         self._next = min(self._next * 2, self.maximum)
         return delay
 
     def reset(self) -> None:
         self._next = self.initial
+        self.last = 0.0
 
 
 class MotionGate:
@@ -362,6 +369,7 @@ class Capture:
     def run(self) -> None:
         backoff = Backoff(self.cfg.reconnect.initial, self.cfg.reconnect.max)
         fails = behind = loops = 0
+        failure: Exception | None = None  # an unforeseen one, logged with its traceback
         log.info("%s: capturing %s (%s%s)", self.camera, self.shown, self.kind.value,
                  "" if not self.is_file else
                  ", realtime" if self.realtime else ", every frame")
@@ -395,18 +403,26 @@ class Capture:
                     continue
                 except (_Stopped, KeyboardInterrupt):
                     raise
-                except Exception as e:  # a decoder or OS surprise must not end the camera
-                    log.exception("%s: capture failed", self.camera)
+                # a decoder or OS surprise must not end the camera; logged below when loud
+                except Exception as e:  # noqa: BLE001
+                    failure = e
                     reason = f"capture failed: {type(e).__name__}: {e}"
-                if self._got and time.monotonic() - self._session_start >= STABLE_SESSION:
-                    backoff.reset()  # not after a session of a few frames: a flapping stream
-                    # would be reopened every second, forever
+                # Not after a session of a few frames: a flapping stream would be reopened
+                # every second, forever. One that runs a while between drops (a proxy that
+                # cuts each session after 45 s) is back at once, not after the longest delay.
+                lasted = time.monotonic() - self._session_start
+                if self._got and lasted >= min(STABLE_SESSION, STABLE_PER_DELAY * backoff.last):
+                    backoff.reset()
                     fails = 0
                 fails += 1
                 delay = backoff.next()
                 # the first failure and then 2, 4, 8 ... in a row: no log flood while a camera
                 # is down for the night
                 loud = self._loud = loud_repeat(fails)
+                if failure is not None:
+                    if loud:
+                        log.error("%s: capture failed", self.camera, exc_info=failure)
+                    failure = None
                 log.log(logging.WARNING if loud else logging.DEBUG, "%s: %s; retrying in %.1f s%s",
                         self.camera, reason, delay,
                         f" ({fails} failures in a row)" if fails > 1 else "")
@@ -427,6 +443,9 @@ class Capture:
                 raise _Ended(f"file not found: {self.shown}")
             if p.stat().st_size == 0:
                 raise _Ended(f"file is empty (0 bytes): {self.shown}")
+        elif self.kind is SourceKind.V4L2 and not os.path.exists(cfg.source):
+            raise _Ended(f"no such device: {self.shown} (unplugged, or another /dev/video "
+                         "number since the last boot? /dev/v4l/by-id/ names stay the same)")
         cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout)
         try:
             if not cap.isOpened():
@@ -461,6 +480,9 @@ class Capture:
             last_good = time.monotonic()
             bad = 0
             lag = LagWatch() if self.kind is SourceKind.RTSP else None
+            # the text stays the same per retry: it is the state topic's error, and a new one
+            # is a new message
+            stalled = f"stream stalled: no frame for {cfg.stall_timeout:g} s"
             while True:
                 if self.stop.is_set():
                     raise _Stopped
@@ -478,11 +500,14 @@ class Capture:
                             raise _Ended("end of file", eof=True)
                         raise _Ended(f"no frame could be decoded from {self.shown} "
                                      "(corrupt or unsupported file)")
-                    waited = time.monotonic() - grab_at
-                    if waited >= cfg.stall_timeout * 0.9:  # the text stays the same per retry:
-                        # it is the state topic's error, and a new one is a new message
-                        raise _Ended(f"stream stalled: no frame for {cfg.stall_timeout:g} s")
-                    raise _Ended("stream lost: the source closed or dropped the connection")
+                    if time.monotonic() - grab_at >= cfg.stall_timeout * 0.9:
+                        raise _Ended(stalled)
+                    raise _Ended("stream lost: the source closed the connection, or sent "
+                                 "data that could not be read")
+                if not self.is_file and time.monotonic() - grab_at >= cfg.stall_timeout * 0.9:
+                    # FFmpeg's read timed out and it hands out the frames its decoder still
+                    # held, one a timeout: a frozen camera's old frames, as if new
+                    raise _Ended(stalled)
                 self._grabbed += 1
                 if lag is not None and lag.update(cap.get(cv2.CAP_PROP_POS_MSEC),
                                                   time.monotonic()):

@@ -109,6 +109,14 @@ class CameraConfig(_Strict):
             raise ValueError("reconnect.max must be >= reconnect.initial")
         return v
 
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _roi_four_numbers(cls, v: Any) -> Any:
+        # pydantic says "roi.3: required key is missing" for three numbers
+        if v is not None and (not isinstance(v, list | tuple) or len(v) != 4):
+            raise ValueError(f"must be four numbers [x, y, w, h] in pixels, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _roi_inside(self) -> CameraConfig:
         # Frames are never wider than max_width: an ROI starting further right sees nothing.

@@ -86,6 +86,20 @@ def _attach_untracked(name: str) -> shared_memory.SharedMemory:
             resource_tracker.register = register  # type: ignore[assignment]
 
 
+def _take_pages(name: str, ranges: list[tuple[int, int]]) -> None:
+    """posix_fallocate each (offset, length) of the segment: OSError where /dev/shm has no
+    room, instead of SIGBUS at the first write to a sparse page."""
+    path = f"/dev/shm/{name.lstrip('/')}"
+    if not os.path.exists(path):  # Linux has it; elsewhere the segment stays sparse
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for offset, length in ranges:
+            os.posix_fallocate(fd, offset, length)
+    finally:
+        os.close(fd)
+
+
 class FrameRing:
     """Fixed slots of up to height*width*3 bytes of BGR pixels each, addressed by sequence number.
 
@@ -141,6 +155,14 @@ class FrameRing:
         stride = _SLOT_HEADER_BYTES + _round_up(height * width * _CHANNELS)
         shm = shared_memory.SharedMemory(name=name, create=True,
                                          size=_HEADER_BYTES + stride * slots)
+        try:  # the headers' pages, written below: SIGBUS, not an error, where /dev/shm is full
+            _take_pages(shm.name, [(0, _HEADER_BYTES)] + [
+                (_HEADER_BYTES + i * stride, _SLOT_HEADER_BYTES) for i in range(slots)])
+        except OSError as e:
+            shm.close()
+            shm.unlink()
+            raise OSError(e.errno, f"/dev/shm has no room for a frame ring ({e.strerror}): "
+                          "give /dev/shm more room") from None
         hdr = np.ndarray((_HEADER_BYTES // 8,), dtype=np.int64, buffer=shm.buf)
         hdr[:] = 0
         hdr[_H_SLOTS], hdr[_H_HEIGHT], hdr[_H_WIDTH], hdr[_H_STRIDE] = slots, height, width, stride
@@ -219,21 +241,14 @@ class FrameRing:
         segment is sparse: written where /dev/shm has no room left, its pages kill the writer
         with SIGBUS (Docker's default /dev/shm is 64 MiB). Only what the camera's frames use is
         taken: a ring is sized for max_width, a substream fills a small part of it."""
-        path = f"/dev/shm/{self._shm.name.lstrip('/')}"
-        if os.path.exists(path):  # Linux; elsewhere the segment stays sparse
-            fd = os.open(path, os.O_RDWR)
-            try:
-                for i in range(self.slots):
-                    os.posix_fallocate(fd, _HEADER_BYTES + i * self._stride,
-                                       _SLOT_HEADER_BYTES + nbytes)
-            except OSError as e:
-                need = self.slots * (_SLOT_HEADER_BYTES + nbytes) / 2**20
-                raise OSError(e.errno, f"/dev/shm has no room for this camera's frame ring "
-                              f"({need:.0f} MiB for {self.slots} frames; {e.strerror}): "
-                              "give /dev/shm more room, or lower max_width or ring_slots"
-                              ) from None
-            finally:
-                os.close(fd)
+        try:
+            _take_pages(self._shm.name, [(_HEADER_BYTES + i * self._stride,
+                                          _SLOT_HEADER_BYTES + nbytes) for i in range(self.slots)])
+        except OSError as e:
+            need = self.slots * (_SLOT_HEADER_BYTES + nbytes) / 2**20
+            raise OSError(e.errno, f"/dev/shm has no room for this camera's frame ring "
+                          f"({need:.0f} MiB for {self.slots} frames; {e.strerror}): "
+                          "give /dev/shm more room, or lower max_width or ring_slots") from None
         self._reserved = nbytes
 
     def has_room(self) -> bool:

@@ -550,8 +550,127 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_success() -> None:
 def test_sources_are_told_apart_by_their_form() -> None:
     kinds = [source_kind(s).value for s in (
         "rtsp://cam/1", "http://cam/mjpg", "https://cam/mjpg", "/dev/video0",
-        "/dev/v4l/by-id/usb-Cam_123-video-index0", "clip.mp4")]
-    assert kinds == ["rtsp", "http", "http", "v4l2", "v4l2", "file"]
+        "/dev/v4l/by-id/usb-Cam_123-video-index0", "clip.mp4", "udp://0.0.0.0:1234",
+        "RTMP://nvr/live", "srt://cam:9000", "file:///srv/clip.mp4", "my clip://x.mp4")]
+    assert kinds == ["rtsp", "http", "http", "v4l2", "v4l2", "file", "stream", "stream",
+                     "stream", "file", "file"]
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_a_udp_mpeg_ts_stream_is_captured_as_a_live_stream(cams: Callable[..., Cam]) -> None:
+    # udp:// passed check-config (FFmpeg's to open) but capture took it for a file name and
+    # retried "file not found" forever.
+    url = f"udp://127.0.0.1:{_free_udp_port()}"
+    sender = subprocess.Popen(
+        ["ffmpeg", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+         "testsrc=size=320x240:rate=10", "-t", "60", "-f", "mpegts", url],
+        stdin=subprocess.DEVNULL)
+    try:
+        cam = cams(CameraConfig(source=url, reconnect=FAST_RETRY))
+        assert cam.pump(lambda: len(cam.seen) >= 5, timeout=30), cam.errors()
+        assert not any("file" in e for e in cam.errors())
+        assert cam.seen[-1].shape == (240, 320, 3)
+    finally:
+        sender.kill()
+        sender.wait()
+
+
+class _SlowAfter:
+    """A capture whose grabs, after `n`, each wait `wait` seconds and then succeed: FFmpeg
+    after its read timeout on a frozen camera, handing out the frames its decoder held."""
+
+    def __init__(self, cap: Any, n: int, wait: float) -> None:
+        self.cap, self.n, self.wait, self.grabbed = cap, n, wait, 0
+
+    def grab(self) -> bool:
+        self.grabbed += 1
+        if self.grabbed > self.n:
+            time.sleep(self.wait)
+        return bool(self.cap.grab())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cap, name)
+
+
+def test_a_grab_that_waits_out_the_stall_timeout_is_a_stall_not_a_new_frame(
+        mjpeg: MjpegServer, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch) -> None:
+    import lprd.capture as capture_mod
+
+    real_open = capture_mod._open
+    opened: list[_SlowAfter] = []
+
+    def slow_open(*a: Any) -> _SlowAfter:
+        opened.append(_SlowAfter(real_open(*a), n=5 if not opened else 10**9, wait=1.0))
+        return opened[-1]
+
+    monkeypatch.setattr(capture_mod, "_open", slow_open)
+    cam = cams(CameraConfig(source=mjpeg.url, fps=0, stall_timeout=1.0, reconnect=FAST_RETRY),
+               in_thread=True)
+    assert cam.pump(lambda: any("stalled" in e for e in cam.errors()), timeout=10)
+    # the first session published its 5 frames, none of the slow ones (stale, stamped now)
+    first = [s for s in cam.seen if s.ref.seq <= 5]
+    assert len(first) == 5 and opened[0].grabbed == 6
+    assert cam.pump(lambda: len(opened) >= 2 and len(cam.seen) >= 8, timeout=10)  # reopened
+
+
+def test_a_stream_that_drops_after_running_a_while_is_reopened_without_a_long_wait(
+        mjpeg: MjpegServer, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A proxy that cuts each session after a while: only a 60 s session reset the backoff, so
+    # the camera climbed to the longest delay and stayed there, away a large part of the time.
+    import lprd.capture as capture_mod
+
+    real_open = capture_mod._open
+
+    class HangsUpAfter:
+        def __init__(self, cap: Any) -> None:
+            self.cap, self.until = cap, time.monotonic() + 1.2
+
+        def grab(self) -> bool:
+            return time.monotonic() < self.until and bool(self.cap.grab())
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.cap, name)
+
+    monkeypatch.setattr(capture_mod, "_open", lambda *a: HangsUpAfter(real_open(*a)))
+    caplog.set_level(logging.DEBUG, logger="lprd.capture")
+    cam = cams(CameraConfig(source=mjpeg.url, fps=0, reconnect={"initial": 0.1, "max": 0.8}),
+               in_thread=True)
+    assert cam.pump(lambda: len(caplog.text.split("retrying in")) > 4, timeout=30)
+    delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", caplog.text)]
+    assert delays[:4] == [0.1, 0.1, 0.1, 0.1]
+
+
+def test_an_unforeseen_capture_error_logs_its_traceback_only_when_loud(
+        mjpeg: MjpegServer, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import lprd.capture as capture_mod
+
+    def broken(*a: Any) -> Any:
+        raise RuntimeError("no decoder today")
+
+    monkeypatch.setattr(capture_mod, "_open", broken)
+    caplog.set_level(logging.DEBUG, logger="lprd.capture")
+    cam = cams(CameraConfig(source=mjpeg.url, reconnect={"initial": 0.05, "max": 0.05}),
+               in_thread=True)
+    assert cam.pump(lambda: len(caplog.text.split("retrying in")) > 8, timeout=30)
+    retries = [r for r in caplog.records if "retrying in" in r.message][:8]
+    tracebacks = [r for r in caplog.records if r.exc_info and r.created <= retries[-1].created]
+    assert len(tracebacks) == 4  # failures 1, 2, 4 and 8, not one a retry
+    assert "capture failed: RuntimeError: no decoder today" in retries[0].message
+
+
+def test_a_missing_v4l2_device_is_reported_as_missing(cams: Callable[..., Cam]) -> None:
+    cam = cams(CameraConfig(source="/dev/video-lprd-test-none", reconnect=FAST_RETRY),
+               in_thread=True)
+    assert cam.pump(lambda: bool(cam.errors()), timeout=10)
+    assert cam.errors()[0].startswith("no such device: /dev/video-lprd-test-none")
 
 
 def test_ring_shape_fits_a_4_3_frame_at_max_width() -> None:

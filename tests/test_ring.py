@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -230,3 +233,31 @@ def test_a_frame_dev_shm_cannot_hold_is_an_error_not_a_crash(
     with pytest.raises(OSError, match=r"/dev/shm has no room for this camera's frame ring"):
         ring.write(_frame(3), ts=3.0)  # a larger frame needs more
     assert ring.last_seq == 2
+
+
+def _can_mount_private_tmpfs() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"],
+                           capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_private_tmpfs(),
+                    reason="needs root and unshare -m to give a process a tiny /dev/shm")
+def test_a_full_dev_shm_is_an_error_at_creation_not_a_bus_error() -> None:
+    # The segment is sparse: its header pages, written at creation, killed the creator (the
+    # supervisor, so the daemon) with SIGBUS where /dev/shm had no room.
+    code = ("from lprd.ring import FrameRing\n"
+            "import os\n"
+            "try:\n"
+            "    FrameRing.create('lprd-test-full', slots=8, height=480, width=640)\n"
+            "except OSError as e:\n"
+            "    print(e)\n"
+            "    print(os.listdir('/dev/shm'))\n")
+    shell = f"mount -t tmpfs -o size=16k tmpfs /dev/shm && exec {sys.executable} -c \"{code}\""
+    run = subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 0, (run.returncode, run.stderr[-500:])
+    assert "/dev/shm has no room for a frame ring" in run.stdout
+    assert run.stdout.strip().endswith("[]")  # the segment was removed again
