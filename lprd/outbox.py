@@ -129,6 +129,8 @@ class Outbox:
         self._lock = threading.Lock()
         if not self.in_memory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._events: Counter[str] = Counter()  # pending events per camera
+        self._bytes = 0  # payload bytes waiting: crops make events 10-20 times larger
         try:
             self._db = self._open()
         except sqlite3.OperationalError:
@@ -151,14 +153,7 @@ class Outbox:
                     self._db.executemany(_INSERT, rows)
                 log.warning("outbox: %d message(s) of the unreadable one could still be read; "
                             "they wait in the new one", len(rows))
-        self._events: Counter[str] = Counter()  # pending events per camera
-        for camera, n in self._db.execute(
-                "SELECT camera, COUNT(*) FROM messages WHERE kind = 'event' GROUP BY camera"):
-            self._events[camera] = n
-        # payload bytes waiting: crops make events 10-20 times larger, so a count alone
-        # does not bound the disk
-        self._bytes = self._db.execute(
-            "SELECT COALESCE(SUM(length(payload)), 0) FROM messages").fetchone()[0]
+            self._count()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -188,10 +183,23 @@ class Outbox:
                 raise sqlite3.DatabaseError(f"unknown outbox schema version {version}")
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db = db
+            # through both indexes: quick_check does not compare them with the table, and an
+            # index entry whose row a torn write lost fails here, not at every start later
+            self._count()
         except sqlite3.DatabaseError:
             db.close()
             raise
         return db
+
+    def _count(self) -> None:
+        """The pending events per camera and their bytes, read from the store."""
+        self._events.clear()
+        for camera, n in self._db.execute(
+                "SELECT camera, COUNT(*) FROM messages WHERE kind = 'event' GROUP BY camera"):
+            self._events[camera] = n
+        self._bytes = self._db.execute(
+            "SELECT COALESCE(SUM(length(payload)), 0) FROM messages").fetchone()[0]
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -397,6 +397,18 @@ def read_secret(path: Path, key: str) -> str:
     return secret
 
 
+def check_files(cfg: MQTTConfig) -> str | None:
+    """Read the password file and load the TLS files that `cfg` names (PublisherConfigError
+    names the key); returns the password."""
+    password = read_secret(cfg.password_file, "mqtt.password_file") if cfg.password_file else None
+    for key, p in (("ca", cfg.tls.ca), ("cert", cfg.tls.cert), ("key", cfg.tls.key)):
+        if cfg.tls.enabled and p is not None and not Path(p).is_file():
+            raise PublisherConfigError(f"mqtt.tls.{key}: {p} is not a readable file")
+    if cfg.tls.enabled:
+        _check_tls_files(cfg.tls)
+    return password
+
+
 _STOP = object()
 
 
@@ -443,13 +455,7 @@ class Publisher:
         self.cameras = list(dict.fromkeys(cameras))
         self.on_command = on_command
         self.prefix = cfg.topic_prefix
-        self._password = (read_secret(cfg.password_file, "mqtt.password_file")
-                          if cfg.password_file else None)
-        for key, p in (("ca", cfg.tls.ca), ("cert", cfg.tls.cert), ("key", cfg.tls.key)):
-            if cfg.tls.enabled and p is not None and not Path(p).is_file():
-                raise PublisherConfigError(f"mqtt.tls.{key}: {p} is not a readable file")
-        if cfg.tls.enabled:
-            _check_tls_files(cfg.tls)
+        self._password = check_files(cfg)
         self._disk_outbox: Path | None = None  # set while the outbox waits in memory
         self._outbox_switch = threading.Lock()  # submit's writes against the move to disk
         self._announced_path = Path(storage_dir) / ANNOUNCED_FILE
@@ -478,6 +484,7 @@ class Publisher:
         self._hold_since = 0.0
         self._cursor = 0  # highest outbox seq handed to paho
         self._inflight: dict[int, PendingMessage] = {}  # paho mid -> message
+        self._mids_of: mqtt.Client | None = None  # the client whose mids _inflight holds
         self._states: dict[str, CameraState] = {}
         # Events the outbox could not store (a broken disk), held until the broker is back.
         self._direct: deque[OutboxMessage] = deque()
@@ -636,7 +643,7 @@ class Publisher:
         with contextlib.suppress(queue.Empty):
             while True:
                 item = self._q.get_nowait()
-                if item is not _STOP and item[0] == "ack":
+                if item is not _STOP and item[0] == "ack" and item[2] is self._mids_of:
                     msg = self._inflight.pop(item[1], None)
                     if msg is not None:
                         acks.append(msg)
@@ -649,6 +656,7 @@ class Publisher:
     # -- paho client and callbacks (network thread: queue and return) ---------------------------
 
     def _make_client(self) -> mqtt.Client:
+        """A new paho client; the mids in flight are its own from now on."""
         cfg = self.cfg
         self._client_id = cfg.client_id or f"lprd-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         if self._protocol == "5":
@@ -675,6 +683,7 @@ class Publisher:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        self._mids_of = c
         return c
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
@@ -693,10 +702,11 @@ class Publisher:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
+        # the client goes with the mid: a client left behind acks mids a new one reuses
         if reason.is_failure:  # MQTT 5: the broker took the message and threw it away
-            self._q.put(("refused", mid, str(reason)))
+            self._q.put(("refused", mid, str(reason), client))
         else:
-            self._q.put(("ack", mid))
+            self._q.put(("ack", mid, client))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if self.cfg.discovery.enabled and msg.topic == f"{self.cfg.discovery.prefix}/status":
@@ -796,13 +806,14 @@ class Publisher:
     def _handle(self, item: tuple, acks: list[PendingMessage]) -> None:
         kind = item[0]
         if kind == "ack":
-            msg = self._inflight.pop(item[1], None)
+            msg = self._inflight.pop(item[1], None) if item[2] is self._mids_of else None
             if msg is not None:
                 acks.append(msg)
         elif kind == "wake":
             pass
         elif kind == "refused":
-            self._handle_refused(item[1], item[2])
+            if item[3] is self._mids_of:
+                self._handle_refused(item[1], item[2])
         elif kind == "connect":
             self._max_packet = item[3]
             self._handle_connect(ok=item[1], reason=item[2])
@@ -936,6 +947,10 @@ class Publisher:
         self._client = self._make_client()
         if old is not None:
             _release(old)
+        if self._inflight:  # in flight with the old client, which is gone: sent again, in order
+            self._cursor = min(pm.seq for pm in self._inflight.values()) - 1
+            self._inflight.clear()
+            self._refused_seqs = {seq for seq in self._refused_seqs if seq <= self._cursor}
         self._connect()
 
     def _handle_connect(self, ok: bool, reason: str) -> None:

@@ -47,7 +47,7 @@ from lprd.inference import (
     child_signals,
     inference_main,
 )
-from lprd.notify import Notifier, WatchdogGate, WatchdogPinger, setup_logging
+from lprd.notify import Notifier, WatchdogGate, WatchdogPinger, loud_repeat, setup_logging
 from lprd.ring import FrameRing
 from lprd.storage import StorageInUse, lock_storage
 from lprd.types import CameraState, FilePosition, FrameRef, PlateEvent
@@ -199,6 +199,7 @@ class Supervisor:
         self.started = time.monotonic()
         self.loop_beat = time.monotonic()
         self.events = 0
+        self._unpublished = 0  # events with MQTT enabled and no publisher (a failed reload)
         # Passes with an early event and no final yet: if the inference process dies, their
         # tracks die with it, and the supervisor sends the final event in their stead.
         self._early: dict[str, PlateEvent] = {}
@@ -493,6 +494,12 @@ class Supervisor:
                 self.publisher.submit(ev)
             except Exception:  # the next events must still go out
                 log.exception("event %s could not be queued for MQTT", ev.id)
+        elif self.cfg.mqtt.enabled:
+            self._unpublished += 1
+            if loud_repeat(self._unpublished):
+                log.error("event %s not published (%d so far): the MQTT publisher is not "
+                          "running since a failed reload (see above); fix it and reload",
+                          ev.id, self._unpublished)
 
     def _on_capture_status(self, st: CaptureStatus) -> None:
         cam = self.cameras.get(st.camera)
@@ -750,22 +757,26 @@ class Supervisor:
             if name in new.cameras:
                 self._add_camera(name, new.cameras[name])
         if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):
-            from lprd.publish import PublisherConfigError
+            from lprd.publish import PublisherConfigError, check_files
 
-            self._stop_publisher(2.0)
-            try:
-                self._start_publisher()
-            except (PublisherConfigError, OSError, ValueError, sqlite3.OperationalError) as e:
-                # an unreadable password or TLS file: keep the running settings
+            try:  # before the running publisher stops: it needs its files only to start
+                if new.mqtt.enabled:
+                    check_files(new.mqtt)
+            except (PublisherConfigError, OSError, ValueError) as e:
+                # an unreadable password or TLS file: the running publisher goes on as it is
                 log.error("reload: the new mqtt settings are refused (%s); keeping the running "
-                          "ones", e)
+                          "ones%s", e, "" if set(new.cameras) == set(old.cameras) else
+                          " (Home Assistant's entities follow the new cameras at the next "
+                          "reload that takes them)")
                 self.cfg = self.cfg.model_copy(update={"mqtt": old.mqtt})
                 new = self.cfg
+            else:
+                self._stop_publisher(2.0)
                 try:
                     self._start_publisher()
-                except Exception:
-                    log.exception("MQTT publisher could not be restarted; events go only to "
-                                  "--events-jsonl until the next reload")
+                except (PublisherConfigError, OSError, ValueError, sqlite3.OperationalError):
+                    log.exception("MQTT publisher could not be restarted; events are not "
+                                  "published until a reload or restart starts it")
                     self.publisher = None
         if (new.watchlist.sync != old.watchlist.sync
                 or new.watchlist.enabled != old.watchlist.enabled):

@@ -5,6 +5,7 @@ and the JSON-lines sink."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -79,7 +80,7 @@ def publisher(tmp_path: Path, mqtt_subscriber: Callable[..., Any]
              on_command: Callable[[str, dict], None] | None = None, connect: bool = True,
              storage: Path | None = None, **keys: Any) -> Publisher:
         keys.setdefault("reconnect", {"initial": 0.1, "max": 0.5})
-        cfg = MQTTConfig(host=broker.host, port=broker.port, **keys)
+        cfg = MQTTConfig(**{"host": broker.host, "port": broker.port, **keys})
         pub = Publisher(cfg, cameras, storage or tmp_path / "storage", on_command)
         made.append(pub)
         pub.start()
@@ -864,6 +865,91 @@ def test_a_broker_without_mqtt_5_gets_3_1_1_after_its_refusal(
     finally:
         pub.stop(timeout=1)
         broker.close()
+
+
+class _Proxy:
+    """A TCP proxy in front of a broker: "forward"; "blackhole" (the connection stays, nothing
+    passes: a network partition); "close" (accepts and closes at once: HAProxy or a docker
+    port with no live broker behind it)."""
+
+    def __init__(self, backend_port: int) -> None:
+        self.backend = ("127.0.0.1", backend_port)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.mode = "forward"
+        self.closed = 0
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.mode == "close":
+                self.closed += 1
+                c.close()
+                continue
+            b = socket.create_connection(self.backend)
+            self.conns += [c, b]
+            threading.Thread(target=self._pipe, args=(c, b), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(b, c), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if self.mode != "blackhole":
+                    dst.sendall(data)
+        self._shut(src, dst)
+
+    @staticmethod
+    def _shut(*socks: socket.socket) -> None:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def drop_all(self) -> None:
+        self._shut(*self.conns)
+        self.conns = []
+
+    def close(self) -> None:
+        self.sock.close()
+        self.drop_all()
+
+
+def test_events_in_flight_when_the_publisher_falls_back_to_3_1_1_are_sent_again(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # Three connections closed before a CONNACK (a proxy whose broker is away) make the
+    # publisher go on with a new 3.1.1 client: what the old one had in flight was kept under
+    # its mids, never sent again (lost), and the new client's PUBACKs of the same mids deleted
+    # other events from the outbox.
+    proxy = _Proxy(mosquitto.port)
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/plate")
+    try:
+        pub = publisher(mosquitto, port=proxy.port, connect=False)
+        wait_until(lambda: pub.connected, what="the first connection")
+        pub.submit(make_event(0))
+        sub.wait_for(lambda ms: len(ms) >= 1)
+        proxy.mode = "blackhole"  # a partition: events go out and no PUBACK comes back
+        for i in range(1, 4):
+            pub.submit(make_event(i))
+        wait_until(lambda: pub.outbox_depth() == 3 and len(pub._inflight) == 3,
+                   what="3 events in flight")
+        proxy.mode = "close"
+        proxy.drop_all()
+        wait_until(lambda: pub._protocol == "3.1.1", what="the fallback to 3.1.1")
+        proxy.mode = "forward"
+        for i in range(4, 6):
+            pub.submit(make_event(i))
+        wait_until(lambda: pub.outbox_depth() == 0, timeout=20, what="an empty outbox")
+        got = {m.json()["id"] for m in sub.messages}
+        assert got == {f"ev-gate-{i:05d}" for i in range(6)}
+        assert pub.stats().delivered == 6
+    finally:
+        proxy.close()
 
 
 def test_mqtt_3_1_1_still_delivers_for_brokers_without_5(

@@ -251,19 +251,50 @@ def test_sighup_reloads_the_config_starting_only_the_new_camera_and_tells_system
     assert "cameras.a.sorce: unknown key" in d.log()
     assert d.proc.poll() is None
     # mqtt settings that only fail when the publisher starts (an empty password file) are
-    # refused too: the daemon reconnects with the running ones
+    # refused too, before the running publisher is stopped: it goes on as it is
     (tmp_path / "pw").write_text("")
     write_config(path, {"a": cam_a, "b": dict(cam_a)}, mosquitto, tmp_path / "st",
                  mqtt={"username": "u", "password_file": str(tmp_path / "pw")})
     d.signal(signal.SIGHUP)
     d.wait_log(r"new mqtt settings are refused \(mqtt.password_file: .* is empty\)")
     d.wait_log(r"reload done", count=2)
-    d.wait_log(r"MQTT: connected to", count=3)  # start, the first reload, this one
+    n = len(sub.messages)
+    sub.wait_for(lambda ms: len(ms) > n + 2, timeout=20)  # states go on
+    assert len(re.findall(r"MQTT: connected to", d.log())) == 2  # start, the first reload
+    assert "MQTT publisher stopped" not in d.log().split("reload refused")[-1]
     assert d.proc.poll() is None
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
     notify.wait_for("STOPPING=1", after=reloading)
     notify.close()
+
+
+def test_a_reload_whose_mqtt_files_became_unreadable_keeps_publishing_events(
+        tmp_path, mosquitto, mqtt_subscriber, daemons):
+    # A reload that adds a camera restarts the publisher; with the running settings' password
+    # file gone since the start (rotated, its mode changed), the new one could not start and
+    # the old one had been stopped: every later event was dropped, not even kept in the outbox.
+    sub = mqtt_subscriber(mosquitto, "lprd/+/plate")
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")  # the test broker lets anyone in, password or not
+    cam = {"source": str(DEMO_CLIP), "realtime": True, "loop": True}
+    path = write_config(tmp_path / "c.yaml", {"a": cam}, mosquitto, tmp_path / "st",
+                        mqtt={"username": "u", "password_file": str(pw)},
+                        tracker={"track_timeout": 0.5, "dedupe_window": 1})
+    d = start(daemons, path)
+    sub.wait_for(lambda ms: len(ms) >= 1, timeout=60)
+    pw.unlink()
+    write_config(path, {"a": cam, "b": {**cam, "enabled": False}}, mosquitto, tmp_path / "st",
+                 mqtt={"username": "u", "password_file": str(pw)},
+                 tracker={"track_timeout": 0.5, "dedupe_window": 1})
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"new mqtt settings are refused \(mqtt.password_file: cannot read")
+    d.wait_log(r"reload done")
+    n = len(sub.messages)
+    sub.wait_for(lambda ms: len(ms) >= n + 2, timeout=60)  # the demo's next passes
+    assert "not published" not in d.log()
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
 
 
 def test_a_child_killed_with_sigkill_is_restarted(tmp_path, mosquitto, mqtt_subscriber, daemons):
