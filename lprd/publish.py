@@ -450,7 +450,11 @@ class Publisher:
     paho in order and deletes them on PUBACK. Callbacks only queue; paho does the reconnects."""
 
     def __init__(self, cfg: MQTTConfig, cameras: Sequence[str], storage_dir: Path,
-                 on_command: Callable[[str, dict], None] | None = None) -> None:
+                 on_command: Callable[[str, dict], None] | None = None,
+                 actions_sent: OrderedDict[tuple[str, str], None] | None = None) -> None:
+        """`actions_sent`: the (event id, action) pairs already published, kept by the caller
+        across publishers (a reload restarts the publisher between a pass's early and final
+        events: the gate must not get the action twice)."""
         self.cfg = cfg
         self.cameras = list(dict.fromkeys(cameras))
         self.on_command = on_command
@@ -492,7 +496,7 @@ class Publisher:
         self._published_depth: dict[str, int] = {}
         self._last_state_pub = 0.0
         self._drops: dict[str, dict[str, Any]] = {}
-        self._actions_sent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._actions_sent = actions_sent if actions_sent is not None else OrderedDict()
         self._failures = 0
         self._last_fail_reason: str | None = None
         self._max_packet: int | None = None  # the broker's, from its CONNACK (MQTT 5)

@@ -18,6 +18,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -200,6 +201,7 @@ class Supervisor:
         self.loop_beat = time.monotonic()
         self.events = 0
         self._unpublished = 0  # events with MQTT enabled and no publisher (a failed reload)
+        self._actions_sent: OrderedDict[tuple[str, str], None] = OrderedDict()  # per pass, once
         # Passes with an early event and no final yet: if the inference process dies, their
         # tracks die with it, and the supervisor sends the final event in their stead.
         self._early: dict[str, PlateEvent] = {}
@@ -669,7 +671,8 @@ class Supervisor:
         from lprd.publish import Publisher
 
         self.publisher = Publisher(self.cfg.mqtt, list(self.cfg.cameras), self.cfg.storage.dir,
-                                   on_command=self._on_command)
+                                   on_command=self._on_command,
+                                   actions_sent=self._actions_sent)
         self.publisher.start()
 
     def _stop_publisher(self, timeout: float, drain: float = 0.0) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,12 @@ def publisher(tmp_path: Path, mqtt_subscriber: Callable[..., Any]
 
     def make(broker: Any, cameras: tuple[str, ...] = ("gate", "back"),
              on_command: Callable[[str, dict], None] | None = None, connect: bool = True,
-             storage: Path | None = None, **keys: Any) -> Publisher:
+             storage: Path | None = None,
+             actions_sent: OrderedDict[tuple[str, str], None] | None = None,
+             **keys: Any) -> Publisher:
         keys.setdefault("reconnect", {"initial": 0.1, "max": 0.5})
         cfg = MQTTConfig(**{"host": broker.host, "port": broker.port, **keys})
-        pub = Publisher(cfg, cameras, storage or tmp_path / "storage", on_command)
+        pub = Publisher(cfg, cameras, storage or tmp_path / "storage", on_command, actions_sent)
         made.append(pub)
         pub.start()
         if connect:
@@ -174,6 +177,26 @@ def test_event_is_published_on_plate_topic_and_action_topic_once_per_event_id(
     assert len(actions[0].payload) < 300
     assert not sub.snapshot("lprd/back/+") or all(
         m.topic == "lprd/back/plate" for m in sub.snapshot("lprd/back/+"))
+
+
+def test_a_pass_s_action_is_sent_once_across_a_restart_of_the_publisher(
+        tmp_path: Path, mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # A reload restarts the publisher: between a pass's early and final events it sent the
+    # gate's action twice.
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/allow")
+    sent: OrderedDict[tuple[str, str], None] = OrderedDict()
+    first = publisher(mosquitto, actions_sent=sent)
+    first.submit(make_event(1, eid="pass-1", action="allow", final=False))
+    sub.wait_for(lambda ms: len(ms) >= 1)
+    assert first.wait_idle(5)
+    first.stop(timeout=2)
+    second = publisher(mosquitto, actions_sent=sent)
+    second.submit(make_event(1, eid="pass-1", action="allow", final=True))
+    second.submit(make_event(2, eid="pass-2", action="allow", final=True))
+    sub.wait_for(lambda ms: len(ms) >= 2)
+    assert second.wait_idle(5)
+    assert [m.json()["id"] for m in sub.snapshot()] == ["pass-1", "pass-2"]
 
 
 def test_status_is_retained_online_then_offline_after_a_clean_stop(
