@@ -351,6 +351,10 @@ def test_a_pass_whose_inference_process_dies_after_its_early_event_still_gets_a_
     d = start(daemons, cfg, "--events-jsonl", "-")
     inf_pid = int(d.wait_log(r"inference process (\d+) started")[0].group(1))
     early = d.wait_log(r"camera demo: early event (\w+)", timeout=60)[0].group(1)
+    # sent, not only logged: the inference process logs it before the event crosses the pipe
+    deadline = time.monotonic() + 30
+    while early not in d.out_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.kill(inf_pid, signal.SIGKILL)
     d.wait_log(r"inference died")
     d.signal(signal.SIGTERM)
