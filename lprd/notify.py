@@ -267,6 +267,13 @@ class _SyslogPrefixFormatter(logging.Formatter):
         return f"<{_syslog_priority(record.levelno)}>" + super().format(record)
 
 
+def print_error(text: str) -> None:
+    """An error line on stderr before logging is set up (a config error at start); under
+    systemd each line carries journald's error priority, or `journalctl -p warning` hides it."""
+    prefix = "<3>" if running_under_systemd() else ""
+    print("\n".join(prefix + line for line in str(text).splitlines()), file=sys.stderr)
+
+
 def _syslog_priority(levelno: int) -> int:
     # The same mapping as systemd.journal.JournalHandler.map_priority.
     for limit, prio in ((logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4),

@@ -402,8 +402,14 @@ def check_files(cfg: MQTTConfig) -> str | None:
     names the key); returns the password."""
     password = read_secret(cfg.password_file, "mqtt.password_file") if cfg.password_file else None
     for key, p in (("ca", cfg.tls.ca), ("cert", cfg.tls.cert), ("key", cfg.tls.key)):
-        if cfg.tls.enabled and p is not None and not Path(p).is_file():
-            raise PublisherConfigError(f"mqtt.tls.{key}: {p} is not a readable file")
+        if cfg.tls.enabled and p is not None:
+            if not Path(p).is_file():
+                raise PublisherConfigError(f"mqtt.tls.{key}: {p} is not a readable file")
+            try:  # a key of mode 0600 owned by root: OpenSSL's error would name no key
+                Path(p).open("rb").close()
+            except OSError as e:
+                raise PublisherConfigError(f"mqtt.tls.{key}: cannot read {p}: "
+                                           f"{e.strerror or e}") from None
     if cfg.tls.enabled:
         _check_tls_files(cfg.tls)
     return password

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import glob
 import logging
 import multiprocessing
@@ -16,7 +17,6 @@ import os
 import queue
 import signal
 import sqlite3
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -48,7 +48,14 @@ from lprd.inference import (
     child_signals,
     inference_main,
 )
-from lprd.notify import Notifier, WatchdogGate, WatchdogPinger, loud_repeat, setup_logging
+from lprd.notify import (
+    Notifier,
+    WatchdogGate,
+    WatchdogPinger,
+    loud_repeat,
+    print_error,
+    setup_logging,
+)
 from lprd.ring import FrameRing
 from lprd.storage import StorageInUse, lock_storage
 from lprd.types import CameraState, FilePosition, FrameRef, PlateEvent
@@ -83,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also append every event as one JSON line to FILE ('-' = stdout)")
     p.add_argument("--once", action="store_true",
                    help="process the file sources to their end, send the last events and exit "
-                   "(0: every file was read, 1: some could not be, 2: a bad config or a model "
+                   "(0: every file was read, 1: some could not be, or a signal stopped it first, "
+                   "2: a bad config, storage.dir or a model "
                    "that cannot be loaded, 3: another lprd runs on storage.dir); live cameras "
                    "are skipped")
     add_config_option(p, help=f"YAML config; default: {DEFAULT_CONFIG_PATH}")
@@ -97,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         if problems:
             raise ConfigError(args.config, problems)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        print_error(str(e))
         return EXIT_CONFIG
     verbose = bool(getattr(args, "verbose", False))
     level = "debug" if verbose else cfg.service.log_level
@@ -228,8 +236,14 @@ class Supervisor:
             log.error("%s", e)
             return EXIT_IN_USE
         except OSError as e:
-            log.error("storage.dir %s cannot be created: %s", self.cfg.storage.dir, e)
-            return 1
+            # not a folder, no permission, a read-only place (ProtectSystem=strict outside
+            # /var/lib/lprd): the config's or the install's to fix, which a restart cannot
+            fixed_by_hand = e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM,
+                                        errno.EROFS)
+            log.error("storage.dir %s cannot be used: %s%s", self.cfg.storage.dir,
+                      e.strerror or e, " (fix storage.dir or the folder's owner, then restart)"
+                      if fixed_by_hand else "")
+            return EXIT_CONFIG if fixed_by_hand else 1
         _remove_stale_rings()
         failed = self._start_outputs()
         if failed is not None:
@@ -254,6 +268,9 @@ class Supervisor:
                 self.loop_beat = time.monotonic()
                 if self.flags.stop:
                     log.info("received %s: stopping", ", ".join(self.flags.signals) or "stop")
+                    if self.once:  # 0 would say every file was read
+                        log.warning("--once: stopped before every file was read")
+                        code = EXIT_FILES_FAILED
                     break
                 if self.flags.reload:
                     self.flags.reload = False
@@ -285,7 +302,7 @@ class Supervisor:
                 self.sink = JsonlSink(self.events_jsonl)
             self._start_publisher()
         except PublisherConfigError as e:
-            print(f"{self.config_path}: {e}", file=sys.stderr)
+            print_error(f"{self.config_path}: {e}")
             return EXIT_CONFIG
         except OSError as e:  # a full or read-only disk: worth a restart (2 would stop systemd's)
             log.error("cannot start the event outputs: %s", e)
@@ -732,7 +749,8 @@ class Supervisor:
         except ConfigError as e:
             log.error("reload refused, the running config stays:\n%s", e)
             return
-        self.notifier.reloading()
+        if self.ready_sent:  # during start-up, READY=1 comes once the models are loaded
+            self.notifier.reloading()
         old = self.cfg
         self.cfg = new
         log.info("reloading %s", self.config_path)
@@ -805,7 +823,8 @@ class Supervisor:
             if changed:
                 self._send_worker(SetCameras(self._specs()))
             self._send_worker(ReloadWatchlist())
-        self.notifier.ready(self._status_line())
+        if self.ready_sent:
+            self.notifier.ready(self._status_line())
         log.info("reload done: %s", self._status_line())
 
     # -- shutdown -------------------------------------------------------------------------------

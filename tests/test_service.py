@@ -492,6 +492,79 @@ def test_a_model_that_will_not_load_stops_run_with_status_2(tmp_path, daemons):
     assert f"cannot run: {model}: not a valid TFLite model" in d.log()
 
 
+def _without_root_s_file_access() -> list[str]:
+    """A prefix that runs a command as this user minus the power to read any file: root
+    reads a 0600 file of another user's anyway (what the tests run as in CI)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_an_unreadable_tls_key_is_a_config_error_in_the_journal_at_error_priority(
+        tmp_path: Path) -> None:
+    # The key, root's and mode 0600, passed the is_file check and failed in OpenSSL: exit 1
+    # (systemd restarted it every 5 s, forever) with "[Errno 13] Permission denied" and no key
+    # named; and the config errors printed at start reached the journal at info priority.
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    if os.geteuid() == 0:  # another user's key, mode 0600
+        os.chown(key, 65534, 65534)
+    key.chmod(0o600 if os.geteuid() == 0 else 0o000)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    cams = {"gate": {"source": str(DEMO_CLIP)}}
+    config = write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
+                          mqtt={"enabled": True, "host": "127.0.0.1", "port": 1,
+                                "tls": {"enabled": True, "ca": str(ca), "cert": str(ca),
+                                        "key": str(key)}})
+    run = subprocess.run(
+        [*_without_root_s_file_access(), sys.executable, "-m", "lprd", "--config", str(config),
+         "run", "--once"], capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+        env={**os.environ, "INVOCATION_ID": "0" * 32, "PYTHONPATH": str(ROOT)}, check=False)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"<3>{config}: mqtt.tls.key: cannot read {key}: Permission denied" in run.stderr
+
+
+def test_a_storage_dir_that_is_a_file_is_a_config_error(tmp_path, daemons):
+    (tmp_path / "st").write_text("")
+    cams = {"gate": {"source": str(DEMO_CLIP)}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"), "--once")
+    assert d.wait(60) == 2, d.log()[-3000:]
+    assert f"storage.dir {tmp_path / 'st'} cannot be used: " in d.log()
+
+
+def test_once_stopped_by_sigterm_before_the_end_of_its_file_exits_1(tmp_path, daemons):
+    cams = {"demo": {"source": str(DEMO_CLIP), "realtime": True}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"),
+              "--once", "--events-jsonl", str(tmp_path / "events.jsonl"))
+    d.wait_log(r"camera demo: capture process \d+ started")
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 1, d.log()[-3000:]  # 0 says every file was read
+    assert "--once: stopped before every file was read" in d.log()
+
+
+def test_a_reload_during_start_up_does_not_say_ready_before_the_models_load(tmp_path, daemons):
+    # A reload (SIGHUP, or lprd/cmd/reload) ended with READY=1 whether or not the start had
+    # said it: `systemctl start` returned success for a daemon whose models never loaded.
+    model = tmp_path / "detector.tflite"
+    model.write_bytes(b"not a TFLite model " * 100)
+    (tmp_path / "detector.json").write_bytes((ROOT / "models" / "detector.json").read_bytes())
+    notify = NotifySocket(tmp_path / "notify.sock")
+    cams = {"demo": {"source": str(DEMO_CLIP), "realtime": True, "loop": True}}
+    path = write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
+                        detector={"model": str(model)})
+    d = start(daemons, path, env={"NOTIFY_SOCKET": str(notify.path)})
+    d.wait_log(r"inference process \d+ started")
+    d.signal(signal.SIGHUP)  # the loading fails about a second later
+    assert d.wait(60) == 2, d.log()[-3000:]
+    log = d.log()
+    assert log.index("reload done") < log.index("cannot run: "), "the reload came too late"
+    with contextlib.suppress(AssertionError):
+        notify.wait_for("STOPPING=1", timeout=5)
+    assert not any("READY=1" in m.split("\n") for m in notify.messages), notify.messages
+    notify.close()
+
+
 def test_run_warns_when_no_camera_is_enabled_and_events_have_nowhere_to_go(tmp_path, daemons):
     cams = {"gate": {"source": str(DEMO_CLIP), "enabled": False}}
     d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"), "--once")
