@@ -78,6 +78,10 @@ EXIT_IN_USE = 3  # another lprd runs on this storage.dir
 ONCE_DRAIN = 15.0  # --once: seconds to wait for the broker to acknowledge the last events
 RECENT_PASSES = 1000  # passes kept for a new inference process's dedupe memory
 ONCE_MAX_DEATHS = 5  # --once gives a file up when its capture dies this many times in a row
+# An inference process that dies this many times in a row, each within STABLE_AFTER of its
+# start, makes lprd exit 1: without it no camera is read, and systemd restarting the whole
+# service says so (restarting it alone went on for good, with the watchdog pinged throughout).
+WORKER_MAX_DEATHS = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -201,6 +205,7 @@ class Supervisor:
         self.worker_ctl: Any = None
         self.worker_ready = False
         self.worker_failed: str | None = None
+        self.worker_exit = EXIT_CONFIG  # the exit status that worker_failed ends the run with
         self.models: dict[str, str] = {}
         self.publisher: Any = None
         self.sync: Any = None
@@ -279,9 +284,9 @@ class Supervisor:
                 self._check_children()
                 self._maybe_ready()
                 self._periodic()
-                if self.worker_failed:  # a model that cannot be loaded, never transient
+                if self.worker_failed:  # a model that cannot be loaded: never transient
                     log.error("cannot run: %s", self.worker_failed)
-                    code = EXIT_CONFIG
+                    code = self.worker_exit
                     break
                 if self.once and all(c.drained for c in self.cameras.values()):
                     failed = [c.name for c in self.cameras.values() if c.failed] + self._skipped
@@ -477,7 +482,6 @@ class Supervisor:
             self.worker_ready = True
             self._fallback = None
             self.models = dict(msg.models)
-            self.worker.failures = 0 if self.worker.failures < 3 else self.worker.failures
             log.info("models loaded: %s", ", ".join(f"{k} {v}" for k, v in msg.models.items()))
         elif isinstance(msg, WorkerFailed):
             if self._fallback is not None:
@@ -581,7 +585,11 @@ class Supervisor:
             self._close_orphans()
             if self.worker_failed:
                 return
-            self._schedule_restart(w, _exit_reason(code))
+            if not self._schedule_restart(w, _exit_reason(code), WORKER_MAX_DEATHS):
+                self.worker_failed = (f"the inference process died {w.failures} times in a "
+                                      "row, each within a minute of its start")
+                self.worker_exit = 1
+                return
         elif (w.proc is not None and not w.killed
               and now - w.beat > self.cfg.service.hang_timeout):
             log.error("inference: no heartbeat for %.0f s; killing it", now - w.beat)

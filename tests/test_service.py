@@ -565,6 +565,24 @@ def test_a_reload_during_start_up_does_not_say_ready_before_the_models_load(tmp_
     notify.close()
 
 
+def test_an_inference_process_that_keeps_dying_ends_the_run_with_status_1(tmp_path, daemons):
+    # Restarted alone, it went on dying for good while the watchdog was pinged: no camera was
+    # read, and systemd was never told. Five deaths in a row end the run (systemd restarts it).
+    notify = NotifySocket(tmp_path / "notify.sock")
+    cams = {"demo": {"source": str(DEMO_CLIP), "realtime": True, "loop": True}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"),
+              env={"NOTIFY_SOCKET": str(notify.path)})
+    for n in range(1, 6):
+        pid = int(d.wait_log(r"inference process (\d+) started", count=n,
+                             timeout=60)[n - 1].group(1))
+        d.wait_log(r"models loaded", count=n, timeout=60)
+        os.kill(pid, signal.SIGKILL)
+    assert d.wait(60) == 1, d.log()[-3000:]
+    assert "cannot run: the inference process died 5 times in a row" in d.log()
+    assert len(re.findall(r"inference process \d+ started", d.log())) == 5
+    notify.close()
+
+
 def test_run_warns_when_no_camera_is_enabled_and_events_have_nowhere_to_go(tmp_path, daemons):
     cams = {"gate": {"source": str(DEMO_CLIP), "enabled": False}}
     d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"), "--once")
