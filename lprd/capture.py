@@ -446,6 +446,7 @@ class Capture:
         elif self.kind is SourceKind.V4L2 and not os.path.exists(cfg.source):
             raise _Ended(f"no such device: {self.shown} (unplugged, or another /dev/video "
                          "number since the last boot? /dev/v4l/by-id/ names stay the same)")
+        self.status()  # a sign of life just before a call that may block for open_timeout
         cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout)
         try:
             if not cap.isOpened():

@@ -70,6 +70,7 @@ RESTART_MIN, RESTART_MAX = 1.0, 30.0  # child restart backoff
 STABLE_AFTER = 60.0  # a child that ran this long restarts with the shortest delay again
 READY_GRACE = 15.0  # READY=1 at the latest this long after start, even if a camera stays silent
 MODEL_LOAD_GRACE = 60.0  # the worker may be silent this long while it loads the models
+CAPTURE_START_GRACE = 10.0  # a capture process's imports, before its first heartbeat
 EXIT_FILES_FAILED = 1
 # A bad config or a model that cannot be loaded: restarting cannot fix it, and the systemd unit
 # does not restart on this status (RestartPreventExitStatus=2). Other failures exit 1.
@@ -391,7 +392,10 @@ class Supervisor:
                   cam.file))
         start_child(child.proc, child.q)
         child.done = child.killed = False
-        child.started = child.beat = time.monotonic()
+        child.started = time.monotonic()
+        # its imports come before its first sign of life (seconds on a small board): the
+        # open's own time (open_timeout) must not be eaten into by them
+        child.beat = child.started + CAPTURE_START_GRACE
         child.restart_at = None
         log.info("camera %s: capture process %d started", cam.name, child.proc.pid)
 

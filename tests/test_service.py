@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -581,6 +582,26 @@ def test_an_inference_process_that_keeps_dying_ends_the_run_with_status_1(tmp_pa
     assert "cannot run: the inference process died 5 times in a row" in d.log()
     assert len(re.findall(r"inference process \d+ started", d.log())) == 5
     notify.close()
+
+
+def test_a_camera_that_never_answers_is_reported_not_killed_as_hung(tmp_path, daemons):
+    # With a short service.hang_timeout, the capture process's imports and the open's own
+    # timeout (0.9 of it) added up to more: it was killed as hung over and over, and the
+    # camera's real error ("cannot open") was never said.
+    srv = socket.create_server(("127.0.0.1", 0))  # accepts, and never says a word
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.extend(srv.accept()[0] for _ in iter(int, 1)),
+                     daemon=True).start()
+    cams = {"gate": {"source": f"rtsp://127.0.0.1:{srv.getsockname()[1]}/s",
+                     "stall_timeout": 4, "reconnect": {"initial": 1, "max": 2}}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
+                                    service={"hang_timeout": 5}), "--events-jsonl", "-")
+    d.wait_log(r"gate: cannot open rtsp://", timeout=40)
+    d.wait_log(r"gate: cannot open rtsp://", timeout=40, count=2)
+    assert "no sign of life" not in d.log()
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    srv.close()
 
 
 def test_run_warns_when_no_camera_is_enabled_and_events_have_nowhere_to_go(tmp_path, daemons):
