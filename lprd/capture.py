@@ -50,6 +50,13 @@ class SourceKind(str, Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Alive:
+    """A sign of life and nothing else: not a state of the camera to publish or wait for."""
+
+    camera: str
+
+
+@dataclass(frozen=True, slots=True)
 class CaptureStatus:
     """A capture process's state, sent on every change and every STATUS_INTERVAL as a heartbeat."""
 
@@ -313,7 +320,7 @@ class Capture:
         self._file_index = 0  # clip frames decoded so far, across loops and reopens
         self._file_pos = 0  # frames grabbed in this pass of the file: where a reopen resumes
         self._got = 0  # frames written in the current session
-        self._session_start = 0.0  # monotonic time the current session began
+        self._frames_from = self._frames_to = 0.0  # monotonic times of its first and last frame
         self._loud = True  # the last failure was logged at warning level (or there was none)
         if resume is not None and self.is_file:  # a restarted process: no replay of the clip
             self._file_t0, self._file_index, self._file_pos = resume.t0, resume.index, resume.pos
@@ -410,7 +417,8 @@ class Capture:
                 # Not after a session of a few frames: a flapping stream would be reopened
                 # every second, forever. One that runs a while between drops (a proxy that
                 # cuts each session after 45 s) is back at once, not after the longest delay.
-                lasted = time.monotonic() - self._session_start
+                # frames, not the wait for them: one frame and a stall is no session that ran
+                lasted = self._frames_to - self._frames_from
                 if self._got and lasted >= min(STABLE_SESSION, STABLE_PER_DELAY * backoff.last):
                     backoff.reset()
                     fails = 0
@@ -436,7 +444,6 @@ class Capture:
         """Open the source and pump frames until it ends (raises _Ended) or stop (_Stopped)."""
         cfg = self.cfg
         self._got = 0
-        self._session_start = time.monotonic()
         if self.is_file:
             p = Path(cfg.source)
             if not p.is_file():
@@ -446,7 +453,8 @@ class Capture:
         elif self.kind is SourceKind.V4L2 and not os.path.exists(cfg.source):
             raise _Ended(f"no such device: {self.shown} (unplugged, or another /dev/video "
                          "number since the last boot? /dev/v4l/by-id/ names stay the same)")
-        self.status()  # a sign of life just before a call that may block for open_timeout
+        # a sign of life just before a call that may block for open_timeout
+        self._put(self.events, Alive(self.camera), must=True)
         cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout)
         try:
             if not cap.isOpened():
@@ -505,7 +513,8 @@ class Capture:
                         raise _Ended(stalled)
                     raise _Ended("stream lost: the source closed the connection, or sent "
                                  "data that could not be read")
-                if not self.is_file and time.monotonic() - grab_at >= cfg.stall_timeout * 0.9:
+                if self.kind is not SourceKind.V4L2 and not self.is_file \
+                        and time.monotonic() - grab_at >= cfg.stall_timeout * 0.9:
                     # FFmpeg's read timed out and it hands out the frames its decoder still
                     # held, one a timeout: a frozen camera's old frames, as if new
                     raise _Ended(stalled)
@@ -551,6 +560,9 @@ class Capture:
                 motion = self.gate.update(frame, ts)
                 seq = self.ring.write(frame, ts, motion)
                 self._got += 1
+                self._frames_to = time.monotonic()
+                if self._got == 1:
+                    self._frames_from = self._frames_to
                 self.last_ts = ts
                 h, w = frame.shape[:2]
                 if self._got == 1:  # said as loudly as the failure before it

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lprd.capture import CaptureStatus, SourceKind, ring_shape, source_kind
+from lprd.capture import Alive, CaptureStatus, SourceKind, ring_shape, source_kind
 from lprd.cli import add_config_option
 from lprd.config import (
     DEFAULT_CONFIG_PATH,
@@ -224,6 +224,7 @@ class Supervisor:
         self._recent: dict[str, PastPass] = {}
         # The running config, kept while a reload's new inference process loads its models.
         self._fallback: Config | None = None
+        self._reload_refused = False  # the worker ends because a reload's models would not load
         self._gen = 0
         self._analysed: dict[str, int] = {}
         self._status_at = 0.0
@@ -237,6 +238,7 @@ class Supervisor:
         self._install_signals()
         try:
             self.cfg.storage.dir.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.cfg.storage.dir)
             self._storage_lock = lock_storage(self.cfg.storage.dir)
         except StorageInUse as e:
             log.error("%s", e)
@@ -473,6 +475,8 @@ class Supervisor:
                     cam.file = msg.file
         elif isinstance(msg, CaptureStatus):
             self._on_capture_status(msg)
+        elif isinstance(msg, Alive):
+            pass  # its arrival is the heartbeat
         elif isinstance(msg, Heartbeat):
             self._analysed = dict(msg.frames)
         elif isinstance(msg, Drained):
@@ -494,6 +498,7 @@ class Supervisor:
                 self.cfg = self.cfg.model_copy(update={"detector": self._fallback.detector,
                                                        "reader": self._fallback.reader})
                 self._fallback = None
+                self._reload_refused = True  # its end is no death of a failing process
             else:
                 self.worker_failed = msg.reason
         elif isinstance(msg, PastPass):
@@ -589,6 +594,9 @@ class Supervisor:
             self._close_orphans()
             if self.worker_failed:
                 return
+            if self._reload_refused:
+                self._reload_refused = False
+                w.failures = 0
             if not self._schedule_restart(w, _exit_reason(code), WORKER_MAX_DEATHS):
                 self.worker_failed = (f"the inference process died {w.failures} times in a "
                                       "row, each within a minute of its start")
@@ -830,6 +838,7 @@ class Supervisor:
             _stop_child(self.worker, time.monotonic() + new.service.stop_timeout,
                         self._pump_child_queue)
             self._close_orphans()
+            self.worker.failures = 0  # stopped on purpose: earlier deaths say nothing of it
             self._start_worker()
         else:
             if changed:
@@ -873,6 +882,19 @@ class Supervisor:
             self.sink.close()
         self._unlock_storage()
         log.info("stopped after %.1f s (%d events in all)", time.monotonic() - t0, self.events)
+
+
+def _check_writable(folder: Path) -> None:
+    """PermissionError where this user may not write `folder` (another user's folder): the
+    outbox would wait in memory for good. A read-only file system passes: a disk remounted
+    read-only after a fault is run on, its events waiting in memory (README)."""
+    if os.access(folder, os.W_OK):
+        return
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        log.warning("storage.dir %s is read-only (a disk remounted after a fault, or a folder "
+                    "outside the service's ReadWritePaths=): events wait in memory", folder)
+        return
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES) + " to write there")
 
 
 def _exit_reason(code: int | None) -> str:

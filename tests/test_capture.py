@@ -33,6 +33,7 @@ from streams import (
 )
 
 from lprd.capture import (
+    Alive,
     Backoff,
     Capture,
     CaptureStatus,
@@ -104,6 +105,8 @@ class Cam:
                 continue
             if isinstance(rec, CaptureStatus):
                 self.statuses.append(rec)
+                continue
+            if isinstance(rec, Alive):
                 continue
             assert isinstance(rec, FrameRef) and rec.camera == "cam"
             try:
@@ -645,6 +648,38 @@ def test_a_stream_that_drops_after_running_a_while_is_reopened_without_a_long_wa
     assert cam.pump(lambda: len(caplog.text.split("retrying in")) > 4, timeout=30)
     delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", caplog.text)]
     assert delays[:4] == [0.1, 0.1, 0.1, 0.1]
+
+
+def test_a_stream_that_sends_a_frame_and_stalls_backs_off(
+        mjpeg: MjpegServer, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A session's length counted the wait for the stall: one frame and a stall_timeout made a
+    # session that "ran" 10 times the delay, and the camera was retried every second for good.
+    import lprd.capture as capture_mod
+
+    real_open = capture_mod._open
+
+    class FreezesAfter2:
+        def __init__(self, cap: Any) -> None:
+            self.cap, self.grabbed = cap, 0
+
+        def grab(self) -> bool:
+            self.grabbed += 1
+            if self.grabbed > 2:
+                time.sleep(1.0)
+                return False
+            return bool(self.cap.grab())
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.cap, name)
+
+    monkeypatch.setattr(capture_mod, "_open", lambda *a: FreezesAfter2(real_open(*a)))
+    caplog.set_level(logging.DEBUG, logger="lprd.capture")
+    cam = cams(CameraConfig(source=mjpeg.url, fps=0, stall_timeout=1.0,
+                            reconnect={"initial": 0.1, "max": 0.8}), in_thread=True)
+    assert cam.pump(lambda: len(caplog.text.split("retrying in")) > 4, timeout=40)
+    delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", caplog.text)]
+    assert delays[:4] == [0.1, 0.2, 0.4, 0.8]
 
 
 def test_an_unforeseen_capture_error_logs_its_traceback_only_when_loud(

@@ -526,6 +526,24 @@ def test_an_unreadable_tls_key_is_a_config_error_in_the_journal_at_error_priorit
     assert f"<3>{config}: mqtt.tls.key: cannot read {key}: Permission denied" in run.stderr
 
 
+def test_a_storage_dir_this_user_may_not_write_is_a_config_error(tmp_path: Path) -> None:
+    # mkdir and the lock pass on an existing folder of another user: the outbox then waited in
+    # memory for good, lost at the next restart.
+    st = tmp_path / "st"
+    st.mkdir(mode=0o755)
+    if os.geteuid() == 0:
+        os.chown(st, 65534, 65534)
+    else:
+        st.chmod(0o555)
+    config = write_config(tmp_path / "c.yaml", {"gate": {"source": str(DEMO_CLIP)}}, None, st)
+    run = subprocess.run(
+        [*_without_root_s_file_access(), sys.executable, "-m", "lprd", "--config", str(config),
+         "run", "--once"], capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"storage.dir {st} cannot be used: Permission denied" in run.stderr
+
+
 def test_a_storage_dir_that_is_a_file_is_a_config_error(tmp_path, daemons):
     (tmp_path / "st").write_text("")
     cams = {"gate": {"source": str(DEMO_CLIP)}}
@@ -594,8 +612,14 @@ def test_a_camera_that_never_answers_is_reported_not_killed_as_hung(tmp_path, da
                      daemon=True).start()
     cams = {"gate": {"source": f"rtsp://127.0.0.1:{srv.getsockname()[1]}/s",
                      "stall_timeout": 4, "reconnect": {"initial": 1, "max": 2}}}
+    notify = NotifySocket(tmp_path / "notify.sock")
     d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
-                                    service={"hang_timeout": 5}), "--events-jsonl", "-")
+                                    service={"hang_timeout": 5}), "--events-jsonl", "-",
+              env={"NOTIFY_SOCKET": str(notify.path)})
+    # READY=1 once the camera was tried: its sign of life before the open is no state
+    ready = notify.messages[notify.wait_for("READY=1")]
+    assert "cannot open" in ready, ready
+    notify.close()
     d.wait_log(r"gate: cannot open rtsp://", timeout=40)
     d.wait_log(r"gate: cannot open rtsp://", timeout=40, count=2)
     assert "no sign of life" not in d.log()
@@ -652,6 +676,13 @@ def test_a_reload_whose_model_will_not_load_goes_back_to_the_running_models(tmp_
     d.wait_log(r"reload refused, the running models stay")
     d.wait_log(r"(?s)reload refused.*models loaded")
     assert d.proc.poll() is None
+    # each refused reload ends an inference process: five were taken for a process dying
+    # again and again, and ended the daemon
+    for n in range(2, 7):  # the file still names the bad model; the running ones are good
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"reload refused, the running models stay", count=n, timeout=60)
+        d.wait_log(r"models loaded", count=n + 1, timeout=60)
+    assert d.proc.poll() is None and "cannot run" not in d.log()
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
 
