@@ -4,7 +4,7 @@ heatmap peaks decoded to boxes in the frame's pixels."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from lprd.config import DetectorConfig
 from lprd.models import ModelError, TFLiteModel, load_model
-from lprd.types import Detection
+from lprd.types import Box, Detection
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,14 @@ def merge(boxes: np.ndarray, scores: np.ndarray, nms_iou: float,
     return out
 
 
+def runs_out(box: Box, width: int, height: int) -> bool:
+    """Whether a raw box reaches the edge of the image searched: the plate runs out of it.
+    The slack is a tenth of the box's height: a cut plate's box may end a few pixels short."""
+    x, y, w, h = box
+    slack = max(2.0, 0.1 * h)
+    return x <= slack or y <= slack or x + w >= width - slack or y + h >= height - slack
+
+
 def apply_check(dets: list[Detection], plate_probs: list[float], weight: float, threshold: float,
                 floor: float, max_plates: int) -> list[Detection]:
     """The plate check's verdicts on `dets`: a box scores its detector score times
@@ -103,7 +111,7 @@ def apply_check(dets: list[Detection], plate_probs: list[float], weight: float, 
     product: a sharp heatmap peak may carry a doubtful check and a sure check a weak peak, where
     two separate thresholds drop both (on the check's validation scenes, at each of the veto
     rule's false-box counts for detector thresholds 0.3-0.5, weight 0.15 keeps more plates)."""
-    out = [Detection(box=d.box, score=d.score * p ** weight)  # p ** 0 == 1: the score as is
+    out = [Detection(box=d.box, score=d.score * p ** weight, cut=d.cut)  # p ** 0 == 1: as is
            for d, p in zip(dets, plate_probs, strict=True) if p >= floor]
     return sorted((d for d in out if d.score >= threshold), key=lambda d: -d.score)[:max_plates]
 
@@ -415,11 +423,15 @@ class PlateDetector:
         # NMS over every candidate first, so the check runs on few boxes; max_plates after it
         dets = merge(np.concatenate(all_boxes), np.concatenate(all_scores), nms_iou,
                      self.cfg.max_plates if self.check is None else 4 * self.cfg.max_plates)
+        # Told from the raw box: the check's refined one is drawn back inside the picture,
+        # and a plate that runs out of it would be read, and reported, short.
+        dets = [replace(d, cut=runs_out(d.box, fw, fh)) for d in dets]
         if self.check is None or not dets:
             return dets
         ps, redrawn = self.check.assess(frame_bgr, [d.box for d in dets], self.cfg.refine)
         if redrawn is not None:
-            dets = [Detection(box=b, score=d.score) for d, b in zip(dets, redrawn, strict=True)]
+            dets = [Detection(box=b, score=d.score, cut=d.cut)
+                    for d, b in zip(dets, redrawn, strict=True)]
         out = apply_check(dets, ps, self.cfg.check_weight, self.cfg.threshold,
                           self.check_threshold, self.cfg.max_plates)
         if redrawn is not None and len(out) > 1:
@@ -451,17 +463,18 @@ class PlateDetector:
             small = cv2.resize(part, (sw, sh), interpolation=cv2.INTER_AREA)
             sy, sx = ph / sh, pw / sw
             wide = [Detection((round(bx * sx), round(by * sy), round(bw * sx), round(bh * sy)),
-                              d.score)
+                              d.score, d.cut)
                     # the small-plate passes (tiles, zoom, second look) are the part's own
                     for d in self.detect(small, enlarge=False, one_pass=True)
                     for bx, by, bw, bh in (d.box,)
                     if bw * sx * own >= REGION_WIDE_WIDTH]
+
             if wide:
                 dets += wide
                 boxes = np.array([d.box for d in dets], np.float32)
                 scores = np.array([d.score for d in dets], np.float32)
                 dets = [dets[i] for i in nms(boxes, scores, TILE_NMS_IOU)[:self.cfg.max_plates]]
-        return [Detection(box=(bx + x0, by + y0, bw, bh), score=d.score)
+        return [Detection(box=(bx + x0, by + y0, bw, bh), score=d.score, cut=d.cut)
                 for d in dets for bx, by, bw, bh in (d.box,)]
 
     def _second_look(self, frame_bgr: np.ndarray, boxes: np.ndarray, scores: np.ndarray,

@@ -98,6 +98,7 @@ class PlatePipeline:
                 camera=camera, seq=seq, ts=ts, box=det.box, frame_size=(fw, fh),
                 det_score=det.score, read=read,
                 crop_jpeg=crop_jpeg(frame_bgr, det.box) if self.cfg.mqtt.crops else None,
+                cut=det.cut,
             ))
         times.read = time.perf_counter() - t1
         self.last = times

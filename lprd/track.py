@@ -216,7 +216,7 @@ class _Track:
 
     def add(self, obs: Observation) -> None:
         r = obs.read
-        cut = cut_by_frame_edge(obs.box, obs.frame_size)
+        cut = obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
         # A cut read misses characters: it votes only until the plate is seen whole, and then
         # its votes are dropped, or a car entering at the edge would be reported truncated.
         if not cut and not self.whole:

@@ -42,6 +42,7 @@ class FrameRef:
 class Detection:
     box: Box
     score: float
+    cut: bool = False  # its raw box reaches the edge of the part searched (frame or ROI)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class Observation:
     det_score: float
     read: Read
     crop_jpeg: bytes | None = None
+    cut: bool = False  # the plate runs out of the part searched (the detector's raw box says)
 
 
 @dataclass(frozen=True, slots=True)
