@@ -200,7 +200,9 @@ class ReaderConfig(_Strict):
 
 
 class TrackerConfig(_Strict):
-    track_timeout: float = Field(1.5, gt=0, description="seconds unseen before a track closes")
+    track_timeout: float = Field(
+        1.5, gt=0, description="seconds unseen before a track closes; at least 2.5 frame "
+        "intervals (up to 10 s) where frames are analysed further apart")
     early_confidence: float = Field(
         0.9, gt=0, le=1.0, description="emit an early event at this voted confidence; 1 = never"
     )

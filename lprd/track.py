@@ -37,6 +37,11 @@ _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its le
 GAP_FRAMES = 3
 GAP_SECONDS = 0.5
 GAP_MAX_EDITS = 1
+# A track stays open at least this many frame intervals (a camera at 0.5 fps, or several
+# cameras on a slow box, analyse a frame every 2 s: a fixed track_timeout of 1.5 s closed every
+# track after one read), and at most TIMEOUT_MAX seconds for that reason.
+TIMEOUT_FRAMES = 2.5
+TIMEOUT_MAX = 10.0
 _STEPS_KEPT = 15
 # Best observations kept per track, by read text: a car parked for hours is read in ever new
 # misreads, each of which would otherwise keep its frame's crop.
@@ -351,7 +356,7 @@ class Tracker:
     def tick(self, now: float) -> list[PlateEvent]:
         """Time passes without an analysed frame (a frame skipped for want of motion, after
         `hold`; none arrived): close the tracks unseen for track_timeout."""
-        expired = [t for t in self._tracks if now - t.last_seen > self.cfg.track_timeout]
+        expired = [t for t in self._tracks if now - t.last_seen > self._timeout()]
         events = self._close(expired)
         self._forget_passes(now)
         return events
@@ -432,7 +437,7 @@ class Tracker:
     def _match_score(self, t: _Track, o: Observation, key: str) -> float | None:
         """How well `o` (its plate_key `key`) continues `t`; None: it does not."""
         dt = o.ts - t.last_seen
-        if dt > self.cfg.track_timeout:
+        if dt > self._timeout():
             return None
         # The same plate text is the same vehicle wherever it shows up (a missed stretch of frames).
         same_plate = key == t.key
@@ -458,6 +463,12 @@ class Tracker:
         return (t.early_sent and not t.silent
                 and t.frames >= 2 * self._early_frames)
 
+    def _timeout(self) -> float:
+        """track_timeout, or longer where frames come further apart than it allows."""
+        if self._step == math.inf:
+            return self.cfg.track_timeout
+        return max(self.cfg.track_timeout, min(TIMEOUT_FRAMES * self._step, TIMEOUT_MAX))
+
     def _gap(self) -> float:
         return max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
 
@@ -470,7 +481,7 @@ class Tracker:
         """The sure pass that refused `o` after a gap though it is one character off, if any."""
         for t in self._tracks:
             if (self._sure(t) and t.id is not None
-                    and o.ts - t.last_seen <= self.cfg.track_timeout
+                    and o.ts - t.last_seen <= self._timeout()
                     and self._near(t, o, iou(t.box, o.box))
                     and levenshtein(key, t.key) <= GAP_MAX_EDITS):
                 return t.id

@@ -60,6 +60,20 @@ def finals(events: list[PlateEvent]) -> list[PlateEvent]:
     return [e for e in events if e.final]
 
 
+def test_a_camera_analysed_every_1_7_s_still_votes_over_several_frames() -> None:
+    # A fixed track_timeout of 1.5 s closed each track after its one read: the first, unsure
+    # read (ORX578) was the final event, and the sure reads after it were taken for that pass.
+    tr = make_tracker(early_confidence=1.0)
+    step = 1.7
+    frames = [obs("ORX578", T0, moving_box(0), probs=[0.6] + [0.99] * 5)]
+    frames += [obs("QRX578", T0 + i * step, moving_box(i, dx=10)) for i in range(1, 5)]
+    events: list[PlateEvent] = []
+    for o in frames:
+        events += tr.update([o], now=o.ts)
+    events += tr.flush(now=T0 + 30)
+    assert [(e.plate, e.frames) for e in finals(events)] == [("QRX578", 5)]
+
+
 def test_steady_plate_gives_one_final_event_with_the_read_text() -> None:
     tr = make_tracker(early_confidence=1.0)
     frames = [[obs("ABC1234", T0 + i * DT, moving_box(i))] for i in range(10)]
