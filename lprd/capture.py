@@ -137,15 +137,17 @@ class Backoff:
 class MotionGate:
     """Cheap frame differencing on a small blurred grey copy of the frame (or of its ROI).
 
-    A frame counts as moving when more than `threshold` of its pixels changed since the previous
-    frame; frames within `keep_alive` seconds of the last motion still count, so a car that stops
-    at the gate keeps being read. The first frame counts as moving (nothing to compare with).
+    A frame counts as moving when more than `threshold` of its pixels changed since the last
+    frame that did (not the previous one: a car creeping up to the gate changes little from one
+    frame to the next, the less the higher the frame rate); frames within `keep_alive` seconds
+    of the last motion still count, so a car that stops at the gate keeps being read. The first
+    frame counts as moving (nothing to compare with).
     """
 
     def __init__(self, cfg: MotionConfig, roi: tuple[int, int, int, int] | None = None):
         self.cfg = cfg
         self.roi = roi
-        self._prev: np.ndarray | None = None
+        self._ref: np.ndarray | None = None  # the last frame that counted as moving
         self._last_motion: float | None = None
         self.changed = 0.0  # share of changed pixels in the last update, for logs and tests
 
@@ -166,14 +168,15 @@ class MotionGate:
         if not self.cfg.enabled:
             return True
         grey = self._small_grey(frame)
-        prev, self._prev = self._prev, grey
-        if prev is None or prev.shape != grey.shape:
+        ref = self._ref
+        if ref is None or ref.shape != grey.shape:
             self.changed = 1.0
         else:
-            diff = cv2.absdiff(grey, prev)
+            diff = cv2.absdiff(grey, ref)
             self.changed = float(np.count_nonzero(diff > MOTION_PIXEL_DELTA)) / diff.size
         if self.changed > self.cfg.threshold:
             self._last_motion = ts
+            self._ref = grey
         return self._last_motion is not None and ts - self._last_motion <= self.cfg.keep_alive
 
 

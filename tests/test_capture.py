@@ -351,6 +351,17 @@ def test_motion_gate_marks_still_frames_and_keeps_alive_after_motion() -> None:
     assert off.update(still, 0.0) and off.update(still, 10.0)
 
 
+def test_motion_gate_follows_a_car_creeping_up_to_the_gate() -> None:
+    # Each frame was compared with the one before: a car creeping forward a pixel a frame
+    # changed too little between two frames, and once keep_alive ran out it was marked still.
+    gate = MotionGate(MotionConfig(enabled=True, threshold=0.002, keep_alive=1.0),
+                      roi=below_index_strip(320, 240))
+    flags = []
+    for i in range(60):  # 25 fps: a pixel a frame (half a pixel in the gate's small copy)
+        flags.append(gate.update(make_frame(i, box_x=100 + i), i / 25))
+    assert all(flags), [i for i, f in enumerate(flags) if not f]
+
+
 def test_motion_flag_reaches_the_ring_for_each_file_frame(
         tmp_path: Path, cams: Callable[..., Cam]) -> None:
     frames = [make_frame(i, box_x=60 + (min(i, 39) - 29) * 8 if i >= 30 else 60)
