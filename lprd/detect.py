@@ -95,11 +95,14 @@ def merge(boxes: np.ndarray, scores: np.ndarray, nms_iou: float,
     return out
 
 
-def runs_out(box: Box, width: int, height: int) -> bool:
-    """Whether a raw box reaches the edge of the image searched: the plate runs out of it.
-    The slack is a tenth of the box's height: a cut plate's box may end a few pixels short."""
+CUT_SLACK = 1  # px: see runs_out
+
+
+def runs_out(box: Box, width: int, height: int, slack: int = CUT_SLACK) -> bool:
+    """Whether a box reaches the edge of the image searched: the plate runs out of it. Only
+    at the edge itself: the raw box of a whole plate reaches 2-3 px past the plate, and a plate
+    standing whole a few pixels inside the edge must not be taken for a cut one (no event)."""
     x, y, w, h = box
-    slack = max(2.0, 0.1 * h)
     return x <= slack or y <= slack or x + w >= width - slack or y + h >= height - slack
 
 
@@ -423,14 +426,15 @@ class PlateDetector:
         # NMS over every candidate first, so the check runs on few boxes; max_plates after it
         dets = merge(np.concatenate(all_boxes), np.concatenate(all_scores), nms_iou,
                      self.cfg.max_plates if self.check is None else 4 * self.cfg.max_plates)
-        # Told from the raw box: the check's refined one is drawn back inside the picture,
-        # and a plate that runs out of it would be read, and reported, short.
+        # Told from the raw box and from the check's refined one (below): a plate that runs
+        # out of the picture would be read, and reported, short.
         dets = [replace(d, cut=runs_out(d.box, fw, fh)) for d in dets]
         if self.check is None or not dets:
             return dets
         ps, redrawn = self.check.assess(frame_bgr, [d.box for d in dets], self.cfg.refine)
         if redrawn is not None:
-            dets = [Detection(box=b, score=d.score, cut=d.cut)
+            # either box at the edge: the raw one may stop short of it, or the refined one
+            dets = [Detection(box=b, score=d.score, cut=d.cut or runs_out(b, fw, fh))
                     for d, b in zip(dets, redrawn, strict=True)]
         out = apply_check(dets, ps, self.cfg.check_weight, self.cfg.threshold,
                           self.check_threshold, self.cfg.max_plates)

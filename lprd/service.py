@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import sqlite3
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -886,15 +887,18 @@ class Supervisor:
 
 def _check_writable(folder: Path) -> None:
     """PermissionError where this user may not write `folder` (another user's folder): the
-    outbox would wait in memory for good. A read-only file system passes: a disk remounted
-    read-only after a fault is run on, its events waiting in memory (README)."""
-    if os.access(folder, os.W_OK):
-        return
-    if os.statvfs(folder).f_flag & os.ST_RDONLY:
-        log.warning("storage.dir %s is read-only (a disk remounted after a fault, or a folder "
-                    "outside the service's ReadWritePaths=): events wait in memory", folder)
-        return
-    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES) + " to write there")
+    outbox would wait in memory for good. A read-only or full file system passes: a disk
+    remounted read-only after a fault is run on, its events waiting in memory (README)."""
+    try:  # a file made and gone: os.access would ignore capabilities such as CAP_DAC_OVERRIDE
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except PermissionError:
+        raise
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            log.warning("storage.dir %s is read-only (a disk remounted after a fault, or a "
+                        "folder outside the service's ReadWritePaths=): events wait in memory",
+                        folder)
 
 
 def _exit_reason(code: int | None) -> str:

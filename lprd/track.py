@@ -39,7 +39,8 @@ GAP_SECONDS = 0.5
 GAP_MAX_EDITS = 1
 # A track stays open at least this many frame intervals (a camera at 0.5 fps, or several
 # cameras on a slow box, analyse a frame every 2 s: a fixed track_timeout of 1.5 s closed every
-# track after one read), and at most TIMEOUT_MAX seconds for that reason.
+# track after one read), and at most TIMEOUT_MAX seconds for that reason. The interval is the
+# median between frames, with reads or not, analysed or skipped as still.
 TIMEOUT_FRAMES = 2.5
 TIMEOUT_MAX = 10.0
 _STEPS_KEPT = 15
@@ -312,6 +313,9 @@ class Tracker:
         self._read_at: float | None = None  # the latest frame with reads
         self._steps: deque[float] = deque(maxlen=_STEPS_KEPT)  # recent intervals between them
         self._step = math.inf  # their median
+        self._frame_ts: float | None = None  # the latest frame, with reads or not
+        self._frame_steps: deque[float] = deque(maxlen=_STEPS_KEPT)
+        self._frame_step = math.inf  # the median interval between frames
         self._early_frames = max(cfg.early_min_frames, cfg.min_frames)  # reads an early event needs
 
     @property
@@ -326,6 +330,7 @@ class Tracker:
                 raise ValueError(f"observation from camera {o.camera!r} given to the tracker "
                                  f"of {self.camera!r}")
         events: list[PlateEvent] = []
+        self._frame_at(now)
         if obs:
             ts = obs[0].ts
             if self._read_at is not None and ts > self._read_at:
@@ -366,9 +371,18 @@ class Tracker:
         with reads are still where they were. A car waiting at the gate keeps its track open
         (one pass, its final event when it leaves) instead of closing it and coming back as a
         new pass once it drives off, past the dedupe window."""
+        self._frame_at(ts)
         for t in self._tracks:
             if t.present:
                 t.last_seen = max(t.last_seen, ts)
+
+    def _frame_at(self, ts: float) -> None:
+        """A frame came at `ts` (analysed, or skipped for want of motion): the camera's cadence,
+        which the timeout follows (frames with reads are minutes apart between cars)."""
+        if self._frame_ts is not None and ts > self._frame_ts:
+            self._frame_steps.append(ts - self._frame_ts)
+            self._frame_step = statistics.median(self._frame_steps)
+        self._frame_ts = ts
 
     def passes(self) -> list[tuple[str, str, float]]:
         """(id, plate key, last seen) of the reported passes still within the dedupe window."""
@@ -397,6 +411,8 @@ class Tracker:
             p.last_seen += delta
         if self._read_at is not None:
             self._read_at += delta
+        if self._frame_ts is not None:
+            self._frame_ts += delta
 
     def flush(self, now: float) -> list[PlateEvent]:
         """Close every open track (end of a file, shutdown) and return the final events."""
@@ -465,9 +481,9 @@ class Tracker:
 
     def _timeout(self) -> float:
         """track_timeout, or longer where frames come further apart than it allows."""
-        if self._step == math.inf:
+        if self._frame_step == math.inf:
             return self.cfg.track_timeout
-        return max(self.cfg.track_timeout, min(TIMEOUT_FRAMES * self._step, TIMEOUT_MAX))
+        return max(self.cfg.track_timeout, min(TIMEOUT_FRAMES * self._frame_step, TIMEOUT_MAX))
 
     def _gap(self) -> float:
         return max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS

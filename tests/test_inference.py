@@ -137,7 +137,7 @@ def test_a_plate_running_out_of_the_picture_is_not_reported_cut_short(models, cl
     finals = [e.plate for e in events if e.final]
     assert set(finals) <= truth, finals
     if where == "roi_holds":  # whole inside it when read: no cut read lowers the vote (0.5)
-        assert len(finals) >= 2 and min(e.confidence for e in events if e.final) > 0.7
+        assert len(finals) >= 2 and min(e.confidence for e in events if e.final) > 0.6
     else:
         assert any(o.cut for o in seen), "no plate was seen running out of the part"
 

@@ -74,6 +74,24 @@ def test_a_camera_analysed_every_1_7_s_still_votes_over_several_frames() -> None
     assert [(e.plate, e.frames) for e in finals(events)] == [("QRX578", 5)]
 
 
+def test_cars_read_in_one_frame_apiece_do_not_stretch_the_timeout() -> None:
+    # The frame interval for the timeout came from frames with reads: with cars read in one
+    # frame each, 20 s apart, it was 20 s, and a track stayed open 10 s after its car left
+    # (the final event 10 s late; a car one lane over within them joined its pass).
+    tr = make_tracker()
+    t = T0
+    for k in range(12):
+        for j in range(100):  # 20 s at 5 fps, a car in the first frame
+            tr.update([obs(f"CAR{k:03d}", t, (300, 400, 120, 30))] if j == 0 else [], now=t)
+            t += DT
+    for j in range(5):
+        tr.update([obs("AB12345", t + j * DT, (100 + 40 * j, 450, 120, 30))], now=t + j * DT)
+    last = t + 4 * DT
+    closed_at = next((last + j * DT for j in range(1, 60)
+                      if finals(tr.update([], now=last + j * DT))), None)
+    assert closed_at is not None and closed_at - last <= 2.0, closed_at and closed_at - last
+
+
 def test_steady_plate_gives_one_final_event_with_the_read_text() -> None:
     tr = make_tracker(early_confidence=1.0)
     frames = [[obs("ABC1234", T0 + i * DT, moving_box(i))] for i in range(10)]
