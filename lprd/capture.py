@@ -417,10 +417,9 @@ class Capture:
                 except Exception as e:  # noqa: BLE001
                     failure = e
                     reason = f"capture failed: {type(e).__name__}: {e}"
-                # Not after a session of a few frames: a flapping stream would be reopened
-                # every second, forever. One that runs a while between drops (a proxy that
-                # cuts each session after 45 s) is back at once, not after the longest delay.
-                # frames, not the wait for them: one frame and a stall is no session that ran
+                # Not after a session of a few frames (or one frame and a stall): a flapping
+                # stream would be reopened every second, forever. One whose frames ran a while
+                # between drops (a proxy that cuts each session after 45 s) is back at once.
                 lasted = self._frames_to - self._frames_from
                 if self._got and lasted >= min(STABLE_SESSION, STABLE_PER_DELAY * backoff.last):
                     backoff.reset()
@@ -564,11 +563,10 @@ class Capture:
                 seq = self.ring.write(frame, ts, motion)
                 self._got += 1
                 self._frames_to = time.monotonic()
-                if self._got == 1:
-                    self._frames_from = self._frames_to
                 self.last_ts = ts
                 h, w = frame.shape[:2]
                 if self._got == 1:  # said as loudly as the failure before it
+                    self._frames_from = self._frames_to
                     log.log(logging.INFO if self._loud else logging.DEBUG,
                             "%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)
                     self._set(True, None)

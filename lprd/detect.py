@@ -472,7 +472,6 @@ class PlateDetector:
                     for d in self.detect(small, enlarge=False, one_pass=True)
                     for bx, by, bw, bh in (d.box,)
                     if bw * sx * own >= REGION_WIDE_WIDTH]
-
             if wide:
                 dets += wide
                 boxes = np.array([d.box for d in dets], np.float32)

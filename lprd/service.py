@@ -816,7 +816,7 @@ class Supervisor:
                 self._stop_publisher(2.0)
                 try:
                     self._start_publisher()
-                except (PublisherConfigError, OSError, ValueError, sqlite3.OperationalError):
+                except Exception:  # a reload must not end the daemon
                     log.exception("MQTT publisher could not be restarted; events are not "
                                   "published until a reload or restart starts it")
                     self.publisher = None
