@@ -269,6 +269,15 @@ def parse_command(verb: str, payload: bytes) -> dict[str, Any]:
         raise CommandError(reasons) from None
 
 
+def _without_crop(payload: bytes) -> bytes | None:
+    """An event's JSON without its crop_jpeg; None where it has none (or is no JSON)."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        obj = json.loads(payload)
+        if obj.pop("crop_jpeg", None) is not None:
+            return json.dumps(obj, separators=(",", ":")).encode()
+    return None
+
+
 def _preview(payload: bytes) -> str:
     return repr(payload[:60]) + ("..." if len(payload) > 60 else "")
 
@@ -507,6 +516,8 @@ class Publisher:
         self._last_fail_reason: str | None = None
         self._max_packet: int | None = None  # the broker's, from its CONNACK (MQTT 5)
         self._protocol = cfg.protocol  # 3.1.1 once a broker refused 5
+        self._no_crops = False  # the broker dropped us over crops: every crop goes
+        self._dropped_with_crop = 0  # connections lost with a crop in flight, nothing acked since
         self._closed_at_connect = 0  # connections closed before the broker's CONNACK, in a row
         self._refused_at_connect = False  # the last CONNACK refused: its close is no news
         self._refused_logged: dict[str, int] = {}
@@ -819,6 +830,7 @@ class Publisher:
             msg = self._inflight.pop(item[1], None) if item[2] is self._mids_of else None
             if msg is not None:
                 acks.append(msg)
+                self._dropped_with_crop = 0
         elif kind == "wake":
             pass
         elif kind == "refused":
@@ -836,6 +848,14 @@ class Publisher:
                 log.warning("MQTT: disconnected from %s:%d (%s); %d message(s) in flight will "
                             "be resent, new events wait in the outbox",
                             self.cfg.host, self.cfg.port, item[1], len(self._inflight))
+                if not self._no_crops and any(
+                        pm.message.kind == "crop" or b'"crop_jpeg"' in pm.message.payload
+                        for pm in self._inflight.values()):
+                    self._dropped_with_crop += 1
+                    if self._dropped_with_crop >= 2:
+                        self._connected = False
+                        self._drop_crops()
+                        return
             elif self._refused_at_connect:  # paho's close after a refusing CONNACK: reported
                 self._refused_at_connect = False
             elif self._protocol == "5" and self._closed_at_connect >= 2:
@@ -924,23 +944,25 @@ class Publisher:
     def _fit_to_broker(self, pm: PendingMessage) -> bytes | None:
         """The payload to send, within the broker's Maximum Packet Size (MQTT 5 CONNACK): an
         event loses its crop, other messages over it are dropped (None). Sent, the broker
-        would disconnect us, and paho would send it first again after each reconnect."""
+        would disconnect us, and paho would send it first again after each reconnect. After
+        the broker dropped us over a crop (_no_crops), every crop goes."""
         payload = pm.message.payload
         topic = self._topic(pm.message)
+        if self._no_crops:
+            if pm.message.kind == "crop":
+                return None
+            if pm.message.kind == "event":
+                return _without_crop(payload) or payload
         # fixed header (<= 5), topic length (2), packet id (2), properties length (1)
         overhead = 10 + len(topic.encode())
         if self._max_packet is None or len(payload) + overhead <= self._max_packet:
             return payload
-        if pm.message.kind == "event":
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                obj = json.loads(payload)
-                if obj.pop("crop_jpeg", None) is not None:
-                    smaller = json.dumps(obj, separators=(",", ":")).encode()
-                    if len(smaller) + overhead <= self._max_packet:
-                        log.warning("MQTT: event %s sent without its crop: %d bytes are over the "
-                                    "broker's maximum packet size (%d)", pm.message.event_id,
-                                    len(payload) + overhead, self._max_packet)
-                        return smaller
+        smaller = _without_crop(payload) if pm.message.kind == "event" else None
+        if smaller is not None and len(smaller) + overhead <= self._max_packet:
+            log.warning("MQTT: event %s sent without its crop: %d bytes are over the broker's "
+                        "maximum packet size (%d)", pm.message.event_id, len(payload) + overhead,
+                        self._max_packet)
+            return smaller
         log.error("MQTT: dropping %s of event %s: %d bytes are over the broker's maximum packet "
                   "size (%d)", topic, pm.message.event_id, len(payload) + overhead,
                   self._max_packet)
@@ -952,8 +974,24 @@ class Publisher:
         log.warning("MQTT: the broker %s:%d refused MQTT 5 (%s); using 3.1.1 (set mqtt.protocol: "
                     "\"3.1.1\" to start so; with 3.1.1 an event the broker refuses counts as "
                     "delivered)", self.cfg.host, self.cfg.port, reason)
-        old = self._client
         self._protocol = "3.1.1"
+        self._new_client()
+
+    def _drop_crops(self) -> None:
+        """The broker dropped us twice in a row with a crop in flight and nothing acknowledged
+        between: Mosquitto's message_size_limit (not announced) refuses it with a PUBACK code
+        paho cannot read, and paho sends the message first again after every reconnect."""
+        log.warning("MQTT: the broker %s:%d dropped the connection twice over an event with a "
+                    "crop (Mosquitto's message_size_limit?); events go without crops from now on "
+                    "(raise the limit, use max_packet_size, which lprd reads, or set mqtt.crops: "
+                    "false)", self.cfg.host, self.cfg.port)
+        self._no_crops = True
+        self._new_client()
+
+    def _new_client(self) -> None:
+        """Go on with a new paho client: what the old one had in flight is sent again from
+        the outbox, in order (paho would send it first again itself)."""
+        old = self._client
         self._client = self._make_client()
         if old is not None:
             _release(old)
