@@ -642,12 +642,15 @@ def test_a_stream_that_drops_after_running_a_while_is_reopened_without_a_long_wa
 
     real_open = capture_mod._open
 
-    class HangsUpAfter:
+    class HangsUpAfter:  # 1.5 s after its first frame
         def __init__(self, cap: Any) -> None:
-            self.cap, self.until = cap, time.monotonic() + 1.2
+            self.cap, self.until = cap, None
 
         def grab(self) -> bool:
-            return time.monotonic() < self.until and bool(self.cap.grab())
+            ok = (self.until is None or time.monotonic() < self.until) and bool(self.cap.grab())
+            if ok and self.until is None:
+                self.until = time.monotonic() + 1.5
+            return ok
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.cap, name)
