@@ -848,7 +848,8 @@ class Publisher:
                 log.warning("MQTT: disconnected from %s:%d (%s); %d message(s) in flight will "
                             "be resent, new events wait in the outbox",
                             self.cfg.host, self.cfg.port, item[1], len(self._inflight))
-                if not self._no_crops and any(
+                # paho's words for a PUBACK it cannot read; a broker away says otherwise
+                if not self._no_crops and "protocol error" in item[1].lower() and any(
                         pm.message.kind == "crop" or b'"crop_jpeg"' in pm.message.payload
                         for pm in self._inflight.values()):
                     self._dropped_with_crop += 1
@@ -978,8 +979,8 @@ class Publisher:
         self._new_client()
 
     def _drop_crops(self) -> None:
-        """The broker dropped us twice in a row with a crop in flight and nothing acknowledged
-        between: Mosquitto's message_size_limit (not announced) refuses it with a PUBACK code
+        """The connection failed twice in a row on a protocol error with a crop in flight and
+        nothing acknowledged between: Mosquitto's message_size_limit (not announced) refuses it with a PUBACK code
         paho cannot read, and paho sends the message first again after every reconnect."""
         log.warning("MQTT: the broker %s:%d dropped the connection twice over an event with a "
                     "crop (Mosquitto's message_size_limit?); events go without crops from now on "
