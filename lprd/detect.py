@@ -13,7 +13,8 @@ import numpy as np
 
 from lprd.config import DetectorConfig
 from lprd.models import ModelError, TFLiteModel, load_model
-from lprd.types import Box, Detection
+from lprd.track import cut_by_frame_edge
+from lprd.types import Detection
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +94,6 @@ def merge(boxes: np.ndarray, scores: np.ndarray, nms_iou: float,
         x, y, bw, bh = (round(float(v)) for v in boxes[i])
         out.append(Detection(box=(x, y, bw, bh), score=float(scores[i])))
     return out
-
-
-CUT_SLACK = 1  # px: see runs_out
-
-
-def runs_out(box: Box, width: int, height: int, slack: int = CUT_SLACK) -> bool:
-    """Whether a box reaches the edge of the image searched: the plate runs out of it. Only
-    at the edge itself: the raw box of a whole plate reaches 2-3 px past the plate, and a plate
-    standing whole a few pixels inside the edge must not be taken for a cut one (no event)."""
-    x, y, w, h = box
-    return x <= slack or y <= slack or x + w >= width - slack or y + h >= height - slack
 
 
 def apply_check(dets: list[Detection], plate_probs: list[float], weight: float, threshold: float,
@@ -426,15 +416,17 @@ class PlateDetector:
         # NMS over every candidate first, so the check runs on few boxes; max_plates after it
         dets = merge(np.concatenate(all_boxes), np.concatenate(all_scores), nms_iou,
                      self.cfg.max_plates if self.check is None else 4 * self.cfg.max_plates)
-        # Told from the raw box and from the check's refined one (below): a plate that runs
-        # out of the picture would be read, and reported, short.
-        dets = [replace(d, cut=runs_out(d.box, fw, fh)) for d in dets]
+        # Told from the raw box and from the check's refined one (below), against the image
+        # searched (a frame, or an ROI's part): a plate that runs out of it would be read, and
+        # reported, short. Only at the edge itself: a whole plate's raw box reaches 2-3 px past
+        # it, and one standing a few pixels inside the edge must not lose its event.
+        dets = [replace(d, cut=cut_by_frame_edge(d.box, (fw, fh))) for d in dets]
         if self.check is None or not dets:
             return dets
         ps, redrawn = self.check.assess(frame_bgr, [d.box for d in dets], self.cfg.refine)
         if redrawn is not None:
             # either box at the edge: the raw one may stop short of it, or the refined one
-            dets = [Detection(box=b, score=d.score, cut=d.cut or runs_out(b, fw, fh))
+            dets = [Detection(box=b, score=d.score, cut=d.cut or cut_by_frame_edge(b, (fw, fh)))
                     for d, b in zip(dets, redrawn, strict=True)]
         out = apply_check(dets, ps, self.cfg.check_weight, self.cfg.threshold,
                           self.check_threshold, self.cfg.max_plates)

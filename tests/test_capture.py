@@ -412,32 +412,53 @@ def test_http_stream_that_drops_and_returns_is_reconnected(
         s.connected for s in cam.statuses[-3:])  # reported connected again
 
 
+class _Grabs:
+    """A real capture whose grab() follows `rule(n, cap)`, n this grab's number from 1: a
+    stream that hangs up, freezes or stalls on cue."""
+
+    def __init__(self, cap: Any, rule: Callable[[int, Any], bool]) -> None:
+        self.cap, self.rule, self.grabbed = cap, rule, 0
+
+    def grab(self) -> bool:
+        self.grabbed += 1
+        return bool(self.rule(self.grabbed, self.cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cap, name)
+
+
+def _grab_by(monkeypatch: pytest.MonkeyPatch,
+             rule_for: Callable[[int], Callable[[int, Any], bool]]) -> list[_Grabs]:
+    """Every source the capture opens grabs by `rule_for(k)`, k its open's number from 0;
+    returns the captures opened so far."""
+    import lprd.capture as capture_mod
+
+    real_open = capture_mod._open
+    opened: list[_Grabs] = []
+
+    def fake_open(*a: Any) -> _Grabs:
+        opened.append(_Grabs(real_open(*a), rule_for(len(opened))))
+        return opened[-1]
+
+    monkeypatch.setattr(capture_mod, "_open", fake_open)
+    return opened
+
+
+def _retry_delays(log_text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"retrying in ([\d.]+) s", log_text)]
+
+
 def test_a_flapping_stream_backs_off_and_its_retries_stop_flooding_the_log(
         mjpeg: MjpegServer, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     # A camera that sends a few frames and hangs up, again and again: a session with frames
     # reset the backoff, so it was reopened every `initial` seconds forever, each retry logged.
-    import lprd.capture as capture_mod
-
-    real_open = capture_mod._open
-
-    class HangsUpAfter3:
-        def __init__(self, cap: Any) -> None:
-            self.cap, self.grabbed = cap, 0
-
-        def grab(self) -> bool:
-            self.grabbed += 1
-            return self.grabbed <= 3 and self.cap.grab()
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.cap, name)
-
-    monkeypatch.setattr(capture_mod, "_open", lambda *a: HangsUpAfter3(real_open(*a)))
+    _grab_by(monkeypatch, lambda k: lambda n, cap: n <= 3 and cap.grab())  # hangs up after 3
     caplog.set_level(logging.DEBUG, logger="lprd.capture")
     cam = cams(CameraConfig(source=mjpeg.url, fps=0, reconnect={"initial": 0.1, "max": 0.8}),
                in_thread=True)
     assert cam.pump(lambda: len(caplog.text.split("retrying in")) > 6, timeout=30)
-    delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", caplog.text)]
+    delays = _retry_delays(caplog.text)
     assert delays[:5] == [0.1, 0.2, 0.4, 0.8, 0.8]
     retries = [r for r in caplog.records if "retrying" in r.message][:7]
     warned = [r for r in retries if r.levelno >= logging.WARNING]
@@ -595,35 +616,16 @@ def test_a_udp_mpeg_ts_stream_is_captured_as_a_live_stream(cams: Callable[..., C
         sender.wait()
 
 
-class _SlowAfter:
-    """A capture whose grabs, after `n`, each wait `wait` seconds and then succeed: FFmpeg
-    after its read timeout on a frozen camera, handing out the frames its decoder held."""
-
-    def __init__(self, cap: Any, n: int, wait: float) -> None:
-        self.cap, self.n, self.wait, self.grabbed = cap, n, wait, 0
-
-    def grab(self) -> bool:
-        self.grabbed += 1
-        if self.grabbed > self.n:
-            time.sleep(self.wait)
-        return bool(self.cap.grab())
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.cap, name)
-
-
 def test_a_grab_that_waits_out_the_stall_timeout_is_a_stall_not_a_new_frame(
         mjpeg: MjpegServer, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch) -> None:
-    import lprd.capture as capture_mod
+    # FFmpeg after its read timeout on a frozen camera: after 5 grabs, each waits a timeout
+    # and hands out a frame its decoder held (the first open only)
+    def slow_after_5(n: int, cap: Any) -> bool:
+        if n > 5:
+            time.sleep(1.0)
+        return bool(cap.grab())
 
-    real_open = capture_mod._open
-    opened: list[_SlowAfter] = []
-
-    def slow_open(*a: Any) -> _SlowAfter:
-        opened.append(_SlowAfter(real_open(*a), n=5 if not opened else 10**9, wait=1.0))
-        return opened[-1]
-
-    monkeypatch.setattr(capture_mod, "_open", slow_open)
+    opened = _grab_by(monkeypatch, lambda k: slow_after_5 if k == 0 else lambda n, cap: cap.grab())
     cam = cams(CameraConfig(source=mjpeg.url, fps=0, stall_timeout=1.0, reconnect=FAST_RETRY),
                in_thread=True)
     assert cam.pump(lambda: any("stalled" in e for e in cam.errors()), timeout=10)
@@ -638,29 +640,22 @@ def test_a_stream_that_drops_after_running_a_while_is_reopened_without_a_long_wa
         caplog: pytest.LogCaptureFixture) -> None:
     # A proxy that cuts each session after a while: only a 60 s session reset the backoff, so
     # the camera climbed to the longest delay and stayed there, away a large part of the time.
-    import lprd.capture as capture_mod
+    def hangs_up_after_1_5_s() -> Callable[[int, Any], bool]:  # counted from its first frame
+        until: list[float] = []
 
-    real_open = capture_mod._open
-
-    class HangsUpAfter:  # 1.5 s after its first frame
-        def __init__(self, cap: Any) -> None:
-            self.cap, self.until = cap, None
-
-        def grab(self) -> bool:
-            ok = (self.until is None or time.monotonic() < self.until) and bool(self.cap.grab())
-            if ok and self.until is None:
-                self.until = time.monotonic() + 1.5
+        def rule(n: int, cap: Any) -> bool:
+            ok = (not until or time.monotonic() < until[0]) and bool(cap.grab())
+            if ok and not until:
+                until.append(time.monotonic() + 1.5)
             return ok
+        return rule
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.cap, name)
-
-    monkeypatch.setattr(capture_mod, "_open", lambda *a: HangsUpAfter(real_open(*a)))
+    _grab_by(monkeypatch, lambda k: hangs_up_after_1_5_s())
     caplog.set_level(logging.DEBUG, logger="lprd.capture")
     cam = cams(CameraConfig(source=mjpeg.url, fps=0, reconnect={"initial": 0.1, "max": 0.8}),
                in_thread=True)
     assert cam.pump(lambda: len(caplog.text.split("retrying in")) > 4, timeout=30)
-    delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", caplog.text)]
+    delays = _retry_delays(caplog.text)
     assert delays[:4] == [0.1, 0.1, 0.1, 0.1]
 
 
@@ -669,30 +664,18 @@ def test_a_stream_that_sends_a_frame_and_stalls_backs_off(
         caplog: pytest.LogCaptureFixture) -> None:
     # A session's length counted the wait for the stall: one frame and a stall_timeout made a
     # session that "ran" 10 times the delay, and the camera was retried every second for good.
-    import lprd.capture as capture_mod
+    def freezes_after_2(n: int, cap: Any) -> bool:  # then a stall_timeout without a frame
+        if n > 2:
+            time.sleep(1.0)
+            return False
+        return bool(cap.grab())
 
-    real_open = capture_mod._open
-
-    class FreezesAfter2:
-        def __init__(self, cap: Any) -> None:
-            self.cap, self.grabbed = cap, 0
-
-        def grab(self) -> bool:
-            self.grabbed += 1
-            if self.grabbed > 2:
-                time.sleep(1.0)
-                return False
-            return bool(self.cap.grab())
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.cap, name)
-
-    monkeypatch.setattr(capture_mod, "_open", lambda *a: FreezesAfter2(real_open(*a)))
+    _grab_by(monkeypatch, lambda k: freezes_after_2)
     caplog.set_level(logging.DEBUG, logger="lprd.capture")
     cam = cams(CameraConfig(source=mjpeg.url, fps=0, stall_timeout=1.0,
                             reconnect={"initial": 0.1, "max": 0.8}), in_thread=True)
     assert cam.pump(lambda: len(caplog.text.split("retrying in")) > 4, timeout=40)
-    delays = [float(x) for x in re.findall(r"retrying in ([\d.]+) s", caplog.text)]
+    delays = _retry_delays(caplog.text)
     assert delays[:4] == [0.1, 0.2, 0.4, 0.8]
 
 

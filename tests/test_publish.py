@@ -853,15 +853,13 @@ def test_an_event_over_mosquitto_s_message_size_limit_goes_without_its_crop(
     assert "mqtt.crops" in caplog.text and "message_size_limit" in caplog.text
 
 
-class _Broker311:
-    """A broker of MQTT 3.1.1 only, as old ones are: a CONNECT of version 5 gets CONNACK
-    "unacceptable protocol version"; one of 3.1.1 is accepted (then all is read, nothing done)."""
+class _TcpServer:
+    """A server on a free local port; each connection it accepts goes to `_accepted`, on the
+    accepting thread. A subclass sets its own fields before calling this __init__."""
 
-    def __init__(self, close: bool = False) -> None:
-        self.close_on_5 = close  # some close the connection instead of refusing 5
+    def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.versions: list[int] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -870,7 +868,26 @@ class _Broker311:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Broker311(_TcpServer):
+    """A broker of MQTT 3.1.1 only, as old ones are: a CONNECT of version 5 gets CONNACK
+    "unacceptable protocol version"; one of 3.1.1 is accepted (then all is read, nothing done)."""
+
+    def __init__(self, close: bool = False) -> None:
+        self.close_on_5 = close  # some close the connection instead of refusing 5
+        self.versions: list[int] = []
+        super().__init__()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._client, args=(conn,), daemon=True).start()
 
     def _client(self, conn: socket.socket) -> None:
         with conn:
@@ -890,9 +907,6 @@ class _Broker311:
             conn.sendall(b"\x20\x02\x00" + (b"\x00" if level == 4 else b"\x01"))
             while level == 4 and conn.recv(4096):
                 pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["refuses", "closes"])
@@ -914,34 +928,27 @@ def test_a_broker_without_mqtt_5_gets_3_1_1_after_its_refusal(
         broker.close()
 
 
-class _Proxy:
+class _Proxy(_TcpServer):
     """A TCP proxy in front of a broker: "forward"; "blackhole" (the connection stays, nothing
     passes: a network partition); "close" (accepts and closes at once: HAProxy or a docker
     port with no live broker behind it)."""
 
     def __init__(self, backend_port: int) -> None:
         self.backend = ("127.0.0.1", backend_port)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.mode = "forward"
         self.closed = 0
         self.conns: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.mode == "close":
-                self.closed += 1
-                c.close()
-                continue
-            b = socket.create_connection(self.backend)
-            self.conns += [c, b]
-            threading.Thread(target=self._pipe, args=(c, b), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(b, c), daemon=True).start()
+    def _accepted(self, c: socket.socket) -> None:
+        if self.mode == "close":
+            self.closed += 1
+            c.close()
+            return
+        b = socket.create_connection(self.backend)
+        self.conns += [c, b]
+        threading.Thread(target=self._pipe, args=(c, b), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(b, c), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -962,7 +969,7 @@ class _Proxy:
         self.conns = []
 
     def close(self) -> None:
-        self.sock.close()
+        super().close()
         self.drop_all()
 
 

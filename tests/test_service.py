@@ -493,12 +493,15 @@ def test_a_model_that_will_not_load_stops_run_with_status_2(tmp_path, daemons):
     assert f"cannot run: {model}: not a valid TFLite model" in d.log()
 
 
-def _without_root_s_file_access() -> list[str]:
-    """A prefix that runs a command as this user minus the power to read any file: root
-    reads a 0600 file of another user's anyway (what the tests run as in CI)."""
-    if os.geteuid() != 0:
-        return []
-    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+def _run_once_without_file_access(config: Path, **env: str) -> subprocess.CompletedProcess:
+    """`lprd run --once` as this user minus the power to read any file: root reads a 0600
+    file of another user's anyway (what the tests run as in CI)."""
+    prefix = (["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+              if os.geteuid() == 0 else [])
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "lprd", "--config", str(config), "run", "--once"],
+        capture_output=True, text=True, timeout=120, cwd=str(ROOT), check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env})
 
 
 def test_an_unreadable_tls_key_is_a_config_error_in_the_journal_at_error_priority(
@@ -518,10 +521,7 @@ def test_an_unreadable_tls_key_is_a_config_error_in_the_journal_at_error_priorit
                           mqtt={"enabled": True, "host": "127.0.0.1", "port": 1,
                                 "tls": {"enabled": True, "ca": str(ca), "cert": str(ca),
                                         "key": str(key)}})
-    run = subprocess.run(
-        [*_without_root_s_file_access(), sys.executable, "-m", "lprd", "--config", str(config),
-         "run", "--once"], capture_output=True, text=True, timeout=120, cwd=str(ROOT),
-        env={**os.environ, "INVOCATION_ID": "0" * 32, "PYTHONPATH": str(ROOT)}, check=False)
+    run = _run_once_without_file_access(config, INVOCATION_ID="0" * 32)
     assert run.returncode == 2, run.stderr[-2000:]
     assert f"<3>{config}: mqtt.tls.key: cannot read {key}: Permission denied" in run.stderr
 
@@ -536,10 +536,7 @@ def test_a_storage_dir_this_user_may_not_write_is_a_config_error(tmp_path: Path)
     else:
         st.chmod(0o555)
     config = write_config(tmp_path / "c.yaml", {"gate": {"source": str(DEMO_CLIP)}}, None, st)
-    run = subprocess.run(
-        [*_without_root_s_file_access(), sys.executable, "-m", "lprd", "--config", str(config),
-         "run", "--once"], capture_output=True, text=True, timeout=120, cwd=str(ROOT),
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    run = _run_once_without_file_access(config)
     assert run.returncode == 2, run.stderr[-2000:]
     assert f"storage.dir {st} cannot be used: Permission denied" in run.stderr
 
