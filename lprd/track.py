@@ -29,14 +29,19 @@ _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its le
 # track. A track sure of its plate (its early event out, twice the reads that took behind it)
 # takes only its own plate after a gap, or the next car in a queue, one character off, would
 # take over its pass. A read that it refuses starts a track of its own that stays in doubt: with
-# fewer reads than an early event needs it is taken for a misread of that pass and reports
-# nothing.
+# fewer reads than an early event needs, or a character more or fewer than the pass's plate, it
+# is taken for a misread of that pass and reports nothing; and once the pass is read again with
+# it open, but never in the same frame (one vehicle read two ways), it joins the pass.
 # The interval is the median of the recent ones between frames with reads (a camera's fps is
 # not known here, the cap may be anything from 0.1 to 30, and it drops under load: the
 # shortest interval ever seen would make every later frame a gap).
 GAP_FRAMES = 3
 GAP_SECONDS = 0.5
 GAP_MAX_EDITS = 1
+# A gap is at most this share of the track's timeout: at 2 fps or less three intervals are
+# longer than the timeout itself, and the rules above would never apply (the next car in a
+# queue took over its predecessor's pass); there one missed frame is a gap.
+GAP_SHARE = 0.6
 # A track stays open at least this many frame intervals (a camera at 0.5 fps, or several
 # cameras on a slow box, analyse a frame every 2 s: a fixed track_timeout of 1.5 s closed every
 # track after one read), and at most TIMEOUT_MAX seconds for that reason. The interval is the
@@ -44,9 +49,14 @@ GAP_MAX_EDITS = 1
 TIMEOUT_FRAMES = 2.5
 TIMEOUT_MAX = 10.0
 _STEPS_KEPT = 15
+# hold() keeps open the tracks read in one of the last HOLD_MISSES + 1 analysed frames: the
+# reader misses a plate now and then, and the frame it missed may be the last before the scene
+# went still (a car that left was missed in several frames while it drove out).
+HOLD_MISSES = 1
 # Best observations kept per track, by read text: a car parked for hours is read in ever new
 # misreads, each of which would otherwise keep its frame's crop.
 _BEST_KEPT = 8
+NESTED_SHARE = 0.8  # a box this much inside another of the frame, its read a part of the other's
 # Look-alikes that say nothing about a new vehicle: the pairs plate_match prices cheapest (O/0,
 # I/1, B/8, S/5, Z/2, G/6), and Q/D read as O/0, the reader's most frequent slip on real plates
 # (MODEL_CARD). Dearer ones (3/8, 1/7, A/4) can tell two plates apart.
@@ -138,6 +148,23 @@ class Voter:
     def empty(self) -> bool:
         return not self._length_w
 
+    @property
+    def reads(self) -> int:
+        return self._reads
+
+    def merge(self, other: Voter) -> None:
+        """Add another voter's reads to this one's."""
+        for mine, theirs in ((self._length_w, other._length_w), (self._pick_w, other._pick_w),
+                             (self._alt_p, other._alt_p)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
+        for n, positions in other._pos_w.items():
+            pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
+            for mine, theirs in zip(pos, positions):
+                for ch, v in theirs.items():
+                    mine[ch] = mine.get(ch, 0.0) + v
+        self._reads += other._reads
+
     def add(self, text: str, confidence: float, probs: Sequence[float],
             alternatives: Sequence[Candidate] = ()) -> None:
         if not text:
@@ -215,7 +242,10 @@ class _Track:
     silent: bool = False  # a continuation of a pass that was already reported
     pass_key: str = ""  # the key of the pass it was taken to continue, while silent
     doubt_of: str | None = None  # the id of the sure pass it began one character off, after a gap
-    present: bool = False  # read in the latest analysed frame (hold() keeps it open)
+    doubt_key: str = ""  # that pass's key when it refused this track's first read
+    rival: bool = False  # read in one frame with the pass it doubts: another vehicle
+    missed: int = 0  # analysed frames since its last read (hold() keeps it open while few)
+    early_plate: str | None = None  # the plate of its early event
     vote: Vote | None = None
     key: str = ""  # plate_key of the vote
     topn: int = TOPN
@@ -240,21 +270,60 @@ class _Track:
         self.box = obs.box
         self.last_text = r.text
         self.last_key = plate_key(r.text)
-        score = _quality(obs)
-        prev = self.best.get(r.text)
+        self._keep_best(obs)
+
+    def _keep_best(self, obs: Observation) -> None:
+        text, score = obs.read.text, _quality(obs)
+        prev = self.best.get(text)
         if prev is None or score > _quality(prev):
-            self.best[r.text] = obs
+            self.best[text] = obs
             if len(self.best) > _BEST_KEPT:
-                plate = self.vote.plate if self.vote is not None else r.text
-                del self.best[min((k for k in self.best if k not in (plate, r.text)),
+                plate = self.vote.plate if self.vote is not None else text
+                del self.best[min((k for k in self.best if k not in (plate, text)),
                                   key=lambda k: _quality(self.best[k]))]
         if self.best_any is None or score > _quality(self.best_any):
             self.best_any = obs
+
+    def absorb(self, other: _Track) -> None:
+        """Take `other`'s reads: it was this vehicle read another way."""
+        if other.whole:  # its reads cut by the frame's edge no longer vote here (see add)
+            self.voter.merge(other.voter)
+            self.vote = self.voter.result(self.topn)
+            self.key = plate_key(self.vote.plate)
+        self.frames += other.frames
+        self.whole += other.whole
+        self.first_seen = min(self.first_seen, other.first_seen)
+        for obs in other.best.values():
+            self._keep_best(obs)
 
     def best_for(self, plate: str) -> Observation:
         obs = self.best.get(plate) or self.best_any
         assert obs is not None
         return obs
+
+
+def _drop_nested(obs: list[Observation], keys: list[str]
+                 ) -> tuple[list[Observation], list[str]]:
+    """Leave out a box lying (mostly) inside another box of the frame whose read contains its
+    own: a second detection of a part of one plate, which would be a pass of its own."""
+    drop = set()
+    for i, (a, ka) in enumerate(zip(obs, keys)):
+        for j, (b, kb) in enumerate(zip(obs, keys)):
+            if i != j and j not in drop and ka in kb and len(ka) < len(kb) \
+                    and _inside(a.box, b.box) >= NESTED_SHARE:
+                drop.add(i)
+                break
+    if not drop:
+        return obs, keys
+    kept = [k for k in range(len(obs)) if k not in drop]
+    return [obs[k] for k in kept], [keys[k] for k in kept]
+
+
+def _inside(a: Box, b: Box) -> float:
+    """The share of a's area inside b."""
+    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(iw, 0) * max(ih, 0) / max(a[2] * a[3], 1)
 
 
 def cut_by_frame_edge(box: Box, frame_size: tuple[int, int], slack: int = 1) -> bool:
@@ -340,20 +409,23 @@ class Tracker:
         touched = self._associate(obs)
         seen = {id(t) for t in touched}  # an analysed frame: who is in it (none, without reads)
         for t in self._tracks:
-            t.present = id(t) in seen
+            t.missed = 0 if id(t) in seen else t.missed + 1
+        touched = self._join_doubts(touched, seen)
         for t in touched:
             if t.silent and t.key != t.pass_key:
                 # Its vote moved off the pass it was taken to continue (its first reads looked
                 # like the plate just reported): another vehicle, a new pass with its own events.
                 t.id, t.silent, t.early_sent = None, False, False
+            # the reads in its vote: those cut by the frame's edge left it once it was whole
             if (not t.early_sent and self.cfg.early_confidence < 1.0
-                    and t.frames >= self._early_frames
+                    and t.voter.reads >= self._early_frames
                     and t.vote is not None and t.vote.confidence >= self.cfg.early_confidence):
                 ev = self._emit(t, final=False)
                 # a track seen only cut by the frame's edge so far gets its early event later,
                 # once seen whole; spending the chance now would hold it back to the final one
                 t.early_sent = ev is not None or t.silent
                 if ev is not None:
+                    t.early_plate = ev.plate
                     events.append(ev)
         events.extend(self.tick(now))
         return events
@@ -373,7 +445,7 @@ class Tracker:
         new pass once it drives off, past the dedupe window."""
         self._frame_at(ts)
         for t in self._tracks:
-            if t.present:
+            if t.missed <= HOLD_MISSES:
                 t.last_seen = max(t.last_seen, ts)
 
     def _frame_at(self, ts: float) -> None:
@@ -423,8 +495,9 @@ class Tracker:
     # association -------------------------------------------------------------------------------
 
     def _associate(self, obs: list[Observation]) -> list[_Track]:
-        pairs: list[tuple[float, int, int]] = []
         keys = [plate_key(o.read.text) for o in obs]
+        obs, keys = _drop_nested(obs, keys)
+        pairs: list[tuple[float, int, int]] = []
         for oi, (o, key) in enumerate(zip(obs, keys)):
             for ti, t in enumerate(self._tracks):
                 s = self._match_score(t, o, key)
@@ -443,8 +516,11 @@ class Tracker:
             touched.append(self._tracks[ti])
         for oi, o in enumerate(obs):
             if oi not in used_o:
+                doubted = self._doubted(o, keys[oi])
                 t = _Track(first_seen=o.ts, last_seen=o.ts, box=o.box, last_text=o.read.text,
-                           topn=self.topn, doubt_of=self._doubted(o, keys[oi]))
+                           topn=self.topn)
+                if doubted is not None:
+                    t.doubt_of, t.doubt_key = doubted.id, doubted.key
                 t.add(o)
                 self._tracks.append(t)
                 touched.append(t)
@@ -486,22 +562,45 @@ class Tracker:
         return max(self.cfg.track_timeout, min(TIMEOUT_FRAMES * self._frame_step, TIMEOUT_MAX))
 
     def _gap(self) -> float:
-        return max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
+        gap = max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
+        return min(gap, GAP_SHARE * self._timeout())
 
     def _near(self, t: _Track, o: Observation, overlap: float) -> bool:
         dt = max(o.ts - t.last_seen, 0.0)
         return (overlap >= self.cfg.iou
                 or centre_shift(t.box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * dt)
 
-    def _doubted(self, o: Observation, key: str) -> str | None:
+    def _doubted(self, o: Observation, key: str) -> _Track | None:
         """The sure pass that refused `o` after a gap though it is one character off, if any."""
         for t in self._tracks:
             if (self._sure(t) and t.id is not None
                     and o.ts - t.last_seen <= self._timeout()
                     and self._near(t, o, iou(t.box, o.box))
                     and levenshtein(key, t.key) <= GAP_MAX_EDITS):
-                return t.id
+                return t
         return None
+
+    def _join_doubts(self, touched: list[_Track], seen: set[int]) -> list[_Track]:
+        """A track in doubt (see GAP_FRAMES) joins the pass it doubts once that pass is read
+        again without it: the misreads after a gap were the same vehicle, which took turns
+        with its right reads. Read in one frame with the pass, it is another vehicle for good.
+        Returns `touched` less the tracks that joined."""
+        joined: list[_Track] = []
+        for d in self._tracks:
+            if d.doubt_of is None or d.rival or d.id not in (None, d.doubt_of):
+                continue  # not in doubt, or reported (or silent) as another pass
+            pass_ = next((t for t in self._tracks
+                          if t is not d and t.id == d.doubt_of and not t.silent), None)
+            if pass_ is None or id(pass_) not in seen:
+                continue
+            if id(d) in seen:
+                d.rival = True
+            else:
+                pass_.absorb(d)
+                joined.append(d)
+        for d in joined:
+            self._tracks.remove(d)
+        return [t for t in touched if t not in joined]
 
     # events ------------------------------------------------------------------------------------
 
@@ -522,8 +621,10 @@ class Tracker:
             return None
         if t.id is None:
             pid = self._pass_of(t)
-            if (pid is None and t.doubt_of is not None
-                    and t.frames < self._early_frames):
+            # in doubt: a misread of the pass after a gap while it has few reads, or while it
+            # reads a character more or fewer (a plate read short as its car turns away)
+            if (pid is None and t.doubt_of is not None and not t.rival
+                    and (t.frames < self._early_frames or len(t.key) != len(t.doubt_key))):
                 pid = t.doubt_of
             if pid is not None:
                 t.id, t.silent, t.pass_key = pid, True, t.key
@@ -536,6 +637,7 @@ class Tracker:
             candidates=v.candidates, first_seen=t.first_seen, last_seen=t.last_seen,
             frames=t.frames, final=final, box=best.box, frame_size=best.frame_size,
             watchlist=WatchlistMatch.none(), crop_jpeg=best.crop_jpeg, models=dict(self._models),
+            early_plate=t.early_plate if final and t.early_plate != v.plate else None,
         )
 
     def _close(self, tracks: list[_Track]) -> list[PlateEvent]:

@@ -116,6 +116,7 @@ class PlateEvent:
     watchlist: WatchlistMatch = field(default_factory=WatchlistMatch.none)
     crop_jpeg: bytes | None = None
     models: dict = field(default_factory=dict)
+    early_plate: str | None = None  # a final event's: its early event said this other plate
     schema: int = EVENT_SCHEMA
 
     def to_dict(self) -> dict:
@@ -138,6 +139,8 @@ class PlateEvent:
             "watchlist": asdict(self.watchlist),
             "models": dict(self.models),
         }
+        if self.early_plate is not None:
+            d["early_plate"] = self.early_plate
         if self.crop_jpeg is not None:
             d["crop_jpeg"] = base64.b64encode(self.crop_jpeg).decode("ascii")
         return d
