@@ -15,9 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lprd.capture import fit_frame
 from lprd.cli import add_config_option, int_range, shown_path
 from lprd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from lprd.recognize import InputError, check_opencv_path
+from lprd.recognize import InputError, add_max_width_option, check_opencv_path
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int_range(0, 64), default=0,
                    help="TFLite threads (default: as the daemon, up to 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_max_width_option(p, "frames")
     add_config_option(p)
     p.set_defaults(func=_bench)
 
@@ -97,8 +99,10 @@ def memory_mb() -> tuple[float, float]:
 
 
 def run_bench(source: Path, cfg: Config, frames: int = 0, warmup: int = 3,
-              threads: int = 0) -> BenchResult:
-    """Decode `source` and time the pipeline on each frame, as the daemon's worker runs it."""
+              threads: int = 0, max_width: int = 0) -> BenchResult:
+    """Decode `source` and time the pipeline on each frame, as the daemon's worker runs it;
+    frames wider than `max_width` (0: no limit) scaled down first, as the capture process does
+    (in "decode": it is capture's work)."""
     from lprd.detect import PlateDetector
     from lprd.inference import PlatePipeline, default_threads
     from lprd.read import PlateReader
@@ -125,9 +129,11 @@ def run_bench(source: Path, cfg: Config, frames: int = 0, warmup: int = 3,
         while not frames or res.frames < frames:
             t0 = time.perf_counter()
             ok, frame = cap.read()
-            decode = time.perf_counter() - t0
             if not ok or frame is None:
                 break
+            if max_width:
+                frame = fit_frame(frame, max_width, None)
+            decode = time.perf_counter() - t0
             ts = t0_clip + index / fps
             obs = pipeline.process(frame, "bench", index, ts)
             t1 = time.perf_counter()
@@ -202,12 +208,16 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"lprd bench: no demo clip here and none can be rendered ({e}); "
                       "give a video file", file=sys.stderr)
                 return 2
-        if not source.is_file():
-            print(f"lprd bench: {source}: " + ("a folder; give one video file" if source.is_dir()
-                                               else "no such file"), file=sys.stderr)
+        try:
+            problem = None if source.is_file() else (
+                "a folder; give one video file" if source.is_dir() else "no such file")
+        except OSError as e:  # a folder it may not search, a name too long
+            problem = e.strerror or str(e)
+        if problem:
+            print(f"lprd bench: {source}: {problem}", file=sys.stderr)
             return 2
         try:
-            res = run_bench(source, cfg, args.frames, args.warmup, args.threads)
+            res = run_bench(source, cfg, args.frames, args.warmup, args.threads, args.max_width)
         except ModelError as e:  # as recognize and eval: a setup error, not a failed run
             print(f"lprd bench: {e}", file=sys.stderr)
             return 2

@@ -65,7 +65,7 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(path)
         # `run` would fail on these only later, or (models) over and over under systemd
-        problems = file_problems(cfg)
+        problems = file_problems(cfg, load_models=True)
         if problems:
             raise ConfigError(str(path), problems)
     except ConfigError as e:
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("check-config", help="validate a config file and exit (status 2 if bad)")
     cc.add_argument("file", nargs="?", help="config file (default: --config)")
+    add_config_option(cc, "config file to check (the same as FILE)")  # as other commands take it
     cc.add_argument("--print", action="store_true", help="print the effective config as JSON")
     cc.set_defaults(func=_check_config)
 

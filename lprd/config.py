@@ -493,12 +493,17 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
-def model_file_problems(cfg: Config) -> list[str]:
-    """Model files (and their metadata) that are missing, unreadable or empty, one line per key.
+def model_file_problems(cfg: Config, load: bool = False) -> list[str]:
+    """Model files (and their metadata) that are missing, unreadable or empty, one line per key;
+    with `load`, also those that do not load (corrupt, another kind of model).
 
     A model that cannot be loaded does not come back by restarting: `lprd run` treats these as
     config errors."""
-    from lprd.models import ModelError, default_model_path  # numpy: only when files are checked
+    from lprd.models import (  # numpy: only when files are checked
+        ModelError,
+        default_model_path,
+        load_model,
+    )
 
     models = [("detector.model", cfg.detector.model, "detector"),
               ("reader.model", cfg.reader.model, "reader")]
@@ -513,16 +518,21 @@ def model_file_problems(cfg: Config) -> list[str]:
                 problems.append(f"{key}: {e}")
                 continue
         why = _file_problem(path) or _file_problem(path.with_suffix(".json"))
+        if why is None and load:
+            try:
+                load_model(path, name, check_only=True)
+            except ModelError as e:
+                why = str(e)
         if why:
             problems.append(f"{key}: {why}")
     return problems
 
 
-def file_problems(cfg: Config) -> list[str]:
+def file_problems(cfg: Config, load_models: bool = False) -> list[str]:
     """Every file the config names and uses that is missing, unreadable or empty: the models,
     the MQTT password and TLS files and the sync token when they are in use, and the file
     sources of enabled cameras and of the sync (a typo there would otherwise show only when
-    `run` retries it)."""
+    `run` retries it). `load_models`: see model_file_problems."""
     from lprd.capture import SourceKind, source_kind  # cv2: only when files are checked
 
     files: list[tuple[str, Path | None]] = [
@@ -538,7 +548,7 @@ def file_problems(cfg: Config) -> list[str]:
         files.append(("watchlist.sync.token_file", sync.token_file))
         if "://" not in sync.source:
             files.append(("watchlist.sync.source", Path(sync.source)))
-    problems = model_file_problems(cfg)
+    problems = model_file_problems(cfg, load_models)
     for key, path in files:
         why = _file_problem(path) if path is not None else None
         if why:

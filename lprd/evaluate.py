@@ -18,16 +18,17 @@ from typing import TYPE_CHECKING, Any, TextIO
 import cv2
 import numpy as np
 
-from lprd.capture import fit_frame
 from lprd.cli import add_config_option, int_range, shown_path
-from lprd.config import CameraConfig, Config, ConfigError
+from lprd.config import Config, ConfigError
 from lprd.models import ModelError
 from lprd.recognize import (
     InputError,
+    add_max_width_option,
     load_image,
     load_models,
     make_pipeline,
     open_config,
+    scaled_process,
     with_topn,
     write_image,
 )
@@ -265,7 +266,9 @@ class LabelledImage:
 
 
 def _box(v: Any) -> Box:
-    if not (isinstance(v, list) and len(v) == 4 and all(isinstance(n, int | float) for n in v)):
+    # bool is an int to Python: true would be a 1-pixel side
+    if not (isinstance(v, list) and len(v) == 4
+            and all(isinstance(n, int | float) and not isinstance(n, bool) for n in v)):
         raise TypeError(f"box must be [x, y, w, h], got {v!r}")
     if not all(math.isfinite(n) for n in v):  # json.loads takes Infinity and NaN
         raise ValueError(f"box {v!r} is not finite")
@@ -299,8 +302,8 @@ def parse_label(line: str, root: Path, texts: frozenset[str] | None) -> Labelled
                                                          or (norm is not None and norm in texts))))
     w, h = rec.get("width"), rec.get("height")
     return LabelledImage(image=rec["image"], path=root / rec["image"],
-                         width=w if isinstance(w, int) else None,
-                         height=h if isinstance(h, int) else None,
+                         width=w if isinstance(w, int) and not isinstance(w, bool) else None,
+                         height=h if isinstance(h, int) and not isinstance(h, bool) else None,
                          crop=_flag(rec, "crop"), plates=tuple(plates))
 
 
@@ -315,7 +318,7 @@ def _flag(rec: dict[str, Any], key: str) -> bool:
 def read_texts(path: Path) -> frozenset[str]:
     """A --filter-texts file: one plate per line; blank lines and # comments are skipped."""
     out = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8-sig").splitlines():  # -sig: a BOM
         line = line.split("#", 1)[0].strip()
         if line:
             out.add(normalise_plate(line))
@@ -388,15 +391,12 @@ def run_image(item: LabelledImage, img: np.ndarray, pipeline: PlatePipeline | No
         reads: list[Read | None] = [read if t.scored and t.text else None for t in item.plates]
     else:
         assert pipeline is not None
-        seen = fit_frame(img, max_width, None) if max_width else img
-        sx, sy = w / seen.shape[1], h / seen.shape[0]
-        obs = pipeline.process(seen, "eval", 0, 0.0)
+        obs, seen = scaled_process(pipeline, img, max_width, "eval")
         latency = (time.perf_counter() - t0) * 1000
+        sx, sy = w / seen.shape[1], h / seen.shape[0]
         rc = cfg.reader
-        preds = [PredPlate((round(bx * sx), round(by * sy), round(bw * sx), round(bh * sy)),
-                           o.read.text, tuple(c.plate for c in o.read.candidates[:rc.topn]),
-                           kept=rc.keeps(o.read.text, o.read.confidence))
-                 for o in obs for bx, by, bw, bh in (o.box,)]
+        preds = [PredPlate(o.box, o.read.text, tuple(c.plate for c in o.read.candidates[:rc.topn]),
+                           kept=rc.keeps(o.read.text, o.read.confidence)) for o in obs]
         reads = [reader.read_box(seen, t.box if seen is img
                                  else _scaled_box(t.box, sx, sy, seen.shape[:2]))
                  if t.scored and t.text else None for t in item.plates]
@@ -536,16 +536,20 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
     except (OSError, UnicodeDecodeError) as e:
         return _cannot_read(args.filter_texts, e, err)
     try:
-        lines = labels.read_text(encoding="utf-8").splitlines()
+        lines = labels.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM
     except (OSError, UnicodeDecodeError) as e:
         return _cannot_read(args.labels, e, err)
     root = Path(args.root) if args.root else labels.parent
-    if not root.is_dir():
-        print(f"lprd eval: --root {root}: no such folder", file=err)
-        return 2
     report = Path(args.report) if args.report else None
-    if report is not None and report.exists() and not report.is_dir():
-        print(f"lprd eval: --report {report}: exists and is not a folder", file=err)
+    try:
+        if not root.is_dir():
+            print(f"lprd eval: --root {root}: no such folder", file=err)
+            return 2
+        if report is not None and report.exists() and not report.is_dir():
+            print(f"lprd eval: --report {report}: exists and is not a folder", file=err)
+            return 2
+    except OSError as e:  # a folder it may not search, a name too long
+        print(f"lprd eval: {e.filename}: {e.strerror or e}", file=err)
         return 2
     failed = 0
     items: list[LabelledImage] = []
@@ -603,8 +607,8 @@ def run_eval(args: argparse.Namespace, out: TextIO | None = None,
             if outside:
                 raise InputError(f"box {list(outside[0])} lies outside the {w}x{h} image")
         except InputError as e:
-            if bar.tty:
-                err.write("\r")
+            if bar.tty:  # clear the bar's line: a shorter message would leave its tail
+                err.write("\r\x1b[K")
             print(f"lprd eval: {item.path}: {e}", file=err)
             failed += 1
             bar.update()
@@ -674,10 +678,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "texts; other plates are ignored and images without a listed plate skipped")
     p.add_argument("--limit", type=int_range(1, 10**9), metavar="N",
                    help="score only the first N images")
-    width = CameraConfig.model_fields["max_width"].default  # a camera's, unless it sets one
-    p.add_argument("--max-width", type=int_range(0, 100_000), default=width, metavar="PX",
-                   help="scale scenes wider than this down first, as the daemon does with a "
-                        f"camera's frames (cameras.*.max_width; default {width}; 0: full size)")
+    add_max_width_option(p, "scenes")
     p.add_argument("--topn", type=int_range(1, 50), default=None, metavar="N",
                    help="N for the top-N rates (default: reader.topn of the config)")
     p.add_argument("--threads", type=int_range(1, 64), default=1,

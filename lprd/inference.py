@@ -273,15 +273,23 @@ class _Feed:
             self.ring = None
 
 
+# A store that would not open (locked by a long index rebuild or swap, a full disk) is tried
+# again this often, at the next event; each try waits at most WATCHLIST_BUSY for a lock, so
+# that the loop goes on (its heartbeats: a worker silent for service.hang_timeout is killed).
+WATCHLIST_RETRY = 30.0
+WATCHLIST_BUSY = 5.0
+
+
 def _open_watchlist(cfg: Config) -> Any:
     if not cfg.watchlist.enabled:
         return None
     try:
         from lprd.watchlist import Watchlist
 
-        return Watchlist.from_config(cfg)
+        return Watchlist.from_config(cfg, busy_timeout=WATCHLIST_BUSY)
     except Exception as e:  # noqa: BLE001 - a broken watchlist must not stop plates being read
-        log.error("watchlist unavailable, events carry no match: %s", e)
+        log.error("watchlist unavailable, events carry no match until it opens (tried again "
+                  "every %.0f s): %s", WATCHLIST_RETRY, e)
         return None
 
 
@@ -297,6 +305,7 @@ class InferenceWorker:
         self.feeds: dict[str, _Feed] = {}
         self.trackers: dict[str, Tracker] = {}
         self.watchlist = _open_watchlist(cfg)
+        self._watchlist_tried = time.monotonic()
         self._last_ts: dict[str, float] = {}
         self._clock = ClockWatch()
         self._kept: dict[str, list[tuple[str, str, float]]] = {}  # per camera: id, key, seen
@@ -343,7 +352,9 @@ class InferenceWorker:
             if self.watchlist is not None:
                 self.watchlist.close()
             self.watchlist = _open_watchlist(self.cfg)
-            log.info("watchlist reopened")
+            self._watchlist_tried = time.monotonic()
+            if self.watchlist is not None:
+                log.info("watchlist reopened")
         else:
             log.warning("inference worker: unknown message %r", msg)
 
@@ -391,6 +402,12 @@ class InferenceWorker:
                     self.trackers[name].shift_clock(jump)
 
     def _send(self, events: list[PlateEvent]) -> None:
+        if (events and self.watchlist is None and self.cfg.watchlist.enabled
+                and time.monotonic() - self._watchlist_tried >= WATCHLIST_RETRY):
+            self._watchlist_tried = time.monotonic()
+            self.watchlist = _open_watchlist(self.cfg)
+            if self.watchlist is not None:
+                log.info("watchlist opened: events carry their match again")
         for ev in events:
             if self.watchlist is not None:
                 ev = self.watchlist.match_event(ev)

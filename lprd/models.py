@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -56,14 +57,20 @@ def default_model_path(name: str) -> Path:
     raise ModelError(f"no {name}.tflite found (looked in $LPRD_MODELS, {where})")
 
 
-def _interpreter_class() -> Any:
+def _interpreter_class(check_only: bool = False) -> Any:
+    """The interpreter class; `check_only`: one made without the XNNPACK delegate, enough to
+    load a model (and quiet: the delegate says "INFO: Created ..." on stderr)."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
     except ImportError:  # LiteRT missing: the full TensorFlow package has the same interpreter
         try:
-            from tensorflow.lite.python.interpreter import Interpreter
+            from tensorflow.lite.python.interpreter import Interpreter, OpResolverType
         except ImportError as e:
             raise ModelError("neither ai-edge-litert nor tensorflow is installed") from e
+    if check_only:
+        return functools.partial(
+            Interpreter,
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     return Interpreter
 
 
@@ -128,8 +135,10 @@ class TFLiteModel:
         return outs
 
 
-def load_model(path: str | Path | None, name: str, num_threads: int = 1) -> TFLiteModel:
-    """Load `path` (or the bundled model `name`) and its sidecar `<file>.json` metadata."""
+def load_model(path: str | Path | None, name: str, num_threads: int = 1,
+               check_only: bool = False) -> TFLiteModel:
+    """Load `path` (or the bundled model `name`) and its sidecar `<file>.json` metadata;
+    `check_only`: to see that it loads, not to run it fast."""
     p = Path(path) if path is not None else default_model_path(name)
     if not p.is_file():
         raise ModelError(f"{p}: model file not found")
@@ -146,7 +155,7 @@ def load_model(path: str | Path | None, name: str, num_threads: int = 1) -> TFLi
     if metadata.get("kind") != name:
         raise ModelError(f"{meta_path}: metadata says kind={metadata.get('kind')!r}, "
                          f"expected {name!r}")
-    Interpreter = _interpreter_class()
+    Interpreter = _interpreter_class(check_only)
     try:
         interp = Interpreter(model_path=str(p), num_threads=num_threads)
         interp.allocate_tensors()

@@ -52,7 +52,10 @@ REFUSED_RETRY = 300.0  # s between new tries of the messages the broker refused 
 DIRECT_MAX = 1000  # messages the outbox could not store, kept in memory for the broker
 MAX_COMMAND_BYTES = 4096
 RESERVED_SUBTOPICS = frozenset({"plate", "state", "crop"})
-ANNOUNCED_FILE = "mqtt_announced.json"  # in storage.dir: the retained topics of the last run
+ANNOUNCED_FILE = "mqtt_announced.json"
+# What the state topics say of the watchlist sync (not its source: a URL may hold secrets)
+WATCHLIST_SYNC_KEYS = ("last_sync_ok", "last_attempt", "last_success", "last_change",
+                       "last_error", "entries")  # in storage.dir: the retained topics of the last run
 
 
 # -- topics -------------------------------------------------------------------------------------
@@ -505,6 +508,7 @@ class Publisher:
         self._inflight: dict[int, PendingMessage] = {}  # paho mid -> message
         self._mids_of: mqtt.Client | None = None  # the client whose mids _inflight holds
         self._states: dict[str, CameraState] = {}
+        self._wl_sync: dict[str, Any] | None = None  # the last watchlist sync's outcome
         # Events the outbox could not store (a broken disk), held until the broker is back.
         self._direct: deque[OutboxMessage] = deque()
         self._direct_sent: list[mqtt.MQTTMessageInfo] = []  # handed to paho, not yet acked
@@ -594,6 +598,12 @@ class Publisher:
         """Retained `<prefix>/<camera>/state`, with the camera's outbox depth filled in."""
         if self.cfg.enabled:
             self._q.put(("state", state))
+
+    def publish_watchlist_sync(self, status: dict[str, Any]) -> None:
+        """The watchlist sync's outcome, on every camera's state topic (`watchlist_sync`): a
+        hot-list that has failed to sync for days must show where the cameras are watched."""
+        if self.cfg.enabled:
+            self._q.put(("wl_sync", {k: status.get(k) for k in WATCHLIST_SYNC_KEYS}))
 
     def outbox_depth(self) -> int:
         return self.outbox.depth()
@@ -873,6 +883,11 @@ class Publisher:
             state: CameraState = item[1]
             self._states[state.camera] = state
             self._publish_state(state.camera)
+        elif kind == "wl_sync":
+            if item[1] != self._wl_sync:
+                self._wl_sync = item[1]
+                for camera in self.cameras:
+                    self._publish_state(camera)
         elif kind == "drop":
             self._on_drop(item[1])
         elif kind == "ha_status":
@@ -1034,7 +1049,8 @@ class Publisher:
             self._publish_discovery()
         self._retire_old_topics()
         self._client.subscribe(subs)  # type: ignore[union-attr]
-        for camera in list(self._states):
+        # a camera that has not reported yet has a state to say once the sync's outcome is in
+        for camera in dict.fromkeys([*self._states, *(self.cameras if self._wl_sync else ())]):
             self._publish_state(camera)
         self._publish_raw(f"{self.prefix}/status", b"online", retain=True)
         self._send_direct()
@@ -1125,6 +1141,8 @@ class Publisher:
         d["outbox_depth"] = self.outbox.depth(camera)
         if camera in self._drops:
             d["outbox_dropped"] = self._drops[camera]
+        if self._wl_sync is not None:
+            d["watchlist_sync"] = self._wl_sync
         return json.dumps(d, separators=(",", ":")).encode()
 
     def _publish_state(self, camera: str) -> None:

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 import cv2
 import numpy as np
 
+from lprd.capture import fit_frame
 from lprd.cli import add_config_option, int_range, shown_path
-from lprd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from lprd.config import DEFAULT_CONFIG_PATH, CameraConfig, Config, ConfigError, load_config
 from lprd.models import ModelError
 from lprd.track import Tracker
 from lprd.types import Box, Observation, PlateEvent, Read
@@ -95,13 +96,13 @@ def _open_watchlist(cfg: Config) -> Any:
 
 def load_image(path: Path) -> np.ndarray:
     """A BGR image, or InputError saying in one line why not."""
-    if not path.exists():
-        raise InputError("no such file")
-    if path.is_dir():
-        raise InputError("is a folder")
     try:
+        if path.is_dir():
+            raise InputError("is a folder")
         data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as e:
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except OSError as e:  # permission denied, a name too long, an I/O error
         raise InputError(f"cannot read: {e.strerror or e}") from None
     if data.size == 0:
         raise InputError("empty file")
@@ -160,21 +161,29 @@ class Input:
 def expand_inputs(paths: Sequence[str]) -> Iterator[Input | tuple[str, InputError]]:
     """Each image or video to process; folders give their images and videos, sorted by name."""
     for given in paths:
-        p = Path(given)
-        if p.is_dir():
-            entries = sorted(e for e in p.iterdir() if e.is_file()
-                             and e.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS)
-            if not entries:
-                sub = any(e.is_dir() for e in p.iterdir())
-                yield shown_path(given), InputError(
-                    "folder holds no image or video files"
-                    + (" (its subfolders are not searched: name them too)" if sub else ""))
-            for e in entries:
-                yield Input(shown_path(str(Path(given) / e.name)), e, _kind(e))
-        elif not p.exists():
-            yield shown_path(given), InputError("no such file")
-        else:
-            yield Input(shown_path(given), p, _kind(p))
+        try:
+            yield from _expand(given)
+        except OSError as e:  # a folder it may not read, a name too long: that input fails
+            yield shown_path(given), InputError(e.strerror or str(e))
+
+
+def _expand(given: str) -> Iterator[Input | tuple[str, InputError]]:
+    p = Path(given)
+    if p.is_dir():
+        listing = list(p.iterdir())
+        entries = sorted(e for e in listing if e.is_file()
+                         and e.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS)
+        if not entries:
+            sub = any(e.is_dir() for e in listing)
+            yield shown_path(given), InputError(
+                "folder holds no image or video files"
+                + (" (its subfolders are not searched: name them too)" if sub else ""))
+        for e in entries:
+            yield Input(shown_path(str(Path(given) / e.name)), e, _kind(e))
+    elif not p.exists():
+        yield shown_path(given), InputError("no such file")
+    else:
+        yield Input(shown_path(given), p, _kind(p))
 
 
 def _kind(p: Path) -> str:
@@ -223,22 +232,40 @@ def annotate(img: np.ndarray, plates: list[dict[str, Any]], crop: bool) -> np.nd
 
 
 def _unique_path(folder: Path, stem: str, suffix: str, taken: set[Path]) -> Path:
+    """A name in `folder` that this run has not written and that is none of its inputs
+    (`taken` holds them resolved): an annotated copy must never replace its original."""
     p = folder / f"{stem}{suffix}"
     n = 1
-    while p in taken:
+    while p.resolve() in taken:
         p = folder / f"{stem}-{n}{suffix}"
         n += 1
-    taken.add(p)
+    taken.add(p.resolve())
     return p
+
+
+def scaled_process(pipeline: PlatePipeline, img: np.ndarray, max_width: int, camera: str
+                   ) -> tuple[list[Observation], np.ndarray]:
+    """The pipeline on an image scaled down to `max_width` (0: full size) as the daemon scales a
+    camera's frames, with the boxes in the image's own pixels; and the image it saw."""
+    seen = fit_frame(img, max_width, None) if max_width else img
+    obs = pipeline.process(seen, camera, 0, 0.0)
+    if seen is img:
+        return obs, seen
+    sx, sy = img.shape[1] / seen.shape[1], img.shape[0] / seen.shape[0]
+    return [dataclasses.replace(o, box=(round(o.box[0] * sx), round(o.box[1] * sy),
+                                        round(o.box[2] * sx), round(o.box[3] * sy)))
+            for o in obs], seen
 
 
 def _camera_name(p: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", p.stem)[:64] or "video"
 
 
-def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
-                ) -> Iterator[PlateEvent]:
-    """Events of a video, clip time as epoch seconds from 0 (1970-01-01T00:00:00Z = its start)."""
+def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1,
+                max_width: int = 0) -> Iterator[PlateEvent]:
+    """Events of a video, clip time as epoch seconds from 0 (1970-01-01T00:00:00Z = its start);
+    frames wider than `max_width` (0: no limit) scaled down first, as the daemon's are (boxes
+    in the scaled frame's pixels, as `frame_size` says, as in the daemon's events)."""
     check_opencv_path(path)
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
@@ -262,6 +289,8 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
                 log.warning("%s: frame %d could not be decoded; skipped", path, idx)
                 continue
             ts = idx / fps
+            if max_width:
+                frame = fit_frame(frame, max_width, None)
             obs: list[Observation] = pipeline.process(frame, tracker.camera, idx, ts)
             yield from tracker.update(obs, now=ts)
     finally:
@@ -345,7 +374,7 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
             return 2
     watchlist = _open_watchlist(cfg) if any(
         isinstance(i, Input) and i.kind == "video" for i in inputs) else None
-    taken: set[Path] = set()
+    taken = {i.path.resolve() for i in inputs if isinstance(i, Input)}
     failed = 0
     for item in inputs:
         if not isinstance(item, Input):
@@ -356,7 +385,8 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
         try:
             if item.kind == "video":
                 assert pipeline is not None
-                for ev in track_video(item.path, pipeline, cfg, every=args.every):
+                for ev in track_video(item.path, pipeline, cfg, every=args.every,
+                                      max_width=args.max_width):
                     if not (ev.final or args.early):
                         continue
                     if watchlist is not None:
@@ -365,8 +395,9 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
                         _write_event_crop(annotate_dir, item.path, ev, taken)
                     if not cfg.mqtt.crops:  # taken only for --annotate: keep the lines short
                         ev = dataclasses.replace(ev, crop_jpeg=None)
-                    if args.json:
-                        print(ev.to_json(), file=out)
+                    if args.json:  # "source": its camera name is the file's stem, cleaned
+                        line = {"source": item.shown, **ev.to_dict()}
+                        print(json.dumps(line, separators=(",", ":")), file=out)
                     else:
                         _table_event(item.shown, ev, out)
                     out.flush()
@@ -378,8 +409,8 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
                 plates = [plate_dict(read, (0, 0, img.shape[1], img.shape[0]), topn)]
             else:
                 assert pipeline is not None
-                plates = [plate_dict(o.read, o.box, topn) for o in
-                          pipeline.process(img, "recognize", 0, 0.0)]
+                obs, _ = scaled_process(pipeline, img, args.max_width, "recognize")
+                plates = [plate_dict(o.read, o.box, topn) for o in obs]
             res = image_result(item.shown, img, plates, (time.perf_counter() - t0) * 1000)
         except InputError as e:
             print(f"lprd recognize: {item.shown}: {e}", file=err)
@@ -422,6 +453,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="videos: print early events too, not only each pass's final event")
     p.add_argument("--every", type=int_range(1, 10_000), default=1, metavar="K",
                    help="videos: analyse every K-th frame (default 1: all)")
+    add_max_width_option(p, "scenes and video frames")
     p.add_argument("--threads", type=int_range(1, 64), default=1, help="interpreter threads per model")
     add_config_option(p)
     p.set_defaults(func=run_recognize)
+
+
+def add_max_width_option(p: argparse.ArgumentParser, what: str) -> None:
+    width = CameraConfig.model_fields["max_width"].default  # a camera's, unless it sets one
+    p.add_argument("--max-width", type=int_range(0, 100_000), default=width, metavar="PX",
+                   help=f"scale {what} wider than this down first, as the daemon does with a "
+                        f"camera's frames (cameras.*.max_width; default {width}; 0: full size)")

@@ -211,6 +211,7 @@ class Supervisor:
         self.models: dict[str, str] = {}
         self.publisher: Any = None
         self.sync: Any = None
+        self._sync_status: dict[str, Any] | None = None  # the last sync's, for state topics
         self.ready_sent = False
         self.started = time.monotonic()
         self.loop_beat = time.monotonic()
@@ -712,6 +713,8 @@ class Supervisor:
                                    on_command=self._on_command,
                                    actions_sent=self._actions_sent)
         self.publisher.start()
+        if self._sync_status is not None:
+            self.publisher.publish_watchlist_sync(self._sync_status)
 
     def _stop_publisher(self, timeout: float, drain: float = 0.0) -> None:
         """Stop MQTT; with `drain`, first wait up to that long for the outbox to empty."""
@@ -746,11 +749,22 @@ class Supervisor:
         try:
             from lprd.watchlist import Watchlist, WatchlistSync
 
-            self.sync = WatchlistSync(Watchlist.from_config(self.cfg), wl.sync)
+            self.sync = WatchlistSync(Watchlist.from_config(self.cfg), wl.sync,
+                                      on_result=self._on_sync)
             self.sync.start()
         except Exception:
             log.exception("watchlist sync could not start; the last synced list stays in use")
             self.sync = None
+
+    def _on_sync(self, _result: Any, status: Any) -> None:
+        """(The sync's thread.) Its outcome goes on the cameras' state topics."""
+        self._sync_status = status.to_dict()
+        publisher = self.publisher
+        if publisher is not None:
+            try:
+                publisher.publish_watchlist_sync(self._sync_status)
+            except Exception:  # informative; the sync itself went as the journal says
+                log.exception("the watchlist sync's outcome could not be published")
 
     def _stop_sync(self, timeout: float = 5.0) -> None:
         if self.sync is not None:

@@ -58,6 +58,7 @@ from lprd.plate_match import (
     MAX_PLATE_CHARS,
     SUBSTITUTION_COST,
     WatchlistEntry,
+    action_rank,
     index_depth,
     index_keys,
     match_entries,
@@ -390,10 +391,13 @@ def detect_format(name: str = "", content_type: str | None = None, data: bytes =
 
 def parse_document(
     data: bytes, fmt: str, default_list: str = "default", default_action: str | None = None,
-    origin: str = "local", max_entries: int | None = None,
+    origin: str = "local", max_entries: int | None = None, merge_duplicates: bool = False,
 ) -> list[WatchlistEntry]:
     """A whole CSV or JSON list, validated: any bad row rejects the document (names the rows).
-    More than `max_entries` rows reject it too, before they all take memory."""
+    More than `max_entries` rows reject it too, before they all take memory. A plate twice on
+    one list is a bad row too, unless `merge_duplicates` (a sync: real exports repeat rows, and
+    rejecting the list would keep every later change out): the row whose action is safest
+    (deny, alert, ... allow) stays, the first of equals, and the merge is logged."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -403,6 +407,8 @@ def parse_document(
     rows = _json_rows(text) if fmt == "json" else _csv_rows(text)
     entries: list[WatchlistEntry] = []
     seen: dict[tuple[str, str], str] = {}
+    kept: dict[tuple[str, str], int] = {}  # with merge_duplicates: the entry's index
+    merged: list[str] = []
     problems: list[str] = []
     with _gc_paused():
         for n, (where, fields) in enumerate(rows, 1):
@@ -414,17 +420,30 @@ def parse_document(
             except WatchlistError as e:
                 problems.append(str(e))
                 continue
-            first = seen.setdefault((entry.plate, entry.list), where)
+            key = (entry.plate, entry.list)
+            first = seen.setdefault(key, where)
             if first != where:
-                problems.append(
-                    f"{where}: {entry.plate} is already on list {entry.list!r} ({first})")
+                if not merge_duplicates:
+                    problems.append(
+                        f"{where}: {entry.plate} is already on list {entry.list!r} ({first})")
+                    continue
+                merged.append(f"{where}: {entry.plate} ({first})")
+                if action_rank(entry.action) < action_rank(entries[kept[key]].action):
+                    entries[kept[key]] = entry
                 continue
+            kept[key] = len(entries)
             entries.append(entry)
     if problems:
         shown = "; ".join(problems[:_MAX_PROBLEMS_SHOWN])
         more = len(problems) - _MAX_PROBLEMS_SHOWN
         raise WatchlistError(f"{len(problems)} bad row(s): {shown}"
                              + (f"; and {more} more" if more > 0 else ""))
+    if merged:
+        more = len(merged) - _MAX_PROBLEMS_SHOWN
+        log.warning("watchlist list: %d row(s) repeat a plate of their list and were merged "
+                    "(the safest action kept): %s%s", len(merged),
+                    "; ".join(merged[:_MAX_PROBLEMS_SHOWN]),
+                    f"; and {more} more" if more > 0 else "")
     return entries
 
 
@@ -523,11 +542,14 @@ class Watchlist:
     """The SQLite store. Thread-safe: each thread gets its own connection."""
 
     def __init__(self, path: Path, cfg: WatchlistConfig | None = None,
-                 recover: bool = False) -> None:
+                 recover: bool = False, busy_timeout: float = 30.0) -> None:
         """`recover`: a corrupt file is moved aside and a new, empty store started (the
-        daemon's choice: a sync fills it again; the CLI reports the error instead)."""
+        daemon's choice: a sync fills it again; the CLI reports the error instead).
+        `busy_timeout`: how long to wait for another connection's write lock (a swap, an
+        index rebuild) before sqlite3.OperationalError."""
         self.path = Path(path)
         self.cfg = cfg or WatchlistConfig()
+        self._busy_timeout = busy_timeout
         self._local = threading.local()
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
@@ -606,9 +628,10 @@ class Watchlist:
         self.configure(self.cfg)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Watchlist:
+    def from_config(cls, cfg: Config, busy_timeout: float = 30.0) -> Watchlist:
         """The daemon's store: <storage.dir>/watchlist.sqlite (a corrupt one moved aside)."""
-        return cls(cfg.storage.dir / DB_NAME, cfg.watchlist, recover=True)
+        return cls(cfg.storage.dir / DB_NAME, cfg.watchlist, recover=True,
+                   busy_timeout=busy_timeout)
 
     # -- connections and transactions
 
@@ -619,8 +642,8 @@ class Watchlist:
         if conn is None:
             # Autocommit mode: every transaction below is explicit. check_same_thread is off
             # only so close() can close other threads' connections; each thread uses its own.
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for a sync's swap
                 conn.execute("PRAGMA synchronous=NORMAL")
@@ -684,11 +707,16 @@ class Watchlist:
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
+        """Close this thread's connection and those finished threads left. A live thread's
+        is its own to close (a sync's, when it ends): closing it under a running query crashes
+        the process (SQLite frees what the query is using)."""
+        me = threading.current_thread()
         with self._conns_lock:
-            for _, conn in self._conns:
-                conn.close()
-            self._conns.clear()
-        self._local = threading.local()
+            for t, conn in self._conns:
+                if t is me or not t.is_alive():
+                    conn.close()
+            self._conns = [(t, c) for t, c in self._conns if t is not me and t.is_alive()]
+        self._local.conn = None  # other live threads keep theirs (and their locals)
 
     def __enter__(self) -> Self:
         return self
@@ -1139,7 +1167,8 @@ class WatchlistSync:
                 try:
                     entries = parse_document(fetched.data, fetched.fmt, self.cfg.list,
                                              check_action(self.cfg.action), origin="sync",
-                                             max_entries=self.cfg.max_entries)
+                                             max_entries=self.cfg.max_entries,
+                                             merge_duplicates=True)
                 except WatchlistError as e:
                     raise SyncError(f"{self._where()}: rejected list: {e}") from None
                 if not entries and status.entries and not self.cfg.allow_empty:
@@ -1208,15 +1237,19 @@ class WatchlistSync:
 
     def _run(self) -> None:
         failures = 0
-        while not self._stopping:
-            try:
-                ok = self.sync_once().ok
-            except Exception:  # never let the thread die: the next interval tries again
-                log.exception("watchlist sync crashed")
-                ok = False
-            failures = 0 if ok else failures + 1
-            self._wake.wait(retry_delay(failures, self.cfg.interval))
-            self._wake.clear()
+        try:
+            while not self._stopping:
+                # cleared before the sync, not after the wait: a request() in between is kept
+                self._wake.clear()
+                try:
+                    ok = self.sync_once().ok
+                except Exception:  # never let the thread die: the next interval tries again
+                    log.exception("watchlist sync crashed")
+                    ok = False
+                failures = 0 if ok else failures + 1
+                self._wake.wait(retry_delay(failures, self.cfg.interval))
+        finally:
+            self.watchlist._drop_own()  # close() leaves a live thread's connection to it
 
 
 def retry_delay(failures: int, interval: float) -> float:

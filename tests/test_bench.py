@@ -81,3 +81,12 @@ def test_bench_refuses_a_video_name_that_is_not_utf8(tiny_clip, tmp_path):
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1
     assert "lprd bench: v\\xff.mp4: the file name is not valid UTF-8" in r.stderr
+
+
+def test_bench_scales_frames_down_to_max_width_as_the_daemon_does(tiny_clip, capsys):
+    # The daemon never feeds frames wider than cameras.*.max_width to the models; bench timed
+    # them at full size (a 4K camera about twice the daemon's cost).
+    assert main(["bench", str(tiny_clip), "--frames", "3", "--warmup", "1", "--json",
+                 "--max-width", "320"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["width"], out["height"]) == (320, 180)

@@ -380,3 +380,23 @@ def test_output_into_a_closed_pipe_exits_141_without_a_traceback():
     finally:
         os.close(w)
     assert (p.returncode, p.stderr) == (141, "")
+
+
+def test_check_config_loads_the_models_it_names(tmp_path, capsys):
+    # Another kind of model, or a corrupt file, passed check-config ("OK") and then failed
+    # `run` at every start.
+    corrupt = tmp_path / "corrupt.tflite"
+    corrupt.write_bytes(b"\x00" * 4096)
+    (tmp_path / "corrupt.json").write_text('{"kind": "reader"}')
+    for model, words in ((ROOT / "models" / "detector.tflite", "kind='detector', expected 'reader'"),
+                         (corrupt, "not a valid TFLite model")):
+        f = tmp_path / "c.yaml"
+        f.write_text(f"reader: {{model: {model}}}\n")
+        assert main(["check-config", str(f)]) == 2
+        err = capsys.readouterr().err
+        assert "reader.model: " in err and words in err, err
+
+
+def test_check_config_takes_the_file_after_c_as_other_commands_do(capsys):
+    assert main(["check-config", "-c", str(ROOT / "config" / "demo.yaml")]) == 0
+    assert "OK (1 camera(s): demo)" in capsys.readouterr().out

@@ -475,3 +475,34 @@ def test_a_true_box_in_the_last_pixels_of_a_scaled_scene_stays_in_it() -> None:
     assert _scaled_box((3999, 100, 1, 10), s, s, (1440, 1920)) == (1919, 48, 1, 5)
     assert _scaled_box((100, 2999, 10, 1), s, s, (1440, 1920)) == (48, 1439, 5, 1)
     assert _scaled_box((0, 0, 4000, 3000), s, s, (1440, 1920)) == (0, 0, 1920, 1440)
+
+
+def test_parse_label_takes_no_booleans_for_numbers(tmp_path: Path) -> None:
+    # true is an int to Python: it was a 1-pixel side.
+    with pytest.raises(TypeError, match="box must be"):
+        parse_label('{"image": "a.jpg", "plates": [{"text": "A", "box": [1, 2, true, 4]}]}',
+                    tmp_path, None)
+    item = parse_label('{"image": "a.jpg", "width": true, "height": 4, "plates": []}',
+                       tmp_path, None)
+    assert item.width is None
+
+
+def test_labels_and_texts_saved_with_a_byte_order_mark_are_read(tmp_path: Path, capsys) -> None:
+    # Windows editors start a UTF-8 file with a BOM: its first line was a bad label line.
+    recs = _rendered_set(tmp_path, n_crops=2, n_scenes=0)
+    labels = tmp_path / "labels.jsonl"
+    _write_labels(labels, recs)
+    labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes())
+    assert main(["eval", str(labels), "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes(b"\xef\xbb\xbfAB123\n")
+    assert read_texts(texts) == frozenset({"AB123"})
+
+
+def test_eval_refuses_a_root_that_cannot_be_checked(tmp_path: Path, capsys) -> None:
+    labels = tmp_path / "labels.jsonl"
+    _write_labels(labels, [{"image": "a.jpg", "crop": True, "plates": []}])
+    assert main(["eval", str(labels), "--root", str(tmp_path / ("r" * 300))]) == 2
+    err = capsys.readouterr().err
+    assert "File name too long" in err and "Traceback" not in err

@@ -381,3 +381,36 @@ def test_default_threads_follow_the_cores_the_process_may_use() -> None:
     finally:
         os.sched_setaffinity(0, before)
     assert default_threads() == max(1, min(4, len(before)))
+
+
+def test_a_watchlist_that_would_not_open_is_tried_again_at_a_later_event(
+        models, ring, tmp_path, monkeypatch):
+    # Locked by a long index rebuild or swap when the worker started: every later event went
+    # out without its match (no gate opened) until the next SIGHUP.
+    import sqlite3
+
+    from lprd import inference
+    from lprd.plate_match import WatchlistEntry
+    from lprd.types import WatchlistMatch
+    from lprd.watchlist import DB_NAME, Watchlist
+
+    monkeypatch.setattr(inference, "WATCHLIST_BUSY", 0.2)
+    cfg = parse_config({"storage": {"dir": str(tmp_path)}, **ALL_READS})
+    (tmp_path / DB_NAME).touch()
+    lock = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    worker, q = make_worker(models, ring, every_frame=False, cfg=cfg, live=True)
+    assert worker.watchlist is None
+    lock.execute("ROLLBACK")
+    lock.close()
+    with Watchlist(tmp_path / DB_NAME) as wl:
+        wl.add(WatchlistEntry("ABC1234", list="residents", action="allow"))
+    ev = PlateEvent(id="e1", camera="cam", plate="ABC1234", confidence=0.95, chars=(),
+                    candidates=(), first_seen=1.0, last_seen=2.0, frames=5, final=True,
+                    box=(0, 0, 10, 5), frame_size=(100, 50), watchlist=WatchlistMatch.none())
+    worker._send([ev])  # within the retry interval: not tried yet
+    assert drain(q)[0].watchlist.match == "none"
+    monkeypatch.setattr(inference, "WATCHLIST_RETRY", 0.0)
+    worker._send([ev])
+    (sent,) = drain(q)
+    assert (sent.watchlist.match, sent.watchlist.action) == ("exact", "allow")

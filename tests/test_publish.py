@@ -1044,3 +1044,40 @@ def test_a_stopped_publisher_leaves_no_socket_open_without_a_garbage_collection(
         assert fds() == before
     finally:
         gc.enable()
+
+
+def test_the_watchlist_sync_s_outcome_is_on_every_camera_s_state_topic(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any], tmp_path: Path) -> None:
+    # Issue 7: a failed sync is reported "in the log and the state topic"; it reached only the
+    # journal and `lprd watchlist status`, so a hot-list stale for days showed nowhere.
+    from lprd.config import parse_config
+    from lprd.service import Supervisor
+
+    src = tmp_path / "plates.csv"
+    src.write_text("plate\nABC1234\n")
+    cfg = parse_config({"storage": {"dir": str(tmp_path / "st")},
+                        "cameras": {"gate": {"source": str(tmp_path / "a.mp4")}},
+                        "mqtt": {"host": mosquitto.host, "port": mosquitto.port},
+                        "watchlist": {"sync": {"source": str(src)}}})
+    sup = Supervisor(cfg, tmp_path / "c.yaml")
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/state")
+    sup._start_sync()  # before MQTT is up: its outcome waits for the publisher
+    try:
+        wait_until(lambda: sup._sync_status is not None, 10, "first sync")
+        sup._start_publisher()
+        ok = sub.wait_for(lambda ms: any("watchlist_sync" in m.json() for m in ms))
+        state = next(m.json() for m in ok if "watchlist_sync" in m.json())
+        assert state["watchlist_sync"]["last_sync_ok"] is True
+        assert state["watchlist_sync"]["entries"] == 1
+        src.write_text("plate,action\nABC1234,launch-the-rockets!\n")  # a bad action: rejected
+        sup.sync.request()
+        bad = sub.wait_for(lambda ms: any(m.json().get("watchlist_sync", {}).get("last_sync_ok")
+                                          is False for m in ms))
+        failed = [m.json()["watchlist_sync"] for m in bad
+                  if m.json().get("watchlist_sync", {}).get("last_sync_ok") is False][-1]
+        assert "rejected list" in failed["last_error"] and failed["entries"] == 1
+        assert set(failed) == {"last_sync_ok", "last_attempt", "last_success", "last_change",
+                               "last_error", "entries"}
+    finally:
+        sup._stop_sync()
+        sup._stop_publisher(timeout=5)

@@ -340,3 +340,63 @@ def test_recognize_video_matches_events_against_the_configured_watchlist(tmp_pat
         e["plate"]: "exact" if e["plate"] == listed else "none" for e in plain}
     (hit,) = [e for e in events if e["plate"] == listed]
     assert (hit["watchlist"]["list"], hit["watchlist"]["action"]) == ("stolen", "alert")
+
+
+def test_annotate_into_the_inputs_folder_never_replaces_an_input(tmp_path: Path, capsys) -> None:
+    # `--annotate` naming the folder the images are in wrote each annotated copy over its
+    # original (same stem, .jpg).
+    (_, _, plate), = _plates(tmp_path, n=1)
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    path, _ = _scene(folder, plate, "car.jpg")
+    before = path.read_bytes()
+    assert main(["recognize", "--annotate", str(folder), str(path)]) == 0
+    capsys.readouterr()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["car-1.jpg", "car.jpg"]
+
+
+def test_a_path_that_cannot_be_checked_fails_alone(tmp_path: Path, capsys) -> None:
+    # A name longer than the file system allows raised OSError out of the stat calls: a
+    # traceback, and the good inputs after it never read.
+    plates = _plates(tmp_path, n=1)
+    long = str(tmp_path / ("a" * 300 + ".jpg"))
+    assert main(["recognize", "--crops", "--json", long, str(plates[0][0])]) == 1
+    out, err = capsys.readouterr()
+    assert [json.loads(x)["image"] for x in out.splitlines()] == [str(plates[0][0])]
+    assert "File name too long" in err and "Traceback" not in err
+    with pytest.raises(InputError, match="File name too long"):
+        load_image(Path(long))
+
+
+def test_recognize_scales_a_wide_scene_as_the_daemon_does_with_boxes_in_its_pixels(
+        tmp_path: Path, capsys) -> None:
+    # The daemon scales frames wider than cameras.*.max_width down first; recognize read them
+    # at full size, so it did not show what the daemon would read.
+    (_, _, plate), = _plates(tmp_path, n=1)
+    path, truth = _scene(tmp_path, plate)
+    big = cv2.resize(cv2.imread(str(path)), None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    scaled = {}
+    for width in (640, 0):
+        assert main(["recognize", "--json", "--max-width", str(width),
+                     str(tmp_path / "big.png")]) == 0
+        (res,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert (res["width"], res["height"]) == (1280, 960)
+        scaled[width] = res["plates"]
+    big_truth = tuple(2 * v for v in truth)
+    assert any(iou(tuple(p["box"]), big_truth) >= 0.5 for p in scaled[640]), scaled
+    # at 640 it sees what the 640-px scene gives: the same read as the small image
+    assert main(["recognize", "--json", str(path)]) == 0
+    (small,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [p["plate"] for p in scaled[640]] == [p["plate"] for p in small["plates"]]
+
+
+def test_recognize_video_events_name_their_file(tmp_path: Path, capsys) -> None:
+    # Two files whose names clean to one camera name: each event line says its file.
+    for name in ("über.mp4", "_ber.mp4"):
+        shutil.copy(DEMO_CLIP, tmp_path / name)
+    assert main(["recognize", "--json", "--every", "4", str(tmp_path)]) == 0
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert {e["source"] for e in events} == {str(tmp_path / "_ber.mp4"),
+                                             str(tmp_path / "über.mp4")}

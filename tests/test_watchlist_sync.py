@@ -617,3 +617,52 @@ def test_an_error_no_check_foresaw_is_a_failed_sync_in_the_status(
     st = wl.sync_status()
     assert st.last_sync_ok is False and "a bug in a parser" in (st.last_error or "")
     assert wl.count() == 2 and "unexpected error" in caplog.text
+
+
+def test_closing_the_store_while_a_sync_swaps_lets_the_swap_finish(tmp_path: Path) -> None:
+    # A reload or a stop gave the sync 5 s, then closed the store's connections, the running
+    # swap's among them: with a big list mid-query that crashed the daemon (SIGSEGV); between
+    # queries the swap failed on a closed connection. A live thread's connection is its own.
+    src = tmp_path / "plates.csv"
+    src.write_text("plate\nABC1234\nXYZ9876\n")
+    wl = Watchlist(tmp_path / DB_NAME, WatchlistConfig())
+    wl.count()  # this thread's connection: close() closes it
+    sync = _sync(wl, str(src))
+    entered, go_on = threading.Event(), threading.Event()
+    swap = wl.replace_synced
+
+    def slow_swap(*a: object, **kw: object) -> object:
+        entered.set()
+        go_on.wait(10)
+        return swap(*a, **kw)
+
+    wl.replace_synced = slow_swap  # type: ignore[method-assign]
+    results: list[SyncResult] = []
+    sync.on_result = lambda r, _s: results.append(r)
+    sync.start()
+    assert entered.wait(10)
+    thread = sync._thread
+    sync.stop(0.1)  # what Supervisor._stop_sync does: the swap outlasts the wait
+    wl.close()
+    go_on.set()
+    assert thread is not None
+    thread.join(10)
+    assert [r.ok for r in results] == [True]
+    with Watchlist(tmp_path / DB_NAME, WatchlistConfig()) as fresh:
+        assert fresh.count() == 2
+    assert not any(t is thread for t, _ in wl._conns)  # it closed its own on the way out
+
+
+
+def test_a_synced_list_repeating_a_plate_is_merged_not_rejected(wl: Watchlist, tmp_path: Path,
+                                                                caplog) -> None:
+    # Real exports repeat rows ("XYZ999" and "XYZ-999"): the whole list was rejected, so the
+    # plates added upstream later (a car just reported stolen) never arrived.
+    src = tmp_path / "plates.csv"
+    src.write_text("plate,action\nXYZ999,allow\nABC1234,allow\nXYZ-999,deny\nKLM555,alert\n")
+    with caplog.at_level(logging.WARNING, logger="lprd.watchlist"):
+        r = _sync(wl, str(src)).sync_once()
+    assert r.ok and r.entries == 3
+    assert wl.match("XYZ999").action == "deny"  # the safest of the two
+    assert wl.match("KLM555").action == "alert"
+    assert "1 row(s) repeat a plate" in caplog.text and "line 4: XYZ999 (line 2)" in caplog.text
