@@ -246,6 +246,10 @@ class MQTTConfig(_Strict):
     password_file: ConfigPath | None = Field(
         None, description="the password is never put in this file")
     keepalive: int = Field(30, ge=5, le=65535)  # MQTT sends it in 16 bits
+    action_max_age: float = Field(
+        120.0, ge=0, description="seconds; a watchlist action message (<camera>/allow, deny, "
+        "alert ...) that waited longer for the broker is not sent: a gate must not open for a "
+        "car long gone after an outage (its event still carries the match). 0: no limit")
     protocol: Literal["5", "3.1.1"] = Field(
         "5", description="MQTT version: 5 tells an event the broker refused (an ACL, a size "
         "limit) from a delivered one, and its size limit; 3.1.1 for brokers without 5")

@@ -32,6 +32,7 @@ from lprd.clock import ClockWatch
 from lprd.config import MQTTConfig, TLSConfig
 from lprd.notify import loud_repeat
 from lprd.outbox import (
+    CLOCK_FLOOR,
     MEMORY,
     DropReport,
     Outbox,
@@ -939,7 +940,12 @@ class Publisher:
 
     def _send(self, client: mqtt.Client, pm: PendingMessage) -> bool | None:
         """Hand one message to paho (in flight from then on): True; False where paho's queue
-        refused it (try again later); None where it can never be sent (dropped, counted)."""
+        refused it (try again later); None where it can never be sent (dropped, counted) or is
+        an action too old to act on (dropped)."""
+        if pm.message.kind == "action" and self._too_old_to_act(pm):
+            self.outbox.ack([pm.seq])
+            self._cursor = max(self._cursor, pm.seq)
+            return None
         payload = self._fit_to_broker(pm)  # None: over the broker's packet size (logged)
         if payload is not None:
             try:
@@ -955,6 +961,17 @@ class Publisher:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             return False
         self._inflight[info.mid] = pm
+        return True
+
+    def _too_old_to_act(self, pm: PendingMessage) -> bool:
+        limit = self.cfg.action_max_age
+        age = time.time() - pm.created
+        # stamped while the clock was unset: its age is unknown (as for the outbox's max_age)
+        if not limit or pm.created < CLOCK_FLOOR or age <= limit:
+            return False
+        log.warning("MQTT: %s of event %s not sent: it waited %.0f s for the broker, longer "
+                    "than mqtt.action_max_age (%.0f s); the event carries the match",
+                    self._topic(pm.message), pm.message.event_id, age, limit)
         return True
 
     def _fit_to_broker(self, pm: PendingMessage) -> bytes | None:

@@ -1081,3 +1081,28 @@ def test_the_watchlist_sync_s_outcome_is_on_every_camera_s_state_topic(
     finally:
         sup._stop_sync()
         sup._stop_publisher(timeout=5)
+
+
+def test_an_action_that_waited_past_action_max_age_is_not_sent_its_event_is(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], tmp_path: Path) -> None:
+    # After a broker outage the outbox sent an `allow` minutes or hours late: a gate opened for
+    # a car long gone. The event (with its match) is still delivered; the action is not.
+    from lprd.publish import event_messages
+
+    storage = tmp_path / "st"
+    storage.mkdir()
+    now = time.time()
+    for i, age in ((1, 600.0), (2, 5.0)):
+        ob = Outbox(storage / "outbox.sqlite", clock=lambda a=age: now - a)
+        ob.put(event_messages(make_event(i, action="allow"), crops=False))
+        ob.close()
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/#")
+    publisher(mosquitto, storage=storage, action_max_age=120)
+    msgs = sub.wait_for(lambda ms: len([m for m in ms if m.topic == "lprd/gate/plate"]) == 2
+                        and any(m.topic == "lprd/gate/allow" for m in ms))
+    time.sleep(0.3)
+    allows = [m.json()["id"] for m in sub.snapshot() if m.topic == "lprd/gate/allow"]
+    assert allows == ["ev-gate-00002"]
+    plates = [m.json() for m in msgs if m.topic == "lprd/gate/plate"]
+    assert [p["watchlist"]["action"] for p in plates] == ["allow", "allow"]
