@@ -810,6 +810,12 @@ class Supervisor:
             if name in self.cameras:
                 log.info("camera %s: config changed, restarting its capture", name)
                 self._remove_camera(name, deadline)
+                if name in new.cameras and not new.cameras[name].enabled \
+                        and self.publisher is not None:
+                    # its retained state said what it was last (connected: true) for good
+                    with contextlib.suppress(Exception):
+                        self.publisher.publish_state(CameraState(
+                            name, connected=False, error="disabled in the config"))
             if name in new.cameras:
                 self._add_camera(name, new.cameras[name])
         if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):

@@ -791,3 +791,22 @@ def test_once_gives_up_a_file_whose_capture_keeps_dying(tmp_path, daemons):
     assert "capture:demo died (killed by SIGKILL), 5 times in a row" in log
     assert "camera demo: its capture process died 5 times in a row; --once gives this file up" \
         in log
+
+
+def test_a_camera_disabled_by_a_reload_says_so_on_its_state_topic(
+        tmp_path, mosquitto, mqtt_subscriber, daemons):
+    # Its retained state kept saying "connected": true (Home Assistant's entity too).
+    sub = mqtt_subscriber(mosquitto, "lprd/a/state")
+    cam = {"source": str(DEMO_CLIP), "realtime": True, "loop": True}
+    path = write_config(tmp_path / "c.yaml", {"a": cam}, mosquitto, tmp_path / "st")
+    d = start(daemons, path)
+    sub.wait_for(lambda ms: any(m.json()["connected"] for m in ms), timeout=30)
+    write_config(path, {"a": {**cam, "enabled": False}}, mosquitto, tmp_path / "st")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload done")
+    sub.wait_for(lambda ms: ms[-1].json()["connected"] is False, timeout=10)
+    late = mqtt_subscriber(mosquitto, "lprd/a/state")  # what the broker keeps
+    state = late.wait_for(lambda ms: len(ms) >= 1)[-1].json()
+    assert (state["connected"], state["error"]) == (False, "disabled in the config")
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
