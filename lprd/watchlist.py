@@ -146,7 +146,7 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
         if not math.isfinite(value):
             raise WatchlistError(f"{what}: {value!r} is not a date or time")
         if not (isinstance(value, int) and 10_000_000 <= value <= 99_999_999):
-            return _epoch(float(value), what)
+            return _epoch_number(float(value), what)
         value = str(value)  # a JSON 20261231 is the date the string '20261231' is
     if not isinstance(value, str):
         raise WatchlistError(f"{what}: {value!r} is not a date or time")
@@ -155,7 +155,7 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
     day_only = (len(text) == 8 and text.isdigit()) or (len(text) == 10 and text[4:5] == "-")
     try:
         if not day_only and text.replace(".", "", 1).isdigit():  # epoch seconds, as a CSV cell
-            return _epoch(float(text), what)
+            return _epoch_number(float(text), what)
         if day_only:
             day = date.fromisoformat(text)
             if end and day == date.max:  # 9999-12-31, "never": the last second there is
@@ -168,6 +168,20 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
         raise WatchlistError(
             f"{what}: {value!r} is not a date (YYYY-MM-DD) or an ISO 8601 time"
         ) from None
+
+
+FOLLOW_EVERY = 5.0  # s: how often match_event checks that the path still names its file
+EPOCH_FLOOR = 946_684_800  # 2000-01-01: a smaller number is no time a list means
+
+
+def _epoch_number(seconds: float, what: str) -> float:
+    """A number given as a time: epoch seconds, not before 2000 (0 allowed: "always"). An
+    Excel date serial (46387 for 2027-01-01) would be 1970's first day, expired unseen."""
+    if 0 < seconds < EPOCH_FLOOR:
+        raise WatchlistError(f"{what}: {seconds:.16g} as epoch seconds is before the year 2000 "
+                             "(a spreadsheet's day number?): give a date (YYYY-MM-DD) or "
+                             "epoch seconds")
+    return _epoch(seconds, what)
 
 
 def _epoch(seconds: float, what: str, given: str | None = None) -> float:
@@ -456,13 +470,20 @@ def _cell(value: Any) -> str:
 def dump_csv(entries: Iterable[WatchlistEntry]) -> str:
     """The import format: plate, list, action, valid_from, valid_until, then the info keys."""
     entries = list(entries)
-    info_keys = sorted({k for e in entries for k in e.info if k.lower() not in _COLUMNS})
+    # One column per key whatever its case ("Owner" from a CSV header, "owner" from `add
+    # --info`): the import takes header names without case, and refuses them twice.
+    names: dict[str, str] = {}
+    for k in sorted({k for e in entries for k in e.info}):
+        if k.lower() not in _COLUMNS:
+            names.setdefault(k.lower(), k)
+    info_keys = sorted(names, key=lambda low: names[low])
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow([*_COLUMNS, *info_keys])
+    w.writerow([*_COLUMNS, *(names[low] for low in info_keys)])
     for e in entries:
+        info = {k.lower(): v for k, v in e.info.items()}
         w.writerow([e.plate, e.list, e.action or "", iso_time(e.valid_from) or "",
-                    iso_time(e.valid_until) or "", *(_cell(e.info.get(k, "")) for k in info_keys)])
+                    iso_time(e.valid_until) or "", *(_cell(info.get(k, "")) for k in info_keys)])
     return out.getvalue()
 
 
@@ -550,6 +571,7 @@ class Watchlist:
         self.path = Path(path)
         self.cfg = cfg or WatchlistConfig()
         self._busy_timeout = busy_timeout
+        self._followed = time.monotonic()  # match_event's last look at the file
         self._local = threading.local()
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
@@ -585,8 +607,8 @@ class Watchlist:
         connections still reach the moved file (a sync would fill that one)."""
         if self._file_now() == self._file:
             return False
-        log.warning("watchlist %s was replaced (a damaged file moved aside); opening the new one",
-                    self.path)
+        log.warning("watchlist %s was replaced, moved or deleted (a damaged file moved aside, a "
+                    "list started afresh); opening the file there now", self.path)
         # each thread reopens at its next query: one closing another's mid-query failed it
         self._gen += 1
         self._open()
@@ -804,6 +826,11 @@ class Watchlist:
         """`ev` with its watchlist match; a failed lookup is logged and the event goes out
         unmatched (a broken store must not hold back the plate's event)."""
         try:
+            # The file may have been replaced or deleted under the daemon (an admin starting
+            # the list afresh): `lprd watchlist` edits the file the path names now.
+            if time.monotonic() - self._followed >= FOLLOW_EVERY:
+                self._followed = time.monotonic()
+                self.follow_file()
             return replace(ev, watchlist=self.match(ev.plate, ev.candidates))
         except Exception as e:  # noqa: BLE001
             log.error("watchlist lookup of %s failed: %s", ev.plate, e)

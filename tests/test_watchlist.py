@@ -616,3 +616,50 @@ def test_the_daemon_moves_a_damaged_store_aside_and_starts_an_empty_one(
         assert wl.match("ABC1234").action == "allow"
     assert "is unreadable" in caplog.text and "moved it to" in caplog.text
     assert len(list(tmp_path.glob(f"{DB_NAME}.corrupt-*[0-9]"))) == 1
+
+
+def test_a_small_number_for_a_time_is_refused_not_read_as_1970(tmp_path: Path) -> None:
+    # An Excel date serial (46387, 2027-01-01) was read as epoch seconds of 1970-01-01: the
+    # entry was expired from the start and never matched, without a word.
+    for value in (46387, "46387", 46387.5):
+        with pytest.raises(WatchlistError, match="before the year 2000"):
+            parse_time(value, what="valid_until")
+    assert parse_time(0) == 0.0  # "always" stays allowed
+    assert parse_time(1_900_000_000) == 1_900_000_000.0
+
+
+def test_a_csv_export_with_keys_in_two_cases_imports_back() -> None:
+    # "Owner" from a CSV header and "owner" from `add --info` were two columns, and the
+    # import refused the export ("repeated header column").
+    entries = [WatchlistEntry("ABC1234", info={"Owner": "Ann", "Make": "Kia"}),
+               WatchlistEntry("XYZ999", info={"owner": "Bob"})]
+    back = parse_document(dump_csv(entries).encode(), "csv")
+    assert [(e.plate, e.info) for e in back] == [
+        ("ABC1234", {"Make": "Kia", "Owner": "Ann"}), ("XYZ999", {"Owner": "Bob"})]
+
+
+def test_the_daemon_follows_a_store_deleted_and_started_afresh(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    # An admin deleted watchlist.sqlite* to start the list afresh and added plates with the
+    # CLI: the daemon kept matching the deleted file (its old plates, none of the new).
+    import lprd.watchlist as watchlist_module
+    from lprd.types import PlateEvent, WatchlistMatch
+
+    monkeypatch.setattr(watchlist_module, "FOLLOW_EVERY", 0.0)
+    path = tmp_path / "watchlist.sqlite"
+    daemon = Watchlist(path)
+    daemon.add(WatchlistEntry("OLD111", action="allow"))
+
+    def event(plate: str) -> PlateEvent:
+        return PlateEvent(id="e", camera="gate", plate=plate, confidence=0.9, chars=(),
+                          candidates=(), first_seen=1.0, last_seen=2.0, frames=3, final=True,
+                          box=(0, 0, 1, 1), frame_size=(2, 2), watchlist=WatchlistMatch.none())
+
+    assert daemon.match_event(event("OLD111")).watchlist.match == "exact"
+    for f in tmp_path.glob("watchlist.sqlite*"):
+        f.unlink()
+    with Watchlist(path) as cli:
+        cli.add(WatchlistEntry("NEW222", action="allow"))
+    assert daemon.match_event(event("NEW222")).watchlist.match == "exact"
+    assert daemon.match_event(event("OLD111")).watchlist.match == "none"
+    daemon.close()
