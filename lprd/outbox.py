@@ -85,8 +85,50 @@ class DropReport:
 
 
 def _salvage(path: Path) -> list[tuple]:
-    """The messages still readable in a damaged outbox, oldest first. A bad page ends a scan;
-    the next one starts past it, further each time it fails again."""
+    """The messages still readable in a damaged outbox, oldest first; from a copy with its
+    header fixed where the file was cut short (SQLite then refuses even its schema)."""
+    rows = _scan(path)
+    if rows:
+        return rows
+    copy = path.with_name(path.name + ".salvage")
+    try:
+        if _readable_copy(path, copy):
+            rows = _scan(copy)
+    except OSError as e:
+        log.warning("outbox: no copy of %s to salvage from: %s", path, e)
+    finally:
+        for leftover in (copy, copy.with_name(copy.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+    return rows
+
+
+def _readable_copy(path: Path, copy: Path) -> bool:
+    """Copy `path` to `copy` cut to whole pages, its header's page count set to the pages there
+    are and its journal mode to rollback (a torn file's header promises pages that are gone,
+    and a WAL file that is not there). False where it is no SQLite file."""
+    import shutil  # salvage only
+
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        return False
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = path.stat().st_size // page
+    if pages < 2:
+        return False
+    shutil.copyfile(path, copy)
+    with open(copy, "r+b") as f:
+        f.truncate(pages * page)
+        f.seek(18)
+        f.write(b"\x01\x01")  # rollback journal: read without a WAL
+        f.seek(28)
+        f.write(pages.to_bytes(4, "big"))
+    return True
+
+
+def _scan(path: Path) -> list[tuple]:
+    """A bad page ends a scan; the next one starts past it, further each time it fails again."""
     rows: list[tuple] = []
     try:
         src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)

@@ -307,3 +307,24 @@ def test_unknown_message_kind_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="kind"):
         ob.put([OutboxMessage("x", "gate", "bogus", "plate", b"")])
     assert ob.size() == 0
+
+
+def test_the_first_messages_of_an_outbox_cut_short_are_kept(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    # A file cut short (a copy or a file system that lost its tail): its header promises pages
+    # that are gone, SQLite refused even the schema, and nothing was salvaged.
+    path = tmp_path / "outbox.sqlite"
+    ob = Outbox(path)
+    for i in range(200):
+        ob.put([OutboxMessage(f"ev{i:05d}", "gate", "event", "plate", b"p" * 3000)])
+    ob.close()
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="lprd.outbox"):
+        ob = Outbox(path)
+    ids = [p.message.event_id for p in ob.pending(limit=1000)]
+    assert 80 <= len(ids) < 200 and ids == sorted(ids) and ids[0] == "ev00000"
+    assert "could still be read" in caplog.text
+    assert not list(tmp_path.glob("*.salvage*"))  # the fixed copy is gone
+    ob.close()
