@@ -38,9 +38,11 @@ _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its le
 GAP_FRAMES = 3
 GAP_SECONDS = 0.5
 GAP_MAX_EDITS = 1
-# A gap is at most this share of the track's timeout: at 2 fps or less three intervals are
-# longer than the timeout itself, and the rules above would never apply (the next car in a
-# queue took over its predecessor's pass); there one missed frame is a gap.
+# For a sure pass (and the tracks it refuses), a gap is at most this share of the timeout: at
+# 2 fps or less three intervals are longer than the timeout itself, and the next car in a
+# queue took over its predecessor's pass; there one missed frame is a gap. Not for the edit
+# rule of other tracks: an unsure track after one missed frame at 2 fps took a misread as
+# another vehicle.
 GAP_SHARE = 0.6
 # A track stays open at least this many frame intervals (a camera at 0.5 fps, or several
 # cameras on a slow box, analyse a frame every 2 s: a fixed track_timeout of 1.5 s closed every
@@ -51,12 +53,16 @@ TIMEOUT_MAX = 10.0
 _STEPS_KEPT = 15
 # hold() keeps open the tracks read in one of the last HOLD_MISSES + 1 analysed frames: the
 # reader misses a plate now and then, and the frame it missed may be the last before the scene
-# went still (a car that left was missed in several frames while it drove out).
+# went still. Only while frames come at least every HOLD_MISS_STEP seconds: then a car that
+# left was missed in several frames as it drove out; with frames seconds apart one frame
+# without it is all a departure shows.
 HOLD_MISSES = 1
+HOLD_MISS_STEP = 0.5
 # Best observations kept per track, by read text: a car parked for hours is read in ever new
 # misreads, each of which would otherwise keep its frame's crop.
 _BEST_KEPT = 8
-NESTED_SHARE = 0.8  # a box this much inside another of the frame, its read a part of the other's
+NESTED_SHARE = 0.8
+TURNING_AWAY = 0.85  # a doubted read's box under this share of its pass's width: driving off  # a box this much inside another of the frame, its read a part of the other's
 # Look-alikes that say nothing about a new vehicle: the pairs plate_match prices cheapest (O/0,
 # I/1, B/8, S/5, Z/2, G/6), and Q/D read as O/0, the reader's most frequent slip on real plates
 # (MODEL_CARD). Dearer ones (3/8, 1/7, A/4) can tell two plates apart.
@@ -244,6 +250,8 @@ class _Track:
     doubt_of: str | None = None  # the id of the sure pass it began one character off, after a gap
     doubt_key: str = ""  # that pass's key when it refused this track's first read
     rival: bool = False  # read in one frame with the pass it doubts: another vehicle
+    turns: int = 0  # frames since it began that read the pass it doubts and not it
+    doubt_w: int = 0  # the width of that pass's box when it refused this track's first read
     missed: int = 0  # analysed frames since its last read (hold() keeps it open while few)
     early_plate: str | None = None  # the plate of its early event
     vote: Vote | None = None
@@ -283,6 +291,15 @@ class _Track:
                                   key=lambda k: _quality(self.best[k]))]
         if self.best_any is None or score > _quality(self.best_any):
             self.best_any = obs
+
+    def merged_key(self, other: _Track) -> str:
+        """The key of the vote this track would have with `other`'s reads."""
+        if not other.whole:
+            return self.key
+        voter = Voter()
+        voter.merge(self.voter)
+        voter.merge(other.voter)
+        return plate_key(voter.result(1).plate)
 
     def absorb(self, other: _Track) -> None:
         """Take `other`'s reads: it was this vehicle read another way."""
@@ -445,7 +462,8 @@ class Tracker:
         new pass once it drives off, past the dedupe window."""
         self._frame_at(ts)
         for t in self._tracks:
-            if t.missed <= HOLD_MISSES:
+            if t.missed == 0 or (t.missed <= HOLD_MISSES
+                                 and self._frame_step <= HOLD_MISS_STEP):
                 t.last_seen = max(t.last_seen, ts)
 
     def _frame_at(self, ts: float) -> None:
@@ -520,7 +538,7 @@ class Tracker:
                 t = _Track(first_seen=o.ts, last_seen=o.ts, box=o.box, last_text=o.read.text,
                            topn=self.topn)
                 if doubted is not None:
-                    t.doubt_of, t.doubt_key = doubted.id, doubted.key
+                    t.doubt_of, t.doubt_key, t.doubt_w = doubted.id, doubted.key, doubted.box[2]
                 t.add(o)
                 self._tracks.append(t)
                 touched.append(t)
@@ -536,7 +554,7 @@ class Tracker:
         overlap = iou(t.box, o.box)
         if not (same_plate or self._near(t, o, overlap)):  # before the edit distances: a
             return None  # parking lot has many pairs
-        if dt > self._gap() and self._sure(t) and not same_plate:
+        if dt > self._gap(sure=True) and self._sure(t) and not same_plate:
             return None
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
         keys = (t.key, t.last_key)
@@ -561,9 +579,9 @@ class Tracker:
             return self.cfg.track_timeout
         return max(self.cfg.track_timeout, min(TIMEOUT_FRAMES * self._frame_step, TIMEOUT_MAX))
 
-    def _gap(self) -> float:
+    def _gap(self, sure: bool = False) -> float:
         gap = max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
-        return min(gap, GAP_SHARE * self._timeout())
+        return min(gap, GAP_SHARE * self._timeout()) if sure else gap
 
     def _near(self, t: _Track, o: Observation, overlap: float) -> bool:
         dt = max(o.ts - t.last_seen, 0.0)
@@ -595,7 +613,14 @@ class Tracker:
                 continue
             if id(d) in seen:
                 d.rival = True
-            else:
+                continue
+            # Evidence of one vehicle read two ways: the pass read without it at least twice,
+            # and as often as it was read (one read of the last car's plate nearby is no turn
+            # taking: the next car in a queue would be swallowed), before it could have sent
+            # an early event, and its reads leave the pass's plate as it is.
+            d.turns += 1
+            if (d.turns >= max(2, d.frames) and d.voter.reads < self._early_frames
+                    and pass_.merged_key(d) == pass_.key):
                 pass_.absorb(d)
                 joined.append(d)
         for d in joined:
@@ -622,9 +647,12 @@ class Tracker:
         if t.id is None:
             pid = self._pass_of(t)
             # in doubt: a misread of the pass after a gap while it has few reads, or while it
-            # reads a character more or fewer (a plate read short as its car turns away)
+            # reads a character more or fewer off a plate smaller than the pass's (read short
+            # as its car turns away; a car pulling up in its place reads as wide or wider)
             if (pid is None and t.doubt_of is not None and not t.rival
-                    and (t.frames < self._early_frames or len(t.key) != len(t.doubt_key))):
+                    and (t.frames < self._early_frames
+                         or (len(t.key) != len(t.doubt_key)
+                             and t.box[2] < TURNING_AWAY * t.doubt_w))):
                 pid = t.doubt_of
             if pid is not None:
                 t.id, t.silent, t.pass_key = pid, True, t.key

@@ -805,3 +805,69 @@ def test_a_final_event_that_revises_its_early_event_says_what_the_early_one_said
         ("ABC1734", False, None), ("ABC1234", True, "ABC1734")]
     assert events[1].to_dict()["early_plate"] == "ABC1734"
     assert "early_plate" not in events[0].to_dict()
+
+
+@pytest.mark.parametrize("variant", ["slip", "unsure"])
+def test_the_next_car_in_a_queue_is_not_joined_to_the_last_car_s_pass(variant: str) -> None:
+    # A sure pass leaves; the next car, one character off, pulls up in its place. One read of
+    # the last car's plate among the new car's (its own read slipping to it, or the last car
+    # read once more close by) made the new car's track join the old pass: no event of its own,
+    # and the old pass's final event said the new car's plate.
+    tr = make_tracker(track_timeout=1.5)
+    frames = [[obs("ABC1234", T0 + i * DT, (600, 500, 120, 30))] for i in range(20)] + [[]] * 5
+    for i in range(25, 50):
+        if i == 26:
+            frames.append([obs("ABC1234", T0 + i * DT, (605, 502, 120, 30) if variant == "slip"
+                               else (640, 480, 115, 28))])
+        else:
+            frames.append([obs("ABC1284", T0 + i * DT, (605, 502, 120, 30),
+                               None if variant == "slip" else [0.975] * 7)])
+    events = drive(tr, frames) + tr.flush(now=T0 + 30)
+    assert sorted({(e.id, e.plate) for e in finals(events)}) == [("ev1", "ABC1234"),
+                                                                  ("ev2", "ABC1284")]
+
+
+@pytest.mark.parametrize("plate", ["ABC12345", "AB1234"])
+def test_the_next_car_with_a_plate_a_character_longer_or_shorter_gets_its_pass(
+        plate: str) -> None:
+    # Read as wide as the last car's plate in its place: not a plate read short as a car
+    # turns away, which stays silent.
+    tr = make_tracker(track_timeout=1.5)
+    frames = [[obs("ABC1234", T0 + i * DT, (600, 500, 120, 30))] for i in range(20)] + [[]] * 5
+    frames += [[obs(plate, T0 + i * DT, (605, 502, 120, 30))] for i in range(25, 50)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 30)
+    assert [(e.id, e.plate, e.final) for e in events if e.id == "ev2"] == [
+        ("ev2", plate, False), ("ev2", plate, True)]
+
+
+def test_with_frames_seconds_apart_a_car_gone_in_one_frame_is_not_held() -> None:
+    # One analysed frame every 3 s: the frame showing the car gone is the only one after it
+    # left. Held as "missed once", its track stayed open through an hour of stillness, and
+    # the same car coming back got no early event (no gate opened).
+    tr = make_tracker()
+    step = 3.0
+    events = [e for i in range(6) for e in tr.update(
+        [obs("ABC1234", T0 + i * step, (600, 500, 120, 30))], now=T0 + i * step)]
+    events += tr.update([], now=T0 + 6 * step)
+    ts = T0 + 7 * step
+    while ts < T0 + 3600:
+        tr.hold(ts)
+        events += tr.tick(ts)
+        ts += step
+    assert [(e.id, e.final, e.frames) for e in events] == [("ev1", False, 3), ("ev1", True, 6)]
+    back = [e for i in range(10) for e in tr.update(
+        [obs("ABC1234", ts + i * step, (600, 500, 120, 30))], now=ts + i * step)]
+    assert [(e.id, e.final) for e in back] == [("ev2", False)]
+
+
+def test_at_two_frames_a_second_a_misread_after_one_missed_frame_joins_its_track() -> None:
+    # The gap shortened for sure passes (one missed frame at 2 fps) applied to every track: a
+    # read two characters off after one missed frame started a ghost pass of its own.
+    tr = make_tracker(early_confidence=1.0)
+    texts = ["KLM4455"] * 2 + [None] + ["KLX4Y55"] + ["KLM4455"] * 4
+    events = []
+    for i, text in enumerate(texts):
+        ts = T0 + i * 0.5
+        events += tr.update([obs(text, ts, (100 + 30 * i, 400, 120, 30))] if text else [], now=ts)
+    events += tr.flush(now=T0 + 100)
+    assert [(e.plate, e.frames) for e in events] == [("KLM4455", 7)]
