@@ -600,11 +600,13 @@ class Publisher:
         if self.cfg.enabled:
             self._q.put(("state", state))
 
-    def publish_watchlist_sync(self, status: dict[str, Any]) -> None:
+    def publish_watchlist_sync(self, status: dict[str, Any] | None) -> None:
         """The watchlist sync's outcome, on every camera's state topic (`watchlist_sync`): a
-        hot-list that has failed to sync for days must show where the cameras are watched."""
+        hot-list that has failed to sync for days must show where the cameras are watched.
+        None: no sync any more."""
         if self.cfg.enabled:
-            self._q.put(("wl_sync", {k: status.get(k) for k in WATCHLIST_SYNC_KEYS}))
+            self._q.put(("wl_sync", None if status is None
+                         else {k: status.get(k) for k in WATCHLIST_SYNC_KEYS}))
 
     def outbox_depth(self) -> int:
         return self.outbox.depth()
@@ -868,6 +870,14 @@ class Publisher:
                         self._connected = False
                         self._drop_crops()
                         return
+                if self.cfg.action_max_age and any(
+                        pm.message.kind == "action" for pm in self._inflight.values()):
+                    # paho would send its in-flight messages again itself when it reconnects,
+                    # however long the outage: an allow hours old would open the gate. A new
+                    # client leaves them to the outbox, whose sends check their age.
+                    self._connected = False
+                    self._new_client()
+                    return
             elif self._refused_at_connect:  # paho's close after a refusing CONNACK: reported
                 self._refused_at_connect = False
             elif self._protocol == "5" and self._closed_at_connect >= 2:

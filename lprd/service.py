@@ -188,6 +188,10 @@ class _Flags:
     signals: list[str] = field(default_factory=list)
 
 
+def disabled_state(camera: str) -> CameraState:
+    return CameraState(camera, connected=False, error="disabled in the config")
+
+
 class Supervisor:
     """Runs the daemon until SIGTERM/SIGINT (or, with `once`, until every file is done)."""
 
@@ -713,6 +717,9 @@ class Supervisor:
                                    on_command=self._on_command,
                                    actions_sent=self._actions_sent)
         self.publisher.start()
+        for name, ccfg in self.cfg.cameras.items():
+            if not ccfg.enabled:  # else its retained state says what it was when last on
+                self.publisher.publish_state(disabled_state(name))
         if self._sync_status is not None:
             self.publisher.publish_watchlist_sync(self._sync_status)
 
@@ -745,19 +752,27 @@ class Supervisor:
     def _start_sync(self) -> None:
         wl = self.cfg.watchlist
         if not wl.enabled or not wl.sync.source:
+            if self._sync_status is not None:  # no sync any more: the states stop showing one
+                self._sync_status = None
+                if self.publisher is not None:
+                    self.publisher.publish_watchlist_sync(None)
             return
         try:
             from lprd.watchlist import Watchlist, WatchlistSync
 
-            self.sync = WatchlistSync(Watchlist.from_config(self.cfg), wl.sync,
-                                      on_result=self._on_sync)
-            self.sync.start()
+            sync = WatchlistSync(Watchlist.from_config(self.cfg), wl.sync)
+            sync.on_result = lambda _r, status: self._on_sync(sync, status)
+            self.sync = sync
+            sync.start()
         except Exception:
             log.exception("watchlist sync could not start; the last synced list stays in use")
             self.sync = None
 
-    def _on_sync(self, _result: Any, status: Any) -> None:
-        """(The sync's thread.) Its outcome goes on the cameras' state topics."""
+    def _on_sync(self, sync: Any, status: Any) -> None:
+        """(The sync's thread.) Its outcome goes on the cameras' state topics; not that of a
+        sync a reload stopped, which may end after its successor's first."""
+        if sync is not self.sync:
+            return
         self._sync_status = status.to_dict()
         publisher = self.publisher
         if publisher is not None:
@@ -814,8 +829,7 @@ class Supervisor:
                         and self.publisher is not None:
                     # its retained state said what it was last (connected: true) for good
                     with contextlib.suppress(Exception):
-                        self.publisher.publish_state(CameraState(
-                            name, connected=False, error="disabled in the config"))
+                        self.publisher.publish_state(disabled_state(name))
             if name in new.cameras:
                 self._add_camera(name, new.cameras[name])
         if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):

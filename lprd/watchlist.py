@@ -410,8 +410,10 @@ def parse_document(
     """A whole CSV or JSON list, validated: any bad row rejects the document (names the rows).
     More than `max_entries` rows reject it too, before they all take memory. A plate twice on
     one list is a bad row too, unless `merge_duplicates` (a sync: real exports repeat rows, and
-    rejecting the list would keep every later change out): the row whose action is safest
-    (deny, alert, ... allow) stays, the first of equals, and the merge is logged."""
+    rejecting the list would keep every later change out): a row valid now before one that is
+    not, then the safest action (deny, alert, ... allow), then the first; the merge is
+    logged."""
+    now = time.time()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -442,7 +444,7 @@ def parse_document(
                         f"{where}: {entry.plate} is already on list {entry.list!r} ({first})")
                     continue
                 merged.append(f"{where}: {entry.plate} ({first})")
-                if action_rank(entry.action) < action_rank(entries[kept[key]].action):
+                if _merge_rank(entry, now) < _merge_rank(entries[kept[key]], now):
                     entries[kept[key]] = entry
                 continue
             kept[key] = len(entries)
@@ -459,6 +461,10 @@ def parse_document(
                     "; ".join(merged[:_MAX_PROBLEMS_SHOWN]),
                     f"; and {more} more" if more > 0 else "")
     return entries
+
+
+def _merge_rank(entry: WatchlistEntry, now: float) -> tuple[bool, int]:
+    return not entry.active(now), action_rank(entry.action)
 
 
 def _cell(value: Any) -> str:
@@ -578,7 +584,11 @@ class Watchlist:
         self._recover = recover
         self._gen = 0  # bumped when the path names a new file: connections reopen
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._open()
+        try:
+            self._open()
+        except BaseException:  # its connection would stay open until a garbage collection
+            self._drop_own()
+            raise
 
     def _open(self) -> None:
         try:

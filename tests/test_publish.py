@@ -1106,3 +1106,51 @@ def test_an_action_that_waited_past_action_max_age_is_not_sent_its_event_is(
     assert allows == ["ev-gate-00002"]
     plates = [m.json() for m in msgs if m.topic == "lprd/gate/plate"]
     assert [p["watchlist"]["action"] for p in plates] == ["allow", "allow"]
+
+
+def test_an_action_in_flight_when_the_link_dropped_is_not_sent_late_by_paho(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # An action handed to paho before a partition was noticed stayed in paho's queue, and paho
+    # sent it itself at the reconnect, however old: the outbox's age check never saw it.
+    proxy = _Proxy(mosquitto.port)
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/#")
+    try:
+        # 3.1.1: closes before a CONNACK make no fallback (its new client would hide this)
+        pub = publisher(mosquitto, port=proxy.port, connect=False, action_max_age=1,
+                        protocol="3.1.1")
+        wait_until(lambda: pub.connected, what="the first connection")
+        proxy.mode = "blackhole"  # a partition: the action goes out, no PUBACK comes back
+        pub.submit(make_event(1, action="allow"))
+        wait_until(lambda: len(pub._inflight) == 2, what="event and action in flight")
+        proxy.mode = "close"
+        proxy.drop_all()
+        wait_until(lambda: not pub.connected, what="the drop noticed")
+        time.sleep(1.5)  # the outage outlasts action_max_age
+        proxy.mode = "forward"
+        wait_until(lambda: pub.outbox_depth() == 0, timeout=20, what="an empty outbox")
+        time.sleep(0.3)
+        topics = [m.topic for m in sub.snapshot()]
+        assert "lprd/gate/plate" in topics and "lprd/gate/allow" not in topics
+    finally:
+        proxy.close()
+
+
+def test_a_camera_disabled_in_the_config_says_so_when_the_daemon_starts(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any], tmp_path: Path) -> None:
+    # Its retained state said what it was when it last ran (connected: true), or nothing.
+    from lprd.config import parse_config
+    from lprd.service import Supervisor
+
+    cfg = parse_config({"storage": {"dir": str(tmp_path / "st")},
+                        "cameras": {"gate": {"source": str(tmp_path / "a.mp4"),
+                                             "enabled": False}},
+                        "mqtt": {"host": mosquitto.host, "port": mosquitto.port}})
+    sup = Supervisor(cfg, tmp_path / "c.yaml")
+    sup._start_publisher()
+    try:
+        sub = mqtt_subscriber(mosquitto, "lprd/gate/state")
+        state = sub.wait_for(lambda ms: len(ms) >= 1)[-1].json()
+        assert (state["connected"], state["error"]) == (False, "disabled in the config")
+    finally:
+        sup._stop_publisher(timeout=5)

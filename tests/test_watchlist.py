@@ -663,3 +663,36 @@ def test_the_daemon_follows_a_store_deleted_and_started_afresh(tmp_path: Path,
     assert daemon.match_event(event("NEW222")).watchlist.match == "exact"
     assert daemon.match_event(event("OLD111")).watchlist.match == "none"
     daemon.close()
+
+
+def test_a_store_that_fails_to_open_leaves_no_connection_open(tmp_path: Path) -> None:
+    # The inference worker tries a locked store again every 30 s: each failed open kept its
+    # connection (two descriptors) until a garbage collection.
+    import gc
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    path = tmp_path / "watchlist.sqlite"
+    path.touch()
+    # another process holds the write lock (one of this process's would keep descriptors open
+    # by SQLite's design: closing any would drop its POSIX locks)
+    holder = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+              "c.execute('PRAGMA journal_mode=WAL'); c.execute('CREATE TABLE x(a)'); "
+              "c.execute('BEGIN IMMEDIATE'); c.execute('INSERT INTO x VALUES (1)'); "
+              "print('locked', flush=True); sys.stdin.read()")
+    lock = subprocess.Popen([sys.executable, "-c", holder, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert lock.stdout is not None and lock.stdout.readline().strip() == "locked"
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with pytest.raises(sqlite3.OperationalError):
+                Watchlist(path, busy_timeout=0.05)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        gc.enable()
+        lock.communicate("")

@@ -666,3 +666,7 @@ def test_a_synced_list_repeating_a_plate_is_merged_not_rejected(wl: Watchlist, t
     assert wl.match("XYZ999").action == "deny"  # the safest of the two
     assert wl.match("KLM555").action == "alert"
     assert "1 row(s) repeat a plate" in caplog.text and "line 4: XYZ999 (line 2)" in caplog.text
+    # a row valid now before an expired one, however safe the expired one's action
+    src.write_text("plate,action,valid_until\nKLM555,deny,2020-01-01\nKLM555,alert,\n")
+    assert _sync(wl, str(src)).sync_once().ok
+    assert wl.match("KLM555").action == "alert"
