@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -52,11 +53,16 @@ HOLD_LIMIT = 30.0  # most seconds new messages wait for paho's resends after a r
 REFUSED_RETRY = 300.0  # s between new tries of the messages the broker refused (MQTT 5)
 DIRECT_MAX = 1000  # messages the outbox could not store, kept in memory for the broker
 MAX_COMMAND_BYTES = 4096
+# Each command runs at most once in this many seconds; more within it are merged into one run
+# at its end: any client on the broker could otherwise reload the daemon or fetch the watchlist
+# source thousands of times a second.
+COMMAND_INTERVAL = {"reload": 10.0, "watchlist_sync": 60.0}
+DISCOVERY_INTERVAL = 30.0  # s: Home Assistant's "online" republishes discovery at most this often
 RESERVED_SUBTOPICS = frozenset({"plate", "state", "crop"})
-ANNOUNCED_FILE = "mqtt_announced.json"
+ANNOUNCED_FILE = "mqtt_announced.json"  # in storage.dir: the retained topics of the last run
 # What the state topics say of the watchlist sync (not its source: a URL may hold secrets)
 WATCHLIST_SYNC_KEYS = ("last_sync_ok", "last_attempt", "last_success", "last_change",
-                       "last_error", "entries")  # in storage.dir: the retained topics of the last run
+                       "last_error", "entries")
 
 
 # -- topics -------------------------------------------------------------------------------------
@@ -499,6 +505,13 @@ class Publisher:
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self._cmd_thread: threading.Thread | None = None
+        self._cmd_ran: dict[str, float] = {}  # verb: when it last ran (monotonic)
+        self._cmd_deferred: dict[str, tuple[float, dict[str, Any]]] = {}  # verb: when, args
+        self._commands_oversized = 0
+        self._ignored = 0  # commands malformed, retained or too big (malformed and retained ones
+        # are logged at the 1st, 2nd, 4th ... of them)
+        self._discovery_at = -math.inf
+        self._discovery_due = False  # Home Assistant said "online" within DISCOVERY_INTERVAL
         self._started = False
         self._stopped = False
         # Worker-thread state.
@@ -743,8 +756,15 @@ class Publisher:
             self._q.put(("ack", mid, client))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # sized before any copy: a broker passes on up to 256 MB by default
         if self.cfg.discovery.enabled and msg.topic == f"{self.cfg.discovery.prefix}/status":
-            self._q.put(("ha_status", bytes(msg.payload)))
+            if len(msg.payload) <= 16 and bytes(msg.payload).strip() == b"online":
+                self._q.put(("ha_status", b"online"))
+            return
+        if len(msg.payload) > MAX_COMMAND_BYTES:
+            with self._lock:
+                self._commands_oversized += 1
+                self._ignored += 1
             return
         try:
             self._cmd_q.put_nowait((msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -902,9 +922,10 @@ class Publisher:
         elif kind == "drop":
             self._on_drop(item[1])
         elif kind == "ha_status":
-            if item[1].strip() == b"online":
-                log.info("Home Assistant came online: republishing discovery")
-                self._publish_discovery()
+            # at most once a DISCOVERY_INTERVAL: a flood of "online" would put thousands of
+            # retained configs ahead of the events and gate actions
+            self._discovery_due = True
+            self._maybe_publish_discovery()
         elif kind == "direct":
             self._direct.extend(item[1])
             while len(self._direct) > DIRECT_MAX:
@@ -1178,6 +1199,7 @@ class Publisher:
                           self._state_payload(camera), retain=True)
 
     def _maybe_publish_states(self) -> None:
+        self._maybe_publish_discovery()
         with self._idle:
             self._depth_cache = self.outbox.depth()
             self._idle.notify_all()
@@ -1188,6 +1210,14 @@ class Publisher:
         for camera in set(self._states) | set(self._published_depth):
             if self.outbox.depth(camera) != self._published_depth.get(camera):
                 self._publish_state(camera)
+
+    def _maybe_publish_discovery(self) -> None:
+        if (self._discovery_due and self._connected
+                and time.monotonic() - self._discovery_at >= DISCOVERY_INTERVAL):
+            log.info("Home Assistant came online: republishing discovery")
+            self._discovery_due = False
+            self._discovery_at = time.monotonic()
+            self._publish_discovery()
 
     def _publish_discovery(self) -> None:
         for topic, payload in discovery_messages(self.cfg, self.cameras):
@@ -1239,30 +1269,65 @@ class Publisher:
 
     def _run_commands(self) -> None:
         while True:
-            item = self._cmd_q.get()
+            due = min((at for at, _ in self._cmd_deferred.values()), default=None)
+            try:
+                item = self._cmd_q.get(timeout=None if due is None
+                                       else max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                item = None
             if item is _STOP:
                 return
             try:
-                self._handle_command(*item)
+                if item is not None:
+                    self._handle_command(*item)
+                now = time.monotonic()
+                for verb, (at, args) in list(self._cmd_deferred.items()):
+                    if at <= now:
+                        del self._cmd_deferred[verb]
+                        self._run_command(verb, args)
             except Exception:
                 log.exception("command handling failed (ignored)")
 
     def _handle_command(self, topic: str, payload: bytes, retain: bool) -> None:
         with self._lock:
             dropped, self._commands_dropped = self._commands_dropped, 0
+            oversized, self._commands_oversized = self._commands_oversized, 0
         if dropped:
             log.warning("ignored %d command(s): too many at once", dropped)
+        if oversized:
+            log.warning("ignored %d command(s) over %d bytes", oversized, MAX_COMMAND_BYTES)
         verb = topic.rsplit("/", 1)[-1]
         if retain:
             # A retained command would run again on every reconnect.
-            log.warning("ignored retained command on %s: publish commands without retain", topic)
+            if loud_repeat(self._ignore()):
+                log.warning("ignored retained command on %s: publish commands without retain "
+                            "(%d ignored so far)", topic, self._ignored)
             return
         try:
             args = parse_command(verb, payload)
         except CommandError as e:
-            log.warning("ignored malformed command on %s: %s (payload %s)", topic, e,
-                        _preview(payload))
+            if loud_repeat(self._ignore()):  # a client flooding garbage must not flood the log
+                log.warning("ignored malformed command on %s: %s (payload %s; %d ignored so "
+                            "far)", topic, e, _preview(payload), self._ignored)
             return
+        last = self._cmd_ran.get(verb)
+        interval = COMMAND_INTERVAL.get(verb, 0.0)
+        if last is not None and time.monotonic() - last < interval:
+            if verb not in self._cmd_deferred:
+                log.info("command %s: the last ran %.0f s ago; this one runs in %.0f s, with "
+                         "any more until then merged into it", verb, time.monotonic() - last,
+                         last + interval - time.monotonic())
+            self._cmd_deferred[verb] = (last + interval, args)
+            return
+        self._run_command(verb, args)
+
+    def _ignore(self) -> int:
+        with self._lock:
+            self._ignored += 1
+            return self._ignored
+
+    def _run_command(self, verb: str, args: dict[str, Any]) -> None:
+        self._cmd_ran[verb] = time.monotonic()
         log.info("command %s %s", verb, json.dumps(args) if args else "")
         if self.on_command is None:
             log.warning("command %s received but nothing handles commands here", verb)

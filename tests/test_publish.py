@@ -602,7 +602,11 @@ def test_a_camera_removed_from_the_config_leaves_no_retained_topics_behind(
 
 def test_random_and_malformed_commands_never_crash_and_valid_ones_reach_on_command(
         mosquitto: Any, mqtt_subscriber: Callable[..., Any],
-        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import lprd.publish
+
+    monkeypatch.setattr(lprd.publish, "COMMAND_INTERVAL", {})  # each valid one runs at once
     calls: list[tuple[str, dict]] = []
 
     def on_command(verb: str, args: dict) -> None:
@@ -623,7 +627,7 @@ def test_random_and_malformed_commands_never_crash_and_valid_ones_reach_on_comma
         sender.publish(f"lprd/cmd/{verb}", payload, qos=1).wait_for_publish(5)
 
     def ignored() -> int:
-        return sum("ignored" in r.getMessage() for r in caplog.records)
+        return pub._ignored
 
     try:
         rng = random.Random(6)
@@ -1154,3 +1158,38 @@ def test_a_camera_disabled_in_the_config_says_so_when_the_daemon_starts(
         assert (state["connected"], state["error"]) == (False, "disabled in the config")
     finally:
         sup._stop_publisher(timeout=5)
+
+
+def test_a_flood_of_commands_and_home_assistant_births_is_merged(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    # Any client on the broker could reload the daemon thousands of times a second, fetch the
+    # watchlist source as often, flood the journal with garbage, make lprd copy 200 MB
+    # payloads, and put thousands of discovery republishes ahead of events and gate actions.
+    calls: list[tuple[str, dict]] = []
+    pub = publisher(mosquitto, cameras=("gate",), on_command=lambda v, a: calls.append((v, a)),
+                    discovery={"enabled": True})
+    ha = mqtt_subscriber(mosquitto, "homeassistant/+/+/+/config")
+    ha.wait_for(lambda ms: len(ms) >= 3)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2)
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    caplog.set_level(logging.WARNING, logger="lprd.publish")
+    try:
+        sender.publish("lprd/cmd/reload", b"x" * 100_000, qos=1)
+        for i in range(200):
+            sender.publish("lprd/cmd/reload", json.dumps({"request_id": str(i)}), qos=1)
+            sender.publish("lprd/cmd/reload", b"{", qos=1)
+            sender.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+        wait_until(lambda: pub._cmd_q.empty() and "reload" in pub._cmd_deferred, 10,
+                   "the flood handled")
+        time.sleep(0.5)
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+    assert calls == [("reload", {"request_id": "0"})]  # the rest merged into one, 10 s later
+    assert pub._cmd_deferred["reload"][1] == {"request_id": "199"}
+    assert len(ha.snapshot()) <= 3 + 4  # one republish of the 3 configs and the image's
+    malformed = [r for r in caplog.records if "ignored malformed" in r.getMessage()]
+    assert len(malformed) <= 9  # at 1, 2, 4 ... 128 of the 200
+    assert "ignored 1 command(s) over 4096 bytes" in caplog.text
