@@ -275,6 +275,9 @@ class MQTTConfig(_Strict):
             raise ValueError("mqtt.password_file needs mqtt.username (MQTT sends no password alone)")
         if (self.tls.cert is None) != (self.tls.key is None):
             raise ValueError("mqtt.tls.cert and mqtt.tls.key go together: set both or neither")
+        if self.discovery.enabled and self.discovery.prefix == self.topic_prefix:
+            raise ValueError("mqtt.topic_prefix is mqtt.discovery.prefix: lprd's status (and "
+                             "last will) would be Home Assistant's birth message")
         return self
 
     @field_validator("protocol", mode="before")

@@ -223,7 +223,15 @@ def retired_messages(old: dict[str, Any], cfg: MQTTConfig,
         dp = old.get("discovery")
         if isinstance(dp, str) and not (kept and now["discovery"] == dp):
             out += [(t, b"") for t in _discovery_topics(dp, prefix, camera)]
-    return out
+    # Two prefixes may share a slug ("home/lprd", "home_lprd"): what this run announces is
+    # never cleared, or Home Assistant's entities would go with the old prefix's
+    current = {f"{cfg.topic_prefix}/status"}
+    for camera in cameras:
+        base = f"{cfg.topic_prefix}/{camera_level(camera)}"
+        current |= {f"{base}/state"} | ({f"{base}/crop"} if cfg.crops else set())
+        if cfg.discovery.enabled:
+            current |= set(_discovery_topics(cfg.discovery.prefix, cfg.topic_prefix, camera))
+    return [(t, p) for t, p in out if t not in current]
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -972,8 +980,11 @@ class Publisher:
     def _send(self, client: mqtt.Client, pm: PendingMessage) -> bool | None:
         """Hand one message to paho (in flight from then on): True; False where paho's queue
         refused it (try again later); None where it can never be sent (dropped, counted) or is
-        an action too old to act on (dropped)."""
-        if pm.message.kind == "action" and self._too_old_to_act(pm):
+        an action too old to act on, or a retained crop of a camera gone or of crops turned
+        off (dropped)."""
+        if (pm.message.kind == "action" and self._too_old_to_act(pm)) or (
+                pm.message.kind == "crop"  # retained: it would stay after the cleanup
+                and (not self.cfg.crops or pm.message.camera not in self.cameras)):
             self.outbox.ack([pm.seq])
             self._cursor = max(self._cursor, pm.seq)
             return None
@@ -1092,10 +1103,10 @@ class Publisher:
         # Entities and subscriptions first, "online" last: whoever sees "online" also finds
         # the discovery configs and states, and commands sent from then on are heard.
         subs = [(f"{self.prefix}/cmd/+", 1)]
+        self._retire_old_topics()  # first: what discovery announces next must not be cleared
         if self.cfg.discovery.enabled:
             subs.append((f"{self.cfg.discovery.prefix}/status", 1))
             self._publish_discovery()
-        self._retire_old_topics()
         self._client.subscribe(subs)  # type: ignore[union-attr]
         # a camera that has not reported yet has a state to say once the sync's outcome is in
         for camera in dict.fromkeys([*self._states, *(self.cameras if self._wl_sync else ())]):
@@ -1177,7 +1188,8 @@ class Publisher:
             d["total"] += n
             d["last"] = {"reason": report.reason, "events": n, "at": at,
                          "first_id": report.first_id, "last_id": report.last_id}
-            self._publish_state(camera)
+            if camera in self.cameras:  # a removed camera's state topic was cleared
+                self._publish_state(camera)
 
     def _state_payload(self, camera: str) -> bytes:
         state = self._states.get(camera)

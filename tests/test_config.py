@@ -72,6 +72,9 @@ def test_every_key_in_the_example_has_a_comment_nearby():
 
 BAD_CONFIGS = [
     ("mqtt:\n  hots: broker\n", "mqtt.hots: unknown key"),
+    # lprd's online/offline would be Home Assistant's birth message to every integration
+    ("mqtt:\n  topic_prefix: homeassistant\n  discovery: {enabled: true}\n",
+     "mqtt.topic_prefix is mqtt.discovery.prefix"),
     ("mqtt:\n  topic_prefix: '$SYS/lprd'\n", "not start with / or $ (the broker's own topics)"),
     ("cameras:\n  cmd: {source: a.mp4}\n", "camera name 'cmd' is reserved for MQTT commands"),
     ("mqtt:\n  host: ''\n", "mqtt.host:"),

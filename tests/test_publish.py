@@ -127,6 +127,17 @@ def test_a_new_topic_prefix_clears_everything_the_old_one_left_retained() -> Non
     assert retired_messages({"garbage": 1}, MQTTConfig(), ["gate"]) == []
 
 
+def test_a_prefix_whose_slug_is_the_old_one_s_keeps_home_assistant_s_entities() -> None:
+    # "home/lprd" and "home_lprd" name one Home Assistant node: the configs the new run had
+    # just published were cleared as the old prefix's, and every entity went away.
+    old = {"prefix": "home/lprd", "cameras": ["gate"], "crops": False,
+           "discovery": "homeassistant"}
+    cfg = MQTTConfig(topic_prefix="home_lprd", discovery={"enabled": True})
+    cleared = [t for t, _ in retired_messages(old, cfg, ["gate"])]
+    assert cleared == ["home/lprd/status", "home/lprd/gate/state"]
+    assert not any(t.startswith("homeassistant/") for t in cleared)
+
+
 def test_command_payloads_are_validated_into_plain_dicts() -> None:
     assert parse_command("reload", b"") == {}
     assert parse_command("reload", b"  {}\n") == {}
@@ -1193,3 +1204,25 @@ def test_a_flood_of_commands_and_home_assistant_births_is_merged(
     malformed = [r for r in caplog.records if "ignored malformed" in r.getMessage()]
     assert len(malformed) <= 9  # at 1, 2, 4 ... 128 of the 200
     assert "ignored 1 command(s) over 4096 bytes" in caplog.text
+
+
+def test_a_crop_waiting_for_a_camera_since_removed_is_not_left_retained(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], tmp_path: Path) -> None:
+    # A crop waiting in the outbox for a camera removed from the config (or from before crops
+    # went off) was published retained after the cleanup had cleared that camera's topics.
+    from lprd.publish import event_messages
+
+    storage = tmp_path / "st"
+    storage.mkdir()
+    ob = Outbox(storage / "outbox.sqlite")
+    ob.put(event_messages(make_event(1, camera="back", crop=b"\xff\xd8jpeg"), crops=True))
+    ob.put(event_messages(make_event(2, camera="gate", crop=b"\xff\xd8jpeg"), crops=True))
+    ob.close()
+    sub = mqtt_subscriber(mosquitto, "lprd/#")
+    pub = publisher(mosquitto, cameras=("gate",), storage=storage, crops=True)
+    wait_until(lambda: pub.outbox_depth() == 0, what="the outbox sent")
+    time.sleep(0.3)
+    topics = {m.topic for m in sub.snapshot()}
+    assert {"lprd/back/plate", "lprd/gate/plate", "lprd/gate/crop"} <= topics
+    assert "lprd/back/crop" not in topics
