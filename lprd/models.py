@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
-# The repo's models/ (editable installs, the demo) and the system place used by packaging.
+# The repo's models/ (editable installs, the demo), the system place used by packaging, and
+# where a plain `pip install` puts them (the wheel's data files).
 _SEARCH_DIRS = (
     Path(os.environ.get("LPRD_MODELS", "/nonexistent")),
     Path(__file__).resolve().parent.parent / "models",
     Path("/usr/share/lprd/models"),
+    Path(sys.prefix) / "share" / "lprd" / "models",
 )
 
 

@@ -2,6 +2,9 @@
 # Install or upgrade lprd as a systemd service on Debian/Ubuntu/Raspberry Pi OS: run it again to
 # upgrade. Never overwrites an edited /etc/lprd/config.yaml.
 set -euo pipefail
+# Whatever the caller's umask (027 on hardened boxes, kept by sudo): the service's user must
+# read the program and models, or an upgrade leaves a service that cannot start.
+umask 022
 
 usage() {
     cat <<'EOF'
@@ -18,7 +21,8 @@ Options:
   --no-systemd-python skip systemd-python (lprd then uses its built-in sd_notify client
                       and logs to stderr, which journald still captures)
   --root DIR          stage everything under DIR instead of / (also: LPRD_ROOT=DIR); for tests
-                      and image builds. The venv's paths are absolute: it runs where it was made.
+                      and image builds (the unit runs the venv's python, which finds the venv
+                      wherever it lies; its bin/ scripts name the staging path).
   --models DIR        model folder to install (default: the repo's models/)
   --python PATH       interpreter for the venv (default: /usr/bin/python3; also LPRD_PYTHON)
   -h, --help          this text
@@ -82,7 +86,7 @@ ls "$MODELS_SRC"/*.tflite >/dev/null 2>&1 || die "no *.tflite models in $MODELS_
 # -- Debian packages: venv, and what building systemd-python needs -------------------------------
 if [ "$DO_APT" = 1 ]; then
     [ "$IS_ROOT" = 1 ] || die "--no-apt is needed when not running as root"
-    pkgs=(python3 python3-venv)
+    pkgs=(python3 python3-venv procps)  # procps: the unit's ExecReload=/bin/kill
     [ "$DO_SYSTEMD_PY" = 0 ] || pkgs+=(python3-dev gcc pkg-config libsystemd-dev)
     say "installing Debian packages: ${pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -129,7 +133,8 @@ on_exit() {
     fi
 }
 trap on_exit EXIT
-if [ "$LIVE_SYSTEMD" = 1 ] && systemctl -q is-active lprd.service; then
+# activating too: a start in progress, or a crash loop between its restarts
+if [ "$LIVE_SYSTEMD" = 1 ] && [[ "$(systemctl show -p ActiveState --value lprd.service)" =~ ^(active|activating|reloading)$ ]]; then
     say "stopping lprd while its program and models are replaced"
     systemctl stop lprd.service
     STOPPED=1
@@ -164,11 +169,12 @@ if [ -f "$PACKAGE/pyproject.toml" ]; then  # a folder, as pip tells one from a p
     # was installed again. Build from a fresh copy of what the package is made of.
     COPY="$(mktemp -d)"
     SOURCE="$COPY"
-    PARTS=(lprd setup.cfg pyproject.toml README.md)
+    PARTS=(lprd setup.cfg pyproject.toml README.md MANIFEST.in models)
     for f in "${PARTS[@]}"; do
         [ -e "$PACKAGE/$f" ] || die "$PACKAGE is not an lprd source folder (no $f)"
     done
-    tar -C "$PACKAGE" --exclude=__pycache__ --exclude='*.pyc' -cf - "${PARTS[@]}" \
+    tar -C "$PACKAGE" --exclude=__pycache__ --exclude='*.pyc' --exclude=train_state \
+        -cf - "${PARTS[@]}" \
         | tar -C "$SOURCE" -xf -
 fi
 # --force-reinstall --no-deps for lprd itself: same version number, new code on upgrade.
@@ -199,7 +205,7 @@ say "models: $(cd "$SHARE/models" && echo *.tflite)"
 # -- config: never overwrite an edited one --------------------------------------------------------
 EXAMPLE="$REPO/config/config.example.yaml"
 PRISTINE="$SHARE/config.example.yaml"  # the example as last installed: tells "edited" apart
-install -d -m 0755 "$ETC"
+[ -d "$ETC" ] || install -d -m 0755 "$ETC"  # an existing one keeps the mode its admin gave it
 if [ ! -e "$ETC/config.yaml" ]; then
     say "creating $ETC/config.yaml from the example: edit it, then systemctl restart lprd"
     install -m 0640 "$EXAMPLE" "$ETC/config.yaml"
@@ -218,6 +224,9 @@ install -m 0644 "$EXAMPLE" "$PRISTINE"
 # -- state ----------------------------------------------------------------------------------------
 install -d "$STATE"
 owned 0750 "$LPRD_UID:$LPRD_GID" "$STATE"
+# all of it: a user made again under another uid could not read its outbox and watchlist,
+# and systemd's StateDirectory= fixes nothing below a top folder already owned right
+if [ "$IS_ROOT" = 1 ]; then chown -R "$LPRD_UID:$LPRD_GID" "$STATE"; fi
 
 # -- the unit -------------------------------------------------------------------------------------
 install -d -m 0755 "$UNIT_DIR"

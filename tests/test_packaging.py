@@ -40,7 +40,8 @@ def test_unit_is_a_notify_service_with_watchdog_reload_and_its_own_user() -> Non
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
     assert int(s["WatchdogSec"][0]) > 0 and s["Restart"] == ["on-failure"]
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
-    assert s["ExecStart"][0].startswith("/opt/lprd/venv/bin/lprd --config /etc/lprd/config.yaml")
+    assert s["ExecStart"][0].startswith(
+        "/opt/lprd/venv/bin/python -m lprd --config /etc/lprd/config.yaml")
     assert s["ExecStart"][0].endswith(" run")
     assert s["User"] == ["lprd"] and s["StateDirectory"] == ["lprd"]
     assert s["ConfigurationDirectory"] == ["lprd"]
@@ -77,9 +78,12 @@ def wheel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("src")
     shutil.copytree(REPO / "lprd", src / "lprd",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in"):
         if (REPO / name).exists():
             shutil.copy(REPO / name, src / name)
+    (src / "models").mkdir()
+    for f in (REPO / "models").glob("*.*"):  # not train_state/
+        shutil.copy(f, src / "models" / f.name)
     out = tmp_path_factory.mktemp("wheels")
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(src)]
     try:
@@ -106,8 +110,10 @@ def _install(root: Path, wheels: Path, *extra: str) -> subprocess.CompletedProce
     args = ["--no-apt", "--no-systemd-python"]
     if shutil.which("systemctl") is None:
         args.append("--no-systemctl")
+    # under a hardened box's umask (sudo keeps the caller's): the service's user must still
+    # read what was installed
     r = subprocess.run([str(INSTALL), *args, *extra], env=env, check=False, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, preexec_fn=lambda: os.umask(0o027))
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 
@@ -137,7 +143,16 @@ def test_install_lays_out_program_models_config_state_user_and_unit(staged: Path
     import lprd
 
     assert r.stdout.strip() == lprd.__version__
-    assert os.access(venv / "bin/lprd", os.X_OK)  # the unit's ExecStart
+    # the unit's ExecStart, which works wherever the venv was staged
+    # (its dependencies are not installed here: where `-m lprd` would be found is checked)
+    r = subprocess.run([str(venv / "bin/python"), "-c", "import importlib.util; "
+                        "print(importlib.util.find_spec('lprd.__main__').origin)"],
+                       check=True, capture_output=True, text=True, timeout=60, cwd=staged)
+    assert Path(r.stdout.strip()).is_relative_to(venv)
+    # readable by the service's user whatever umask install.sh ran under
+    cli = next(venv.glob("lib/python3*/site-packages/lprd/cli.py"))
+    for p in (venv.parent, venv / "bin", cli.parent, cli):
+        assert _mode(p) & 0o004, f"{p} is {oct(_mode(p))}"
     models = staged / "usr/share/lprd/models"
     shipped = sorted(p.name for p in (REPO / "models").iterdir()
                      if p.suffix in (".tflite", ".json"))
@@ -225,3 +240,17 @@ def test_a_venv_of_another_python_version_is_made_again(tmp_path: Path, wheel_di
     r = _install(root, wheel_dir)
     assert "the venv was made with Python 3.9, the system has" in r.stdout
     assert "version = 3.9.2" not in cfg.read_text()
+
+
+def test_the_wheel_carries_the_models_and_the_package_data(wheel_dir: Path) -> None:
+    # `pip install lprd` from a wheel found no model (none was in it), and the detector's
+    # training lacked its json of unlabelled held-out plates.
+    import zipfile
+
+    (whl,) = wheel_dir.glob("lprd-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    shipped = sorted(p.name for p in (REPO / "models").iterdir()
+                     if p.suffix in (".tflite", ".json"))
+    assert sorted(n.rsplit("/", 1)[-1] for n in names if "/share/lprd/models/" in n) == shipped
+    assert "lprd/train/heldout_unlabelled.json" in names
+    assert not any("train_state" in n for n in names)
