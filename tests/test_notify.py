@@ -322,6 +322,9 @@ def test_a_stopped_worker_process_stops_the_pings(notify_socket: NotifySocket) -
         during = notify_socket.collect(1.2)
         os.kill(proc.pid, signal.SIGCONT)
         after = notify_socket.collect(0.6)
+        deadline = time.monotonic() + 5  # a loaded box may take a while to run it again
+        while len(after) < 2 and time.monotonic() < deadline:
+            after += notify_socket.collect(0.2)
     finally:
         pinger.stop()
         proc.kill()
