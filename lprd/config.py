@@ -307,7 +307,7 @@ class SyncConfig(_Strict):
     max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger downloads are refused")
     max_entries: int = Field(
         500_000, gt=0, description="longer lists are refused: a sync holds the whole list in "
-        "memory, about 1.5 kB an entry, before it swaps it in")
+        "memory, about 1.5 kB an entry (4 kB at watchlist.max_distance 2), before it swaps it in")
     timeout: float = Field(30.0, gt=0, description="seconds for the whole download")
     list: Annotated[str, AfterValidator(_list_name)] = Field(
         "default", description="list name for rows that name none")
