@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,15 @@ from typing import Any
 import numpy as np
 
 # The repo's models/ (editable installs, the demo), the system place used by packaging, and
-# where a plain `pip install` puts them (the wheel's data files).
+# where a plain `pip install` puts them (the wheel's data files: in a venv its prefix; else
+# the scheme's data folder, /usr/local on Debian, or the user's for `pip install --user`).
 _SEARCH_DIRS = (
     Path(os.environ.get("LPRD_MODELS", "/nonexistent")),
     Path(__file__).resolve().parent.parent / "models",
     Path("/usr/share/lprd/models"),
-    Path(sys.prefix) / "share" / "lprd" / "models",
+    *dict.fromkeys(Path(d) / "share" / "lprd" / "models" for d in (
+        sys.prefix, sysconfig.get_path("data"),
+        sysconfig.get_path("data", f"{os.name}_user"))),
 )
 
 

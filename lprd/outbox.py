@@ -94,7 +94,7 @@ def _salvage(path: Path) -> list[tuple]:
     try:
         if _readable_copy(path, copy):
             rows = _scan(copy)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a salvage must never fail the outbox's open
         log.warning("outbox: no copy of %s to salvage from: %s", path, e)
     finally:
         for leftover in (copy, copy.with_name(copy.name + "-journal")):
@@ -114,6 +114,8 @@ def _readable_copy(path: Path, copy: Path) -> bool:
         return False
     page = int.from_bytes(head[16:18], "big")
     page = 65536 if page == 1 else page
+    if page < 512 or page & (page - 1):  # SQLite's page sizes: powers of two, 512-65536
+        return False
     pages = path.stat().st_size // page
     if pages < 2:
         return False

@@ -515,9 +515,9 @@ class Publisher:
         self._cmd_thread: threading.Thread | None = None
         self._cmd_ran: dict[str, float] = {}  # verb: when it last ran (monotonic)
         self._cmd_deferred: dict[str, tuple[float, dict[str, Any]]] = {}  # verb: when, args
-        self._commands_oversized = 0
-        self._ignored = 0  # commands malformed, retained or too big (malformed and retained ones
-        # are logged at the 1st, 2nd, 4th ... of them)
+        self._ignored = 0  # commands malformed, retained or too big
+        # each kind logged at its 1st, 2nd, 4th ...: too big, and malformed or retained
+        self._oversized = self._bad = 0
         self._discovery_at = -math.inf
         self._discovery_due = False  # Home Assistant said "online" within DISCOVERY_INTERVAL
         self._started = False
@@ -533,7 +533,8 @@ class Publisher:
         self._wl_sync: dict[str, Any] | None = None  # the last watchlist sync's outcome
         # Events the outbox could not store (a broken disk), held until the broker is back.
         self._direct: deque[OutboxMessage] = deque()
-        self._direct_sent: list[mqtt.MQTTMessageInfo] = []  # handed to paho, not yet acked
+        # handed to paho, not yet acked (a new client sends them again)
+        self._direct_sent: list[tuple[mqtt.MQTTMessageInfo, OutboxMessage]] = []
         self._published_depth: dict[str, int] = {}
         self._last_state_pub = 0.0
         self._drops: dict[str, dict[str, Any]] = {}
@@ -680,7 +681,7 @@ class Publisher:
             self._client = None
         if self._worker is None or not self._worker.is_alive():
             self._apply_late_acks()
-        lost = len(self._direct) + sum(not i.is_published() for i in self._direct_sent)
+        lost = len(self._direct) + sum(not i.is_published() for i, _ in self._direct_sent)
         if lost:
             log.error("MQTT: %d message(s) the outbox could not store are lost (the broker "
                       "never took them)", lost)
@@ -771,8 +772,12 @@ class Publisher:
             return
         if len(msg.payload) > MAX_COMMAND_BYTES:
             with self._lock:
-                self._commands_oversized += 1
                 self._ignored += 1
+                self._oversized += 1
+                n = self._oversized
+            if loud_repeat(n):  # said now: no later command need come to tell it
+                log.warning("ignored a command of %d bytes on %s: over %d (%d so far)",
+                            len(msg.payload), msg.topic, MAX_COMMAND_BYTES, n)
             return
         try:
             self._cmd_q.put_nowait((msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -1074,6 +1079,10 @@ class Publisher:
             self._cursor = min(pm.seq for pm in self._inflight.values()) - 1
             self._inflight.clear()
             self._refused_seqs = {seq for seq in self._refused_seqs if seq <= self._cursor}
+        # the events no outbox could take, handed to the old client: first again
+        self._direct.extendleft(reversed([m for i, m in self._direct_sent
+                                          if not i.is_published()]))
+        self._direct_sent = []
         self._connect()
 
     def _handle_connect(self, ok: bool, reason: str) -> None:
@@ -1116,11 +1125,11 @@ class Publisher:
 
     def _send_direct(self) -> None:
         """Publish the events the outbox could not store, once connected (QoS 1, no ack kept)."""
-        self._direct_sent = [i for i in self._direct_sent if not i.is_published()]
+        self._direct_sent = [(i, m) for i, m in self._direct_sent if not i.is_published()]
         while self._direct and self._client is not None and self._connected:
             m = self._direct.popleft()
             self._direct_sent.append(
-                self._client.publish(self._topic(m), m.payload, qos=1, retain=m.retain))
+                (self._client.publish(self._topic(m), m.payload, qos=1, retain=m.retain), m))
 
     def _report_failure(self, text: str) -> None:
         self._failures += 1
@@ -1280,14 +1289,17 @@ class Publisher:
     # -- command thread --------------------------------------------------------------------------
 
     def _run_commands(self) -> None:
-        while True:
+        while not self._stopped:  # also where stop() found the queue full
             due = min((at for at, _ in self._cmd_deferred.values()), default=None)
             try:
-                item = self._cmd_q.get(timeout=None if due is None
-                                       else max(0.0, due - time.monotonic()))
+                item = self._cmd_q.get(timeout=1.0 if due is None
+                                       else min(1.0, max(0.0, due - time.monotonic())))
             except queue.Empty:
                 item = None
-            if item is _STOP:
+            if item is _STOP or self._stopped:
+                for verb in self._cmd_deferred:  # a deferred command dies with its publisher
+                    log.warning("command %s: not run (the MQTT publisher stopped before its "
+                                "turn; send it again)", verb)
                 return
             try:
                 if item is not None:
@@ -1303,24 +1315,21 @@ class Publisher:
     def _handle_command(self, topic: str, payload: bytes, retain: bool) -> None:
         with self._lock:
             dropped, self._commands_dropped = self._commands_dropped, 0
-            oversized, self._commands_oversized = self._commands_oversized, 0
         if dropped:
             log.warning("ignored %d command(s): too many at once", dropped)
-        if oversized:
-            log.warning("ignored %d command(s) over %d bytes", oversized, MAX_COMMAND_BYTES)
         verb = topic.rsplit("/", 1)[-1]
         if retain:
             # A retained command would run again on every reconnect.
             if loud_repeat(self._ignore()):
                 log.warning("ignored retained command on %s: publish commands without retain "
-                            "(%d ignored so far)", topic, self._ignored)
+                            "(%d malformed or retained so far)", topic, self._bad)
             return
         try:
             args = parse_command(verb, payload)
         except CommandError as e:
             if loud_repeat(self._ignore()):  # a client flooding garbage must not flood the log
-                log.warning("ignored malformed command on %s: %s (payload %s; %d ignored so "
-                            "far)", topic, e, _preview(payload), self._ignored)
+                log.warning("ignored malformed command on %s: %s (payload %s; %d malformed or "
+                            "retained so far)", topic, e, _preview(payload), self._bad)
             return
         last = self._cmd_ran.get(verb)
         interval = COMMAND_INTERVAL.get(verb, 0.0)
@@ -1334,9 +1343,11 @@ class Publisher:
         self._run_command(verb, args)
 
     def _ignore(self) -> int:
+        """Count a malformed or retained command; the count of those."""
         with self._lock:
             self._ignored += 1
-            return self._ignored
+            self._bad += 1
+            return self._bad
 
     def _run_command(self, verb: str, args: dict[str, Any]) -> None:
         self._cmd_ran[verb] = time.monotonic()

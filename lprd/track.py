@@ -61,8 +61,8 @@ HOLD_MISS_STEP = 0.5
 # Best observations kept per track, by read text: a car parked for hours is read in ever new
 # misreads, each of which would otherwise keep its frame's crop.
 _BEST_KEPT = 8
-NESTED_SHARE = 0.8
-TURNING_AWAY = 0.85  # a doubted read's box under this share of its pass's width: driving off  # a box this much inside another of the frame, its read a part of the other's
+NESTED_SHARE = 0.8  # a box this much inside another of the frame, its read a part of the other's
+TURNING_AWAY = 0.85  # a doubted read's box under this share of its pass's width: driving off
 # Look-alikes that say nothing about a new vehicle: the pairs plate_match prices cheapest (O/0,
 # I/1, B/8, S/5, Z/2, G/6), and Q/D read as O/0, the reader's most frequent slip on real plates
 # (MODEL_CARD). Dearer ones (3/8, 1/7, A/4) can tell two plates apart.

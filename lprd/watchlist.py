@@ -554,6 +554,17 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
+def _opens(path: Path) -> bool:
+    """Whether `path` is a SQLite file this process can read now."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                timeout=1.0)) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return True
+    except sqlite3.Error:
+        return False
+
+
 def _corrupt(path: Path) -> bool:
     """True when SQLite finds `path` damaged (not merely locked or missing)."""
     try:
@@ -615,7 +626,13 @@ class Watchlist:
         """Reopen the store where its path now names another file, and say so: the inference
         process moved a corrupt file aside and started an empty one, and this process's
         connections still reach the moved file (a sync would fill that one)."""
-        if self._file_now() == self._file:
+        now = self._file_now()
+        if now == self._file:
+            return False
+        if now is None or not _opens(self.path):
+            # deleted (its -wal and -shm maybe left behind: a new file beside them is damaged
+            # until every connection to the old one closes), or not a store yet: the old one
+            # goes on answering, and the path is looked at again later
             return False
         log.warning("watchlist %s was replaced, moved or deleted (a damaged file moved aside, a "
                     "list started afresh); opening the file there now", self.path)

@@ -178,11 +178,11 @@ if [ -f "$PACKAGE/pyproject.toml" ]; then  # a folder, as pip tells one from a p
         | tar -C "$SOURCE" -xf -
 fi
 # --force-reinstall --no-deps for lprd itself: same version number, new code on upgrade.
-"$VENV/bin/pip" install --disable-pip-version-check --quiet "${PIP_ARGS[@]}" "$SOURCE"
-"$VENV/bin/pip" install --disable-pip-version-check --quiet --force-reinstall --no-deps \
+"$VENV/bin/python" -m pip install --disable-pip-version-check --quiet "${PIP_ARGS[@]}" "$SOURCE"
+"$VENV/bin/python" -m pip install --disable-pip-version-check --quiet --force-reinstall --no-deps \
     "${PIP_ARGS[@]}" "$SOURCE"
 if [ "$DO_SYSTEMD_PY" = 1 ]; then
-    if ! "$VENV/bin/pip" install --disable-pip-version-check --quiet "${PIP_ARGS[@]}" \
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet "${PIP_ARGS[@]}" \
             "systemd-python>=235"; then
         say "warning: systemd-python did not build (needs libsystemd-dev, pkg-config, gcc," \
             "python3-dev); lprd uses its own sd_notify client and logs to stderr instead"
@@ -238,11 +238,11 @@ AS_LPRD=()
 if [ "$IS_ROOT" = 1 ] && [ -z "$ROOT" ] && command -v runuser >/dev/null; then
     AS_LPRD=(runuser -u lprd --)
 fi
-if ! "${AS_LPRD[@]}" "$VENV/bin/lprd" --config "$ETC/config.yaml" check-config >/dev/null 2>&1
+if ! "${AS_LPRD[@]}" "$VENV/bin/python" -P -m lprd --config "$ETC/config.yaml" check-config >/dev/null 2>&1
 then
     say "warning: $ETC/config.yaml does not pass 'lprd check-config' as the service's user;" \
         "the service will not start until it does:"
-    "${AS_LPRD[@]}" "$VENV/bin/lprd" --config "$ETC/config.yaml" check-config >&2 || true
+    "${AS_LPRD[@]}" "$VENV/bin/python" -P -m lprd --config "$ETC/config.yaml" check-config >&2 || true
 fi
 
 if [ "$DO_SYSTEMCTL" = 1 ]; then
@@ -259,6 +259,16 @@ if [ "$DO_SYSTEMCTL" = 1 ]; then
     else
         say "systemd is not running here: the unit is installed but not enabled"
     fi
+fi
+
+# Last (pip and the check above ran them here): the venv's scripts name the staging path;
+# in the image the venv is /opt/lprd/venv
+if [ -n "$ROOT" ]; then
+    for f in "$VENV"/bin/*; do
+        if [ -f "$f" ] && [ ! -L "$f" ] && head -c 2 "$f" | grep -q '^#!'; then
+            sed -i "1s|^#!$VENV/|#!/opt/lprd/venv/|" "$f"
+        fi
+    done
 fi
 
 say "done. Next: edit /etc/lprd/config.yaml, 'systemctl start lprd', 'journalctl -u lprd -f'"

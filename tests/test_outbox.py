@@ -328,3 +328,17 @@ def test_the_first_messages_of_an_outbox_cut_short_are_kept(tmp_path: Path,
     assert "could still be read" in caplog.text
     assert not list(tmp_path.glob("*.salvage*"))  # the fixed copy is gone
     ob.close()
+
+
+def test_a_header_with_an_impossible_page_size_salvages_nothing_and_opens(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    ob = Outbox(path)
+    ob.put([OutboxMessage("ev1", "gate", "event", "plate", b"p")])
+    ob.close()
+    data = bytearray(path.read_bytes())
+    data[16:18] = b"\x00\x00"  # page size 0: a division by zero in the salvage
+    data[100:4096] = b"\xa5" * 3996  # and the schema unreadable
+    path.write_bytes(bytes(data))
+    ob = Outbox(path)
+    assert ob.depth() == 0
+    ob.close()

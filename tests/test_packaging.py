@@ -40,8 +40,10 @@ def test_unit_is_a_notify_service_with_watchdog_reload_and_its_own_user() -> Non
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
     assert int(s["WatchdogSec"][0]) > 0 and s["Restart"] == ["on-failure"]
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # -P: no module from the working directory (the state folder, which the service writes)
     assert s["ExecStart"][0].startswith(
-        "/opt/lprd/venv/bin/python -m lprd --config /etc/lprd/config.yaml")
+        "/opt/lprd/venv/bin/python -P -m lprd --config /etc/lprd/config.yaml")
+    assert s["SyslogIdentifier"] == ["lprd"]
     assert s["ExecStart"][0].endswith(" run")
     assert s["User"] == ["lprd"] and s["StateDirectory"] == ["lprd"]
     assert s["ConfigurationDirectory"] == ["lprd"]
@@ -145,10 +147,12 @@ def test_install_lays_out_program_models_config_state_user_and_unit(staged: Path
     assert r.stdout.strip() == lprd.__version__
     # the unit's ExecStart, which works wherever the venv was staged
     # (its dependencies are not installed here: where `-m lprd` would be found is checked)
-    r = subprocess.run([str(venv / "bin/python"), "-c", "import importlib.util; "
-                        "print(importlib.util.find_spec('lprd.__main__').origin)"],
+    where = "import importlib.util; print(importlib.util.find_spec('lprd.__main__').origin)"
+    r = subprocess.run([str(venv / "bin/python"), "-c", where],
                        check=True, capture_output=True, text=True, timeout=60, cwd=staged)
     assert Path(r.stdout.strip()).is_relative_to(venv)
+    # staged under --root, its scripts name the image's venv, not the staging folder
+    assert (venv / "bin/lprd").read_text().startswith("#!/opt/lprd/venv/bin/python")
     # readable by the service's user whatever umask install.sh ran under
     cli = next(venv.glob("lib/python3*/site-packages/lprd/cli.py"))
     for p in (venv.parent, venv / "bin", cli.parent, cli):

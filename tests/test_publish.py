@@ -1173,10 +1173,14 @@ def test_a_camera_disabled_in_the_config_says_so_when_the_daemon_starts(
 
 def test_a_flood_of_commands_and_home_assistant_births_is_merged(
         mosquitto: Any, mqtt_subscriber: Callable[..., Any],
-        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # Any client on the broker could reload the daemon thousands of times a second, fetch the
     # watchlist source as often, flood the journal with garbage, make lprd copy 200 MB
     # payloads, and put thousands of discovery republishes ahead of events and gate actions.
+    import lprd.publish
+
+    monkeypatch.setattr(lprd.publish, "COMMAND_INTERVAL", {"reload": 600.0})  # however slow
     calls: list[tuple[str, dict]] = []
     pub = publisher(mosquitto, cameras=("gate",), on_command=lambda v, a: calls.append((v, a)),
                     discovery={"enabled": True})
@@ -1192,18 +1196,21 @@ def test_a_flood_of_commands_and_home_assistant_births_is_merged(
             sender.publish("lprd/cmd/reload", json.dumps({"request_id": str(i)}), qos=1)
             sender.publish("lprd/cmd/reload", b"{", qos=1)
             sender.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
-        wait_until(lambda: pub._cmd_q.empty() and "reload" in pub._cmd_deferred, 10,
-                   "the flood handled")
-        time.sleep(0.5)
+        wait_until(lambda: pub._cmd_deferred.get("reload", (0, {}))[1].get("request_id") == "199",
+                   30, "the flood handled")
     finally:
         sender.disconnect()
         sender.loop_stop()
-    assert calls == [("reload", {"request_id": "0"})]  # the rest merged into one, 10 s later
-    assert pub._cmd_deferred["reload"][1] == {"request_id": "199"}
+    assert calls == [("reload", {"request_id": "0"})]  # the rest merged into one, later
     assert len(ha.snapshot()) <= 3 + 4  # one republish of the 3 configs and the image's
     malformed = [r for r in caplog.records if "ignored malformed" in r.getMessage()]
     assert len(malformed) <= 9  # at 1, 2, 4 ... 128 of the 200
-    assert "ignored 1 command(s) over 4096 bytes" in caplog.text
+    assert "ignored a command of 100000 bytes on lprd/cmd/reload: over 4096" in caplog.text
+    # the deferred one dies with the publisher, said so, and never runs on the stopped one
+    pub.stop(timeout=2)
+    assert pub._cmd_thread is not None and not pub._cmd_thread.is_alive()
+    assert "command reload: not run (the MQTT publisher stopped" in caplog.text
+    assert calls == [("reload", {"request_id": "0"})]
 
 
 def test_a_crop_waiting_for_a_camera_since_removed_is_not_left_retained(

@@ -696,3 +696,24 @@ def test_a_store_that_fails_to_open_leaves_no_connection_open(tmp_path: Path) ->
     finally:
         gc.enable()
         lock.communicate("")
+
+
+def test_the_daemon_keeps_its_store_while_the_path_names_no_usable_file(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    # Only watchlist.sqlite deleted (its -wal and -shm left): following at once made a new file
+    # beside the old WAL, and every lookup failed with "disk I/O error" (no allow at the gate).
+    import lprd.watchlist as watchlist_module
+    from lprd.types import PlateEvent, WatchlistMatch
+
+    monkeypatch.setattr(watchlist_module, "FOLLOW_EVERY", 0.0)
+    path = tmp_path / "watchlist.sqlite"
+    daemon = Watchlist(path)
+    daemon.add(WatchlistEntry("OLD111", action="allow"))
+    ev = PlateEvent(id="e", camera="gate", plate="OLD111", confidence=0.9, chars=(),
+                    candidates=(), first_seen=1.0, last_seen=2.0, frames=3, final=True,
+                    box=(0, 0, 1, 1), frame_size=(2, 2), watchlist=WatchlistMatch.none())
+    path.unlink()
+    assert daemon.match_event(ev).watchlist.match == "exact"
+    path.write_bytes(b"not a database at all" * 100)
+    assert daemon.match_event(ev).watchlist.match == "exact"
+    daemon.close()
