@@ -638,30 +638,37 @@ def test_a_csv_export_with_keys_in_two_cases_imports_back() -> None:
         ("ABC1234", {"Make": "Kia", "Owner": "Ann"}), ("XYZ999", {"Owner": "Bob"})]
 
 
+def _daemon_store(tmp_path: Path, monkeypatch) -> Watchlist:
+    """The daemon's store holding OLD111, looking at its file at every event."""
+    import lprd.watchlist as watchlist_module
+
+    monkeypatch.setattr(watchlist_module, "FOLLOW_EVERY", 0.0)
+    daemon = Watchlist(tmp_path / "watchlist.sqlite")
+    daemon.add(WatchlistEntry("OLD111", action="allow"))
+    return daemon
+
+
+def _matched(store: Watchlist, plate: str) -> str:
+    from lprd.types import PlateEvent, WatchlistMatch
+
+    ev = PlateEvent(id="e", camera="gate", plate=plate, confidence=0.9, chars=(),
+                    candidates=(), first_seen=1.0, last_seen=2.0, frames=3, final=True,
+                    box=(0, 0, 1, 1), frame_size=(2, 2), watchlist=WatchlistMatch.none())
+    return store.match_event(ev).watchlist.match
+
+
 def test_the_daemon_follows_a_store_deleted_and_started_afresh(tmp_path: Path,
                                                                monkeypatch) -> None:
     # An admin deleted watchlist.sqlite* to start the list afresh and added plates with the
     # CLI: the daemon kept matching the deleted file (its old plates, none of the new).
-    import lprd.watchlist as watchlist_module
-    from lprd.types import PlateEvent, WatchlistMatch
-
-    monkeypatch.setattr(watchlist_module, "FOLLOW_EVERY", 0.0)
-    path = tmp_path / "watchlist.sqlite"
-    daemon = Watchlist(path)
-    daemon.add(WatchlistEntry("OLD111", action="allow"))
-
-    def event(plate: str) -> PlateEvent:
-        return PlateEvent(id="e", camera="gate", plate=plate, confidence=0.9, chars=(),
-                          candidates=(), first_seen=1.0, last_seen=2.0, frames=3, final=True,
-                          box=(0, 0, 1, 1), frame_size=(2, 2), watchlist=WatchlistMatch.none())
-
-    assert daemon.match_event(event("OLD111")).watchlist.match == "exact"
+    daemon = _daemon_store(tmp_path, monkeypatch)
+    assert _matched(daemon, "OLD111") == "exact"
     for f in tmp_path.glob("watchlist.sqlite*"):
         f.unlink()
-    with Watchlist(path) as cli:
+    with Watchlist(tmp_path / "watchlist.sqlite") as cli:
         cli.add(WatchlistEntry("NEW222", action="allow"))
-    assert daemon.match_event(event("NEW222")).watchlist.match == "exact"
-    assert daemon.match_event(event("OLD111")).watchlist.match == "none"
+    assert _matched(daemon, "NEW222") == "exact"
+    assert _matched(daemon, "OLD111") == "none"
     daemon.close()
 
 
@@ -702,18 +709,10 @@ def test_the_daemon_keeps_its_store_while_the_path_names_no_usable_file(tmp_path
                                                                        monkeypatch) -> None:
     # Only watchlist.sqlite deleted (its -wal and -shm left): following at once made a new file
     # beside the old WAL, and every lookup failed with "disk I/O error" (no allow at the gate).
-    import lprd.watchlist as watchlist_module
-    from lprd.types import PlateEvent, WatchlistMatch
-
-    monkeypatch.setattr(watchlist_module, "FOLLOW_EVERY", 0.0)
+    daemon = _daemon_store(tmp_path, monkeypatch)
     path = tmp_path / "watchlist.sqlite"
-    daemon = Watchlist(path)
-    daemon.add(WatchlistEntry("OLD111", action="allow"))
-    ev = PlateEvent(id="e", camera="gate", plate="OLD111", confidence=0.9, chars=(),
-                    candidates=(), first_seen=1.0, last_seen=2.0, frames=3, final=True,
-                    box=(0, 0, 1, 1), frame_size=(2, 2), watchlist=WatchlistMatch.none())
     path.unlink()
-    assert daemon.match_event(ev).watchlist.match == "exact"
+    assert _matched(daemon, "OLD111") == "exact"
     path.write_bytes(b"not a database at all" * 100)
-    assert daemon.match_event(ev).watchlist.match == "exact"
+    assert _matched(daemon, "OLD111") == "exact"
     daemon.close()
