@@ -29,9 +29,10 @@ _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its le
 # track. A track sure of its plate (its early event out, twice the reads that took behind it)
 # takes only its own plate after a gap, or the next car in a queue, one character off, would
 # take over its pass. A read that it refuses starts a track of its own that stays in doubt: with
-# fewer reads than an early event needs, or a character more or fewer than the pass's plate, it
-# is taken for a misread of that pass and reports nothing; and once the pass is read again with
-# it open, but never in the same frame (one vehicle read two ways), it joins the pass.
+# fewer reads than an early event needs, or a character more or fewer than the pass's plate off
+# a narrower box, it is taken for a misread of that pass and reports nothing; and where the
+# pass is read by turns with it, never in one frame (one vehicle read two ways), it joins the
+# pass (see _join_doubts).
 # The interval is the median of the recent ones between frames with reads (a camera's fps is
 # not known here, the cap may be anything from 0.1 to 30, and it drops under load: the
 # shortest interval ever seen would make every later frame a gap).
