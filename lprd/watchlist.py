@@ -1499,6 +1499,8 @@ def _cmd_add(args: argparse.Namespace) -> int:
             raise WatchlistError(f"--info {item!r}: expected KEY=VALUE")
         info[key.strip()] = value
     fields["info"] = info
+    if not args.plate.strip():  # make_entry's words are a file's ("a 'plate' column")
+        raise WatchlistError("add: the plate is empty")
     entry = make_entry(fields, "add")
     wl, _ = _open(args, create=True)
     with wl:
@@ -1626,8 +1628,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         _print_json(d)
     else:
         print(f"{d['path']}: {d['entries']} entries ({d['local']} local, {d['synced']} synced)")
+        if d["sync"]["last_attempt"] is None and not d["synced"]:
+            print("  never synced (watchlist.sync.source)")
+            d["sync"] = {}
         for k, v in d["sync"].items():
-            print(f"  sync.{k}: {v}")
+            if v is not None:  # "sync.source: None" says nothing
+                print(f"  sync.{k}: {v}")
     return 0
 
 

@@ -716,3 +716,17 @@ def test_the_daemon_keeps_its_store_while_the_path_names_no_usable_file(tmp_path
     path.write_bytes(b"not a database at all" * 100)
     assert _matched(daemon, "OLD111") == "exact"
     daemon.close()
+
+
+def test_status_of_a_store_never_synced_and_add_of_an_empty_plate_say_so(
+        tmp_path: Path, capsys) -> None:
+    # "sync.source: None" and "no plate (a 'plate' or 'tag' column)" on the command line.
+    from lprd.cli import main
+
+    db = str(tmp_path / "w.sqlite")
+    assert main(["watchlist", "add", "ABC1234", "--db", db]) == 0
+    assert main(["watchlist", "status", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "never synced" in out and "None" not in out
+    assert main(["watchlist", "add", " ", "--db", db]) == 2
+    assert "add: the plate is empty" in capsys.readouterr().err
