@@ -160,6 +160,21 @@ class ReloadWatchlist:
 
 
 @dataclass(frozen=True, slots=True)
+class HandOver:
+    """Supervisor -> worker, before it stops the worker for a reload: hand the live cameras'
+    open tracks on (OpenTracks) instead of closing them."""
+
+
+@dataclass(slots=True)
+class OpenTracks:
+    """Worker -> supervisor -> the next worker: a live camera's open tracks (track._Track), so
+    that a car in view during a reload stays one pass, whatever its vote becomes."""
+
+    camera: str
+    tracks: list
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerReady:
     """Worker -> supervisor: models loaded."""
 
@@ -297,7 +312,8 @@ class InferenceWorker:
     """The loop of the inference process: rings -> pipeline -> trackers -> watchlist -> events."""
 
     def __init__(self, cfg: Config, pipeline: PlatePipeline, out: Any,
-                 cameras: dict[str, CameraSpec], passes: tuple[PastPass, ...] = ()):
+                 cameras: dict[str, CameraSpec], passes: tuple[PastPass, ...] = (),
+                 tracks: tuple[OpenTracks, ...] = ()):
         self.cfg = cfg
         self.pipeline = pipeline
         self.out = out  # anything with put(): the queue to the supervisor
@@ -311,6 +327,8 @@ class InferenceWorker:
         self._kept: dict[str, list[tuple[str, str, float]]] = {}  # per camera: id, key, seen
         for pp in passes:
             self._kept.setdefault(pp.camera, []).append((pp.id, pp.plate, pp.last_seen))
+        self._adopt = {ot.camera: ot.tracks for ot in tracks}  # from the worker before a reload
+        self.handover = False  # HandOver came: shutdown hands the open tracks on
         self.set_cameras(cameras)
 
     def set_cameras(self, cameras: dict[str, CameraSpec]) -> None:
@@ -324,6 +342,9 @@ class InferenceWorker:
                                   topn=self.cfg.reader.topn)
                 for pass_id, plate, seen in self._kept.pop(name, []):
                     tracker.remember(pass_id, plate, seen)
+                handed = self._adopt.pop(name, [])
+                if handed and spec.live:  # a file starts again from its own position
+                    tracker.adopt(handed, time.time())
                 self.trackers[name] = tracker
 
     def _finish(self, name: str, send_drained: bool) -> None:
@@ -348,6 +369,8 @@ class InferenceWorker:
                 self.feeds[msg.camera].ending = True
             else:
                 self.out.put(Drained(msg.camera, 0))
+        elif isinstance(msg, HandOver):
+            self.handover = True
         elif isinstance(msg, ReloadWatchlist):
             if self.watchlist is not None:
                 self.watchlist.close()
@@ -425,6 +448,10 @@ class InferenceWorker:
         passes still in their dedupe window to the supervisor: a car that stayed in view kept
         its pass alive past its final event, and the next worker must know until when."""
         for name in list(self.feeds):
+            if self.handover and self.feeds[name].spec.live:
+                tracks = self.trackers[name].take_open()
+                if tracks:
+                    self.out.put(OpenTracks(name, tracks))
             self._finish(name, send_drained=False)
         for name, passes in self._kept.items():
             for pass_id, key, seen in passes:
@@ -466,7 +493,8 @@ def child_signals() -> None:
 
 
 def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: Any, out: Any,
-                   stop: Any, log_level: str = "info", passes: tuple[PastPass, ...] = ()) -> None:
+                   stop: Any, log_level: str = "info", passes: tuple[PastPass, ...] = (),
+                   tracks: tuple[OpenTracks, ...] = ()) -> None:
     """Process target: load the models, then analyse frames until `stop` is set.
 
     `ctl` (a queue) brings SetCameras / EndOfStream / ReloadWatchlist; `out` (a queue) takes
@@ -485,7 +513,7 @@ def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: Any, out: A
     except ModelError as e:
         out.put(WorkerFailed(str(e)))
         return
-    worker = InferenceWorker(cfg, pipeline, out, cameras, passes)
+    worker = InferenceWorker(cfg, pipeline, out, cameras, passes, tracks)
     out.put(WorkerReady(pipeline.models))
     log.info("inference worker ready (%s, %d threads)", pipeline.models, threads)
     next_beat = 0.0
@@ -507,6 +535,12 @@ def inference_main(cfg: Config, cameras: dict[str, CameraSpec], ctl: Any, out: A
         else:  # back off while nothing comes: an idle daemon should cost next to nothing
             stop.wait(idle)
             idle = min(idle * 2, 0.02)
+    while True:  # a HandOver sent just before the stop
+        try:
+            msg = ctl.get(timeout=0.05)
+        except queue.Empty:
+            break
+        worker.handle(msg)
     worker.shutdown()
     out.put(worker.heartbeat())
 

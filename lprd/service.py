@@ -40,7 +40,9 @@ from lprd.inference import (
     CameraSpec,
     Drained,
     EndOfStream,
+    HandOver,
     Heartbeat,
+    OpenTracks,
     PastPass,
     ReloadWatchlist,
     SetCameras,
@@ -59,6 +61,7 @@ from lprd.notify import (
 )
 from lprd.ring import FrameRing
 from lprd.storage import StorageInUse, lock_storage
+from lprd.track import Tracker
 from lprd.types import CameraState, FilePosition, FrameRef, PlateEvent
 
 log = logging.getLogger(__name__)
@@ -213,6 +216,8 @@ class Supervisor:
         self.worker_failed: str | None = None
         self.worker_exit = EXIT_CONFIG  # the exit status that worker_failed ends the run with
         self.models: dict[str, str] = {}
+        # open tracks a reload's stopped worker handed on, until the next worker is ready
+        self._handover: dict[str, OpenTracks] = {}
         self.publisher: Any = None
         self.sync: Any = None
         self._sync_status: dict[str, Any] | None = None  # the last sync's, for state topics
@@ -427,7 +432,7 @@ class Supervisor:
         w.proc = _MP.Process(
             target=inference_main, name="lprd-inference", daemon=True,
             args=(self.cfg, self._specs(), self.worker_ctl, w.q, w.stop, self.log_level,
-                  tuple(self._recent.values())))
+                  tuple(self._recent.values()), tuple(self._handover.values())))
         start_child(w.proc, w.q)
         w.done = w.killed = False
         w.started = time.monotonic()
@@ -495,6 +500,7 @@ class Supervisor:
             self.worker.beat = time.monotonic()  # the load's grace ends: a hang counts from now
             self.worker_ready = True
             self._fallback = None
+            self._handover = {}  # it took them
             self.models = dict(msg.models)
             log.info("models loaded: %s", ", ".join(f"{k} {v}" for k, v in msg.models.items()))
         elif isinstance(msg, WorkerFailed):
@@ -509,6 +515,10 @@ class Supervisor:
                 self.worker_failed = msg.reason
         elif isinstance(msg, PastPass):
             self._remember(msg)
+        elif isinstance(msg, OpenTracks):
+            self._handover[msg.camera] = msg
+            log.info("camera %s: %d open track(s) go on in the next inference process",
+                     msg.camera, len(msg.tracks))
         else:
             log.warning("%s sent an unknown record %r", child.name, type(msg).__name__)
 
@@ -617,10 +627,34 @@ class Supervisor:
             log.info("inference: restarting")
             self._start_worker()
 
-    def _close_orphans(self) -> None:
+    def _matched(self, ev: PlateEvent) -> PlateEvent:
+        """`ev` with its watchlist match, as the worker would have sent it."""
+        if not self.cfg.watchlist.enabled:
+            return ev
+        try:
+            from lprd.watchlist import Watchlist
+
+            with Watchlist.from_config(self.cfg, busy_timeout=5.0) as wl:
+                return wl.match_event(ev)
+        except Exception as e:  # noqa: BLE001 - the event goes out unmatched, not lost
+            log.warning("event %s goes without its watchlist match: %s", ev.id, e)
+            return ev
+
+    def _close_orphans(self, stopping: bool = False) -> None:
         """Final events for passes whose early event went out and whose track the inference
-        process took with it (a crash, a kill): a subscriber waiting for `final` gets one."""
-        for ev in list(self._early.values()):
+        process took with it (a crash, a kill): a subscriber waiting for `final` gets one.
+        Tracks handed to the next worker are closed there, or here at the stop."""
+        if stopping and self._handover:  # no worker took them: they end now
+            now = time.time()
+            for ot in self._handover.values():
+                tracker = Tracker(self.cfg.tracker, ot.camera, models=self.models,
+                                  topn=self.cfg.reader.topn)
+                tracker.adopt(ot.tracks, now)
+                for ev in tracker.flush(now):
+                    self._on_event(self._matched(ev))
+            self._handover = {}
+        handed = {t.id for ot in self._handover.values() for t in ot.tracks}
+        for ev in [ev for ev in self._early.values() if ev.id not in handed]:
             log.warning("event %s (%s): the inference process ended before its final event; "
                         "sending the early event as final", ev.id, ev.plate)
             self._on_event(replace(ev, final=True))
@@ -869,7 +903,9 @@ class Supervisor:
             if (new.detector, new.reader) != (old.detector, old.reader) and self.worker_ready:
                 self._fallback = old
             # its own stop_timeout: slow camera or sync stops above must not cut the time the
-            # worker has to close its tracks and send their final events
+            # worker has to close its tracks and send their final events; live cameras' open
+            # tracks go on in the next worker (a car in view stays one pass)
+            self._send_worker(HandOver())
             _stop_child(self.worker, time.monotonic() + new.service.stop_timeout,
                         self._pump_child_queue)
             self._close_orphans()
@@ -902,7 +938,7 @@ class Supervisor:
         for cam in self.cameras.values():
             _stop_child(cam.child, deadline, self._pump_child_queue)
         self._pump(0)
-        self._close_orphans()  # a worker killed at the deadline closed none of its tracks
+        self._close_orphans(stopping=True)  # a killed worker closed none of its tracks
         if self._pinger is not None:
             self._pinger.stop()
         self._stop_sync(max(0.5, min(5.0, t0 + budget - 1.0 - time.monotonic())))

@@ -505,6 +505,20 @@ class Tracker:
         if self._frame_ts is not None:
             self._frame_ts += delta
 
+    def take_open(self) -> list[_Track]:
+        """Remove and return the open tracks: a reload hands them to the next inference
+        process, so that a car in view stays one pass whatever its vote becomes."""
+        tracks, self._tracks = self._tracks, []
+        return tracks
+
+    def adopt(self, tracks: Sequence[_Track], now: float) -> None:
+        """Take the open tracks an earlier tracker of this camera handed over; the time the
+        hand-over took counts as held (no frame was analysed meanwhile)."""
+        for t in tracks:
+            t.last_seen = max(t.last_seen, now)
+            t.missed = 0
+            self._tracks.append(t)
+
     def flush(self, now: float) -> list[PlateEvent]:
         """Close every open track (end of a file, shutdown) and return the final events."""
         events = self._close(list(self._tracks))

@@ -414,3 +414,32 @@ def test_a_watchlist_that_would_not_open_is_tried_again_at_a_later_event(
     worker._send([ev])
     (sent,) = drain(q)
     assert (sent.watchlist.match, sent.watchlist.action) == ("exact", "allow")
+
+
+def test_a_worker_stopped_for_a_reload_hands_its_open_tracks_to_the_next(models, clip, ring):
+    # A reload that restarts inference closed every open track: a car in view whose vote then
+    # changed was a second pass. After HandOver the live camera's open tracks go to the next
+    # worker (OpenTracks), which closes them itself: one final event each, same ids.
+    from lprd.inference import HandOver, OpenTracks
+
+    cfg = parse_config({"watchlist": {"enabled": False}, **ALL_READS})
+    worker, q = make_worker(models, ring, every_frame=True, cfg=cfg, live=True)
+    t0 = time.time()
+    for i, (frame, _) in enumerate(clip[: len(clip) // 2]):
+        ring.write(frame, t0 + i / 15.0)
+        while worker.step():
+            pass
+    worker.handle(HandOver())
+    worker.shutdown()
+    out = drain(q)
+    (handed,) = [m for m in out if isinstance(m, OpenTracks)]
+    ids = {t.id for t in handed.tracks if t.id is not None}
+    assert handed.camera == "cam" and handed.tracks
+    assert not [e for e in out if isinstance(e, PlateEvent) and e.final and e.id in ids]
+    nxt = InferenceWorker(cfg, PlatePipeline(models[0], models[1], cfg), q,
+                          {"cam": CameraSpec(ring=ring.name, every_frame=True, live=True)},
+                          tracks=(handed,))
+    assert nxt.trackers["cam"].open_tracks == len(handed.tracks)
+    nxt.shutdown()
+    finals = [e for e in drain(q) if isinstance(e, PlateEvent) and e.final]
+    assert len(finals) >= 1 and ids <= {e.id for e in finals}

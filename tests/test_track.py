@@ -871,3 +871,21 @@ def test_at_two_frames_a_second_a_misread_after_one_missed_frame_joins_its_track
         events += tr.update([obs(text, ts, (100 + 30 * i, 400, 120, 30))] if text else [], now=ts)
     events += tr.flush(now=T0 + 100)
     assert [(e.plate, e.frames) for e in events] == [("KLM4455", 7)]
+
+
+def test_open_tracks_handed_to_the_next_tracker_stay_one_pass_whatever_the_vote_becomes() -> None:
+    # A reload restarted the inference process with a car in view: its track was closed on two
+    # far reads (ABC7234), and the same car read right from then on was a second pass.
+    first = make_tracker()
+    events = drive(first, [[obs("ABC7234", T0 + i * DT, (600, 400, 60, 15), [0.9] * 7)]
+                           for i in range(2)])
+    handed = first.take_open()
+    assert first.open_tracks == 0 and first.flush(now=T0 + 10) == []
+    counter = itertools.count(100)
+    second = Tracker(TrackerConfig(), "gate", new_id=lambda: f"ev{next(counter)}")
+    second.adopt(handed, T0 + 3.0)  # the restart took 2.6 s without frames
+    events += drive(second, [[obs("ABC1234", T0 + 3.2 + i * DT, (600, 400 + 5 * i, 120, 30))]
+                             for i in range(10)], start=T0 + 3.2)
+    events += second.flush(now=T0 + 20)
+    assert [(e.id, e.plate, e.final) for e in events] == [("ev100", "ABC1234", True)]
+    assert events[-1].frames == 12 and events[-1].first_seen == T0
