@@ -330,6 +330,11 @@ class InferenceWorker:
         self._adopt = {ot.camera: ot.tracks for ot in tracks}  # from the worker before a reload
         self.handover = False  # HandOver came: shutdown hands the open tracks on
         self.set_cameras(cameras)
+        for name, handed in self._adopt.items():  # a camera the reload removed: they end here
+            gone = Tracker(cfg.tracker, name, models=self.models, topn=cfg.reader.topn)
+            gone.adopt(handed, time.time())
+            self._send(gone.flush(time.time()))
+        self._adopt = {}
 
     def set_cameras(self, cameras: dict[str, CameraSpec]) -> None:
         for name in list(self.feeds):

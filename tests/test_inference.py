@@ -443,3 +443,23 @@ def test_a_worker_stopped_for_a_reload_hands_its_open_tracks_to_the_next(models,
     nxt.shutdown()
     finals = [e for e in drain(q) if isinstance(e, PlateEvent) and e.final]
     assert len(finals) >= 1 and ids <= {e.id for e in finals}
+
+
+def test_open_tracks_handed_on_for_a_camera_the_reload_removed_are_closed(models, clip, ring):
+    # Their early events must still get a final one.
+    from lprd.inference import HandOver, OpenTracks
+
+    cfg = parse_config({"watchlist": {"enabled": False}, **ALL_READS})
+    worker, q = make_worker(models, ring, every_frame=True, cfg=cfg, live=True)
+    t0 = time.time()
+    for i, (frame, _) in enumerate(clip[: len(clip) // 2]):
+        ring.write(frame, t0 + i / 15.0)
+        while worker.step():
+            pass
+    worker.handle(HandOver())
+    worker.shutdown()
+    (handed,) = [m for m in drain(q) if isinstance(m, OpenTracks)]
+    InferenceWorker(cfg, PlatePipeline(models[0], models[1], cfg), q, {}, tracks=(handed,))
+    finals = [e for e in drain(q) if isinstance(e, PlateEvent) and e.final]
+    assert {e.id for e in finals} >= {t.id for t in handed.tracks if t.id is not None}
+    assert finals and all(e.camera == "cam" for e in finals)
