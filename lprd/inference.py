@@ -295,6 +295,14 @@ WATCHLIST_RETRY = 30.0
 WATCHLIST_BUSY = 5.0
 
 
+def close_handed(cfg: Config, handed: OpenTracks, models: dict[str, str]) -> list[PlateEvent]:
+    """The final events of open tracks handed on that no worker goes on with."""
+    now = time.time()
+    tracker = Tracker(cfg.tracker, handed.camera, models=models, topn=cfg.reader.topn)
+    tracker.adopt(handed.tracks, now)
+    return tracker.flush(now)
+
+
 def _open_watchlist(cfg: Config) -> Any:
     if not cfg.watchlist.enabled:
         return None
@@ -331,9 +339,7 @@ class InferenceWorker:
         self.handover = False  # HandOver came: shutdown hands the open tracks on
         self.set_cameras(cameras)
         for name, handed in self._adopt.items():  # a camera the reload removed: they end here
-            gone = Tracker(cfg.tracker, name, models=self.models, topn=cfg.reader.topn)
-            gone.adopt(handed, time.time())
-            self._send(gone.flush(time.time()))
+            self._send(close_handed(cfg, OpenTracks(name, handed), self.models))
         self._adopt = {}
 
     def set_cameras(self, cameras: dict[str, CameraSpec]) -> None:

@@ -49,6 +49,7 @@ from lprd.inference import (
     WorkerFailed,
     WorkerReady,
     child_signals,
+    close_handed,
     inference_main,
 )
 from lprd.notify import (
@@ -61,7 +62,6 @@ from lprd.notify import (
 )
 from lprd.ring import FrameRing
 from lprd.storage import StorageInUse, lock_storage
-from lprd.track import Tracker
 from lprd.types import CameraState, FilePosition, FrameRef, PlateEvent
 
 log = logging.getLogger(__name__)
@@ -627,31 +627,28 @@ class Supervisor:
             log.info("inference: restarting")
             self._start_worker()
 
-    def _matched(self, ev: PlateEvent) -> PlateEvent:
-        """`ev` with its watchlist match, as the worker would have sent it."""
-        if not self.cfg.watchlist.enabled:
-            return ev
+    def _matched(self, events: list[PlateEvent]) -> list[PlateEvent]:
+        """`events` with their watchlist matches, as the worker would have sent them."""
+        if not events or not self.cfg.watchlist.enabled:
+            return events
         try:
             from lprd.watchlist import Watchlist
 
             with Watchlist.from_config(self.cfg, busy_timeout=5.0) as wl:
-                return wl.match_event(ev)
-        except Exception as e:  # noqa: BLE001 - the event goes out unmatched, not lost
-            log.warning("event %s goes without its watchlist match: %s", ev.id, e)
-            return ev
+                return [wl.match_event(ev) for ev in events]
+        except Exception as e:  # noqa: BLE001 - the events go out unmatched, not lost
+            log.warning("%d event(s) go without their watchlist match: %s", len(events), e)
+            return events
 
     def _close_orphans(self, stopping: bool = False) -> None:
         """Final events for passes whose early event went out and whose track the inference
         process took with it (a crash, a kill): a subscriber waiting for `final` gets one.
         Tracks handed to the next worker are closed there, or here at the stop."""
         if stopping and self._handover:  # no worker took them: they end now
-            now = time.time()
-            for ot in self._handover.values():
-                tracker = Tracker(self.cfg.tracker, ot.camera, models=self.models,
-                                  topn=self.cfg.reader.topn)
-                tracker.adopt(ot.tracks, now)
-                for ev in tracker.flush(now):
-                    self._on_event(self._matched(ev))
+            closed = [ev for ot in self._handover.values()
+                      for ev in close_handed(self.cfg, ot, self.models)]
+            for ev in self._matched(closed):  # one opening of the store for them all
+                self._on_event(ev)
             self._handover = {}
         handed = {t.id for ot in self._handover.values() for t in ot.tracks}
         for ev in [ev for ev in self._early.values() if ev.id not in handed]:

@@ -19,7 +19,9 @@ from lprd.inference import (
     CameraSpec,
     Drained,
     EndOfStream,
+    HandOver,
     InferenceWorker,
+    OpenTracks,
     PastPass,
     PlatePipeline,
     SetCameras,
@@ -416,11 +418,9 @@ def test_a_watchlist_that_would_not_open_is_tried_again_at_a_later_event(
     assert (sent.watchlist.match, sent.watchlist.action) == ("exact", "allow")
 
 
-def test_a_worker_stopped_for_a_reload_hands_its_open_tracks_to_the_next(models, clip, ring):
-    # A reload that restarts inference closed every open track: a car in view whose vote then
-    # changed was a second pass. After HandOver the live camera's open tracks go to the next
-    # worker (OpenTracks), which closes them itself: one final event each, same ids.
-    from lprd.inference import HandOver, OpenTracks
+def _handed_over_at_half_clip(models, clip, ring) -> tuple[Config, queue.Queue, OpenTracks, list]:
+    """A live camera's worker stopped for a reload half way through the clip: its config, queue,
+    the OpenTracks it handed on, and all it sent."""
 
     cfg = parse_config({"watchlist": {"enabled": False}, **ALL_READS})
     worker, q = make_worker(models, ring, every_frame=True, cfg=cfg, live=True)
@@ -433,6 +433,14 @@ def test_a_worker_stopped_for_a_reload_hands_its_open_tracks_to_the_next(models,
     worker.shutdown()
     out = drain(q)
     (handed,) = [m for m in out if isinstance(m, OpenTracks)]
+    return cfg, q, handed, out
+
+
+def test_a_worker_stopped_for_a_reload_hands_its_open_tracks_to_the_next(models, clip, ring):
+    # A reload that restarts inference closed every open track: a car in view whose vote then
+    # changed was a second pass. After HandOver the live camera's open tracks go to the next
+    # worker (OpenTracks), which closes them itself: one final event each, same ids.
+    cfg, q, handed, out = _handed_over_at_half_clip(models, clip, ring)
     ids = {t.id for t in handed.tracks if t.id is not None}
     assert handed.camera == "cam" and handed.tracks
     assert not [e for e in out if isinstance(e, PlateEvent) and e.final and e.id in ids]
@@ -447,18 +455,7 @@ def test_a_worker_stopped_for_a_reload_hands_its_open_tracks_to_the_next(models,
 
 def test_open_tracks_handed_on_for_a_camera_the_reload_removed_are_closed(models, clip, ring):
     # Their early events must still get a final one.
-    from lprd.inference import HandOver, OpenTracks
-
-    cfg = parse_config({"watchlist": {"enabled": False}, **ALL_READS})
-    worker, q = make_worker(models, ring, every_frame=True, cfg=cfg, live=True)
-    t0 = time.time()
-    for i, (frame, _) in enumerate(clip[: len(clip) // 2]):
-        ring.write(frame, t0 + i / 15.0)
-        while worker.step():
-            pass
-    worker.handle(HandOver())
-    worker.shutdown()
-    (handed,) = [m for m in drain(q) if isinstance(m, OpenTracks)]
+    cfg, q, handed, _ = _handed_over_at_half_clip(models, clip, ring)
     InferenceWorker(cfg, PlatePipeline(models[0], models[1], cfg), q, {}, tracks=(handed,))
     finals = [e for e in drain(q) if isinstance(e, PlateEvent) and e.final]
     assert {e.id for e in finals} >= {t.id for t in handed.tracks if t.id is not None}

@@ -810,3 +810,32 @@ def test_a_camera_disabled_by_a_reload_says_so_on_its_state_topic(
     assert (state["connected"], state["error"]) == (False, "disabled in the config")
     d.signal(signal.SIGTERM)
     assert d.wait(10) == 0
+
+
+def test_tracks_handed_on_that_no_worker_took_get_their_final_events_at_the_stop(tmp_path):
+    # A reload handed a car's open track on and the daemon stopped before the next inference
+    # process was ready: its final event (with its watchlist match) still goes out.
+    from lprd.config import parse_config
+    from lprd.inference import OpenTracks
+    from lprd.plate_match import WatchlistEntry
+    from lprd.service import Supervisor
+    from lprd.track import Tracker
+    from lprd.types import CharProb, Observation, Read
+    from lprd.watchlist import Watchlist
+
+    cfg = parse_config({"storage": {"dir": str(tmp_path)}, "mqtt": {"enabled": False}})
+    with Watchlist.from_config(cfg) as wl:
+        wl.add(WatchlistEntry("ABC1234", action="allow"))
+    tracker = Tracker(cfg.tracker, "gate")
+    read = Read(text="ABC1234", confidence=0.93, chars=tuple(CharProb(c, 0.99) for c in "ABC1234"))
+    for i in range(5):
+        tracker.update([Observation(camera="gate", seq=i, ts=1e9 + i / 5, box=(600, 400, 120, 30),
+                                    frame_size=(1280, 720), det_score=0.9, read=read)],
+                       now=1e9 + i / 5)
+    sup = Supervisor(cfg, tmp_path / "c.yaml")
+    sup._handover = {"gate": OpenTracks("gate", tracker.take_open())}
+    got: list = []
+    sup._on_event = got.append  # type: ignore[method-assign]
+    sup._close_orphans(stopping=True)
+    assert [(e.plate, e.final, e.watchlist.action) for e in got] == [("ABC1234", True, "allow")]
+    assert sup._handover == {}
