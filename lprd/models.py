@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import sys
 import sysconfig
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,37 @@ def _interpreter_class(check_only: bool = False) -> Any:
             Interpreter,
             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     return Interpreter
+
+
+_DELEGATE_NOTICE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+
+
+@contextlib.contextmanager
+def _without_delegate_notice() -> Iterator[None]:
+    """LiteRT's C++ side writes `_DELEGATE_NOTICE` to fd 2 at a process's first load, and no
+    setting turns it off: it was the one stray line of `lprd recognize` and every inference
+    start's journal. What fd 2 gets meanwhile (other threads' logs too) is caught and written
+    back without it."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no stderr to keep clean
+        yield
+        return
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            rest = b"".join(line for line in caught.read().splitlines(keepends=True)
+                            if not line.startswith(_DELEGATE_NOTICE))
+            if rest:
+                os.write(2, rest)
 
 
 @dataclass
@@ -164,8 +197,9 @@ def load_model(path: str | Path | None, name: str, num_threads: int = 1,
                          f"expected {name!r}")
     Interpreter = _interpreter_class(check_only)
     try:
-        interp = Interpreter(model_path=str(p), num_threads=num_threads)
-        interp.allocate_tensors()
+        with _without_delegate_notice():
+            interp = Interpreter(model_path=str(p), num_threads=num_threads)
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:  # what the interpreter raises on corrupt files
         raise ModelError(f"{p}: not a valid TFLite model ({e})") from None
     return TFLiteModel(path=p, metadata=metadata, interpreter=interp)

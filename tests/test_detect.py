@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -632,3 +633,12 @@ def test_a_peak_whose_box_lies_past_the_frame_edge_gives_no_box() -> None:
     heat[10, 20], reg[10, 20] = 0.8, (0.5, 0.5, 1.0, -1.0)
     boxes, scores = candidates(heat, reg, 1.0, 640, 384, 16, 0.5)
     assert scores.tolist() == [pytest.approx(0.8)] and (boxes[:, 3] >= 1).all()
+
+
+def test_the_delegate_notice_is_kept_off_stderr_and_other_lines_are_not(capfd) -> None:
+    from lprd.models import _DELEGATE_NOTICE, _without_delegate_notice
+
+    with _without_delegate_notice():
+        os.write(2, b"another thread's log line\n" + _DELEGATE_NOTICE + b"\n")
+        os.write(2, b"and one more\n")
+    assert capfd.readouterr().err == "another thread's log line\nand one more\n"

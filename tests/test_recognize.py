@@ -318,6 +318,7 @@ def test_names_that_are_not_utf8_are_read_written_and_printed(tmp_path: Path) ->
     r = lprd("--crops", "--json", crop.name)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["image"] == "v\\xff.png"
+    assert r.stderr == ""  # LiteRT's "INFO: Created ... XNNPACK delegate" line is kept out
 
 
 def test_recognize_video_matches_events_against_the_configured_watchlist(tmp_path: Path,
