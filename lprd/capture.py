@@ -323,8 +323,14 @@ class Capture:
         self._file_index = 0  # clip frames decoded so far, across loops and reopens
         self._file_pos = 0  # frames grabbed in this pass of the file: where a reopen resumes
         self._got = 0  # frames written in the current session
-        self._frames_from = self._frames_to = 0.0  # monotonic times of its first and last frame
+        # monotonic times of the first frame since the last failure (None: none yet), and of
+        # the last frame: a looped file or a reopened stream is new sessions, not failures
+        self._frames_from: float | None = None
+        self._frames_to = 0.0
         self._loud = True  # the last failure was logged at warning level (or there was none)
+        # a realtime file's (monotonic time, clip index) its frames are paced from; kept across
+        # loops, so that clip time keeps to the wall clock's
+        self._pace: tuple[float, int] | None = None
         if resume is not None and self.is_file:  # a restarted process: no replay of the clip
             self._file_t0, self._file_index, self._file_pos = resume.t0, resume.index, resume.pos
             log.info("%s: resuming %s at frame %d", camera, self.shown, resume.pos)
@@ -420,10 +426,11 @@ class Capture:
                 # Not after a session of a few frames (or one frame and a stall): a flapping
                 # stream would be reopened every second, forever. One whose frames ran a while
                 # between drops (a proxy that cuts each session after 45 s) is back at once.
-                lasted = self._frames_to - self._frames_from
-                if self._got and lasted >= min(STABLE_SESSION, STABLE_PER_DELAY * backoff.last):
+                if self._frames_from is not None and self._frames_to - self._frames_from \
+                        >= min(STABLE_SESSION, STABLE_PER_DELAY * backoff.last):
                     backoff.reset()
                     fails = 0
+                self._frames_from = self._pace = None
                 fails += 1
                 delay = backoff.next()
                 # the first failure and then 2, 4, 8 ... in a row: no log flood while a camera
@@ -484,8 +491,9 @@ class Capture:
                             self.heartbeat()
                         if not cap.grab():
                             raise _Ended("end of file", eof=True)
-            pace_t0 = time.monotonic()
-            pace_index = self._file_index
+            if self._pace is None:  # a loop keeps the pace: its first frame is due as the next
+                self._pace = (time.monotonic(), self._file_index)
+            pace_t0, pace_index = self._pace
             interval = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
             next_due = 0.0
             last_good = time.monotonic()
@@ -543,11 +551,16 @@ class Capture:
                     # not hold frames back
                     now = ts if self.is_file else time.monotonic()
                     if now < next_due:
+                        if not bad:  # a skipped frame is no stall: only a bad streak is
+                            last_good = time.monotonic()
                         continue  # analysis rate cap: the frame is decoded but not published
                     # Keep the average rate; after a gap, restart the cadence from now.
-                    next_due = next_due + interval if next_due + interval > now else now + interval
+                    due, next_due = next_due, (next_due + interval if next_due + interval > now
+                                               else now + interval)
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
+                    if not self.flow_control and interval:
+                        next_due = due  # the next frame takes the bad one's turn
                     bad += 1
                     if bad >= MAX_BAD_FRAMES or time.monotonic() - last_good > cfg.stall_timeout:
                         raise _Ended(f"frames could not be decoded ({MAX_BAD_FRAMES} in a "
@@ -565,8 +578,9 @@ class Capture:
                 self._frames_to = time.monotonic()
                 self.last_ts = ts
                 h, w = frame.shape[:2]
-                if self._got == 1:  # said as loudly as the failure before it
+                if self._frames_from is None:
                     self._frames_from = self._frames_to
+                if self._got == 1:  # said as loudly as the failure before it
                     log.log(logging.INFO if self._loud else logging.DEBUG,
                             "%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)
                     self._set(True, None)

@@ -207,6 +207,40 @@ def test_file_loops_when_asked_with_sequence_and_time_going_on(
     assert caplog.text.count("looping") == 1 and caplog.text.count("connected to") == 2
 
 
+def test_a_looped_realtime_clip_keeps_its_clip_time_to_the_wall_clock(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    # Each pass started its pacing afresh: its first frame went out at once, a frame early a
+    # loop (here a fifth of the time), and clip time ran ahead of the wall clock.
+    video = indexed_video(tmp_path / "clip.avi", 5, fps=25)
+    cam = cams(CameraConfig(source=str(video), loop=True, realtime=True, fps=0), in_thread=True)
+    wall = time.time() - time.monotonic()
+    assert cam.pump(lambda: len(cam.seen) >= 75, timeout=30)  # 15 passes
+    ahead = max(s.ref.ts - (wall + s.at) for s in cam.seen)  # taken after it was written
+    assert ahead < 0.05
+
+
+def test_a_looped_file_that_played_a_while_fails_afresh_loudly_and_soon(
+        tmp_path: Path, cams: Callable[..., Cam], caplog: pytest.LogCaptureFixture) -> None:
+    # Each loop is a session of its own: the failures before the clip played stayed counted
+    # ("7 failures in a row", at debug level, after the longest delay) once it went missing.
+    caplog.set_level(logging.INFO, logger="lprd.capture")
+    live = tmp_path / "looped.avi"
+    cam = cams(CameraConfig(source=str(live), loop=True, realtime=True, fps=0,
+                            reconnect={"initial": 0.1, "max": 0.3}), in_thread=True)
+    cam.pump(lambda: False, timeout=1.5)  # missing: 0.1, 0.2, 0.3, 0.3 ... s apart
+    assert caplog.text.count("file not found") >= 3
+    shutil.copy(indexed_video(tmp_path / "clip.avi", 10, fps=25), live)
+    # it loops (a new session each time) for 3.5 s: ten times the longest delay
+    assert cam.pump(lambda: len(cam.seen) > 10 and cam.seen[-1].at - cam.seen[0].at >= 3.5,
+                    timeout=10)
+    caplog.clear()
+    live.unlink()
+    assert cam.pump(lambda: "file not found" in caplog.text, timeout=5)
+    line = next(r for r in caplog.records if "file not found" in r.getMessage())
+    assert line.levelno == logging.WARNING and "in a row" not in line.getMessage()
+    assert "retrying in 0.1 s" in line.getMessage()
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 @pytest.mark.parametrize("codec", ["libx264", "mpeg2video"])
 def test_a_restarted_capture_resumes_an_mpeg_ts_file_at_its_frame(
@@ -257,6 +291,40 @@ def test_a_file_reopened_after_a_decode_failure_resumes_instead_of_replaying(
     assert indices[40] > 40 and indices == sorted(indices)  # resumed after the bad stretch
     assert indices[-1] == 119 and len(indices) == len(set(indices))  # nothing replayed
     assert np.all(np.diff([s.ref.ts for s in cam.seen]) > 0)
+
+
+def test_one_bad_frame_under_a_low_fps_cap_is_no_stall(
+        tmp_path: Path, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The frames the cap skips are decoded fine; one undecodable frame after them, a second
+    # and a half since the last frame analysed, ended the session as "none for 1 s".
+    import lprd.capture as capture_mod
+
+    video = indexed_video(tmp_path / "clip.avi", 120, fps=30)
+    real_open, opened = capture_mod._open, []
+
+    class OneBadFrame:  # the real decoder; the 46th frame of the first opening does not decode
+        def __init__(self, cap: Any) -> None:
+            self.cap, self.grabbed, self.first = cap, 0, not opened
+            opened.append(self)
+
+        def grab(self) -> bool:
+            self.grabbed += 1
+            return self.cap.grab()
+
+        def retrieve(self) -> tuple[bool, Any]:
+            if self.first and self.grabbed == 46:
+                return False, None
+            return self.cap.retrieve()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.cap, name)
+
+    monkeypatch.setattr(capture_mod, "_open", lambda *a: OneBadFrame(real_open(*a)))
+    cam = cams(CameraConfig(source=str(video), realtime=True, fps=0.67, stall_timeout=1.0,
+                            reconnect=FAST_RETRY), in_thread=True)
+    assert cam.pump(cam.eof, timeout=30)
+    assert len(opened) == 1 and cam.errors() == []
+    assert [s.index for s in cam.seen] == [0, 46, 90]  # the next frame takes its turn
 
 
 def test_a_restarted_file_capture_starts_where_the_last_frame_ref_left_it(
