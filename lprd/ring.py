@@ -6,6 +6,9 @@ sequence number; a reader checks the number before and after using the pixels to
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import logging
 import os
 import sys
@@ -63,9 +66,48 @@ class FrameHeader:
                         height=self.height)
 
 
-def ring_name(camera: str, pid: int | None = None) -> str:
-    """A shared-memory name unique to this daemon and camera (lives under /dev/shm on Linux)."""
-    return f"lprd-{os.getpid() if pid is None else pid}-{camera}"
+def ring_name(camera: str, token: str, pid: int | None = None) -> str:
+    """A shared-memory name unique to this daemon (`token`: random per run) and camera; it
+    lives in /dev/shm on Linux. The pid leads, for `remove_stale_rings`."""
+    return f"lprd-{os.getpid() if pid is None else pid}-{token}-{camera}"
+
+
+def remove_stale_rings() -> list[str]:
+    """Unlink the rings in /dev/shm that an lprd killed before it could left behind; returns
+    their paths. A live ring's creator holds a lock on it (`FrameRing.create`), which a lock
+    test sees across pid namespaces, where pids say nothing. An unlocked ring is stale when its
+    pid is gone or is this process's (a container's lprd is pid 1 at every start); one of
+    another live pid may be one just made, not yet locked, and stays."""
+    removed = []
+    for path in glob.glob("/dev/shm/lprd-*-*"):
+        pid = os.path.basename(path).split("-")[1]
+        if not pid.isdigit():
+            continue
+        if os.path.exists(f"/proc/{pid}") and int(pid) != os.getpid():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            removed.append(path)
+        except OSError:  # locked: its creator lives (or it is gone already)
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _lock_segment(name: str) -> int | None:
+    """A shared lock on the segment, held while its creator lives (`remove_stale_rings`)."""
+    try:
+        fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDONLY)
+    except OSError:  # no /dev/shm (not Linux): no stale-ring cleanup either
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 def _round_up(n: int) -> int:
@@ -122,6 +164,7 @@ class FrameRing:
         self.capacity = self.height * self.width * _CHANNELS  # pixel bytes per slot
         stride = self._stride = int(hdr[_H_STRIDE])
         self._reserved = 0  # pixel bytes of every slot taken in /dev/shm by this writer
+        self._lock_fd: int | None = None  # the creator's (`create`)
         need = _HEADER_BYTES + stride * self.slots
         if shm.size < need:
             raise ValueError(f"shared memory {shm.name!r} is {shm.size} bytes, ring needs {need}")
@@ -171,15 +214,24 @@ class FrameRing:
         for i in range(slots):  # only the headers: pixel pages stay untouched until written
             np.ndarray((2,), dtype=np.int64, buffer=shm.buf, offset=_HEADER_BYTES + i * stride)[:] = 0
         del hdr
-        return cls(shm, owner=True)
+        ring = cls(shm, owner=True)
+        ring._lock_fd = _lock_segment(shm.name)
+        return ring
 
     @classmethod
     def attach(cls, name: str) -> FrameRing:
         """Open an existing ring by name; this process will not unlink it on exit."""
         return cls(_attach_untracked(name), owner=False)
 
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
     def close(self) -> None:
         """Drop this process's mapping. Views handed out must be released first."""
+        self._unlock()
         for a in ("_hdr", "_seq", "_ts", "_h", "_w", "_motion", "_pixels"):
             self.__dict__.pop(a, None)
         try:
@@ -190,6 +242,7 @@ class FrameRing:
 
     def unlink(self) -> None:
         """Remove the segment's name (creator only, at shutdown); mappings stay valid."""
+        self._unlock()
         try:
             self._shm.unlink()
         except FileNotFoundError:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import glob
 import logging
 import multiprocessing
 import multiprocessing.context
 import os
 import queue
+import secrets
 import signal
 import sqlite3
 import tempfile
@@ -60,7 +60,7 @@ from lprd.notify import (
     print_error,
     setup_logging,
 )
-from lprd.ring import FrameRing
+from lprd.ring import FrameRing, remove_stale_rings, ring_name
 from lprd.storage import StorageInUse, lock_storage
 from lprd.types import CameraState, FilePosition, FrameRef, PlateEvent
 
@@ -236,7 +236,9 @@ class Supervisor:
         # The running config, kept while a reload's new inference process loads its models.
         self._fallback: Config | None = None
         self._reload_refused = False  # the worker ends because a reload's models would not load
+        self._loaded_once = False  # an inference process of this run has loaded its models
         self._gen = 0
+        self._ring_token = secrets.token_hex(3)  # two lprd of one pid share no ring name
         self._analysed: dict[str, int] = {}
         self._status_at = 0.0
         self._pinger: WatchdogPinger | None = None
@@ -263,7 +265,8 @@ class Supervisor:
                       e.strerror or e, " (fix storage.dir or the folder's owner, then restart)"
                       if fixed_by_hand else "")
             return EXIT_CONFIG if fixed_by_hand else 1
-        _remove_stale_rings()
+        for path in remove_stale_rings():
+            log.info("removed the stale frame ring %s", path)
         failed = self._start_outputs()
         if failed is not None:
             self._unlock_storage()
@@ -377,9 +380,14 @@ class Supervisor:
                 ccfg = ccfg.model_copy(update={"loop": False})  # --once must reach an end
         self._gen += 1
         h, w = ring_shape(ccfg)
-        ring_name = f"lprd-{os.getpid()}-{name}-{self._gen}"
+        name_in_shm = ring_name(f"{name}-{self._gen}", self._ring_token)
         try:
-            ring = FrameRing.create(ring_name, ccfg.ring_slots, h, w)
+            ring = FrameRing.create(name_in_shm, ccfg.ring_slots, h, w)
+        except FileExistsError as e:  # another's: never unlinked here
+            log.error("camera %s: cannot create its frame ring: %s", name, e)
+            if self.once:
+                self._skipped.append(name)
+            return
         except (OSError, ValueError, OverflowError) as e:
             # /dev/shm full or too small, or a ring too large to map (a large max_width and
             # ring_slots on a 32-bit system): the other cameras still run
@@ -387,7 +395,7 @@ class Supervisor:
                       "max_width or ring_slots): %s", name, ccfg.ring_slots, w, h, e)
             # SharedMemory removes the segment it made only on OSError
             with contextlib.suppress(OSError):
-                os.unlink(f"/dev/shm/{ring_name}")
+                os.unlink(f"/dev/shm/{name_in_shm}")
             if self.once:
                 self._skipped.append(name)  # a file not read: exit status 1
             return
@@ -498,7 +506,7 @@ class Supervisor:
                          msg.frames)
         elif isinstance(msg, WorkerReady):
             self.worker.beat = time.monotonic()  # the load's grace ends: a hang counts from now
-            self.worker_ready = True
+            self.worker_ready = self._loaded_once = True
             self._fallback = None
             self._handover = {}  # it took them
             self.models = dict(msg.models)
@@ -511,6 +519,10 @@ class Supervisor:
                                                        "reader": self._fallback.reader})
                 self._fallback = None
                 self._reload_refused = True  # its end is no death of a failing process
+            elif self._loaded_once:
+                # the files loaded before: a restart caught them being replaced, or short of
+                # memory. Its end is counted as a death (retried, status 1 in the end).
+                log.error("inference could not load its models: %s", msg.reason)
             else:
                 self.worker_failed = msg.reason
         elif isinstance(msg, PastPass):
@@ -588,11 +600,17 @@ class Supervisor:
                     continue
                 # --once: a file whose decoder crashes, a ring /dev/shm cannot hold; retrying
                 # from the same frame will not help, and --once must end
-                if not self._schedule_restart(child, _exit_reason(code),
+                why = _exit_reason(code)
+                if not self._schedule_restart(child, why,
                                               ONCE_MAX_DEATHS if self.once else None):
                     self._give_up_file(cam, f"its capture process died {child.failures} times "
                                        "in a row")
                     continue
+                # its last state (connected, 15 fps) was republished through a crash loop
+                last = cam.status or CaptureStatus(camera=cam.name, connected=False)
+                cam.status = replace(last, connected=False, fps=0.0, eof=False,
+                                     error=f"capture process died ({why}); restarting")
+                self._publish_state(cam)
             elif (child.proc is not None and not child.killed
                   and now - child.beat > self.cfg.service.hang_timeout):
                 log.error("%s: no sign of life for %.0f s; killing it", child.name,
@@ -1043,14 +1061,3 @@ class StopFlag:
                 return False
             time.sleep(left)
         return True
-
-
-def _remove_stale_rings() -> None:
-    """Rings left in /dev/shm by an lprd that was killed (its pid is gone)."""
-    for path in glob.glob("/dev/shm/lprd-*-*"):
-        parts = os.path.basename(path).split("-")
-        if len(parts) < 3 or not parts[1].isdigit() or os.path.exists(f"/proc/{parts[1]}"):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-            log.info("removed the stale frame ring %s", path)

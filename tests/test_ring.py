@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -124,7 +125,62 @@ def test_attaching_to_a_name_that_is_not_a_ring_fails(tmp_path: Path) -> None:
 
 
 def test_ring_names_are_per_daemon_and_camera() -> None:
-    assert ring_name("gate", pid=42) == "lprd-42-gate"
+    assert ring_name("gate-1", "a1b2c3", pid=42) == "lprd-42-a1b2c3-gate-1"
+
+
+_LEAVE_A_RING = """
+import os, sys, time
+from multiprocessing import resource_tracker
+from lprd.ring import FrameRing
+ring = FrameRing.create(sys.argv[1], 2, 4, 4)
+resource_tracker.unregister(ring._shm._name, "shared_memory")  # as after a SIGKILL
+print("made", flush=True)
+if sys.argv[2] == "live":
+    time.sleep(60)
+os._exit(0)
+"""
+
+
+def _other_process_ring(name: str, live: bool = False) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", _LEAVE_A_RING, name, "live" if live else ""],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "made\n"
+    if not live:
+        proc.wait(10)
+    return proc
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux /dev/shm")
+def test_stale_rings_go_and_live_ones_stay_whatever_their_pid() -> None:
+    from lprd.ring import remove_stale_rings
+
+    gone_pid = next(p for p in range(4_000_000, 3_000_000, -1) if not os.path.exists(f"/proc/{p}"))
+    tag = uuid.uuid4().hex[:8]
+    dead = f"lprd-{gone_pid}-{tag}-dead"
+    mine = f"lprd-{os.getpid()}-{tag}-mine"  # a container's lprd: pid 1 again after a restart
+    foreign = f"lprd-{gone_pid}-{tag}-foreign"  # a live lprd of another pid namespace
+    fresh = f"lprd-1-{tag}-fresh"  # of a live pid, unlocked: just made, not yet locked
+    for name in (dead, mine, fresh):
+        _other_process_ring(name)
+    live = _other_process_ring(foreign, live=True)
+    own = FrameRing.create(f"lprd-{os.getpid()}-{tag}-own", 2, 4, 4)  # this process's, live
+    try:
+        removed = remove_stale_rings()
+        assert f"/dev/shm/{dead}" in removed and f"/dev/shm/{mine}" in removed
+        for name in (dead, mine):
+            assert not os.path.exists(f"/dev/shm/{name}")
+        for name in (foreign, fresh, own.name):
+            assert os.path.exists(f"/dev/shm/{name}")
+        live.kill()
+        live.wait(10)
+        assert f"/dev/shm/{foreign}" in remove_stale_rings()  # its lock went with it
+    finally:
+        live.kill()
+        own.close()
+        own.unlink()
+        for name in (dead, mine, foreign, fresh):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{name}")
 
 
 # -- across processes ---------------------------------------------------------------------------

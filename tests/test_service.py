@@ -308,6 +308,12 @@ def test_a_child_killed_with_sigkill_is_restarted(tmp_path, mosquitto, mqtt_subs
     d.wait_log(r"running:")
     os.kill(cap_pid, signal.SIGKILL)
     d.wait_log(r"capture:demo died \(killed by SIGKILL\); restarting")
+    # the state says so until the new process connects (it said "connected" through a
+    # crash loop)
+    died = sub.wait_for(lambda ms: any(not m.json()["connected"] for m in ms), timeout=10,
+                        topic_filter="lprd/demo/state")
+    down = next(m.json() for m in died if not m.json()["connected"])
+    assert down["fps"] == 0 and "capture process died (killed by SIGKILL)" in down["error"]
     new_cap = d.wait_log(r"camera demo: capture process (\d+) started", count=2)[1]
     assert int(new_cap.group(1)) != cap_pid
     os.kill(inf_pid, signal.SIGKILL)
@@ -601,6 +607,30 @@ def test_an_inference_process_that_keeps_dying_ends_the_run_with_status_1(tmp_pa
     notify.close()
 
 
+def test_models_that_will_not_load_at_a_restart_mid_run_are_retried_not_the_end(
+        tmp_path, daemons):
+    # A restart (after a crash) that found a model file missing for a moment (new files being
+    # copied in) ended the run with status 2, which systemd does not restart: down for good.
+    from conftest import copy_shipped_model
+
+    (tmp_path / "models").mkdir()
+    model = copy_shipped_model("detector", tmp_path / "models")
+    cams = {"demo": {"source": str(DEMO_CLIP), "realtime": True, "loop": True}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
+                                    detector={"model": str(model)}))
+    (m,) = d.wait_log(r"inference process (\d+) started", timeout=60)
+    d.wait_log(r"models loaded", timeout=60)
+    meta = model.with_suffix(".json")
+    meta.rename(meta.with_suffix(".away"))
+    os.kill(int(m.group(1)), signal.SIGKILL)
+    d.wait_log(r"metadata file missing", timeout=60)
+    meta.with_suffix(".away").rename(meta)
+    d.wait_log(r"models loaded", count=2, timeout=90)
+    assert d.proc.poll() is None
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0
+
+
 def test_a_camera_that_never_answers_is_reported_not_killed_as_hung(tmp_path, daemons):
     # With a short service.hang_timeout, the capture process's imports and the open's own
     # timeout (0.9 of it) added up to more: it was killed as hung over and over, and the
@@ -651,7 +681,7 @@ def test_a_frame_ring_too_large_to_map_skips_its_camera_and_leaves_no_segment(tm
     assert sup.cameras == {}
     assert "camera big: cannot create its 8-slot frame ring" in caplog.text
     assert sup._skipped == ["big"]  # --once: a file not read, exit status 1
-    assert not glob.glob(f"/dev/shm/lprd-{os.getpid()}-big-*")
+    assert not glob.glob(f"/dev/shm/lprd-{os.getpid()}-*-big-*")
 
 
 def _reload_idle_daemon(tmp_path: Path, daemons, storage: str = "st", **sections: dict):
