@@ -354,8 +354,10 @@ class InferenceWorker:
                 for pass_id, plate, seen in self._kept.pop(name, []):
                     tracker.remember(pass_id, plate, seen)
                 handed = self._adopt.pop(name, [])
-                if handed and spec.live:  # a file starts again from its own position
+                if handed and spec.live:
                     tracker.adopt(handed, time.time())
+                elif handed:  # now a file, which starts from its own position: they end
+                    self._send(close_handed(self.cfg, OpenTracks(name, handed), self.models))
                 self.trackers[name] = tracker
 
     def _finish(self, name: str, send_drained: bool) -> None:

@@ -673,7 +673,8 @@ class Supervisor:
             log.warning("event %s (%s): the inference process ended before its final event; "
                         "sending the early event as final", ev.id, ev.plate)
             self._on_event(replace(ev, final=True))
-        self._early.clear()
+        # a handed pass's early event stays: if the next worker dies too, its final is this
+        self._early = {k: ev for k, ev in self._early.items() if k in handed}
 
     def _schedule_restart(self, child: _Child, why: str, limit: int | None = None) -> bool:
         """Restart a dead child after a backoff; False (and no restart) at `limit` deaths in

@@ -453,10 +453,18 @@ def test_a_worker_stopped_for_a_reload_hands_its_open_tracks_to_the_next(models,
     assert len(finals) >= 1 and ids <= {e.id for e in finals}
 
 
-def test_open_tracks_handed_on_for_a_camera_the_reload_removed_are_closed(models, clip, ring):
-    # Their early events must still get a final one.
+@pytest.mark.parametrize("now", ["removed", "a file"])
+def test_open_tracks_handed_on_for_a_camera_the_reload_removed_are_closed(models, clip, ring,
+                                                                          now):
+    # Their early events must still get a final one; a camera that is a file now starts from
+    # its own position and did not take them either (they were dropped).
     cfg, q, handed, _ = _handed_over_at_half_clip(models, clip, ring)
-    InferenceWorker(cfg, PlatePipeline(models[0], models[1], cfg), q, {}, tracks=(handed,))
+    cams = {} if now == "removed" else {
+        "cam": CameraSpec(ring=ring.name, every_frame=True, live=False)}
+    nxt = InferenceWorker(cfg, PlatePipeline(models[0], models[1], cfg), q, cams,
+                          tracks=(handed,))
+    if cams:
+        assert nxt.trackers["cam"].open_tracks == 0
     finals = [e for e in drain(q) if isinstance(e, PlateEvent) and e.final]
     assert {e.id for e in finals} >= {t.id for t in handed.tracks if t.id is not None}
     assert finals and all(e.camera == "cam" for e in finals)

@@ -869,3 +869,35 @@ def test_tracks_handed_on_that_no_worker_took_get_their_final_events_at_the_stop
     sup._close_orphans(stopping=True)
     assert [(e.plate, e.final, e.watchlist.action) for e in got] == [("ABC1234", True, "allow")]
     assert sup._handover == {}
+
+
+def test_a_handed_pass_whose_next_worker_dies_still_gets_its_final_event(tmp_path):
+    # The hand-over at a reload forgot the pass's early event: when the next inference process
+    # died before it closed the track, no final event ever came.
+    from lprd.config import parse_config
+    from lprd.inference import OpenTracks, WorkerReady
+    from lprd.service import Supervisor
+    from lprd.track import Tracker
+    from lprd.types import CharProb, Observation, Read
+
+    cfg = parse_config({"storage": {"dir": str(tmp_path)}, "mqtt": {"enabled": False},
+                        "watchlist": {"enabled": False}})
+    tracker = Tracker(cfg.tracker, "gate")
+    read = Read(text="ABC1234", confidence=0.93, chars=tuple(CharProb(c, 0.99) for c in "ABC1234"))
+    early = []
+    for i in range(8):
+        early += [e for e in tracker.update(
+            [Observation(camera="gate", seq=i, ts=1e9 + i / 5, box=(600, 400, 120, 30),
+                         frame_size=(1280, 720), det_score=0.9, read=read)], now=1e9 + i / 5)
+            if not e.final]
+    assert len(early) == 1
+    sup = Supervisor(cfg, tmp_path / "c.yaml")
+    got: list = []
+    sup._on_event(early[0])  # the early event went out
+    sup._on_event = got.append  # type: ignore[method-assign]
+    sup._handover = {"gate": OpenTracks("gate", tracker.take_open())}
+    sup._close_orphans()  # the old worker ended for the reload: the next one takes the track
+    assert got == []
+    sup._handle(sup.worker, WorkerReady(models={}))
+    sup._close_orphans()  # ... and died before its final event
+    assert [(e.id, e.plate, e.final) for e in got] == [(early[0].id, "ABC1234", True)]
