@@ -504,6 +504,12 @@ class Supervisor:
                 cam.drained = True
                 log.info("camera %s: all frames analysed (%d with motion)", msg.camera,
                          msg.frames)
+        elif isinstance(msg, WorkerReady | WorkerFailed) and child.done:
+            # a process being stopped (a second reload before its models loaded): what it
+            # loaded, or could not, is no longer the config's
+            log.info("the stopped inference process %s", "had loaded its models"
+                     if isinstance(msg, WorkerReady) else f"could not load its models: "
+                     f"{msg.reason}")
         elif isinstance(msg, WorkerReady):
             self.worker.beat = time.monotonic()  # the load's grace ends: a hang counts from now
             self.worker_ready = self._loaded_once = True

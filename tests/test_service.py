@@ -716,6 +716,32 @@ def test_a_reload_whose_model_will_not_load_goes_back_to_the_running_models(tmp_
     assert d.wait(10) == 0
 
 
+def test_a_second_reload_before_the_first_s_models_failed_keeps_its_own_models(
+        tmp_path, daemons):
+    # Reload 1 names a reader that will not load; reload 2, at once, a good one. The first's
+    # process, stopped for the second, said it failed: that put the models from before
+    # reload 1 in place of reload 2's, and the running config was no longer the file's.
+    bad = tmp_path / "r.tflite"
+    bad.write_bytes(b"not a model" * 100)
+    (tmp_path / "r.json").write_text((ROOT / "models" / "reader.json").read_text())
+    (tmp_path / "good").mkdir()
+    from conftest import copy_shipped_model
+
+    good = copy_shipped_model("reader", tmp_path / "good")
+    d = _reload_idle_daemon(tmp_path, daemons, reader={"model": str(bad)})
+    d.wait_log(r"reload done")
+    path = tmp_path / "c.yaml"
+    write_config(path, {}, None, tmp_path / "st", reader={"model": str(good)})
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload done", count=2)
+    d.wait_log(r"models loaded", count=2, timeout=60)
+    d.signal(signal.SIGHUP)  # the same file again: nothing to restart
+    d.wait_log(r"reload done", count=3)
+    assert d.log().count("restarting inference") == 2, d.log()[-3000:]
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+
+
 def test_a_new_storage_dir_waits_for_a_restart(tmp_path, daemons):
     d = _reload_idle_daemon(tmp_path, daemons, storage="st2")
     d.wait_log(r"reload done")
