@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_created ON messages(created);
 CREATE INDEX IF NOT EXISTS messages_events ON messages(seq) WHERE kind = 'event';
+-- a camera's older crop goes at each put: without it, a scan of every waiting message
+CREATE INDEX IF NOT EXISTS messages_crops ON messages(camera) WHERE kind = 'crop';
 """
 
 

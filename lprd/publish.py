@@ -554,6 +554,7 @@ class Publisher:
         self._submitted = 0
         self._delivered = 0
         self._dropped = 0
+        self._drop_logs = 0  # outbox drops since the broker was last reached (for the log)
         self._refused = 0
         self._latencies: deque[float] = deque(maxlen=2000)
         self._last_error: str | None = None
@@ -1101,7 +1102,7 @@ class Publisher:
                                  f"connection: {reason}{hint}")
             return
         self._connected = True
-        self._failures = self._closed_at_connect = 0
+        self._failures = self._closed_at_connect = self._drop_logs = 0
         self._last_fail_reason = None
         # paho resends what was in flight; new messages wait until those are acknowledged so
         # that nothing overtakes an older event.
@@ -1116,6 +1117,8 @@ class Publisher:
         if self.cfg.discovery.enabled:
             subs.append((f"{self.cfg.discovery.prefix}/status", 1))
             self._publish_discovery()
+            # Home Assistant's retained `online` comes at the subscription: not twice at once
+            self._discovery_at = time.monotonic()
         self._client.subscribe(subs)  # type: ignore[union-attr]
         # a camera that has not reported yet has a state to say once the sync's outcome is in
         for camera in dict.fromkeys([*self._states, *(self.cameras if self._wl_sync else ())]):
@@ -1177,7 +1180,14 @@ class Publisher:
             self._idle.notify_all()
 
     def _on_drop(self, report: DropReport) -> None:
-        log.warning("outbox bound (mqtt.outbox.%s): %s", report.reason, report.describe())
+        with self._lock:
+            self._drop_logs += 1
+            n = self._drop_logs
+        # the 1st, 2nd, 4th ... while the broker is away: one line an event flooded the journal
+        log.log(logging.WARNING if loud_repeat(n) else logging.DEBUG,
+                "outbox bound (mqtt.outbox.%s): %s%s", report.reason, report.describe(),
+                f" (drop {n} since the broker was last reached; the state topics count the "
+                "events)" if n > 1 else "")
         self._count_drop(report)
 
     def _drop_undeliverable(self, pm: PendingMessage) -> None:

@@ -265,6 +265,8 @@ def test_outbox_bound_drops_oldest_events_and_says_so_in_log_and_state(
     dropped = [m.json()["outbox_dropped"] for m in state if "outbox_dropped" in m.json()][-1]
     assert dropped["last"]["reason"] == "max_events"
     assert pub.stats().dropped == 4
+    # one line a drop flooded the journal: the 1st, 2nd and 4th (the state topic counts them)
+    assert caplog.text.count("outbox bound") == 3
 
 
 # -- (a) broker outage ----------------------------------------------------------------------------
@@ -584,6 +586,27 @@ def test_discovery_is_republished_when_home_assistant_comes_online(
         "homeassistant/image/lprd/gate_crop/config"}
     assert [m.payload for m in fresh if "/image/" in m.topic] == [b""]
     assert all(m.payload == r.payload for m in fresh for r in retained if m.topic == r.topic)
+
+
+def test_discovery_goes_out_once_at_a_connect_that_finds_home_assistant_online(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # Home Assistant's retained `online`, delivered at the subscription, republished the whole
+    # discovery a second time at every connect.
+    ha_client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    ha_client.connect(mosquitto.host, mosquitto.port)
+    ha_client.loop_start()
+    try:
+        ha_client.publish("homeassistant/status", "online", qos=1, retain=True).wait_for_publish(5)
+    finally:
+        ha_client.disconnect()
+        ha_client.loop_stop()
+    ha = mqtt_subscriber(mosquitto, "homeassistant/+/+/+/config")
+    time.sleep(0.3)  # subscribed before lprd connects: every delivery is seen
+    publisher(mosquitto, cameras=("gate",), discovery={"enabled": True})
+    ha.wait_for(lambda ms: len(ms) >= 4)  # 3 configs and the crop image's empty one
+    time.sleep(1.5)
+    assert len(ha.snapshot()) == 4
 
 
 def test_a_camera_removed_from_the_config_leaves_no_retained_topics_behind(
