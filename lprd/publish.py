@@ -555,6 +555,7 @@ class Publisher:
         self._delivered = 0
         self._dropped = 0
         self._drop_logs = 0  # outbox drops since the broker was last reached (for the log)
+        self._forgotten: list[int] = []  # seqs not to be sent whose delete failed (`_forget`)
         self._refused = 0
         self._latencies: deque[float] = deque(maxlen=2000)
         self._last_error: str | None = None
@@ -991,8 +992,7 @@ class Publisher:
         if (pm.message.kind == "action" and self._too_old_to_act(pm)) or (
                 pm.message.kind == "crop"  # retained: it would stay after the cleanup
                 and (not self.cfg.crops or pm.message.camera not in self.cameras)):
-            self.outbox.ack([pm.seq])
-            self._cursor = max(self._cursor, pm.seq)
+            self._forget(pm.seq)
             return None
         payload = self._fit_to_broker(pm)  # None: over the broker's packet size (logged)
         if payload is not None:
@@ -1190,10 +1190,25 @@ class Publisher:
                 "events)" if n > 1 else "")
         self._count_drop(report)
 
+    def _forget(self, seq: int) -> None:
+        """A message that is not to be sent leaves the outbox. The cursor moves on first: where
+        the disk refuses the delete (full), it is tried again later, and the messages behind
+        it go meanwhile (it stopped them all, with a traceback a turn)."""
+        self._cursor = max(self._cursor, seq)  # a retried refused one lies behind it
+        if seq not in self._forgotten:
+            self._forgotten.append(seq)
+        try:
+            self.outbox.ack(self._forgotten)
+        except sqlite3.Error as e:
+            if loud_repeat(len(self._forgotten)):
+                log.warning("MQTT: %d message(s) not to be sent stay in the outbox for now: %s",
+                            len(self._forgotten), e)
+            return
+        self._forgotten = []
+
     def _drop_undeliverable(self, pm: PendingMessage) -> None:
         """A message that can never be sent leaves the outbox (it would block the rest)."""
-        self.outbox.ack([pm.seq])
-        self._cursor = max(self._cursor, pm.seq)  # a retried refused one lies behind it
+        self._forget(pm.seq)
         self._depth_cache = self.outbox.depth()
         self._count_drop(drop_report("undeliverable", [pm.message]))
 

@@ -341,6 +341,34 @@ def test_an_event_the_outbox_cannot_store_waits_in_memory_for_the_broker(
     assert next(m.json() for m in msgs if m.json()["id"] == ev.id)["plate"] == ev.plate
 
 
+def test_a_stale_action_the_disk_will_not_delete_does_not_hold_back_the_events_behind_it(
+        tmp_path: Path, mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # Dropping the too-old action is a delete; where the disk refused it (full, locked), it
+    # raised out of every turn before the cursor moved: nothing behind it was sent.
+    sub = mqtt_subscriber(mosquitto, "lprd/+/plate", client_id="stale-sub", persistent=True)
+    pub = publisher(mosquitto, action_max_age=1, storage=tmp_path / "st")
+    pub.outbox._db.execute("PRAGMA busy_timeout = 100")
+    mosquitto.stop()
+    wait_until(lambda: not pub.connected, 5, "publisher noticed the outage")
+    pub.submit(make_event(1, action="allow"))
+    pub.submit(make_event(2))
+    pub.submit(make_event(3))
+    wait_until(lambda: pub.outbox_depth() == 3, 5, "stored")
+    time.sleep(1.5)  # the allow is too old to act on now
+    other = sqlite3.connect(tmp_path / "st" / "outbox.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a writer elsewhere: every delete of ours is refused
+    try:
+        mosquitto.start()
+        msgs = sub.wait_for(lambda ms: len({m.json()["id"] for m in ms}) >= 3, timeout=15)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert [e["id"] for e in first_seen_order(msgs)] == [
+        "ev-gate-00001", "ev-gate-00002", "ev-gate-00003"]
+    wait_until(lambda: pub.outbox_depth() == 0, 15, "the deletes done once the disk allows")
+
+
 # -- (b) SIGKILL ----------------------------------------------------------------------------------
 
 CHILD = r"""
