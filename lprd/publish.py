@@ -532,9 +532,9 @@ class Publisher:
         self._states: dict[str, CameraState] = {}
         self._wl_sync: dict[str, Any] | None = None  # the last watchlist sync's outcome
         # Events the outbox could not store (a broken disk), held until the broker is back.
-        self._direct: deque[OutboxMessage] = deque()
+        self._direct: deque[tuple[float, OutboxMessage]] = deque()  # (created, message)
         # handed to paho, not yet acked (a new client sends them again)
-        self._direct_sent: list[tuple[mqtt.MQTTMessageInfo, OutboxMessage]] = []
+        self._direct_sent: list[tuple[mqtt.MQTTMessageInfo, tuple[float, OutboxMessage]]] = []
         self._published_depth: dict[str, int] = {}
         self._last_state_pub = 0.0
         self._drops: dict[str, dict[str, Any]] = {}
@@ -611,7 +611,7 @@ class Publisher:
         except (sqlite3.Error, OSError) as e:  # a broken disk: publish without the outbox
             log.error("outbox write failed (%s); event %s waits in memory for the broker "
                       "(lost if lprd stops first)", e, event.id)
-            self._q.put(("direct", msgs))
+            self._q.put(("direct", [(time.time(), m) for m in msgs]))
             return
         with self._lock:
             self._submitted += 1
@@ -905,8 +905,10 @@ class Publisher:
                         self._connected = False
                         self._drop_crops()
                         return
-                if self.cfg.action_max_age and any(
-                        pm.message.kind == "action" for pm in self._inflight.values()):
+                if self.cfg.action_max_age and (any(
+                        pm.message.kind == "action" for pm in self._inflight.values()) or any(
+                        m.kind == "action" and not i.is_published()
+                        for i, (_, m) in self._direct_sent)):
                     # paho would send its in-flight messages again itself when it reconnects,
                     # however long the outage: an allow hours old would open the gate. A new
                     # client leaves them to the outbox, whose sends check their age.
@@ -944,7 +946,7 @@ class Publisher:
         elif kind == "direct":
             self._direct.extend(item[1])
             while len(self._direct) > DIRECT_MAX:
-                lost = self._direct.popleft()
+                _, lost = self._direct.popleft()
                 log.error("MQTT: event %s lost: the outbox cannot store it and %d others wait "
                           "in memory for the broker", lost.event_id, DIRECT_MAX)
                 self._count_drop(drop_report("memory", [lost]))
@@ -989,7 +991,7 @@ class Publisher:
         refused it (try again later); None where it can never be sent (dropped, counted) or is
         an action too old to act on, or a retained crop of a camera gone or of crops turned
         off (dropped)."""
-        if (pm.message.kind == "action" and self._too_old_to_act(pm)) or (
+        if (pm.message.kind == "action" and self._too_old_to_act(pm.message, pm.created)) or (
                 pm.message.kind == "crop"  # retained: it would stay after the cleanup
                 and (not self.cfg.crops or pm.message.camera not in self.cameras)):
             self._forget(pm.seq)
@@ -1011,15 +1013,15 @@ class Publisher:
         self._inflight[info.mid] = pm
         return True
 
-    def _too_old_to_act(self, pm: PendingMessage) -> bool:
+    def _too_old_to_act(self, message: OutboxMessage, created: float) -> bool:
         limit = self.cfg.action_max_age
-        age = time.time() - pm.created
+        age = time.time() - created
         # stamped while the clock was unset: its age is unknown (as for the outbox's max_age)
-        if not limit or pm.created < CLOCK_FLOOR or age <= limit:
+        if not limit or created < CLOCK_FLOOR or age <= limit:
             return False
         log.warning("MQTT: %s of event %s not sent: it waited %.0f s for the broker, longer "
                     "than mqtt.action_max_age (%.0f s); the event carries the match",
-                    self._topic(pm.message), pm.message.event_id, age, limit)
+                    self._topic(message), message.event_id, age, limit)
         return True
 
     def _fit_to_broker(self, pm: PendingMessage) -> bytes | None:
@@ -1130,9 +1132,12 @@ class Publisher:
         """Publish the events the outbox could not store, once connected (QoS 1, no ack kept)."""
         self._direct_sent = [(i, m) for i, m in self._direct_sent if not i.is_published()]
         while self._direct and self._client is not None and self._connected:
-            m = self._direct.popleft()
+            created, m = self._direct.popleft()
+            if m.kind == "action" and self._too_old_to_act(m, created):
+                continue
             self._direct_sent.append(
-                (self._client.publish(self._topic(m), m.payload, qos=1, retain=m.retain), m))
+                (self._client.publish(self._topic(m), m.payload, qos=1, retain=m.retain),
+                 (created, m)))
 
     def _report_failure(self, text: str) -> None:
         self._failures += 1

@@ -341,6 +341,28 @@ def test_an_event_the_outbox_cannot_store_waits_in_memory_for_the_broker(
     assert next(m.json() for m in msgs if m.json()["id"] == ev.id)["plate"] == ev.plate
 
 
+def test_an_action_the_outbox_could_not_store_is_not_sent_late_either(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # mqtt.action_max_age held for the outbox's messages, not for those waiting in memory
+    # (a full disk): an allow went out when the broker came back, however late.
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/#", client_id="direct-sub", persistent=True)
+    mosquitto.stop()
+    pub = publisher(mosquitto, connect=False, action_max_age=1)
+    db = pub.outbox._db  # a full disk, as in the test above
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for i in range(10_000):
+            pub.outbox.put([OutboxMessage(f"fill{i}", "back", "event", "plate",
+                                          json.dumps({"id": f"fill{i}", "pad": "x" * 100}).encode())])
+    pub.submit(make_event(1, action="allow"))
+    time.sleep(1.5)
+    mosquitto.start()
+    sub.wait_for(lambda ms: any(m.topic == "lprd/gate/plate" for m in ms), timeout=15)
+    time.sleep(0.5)
+    assert not [m for m in sub.snapshot() if m.topic == "lprd/gate/allow"]
+
+
 def test_a_stale_action_the_disk_will_not_delete_does_not_hold_back_the_events_behind_it(
         tmp_path: Path, mosquitto: Any, mqtt_subscriber: Callable[..., Any],
         publisher: Callable[..., Publisher]) -> None:
