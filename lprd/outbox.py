@@ -61,6 +61,10 @@ class OutboxMessage:
     retain: bool = False
 
 
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
 @dataclass(frozen=True, slots=True)
 class PendingMessage:
     seq: int
@@ -138,6 +142,7 @@ def _scan(path: Path) -> list[tuple]:
         src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
         return rows
+    src.text_factory = _lenient_text
     after, skip = 0, 1
     with contextlib.closing(src):
         while skip < 2 ** 40:
@@ -147,7 +152,7 @@ def _scan(path: Path) -> list[tuple]:
                         "SELECT seq, event_id, camera, kind, subtopic, payload, retain, created "
                         "FROM messages WHERE seq > ? ORDER BY seq", (after,)):
                     after, progressed = row[0], True
-                    if row[3] in KINDS:
+                    if row[3] in KINDS and None not in row:  # the new file's NOT NULLs
                         rows.append(row[1:])
                 break  # read to the end
             except sqlite3.Error:
@@ -215,6 +220,10 @@ class Outbox:
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                              timeout=self.busy_timeout)
+        # SQLite pages carry no checksum: a byte a failing card flipped in a text passes
+        # quick_check, and a strict decode raised at every read of the row (nothing behind it
+        # was ever sent). Its message goes out with the byte replaced.
+        db.text_factory = _lenient_text
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal" and not self.in_memory:

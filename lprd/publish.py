@@ -542,7 +542,11 @@ class Publisher:
         self._failures = 0
         self._last_fail_reason: str | None = None
         self._max_packet: int | None = None  # the broker's, from its CONNACK (MQTT 5)
+        self._on_wire = PAHO_INFLIGHT  # paho's in-flight limit, the broker's Receive Maximum
         self._protocol = cfg.protocol  # 3.1.1 once a broker refused 5
+        # a fallback to 3.1.1 after closes: "none", "doubt" (5 is tried again once 3.1.1
+        # connects), "retried" (the next is for good), "settled"
+        self._v5_doubt = "none"
         self._no_crops = False  # the broker dropped us over crops: every crop goes
         self._dropped_with_crop = 0  # connections lost with a crop in flight, nothing acked since
         self._closed_at_connect = 0  # connections closed before the broker's CONNACK, in a row
@@ -724,7 +728,7 @@ class Publisher:
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id,
                             clean_session=True, protocol=mqtt.MQTTv311)
         c.enable_logger(_paho_log)
-        c.max_inflight_messages_set(PAHO_INFLIGHT)
+        c.max_inflight_messages_set(self._on_wire)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(cfg.reconnect.initial, cfg.reconnect.max)
         c.will_set(f"{self.prefix}/status", "offline", qos=1, retain=True)
@@ -747,7 +751,8 @@ class Publisher:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         limit = getattr(properties, "MaximumPacketSize", None)  # MQTT 5 only
-        self._q.put(("connect", not reason.is_failure, str(reason), limit))
+        most = getattr(properties, "ReceiveMaximum", None)
+        self._q.put(("connect", not reason.is_failure, str(reason), limit, most))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # Called inside paho's `except OSError`: the exception says why (refused, TLS ...).
@@ -769,7 +774,10 @@ class Publisher:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # sized before any copy: a broker passes on up to 256 MB by default
         if self.cfg.discovery.enabled and msg.topic == f"{self.cfg.discovery.prefix}/status":
-            if len(msg.payload) <= 16 and bytes(msg.payload).strip() == b"online":
+            # a retained `online` comes at our subscription, just after the connect published
+            # discovery: a live one is Home Assistant (re)starting
+            if not msg.retain and len(msg.payload) <= 16 \
+                    and bytes(msg.payload).strip() == b"online":
                 self._q.put(("ha_status", b"online"))
             return
         if len(msg.payload) > MAX_COMMAND_BYTES:
@@ -886,6 +894,16 @@ class Publisher:
                 self._handle_refused(item[1], item[2])
         elif kind == "connect":
             self._max_packet = item[3]
+            if item[1] and item[4] and item[4] < self._on_wire:
+                # paho does not heed the broker's Receive Maximum (MQTT 5), nor may its limit
+                # change on a connection: a broker that enforces it disconnects a client with
+                # more on the wire, at every reconnect with a backlog
+                log.info("MQTT: the broker takes at most %d messages at once; reconnecting "
+                         "with that limit", item[4])
+                self._on_wire = item[4]
+                self._connected = False
+                self._new_client()
+                return
             self._handle_connect(ok=item[1], reason=item[2])
         elif kind == "connect_fail":
             self._connected = False
@@ -918,9 +936,10 @@ class Publisher:
             elif self._refused_at_connect:  # paho's close after a refusing CONNACK: reported
                 self._refused_at_connect = False
             elif self._protocol == "5" and self._closed_at_connect >= 2:
-                # a broker of 3.1.1 only may close the connection instead of refusing 5
+                # a broker of 3.1.1 only may close the connection instead of refusing 5; so
+                # does a proxy whose broker is away: 5 is tried again once 3.1.1 connects
                 self._fall_back_to_311(f"it closed the connection 3 times before accepting "
-                                       f"it: {item[1]}")
+                                       f"it: {item[1]}", doubt=self._v5_doubt == "none")
                 return
             else:
                 self._closed_at_connect += 1
@@ -1051,13 +1070,17 @@ class Publisher:
                   self._max_packet)
         return None
 
-    def _fall_back_to_311(self, reason: str) -> None:
+    def _fall_back_to_311(self, reason: str, doubt: bool = False) -> None:
         """A broker that does not speak MQTT 5: go on with 3.1.1, which it refused nothing of
-        before 5 was the default."""
-        log.warning("MQTT: the broker %s:%d refused MQTT 5 (%s); using 3.1.1 (set mqtt.protocol: "
-                    "\"3.1.1\" to start so; with 3.1.1 an event the broker refuses counts as "
-                    "delivered)", self.cfg.host, self.cfg.port, reason)
+        before 5 was the default. `doubt`: it closed connections rather than refuse 5 (as a
+        proxy whose broker is away does, or a plain connection to a TLS port)."""
+        log.warning("MQTT: the broker %s:%d refused MQTT 5 (%s); using 3.1.1%s (set "
+                    "mqtt.protocol: \"3.1.1\" to start so; with 3.1.1 an event the broker "
+                    "refuses counts as delivered)", self.cfg.host, self.cfg.port, reason,
+                    ", and MQTT 5 again once 3.1.1 connects (a port that wants TLS closes "
+                    "connections too: see mqtt.tls)" if doubt else "")
         self._protocol = "3.1.1"
+        self._v5_doubt = "doubt" if doubt else "settled"
         self._new_client()
 
     def _drop_crops(self) -> None:
@@ -1103,6 +1126,16 @@ class Publisher:
             self._report_failure(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused the "
                                  f"connection: {reason}{hint}")
             return
+        if self._v5_doubt == "doubt":  # the 3.1.1 fallback came of closes: 5 once more
+            log.info("MQTT: connected with 3.1.1; trying MQTT 5 again (the closes before may "
+                     "have been a proxy whose broker was away)")
+            self._v5_doubt = "retried"  # closed 3 times again, 3.1.1 for good
+            self._protocol = "5"
+            self._connected = False
+            self._new_client()
+            return
+        if self._protocol == "5":
+            self._v5_doubt = "none"  # 5 works here: a later outage's closes start afresh
         self._connected = True
         self._failures = self._closed_at_connect = self._drop_logs = 0
         self._last_fail_reason = None
@@ -1119,8 +1152,6 @@ class Publisher:
         if self.cfg.discovery.enabled:
             subs.append((f"{self.cfg.discovery.prefix}/status", 1))
             self._publish_discovery()
-            # Home Assistant's retained `online` comes at the subscription: not twice at once
-            self._discovery_at = time.monotonic()
         self._client.subscribe(subs)  # type: ignore[union-attr]
         # a camera that has not reported yet has a state to say once the sync's outcome is in
         for camera in dict.fromkeys([*self._states, *(self.cameras if self._wl_sync else ())]):

@@ -353,3 +353,28 @@ def test_a_put_with_a_crop_finds_the_camera_s_old_crop_by_index(tmp_path: Path) 
         ("gate",)))
     ob.close()
     assert "USING INDEX messages_crops" in plan, plan
+
+
+@pytest.mark.parametrize("where", [b"ev00001", b"gate"])
+def test_a_byte_flipped_inside_a_stored_row_stops_nothing(tmp_path: Path, where: bytes) -> None:
+    # SQLite pages carry no checksum: a failing card's flipped byte in a text passes
+    # quick_check, and reading the row raised "Could not decode to UTF-8" at every batch that
+    # held it (no later event was ever sent), or at open (taken for a locked disk: the events
+    # waited in memory, at every start).
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path)
+    for i in range(3):
+        ob.put(_event(i))
+    ob._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    ob.close()
+    data = bytearray(path.read_bytes())
+    at = data.find(where)
+    data[at + 2] = 0xFF
+    path.write_bytes(bytes(data))
+    ob = Outbox(path)
+    got = ob.pending()
+    assert [pm.message.kind for pm in got] == ["event"] * 3
+    ob.ack(pm.seq for pm in got)
+    ob.put(_event(9))
+    assert [pm.message.event_id for pm in ob.pending()] == ["ev00009"]
+    ob.close()

@@ -341,6 +341,35 @@ def test_an_event_the_outbox_cannot_store_waits_in_memory_for_the_broker(
     assert next(m.json() for m in msgs if m.json()["id"] == ev.id)["plate"] == ev.plate
 
 
+def test_no_more_messages_are_on_the_wire_than_the_broker_s_receive_maximum(
+        tmp_path: Path, publisher: Callable[..., Publisher]) -> None:
+    # paho ignores the CONNACK's Receive Maximum: 64 PUBLISHes awaited their PUBACK where the
+    # broker allowed 10, which a broker that enforces it answers with a disconnect.
+    from conftest import MosquittoBroker
+
+    broker = MosquittoBroker(tmp_path / "b", extra="max_inflight_messages 10\n")
+    broker.start()
+    try:
+        pub = publisher(broker)
+        peak, done = [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], pub._client._inflight_messages)  # paho's count
+                time.sleep(0.0005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        for i in range(300):
+            pub.submit(make_event(i))
+        assert pub.wait_idle(30)
+        done.set()
+        sampler.join()
+        assert 0 < peak[0] <= 10
+    finally:
+        broker.stop()
+
+
 def test_an_action_the_outbox_could_not_store_is_not_sent_late_either(
         mosquitto: Any, mqtt_subscriber: Callable[..., Any],
         publisher: Callable[..., Publisher]) -> None:
@@ -1007,8 +1036,12 @@ def test_a_broker_without_mqtt_5_gets_3_1_1_after_its_refusal(
     try:
         pub.start()
         wait_until(lambda: pub.connected, what="a 3.1.1 connection")
-        # a refusal says it at once; a close is told from a broker that is away after 3
-        assert broker.versions == ([5, 5, 5, 4] if close else [5, 4])
+        # a refusal says it at once; a close is told from a broker that is away after 3, and
+        # from a proxy whose broker was away by a second round once 3.1.1 connects
+        if close:
+            assert broker.versions[:5] == [5, 5, 5, 4, 5] and broker.versions[-2:] == [5, 4]
+        else:
+            assert broker.versions == [5, 4]
         assert "refused MQTT 5" in caplog.text and 'set mqtt.protocol: "3.1.1"' in caplog.text
         assert ("closed the connection before accepting it" in caplog.text) == close
     finally:
@@ -1091,6 +1124,29 @@ def test_events_in_flight_when_the_publisher_falls_back_to_3_1_1_are_sent_again(
         got = {m.json()["id"] for m in sub.messages}
         assert got == {f"ev-gate-{i:05d}" for i in range(6)}
         assert pub.stats().delivered == 6
+    finally:
+        proxy.close()
+
+
+def test_closes_of_a_proxy_whose_broker_was_away_leave_mqtt_5_in_the_end(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # Three closes before a CONNACK (a proxy, its broker restarting) made 3.1.1 stick until
+    # lprd restarted: an event the broker refuses then counts as delivered and leaves the
+    # outbox. Once 3.1.1 connects, 5 is tried again.
+    proxy = _Proxy(mosquitto.port)
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/plate")
+    try:
+        pub = publisher(mosquitto, port=proxy.port, connect=False)
+        wait_until(lambda: pub.connected, what="the first connection")
+        proxy.mode = "close"
+        proxy.drop_all()
+        wait_until(lambda: pub._protocol == "3.1.1", what="the fallback to 3.1.1")
+        proxy.mode = "forward"
+        wait_until(lambda: pub.connected and pub._protocol == "5", timeout=20,
+                   what="MQTT 5 again")
+        pub.submit(make_event(1))
+        sub.wait_for(lambda ms: len(ms) >= 1)
     finally:
         proxy.close()
 
