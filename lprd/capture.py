@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
 
-from lprd.config import OPEN_TIMEOUT, CameraConfig, MotionConfig
+from lprd.config import OPEN_TIMEOUT, CameraConfig, MotionConfig, redact_source
 from lprd.notify import loud_repeat
 from lprd.ring import FrameRing
 from lprd.types import CameraState, FilePosition, FrameRef
@@ -91,19 +90,6 @@ def source_kind(source: str) -> SourceKind:
     if source.startswith("/dev/"):
         return SourceKind.V4L2
     return SourceKind.FILE
-
-
-def redact_source(source: str) -> str:
-    """The source with any URL password replaced, for logs and status records."""
-    try:
-        parts = urlsplit(source)
-    except ValueError:
-        return source
-    if parts.password is None:
-        return source
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
 
 
 def ring_shape(cfg: CameraConfig) -> tuple[int, int]:

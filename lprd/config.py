@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -236,9 +237,17 @@ class DiscoveryConfig(_Strict):
     prefix: TopicPrefix = "homeassistant"
 
 
+def _host(v: str) -> str:
+    # a URL or host:port was taken as a name, and retried forever ("Name or service not known")
+    if "://" in v or "/" in v or (v.count(":") == 1 and not v.startswith("[")):
+        raise ValueError(f"{v!r}: a host name or IP address only (no scheme, no path); the port "
+                         "goes in mqtt.port and TLS in mqtt.tls")
+    return v
+
+
 class MQTTConfig(_Strict):
     enabled: bool = True
-    host: str = Field("localhost", min_length=1)
+    host: Annotated[str, AfterValidator(_host)] = Field("localhost", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
     topic_prefix: TopicPrefix = "lprd"
     client_id: str | None = None
@@ -300,8 +309,16 @@ def _list_name(v: str) -> str:
     return v
 
 
+def _sync_source(v: str | None) -> str | None:
+    if v is not None and "://" in v and not v.lower().startswith(("https://", "http://")):
+        raise ValueError(f"{v.split('://', 1)[0]}:// is not supported: use https://, http:// "
+                         "or a file path")
+    return v
+
+
 class SyncConfig(_Strict):
-    source: Source | None = Field(None, description="https://, http:// or a file path (CSV/JSON)")
+    source: Annotated[Source | None, AfterValidator(_sync_source)] = Field(
+        None, description="https://, http:// or a file path (CSV/JSON)")
     interval: float = Field(3600.0, gt=0, description="seconds between syncs")
     token_file: ConfigPath | None = Field(None, description="bearer token for http(s) sources")
     max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger downloads are refused")
@@ -482,9 +499,31 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, str(p), p.absolute().parent)
 
 
+def redact_source(source: str, drop_query: bool = False) -> str:
+    """The source with any URL password replaced (and with `drop_query` its query string,
+    where a token may sit), for logs, status records and `check-config --print`."""
+    try:
+        parts = urlsplit(source)
+    except ValueError:
+        return source
+    if drop_query and parts.query:
+        parts = parts._replace(query="***")
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[-1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    return urlunsplit(parts)
+
+
 def redacted(cfg: Config) -> dict:
-    """The config as a plain dict for display; never shows secrets (files only, by design)."""
-    return cfg.model_dump(mode="json")
+    """The config as a plain dict for display, without secrets: the broker's and the sync's
+    are files, and the passwords in camera and sync URLs are hidden."""
+    out = cfg.model_dump(mode="json")
+    for cam in out["cameras"].values():
+        cam["source"] = redact_source(cam["source"])
+    sync = out["watchlist"]["sync"]
+    if sync["source"]:
+        sync["source"] = redact_source(sync["source"], drop_query=True)
+    return out
 
 
 def _file_problem(path: Path) -> str | None:
@@ -556,6 +595,8 @@ def file_problems(cfg: Config, load_models: bool = False) -> list[str]:
         if "://" not in sync.source:
             files.append(("watchlist.sync.source", Path(sync.source)))
     problems = model_file_problems(cfg, load_models)
+    if cfg.storage.dir.exists() and not cfg.storage.dir.is_dir():  # `run` would exit 2 on it
+        problems.append(f"storage.dir: {cfg.storage.dir} is a file, not a folder")
     for key, path in files:
         why = _file_problem(path) if path is not None else None
         if why:

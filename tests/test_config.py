@@ -126,6 +126,13 @@ BAD_CONFIGS = [
      "watchlist.sync.list: must be 1-64 printable characters"),
     (f"watchlist:\n  sync:\n    list: {'x' * 65}\n",
      "watchlist.sync.list: must be 1-64 printable characters"),
+    # passed, then failed at every sync
+    ("watchlist:\n  sync:\n    source: ftp://lists.example.com/hot.csv\n",
+     "watchlist.sync.source: ftp:// is not supported: use https://, http:// or a file path"),
+    # passed, then retried forever as a host name
+    ("mqtt:\n  host: mqtt://broker.local:1883\n",
+     "mqtt.host: 'mqtt://broker.local:1883': a host name or IP address only"),
+    ("mqtt:\n  host: broker.local:1883\n", "the port goes in mqtt.port"),
 ]
 
 
@@ -403,3 +410,25 @@ def test_check_config_loads_the_models_it_names(tmp_path, capsys):
 def test_check_config_takes_the_file_after_c_as_other_commands_do(capsys):
     assert main(["check-config", "-c", str(ROOT / "config" / "demo.yaml")]) == 0
     assert "OK (1 camera(s): demo)" in capsys.readouterr().out
+
+
+def test_check_config_print_hides_the_passwords_of_camera_and_sync_urls(tmp_path, capsys):
+    # Users paste it into bug reports; every log already hid them.
+    f = tmp_path / "c.yaml"
+    f.write_text("cameras:\n  gate:\n    source: rtsp://admin:hunter2@192.168.1.20:554/s1\n"
+                 "watchlist:\n  sync:\n    source: https://u:Zq9Tok@example.com/l.csv?key=X7abc\n"
+                 "mqtt:\n  enabled: false\n")
+    assert main(["check-config", str(f), "--print"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "Zq9Tok" not in out and "X7abc" not in out
+    assert "rtsp://admin:***@192.168.1.20:554/s1" in out
+    assert "https://u:***@example.com/l.csv?***" in out
+
+
+def test_check_config_says_a_storage_dir_that_is_a_file_is_no_folder(tmp_path, capsys):
+    # `run` exits 2 on it ("File exists"); check-config said OK.
+    (tmp_path / "afile").write_text("x")
+    f = tmp_path / "c.yaml"
+    f.write_text(f"storage:\n  dir: {tmp_path / 'afile'}\nmqtt:\n  enabled: false\n")
+    assert main(["check-config", str(f)]) == 2
+    assert f"storage.dir: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
