@@ -761,7 +761,7 @@ class Publisher:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
-        self._q.put(("disconnect", str(reason)))
+        self._q.put(("disconnect", str(reason), client))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
@@ -910,6 +910,8 @@ class Publisher:
             self._report_failure(f"cannot connect to MQTT broker {self.cfg.host}:{self.cfg.port}:"
                                  f" {item[1]}")
         elif kind == "disconnect":
+            if item[2] is not self._client:  # a client let go (`_new_client`): no failure
+                return
             if self._connected:
                 log.warning("MQTT: disconnected from %s:%d (%s); %d message(s) in flight will "
                             "be resent, new events wait in the outbox",
