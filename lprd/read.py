@@ -123,16 +123,24 @@ def ctc_with_formats(seq: np.ndarray, formats: list[str], ratio: float,
     path's; its confidence, like the raw read's, is the product of its characters' probabilities.
     """
     raw = decode(ctc_to_slots(seq), alphabet, topn)
-    if not formats or any(_fits(raw.text, f) for f in formats):
+    # a blank read (no plate: a false box) is not turned into the likeliest format
+    if not formats or not raw.text or any(_fits(raw.text, f) for f in formats):
         return raw
     logp = np.log(np.maximum(seq.astype(np.float64), 1e-12))
-    raw_lp = float(logp.max(axis=1).sum())
+    need = math.log(ratio) + float(logp.max(axis=1).sum())  # what a fitting read must reach
     best: tuple[float, list[int], list[float]] | None = None
     for f in formats:
-        fit = _ctc_align(logp, f, alphabet, math.log(ratio))
+        # a bound of every path through f (each step's best of the blank and f's classes):
+        # most formats are out at once, without the search's few milliseconds of Python
+        chars = np.where(np.logical_or.reduce(_format_masks(f, alphabet)), logp[:, :-1],
+                         -np.inf).max(axis=1)
+        bar = need if best is None else max(need, best[0])
+        if float(np.maximum(logp[:, -1], chars).sum()) < bar:
+            continue
+        fit = _ctc_align(logp, f, alphabet, math.log(ratio), need=bar)
         if fit is not None and (best is None or fit[0] > best[0]):
             best = fit
-    if best is None or best[0] < math.log(ratio) + raw_lp:
+    if best is None or best[0] < need:
         return raw
     _, idx, ps = best
     chars = tuple(CharProb(alphabet[k], p) for k, p in zip(idx, ps, strict=True))
@@ -142,10 +150,11 @@ def ctc_with_formats(seq: np.ndarray, formats: list[str], ratio: float,
     return Read(text=text, confidence=conf, chars=chars, candidates=tuple(cands))
 
 
-def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str, floor: float = -math.inf
-               ) -> tuple[float, list[int], list[float]] | None:
+def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str, floor: float = -math.inf,
+               need: float = -math.inf) -> tuple[float, list[int], list[float]] | None:
     """Best CTC path (log-probability) through `fmt` (L letter, N digit, X any), the class of
-    each character and its probability; None when the sequence is too short for it."""
+    each character and its probability; None when the sequence is too short for it, or when
+    no path reaches `need`."""
     steps, blank = logp.shape[0], logp.shape[1] - 1
     allowed = _format_masks(fmt, alphabet)
     n_states = 2 * len(fmt) + 1  # blank, char 0, blank, char 1, ..., blank
@@ -175,7 +184,7 @@ def _ctc_align(logp: np.ndarray, fmt: str, alphabet: str, floor: float = -math.i
         dp = nd
         back.append(bk)
     end = n_states - 1 if dp[-1] >= dp[-2] else n_states - 2
-    if not math.isfinite(dp[end]):
+    if not math.isfinite(dp[end]) or dp[end] < need:  # its score bounds the exact search's
         return None
     state, seg = end, [[] for _ in fmt]
     for t in range(steps - 1, -1, -1):
