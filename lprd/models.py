@@ -9,7 +9,6 @@ import math
 import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +97,13 @@ def _without_delegate_notice() -> Iterator[None]:
     except (OSError, ValueError, AttributeError):  # no stderr to keep clean
         yield
         return
-    with tempfile.TemporaryFile() as caught:
+    try:  # in memory (Linux): a read-only container may have no writable temporary folder
+        fd = os.memfd_create("lprd-stderr")
+    except (OSError, AttributeError):  # nowhere to catch it: the line stays
+        os.close(saved)
+        yield
+        return
+    with os.fdopen(fd, "w+b") as caught:
         os.dup2(caught.fileno(), 2)
         try:
             yield

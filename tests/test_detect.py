@@ -642,3 +642,14 @@ def test_the_delegate_notice_is_kept_off_stderr_and_other_lines_are_not(capfd) -
         os.write(2, b"another thread's log line\n" + _DELEGATE_NOTICE + b"\n")
         os.write(2, b"and one more\n")
     assert capfd.readouterr().err == "another thread's log line\nand one more\n"
+
+
+def test_models_load_where_no_temporary_folder_can_be_written(monkeypatch) -> None:
+    # A read-only container without /tmp: catching LiteRT's notice in a temporary file made
+    # every model load fail, with an error that was no ModelError (the worker died unreported).
+    import tempfile
+
+    from lprd.models import load_model
+
+    monkeypatch.setattr(tempfile, "tempdir", "/proc/no-such-folder")
+    assert load_model(None, "reader").metadata["kind"] == "reader"
