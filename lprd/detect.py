@@ -178,16 +178,19 @@ class PlateCheck:
     def __init__(self, path: str | Path | None, num_threads: int = 1) -> None:
         """`path` None: the bundled models/plate_check.tflite."""
         self.model: TFLiteModel = load_model(path, "plate_check", num_threads)
-        meta = self.model.metadata
-        try:
-            self.in_h = int(meta["input"]["height"])
-            self.in_w = int(meta["input"]["width"])
-            self.context = float(meta["window"]["context"])
-            self.min_aspect = float(meta["window"]["min_aspect"])
-            self.threshold = float(meta["threshold"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"{self.model.path.with_suffix('.json')}: bad plate_check "
-                             f"metadata ({e})") from None
+        m = self.model
+        self.in_h = m.meta("input.height", "int")
+        self.in_w = m.meta("input.width", "int")
+        # checked here: a context of 0 passed, then raised at every frame with a box (no
+        # plate was ever published), and a threshold out of [0, 1] dropped every plate
+        self.context = float(m.meta("window.context", "number"))
+        self.min_aspect = float(m.meta("window.min_aspect", "number"))
+        self.threshold = float(m.meta("threshold", "number"))
+        for key, v, ok in (("window.context", self.context, self.context > 0),
+                           ("window.min_aspect", self.min_aspect, self.min_aspect > 0),
+                           ("threshold", self.threshold, 0 <= self.threshold <= 1)):
+            if not ok:
+                raise m.bad_meta(key, f"is out of range ({v:g})")
         inp = self.model.input_detail
         if tuple(inp["shape"][1:]) != (self.in_h, self.in_w, 3):
             raise ModelError(f"{self.model.path}: input shape {tuple(inp['shape'])} does not "

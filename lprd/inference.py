@@ -16,6 +16,7 @@ import numpy as np
 
 from lprd.clock import CLOCK_STEP, ClockWatch
 from lprd.config import Config
+from lprd.notify import loud_repeat
 from lprd.ring import FrameHeader, FrameRing, Lapped
 from lprd.track import Tracker
 from lprd.types import Box, Detection, Observation, PlateEvent, Read
@@ -219,6 +220,7 @@ class _Feed:
         self.done_seq = 0  # newest seq analysed or skipped
         self.frames = 0
         self.skipped = 0
+        self.failed = 0  # frames in a row the pipeline raised on
         self.last_tick = time.monotonic()
         self.ending = False  # capture finished: drain, then flush
         self._attach_warned = False
@@ -422,10 +424,16 @@ class InferenceWorker:
                 continue
             try:
                 obs = self.pipeline.process(frame, name, header.seq, header.ts, roi=feed.spec.roi)
-            except Exception:  # one bad frame must not end the worker
-                log.exception("camera %s: frame %d could not be analysed", name, header.seq)
+            except Exception as e:  # one bad frame must not end the worker
+                feed.failed += 1
+                # the 1st, 2nd, 4th ... in a row with their traceback: a fault of every frame
+                # (a model that cannot handle them) flooded the journal at the frame rate
+                if loud_repeat(feed.failed):
+                    log.error("camera %s: frame %d could not be analysed (%d in a row)", name,
+                              header.seq, feed.failed, exc_info=e)
                 continue
             feed.frames += 1
+            feed.failed = 0
             self._send(tracker.update(obs, header.ts))
         return busy
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -623,6 +624,29 @@ def test_check_metadata_without_its_window_is_refused(check_copy: Path) -> None:
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="plate_check.json.*window"):
         PlateDetector(DetectorConfig(check_model=check_copy))
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    (("window", "context"), 0, "window.context is out of range (0)"),
+    (("window", "context"), -1.4, "window.context is out of range (-1.4)"),
+    (("window", "min_aspect"), 0, "window.min_aspect is out of range (0)"),
+    (("threshold",), 7, "threshold is out of range (7)"),
+    (("threshold",), "0.1", "threshold must be a number"),
+    (("input", "height"), True, "input.height must be a positive integer"),
+])
+def test_check_metadata_out_of_range_is_refused_at_load(check_copy: Path, key, value,
+                                                        said) -> None:
+    # A context of 0 loaded, then raised at every frame with a box: the daemon was ready and
+    # never published a plate; a threshold of 7 dropped every plate.
+    meta_path = check_copy.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    node = meta
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="plate_check.json: " + re.escape(said)):
+        PlateCheck(check_copy)
 
 
 def test_a_peak_whose_box_lies_past_the_frame_edge_gives_no_box() -> None:

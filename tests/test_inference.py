@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import time
@@ -468,3 +469,22 @@ def test_open_tracks_handed_on_for_a_camera_the_reload_removed_are_closed(models
     finals = [e for e in drain(q) if isinstance(e, PlateEvent) and e.final]
     assert {e.id for e in finals} >= {t.id for t in handed.tracks if t.id is not None}
     assert finals and all(e.camera == "cam" for e in finals)
+
+
+def test_a_fault_at_every_frame_is_logged_at_the_1st_2nd_4th_not_each_frame(
+        clip, ring, caplog) -> None:
+    # A plate check that raises at every frame with a box logged a traceback a frame, at the
+    # frame rate, for as long as the daemon ran.
+    from lprd.detect import PlateDetector
+    from lprd.read import PlateReader
+
+    cfg = parse_config({"watchlist": {"enabled": False}, **ALL_READS})
+    detector = PlateDetector(cfg.detector, 1)
+    detector.check.context = 0.0  # as a window context of 0 in its metadata did
+    worker, _ = make_worker((detector, PlateReader(cfg.reader, 1)), ring, every_frame=True,
+                            cfg=cfg)
+    caplog.set_level(logging.ERROR, logger="lprd.inference")
+    play_clip(worker, ring, clip[20:60])  # the first car's frames
+    failed = [r for r in caplog.records if "could not be analysed" in r.getMessage()]
+    assert 3 <= len(failed) <= 6  # 1, 2, 4, 8, 16, 32 of up to 40
+    assert failed[0].exc_info is not None and "(1 in a row)" in failed[0].getMessage()
