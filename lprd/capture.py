@@ -314,6 +314,7 @@ class Capture:
         self._frames_from: float | None = None
         self._frames_to = 0.0
         self._loud = True  # the last failure was logged at warning level (or there was none)
+        self._roi_checked = False  # against the first frame's size (unknown before it)
         # a realtime file's (monotonic time, clip index) its frames are paced from; kept across
         # loops, so that clip time keeps to the wall clock's
         self._pace: tuple[float, int] | None = None
@@ -566,6 +567,13 @@ class Capture:
                 h, w = frame.shape[:2]
                 if self._frames_from is None:
                     self._frames_from = self._frames_to
+                if self._got == 1 and cfg.roi is not None and not self._roi_checked:
+                    self._roi_checked = True
+                    x, y, rw, rh = cfg.roi
+                    if min(w, x + rw) - max(0, x) < 2 or min(h, y + rh) - max(0, y) < 2:
+                        log.warning("%s: roi [%d, %d, %d, %d] lies outside the %dx%d frames "
+                                    "(set for another resolution?): the whole frame is "
+                                    "searched", self.camera, x, y, rw, rh, w, h)
                 if self._got == 1:  # said as loudly as the failure before it
                     log.log(logging.INFO if self._loud else logging.DEBUG,
                             "%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)

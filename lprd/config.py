@@ -6,6 +6,7 @@ validates data already in memory.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +35,23 @@ class _Strict(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default. No inf or nan:
     # `gt=0` lets .inf through, and an endless timeout or interval breaks the code that uses it.
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """A section whose keys are all commented out (`cameras:` alone) is YAML's null: it
+        means the section's defaults, as an empty file means all of them."""
+        if not isinstance(data, dict):
+            return data
+        return {k: {} if v is None and _is_section(cls.model_fields.get(k)) else v
+                for k, v in data.items()}
+
+
+def _is_section(field: Any) -> bool:
+    """Whether a field holds a mapping of keys (a sub-model or a dict), not a value."""
+    ann = getattr(field, "annotation", None)
+    return (isinstance(ann, type) and issubclass(ann, BaseModel)) or getattr(
+        ann, "__origin__", None) is dict
 
 
 def _topic_prefix(v: str) -> str:
@@ -455,6 +473,11 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
                 msg = "required key is missing"
             elif err["type"] == "value_error":
                 msg = msg.removeprefix("Value error, ")
+            elif err["type"] in ("dict_type", "model_type"):  # it named Python classes
+                msg = (f"is a section, not a value ({json.dumps(err['input'])[:40]}): put its "
+                       "keys indented below it")
+            elif err["type"] == "string_type" and isinstance(err["input"], int | float):
+                msg = f"{msg}: quote it ('{err['input']}')"
             # a check across sections names its keys in the message itself
             problems.append(f"{loc}: {msg}" if err["loc"] else msg)
         raise ConfigError(source, problems) from None
@@ -485,17 +508,29 @@ def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(str(p), ["file not found"]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(p), [f"cannot read: {e}"]) from None
+    except OSError as e:
+        raise ConfigError(str(p), [f"cannot read: {e.strerror or e}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # a line, not a byte offset (a Latin-1 é in a comment)
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(str(p), [(f"line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                                   "save the file as UTF-8")]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(str(p), [f"{where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
+        # where the construct began: an unclosed quote is found at the file's end
+        start = getattr(e, "context_mark", None)
+        began = (f" ({getattr(e, 'context', None) or 'it began'} on line {start.line + 1}, "
+                 f"column {start.column + 1})" if start is not None and mark is not None
+                 and start.line != mark.line else "")
+        raise ConfigError(str(p), [f"{where}invalid YAML: {getattr(e, 'problem', e)}{began}"]
+                          ) from None
     return parse_config(data, str(p), p.absolute().parent)
 
 

@@ -207,6 +207,20 @@ def test_file_loops_when_asked_with_sequence_and_time_going_on(
     assert caplog.text.count("looping") == 1 and caplog.text.count("connected to") == 2
 
 
+def test_an_roi_outside_the_frames_is_said_once(
+        tmp_path: Path, cams: Callable[..., Cam], caplog: pytest.LogCaptureFixture) -> None:
+    # set for a 1080p camera, used on its 720p substream: the whole frame was searched, and
+    # nothing said so
+    caplog.set_level(logging.WARNING, logger="lprd.capture")
+    video = indexed_video(tmp_path / "clip.avi", 10, fps=25, width=320, height=240)
+    cam = cams(CameraConfig(source=str(video), loop=True, roi=[0, 500, 320, 100]),
+               in_thread=True)
+    assert cam.pump(lambda: len(cam.seen) >= 25, timeout=30)  # it looped: new sessions
+    said = [r.getMessage() for r in caplog.records if "roi" in r.getMessage()]
+    assert said == [("cam: roi [0, 500, 320, 100] lies outside the 320x240 frames (set for "
+                    "another resolution?): the whole frame is searched")]
+
+
 def test_a_looped_realtime_clip_keeps_its_clip_time_to_the_wall_clock(
         tmp_path: Path, cams: Callable[..., Cam]) -> None:
     # Each pass started its pacing afresh: its first frame went out at once, a frame early a

@@ -133,6 +133,13 @@ BAD_CONFIGS = [
     ("mqtt:\n  host: mqtt://broker.local:1883\n",
      "mqtt.host: 'mqtt://broker.local:1883': a host name or IP address only"),
     ("mqtt:\n  host: broker.local:1883\n", "the port goes in mqtt.port"),
+    # the messages named Python classes ("a valid dictionary or instance of TLSConfig")
+    ("mqtt:\n  tls: true\n",
+     "mqtt.tls: is a section, not a value (true): put its keys indented below it"),
+    ("mqtt:\n  username: 1234\n", "mqtt.username: Input should be a valid string: quote it"),
+    # an unclosed quote is found at the file's end: where it began is the useful line
+    ('mqtt:\n  host: "broker\n  port: 1883\n', ("line 4, column 1: invalid YAML: found "
+     "unexpected end of stream (while scanning a quoted scalar on line 2, column 9)")),
 ]
 
 
@@ -432,3 +439,21 @@ def test_check_config_says_a_storage_dir_that_is_a_file_is_no_folder(tmp_path, c
     f.write_text(f"storage:\n  dir: {tmp_path / 'afile'}\nmqtt:\n  enabled: false\n")
     assert main(["check-config", str(f)]) == 2
     assert f"storage.dir: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_config_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("mqtt:\n  # caf\u00e9\n  port: 1\n".encode("latin-1"))
+    assert main(["check-config", str(f)]) == 2
+    assert "line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8" in capsys.readouterr().err
+
+
+def test_a_section_whose_keys_are_all_commented_out_means_its_defaults(tmp_path):
+    # `cameras:` with its only camera commented out is YAML's null: it was refused as "Input
+    # should be a valid dictionary", where an empty file means all defaults
+    f = tmp_path / "c.yaml"
+    f.write_text("cameras:\n  # gate:\n  #   source: x.mp4\nmqtt:\n  tls:\n  discovery:\n"
+                 "detector:\n")
+    cfg = load_config(f)
+    assert cfg.cameras == {} and cfg.mqtt.tls == Config().mqtt.tls
+    assert cfg.detector == Config().detector
