@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    cc = sub.add_parser("check-config", help="validate a config file and exit (status 2 if bad)")
+    cc = sub.add_parser(
+        "check-config", help="validate a config file and exit (status 2 if bad)",
+        description="Validate a config file: every key and value, the files it names (models are "
+        "loaded; password, TLS, token and file sources read), and settings that would leave "
+        "the daemon doing nothing (warnings, exit 0). Exit status 2 when it is bad, naming "
+        "each bad key and why.")
     cc.add_argument("file", nargs="?", help="config file (default: --config)")
     add_config_option(cc, "config file to check (the same as FILE)")  # as other commands take it
     cc.add_argument("--print", action="store_true", help="print the effective config as JSON")

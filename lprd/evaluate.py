@@ -682,7 +682,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--topn", type=int_range(1, 50), default=None, metavar="N",
                    help="N for the top-N rates (default: reader.topn of the config)")
     p.add_argument("--threads", type=int_range(1, 64), default=1,
-                   help="interpreter threads per model")
+                   help="interpreter threads per model (default 1; the daemon and bench use up "
+                   "to 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_config_option(p)
     p.set_defaults(func=run_eval)

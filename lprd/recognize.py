@@ -454,7 +454,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=int_range(1, 10_000), default=1, metavar="K",
                    help="videos: analyse every K-th frame (default 1: all)")
     add_max_width_option(p, "scenes and video frames")
-    p.add_argument("--threads", type=int_range(1, 64), default=1, help="interpreter threads per model")
+    p.add_argument("--threads", type=int_range(1, 64), default=1, help="interpreter threads per model (default 1; the daemon and "
+                   "bench use up to 4)")
     add_config_option(p)
     p.set_defaults(func=run_recognize)
 

@@ -1673,6 +1673,8 @@ def register(subparsers: Any) -> None:
         "watchlist", help="the local watchlist: add, remove, list, import, export, match, sync, "
         "status, bench",
         description="Manage the watchlist in <storage.dir>/watchlist.sqlite (or --db FILE).")
+    # `lprd watchlist -c FILE list` as `lprd watchlist list -c FILE` (it was "invalid choice")
+    add_config_option(p, help="YAML config (storage.dir, watchlist.*); also after ACTION")
     sub = p.add_subparsers(dest="watchlist_command", metavar="ACTION")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)

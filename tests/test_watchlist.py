@@ -508,6 +508,9 @@ def test_cli_takes_config_after_the_action(tmp_path: Path,
     capsys.readouterr()
     assert lprd_main(["watchlist", "list", "--config", str(cfg)]) == 0
     assert capsys.readouterr().out.startswith("ABC1234  ")
+    # and before it, as after other commands' names ("invalid choice" before)
+    assert lprd_main(["watchlist", "-c", str(cfg), "list"]) == 0
+    assert capsys.readouterr().out.startswith("ABC1234  ")
 
 
 def test_cli_refuses_an_empty_list_name(tmp_path: Path,
