@@ -17,7 +17,7 @@ import numpy as np
 
 from lprd.capture import fit_frame
 from lprd.cli import add_config_option, int_range, shown_path
-from lprd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from lprd.config import DEFAULT_CONFIG_PATH, CameraConfig, Config, ConfigError, load_config
 from lprd.recognize import InputError, add_max_width_option, check_opencv_path
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="TFLite threads (default: as the daemon, up to 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_max_width_option(p, "frames")
+    p.add_argument("--camera", metavar="NAME",
+                   help="time the frames as this camera of the config is analysed: its roi, and "
+                        "its max_width unless --max-width is given (default: the config's only "
+                        "camera, where it has one)")
     add_config_option(p)
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=_bench, max_width=None)  # None: the camera's, else the default
 
 
 @dataclass
@@ -99,10 +103,11 @@ def memory_mb() -> tuple[float, float]:
 
 
 def run_bench(source: Path, cfg: Config, frames: int = 0, warmup: int = 3,
-              threads: int = 0, max_width: int = 0) -> BenchResult:
+              threads: int = 0, max_width: int = 0, roi: tuple[int, int, int, int] | None = None
+              ) -> BenchResult:
     """Decode `source` and time the pipeline on each frame, as the daemon's worker runs it;
     frames wider than `max_width` (0: no limit) scaled down first, as the capture process does
-    (in "decode": it is capture's work)."""
+    (in "decode": it is capture's work); only `roi` searched where given."""
     from lprd.detect import PlateDetector
     from lprd.inference import PlatePipeline, default_threads
     from lprd.read import PlateReader
@@ -132,10 +137,10 @@ def run_bench(source: Path, cfg: Config, frames: int = 0, warmup: int = 3,
             if not ok or frame is None:
                 break
             if max_width:
-                frame = fit_frame(frame, max_width, None)
+                frame = fit_frame(frame, max_width)
             decode = time.perf_counter() - t0
             ts = t0_clip + index / fps
-            obs = pipeline.process(frame, "bench", index, ts)
+            obs = pipeline.process(frame, "bench", index, ts, roi=roi)
             t1 = time.perf_counter()
             events = tracker.update(obs, ts)
             track = time.perf_counter() - t1
@@ -216,8 +221,17 @@ def _bench(args: argparse.Namespace) -> int:
         if problem:
             print(f"lprd bench: {source}: {problem}", file=sys.stderr)
             return 2
+        names = list(cfg.cameras)
+        if args.camera is not None and args.camera not in cfg.cameras:
+            print(f"lprd bench: --camera {args.camera}: no such camera in the config "
+                  f"({', '.join(names) or 'it has none'})", file=sys.stderr)
+            return 2
+        cam = cfg.cameras[args.camera or names[0]] if args.camera or len(names) == 1 else None
+        max_width = args.max_width if args.max_width is not None else (
+            cam.max_width if cam else CameraConfig.model_fields["max_width"].default)
         try:
-            res = run_bench(source, cfg, args.frames, args.warmup, args.threads, args.max_width)
+            res = run_bench(source, cfg, args.frames, args.warmup, args.threads, max_width,
+                            cam.roi if cam else None)
         except ModelError as e:  # as recognize and eval: a setup error, not a failed run
             print(f"lprd bench: {e}", file=sys.stderr)
             return 2

@@ -166,9 +166,10 @@ class MotionGate:
         return self._last_motion is not None and ts - self._last_motion <= self.cfg.keep_alive
 
 
-def fit_frame(frame: np.ndarray, max_width: int, ring: FrameRing | None) -> np.ndarray:
-    """A BGR uint8 frame no wider than max_width that fits a ring slot, if a ring is given
-    (INTER_AREA downscale)."""
+def fit_frame(frame: np.ndarray, max_width: int) -> np.ndarray:
+    """A BGR uint8 frame no wider than max_width and of at most a 4:3 frame's area at
+    max_width (a camera ring slot's room, `ring_shape`), scaled down by INTER_AREA: what the
+    daemon analyses, for recognize, eval and bench too."""
     if frame.dtype != np.uint8:
         raise ValueError(f"unsupported pixel type {frame.dtype}")
     if frame.ndim == 2:
@@ -176,12 +177,12 @@ def fit_frame(frame: np.ndarray, max_width: int, ring: FrameRing | None) -> np.n
     elif frame.shape[2] == 4:
         frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
     h, w = frame.shape[:2]
-    scale = min(1.0, max_width / w,
-                math.sqrt(ring.capacity / (3 * h * w)) if ring is not None else 1.0)
+    room = max_width * (max_width * 3 // 4)  # pixels
+    scale = min(1.0, max_width / w, math.sqrt(room / (h * w)))
     if scale >= 1.0:
         return frame
     nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
-    while ring is not None and not ring.fits(nh, nw):  # rounding can leave it a row too big
+    while nw * nh > room:  # rounding can leave it a row too big
         nw, nh = max(1, nw - 1), max(1, nh - 1)
     return cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
 
@@ -554,7 +555,7 @@ class Capture:
                                      f"row, or none for {cfg.stall_timeout:g} s)")
                     continue
                 try:
-                    frame = fit_frame(frame, cfg.max_width, self.ring)
+                    frame = fit_frame(frame, cfg.max_width)
                 except ValueError as e:
                     raise _Ended(f"unusable frame: {e}") from None
                 bad = 0

@@ -247,7 +247,7 @@ def scaled_process(pipeline: PlatePipeline, img: np.ndarray, max_width: int, cam
                    ) -> tuple[list[Observation], np.ndarray]:
     """The pipeline on an image scaled down to `max_width` (0: full size) as the daemon scales a
     camera's frames, with the boxes in the image's own pixels; and the image it saw."""
-    seen = fit_frame(img, max_width, None) if max_width else img
+    seen = fit_frame(img, max_width) if max_width else img
     obs = pipeline.process(seen, camera, 0, 0.0)
     if seen is img:
         return obs, seen
@@ -290,7 +290,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
                 continue
             ts = idx / fps
             if max_width:
-                frame = fit_frame(frame, max_width, None)
+                frame = fit_frame(frame, max_width)
             obs: list[Observation] = pipeline.process(frame, tracker.camera, idx, ts)
             yield from tracker.update(obs, now=ts)
     finally:

@@ -90,3 +90,20 @@ def test_bench_scales_frames_down_to_max_width_as_the_daemon_does(tiny_clip, cap
                  "--max-width", "320"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["width"], out["height"]) == (320, 180)
+
+
+def test_bench_times_a_config_s_camera_as_it_is_analysed(tiny_clip, tmp_path, capsys):
+    # `bench -c CONFIG` took neither the camera's max_width nor its roi: a user sizing a box
+    # with their own config got timings of another workload.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"cameras:\n  gate:\n    source: {tiny_clip}\n    max_width: 320\n"
+                   "    roi: [0, 0, 100, 60]\n")
+    run = ["bench", "-c", str(cfg), str(tiny_clip), "--frames", "3", "--warmup", "1", "--json"]
+    assert main(run) == 0  # the only camera
+    out = json.loads(capsys.readouterr().out)
+    assert (out["width"], out["height"]) == (320, 180)
+    assert out["plates_per_frame"] == 0  # the plates lie outside that corner
+    assert main([*run, "--camera", "gate", "--max-width", "640"]) == 0
+    assert json.loads(capsys.readouterr().out)["width"] == 640
+    assert main([*run, "--camera", "back"]) == 2
+    assert "--camera back: no such camera in the config (gate)" in capsys.readouterr().err

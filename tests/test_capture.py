@@ -351,6 +351,21 @@ def test_a_restarted_file_capture_starts_where_the_last_frame_ref_left_it(
     assert cam.seen[-1].ref.file == FilePosition(t0=1000.0, index=90, pos=90)
 
 
+def test_recognize_eval_and_bench_scale_frames_as_the_daemon_does() -> None:
+    # The daemon also shrinks a frame to its ring slot's room (a 4:3 frame's area at
+    # max_width); the CLI tools did not: a portrait or square camera's boxes, frame_size and
+    # crops differed from what `recognize` showed.
+    from lprd.capture import fit_frame
+
+    for h, w in ((2560, 1440), (1920, 1920), (1080, 1920), (100, 4000)):
+        out = fit_frame(np.zeros((h, w, 3), np.uint8), 1920)
+        oh, ow = out.shape[:2]
+        assert ow <= 1920 and oh * ow <= 1440 * 1920
+        assert abs(oh / ow - h / w) < 0.01 * h / w + 1 / ow  # the aspect kept
+    assert fit_frame(np.zeros((1080, 1920, 3), np.uint8), 1920).shape == (1080, 1920, 3)
+    assert fit_frame(np.zeros((1920, 1920, 3), np.uint8), 1920).shape[:2] == (1662, 1662)
+
+
 def test_frames_wider_than_max_width_are_scaled_down_before_the_ring(
         tmp_path: Path, cams: Callable[..., Cam]) -> None:
     video = indexed_video(tmp_path / "big.avi", 12, width=640, height=480)
