@@ -634,10 +634,13 @@ class Supervisor:
             self._close_orphans()
             if self.worker_failed:
                 return
-            if self._reload_refused:
+            if self._reload_refused:  # it ended on purpose: no death, no backoff
                 self._reload_refused = False
                 w.failures = 0
-            if not self._schedule_restart(w, _exit_reason(code), WORKER_MAX_DEATHS):
+                w.q = w.stop = None
+                w.restart_at = time.monotonic()
+                log.info("inference: starting again with the running models")
+            elif not self._schedule_restart(w, _exit_reason(code), WORKER_MAX_DEATHS):
                 self.worker_failed = (f"the inference process died {w.failures} times in a "
                                       "row, each within a minute of its start")
                 self.worker_exit = 1
