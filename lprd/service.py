@@ -889,7 +889,7 @@ class Supervisor:
                     # its retained state said what it was last (connected: true) for good
                     with contextlib.suppress(Exception):
                         self.publisher.publish_state(disabled_state(name))
-            if name in new.cameras:
+            if name in new.cameras and not self.flags.stop:
                 self._add_camera(name, new.cameras[name])
         if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):
             from lprd.publish import PublisherConfigError, check_files
@@ -935,6 +935,10 @@ class Supervisor:
                         self._pump_child_queue)
             self._close_orphans()
             self.worker.failures = 0  # stopped on purpose: earlier deaths say nothing of it
+            if self.flags.stop:  # a stop came meanwhile: no model load for it to wait for
+                log.info("a stop came during the reload: the new inference process is not "
+                         "started")
+                return
             self._start_worker()
         else:
             if changed:
