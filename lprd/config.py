@@ -598,7 +598,10 @@ def model_file_problems(cfg: Config, load: bool = False) -> list[str]:
             except ModelError as e:
                 problems.append(f"{key}: {e}")
                 continue
-        why = _file_problem(path) or _file_problem(path.with_suffix(".json"))
+        meta = path.with_suffix(".json")
+        why = _file_problem(path) or (
+            f"{meta}: metadata file missing (it sits beside the model, as <model>.json)"
+            if not meta.exists() else _file_problem(meta))
         if why is None and load:
             try:
                 load_model(path, name, check_only=True)

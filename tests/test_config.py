@@ -296,7 +296,9 @@ def test_check_config_names_a_model_whose_metadata_is_missing(tmp_path, capsys):
     f = tmp_path / "c.yaml"
     f.write_text(f"reader:\n  model: {p}\n")
     assert main(["check-config", str(f)]) == 2
-    assert f"reader.model: {p.with_suffix('.json')}: file not found" in capsys.readouterr().err
+    # as the loader says it: "file not found" did not say what the .json is
+    assert (f"reader.model: {p.with_suffix('.json')}: metadata file missing (it sits beside the "
+            "model, as <model>.json)") in capsys.readouterr().err
 
 
 def test_check_config_names_missing_secret_tls_and_token_files(tmp_path, capsys):
