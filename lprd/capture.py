@@ -177,7 +177,7 @@ def fit_frame(frame: np.ndarray, max_width: int) -> np.ndarray:
     elif frame.shape[2] == 4:
         frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
     h, w = frame.shape[:2]
-    room = max_width * (max_width * 3 // 4)  # pixels
+    room = max(1, max_width * (max_width * 3 // 4))  # pixels
     scale = min(1.0, max_width / w, math.sqrt(room / (h * w)))
     if scale >= 1.0:
         return frame
@@ -294,7 +294,7 @@ class Capture:
         self.kind = source_kind(cfg.source)
         # set by the config's check against service.hang_timeout; a bare CameraConfig has none
         self.open_timeout = cfg.open_timeout if cfg.open_timeout is not None else OPEN_TIMEOUT
-        self.shown = redact_source(cfg.source)
+        self.shown = redact_source(cfg.source, drop_query=True)  # a camera password may sit there
         self.is_file = self.kind is SourceKind.FILE
         # Files default to realtime=False: every frame is analysed, flow-controlled by acks.
         self.realtime = bool(cfg.realtime) if self.is_file else True
@@ -318,7 +318,7 @@ class Capture:
         self._roi_checked = False  # against the first frame's size (unknown before it)
         # a realtime file's (monotonic time, clip index) its frames are paced from; kept across
         # loops, so that clip time keeps to the wall clock's
-        self._pace: tuple[float, int] | None = None
+        self._pace: tuple[float, int, float] | None = None  # (..., clip fps)
         if resume is not None and self.is_file:  # a restarted process: no replay of the clip
             self._file_t0, self._file_index, self._file_pos = resume.t0, resume.index, resume.pos
             log.info("%s: resuming %s at frame %d", camera, self.shown, resume.pos)
@@ -479,9 +479,11 @@ class Capture:
                             self.heartbeat()
                         if not cap.grab():
                             raise _Ended("end of file", eof=True)
-            if self._pace is None:  # a loop keeps the pace: its first frame is due as the next
-                self._pace = (time.monotonic(), self._file_index)
-            pace_t0, pace_index = self._pace
+            if self._pace is None or self._pace[2] != clip_fps:
+                # a loop keeps the pace: its first frame is due as the next (a clip replaced by
+                # one of another rate starts its own)
+                self._pace = (time.monotonic(), self._file_index, clip_fps)
+            pace_t0, pace_index, _ = self._pace
             interval = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
             next_due = 0.0
             last_good = time.monotonic()

@@ -43,7 +43,8 @@ class _Strict(BaseModel):
         means the section's defaults, as an empty file means all of them."""
         if not isinstance(data, dict):
             return data
-        return {k: {} if v is None and _is_section(cls.model_fields.get(k)) else v
+        return {k: _section_default(cls.model_fields[k])
+                if v is None and _is_section(cls.model_fields.get(k)) else v
                 for k, v in data.items()}
 
 
@@ -52,6 +53,13 @@ def _is_section(field: Any) -> bool:
     ann = getattr(field, "annotation", None)
     return (isinstance(ann, type) and issubclass(ann, BaseModel)) or getattr(
         ann, "__origin__", None) is dict
+
+
+def _section_default(field: Any) -> Any:
+    """A section's default as keys: a field may default to other values than its model's own
+    (mqtt.reconnect's max is 60, the model's 30)."""
+    v = field.get_default(call_default_factory=True)
+    return v.model_dump() if isinstance(v, BaseModel) else {} if v is None else v
 
 
 def _topic_prefix(v: str) -> str:
@@ -257,7 +265,7 @@ class DiscoveryConfig(_Strict):
 
 def _host(v: str) -> str:
     # a URL or host:port was taken as a name, and retried forever ("Name or service not known")
-    if "://" in v or "/" in v or (v.count(":") == 1 and not v.startswith("[")):
+    if "://" in v or "/" in v or v.count(":") == 1 or v.startswith("["):
         raise ValueError(f"{v!r}: a host name or IP address only (no scheme, no path); the port "
                          "goes in mqtt.port and TLS in mqtt.tls")
     return v
@@ -328,9 +336,10 @@ def _list_name(v: str) -> str:
 
 
 def _sync_source(v: str | None) -> str | None:
-    if v is not None and "://" in v and not v.lower().startswith(("https://", "http://")):
-        raise ValueError(f"{v.split('://', 1)[0]}:// is not supported: use https://, http:// "
-                         "or a file path")
+    if v is not None and "://" in v and not v.lower().startswith(
+            ("https://", "http://", "file://")):
+        raise ValueError(f"{v.split('://', 1)[0]}:// is not supported: use https://, http://, "
+                         "file:// or a file path")
     return v
 
 
@@ -536,11 +545,12 @@ def load_config(path: str | Path) -> Config:
 
 def redact_source(source: str, drop_query: bool = False) -> str:
     """The source with any URL password replaced (and with `drop_query` its query string,
-    where a token may sit), for logs, status records and `check-config --print`."""
+    where a token or a camera's password may sit), for logs, status records and
+    `check-config --print`."""
     try:
         parts = urlsplit(source)
-    except ValueError:
-        return source
+    except ValueError:  # not a URL Python can take apart: nothing of it is shown
+        return f"{source.split('://', 1)[0]}://***" if "://" in source else source
     if drop_query and parts.query:
         parts = parts._replace(query="***")
     if parts.password is not None:
@@ -553,8 +563,8 @@ def redacted(cfg: Config) -> dict:
     """The config as a plain dict for display, without secrets: the broker's and the sync's
     are files, and the passwords in camera and sync URLs are hidden."""
     out = cfg.model_dump(mode="json")
-    for cam in out["cameras"].values():
-        cam["source"] = redact_source(cam["source"])
+    for cam in out["cameras"].values():  # an MJPEG camera's password is often in the query
+        cam["source"] = redact_source(cam["source"], drop_query=True)
     sync = out["watchlist"]["sync"]
     if sync["source"]:
         sync["source"] = redact_source(sync["source"], drop_query=True)

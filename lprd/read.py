@@ -134,7 +134,9 @@ def ctc_with_formats(seq: np.ndarray, formats: list[str], ratio: float,
         # most formats are out at once, without the search's few milliseconds of Python
         chars = np.where(np.logical_or.reduce(_format_masks(f, alphabet)), logp[:, :-1],
                          -np.inf).max(axis=1)
-        bar = need if best is None else max(need, best[0])
+        # a margin: these sums add in another order than the exact score, and a tie must
+        # not turn out otherwise than before they were pruned
+        bar = (need if best is None else max(need, best[0])) - 1e-9
         if float(np.maximum(logp[:, -1], chars).sum()) < bar:
             continue
         fit = _ctc_align(logp, f, alphabet, math.log(ratio), need=bar)

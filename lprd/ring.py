@@ -90,9 +90,11 @@ def remove_stale_rings() -> list[str]:
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)
-            removed.append(path)
+            # one just made is not locked yet (another pid namespace's pid looks gone)
+            if time.time() - os.fstat(fd).st_mtime >= FRESH_RING:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(path)
+                removed.append(path)
         except OSError:  # locked: its creator lives (or it is gone already)
             pass
         finally:
@@ -100,12 +102,14 @@ def remove_stale_rings() -> list[str]:
     return removed
 
 
+FRESH_RING = 10.0  # s: younger segments are left to their creator, which locks them at once
+
+
 def _lock_segment(name: str) -> int | None:
     """A shared lock on the segment, held while its creator lives (`remove_stale_rings`)."""
-    try:
-        fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDONLY)
-    except OSError:  # no /dev/shm (not Linux): no stale-ring cleanup either
+    if not os.path.isdir("/dev/shm"):  # not Linux: no stale-ring cleanup either
         return None
+    fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDONLY)  # OSError: gone already
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
@@ -215,7 +219,13 @@ class FrameRing:
             np.ndarray((2,), dtype=np.int64, buffer=shm.buf, offset=_HEADER_BYTES + i * stride)[:] = 0
         del hdr
         ring = cls(shm, owner=True)
-        ring._lock_fd = _lock_segment(shm.name)
+        try:
+            ring._lock_fd = _lock_segment(shm.name)
+        except OSError:
+            ring.close()
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+            raise
         return ring
 
     @classmethod

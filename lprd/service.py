@@ -510,6 +510,8 @@ class Supervisor:
             log.info("the stopped inference process %s", "had loaded its models"
                      if isinstance(msg, WorkerReady) else f"could not load its models: "
                      f"{msg.reason}")
+            if isinstance(msg, WorkerReady):
+                self._handover = {}  # it took them, and closes or hands on what is open
         elif isinstance(msg, WorkerReady):
             self.worker.beat = time.monotonic()  # the load's grace ends: a hang counts from now
             self.worker_ready = self._loaded_once = True

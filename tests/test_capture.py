@@ -207,6 +207,20 @@ def test_file_loops_when_asked_with_sequence_and_time_going_on(
     assert caplog.text.count("looping") == 1 and caplog.text.count("connected to") == 2
 
 
+def test_a_looped_realtime_clip_replaced_by_one_of_another_rate_paces_by_its_own(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    # The pace kept across loops counted the first clip's frames at the new clip's rate: a
+    # 2 fps clip after a while of a 25 fps one was due many seconds later (a silent stall).
+    live = tmp_path / "looped.avi"
+    shutil.copy(indexed_video(tmp_path / "fast.avi", 5, fps=25, width=160, height=120), live)
+    slow = indexed_video(tmp_path / "slow.avi", 5, fps=2, width=320, height=240)
+    cam = cams(CameraConfig(source=str(live), loop=True, realtime=True, fps=0), in_thread=True)
+    assert cam.pump(lambda: len(cam.seen) >= 60, timeout=30)  # a dozen passes at 25 fps
+    os.replace(slow, live)  # read from the next pass on
+    assert cam.pump(lambda: sum(s.shape is not None and s.shape[1] == 320
+                                for s in cam.seen) >= 3, timeout=10)
+
+
 def test_an_roi_outside_the_frames_is_said_once(
         tmp_path: Path, cams: Callable[..., Cam], caplog: pytest.LogCaptureFixture) -> None:
     # set for a 1080p camera, used on its 720p substream: the whole frame was searched, and
@@ -364,6 +378,7 @@ def test_recognize_eval_and_bench_scale_frames_as_the_daemon_does() -> None:
         assert abs(oh / ow - h / w) < 0.01 * h / w + 1 / ow  # the aspect kept
     assert fit_frame(np.zeros((1080, 1920, 3), np.uint8), 1920).shape == (1080, 1920, 3)
     assert fit_frame(np.zeros((1920, 1920, 3), np.uint8), 1920).shape[:2] == (1662, 1662)
+    assert fit_frame(np.zeros((10, 10, 3), np.uint8), 1).shape[:2] == (1, 1)  # it hung
 
 
 def test_frames_wider_than_max_width_are_scaled_down_before_the_ring(

@@ -128,11 +128,13 @@ BAD_CONFIGS = [
      "watchlist.sync.list: must be 1-64 printable characters"),
     # passed, then failed at every sync
     ("watchlist:\n  sync:\n    source: ftp://lists.example.com/hot.csv\n",
-     "watchlist.sync.source: ftp:// is not supported: use https://, http:// or a file path"),
+     ("watchlist.sync.source: ftp:// is not supported: use https://, http://, file:// or a "
+     "file path")),
     # passed, then retried forever as a host name
     ("mqtt:\n  host: mqtt://broker.local:1883\n",
      "mqtt.host: 'mqtt://broker.local:1883': a host name or IP address only"),
     ("mqtt:\n  host: broker.local:1883\n", "the port goes in mqtt.port"),
+    ("mqtt:\n  host: '[::1]'\n", "a host name or IP address only"),  # getaddrinfo refuses it
     # the messages named Python classes ("a valid dictionary or instance of TLSConfig")
     ("mqtt:\n  tls: true\n",
      "mqtt.tls: is a section, not a value (true): put its keys indented below it"),
@@ -425,11 +427,13 @@ def test_check_config_print_hides_the_passwords_of_camera_and_sync_urls(tmp_path
     # Users paste it into bug reports; every log already hid them.
     f = tmp_path / "c.yaml"
     f.write_text("cameras:\n  gate:\n    source: rtsp://admin:hunter2@192.168.1.20:554/s1\n"
+                 "  door:\n    source: http://cam/video.cgi?user=admin&password=Pw4door\n"
                  "watchlist:\n  sync:\n    source: https://u:Zq9Tok@example.com/l.csv?key=X7abc\n"
                  "mqtt:\n  enabled: false\n")
     assert main(["check-config", str(f), "--print"]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "Zq9Tok" not in out and "X7abc" not in out
+    assert "Pw4door" not in out and "http://cam/video.cgi?***" in out
     assert "rtsp://admin:***@192.168.1.20:554/s1" in out
     assert "https://u:***@example.com/l.csv?***" in out
 
@@ -459,3 +463,13 @@ def test_a_section_whose_keys_are_all_commented_out_means_its_defaults(tmp_path)
     cfg = load_config(f)
     assert cfg.cameras == {} and cfg.mqtt.tls == Config().mqtt.tls
     assert cfg.detector == Config().detector
+    # the field's default, which may differ from its model's (mqtt.reconnect.max: 60, not 30)
+    f.write_text("mqtt:\n  reconnect:\n")
+    assert load_config(f).mqtt.reconnect == Config().mqtt.reconnect
+
+
+def test_a_file_url_still_names_the_sync_source(tmp_path):
+    # the sync has read file:// since it was written; the scheme check refused it
+    f = tmp_path / "c.yaml"
+    f.write_text("watchlist:\n  sync:\n    source: FILE:///srv/list.csv\n")
+    assert load_config(f).watchlist.sync.source == "FILE:///srv/list.csv"

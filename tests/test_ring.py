@@ -164,12 +164,17 @@ def test_stale_rings_go_and_live_ones_stay_whatever_their_pid() -> None:
         _other_process_ring(name)
     live = _other_process_ring(foreign, live=True)
     own = FrameRing.create(f"lprd-{os.getpid()}-{tag}-own", 2, 4, 4)  # this process's, live
+    young = f"lprd-{gone_pid}-{tag}-young"  # just made by another, its lock not yet taken
+    _other_process_ring(young)
+    old = time.time() - 60
+    for name in (dead, mine, fresh, foreign, own.name):
+        os.utime(f"/dev/shm/{name}", (old, old))
     try:
         removed = remove_stale_rings()
         assert f"/dev/shm/{dead}" in removed and f"/dev/shm/{mine}" in removed
         for name in (dead, mine):
             assert not os.path.exists(f"/dev/shm/{name}")
-        for name in (foreign, fresh, own.name):
+        for name in (foreign, fresh, own.name, young):
             assert os.path.exists(f"/dev/shm/{name}")
         live.kill()
         live.wait(10)
@@ -178,7 +183,7 @@ def test_stale_rings_go_and_live_ones_stay_whatever_their_pid() -> None:
         live.kill()
         own.close()
         own.unlink()
-        for name in (dead, mine, foreign, fresh):
+        for name in (dead, mine, foreign, fresh, young):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"/dev/shm/{name}")
 

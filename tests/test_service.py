@@ -930,3 +930,19 @@ def test_a_handed_pass_whose_next_worker_dies_still_gets_its_final_event(tmp_pat
     sup._handle(sup.worker, WorkerReady(models={}))
     sup._close_orphans()  # ... and died before its final event
     assert [(e.id, e.plate, e.final) for e in got] == [(early[0].id, "ABC1234", True)]
+
+
+def test_a_worker_stopped_right_after_its_load_took_the_handed_tracks(tmp_path):
+    # Its ready message, read while it was being stopped (a stop right after a reload), was
+    # ignored whole: the tracks it had taken and closed were closed again at the stop, a
+    # second final event for one pass.
+    from lprd.config import parse_config
+    from lprd.inference import OpenTracks, WorkerReady
+    from lprd.service import Supervisor
+
+    cfg = parse_config({"storage": {"dir": str(tmp_path)}, "mqtt": {"enabled": False}})
+    sup = Supervisor(cfg, tmp_path / "c.yaml")
+    sup._handover = {"gate": OpenTracks("gate", ())}
+    sup.worker.done = True  # being stopped
+    sup._handle(sup.worker, WorkerReady(models={"detector": "d"}))
+    assert sup._handover == {} and sup.models != {"detector": "d"}
