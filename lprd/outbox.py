@@ -391,9 +391,23 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT seq, created, event_id, camera, kind, subtopic, payload, retain "
                 "FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
-        return [PendingMessage(seq, created, OutboxMessage(eid, cam, kind, sub, bytes(pl),
-                                                           bool(ret)))
-                for seq, created, eid, cam, kind, sub, pl, ret in rows]
+        out, bad = [], []
+        for seq, created, eid, cam, kind, sub, pl, ret in rows:
+            texts = (eid, cam, kind, sub)
+            # a byte a failing card flipped (no checksum): a column of another type, or text
+            # that does not decode, would go out on a garbage topic or stop every send
+            if (not all(isinstance(t, str) and "\ufffd" not in t for t in texts)
+                    or not isinstance(pl, bytes) or not isinstance(created, float | int)):
+                bad.append(seq)
+                continue
+            out.append(PendingMessage(seq, created, OutboxMessage(eid, cam, kind, sub, pl,
+                                                                  bool(ret))))
+        if bad:
+            log.error("outbox: %d damaged message(s) dropped (seq %s)", len(bad),
+                      ", ".join(map(str, bad)))
+            with contextlib.suppress(sqlite3.Error):  # skipped meanwhile; deleted next time
+                self.ack(bad)
+        return out
 
     def depth(self, camera: str | None = None) -> int:
         """Undelivered events (plate messages), for one camera or all."""

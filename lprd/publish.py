@@ -559,7 +559,8 @@ class Publisher:
         self._delivered = 0
         self._dropped = 0
         self._drop_logs = 0  # outbox drops since the broker was last reached (for the log)
-        self._forgotten: list[int] = []  # seqs not to be sent whose delete failed (`_forget`)
+        self._forgotten: set[int] = set()  # seqs not to be sent whose delete failed (`_forget`)
+        self._forget_fails = 0
         self._refused = 0
         self._latencies: deque[float] = deque(maxlen=2000)
         self._last_error: str | None = None
@@ -806,6 +807,16 @@ class Publisher:
                 self.outbox.shift_clock(jump, since=clock.elapsed)
             except sqlite3.Error as e:
                 log.error("outbox: could not shift its stamps by the clock step (%s)", e)
+            # those waiting in memory too (a full disk), by the outbox's rule: a forward step
+            # aged a fresh action past action_max_age, a backward one made an old allow fresh
+            now = time.time()
+
+            def shifted(created: float) -> float:
+                fresh = now - clock.elapsed - 1.0 <= created <= now + 1.0
+                return created if created < CLOCK_FLOOR or fresh else created + jump
+
+            self._direct = deque((shifted(c), m) for c, m in self._direct)
+            self._direct_sent = [(i, (shifted(c), m)) for i, (c, m) in self._direct_sent]
 
     def _run(self) -> None:
         clock = ClockWatch()
@@ -894,6 +905,9 @@ class Publisher:
                 self._handle_refused(item[1], item[2])
         elif kind == "connect":
             self._max_packet = item[3]
+            if item[1] and (item[4] or PAHO_INFLIGHT) > self._on_wire:
+                # a broker that takes more now: the next client gets it (this one keeps its own)
+                self._on_wire = min(PAHO_INFLIGHT, item[4] or PAHO_INFLIGHT)
             if item[1] and item[4] and item[4] < self._on_wire:
                 # paho does not heed the broker's Receive Maximum (MQTT 5), nor may its limit
                 # change on a connection: a broker that enforces it disconnects a client with
@@ -1012,6 +1026,9 @@ class Publisher:
         refused it (try again later); None where it can never be sent (dropped, counted) or is
         an action too old to act on, or a retained crop of a camera gone or of crops turned
         off (dropped)."""
+        if pm.seq in self._forgotten:  # met again (a new client moved the cursor back)
+            self._cursor = max(self._cursor, pm.seq)
+            return None
         if (pm.message.kind == "action" and self._too_old_to_act(pm.message, pm.created)) or (
                 pm.message.kind == "crop"  # retained: it would stay after the cleanup
                 and (not self.cfg.crops or pm.message.camera not in self.cameras)):
@@ -1083,6 +1100,7 @@ class Publisher:
                     "connections too: see mqtt.tls)" if doubt else "")
         self._protocol = "3.1.1"
         self._v5_doubt = "doubt" if doubt else "settled"
+        self._refused_at_connect = False  # that client's close is not seen (let go)
         self._new_client()
 
     def _drop_crops(self) -> None:
@@ -1186,6 +1204,8 @@ class Publisher:
                 text, n, delay, self.cfg.reconnect.max)
 
     def _pump(self) -> None:
+        if self._forgotten:
+            self._delete_forgotten()
         client = self._client
         if client is None or not self._connected or not client.is_connected():
             return
@@ -1230,19 +1250,23 @@ class Publisher:
 
     def _forget(self, seq: int) -> None:
         """A message that is not to be sent leaves the outbox. The cursor moves on first: where
-        the disk refuses the delete (full), it is tried again later, and the messages behind
-        it go meanwhile (it stopped them all, with a traceback a turn)."""
+        the disk refuses the delete (full, locked), it is tried again at every turn, and the
+        messages behind it go meanwhile (it stopped them all, with a traceback a turn)."""
         self._cursor = max(self._cursor, seq)  # a retried refused one lies behind it
-        if seq not in self._forgotten:
-            self._forgotten.append(seq)
+        self._forgotten.add(seq)
+        self._delete_forgotten()
+
+    def _delete_forgotten(self) -> None:
         try:
-            self.outbox.ack(self._forgotten)
+            self.outbox.ack(sorted(self._forgotten))
         except sqlite3.Error as e:
-            if loud_repeat(len(self._forgotten)):
+            self._forget_fails += 1
+            if loud_repeat(self._forget_fails):
                 log.warning("MQTT: %d message(s) not to be sent stay in the outbox for now: %s",
                             len(self._forgotten), e)
             return
-        self._forgotten = []
+        self._forgotten.clear()
+        self._forget_fails = 0
 
     def _drop_undeliverable(self, pm: PendingMessage) -> None:
         """A message that can never be sent leaves the outbox (it would block the rest)."""

@@ -373,8 +373,26 @@ def test_a_byte_flipped_inside_a_stored_row_stops_nothing(tmp_path: Path, where:
     path.write_bytes(bytes(data))
     ob = Outbox(path)
     got = ob.pending()
-    assert [pm.message.kind for pm in got] == ["event"] * 3
+    assert [pm.message.kind for pm in got] == ["event"] * 2  # the damaged one dropped
     ob.ack(pm.seq for pm in got)
     ob.put(_event(9))
     assert [pm.message.event_id for pm in ob.pending()] == ["ev00009"]
+    ob.close()
+
+
+def test_a_row_whose_column_type_was_flipped_is_dropped_not_sent_nor_blocking(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # one bit of a record header turns the payload's BLOB into TEXT: quick_check passes, and
+    # every read of the batch raised (nothing behind it was sent); a subtopic's TEXT turned
+    # BLOB went out on the topic "lprd/gate/b'plate'"
+    path = tmp_path / "o.sqlite"
+    ob = Outbox(path)
+    for i in range(3):
+        ob.put(_event(i))
+    ob._db.execute("UPDATE messages SET payload = CAST(payload AS TEXT) WHERE seq = 1")
+    ob._db.execute("UPDATE messages SET subtopic = CAST(subtopic AS BLOB) WHERE seq = 2")
+    got = ob.pending()
+    assert [pm.message.event_id for pm in got] == ["ev00002"]
+    assert "2 damaged message(s) dropped (seq 1, 2)" in caplog.text
+    assert [pm.seq for pm in ob.pending()] == [3]
     ob.close()
