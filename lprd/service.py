@@ -321,7 +321,12 @@ class Supervisor:
 
         try:
             if self.events_jsonl:
-                self.sink = JsonlSink(self.events_jsonl)
+                try:
+                    self.sink = JsonlSink(self.events_jsonl)
+                except (IsADirectoryError, NotADirectoryError, FileNotFoundError,
+                        PermissionError) as e:  # the command line's mistake: no restart mends it
+                    print_error(f"--events-jsonl {self.events_jsonl}: {e.strerror or e}")
+                    return EXIT_CONFIG
             self._start_publisher()
         except PublisherConfigError as e:
             print_error(f"{self.config_path}: {e}")

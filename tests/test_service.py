@@ -946,3 +946,12 @@ def test_a_worker_stopped_right_after_its_load_took_the_handed_tracks(tmp_path):
     sup.worker.done = True  # being stopped
     sup._handle(sup.worker, WorkerReady(models={"detector": "d"}))
     assert sup._handover == {} and sup.models != {"detector": "d"}
+
+
+def test_an_events_jsonl_path_that_is_a_folder_is_a_usage_error(tmp_path, daemons):
+    # it exited 1, which systemd restarts and the README keeps for failures a restart may mend
+    cams = {"demo": {"source": str(DEMO_CLIP)}}
+    d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"), "--once",
+              "--events-jsonl", str(tmp_path))
+    assert d.wait(60) == 2
+    assert f"--events-jsonl {tmp_path}: Is a directory" in d.log()
