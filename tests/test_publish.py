@@ -38,6 +38,7 @@ from lprd.publish import (
     PublisherConfigError,
     action_level,
     camera_level,
+    event_messages,
     parse_command,
     retired_messages,
     topic_level,
@@ -393,6 +394,26 @@ def test_an_action_the_outbox_could_not_store_is_not_sent_late_either(
     sub.wait_for(lambda ms: any(m.topic == "lprd/gate/plate" for m in ms), timeout=15)
     time.sleep(0.5)
     assert not [m for m in sub.snapshot() if m.topic == "lprd/gate/allow"]
+
+
+def test_messages_waiting_in_memory_keep_their_age_across_a_clock_step(
+        mosquitto: Any, publisher: Callable[..., Publisher]) -> None:
+    # The outbox's stamps followed a step of the wall clock, those in memory (a full disk)
+    # did not: a box without a clock that synced an hour forward aged a fresh allow an hour
+    # (past action_max_age); a step back made an old one fresh.
+    from lprd.clock import ClockWatch
+
+    mosquitto.stop()
+    pub = publisher(mosquitto, connect=False)
+    msg = event_messages(make_event(1, action="allow"), False, True)[-1]
+    now = time.time()
+    pub._direct.append((now - 3605, msg))  # taken 5 s before the step, by the slow clock
+    clock = ClockWatch(wall=now - 3600, mono=time.monotonic() - 1)  # it stepped an hour on
+    assert pub._too_old_to_act(msg, now - 3605)
+    pub._follow_clock(clock)
+    ((created, _),) = pub._direct
+    assert created == pytest.approx(now - 6, abs=0.5)
+    assert not pub._too_old_to_act(msg, created)
 
 
 def test_a_stale_action_the_disk_will_not_delete_does_not_hold_back_the_events_behind_it(
