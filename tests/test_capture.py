@@ -286,14 +286,14 @@ def test_a_restarted_capture_resumes_an_mpeg_ts_file_at_its_frame(
     assert cam.seen[0].ref.ts == pytest.approx(1000.0 + 20 / 25)
 
 
-def test_a_file_reopened_after_a_decode_failure_resumes_instead_of_replaying(
-        tmp_path: Path, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch) -> None:
+def _bad_frames(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> list:
+    """Capture opens the real decoder, but in its first opening the frames whose grab count
+    `bad` picks do not decode; returns the openings."""
     import lprd.capture as capture_mod
 
-    video = indexed_video(tmp_path / "clip.avi", 120, fps=30)
     real_open, opened = capture_mod._open, []
 
-    class FailsMidFile:  # the real decoder, but frames 40-99 of the first opening do not decode
+    class BadFrames:
         def __init__(self, cap: Any) -> None:
             self.cap, self.grabbed, self.first = cap, 0, not opened
             opened.append(self)
@@ -303,14 +303,22 @@ def test_a_file_reopened_after_a_decode_failure_resumes_instead_of_replaying(
             return self.cap.grab()
 
         def retrieve(self) -> tuple[bool, Any]:
-            if self.first and 40 < self.grabbed <= 100:
+            if self.first and bad(self.grabbed):
                 return False, None
             return self.cap.retrieve()
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.cap, name)
 
-    monkeypatch.setattr(capture_mod, "_open", lambda *a: FailsMidFile(real_open(*a)))
+    monkeypatch.setattr(capture_mod, "_open", lambda *a: BadFrames(real_open(*a)))
+    return opened
+
+
+def test_a_file_reopened_after_a_decode_failure_resumes_instead_of_replaying(
+        tmp_path: Path, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch) -> None:
+    video = indexed_video(tmp_path / "clip.avi", 120, fps=30)
+    # the real decoder, but frames 40-99 of the first opening do not decode
+    opened = _bad_frames(monkeypatch, lambda grabbed: 40 < grabbed <= 100)
     cam = cams(CameraConfig(source=str(video), reconnect=FAST_RETRY), in_thread=True)
     assert cam.pump(cam.eof, timeout=30)
     indices = [s.index for s in cam.seen]
@@ -325,29 +333,8 @@ def test_one_bad_frame_under_a_low_fps_cap_is_no_stall(
         tmp_path: Path, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch) -> None:
     # The frames the cap skips are decoded fine; one undecodable frame after them, a second
     # and a half since the last frame analysed, ended the session as "none for 1 s".
-    import lprd.capture as capture_mod
-
     video = indexed_video(tmp_path / "clip.avi", 120, fps=30)
-    real_open, opened = capture_mod._open, []
-
-    class OneBadFrame:  # the real decoder; the 46th frame of the first opening does not decode
-        def __init__(self, cap: Any) -> None:
-            self.cap, self.grabbed, self.first = cap, 0, not opened
-            opened.append(self)
-
-        def grab(self) -> bool:
-            self.grabbed += 1
-            return self.cap.grab()
-
-        def retrieve(self) -> tuple[bool, Any]:
-            if self.first and self.grabbed == 46:
-                return False, None
-            return self.cap.retrieve()
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.cap, name)
-
-    monkeypatch.setattr(capture_mod, "_open", lambda *a: OneBadFrame(real_open(*a)))
+    opened = _bad_frames(monkeypatch, lambda grabbed: grabbed == 46)  # of the first opening
     cam = cams(CameraConfig(source=str(video), realtime=True, fps=0.67, stall_timeout=1.0,
                             reconnect=FAST_RETRY), in_thread=True)
     assert cam.pump(cam.eof, timeout=30)

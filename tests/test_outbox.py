@@ -22,6 +22,14 @@ def _event(i: int, camera: str = "gate", action: str | None = None,
     return msgs
 
 
+def _filled(path: Path, n: int) -> Outbox:
+    """An outbox at `path` with events 0 .. n-1."""
+    ob = Outbox(path)
+    for i in range(n):
+        ob.put(_event(i))
+    return ob
+
+
 class Clock:
     def __init__(self, t: float = 1_795_000_000.0) -> None:  # November 2026
         self.t = t
@@ -61,9 +69,7 @@ def test_pending_messages_come_back_in_write_order_across_cameras(tmp_path: Path
 
 def test_acknowledged_messages_are_gone_and_the_rest_survive_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "o.sqlite"
-    ob = Outbox(path)
-    for i in range(6):
-        ob.put(_event(i))
+    ob = _filled(path, 6)
     pending = ob.pending()
     assert ob.ack([pending[0].seq, pending[2].seq, 999_999]) == 2
     assert ob.depth() == 4
@@ -256,9 +262,7 @@ def test_an_outbox_whose_index_lost_rows_quick_check_misses_is_moved_aside(
     # indexes with the table, and the first count at start failed: the daemon exited at
     # every start, forever.
     path = tmp_path / "outbox.sqlite"
-    ob = Outbox(path)
-    for i in range(50):
-        ob.put(_event(i))
+    ob = _filled(path, 50)
     ob.close()
 
     def bump(db: sqlite3.Connection) -> None:
@@ -362,9 +366,7 @@ def test_a_byte_flipped_inside_a_stored_row_stops_nothing(tmp_path: Path, where:
     # held it (no later event was ever sent), or at open (taken for a locked disk: the events
     # waited in memory, at every start).
     path = tmp_path / "o.sqlite"
-    ob = Outbox(path)
-    for i in range(3):
-        ob.put(_event(i))
+    ob = _filled(path, 3)
     ob._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     ob.close()
     data = bytearray(path.read_bytes())
@@ -386,9 +388,7 @@ def test_a_row_whose_column_type_was_flipped_is_dropped_not_sent_nor_blocking(
     # every read of the batch raised (nothing behind it was sent); a subtopic's TEXT turned
     # BLOB went out on the topic "lprd/gate/b'plate'"
     path = tmp_path / "o.sqlite"
-    ob = Outbox(path)
-    for i in range(3):
-        ob.put(_event(i))
+    ob = _filled(path, 3)
     ob._db.execute("UPDATE messages SET payload = CAST(payload AS TEXT) WHERE seq = 1")
     ob._db.execute("UPDATE messages SET subtopic = CAST(subtopic AS BLOB) WHERE seq = 2")
     got = ob.pending()

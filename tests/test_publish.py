@@ -1149,29 +1149,10 @@ def test_events_in_flight_when_the_publisher_falls_back_to_3_1_1_are_sent_again(
         got = {m.json()["id"] for m in sub.messages}
         assert got == {f"ev-gate-{i:05d}" for i in range(6)}
         assert pub.stats().delivered == 6
-    finally:
-        proxy.close()
-
-
-def test_closes_of_a_proxy_whose_broker_was_away_leave_mqtt_5_in_the_end(
-        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
-        publisher: Callable[..., Publisher]) -> None:
-    # Three closes before a CONNACK (a proxy, its broker restarting) made 3.1.1 stick until
-    # lprd restarted: an event the broker refuses then counts as delivered and leaves the
-    # outbox. Once 3.1.1 connects, 5 is tried again.
-    proxy = _Proxy(mosquitto.port)
-    sub = mqtt_subscriber(mosquitto, "lprd/gate/plate")
-    try:
-        pub = publisher(mosquitto, port=proxy.port, connect=False)
-        wait_until(lambda: pub.connected, what="the first connection")
-        proxy.mode = "close"
-        proxy.drop_all()
-        wait_until(lambda: pub._protocol == "3.1.1", what="the fallback to 3.1.1")
-        proxy.mode = "forward"
+        # and 5 again once 3.1.1 connected: the closes were a proxy's, whose broker was away
+        # (3.1.1 stuck until a restart, and an event the broker refuses counted as delivered)
         wait_until(lambda: pub.connected and pub._protocol == "5", timeout=20,
                    what="MQTT 5 again")
-        pub.submit(make_event(1))
-        sub.wait_for(lambda ms: len(ms) >= 1)
     finally:
         proxy.close()
 
