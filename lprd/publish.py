@@ -642,7 +642,9 @@ class Publisher:
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self._client.is_connected()
+        # the worker's view too: paho is connected before the worker takes the connection
+        # (and may let it go at once: the broker's Receive Maximum, MQTT 5 tried again)
+        return self._connected and self._client is not None and self._client.is_connected()
 
     def stats(self) -> PublisherStats:
         with self._lock:

@@ -106,7 +106,9 @@ def start(daemons: list[Daemon], config: Path, *args: str, env: dict | None = No
 
 
 class NotifySocket:
-    """What systemd listens on for sd_notify: a datagram socket; collects the messages."""
+    """What systemd listens on for sd_notify: a datagram socket; collects the messages as they
+    come, as systemd does (unread, its queue of 10 datagrams filled in a long test, and the
+    daemon's next notify, and so its stop, waited)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -114,6 +116,18 @@ class NotifySocket:
         self.sock.bind(str(path))
         self.sock.settimeout(0.1)
         self.messages: list[str] = []
+        self._open = True
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while self._open:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+            except OSError:
+                return
 
     def wait_for(self, line: str, timeout: float = 30.0, after: int = 0) -> int:
         """Index of the first message from `after` on with `line` among its assignments."""
@@ -124,12 +138,11 @@ class NotifySocket:
                     return i
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {line!r} from the daemon; got {self.messages}")
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                pass
+            time.sleep(0.02)
 
     def close(self) -> None:
+        self._open = False
+        self._reader.join(1.0)
         self.sock.close()
 
 
