@@ -347,3 +347,96 @@ def test_reproduce_chains_the_shipped_stages_and_skips_those_done(tmp_path: Path
     assert stage_done(run, 24, stages[0].out)
     (run / "state.json").write_text("{half a fil")
     assert not stage_done(run, 24, stages[0].out)
+
+
+def test_the_detector_s_reproduce_chains_stages_minings_and_the_check(tmp_path: Path) -> None:
+    from lprd.train import mine, plate_check
+    from lprd.train.detector import SHIPPED_STAGES, reproduce_plan, stage_plan, step_done
+    from lprd.train.detector import parser as detector_parser
+
+    out = tmp_path / "repro"
+    plan = reproduce_plan(out, 2, root=tmp_path)
+    runs = [tmp_path / "runs" / name for name, *_ in SHIPPED_STAGES]
+    trains = [s for s in plan if s.module == "detector"]
+    mines = [s for s in plan if s.module == "mine"]
+    assert [s.argv[s.argv.index("--max-steps") + 1] for s in trains] == [
+        "6724", "7261", "10400", "34215", "32157"]  # the shipped stages' steps
+    assert len(mines) == 5 and [s.module for s in plan[-2:]] == ["plate_check"] * 2
+    # every stage but the first mines the one before's false plates into its own folder,
+    # then trains on them from the one before's weights, and only on them
+    assert trains[0].mined is None and "--init-from" not in trains[0].argv
+    for before, mining, stage, run in zip(runs[:-1], mines[:-1], trains[1:], runs[1:],
+                                          strict=True):
+        assert mining.argv[mining.argv.index("--model") + 1] == str(before / "detector.tflite")
+        assert mining.made == stage.mined == run / "mined.json"
+        assert stage.argv[stage.argv.index("--init-from") + 1] == str(before / "last.keras")
+        assert stage.init == before / "detector.tflite"
+        assert "--fresh" not in stage.argv  # a stopped stage resumes from its own checkpoint
+    assert [m.argv[m.argv.index("--threshold") + 1] for m in mines] == ["0.45", "0.35",
+                                                                       "0.35", "0.35", "0.35"]
+    # the last stage's mining keeps the finds the stage before trained on; the check's, the
+    # last stage's (the shipped check learnt from the last detector's own finds)
+    assert [m.merge_base for m in mines] == [None, None, None, runs[3] / "mined.json",
+                                             runs[4] / "mined.json"]
+    assert [("--merge" in m.argv) for m in mines] == [False, False, False, True, True]
+    data, check = plan[-2:]
+    assert mines[-1].argv[mines[-1].argv.index("--model") + 1] == str(runs[-1] / "detector.tflite")
+    assert data.mined == mines[-1].made and data.reads_mined
+    assert data.made_by == check.made_by == runs[-1] / "detector.tflite"
+    assert check.argv[check.argv.index("--out") + 1] == str(out / "plate_check.tflite")
+    parsers = {"detector": detector_parser, "mine": mine.parser,
+               "plate_check": plate_check.parser}
+    for step in plan:  # every command line is one its module takes
+        parsers[step.module]().parse_args(step.argv)
+
+    # done: a training run of this plan that wrote `finished`, finds and windows made with
+    # the detector the plan names (not an earlier run's of that folder)
+    assert not step_done(trains[0])
+    runs[0].mkdir(parents=True)
+    (runs[0] / "state.json").write_text(json.dumps({"epoch": 30, "steps_done": 6724}))
+    (runs[0] / "plan.json").write_text(json.dumps(stage_plan(trains[0])))
+    assert not step_done(trains[0])  # stopped in its last export
+    (runs[0] / "state.json").write_text(json.dumps({"epoch": 30, "finished": True}))
+    assert step_done(trains[0])
+    (runs[0] / "plan.json").write_text(json.dumps({**stage_plan(trains[0]), "argv": ["x"]}))
+    assert not step_done(trains[0])  # another plan's run (a smoke run of 40 steps)
+    (runs[0] / "plan.json").write_text(json.dumps(stage_plan(trains[0])))
+    (runs[0] / "detector.json").write_text(json.dumps({"version": "det-new-e30"}))
+    runs[1].mkdir(parents=True)
+    (runs[1] / "mined.json").write_text(json.dumps({"detector": "det-old-e17", "found": []}))
+    assert not step_done(mines[0])
+    (runs[1] / "mined.json").write_text(json.dumps({"detector": "det-new-e30", "found": []}))
+    assert step_done(mines[0])
+    # stage 2 ran on these: done; stage 1 redone since: stage 2 is not
+    (runs[1] / "state.json").write_text(json.dumps({"finished": True}))
+    (runs[1] / "plan.json").write_text(json.dumps(stage_plan(trains[1])))
+    assert step_done(trains[1])
+    (runs[0] / "detector.json").write_text(json.dumps({"version": "det-redone-e31"}))
+    assert not step_done(trains[1]) and not step_done(mines[0])
+    (runs[1] / "mined.json").write_text('{"detector": "det-ne')
+    assert not step_done(mines[0])
+
+
+def test_a_stage_folder_of_another_plan_is_moved_aside_keeping_the_finds_just_mined(
+        tmp_path: Path) -> None:
+    # The mining before a stage writes into its folder; the first version moved that folder
+    # aside with the finds in it (the stage then found none), or took a smoke run's folder
+    # for a finished stage.
+    from lprd.train.detector import _fresh_stage_folder, reproduce_plan, stage_plan
+
+    stage = [s for s in reproduce_plan(tmp_path / "o", 2, root=tmp_path)
+             if s.module == "detector"][1]
+    run = stage.made.parent
+    run.mkdir(parents=True)
+    (run / "mined.json").write_text('{"detector": "d1"}')
+    _fresh_stage_folder(stage)  # nothing trained there yet: nothing moved
+    assert (run / "mined.json").exists() and not list(tmp_path.glob("runs/*.other-*"))
+    assert json.loads((run / "plan.json").read_text()) == stage_plan(stage)
+    (run / "plan.json").write_text('{"argv": ["a smoke run"]}')
+    (run / "state.json").write_text('{"finished": true, "max_steps": 40}')
+    _fresh_stage_folder(stage)
+    (aside,) = tmp_path.glob("runs/*.other-*")
+    assert (aside / "state.json").exists() and not (run / "state.json").exists()
+    assert (run / "mined.json").read_text() == '{"detector": "d1"}'
+    _fresh_stage_folder(stage)  # its own plan now: it stays (a stopped run resumes)
+    assert len(list(tmp_path.glob("runs/*.other-*"))) == 1

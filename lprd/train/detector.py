@@ -12,7 +12,9 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,7 +38,8 @@ LR_PEAK, LR_START, LR_END, WARMUP = 2e-3, 1e-4, 4e-5, 0.03
 
 
 def lr_at(frac: float, peak: float = LR_PEAK) -> float:
-    """Linear warm-up, then cosine decay, over the fraction of the time budget spent."""
+    """Linear warm-up, then cosine decay, over the fraction of the budget (time or steps)
+    spent."""
     if frac < WARMUP:
         return LR_START + (peak - LR_START) * frac / WARMUP
     c = (frac - WARMUP) / (1 - WARMUP)
@@ -158,15 +161,15 @@ def prepare_cache(size: tuple[int, int]) -> Path:
     return cache
 
 
-def _state() -> dict:
-    p = RUN_DIR / "state.json"
+def _state(run_dir: Path = RUN_DIR) -> dict:
+    p = run_dir / "state.json"
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _save_state(st: dict) -> None:
-    tmp = RUN_DIR / "state.json.tmp"
+def _save_state(st: dict, run_dir: Path = RUN_DIR) -> None:
+    tmp = run_dir / "state.json.tmp"
     tmp.write_text(json.dumps(st, indent=1))
-    tmp.replace(RUN_DIR / "state.json")
+    tmp.replace(run_dir / "state.json")
 
 
 def measure_steps_per_s(model, sampler: SceneSampler, batch: int, n: int = 8) -> float:
@@ -187,19 +190,21 @@ def train(args: argparse.Namespace) -> int:
     import keras
     from tqdm import tqdm
 
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    st = _state()
-    ckpt = RUN_DIR / "last.keras"
+    run_dir = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    st = _state(run_dir)
+    ckpt = run_dir / "last.keras"
     resume = ckpt.exists() and not args.fresh
     size = tuple(st.get("input", (INPUT_H, INPUT_W))) if resume else args.input
     small = st.get("small_share", 0.0) if resume else args.small_share
-    sampler = SceneSampler(prepare_cache(size), size=args.crop,
-                           seed=args.seed + int(time.time()) % 1000, small_prob=small)
+    # the same seed draws the same crops; a resumed run goes on with new ones
+    seed = st.get("seed", args.seed) + st.get("steps_done", 0) if resume else args.seed
+    sampler = SceneSampler(prepare_cache(size), size=args.crop, seed=seed, small_prob=small)
     if resume:
         model = keras.models.load_model(ckpt, custom_objects={"focal_loss": focal_loss,
                                                                "reg_loss": reg_loss})
-        log.info("resumed from %s after epoch %d, %.2f of %.2f h spent", ckpt, st["epoch"],
-                 st["elapsed_s"] / 3600, st["hours"])
+        log.info("resumed from %s after epoch %d (%d steps), %.2f h spent", ckpt, st["epoch"],
+                 st["steps_done"], st["elapsed_s"] / 3600)
     else:
         keras.utils.set_random_seed(args.seed)
         model = build_model(width=args.width)
@@ -212,17 +217,23 @@ def train(args: argparse.Namespace) -> int:
         # The learning rate follows the fraction of the wall-clock budget spent, so the run
         # ends on time however busy the shared cores are; the estimate is only for the log.
         st = {"epoch": 0, "steps": args.steps, "batch": args.batch, "crop": args.crop,
-              "hours": args.hours, "elapsed_s": 0.0, "steps_done": 0, "lr_peak": args.lr_peak,
+              "hours": args.hours, "max_steps": args.max_steps, "seed": args.seed,
+              "elapsed_s": 0.0, "steps_done": 0, "lr_peak": args.lr_peak,
               "width": args.width, "input": list(size), "small_share": small,
               "init_from": str(args.init_from) if args.init_from else None,
               "steps_per_s_at_start": sps, "history": [],
               "started": datetime.now(UTC).isoformat(timespec="seconds")}
         model.compile(optimizer=keras.optimizers.Adam(args.lr_peak, clipnorm=5.0),
                       loss=[focal_loss, reg_loss])
-        log.info("measured %.2f steps/s (batch %d, crop %d): about %d steps in %.2f h", sps,
-                 args.batch, args.crop, int(sps * args.hours * 3600 * 0.9), args.hours)
-        _save_state(st)
+        if args.max_steps:
+            log.info("measured %.2f steps/s (batch %d, crop %d): %d steps in about %.2f h",
+                     sps, args.batch, args.crop, args.max_steps, args.max_steps / sps / 3600)
+        else:
+            log.info("measured %.2f steps/s (batch %d, crop %d): about %d steps in %.2f h",
+                     sps, args.batch, args.crop, int(sps * args.hours * 3600 * 0.9), args.hours)
+        _save_state(st, run_dir)
     budget = st["hours"] * 3600
+    max_steps = st.get("max_steps")
     peak = st.get("lr_peak", LR_PEAK)
     holdout = [s for s in load_scenes() if s.held_out]
     t0, base = time.time(), st["elapsed_s"]
@@ -231,10 +242,15 @@ def train(args: argparse.Namespace) -> int:
     while not done:
         ep = st["epoch"] + 1
         losses = []
-        bar = tqdm(range(st["steps"]), desc=f"epoch {ep}", mininterval=10, file=sys.stdout,
+        steps = st["steps"] if not max_steps else max(
+            1, min(st["steps"], max_steps - st["steps_done"]))  # 1: the check that ends it
+        bar = tqdm(range(steps), desc=f"epoch {ep}", mininterval=10, file=sys.stdout,
                    ascii=True)
         for _ in bar:
-            frac = (base + time.time() - t0) / budget
+            # a step budget makes the schedule the same on any machine; a time budget ends on
+            # time however busy the cores are
+            frac = ((st["steps_done"] + len(losses)) / max_steps if max_steps
+                    else (base + time.time() - t0) / budget)
             if frac >= 1.0:
                 done = True
                 break
@@ -243,11 +259,15 @@ def train(args: argparse.Namespace) -> int:
             losses.append([float(v) for v in out])
             if len(losses) % 20 == 0:
                 m = np.mean(losses[-20:], 0)
+                left = (f"{max_steps - st['steps_done'] - len(losses)} steps" if max_steps
+                        else f"{(1 - frac) * budget / 60:.0f}m")
                 bar.set_postfix(loss=f"{m[0]:.3f}", heat=f"{m[1]:.3f}", reg=f"{m[2]:.3f}",
-                                lr=f"{lr_at(frac, peak):.1e}", left=f"{(1 - frac) * budget / 60:.0f}m")
+                                lr=f"{lr_at(frac, peak):.1e}", left=left)
         bar.close()
         if not losses:
             break
+        if max_steps and st["steps_done"] + len(losses) >= max_steps:
+            done = True  # this epoch is the last: evaluated and exported as such
         m = np.mean(losses, 0)
         st["steps_done"] += len(losses)
         rec = {"epoch": ep, "loss": m[0], "heat": m[1], "reg": m[2], "steps": st["steps_done"],
@@ -259,18 +279,20 @@ def train(args: argparse.Namespace) -> int:
         st["history"].append(rec)
         st["epoch"] = ep
         st["elapsed_s"] = base + time.time() - t0
-        model.save(RUN_DIR / "last.tmp.keras")
-        os.replace(RUN_DIR / "last.tmp.keras", ckpt)
-        _save_state(st)
-        plot_curves(st["history"], RUN_DIR / "curves.png")
+        model.save(run_dir / "last.tmp.keras")
+        os.replace(run_dir / "last.tmp.keras", ckpt)
+        _save_state(st, run_dir)
+        plot_curves(st["history"], run_dir / "curves.png")
         log.info("epoch %d: %s", ep, {k: round(v, 4) for k, v in rec.items() if k != "time"})
         if ep % args.export_every == 0 or done:
             export(model, args.out, st)
             exported = ep
         st["elapsed_s"] = base + time.time() - t0
-        _save_state(st)
+        _save_state(st, run_dir)
     if st["epoch"] and exported != st["epoch"]:  # the budget ran out right at an epoch's end
         export(model, args.out, st)
+    st["finished"] = True  # after the last export: `reproduce` goes on from here
+    _save_state(st, run_dir)
     log.info("done: %d steps in %.2f h", st["steps_done"], st["elapsed_s"] / 3600)
     del tf
     return 0
@@ -334,22 +356,22 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
     tf = _tf()
     fixed = build_model(None, None, 1, st.get("width", 1.0))
     fixed.set_weights(model.get_weights())
-    saved = RUN_DIR / "export_savedmodel"
-    fixed.export(str(saved), format="tf_saved_model", verbose=False)
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-    in_h, in_w = st.get("input", (INPUT_H, INPUT_W))
-    frames = representative_frames(cache=cache_for((in_h, in_w)))
+    with tempfile.TemporaryDirectory(prefix="lprd-export-") as tmpdir:
+        fixed.export(tmpdir, format="tf_saved_model", verbose=False)
+        conv = tf.lite.TFLiteConverter.from_saved_model(tmpdir)
+        in_h, in_w = st.get("input", (INPUT_H, INPUT_W))
+        frames = representative_frames(cache=cache_for((in_h, in_w)))
 
-    def rep():
-        for f in frames:
-            yield [f[None].astype(np.float32)]
+        def rep():
+            for f in frames:
+                yield [f[None].astype(np.float32)]
 
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = rep
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = tf.int8
-    conv.inference_output_type = tf.int8
-    blob = conv.convert()
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = rep
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+        blob = conv.convert()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(blob)
@@ -370,8 +392,8 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
         "quantization": "full int8 (input scale 1, zero point -128), calibrated on "
                         f"{len(frames)} real training frames",
         "training": {k: st.get(k) for k in ("epoch", "steps_done", "batch", "crop", "hours",
-                                            "started", "lr_peak", "init_from",
-                                            "width", "input")},
+                                            "max_steps", "seed", "started", "lr_peak",
+                                            "init_from", "width", "input")},
         "data": data_summary(),
         "metrics": old.get("metrics", {}),
     }
@@ -702,6 +724,203 @@ def recover_from_tflite(path: Path):
     return model
 
 
+# The shipped detector's recipe (det-202612051946-e81, then its plate check): each stage starts
+# from the one before's weights with a new schedule, after mining that one's false plates
+# (`lprd.train.mine`). Steps, not hours: the shipped stages' wall-clock budgets (1.62, 1.0, 1.95,
+# 2.2 and 1.9 h) gave these steps on their machines, and a step budget trains alike on any.
+# (run folder, training steps, peak LR, the mining before it: (threshold, merged with the finds
+# the stage before trained on) or None)
+SHIPPED_STAGES = (
+    ("detector_r1", 6724, LR_PEAK, None),
+    ("detector_r2", 7261, 1e-3, (0.45, False)),
+    ("detector_r3", 10400, 1e-3, (0.35, False)),
+    ("detector_r4", 34215, 1e-3, (0.35, False)),
+    ("detector_r5", 32157, 1e-3, (0.35, True)),
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of `reproduce`, and how to tell it is done: the JSON file `made` holds, at
+    `key`, the version of the detector `made_by` (its mined finds or windows were made with that
+    one), or True (a finished training run, whose folder's plan.json must also be this plan's:
+    `stage_plan`)."""
+
+    what: str
+    module: str  # "detector", "mine" or "plate_check": whose main() runs argv
+    argv: tuple[str, ...]
+    made: Path
+    key: tuple[str, ...]
+    made_by: Path | None = None
+    reads_mined: bool = False  # the step reads cache/det/mined.json: `mined` goes there first
+    mined: Path | None = None  # None: no mined finds (the first stage)
+    merge_base: Path | None = None  # `mine --merge` keeps the finds of this file
+    init: Path | None = None  # training: the detector whose weights it starts from
+
+
+def reproduce_plan(out: Path, threads: int, root: Path = ROOT) -> list[Step]:
+    """The shipped recipe's commands in order, each stage in its own run folder; the plate
+    check and the final detector go to the folder `out`."""
+    plan, prev, mined = [], None, None
+
+    def mining(what: str, det: Path, threshold: float, into: Path, base: Path | None) -> None:
+        plan.append(Step(what, "mine", ("--model", str(det), "--threshold", str(threshold),
+                                        "--out", str(into), *(("--merge",) if base else ())),
+                         into, ("detector",), made_by=det, merge_base=base))
+
+    for k, (name, steps, lr, mine_before) in enumerate(SHIPPED_STAGES, 1):
+        run = root / "runs" / name
+        if mine_before is not None:
+            threshold, merge = mine_before
+            before, mined = mined, run / "mined.json"
+            mining(f"stage {k}: mining stage {k - 1}'s false plates", prev / "detector.tflite",
+                   threshold, mined, before if merge else None)
+        argv = ["train", "--run-dir", str(run), "--max-steps", str(steps), "--lr-peak", str(lr),
+                "--seed", str(k), "--threads", str(threads), "--out", str(run / "detector.tflite")]
+        if prev is not None:  # no --fresh: a stopped stage resumes from its own checkpoint
+            argv += ["--init-from", str(prev / "last.keras")]
+        plan.append(Step(f"stage {k}: {steps} training steps", "detector", tuple(argv),
+                         run / "state.json", ("finished",), reads_mined=True, mined=mined,
+                         init=prev / "detector.tflite" if prev else None))
+        prev = run
+    det, check = prev / "detector.tflite", root / "runs" / "plate_check_repro"
+    cache = root / "cache" / "check_repro"
+    # the shipped check learnt from the last detector's own finds (merged with the earlier)
+    mining("the plate check: mining the last stage's false plates", det, 0.35,
+           check / "mined.json", mined)
+    plan.append(Step("the plate check's windows", "plate_check",
+                     ("data", "--model", str(det), "--cache", str(cache)),
+                     cache / "samples.json", ("detector",), made_by=det, reads_mined=True,
+                     mined=check / "mined.json"))
+    plan.append(Step("the plate check's training", "plate_check",
+                     ("train", "--threads", str(threads), "--out", str(out / "plate_check.tflite"),
+                      "--run-dir", str(check), "--cache", str(cache)),
+                     out / "plate_check.json", ("data", "detector"), made_by=det))
+    return plan
+
+
+def _version(path: Path | None, key: str = "version") -> str | None:
+    """`key` of a JSON file (a model's metadata beside `path`, or a mined file); None if none."""
+    if path is None:
+        return None
+    try:
+        return json.loads(path.with_suffix(".json").read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def stage_plan(step: Step) -> dict:
+    """What a training stage's folder was made by: its command, the detector it started from
+    and the one its mined finds came from. A folder of another plan (a smoke run, a stage
+    before redone) is no done stage, nor one to resume."""
+    return {"argv": list(step.argv), "init": _version(step.init),
+            "mined_by": _version(step.mined, "detector")}
+
+
+def step_done(step: Step) -> bool:
+    try:
+        value = json.loads(step.made.read_text())
+        for k in step.key:
+            value = value[k]
+        if step.module == "detector":
+            plan = json.loads((step.made.parent / "plan.json").read_text())
+            return value is True and plan == stage_plan(step)
+        if step.made_by is None:
+            return value is True
+        return value == _version(step.made_by)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+MINED_BACKUP = CACHE_DIR / "mined.before-reproduce.json"
+
+
+def _use_mined(mined: Path | None) -> None:
+    """Put a stage's mined finds where training and the check's data read them; the file that
+    was there is kept aside until the end (`_restore_mined`)."""
+    target = CACHE_DIR / "mined.json"
+    if target.exists() and not MINED_BACKUP.exists():
+        log.info("keeping %s aside as %s until the end", target, MINED_BACKUP)
+        target.replace(MINED_BACKUP)
+    if mined is None:
+        target.unlink(missing_ok=True)  # the first stage trains without mined finds
+        return
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(mined, target)
+
+
+def _restore_mined() -> None:
+    target = CACHE_DIR / "mined.json"
+    if MINED_BACKUP.exists():
+        MINED_BACKUP.replace(target)
+        log.info("%s is back as it was", target)
+    else:
+        target.unlink(missing_ok=True)
+
+
+def _fresh_stage_folder(step: Step) -> None:
+    """A training stage's folder holds this plan's run or none: another's is moved aside."""
+    run, plan = step.made.parent, stage_plan(step)
+    try:
+        made_by = json.loads((run / "plan.json").read_text())
+    except (OSError, ValueError):
+        made_by = None
+    holds_run = (run / "state.json").exists() or (run / "last.keras").exists()
+    if holds_run and made_by != plan:
+        aside = run.with_name(f"{run.name}.other-{datetime.now(UTC):%Y%m%d%H%M%S}")
+        log.warning("%s holds a run of another plan (a smoke run, or a stage before it was "
+                    "redone): moved to %s", run, aside)
+        run.replace(aside)
+        run.mkdir()
+        if (aside / "mined.json").exists():  # this plan's: its mining step came just before
+            (aside / "mined.json").replace(run / "mined.json")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "plan.json").write_text(json.dumps(plan, indent=1))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from lprd.train import mine, plate_check
+
+    mains = {"detector": main, "mine": mine.main, "plate_check": plate_check.main}
+    plan = reproduce_plan(args.out, args.threads)
+    left = [step for step in plan if not step_done(step)]
+    todo = sum(int(s.argv[s.argv.index("--max-steps") + 1]) for s in left
+               if s.module == "detector")
+    log.info("%d of %d steps left, %d training steps among them", len(left), len(plan), todo)
+    for k, step in enumerate(plan, 1):
+        cmd = f"python -m lprd.train.{step.module} {' '.join(step.argv)}"
+        if step_done(step):  # asked again: a step before it may have been redone
+            log.info("step %d of %d (%s) is done", k, len(plan), step.what)
+            continue
+        log.info("step %d of %d (%s)%s: %s", k, len(plan), step.what,
+                 " would run" if args.dry_run else "", cmd)
+        if args.dry_run:
+            continue
+        if step.module == "detector":
+            _fresh_stage_folder(step)
+        if step.reads_mined:
+            _use_mined(step.mined)
+        if step.merge_base is not None:
+            step.made.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(step.merge_base, step.made)
+        rc = mains[step.module](list(step.argv))
+        if rc or not step_done(step):
+            log.error("step %d (%s) did not finish (exit status %s): %s", k, step.what, rc, cmd)
+            return rc or 1
+    if args.dry_run:
+        return 0
+    _restore_mined()
+    det = Path(plan[-1].made_by)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for suffix in (".tflite", ".json"):
+        shutil.copyfile(det.with_suffix(suffix), args.out / f"detector{suffix}")
+    log.info("done: %s holds the detector and its plate check; score them with `python -m "
+             "lprd.train.detector eval --model %s --check-model %s`, ship them by copying "
+             "both pairs of files into models/", args.out, args.out / "detector.tflite",
+             args.out / "plate_check.tflite")
+    return 0
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
     _tf()
     model = recover_from_tflite(Path(args.model))
@@ -740,12 +959,17 @@ def _search_config(args: argparse.Namespace, **kw) -> DetectorConfig:
                           second_look=args.second_look, check=not args.no_check, **kw)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lprd-train detector", description=__doc__)
     sub = p.add_subparsers(dest="cmd")
     t = sub.add_parser("train", help="train from scratch, or resume runs/detector/last.keras")
     t.add_argument("--hours", type=float, default=6.0,
                    help="wall-clock budget; the learning-rate schedule follows the time spent")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="a budget of training steps instead of --hours (the schedule follows "
+                        "the steps done: the same training on any machine)")
+    t.add_argument("--run-dir", type=Path, default=RUN_DIR,
+                   help="the run's checkpoint, state and curves (default %(default)s)")
     t.add_argument("--steps", type=int, default=400, help="steps per epoch")
     t.add_argument("--batch", type=int, default=24)
     t.add_argument("--crop", type=int, default=192)
@@ -807,6 +1031,20 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", default=str(MODEL_PATH))
     r.add_argument("--out", default=str(ROOT / "runs" / "recovered" / "last.keras"))
     r.set_defaults(func=cmd_recover)
+    q = sub.add_parser("reproduce", help="the shipped detector and its plate check from "
+                       "scratch: five training stages and the mining between them (needs "
+                       "RapidOCR); run it again after a stop and it goes on")
+    q.add_argument("--out", type=Path, default=ROOT / "runs" / "detector_repro",
+                   help="where the detector and the plate check go (default %(default)s)")
+    q.add_argument("--threads", type=int, default=2, help="TensorFlow intra-op threads")
+    q.add_argument("--dry-run", action="store_true",
+                   help="list the steps, done and left, without running them")
+    q.set_defaults(func=cmd_reproduce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if not getattr(args, "func", None):
         p.print_help()

@@ -59,7 +59,7 @@ def merge_finds(new: list[dict], old: list[dict], same_iou: float = 0.5) -> list
             if all(iou(f["box"], b) <= same_iou for b in by_image.get(f["image"], []))]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lprd.train.mine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="detector (default: shipped)")
@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the finds already in --out (an earlier detector's) that this "
                          "mining does not find again: the next schedule still sees the false "
                          "plates that the last one learned to reject")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.out is None:
         args.out = REPO / "cache" / "det" / ("mined_heldout.json" if args.held_out
                                              else "mined.json")

@@ -499,7 +499,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lprd.train.plate_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -546,7 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--checkpoint", type=Path, default=RUN_DIR / "last.keras")
     x.add_argument("--out", type=Path, default=MODEL_PATH)
     x.add_argument("--cache", type=Path, default=CACHE)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     return {"data": cmd_data, "train": cmd_train, "export": cmd_export}[args.cmd](args)
 
