@@ -19,11 +19,13 @@ The defaults are the first stage's schedule; by hand, the data steps and that st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -130,6 +132,11 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
     `splices`, that many spliced real crops (`lprd.train.splice`) join each real chunk."""
     if nice:
         os.nice(10)
+        # it ends with the trainer, a killed one too (it went on rendering, an orphan)
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     crops = [c for c in real_crops() if not is_heldout(c.text)]
     for folder in pseudo or []:
         crops += pseudo_crops(folder)
