@@ -8,6 +8,7 @@ top-N reads and the format prior work the same on both.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 
@@ -132,8 +133,7 @@ def ctc_with_formats(seq: np.ndarray, formats: list[str], ratio: float,
     for f in formats:
         # a bound of every path through f (each step's best of the blank and f's classes):
         # most formats are out at once, without the search's few milliseconds of Python
-        chars = np.where(np.logical_or.reduce(_format_masks(f, alphabet)), logp[:, :-1],
-                         -np.inf).max(axis=1)
+        chars = np.where(_format_any(f, alphabet), logp[:, :-1], -np.inf).max(axis=1)
         # a margin: these sums add in another order than the exact score, and a tie must
         # not turn out otherwise than before they were pruned
         bar = (need if best is None else max(need, best[0])) - 1e-9
@@ -285,11 +285,22 @@ def _ctc_align_by_class(logp: np.ndarray, allowed: list[np.ndarray], floor: floa
     return score, idx, [math.exp(v) for v in best_lp]
 
 
-def _format_masks(fmt: str, alphabet: str) -> list[np.ndarray]:
-    """Per format position, which classes of `alphabet` it allows (L letter, N digit, X any)."""
+@functools.lru_cache(maxsize=256)
+def _format_masks(fmt: str, alphabet: str) -> tuple[np.ndarray, ...]:
+    """Per format position, which classes of `alphabet` it allows (L letter, N digit, X any).
+    Cached (read-only arrays): the formats are asked for at every read that fits none."""
     is_digit = np.array([ch.isdigit() for ch in alphabet])
-    return [is_digit if k == "N" else ~is_digit if k == "L" else np.ones_like(is_digit)
-            for k in fmt]
+    masks = tuple(is_digit if k == "N" else ~is_digit if k == "L" else np.ones_like(is_digit)
+                  for k in fmt)
+    for m in masks:
+        m.flags.writeable = False
+    return masks
+
+
+@functools.lru_cache(maxsize=256)
+def _format_any(fmt: str, alphabet: str) -> np.ndarray:
+    """The classes any position of `fmt` allows (the search's bound)."""
+    return np.logical_or.reduce(_format_masks(fmt, alphabet))
 
 
 def _fits(text: str, fmt: str) -> bool:
