@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 from lprd import __version__
@@ -112,10 +113,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# SIGHUP's default ends a process: one sent while `lprd run` starts (its imports and config
+# take a second or two) must be a reload, not the end of the daemon. Counted here until the
+# supervisor's own handler takes over; other commands get the default back (and the signal).
+_early_hups: list[int] = []
+
+
+def early_sighups() -> int:
+    """SIGHUPs received before the daemon's handlers were installed."""
+    return len(_early_hups)
+
+
+def _defer_sighup() -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal.signal works only there (main() called from a test's thread)
+    _early_hups.clear()
+    return signal.signal(signal.SIGHUP, lambda *_: _early_hups.append(1))
+
+
+def _undefer_sighup(previous: Any) -> None:
+    if previous is None:
+        return
+    signal.signal(signal.SIGHUP, previous)
+    if _early_hups:
+        _early_hups.clear()
+        os.kill(os.getpid(), signal.SIGHUP)  # what it would have done without us
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous_hup = _defer_sighup()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.command != "run":
+            _undefer_sighup(previous_hup)
+            previous_hup = None
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -132,3 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    finally:
+        if previous_hup is not None:  # `run` done (its handler had taken over), or --help
+            signal.signal(signal.SIGHUP, previous_hup)

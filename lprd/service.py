@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lprd.capture import Alive, CaptureStatus, SourceKind, ring_shape, source_kind
-from lprd.cli import add_config_option
+from lprd.cli import add_config_option, early_sighups
 from lprd.config import (
     DEFAULT_CONFIG_PATH,
     CameraConfig,
@@ -356,6 +356,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
+        if early_sighups():  # sent while lprd started: the config may be older than the file
+            self.flags.reload = True
 
     def _heartbeats(self) -> dict[str, float]:
         """For the watchdog gate: the loop itself, the worker, and every running capture.

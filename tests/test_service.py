@@ -968,3 +968,53 @@ def test_an_events_jsonl_path_that_is_a_folder_is_a_usage_error(tmp_path, daemon
               "--events-jsonl", str(tmp_path))
     assert d.wait(60) == 2
     assert f"--events-jsonl {tmp_path}: Is a directory" in d.log()
+
+
+def test_a_sighup_while_the_daemon_starts_is_a_reload_not_its_end(tmp_path):
+    # SIGHUP's default action ends a process: one sent between `lprd run`'s start and its
+    # handlers (imports and the config load: a second or two; `kill -HUP` from a script or a
+    # config manager) ended the daemon with no word. Sent here from inside that window.
+    path = write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st")
+    hook = ("import os, signal, sys\n"
+            "import lprd.service as s\n"
+            "load = s.load_config\n"
+            "def early(p):\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    return load(p)\n"
+            "s.load_config = early\n"
+            "from lprd.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    log = tmp_path / "log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", hook, "-c", str(path), "run",
+                                 "--events-jsonl", str(tmp_path / "ev.jsonl")],
+                                stderr=err, cwd=str(ROOT))
+    try:
+        deadline = time.monotonic() + 60
+        while "reload done" not in log.read_text() and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, log.read_text()
+        assert "reload done" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_other_commands_keep_sighup_s_default_action(tmp_path):
+    # the deferral is the daemon's: a `lprd recognize` whose terminal closes still ends
+    hook = ("import os, signal, sys\n"
+            "import lprd.cli as c\n"
+            "bp = c.build_parser\n"
+            "def early():\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    return bp()\n"
+            "c.build_parser = early\n"
+            "sys.exit(c.main(['check-config', '/nonexistent.yaml']))\n")
+    proc = subprocess.run([sys.executable, "-c", hook], cwd=str(ROOT), capture_output=True,
+                          check=False,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGHUP
