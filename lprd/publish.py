@@ -41,6 +41,7 @@ from lprd.outbox import (
     PendingMessage,
     drop_report,
 )
+from lprd.storage import write_durably
 from lprd.types import CameraState, PlateEvent, iso_utc
 
 log = logging.getLogger(__name__)
@@ -496,6 +497,8 @@ class Publisher:
         self._disk_outbox: Path | None = None  # set while the outbox waits in memory
         self._outbox_switch = threading.Lock()  # submit's writes against the move to disk
         self._announced_path = Path(storage_dir) / ANNOUNCED_FILE
+        # this run's record and the mids of its clearing messages not yet acknowledged
+        self._unrecorded: tuple[dict[str, Any], set[int]] | None = None
         path = Path(storage_dir) / "outbox.sqlite"
         try:
             self.outbox = Outbox(path, cfg.outbox.max_events, cfg.outbox.max_age,
@@ -749,6 +752,7 @@ class Publisher:
         c.on_publish = self._on_publish
         c.on_message = self._on_message
         self._mids_of = c
+        self._unrecorded = None  # its clearing messages died with the last client
         return c
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
@@ -897,6 +901,8 @@ class Publisher:
         kind = item[0]
         if kind == "ack":
             msg = self._inflight.pop(item[1], None) if item[2] is self._mids_of else None
+            if item[2] is self._mids_of:
+                self._record_announced(item[1])
             if msg is not None:
                 acks.append(msg)
                 self._dropped_with_crop = 0
@@ -1347,22 +1353,35 @@ class Publisher:
             old = {}
         if old == now:
             return
-        for topic, payload in retired_messages(old if isinstance(old, dict) else {}, self.cfg,
-                                               self.cameras):
-            self._publish_raw(topic, payload, retain=True)
-        tmp = self._announced_path.with_suffix(".tmp")
+        sent = [self._publish_raw(topic, payload, retain=True)
+                for topic, payload in retired_messages(old if isinstance(old, dict) else {},
+                                                       self.cfg, self.cameras)]
+        # recorded once the broker has them: a record written first, then the connection
+        # lost, left the old topics retained for good (the next connect saw nothing to clear)
+        self._unrecorded = (now, {mid for mid in sent if mid is not None})
+        self._record_announced(None)
+
+    def _record_announced(self, acked: int | None) -> None:
+        if self._unrecorded is None:
+            return
+        now, mids = self._unrecorded
+        if acked is not None:
+            mids.discard(acked)
+        if mids:
+            return
+        self._unrecorded = None
         try:
-            tmp.write_text(json.dumps(now) + "\n", encoding="utf-8")
-            tmp.replace(self._announced_path)
+            write_durably(self._announced_path, json.dumps(now) + "\n")
         except OSError as e:
             log.warning("MQTT: cannot record the announced topics in %s: %s",
                         self._announced_path, e)
 
-    def _publish_raw(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Not outboxed (state, status, discovery: the latest value is all that matters)."""
+    def _publish_raw(self, topic: str, payload: bytes, retain: bool = False) -> int | None:
+        """Not outboxed (state, status, discovery: the latest value is all that matters);
+        the message's mid."""
         if self._client is None or not self._connected:
-            return
-        self._client.publish(topic, payload, qos=1, retain=retain)
+            return None
+        return self._client.publish(topic, payload, qos=1, retain=retain).mid
 
     def _topic(self, m: OutboxMessage) -> str:
         return f"{self.prefix}/{camera_level(m.camera)}/{m.subtopic}"

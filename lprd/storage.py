@@ -1,5 +1,5 @@
-"""The files of storage.dir that more than one part of lprd cares about: the daemon's lock, and
-moving a damaged SQLite file aside (the outbox's, the watchlist's) with its WAL and shared-memory
+"""The files of storage.dir that more than one part of lprd cares about: the daemon's lock, a
+durable replace of a small file, and moving a damaged SQLite file aside (the outbox's, the watchlist's) with its WAL and shared-memory
 files."""
 
 from __future__ import annotations
@@ -45,6 +45,22 @@ def lock_storage(folder: Path) -> int | None:
     with contextlib.suppress(OSError):  # read-only or full: the lock holds all the same, and
         (folder / PID_FILE).write_text(f"{os.getpid()}\n")  # the pid is only for the message
     return fd
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text`: all of it or none, after a power cut as well (a rename
+    without fsync may leave an empty file on some file systems)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def move_aside(path: Path, stamp: int) -> Path:

@@ -1077,7 +1077,8 @@ def test_a_broker_without_mqtt_5_gets_3_1_1_after_its_refusal(
 class _Proxy(_TcpServer):
     """A TCP proxy in front of a broker: "forward"; "blackhole" (the connection stays, nothing
     passes: a network partition); "close" (accepts and closes at once: HAProxy or a docker
-    port with no live broker behind it)."""
+    port with no live broker behind it); "connect_only" (a client's first chunk, its CONNECT,
+    passes, nothing it sends after: its messages are never acknowledged)."""
 
     def __init__(self, backend_port: int) -> None:
         self.backend = ("127.0.0.1", backend_port)
@@ -1093,14 +1094,17 @@ class _Proxy(_TcpServer):
             return
         b = socket.create_connection(self.backend)
         self.conns += [c, b]
-        threading.Thread(target=self._pipe, args=(c, b), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(c, b, True), daemon=True).start()
         threading.Thread(target=self._pipe, args=(b, c), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, client: bool = False) -> None:
+        first = True
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                if self.mode != "blackhole":
+                if self.mode == "forward" or (
+                        self.mode == "connect_only" and (first or not client)):
                     dst.sendall(data)
+                first = False
         self._shut(src, dst)
 
     @staticmethod
@@ -1155,6 +1159,38 @@ def test_events_in_flight_when_the_publisher_falls_back_to_3_1_1_are_sent_again(
                    what="MQTT 5 again")
     finally:
         proxy.close()
+
+
+def test_a_removed_camera_s_topics_are_recorded_as_cleared_only_once_the_broker_has_it(
+        tmp_path: Path, mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # The record of this run's topics was written as the clearing messages went out: a stop
+    # before the broker had them left the removed camera's retained topics for good (every
+    # later run found nothing to clear).
+    storage = tmp_path / "kept"
+    first = publisher(mosquitto, cameras=("gate", "back"), storage=storage)
+    first.publish_state(CameraState("back", connected=True))
+    mqtt_subscriber(mosquitto, "lprd/back/state").wait_for(lambda ms: len(ms) >= 1)
+    first.stop(timeout=2)
+    proxy = _Proxy(mosquitto.port)
+    proxy.mode = "connect_only"
+    try:
+        second = publisher(mosquitto, cameras=("gate",), storage=storage, port=proxy.port,
+                           connect=False)
+        wait_until(lambda: second.connected, what="connected through the proxy")
+        time.sleep(0.5)  # its clearing messages are out, and will never be acknowledged
+        second.stop(timeout=1)
+    finally:
+        proxy.close()
+    assert json.loads((storage / "mqtt_announced.json").read_text())["cameras"] == [
+        "gate", "back"]
+    publisher(mosquitto, cameras=("gate",), storage=storage)
+    time.sleep(0.3)
+    late = mqtt_subscriber(mosquitto, "lprd/#")
+    late.wait_for(lambda ms: any(m.topic == "lprd/status" for m in ms))
+    time.sleep(0.3)
+    assert not [m.topic for m in late.snapshot() if m.retain and "back" in m.topic]
+    assert json.loads((storage / "mqtt_announced.json").read_text())["cameras"] == ["gate"]
 
 
 def test_mqtt_3_1_1_still_delivers_for_brokers_without_5(
