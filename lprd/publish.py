@@ -60,6 +60,7 @@ MAX_COMMAND_BYTES = 4096
 COMMAND_INTERVAL = {"reload": 10.0, "watchlist_sync": 60.0}
 DISCOVERY_INTERVAL = 30.0  # s: Home Assistant's "online" republishes discovery at most this often
 RESERVED_SUBTOPICS = frozenset({"plate", "state", "crop"})
+RAW_TOPICS_KEPT = 1000  # unacknowledged state/discovery topics remembered, to name a refusal
 ANNOUNCED_FILE = "mqtt_announced.json"  # in storage.dir: the retained topics of the last run
 # What the state topics say of the watchlist sync (not its source: a URL may hold secrets)
 WATCHLIST_SYNC_KEYS = ("last_sync_ok", "last_attempt", "last_success", "last_change",
@@ -405,7 +406,7 @@ def _release(client: mqtt.Client) -> None:
     client.disconnect()
     client.loop_stop()
     client.on_connect = client.on_connect_fail = client.on_disconnect = None
-    client.on_publish = client.on_message = None
+    client.on_publish = client.on_message = client.on_subscribe = None
 
 
 class PublisherConfigError(ValueError):
@@ -499,6 +500,8 @@ class Publisher:
         self._announced_path = Path(storage_dir) / ANNOUNCED_FILE
         # this run's record and the mids of its clearing messages not yet acknowledged
         self._unrecorded: tuple[dict[str, Any], set[int]] | None = None
+        self._raw_topics: dict[int, str] = {}  # unacknowledged state/discovery mid -> topic
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics
         path = Path(storage_dir) / "outbox.sqlite"
         try:
             self.outbox = Outbox(path, cfg.outbox.max_events, cfg.outbox.max_age,
@@ -751,7 +754,10 @@ class Publisher:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         self._mids_of = c
+        self._raw_topics.clear()  # mids are the client's
+        self._subscribing.clear()
         self._unrecorded = None  # its clearing messages died with the last client
         return c
 
@@ -777,6 +783,11 @@ class Publisher:
             self._q.put(("refused", mid, str(reason), client))
         else:
             self._q.put(("ack", mid, client))
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:
+        self._q.put(("suback", mid, [str(r) if r.is_failure else None for r in reasons],
+                     client))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # sized before any copy: a broker passes on up to 256 MB by default
@@ -903,6 +914,7 @@ class Publisher:
             msg = self._inflight.pop(item[1], None) if item[2] is self._mids_of else None
             if item[2] is self._mids_of:
                 self._record_announced(item[1])
+                self._raw_topics.pop(item[1], None)
             if msg is not None:
                 acks.append(msg)
                 self._dropped_with_crop = 0
@@ -911,6 +923,9 @@ class Publisher:
         elif kind == "refused":
             if item[3] is self._mids_of:
                 self._handle_refused(item[1], item[2])
+        elif kind == "suback":
+            if item[3] is self._mids_of:
+                self._check_subscription(item[1], item[2])
         elif kind == "connect":
             self._max_packet = item[3]
             if item[1] and (item[4] or PAHO_INFLIGHT) > self._on_wire:
@@ -1001,6 +1016,7 @@ class Publisher:
         next start; the rest goes on meanwhile."""
         pm = self._inflight.pop(mid, None)
         if pm is None:
+            self._raw_refused(mid, reason)
             return
         if not self._refused_seqs:
             self._refused_retry_at = time.monotonic() + REFUSED_RETRY
@@ -1015,6 +1031,28 @@ class Publisher:
                       "it stays in the outbox and is tried again every %.0f s and at the next "
                       "start; check the broker's ACL and size limits", self._topic(pm.message),
                       pm.message.event_id, reason, n, REFUSED_RETRY)
+
+    def _raw_refused(self, mid: int, reason: str) -> None:
+        topic = self._raw_topics.pop(mid, None)
+        if topic is None:
+            return
+        n = self._refused_logged.get(reason, 0) + 1
+        self._refused_logged[reason] = n
+        if loud_repeat(n):  # per reason, with the events'
+            log.error("MQTT: the broker refused %s (%s; %d time(s) for this reason): check "
+                      "its ACL for lprd's topics", topic, reason, n)
+
+    def _check_subscription(self, mid: int, reasons: list[str | None]) -> None:
+        """Say which subscriptions the broker refused (an ACL): their messages never come."""
+        topics = self._subscribing.pop(mid, [])
+        for topic, reason in zip(topics, reasons):
+            if reason is None:
+                continue
+            lost = ("Home Assistant's restarts are not heard (discovery is sent again only at "
+                    "lprd's reconnects)" if topic.endswith("/status")
+                    else "commands sent there are not heard")
+            log.error("MQTT: the broker refused the subscription to %s (%s): %s; check its "
+                      "ACL", topic, reason, lost)
 
     def _retry_refused(self) -> None:
         """Send the refused messages that still wait once more (an ACL may have been fixed)."""
@@ -1180,7 +1218,8 @@ class Publisher:
         if self.cfg.discovery.enabled:
             subs.append((f"{self.cfg.discovery.prefix}/status", 1))
             self._publish_discovery()
-        self._client.subscribe(subs)  # type: ignore[union-attr]
+        _, mid = self._client.subscribe(subs)  # type: ignore[union-attr]
+        self._subscribing[mid] = [topic for topic, _ in subs]
         # a camera that has not reported yet has a state to say once the sync's outcome is in
         for camera in dict.fromkeys([*self._states, *(self.cameras if self._wl_sync else ())]):
             self._publish_state(camera)
@@ -1381,7 +1420,11 @@ class Publisher:
         the message's mid."""
         if self._client is None or not self._connected:
             return None
-        return self._client.publish(topic, payload, qos=1, retain=retain).mid
+        mid = self._client.publish(topic, payload, qos=1, retain=retain).mid
+        self._raw_topics[mid] = topic  # to name it if refused
+        while len(self._raw_topics) > RAW_TOPICS_KEPT:  # a broker that acknowledges nothing
+            del self._raw_topics[next(iter(self._raw_topics))]
+        return mid
 
     def _topic(self, m: OutboxMessage) -> str:
         return f"{self.prefix}/{camera_level(m.camera)}/{m.subtopic}"

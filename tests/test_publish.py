@@ -948,6 +948,41 @@ def test_an_event_the_broker_refuses_stays_in_the_outbox_and_goes_out_once_it_is
     wait_until(lambda: pub.outbox.depth() == 0, what="an empty outbox")
 
 
+def test_a_refused_state_message_is_logged(
+        tmp_path: Path, mosquitto_factory: Callable[..., Any],
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    # An ACL without lprd's state topics: states were never seen, and nothing said why.
+    acl = tmp_path / "acl"
+    acl.write_text("topic lprd/status\ntopic write lprd/+/plate\n")
+    broker = mosquitto_factory(extra=f"acl_file {acl}\n")
+    caplog.set_level(logging.ERROR, logger="lprd.publish")
+    pub = publisher(broker)
+    pub.publish_state(CameraState("gate", connected=True))
+    wait_until(lambda: "refused lprd/gate/state" in caplog.text, what="the state's refusal")
+    pub.submit(make_event(1, "gate"))  # the plate topic is allowed: no word of it
+    wait_until(lambda: pub.stats().delivered == 1, what="the event's delivery")
+    assert "lprd/gate/plate" not in caplog.text
+
+
+def test_a_refused_subscription_is_logged(caplog: pytest.LogCaptureFixture,
+                                         tmp_path: Path) -> None:
+    # Brokers with ACLs on subscriptions (not Mosquitto: it grants them, and checks each
+    # message) refuse one in the SUBACK: commands were never heard, and nothing said why.
+    broker = _Broker311(refuse_subscriptions=True)
+    caplog.set_level(logging.ERROR, logger="lprd.publish")
+    pub = Publisher(MQTTConfig(host="127.0.0.1", port=broker.port, protocol="3.1.1"), ["gate"],
+                    tmp_path / "st")
+    try:
+        pub.start()
+        wait_until(lambda: "subscription to lprd/cmd/+" in caplog.text,
+                   what="the refusal's log")
+        assert "the broker refused the subscription to lprd/cmd/+ (Unspecified error): commands sent " \
+            "there are not heard" in caplog.text
+    finally:
+        pub.stop(timeout=1)
+        broker.close()
+
+
 def test_an_event_over_the_broker_s_packet_limit_goes_without_its_crop(
         mosquitto_factory: Callable[..., Any], mqtt_subscriber: Callable[..., Any],
         publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
@@ -1021,34 +1056,52 @@ class _TcpServer:
 
 class _Broker311(_TcpServer):
     """A broker of MQTT 3.1.1 only, as old ones are: a CONNECT of version 5 gets CONNACK
-    "unacceptable protocol version"; one of 3.1.1 is accepted (then all is read, nothing done)."""
+    "unacceptable protocol version"; one of 3.1.1 is accepted (then all is read, nothing done;
+    with `refuse_subscriptions`, QoS 1 messages are acknowledged and every subscription is
+    refused, as brokers with ACLs on subscriptions do: Mosquitto grants them all)."""
 
-    def __init__(self, close: bool = False) -> None:
+    def __init__(self, close: bool = False, refuse_subscriptions: bool = False) -> None:
         self.close_on_5 = close  # some close the connection instead of refusing 5
+        self.refuse_subscriptions = refuse_subscriptions
         self.versions: list[int] = []
         super().__init__()
 
     def _accepted(self, conn: socket.socket) -> None:
         threading.Thread(target=self._client, args=(conn,), daemon=True).start()
 
+    @staticmethod
+    def _packet(f: Any) -> tuple[int, bytes]:
+        kind = f.read(1)[0]
+        n, shift = 0, 0
+        while True:  # the remaining length, a varint
+            b = f.read(1)[0]
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        return kind, f.read(n)
+
     def _client(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, contextlib.suppress(IndexError, OSError):
             f = conn.makefile("rb")
-            f.read(1)  # CONNECT
-            n, shift = 0, 0
-            while True:  # the remaining length, a varint
-                b = f.read(1)[0]
-                n |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
-            level = f.read(n)[6]  # after the protocol name "MQTT" and its length
+            level = self._packet(f)[1][6]  # after the protocol name "MQTT" and its length
             self.versions.append(level)
             if level == 5 and self.close_on_5:
                 return
             conn.sendall(b"\x20\x02\x00" + (b"\x00" if level == 4 else b"\x01"))
-            while level == 4 and conn.recv(4096):
-                pass
+            while level == 4:
+                kind, body = self._packet(f)
+                if not self.refuse_subscriptions:
+                    continue
+                if kind == 0x82:  # SUBSCRIBE: its id, then (length, filter, qos) each
+                    i, codes = 2, b""
+                    while i < len(body):
+                        i += 2 + int.from_bytes(body[i:i + 2], "big") + 1
+                        codes += b"\x80"
+                    conn.sendall(bytes([0x90, 2 + len(codes)]) + body[:2] + codes)
+                elif kind >> 4 == 3 and (kind >> 1) & 3 == 1:  # PUBLISH, QoS 1: its PUBACK
+                    i = 2 + int.from_bytes(body[:2], "big")
+                    conn.sendall(b"\x40\x02" + body[i:i + 2])
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["refuses", "closes"])
