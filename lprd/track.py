@@ -33,9 +33,11 @@ _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its le
 # a narrower box, it is taken for a misread of that pass and reports nothing; and where the
 # pass is read by turns with it, never in one frame (one vehicle read two ways), it joins the
 # pass (see _join_doubts).
-# The interval is the median of the recent ones between frames with reads (a camera's fps is
+# The interval is the median of the recent ones between analysed frames (a camera's fps is
 # not known here, the cap may be anything from 0.1 to 30, and it drops under load: the
-# shortest interval ever seen would make every later frame a gap).
+# shortest interval ever seen would make every later frame a gap). Not between frames with
+# reads: on a road whose cars are read in a frame or two, the seconds between cars made the
+# gap longer than the timeout, and the next car one character off joined the last one's pass.
 GAP_FRAMES = 3
 GAP_SECONDS = 0.5
 GAP_MAX_EDITS = 1
@@ -184,15 +186,18 @@ class Voter:
         self._length_w[n] = self._length_w.get(n, 0.0) + w
         self._pick_w[n] = self._pick_w.get(n, 0.0) + w_len
         pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
+        # each character weighed by its own probability and the read's per-character mean
+        # (as the length vote), not the whole read's: seven characters 85 % sure make a read
+        # 32 % sure, and six such reads of a plate lost to two sharp reads of a misread
         for i, (ch, p) in enumerate(zip(text, probs)):
-            pos[i][ch] = pos[i].get(ch, 0.0) + w * p
+            pos[i][ch] = pos[i].get(ch, 0.0) + w_len * p
         self._reads += 1
         for c in alternatives:
             if c.plate and c.plate != text:
                 self._alt_p[c.plate] = self._alt_p.get(c.plate, 0.0) + c.confidence
 
     def _shares(self, n: int) -> list[list[tuple[str, float]]]:
-        total = self._length_w[n]
+        total = self._pick_w[n]
         return [sorted(((c, v / total) for c, v in d.items()), key=lambda t: (-t[1], t[0]))
                 for d in self._pos_w[n]]
 
@@ -397,9 +402,6 @@ class Tracker:
         self._models = dict(models or {})
         self._tracks: list[_Track] = []
         self._passes: dict[str, _Pass] = {}  # reported passes, by id, kept for dedupe_window
-        self._read_at: float | None = None  # the latest frame with reads
-        self._steps: deque[float] = deque(maxlen=_STEPS_KEPT)  # recent intervals between them
-        self._step = math.inf  # their median
         self._frame_ts: float | None = None  # the latest frame, with reads or not
         self._frame_steps: deque[float] = deque(maxlen=_STEPS_KEPT)
         self._frame_step = math.inf  # the median interval between frames
@@ -418,12 +420,6 @@ class Tracker:
                                  f"of {self.camera!r}")
         events: list[PlateEvent] = []
         self._frame_at(now)
-        if obs:
-            ts = obs[0].ts
-            if self._read_at is not None and ts > self._read_at:
-                self._steps.append(ts - self._read_at)
-                self._step = statistics.median(self._steps)
-            self._read_at = ts
         touched = self._associate(obs)
         seen = {id(t) for t in touched}  # an analysed frame: who is in it (none, without reads)
         for t in self._tracks:
@@ -500,8 +496,6 @@ class Tracker:
             t.last_seen += delta
         for p in self._passes.values():
             p.last_seen += delta
-        if self._read_at is not None:
-            self._read_at += delta
         if self._frame_ts is not None:
             self._frame_ts += delta
 
@@ -595,7 +589,8 @@ class Tracker:
         return max(self.cfg.track_timeout, min(TIMEOUT_FRAMES * self._frame_step, TIMEOUT_MAX))
 
     def _gap(self, sure: bool = False) -> float:
-        gap = max(GAP_SECONDS, GAP_FRAMES * self._step) if self._step < math.inf else GAP_SECONDS
+        gap = max(GAP_SECONDS, GAP_FRAMES * self._frame_step) \
+            if self._frame_step < math.inf else GAP_SECONDS
         return min(gap, GAP_SHARE * self._timeout()) if sure else gap
 
     def _near(self, t: _Track, o: Observation, overlap: float) -> bool:

@@ -115,7 +115,9 @@ def test_o_zero_misreads_on_some_frames_are_outvoted_and_lower_the_share() -> No
         frames.append([obs(text, T0 + i * DT, moving_box(i), probs)])
     (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
     assert ev.plate == "AB0123"
-    w_right, w_wrong = float(np.prod([0.98] * 5 + [0.9])), float(np.prod([0.98] * 5 + [0.6]))
+    # each read weighs its characters by its per-character (geometric) mean
+    w_right = float(np.prod([0.98] * 5 + [0.9])) ** (1 / 6)
+    w_wrong = float(np.prod([0.98] * 5 + [0.6])) ** (1 / 6)
     expected_share = 7 * w_right * 0.9 / (7 * w_right + 3 * w_wrong)
     assert ev.chars[2].c == "0"
     assert ev.chars[2].p == pytest.approx(expected_share)
@@ -123,6 +125,44 @@ def test_o_zero_misreads_on_some_frames_are_outvoted_and_lower_the_share() -> No
     assert [c.plate for c in ev.candidates[:2]] == ["AB0123", "ABO123"]
     assert ev.candidates[0].confidence == pytest.approx(ev.confidence)
     assert ev.candidates[1].confidence < ev.candidates[0].confidence
+
+
+def test_a_plate_read_softly_many_times_beats_a_misread_read_sharply_twice() -> None:
+    # The whole read's confidence weighed each character: seven characters 85 % sure make a
+    # read 32 % sure, and two sharp misreads of one character outvoted six reads of the plate.
+    voter = Voter()
+    for _ in range(6):
+        voter.add("ABC1234", 0.85 ** 7, [0.85] * 7)
+    for _ in range(2):
+        voter.add("ABC1734", 0.99 ** 7, [0.99] * 7)
+    assert voter.result().plate == "ABC1234"
+
+
+def test_a_road_s_cars_read_in_a_frame_or_two_do_not_stretch_the_gap() -> None:
+    # The gap was three intervals between frames with reads: on a road whose cars are read in
+    # a frame or two, those are the seconds between cars, the gap grew past the timeout, and
+    # the next car one character off joined the last one's pass (one event, a plate lost).
+    tr = make_tracker()
+    rng = np.random.default_rng(1)
+    events, t = [], T0
+    for k in range(40):
+        plate = f"C{k:02d}XYZ"
+        for i in range(int(rng.integers(1, 3))):
+            events += tr.update([obs(plate, t, moving_box(i))], now=t)
+            t += DT
+        for _ in range(int(rng.integers(10, 40))):
+            events += tr.update([], now=t)
+            t += DT
+    n = len(finals(events))
+    for plate in ("AB12CDE", "AB12XYZ"):  # a second apart, in one lane
+        for i in range(2):
+            events += tr.update([obs(plate, t, moving_box(i))], now=t)
+            t += DT
+        for _ in range(3):
+            events += tr.update([], now=t)
+            t += DT
+    events += tr.flush(now=t + 60)
+    assert [e.plate for e in finals(events)[n:]] == ["AB12CDE", "AB12XYZ"]
 
 
 def test_events_carry_at_most_the_trackers_topn_candidates() -> None:
