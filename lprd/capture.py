@@ -187,6 +187,19 @@ def fit_frame(frame: np.ndarray, max_width: int) -> np.ndarray:
     return cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
 
 
+def file_frame_time(pos_msec: float, pos: int, step: float, base: float = 0.0,
+                    last: float = -1.0) -> float:
+    """Seconds into a file (plus `base`) of its frame `pos`, whose time the decoder gives as
+    `pos_msec`: the file's own timestamps, not pos * step (phones and NVRs write variable
+    frame rates, and a pause in the recording is a pause in time); pos * step where it has
+    none (0 after the first frame). Never earlier than `last` (a decoder's reordering at the
+    end of a file may repeat a time, and the tracker needs frames in order)."""
+    t = pos_msec / 1000.0
+    if not (math.isfinite(t) and t >= 0 and (t > 0 or pos == 0)):
+        t = pos * step
+    return max(base + t, last + 0.001)
+
+
 def _seek(cap: cv2.VideoCapture, pos: int, fps: float) -> bool:
     """Move a reopened file to frame `pos`; False where the demuxer cannot land there.
 
@@ -309,6 +322,9 @@ class Capture:
         self._file_t0: float | None = None  # wall time of the clip's frame 0
         self._file_index = 0  # clip frames decoded so far, across loops and reopens
         self._file_pos = 0  # frames grabbed in this pass of the file: where a reopen resumes
+        # clip seconds, across loops: at the start of this pass, and of the last frame
+        self._clip_base, self._clip_last = 0.0, -1.0
+        self._clip_step = 1.0 / DEFAULT_FILE_FPS  # a frame's duration at the clip's rate
         self._got = 0  # frames written in the current session
         # monotonic times of the first frame since the last failure (None: none yet), and of
         # the last frame: a looped file or a reopened stream is new sessions, not failures
@@ -316,12 +332,19 @@ class Capture:
         self._frames_to = 0.0
         self._loud = True  # the last failure was logged at warning level (or there was none)
         self._roi_checked = False  # against the first frame's size (unknown before it)
-        # a realtime file's (monotonic time, clip index) its frames are paced from; kept across
-        # loops, so that clip time keeps to the wall clock's
-        self._pace: tuple[float, int, float] | None = None  # (..., clip fps)
+        # a realtime file's (monotonic time, clip seconds) its frames are paced from; kept
+        # across loops, so that clip time keeps to the wall clock's
+        self._pace: tuple[float, float, float] | None = None  # (..., clip fps)
         if resume is not None and self.is_file:  # a restarted process: no replay of the clip
             self._file_t0, self._file_index, self._file_pos = resume.t0, resume.index, resume.pos
+            self._clip_base, self._clip_last = resume.base, resume.last
             log.info("%s: resuming %s at frame %d", camera, self.shown, resume.pos)
+
+    def _clip_time(self, pos_msec: float) -> float:
+        """Clip seconds of the frame just grabbed, across loops."""
+        self._clip_last = file_frame_time(pos_msec, self._file_pos, self._clip_step,
+                                          self._clip_base, self._clip_last)
+        return self._clip_last
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -390,6 +413,7 @@ class Capture:
                             log.log(logging.INFO if self._loud else logging.DEBUG,
                                     "%s: end of %s, looping", self.camera, self.shown)
                             self._file_pos = 0
+                            self._clip_base = self._clip_last + self._clip_step
                             continue
                         log.info("%s: end of %s (%d frames)", self.camera, self.shown,
                                  self._file_pos)
@@ -465,6 +489,7 @@ class Capture:
                     log.warning("%s: %s has no usable frame rate; assuming %.0f fps",
                                 self.camera, self.shown, DEFAULT_FILE_FPS)
                     clip_fps = DEFAULT_FILE_FPS
+                self._clip_step = 1.0 / clip_fps
                 if self._file_t0 is None:
                     self._file_t0 = time.time()
                 if self._file_pos and not _seek(cap, self._file_pos, clip_fps):
@@ -482,8 +507,10 @@ class Capture:
             if self._pace is None or self._pace[2] != clip_fps:
                 # a loop keeps the pace: its first frame is due as the next (a clip replaced by
                 # one of another rate starts its own)
-                self._pace = (time.monotonic(), self._file_index, clip_fps)
-            pace_t0, pace_index, _ = self._pace
+                # (from the clip time of the next frame: the last one's and a frame)
+                self._pace = (time.monotonic(),
+                              max(self._clip_base, self._clip_last + self._clip_step), clip_fps)
+            pace_t0, pace_clip, _ = self._pace
             interval = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
             next_due = 0.0
             last_good = time.monotonic()
@@ -526,11 +553,12 @@ class Capture:
                                   "than the camera sends (use its substream, or a lower frame "
                                   "rate or resolution)")
                 if self.is_file:
-                    ts = self._file_t0 + self._file_index / clip_fps  # type: ignore[operator]
+                    clip_t = self._clip_time(cap.get(cv2.CAP_PROP_POS_MSEC))
+                    ts = self._file_t0 + clip_t  # type: ignore[operator]
                     self._file_index += 1
                     self._file_pos += 1
                     if self.realtime:  # a clip played like a camera
-                        due = pace_t0 + (self._file_index - 1 - pace_index) / clip_fps
+                        due = pace_t0 + clip_t - pace_clip
                         wait = due - time.monotonic()
                         if wait > 0:
                             self._sleep(wait)
@@ -582,7 +610,8 @@ class Capture:
                             "%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)
                     self._set(True, None)
                 ref = FrameRef(camera=self.camera, seq=seq, ts=ts, width=w, height=h,
-                               file=FilePosition(self._file_t0, self._file_index, self._file_pos)
+                               file=FilePosition(self._file_t0, self._file_index, self._file_pos,
+                                                 self._clip_base, self._clip_last)
                                if self.is_file else None)
                 # A file frame's ref must not be lost: its consumer acks it to let capture go on.
                 self._put(self.frames, ref, must=self.flow_control)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import cv2
 import numpy as np
 
-from lprd.capture import fit_frame
+from lprd.capture import file_frame_time, fit_frame
 from lprd.cli import add_config_option, int_range, shown_path
 from lprd.config import DEFAULT_CONFIG_PATH, CameraConfig, Config, ConfigError, load_config
 from lprd.models import ModelError
@@ -275,7 +275,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
     tracker = Tracker(cfg.tracker, _camera_name(path), models=pipeline.models,
                       topn=cfg.reader.topn)
     idx = -1
-    ts = 0.0
+    ts = -1.0
     try:
         while True:
             ok = cap.grab()
@@ -288,7 +288,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
             if not ok or frame is None:
                 log.warning("%s: frame %d could not be decoded; skipped", path, idx)
                 continue
-            ts = idx / fps
+            ts = file_frame_time(cap.get(cv2.CAP_PROP_POS_MSEC), idx, 1.0 / fps, last=ts)
             if max_width:
                 frame = fit_frame(frame, max_width)
             obs: list[Observation] = pipeline.process(frame, tracker.camera, idx, ts)
@@ -297,7 +297,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
         cap.release()
     if idx < 0:
         raise InputError("no frame could be decoded (empty, truncated or not a video)")
-    yield from tracker.flush(now=ts)
+    yield from tracker.flush(now=max(ts, 0.0))
 
 
 def _write_event_crop(folder: Path, video: Path, ev: PlateEvent, taken: set[Path]) -> None:

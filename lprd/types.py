@@ -24,6 +24,8 @@ class FilePosition:
     t0: float  # wall time given to the clip's frame 0: frame times go on where they were
     index: int  # frames decoded so far, across loops
     pos: int  # frames into the current pass of the file
+    base: float = 0.0  # clip seconds at the start of the current pass (the loops before it)
+    last: float = -1.0  # clip seconds of the last frame (-1: none yet)
 
 
 @dataclass(frozen=True, slots=True)

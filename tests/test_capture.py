@@ -286,6 +286,28 @@ def test_a_restarted_capture_resumes_an_mpeg_ts_file_at_its_frame(
     assert cam.seen[0].ref.ts == pytest.approx(1000.0 + 20 / 25)
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_a_variable_frame_rate_file_s_frames_keep_their_own_times_across_loops(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    # Phones and NVRs write variable frame rates: frame times were index / the average rate,
+    # a 2 s pause in the recording spread over every frame (events seconds off, and the
+    # tracker's gaps and timeouts judged on times that never were).
+    src = indexed_video(tmp_path / "clip.avi", 10, fps=10)
+    vfr = tmp_path / "vfr.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(src), "-vf",
+                    "setpts='(N*0.1+gte(N\\,5)*2.0)/TB'", "-fps_mode", "passthrough",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", str(vfr)], check=True, timeout=120)
+    cam = cams(CameraConfig(source=str(vfr), loop=True), in_thread=True)
+    assert cam.pump(lambda: len(cam.seen) >= 20, timeout=30)
+    assert [s.index for s in cam.seen[:20]] == list(range(10)) * 2
+    t = np.array([s.ref.ts for s in cam.seen[:20]]) - cam.seen[0].ref.ts
+    assert t[:5] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4], abs=0.01)
+    assert t[5] == pytest.approx(2.5, abs=0.01)  # the pause
+    assert np.all(np.diff(t) > 0)
+    assert 2.8 < t[10] < 3.5  # the next pass goes on after the first one's end
+    assert t[15] - t[10] == pytest.approx(2.5, abs=0.01)
+
+
 def _bad_frames(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> list:
     """Capture opens the real decoder, but in its first opening the frames whose grab count
     `bad` picks do not decode; returns the openings."""
@@ -349,7 +371,9 @@ def test_a_restarted_file_capture_starts_where_the_last_frame_ref_left_it(
     assert cam.pump(cam.eof, timeout=30)
     assert [s.index for s in cam.seen] == list(range(40, 90))
     assert cam.seen[0].ref.ts == pytest.approx(1000.0 + 40 / 30)  # clip time goes on
-    assert cam.seen[-1].ref.file == FilePosition(t0=1000.0, index=90, pos=90)
+    last = cam.seen[-1].ref.file
+    assert (last.t0, last.index, last.pos) == (1000.0, 90, 90)
+    assert last.last == pytest.approx(89 / 30)
 
 
 def test_recognize_eval_and_bench_scale_frames_as_the_daemon_does() -> None:

@@ -254,6 +254,28 @@ def test_recognize_video_prints_final_events_as_published(tmp_path: Path, capsys
     assert {e["id"] for e in with_early if not e["final"]} <= finals
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_recognize_gives_a_variable_frame_rate_video_s_events_their_own_times(
+        tmp_path: Path, capsys) -> None:
+    # The demo clip with a 20 s pause in its recording after its first second (a phone's or
+    # an NVR's variable frame rate): times were frame index / the average rate, every event
+    # seconds off and stretched.
+    vfr = tmp_path / "paused.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(DEMO_CLIP), "-vf",
+                    "setpts='PTS+gte(N\\,15)*20/TB'", "-fps_mode", "passthrough",
+                    "-c:v", "libx264", "-crf", "18", "-pix_fmt", "yuv420p", str(vfr)],
+                   check=True, timeout=120)
+    assert main(["recognize", "--json", str(vfr)]) == 0
+    events = {e["plate"]: e for e in map(json.loads, capsys.readouterr().out.splitlines())}
+
+    def seconds(stamp: str) -> float:
+        return float(stamp.split(":")[-1].rstrip("Z")) + 60 * int(stamp.split(":")[-2])
+
+    first = events["QRX578"]  # in view from 1.9 s to 4.8 s of the clip, 21.9 to 24.8 here
+    assert seconds(first["first_seen"]) == pytest.approx(21.9, abs=0.3)
+    assert seconds(first["last_seen"]) == pytest.approx(24.8, abs=0.3)
+
+
 def test_recognize_reports_a_corrupt_video(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)
