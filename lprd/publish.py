@@ -444,6 +444,23 @@ def check_files(cfg: MQTTConfig) -> str | None:
     return password
 
 
+def files_stamp(cfg: MQTTConfig) -> tuple:
+    """What the password and TLS files in use are now (path, size, mtime, inode): a reload
+    compares it with the running publisher's, so that a renewed certificate or a changed
+    password at the same path is taken without a restart (paho keeps what it loaded)."""
+    paths = [cfg.password_file] if cfg.password_file else []
+    if cfg.tls.enabled:
+        paths += [p for p in (cfg.tls.ca, cfg.tls.cert, cfg.tls.key) if p is not None]
+    stamp = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stamp.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            stamp.append((str(p), None))
+    return tuple(stamp)
+
+
 _STOP = object()
 
 
@@ -494,6 +511,7 @@ class Publisher:
         self.cameras = list(dict.fromkeys(cameras))
         self.on_command = on_command
         self.prefix = cfg.topic_prefix
+        self.files_stamp = files_stamp(cfg)  # before they are read: a change meanwhile shows
         self._password = check_files(cfg)
         self._disk_outbox: Path | None = None  # set while the outbox waits in memory
         self._outbox_switch = threading.Lock()  # submit's writes against the move to disk

@@ -900,8 +900,16 @@ class Supervisor:
                         self.publisher.publish_state(disabled_state(name))
             if name in new.cameras and not self.flags.stop:
                 self._add_camera(name, new.cameras[name])
-        if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras):
-            from lprd.publish import PublisherConfigError, check_files
+        from lprd.publish import PublisherConfigError, check_files, files_stamp
+
+        # the same settings, but a renewed certificate or a new password at the same path
+        # (paho keeps what it loaded), or a publisher that a failed reload left stopped
+        refresh = new.mqtt.enabled and new.mqtt == old.mqtt and (
+            self.publisher is None or files_stamp(new.mqtt) != self.publisher.files_stamp)
+        if refresh:
+            log.info("mqtt: %s: restarting the publisher", "its password or TLS files changed"
+                     if self.publisher is not None else "not running")
+        if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras) or refresh:
 
             try:  # before the running publisher stops: it needs its files only to start
                 if new.mqtt.enabled:

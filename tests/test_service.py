@@ -283,6 +283,32 @@ def test_sighup_reloads_the_config_starting_only_the_new_camera_and_tells_system
     notify.close()
 
 
+def test_a_reload_takes_a_new_mqtt_password_at_the_same_path(tmp_path, mosquitto_factory,
+                                                             daemons):
+    # The password rotated, the file rewritten and lprd reloaded: the config was the same, so
+    # the publisher kept the password it had read at the start, and at its next reconnect
+    # the broker refused it, until a restart.
+    broker = mosquitto_factory(passwords={"lprd": "old-pw"})
+    pw = tmp_path / "pw"
+    pw.write_text("old-pw\n")
+    path = write_config(tmp_path / "c.yaml", {}, broker, tmp_path / "st",
+                        mqtt={"username": "lprd", "password_file": str(pw),
+                              "reconnect": {"initial": 0.2, "max": 1}})
+    d = start(daemons, path, "--events-jsonl", str(tmp_path / "ev.jsonl"))
+    d.wait_log(r"MQTT: connected")
+    subprocess.run(["mosquitto_passwd", "-b", str(broker.workdir / "passwd"), "lprd", "new-pw"],
+                   check=True, capture_output=True, timeout=30)
+    broker.restart()  # it takes the new password; lprd's reconnects are refused
+    d.wait_log(r"refused the connection: Not authorized", timeout=30)
+    n = len(re.findall(r"MQTT: connected", d.log()))
+    pw.write_text("new-pw\n")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"its password or TLS files changed: restarting the publisher")
+    d.wait_log(r"MQTT: connected", count=n + 1, timeout=30)
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+
+
 def test_a_reload_whose_mqtt_files_became_unreadable_keeps_publishing_events(
         tmp_path, mosquitto, mqtt_subscriber, daemons):
     # A reload that adds a camera restarts the publisher; with the running settings' password
