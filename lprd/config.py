@@ -584,6 +584,29 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
+def token_problem(data: bytes) -> str | None:
+    """Why a token file's bytes are no bearer token, or None. The token goes into an HTTP
+    header: one line of visible ASCII (http.client refuses a line break, and its error would
+    show the token). The reason never shows the token."""
+    token = data.strip()
+    if not token:
+        return "is empty"
+    if b"\n" in token or b"\r" in token:
+        return "holds more than one line (the token is one line)"
+    if not all(0x21 <= b <= 0x7E for b in token):
+        return ("holds a space, a control character or a non-ASCII one (the token is one line "
+                "of visible ASCII)")
+    return None
+
+
+def _token_file_problem(path: Path) -> str | None:
+    try:
+        why = token_problem(path.read_bytes())
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    return None if why is None else f"{path} {why}"
+
+
 def model_file_problems(cfg: Config, load: bool = False) -> list[str]:
     """Model files (and their metadata) that are missing, unreadable or empty, one line per key;
     with `load`, also those that do not load (corrupt, another kind of model).
@@ -623,7 +646,8 @@ def model_file_problems(cfg: Config, load: bool = False) -> list[str]:
 
 
 def file_problems(cfg: Config, load_models: bool = False) -> list[str]:
-    """Every file the config names and uses that is missing, unreadable or empty: the models,
+    """Every file the config names and uses that is missing, unreadable or empty (a sync token
+    also when it is not one line of visible ASCII): the models,
     the MQTT password and TLS files and the sync token when they are in use, and the file
     sources of enabled cameras and of the sync (a typo there would otherwise show only when
     `run` retries it). `load_models`: see model_file_problems."""
@@ -647,6 +671,8 @@ def file_problems(cfg: Config, load_models: bool = False) -> list[str]:
         problems.append(f"storage.dir: {cfg.storage.dir} is a file, not a folder")
     for key, path in files:
         why = _file_problem(path) if path is not None else None
+        if why is None and path is not None and key == "watchlist.sync.token_file":
+            why = _token_file_problem(path)  # every sync would fail on it
         if why:
             problems.append(f"{key}: {why}")
     return problems

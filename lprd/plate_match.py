@@ -197,8 +197,8 @@ def match_entries(
     Order: smallest weighted distance (so any exact match first), then the read before a
     candidate, a likelier candidate first, a deny before an alert before an allow, then by
     plate and list name so the answer never depends on the entries' order. Entries outside
-    their validity window at `now` never match. Reads shorter than fuzzy_min_chars only
-    match exactly (a short plate one edit away from many others says little).
+    their validity window at `now` never match. Reads and entries shorter than fuzzy_min_chars
+    only match exactly (a short plate one edit away from many others says little).
 
     An entry whose action is "allow" (it opens a gate) matches only the read itself, not an
     alternative reading, and at most allow_max_distance from it: another car's plate one
@@ -216,7 +216,8 @@ def match_entries(
         for rank, (text, via, conf) in enumerate(queries):
             if strict and via != "read":
                 continue
-            limit = max_distance if len(text) >= fuzzy_min_chars else 0.0
+            # the entry's length too: MA1 is one edit from MA12, MA17 and XMA1 alike
+            limit = max_distance if min(len(text), len(entry.plate)) >= fuzzy_min_chars else 0.0
             if strict:
                 limit = min(limit, allow_max_distance)
             d = weighted_distance(text, entry.plate, limit, allow=strict)

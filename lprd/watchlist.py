@@ -7,6 +7,7 @@ list or the new one, never a mix. Matching itself lives in lprd.plate_match (pur
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import csv
 import fcntl
@@ -51,6 +52,8 @@ from lprd.config import (
     WatchlistConfig,
     is_list_name,
     load_config,
+    redact_source,
+    token_problem,
 )
 from lprd.plate_match import (
     CONFUSABLE_PAIRS,
@@ -76,6 +79,11 @@ _ACTION = re.compile(r"^[a-z0-9_-]{1,64}$")
 _MAX_PROBLEMS_SHOWN = 5
 _COLUMNS = ("plate", "list", "action", "valid_from", "valid_until")
 _READ_CHUNK = 64 * 1024
+# s: how long a sync waits for another process's to end (a `lprd watchlist sync` stopped
+# with ^Z must not hold the daemon's off for good)
+SYNC_LOCK_WAIT = 300.0
+# s: a CSV file source without a final line break this recent is taken as still being written
+FILE_SETTLE = 5.0
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # One table pair per origin: a sync empties its own tables whole, which SQLite does in one
@@ -232,6 +240,7 @@ def make_entry(
     """One validated entry from a row: reserved keys (plate or tag, list, action, valid_from,
     valid_until, info) plus free metadata; keys are matched case-insensitively."""
     for key, value in fields.items():
+        _check_utf8(key, f"{where}: key")  # a JSON key, "\udc80": SQLite cannot store it
         _check_utf8(value, f"{where}: {shown_path(str(key))}")
     lower = {str(k).strip().lower(): k for k in fields}
     raw = fields[lower["plate"]] if "plate" in lower else fields.get(lower.get("tag", ""), None)
@@ -277,8 +286,27 @@ def make_entry(
         if not isinstance(extra, dict):
             raise WatchlistError(f"{where}: info must be an object of metadata")
         info.update(extra)
+    _check_info_keys(info, where)
     return WatchlistEntry(plate=plate, list=list_name, action=action, info=info,
                           valid_from=valid_from, valid_until=valid_until, origin=origin)
+
+
+def _check_info_keys(info: dict[str, Any], where: str) -> None:
+    """Metadata keys a CSV export can write as its columns and the import take back: not a
+    column of its own (the export dropped 'list', and 'info' came back refused), not blank,
+    not twice in two cases (the import takes a header without case)."""
+    seen: dict[str, str] = {}
+    for key in info:
+        low = str(key).strip().lower()
+        if low in _COLUMNS or low == "info":
+            raise WatchlistError(f"{where}: info key {shown_path(str(key))!r} is the name of a "
+                                 f"column ({', '.join(_COLUMNS)}, info): call it something else")
+        if not low:
+            raise WatchlistError(f"{where}: an info key is blank")
+        if low in seen:
+            raise WatchlistError(f"{where}: info keys {shown_path(seen[low])!r} and "
+                                 f"{shown_path(str(key))!r} differ only in case or spaces")
+        seen[low] = str(key)
 
 
 def _check_utf8(value: Any, what: str) -> None:
@@ -299,27 +327,53 @@ def _check_utf8(value: Any, what: str) -> None:
             _check_utf8(v, what)
 
 
-def _csv_table(text: str, delimiter: str) -> list[tuple[int, list[str]]]:
-    """(line number, cells) of every row. A list typed by hand puts a space after each comma:
-    only skipinitialspace reads '"stolen"' and '"Smith, John"' there as quoted cells, and with
-    it a quote inside a cell ('"Ace" Towing') is an error, which the plain reading (the csv
-    module's default) takes as text: the first reading that parses wins."""
-    for skip in (True, False):
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=delimiter,
-                            skipinitialspace=skip)
-        try:
-            return [(reader.line_num, row) for row in reader]
-        except csv.Error as e:
-            error = f"line {reader.line_num}: not valid CSV ({e})"
-    raise WatchlistError(error)
+# A line with its line break, split where the csv module splits (\r\n, \r or \n), one at a
+# time: str.splitlines made a list of the whole text, and io.StringIO takes four bytes a
+# character of it.
+_LINE = re.compile(r"[^\r\n]*(?:\r\n?|\n)|[^\r\n]+")
 
 
-def _csv_rows(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    first = next((line for line in text.splitlines() if line.strip()), "")
+def _lines(text: str) -> Iterator[str]:
+    return map(re.Match.group, _LINE.finditer(text))
+
+
+class _OtherReading(Exception):
+    """The skipinitialspace reading of a CSV fails: the plain one is taken, from the start."""
+
+
+def _csv_table(text: str, delimiter: str, skip: bool) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of each row, as it is read: a list far over max_entries is refused
+    before its rows take memory. A list typed by hand puts a space after each comma: only
+    skipinitialspace (`skip`) reads '"stolen"' and '"Smith, John"' there as quoted cells, and
+    with it a quote inside a cell ('"Ace" Towing') is an error, which the plain reading (the
+    csv module's default) takes as text: the first reading that parses wins (_OtherReading)."""
+    reader = csv.reader(_lines(text), strict=True, delimiter=delimiter, skipinitialspace=skip)
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as e:
+        if skip:
+            raise _OtherReading from None
+        raise WatchlistError(f"line {reader.line_num}: not valid CSV ({e})") from None
+
+
+def _csv_rows(text: str, skip: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    first = next((line for line in _lines(text) if line.strip()), "")
     # A spreadsheet saved in a European locale separates by semicolons
     delimiter = ";" if ";" in first and "," not in first else ","
+    table = _csv_table(text, delimiter, skip)
+    try:
+        yield from _csv_records(table)
+    except WatchlistError:
+        # A reading that fails further on is not the one taken: the rest decides (no rows kept)
+        for _ in table:
+            pass
+        raise
+
+
+def _csv_records(table: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[str, dict[str, Any]]]:
     header: list[str] | None = None
-    for line, row in _csv_table(text, delimiter):
+    for line, row in table:
         if not any(cell.strip() for cell in row):
             continue  # blank line
         if header is None and len(row) == 1 and any(ch.isdigit() for ch in row[0]):
@@ -413,14 +467,30 @@ def parse_document(
     rejecting the list would keep every later change out): a row valid now before one that is
     not, then the safest action (deny, alert, ... allow), then the first; the merge is
     logged."""
-    now = time.time()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise WatchlistError(f"not UTF-8 text (bad byte at offset {e.start})") from None
     if "\x00" in text:
         raise WatchlistError("binary data, not a CSV or JSON list")
-    rows = _json_rows(text) if fmt == "json" else _csv_rows(text)
+    now = time.time()
+
+    def read(rows: Iterator[tuple[str, dict[str, Any]]]) -> list[WatchlistEntry]:
+        return _entries(rows, default_list, default_action, origin, max_entries,
+                        merge_duplicates, now)
+
+    if fmt == "json":
+        return read(_json_rows(text))
+    try:
+        return read(_csv_rows(text, skip=True))
+    except _OtherReading:
+        return read(_csv_rows(text, skip=False))
+
+
+def _entries(rows: Iterator[tuple[str, dict[str, Any]]], default_list: str,
+             default_action: str | None, origin: str, max_entries: int | None,
+             merge_duplicates: bool, now: float) -> list[WatchlistEntry]:
+    """parse_document's entries from one reading of the document, row by row."""
     entries: list[WatchlistEntry] = []
     seen: dict[tuple[str, str], str] = {}
     kept: dict[tuple[str, str], int] = {}  # with merge_duplicates: the entry's index
@@ -523,8 +593,11 @@ class SyncStatus:
     defaults: str | None = None  # sync.list and sync.action the list was read with
 
     def to_dict(self) -> dict[str, Any]:
-        """For the state topic and `lprd watchlist status --json` (times as ISO 8601)."""
+        """For the state topic and `lprd watchlist status --json` (times as ISO 8601; the
+        source without its password and query string, which the stored one keeps to compare)."""
         d = asdict(self)
+        if self.source and "://" in self.source:
+            d["source"] = redact_source(self.source, drop_query=True)
         for k in ("last_attempt", "last_success", "last_change"):
             d[k] = iso_time(d[k])
         d.pop("sha256")
@@ -980,7 +1053,10 @@ class Watchlist:
     # -- sync support
 
     def sync_status(self) -> SyncStatus:
-        raw = self._meta(self._conn(), "sync")
+        return self._sync_status(self._conn())
+
+    def _sync_status(self, conn: sqlite3.Connection) -> SyncStatus:
+        raw = self._meta(conn, "sync")
         if not raw:
             return SyncStatus()
         known = SyncStatus.__dataclass_fields__
@@ -990,6 +1066,18 @@ class Watchlist:
         conn = self._conn()
         with self._write(conn):
             self._set_meta(conn, "sync", json.dumps(asdict(status)))
+
+    def update_sync_status(self, change: Callable[[SyncStatus], SyncStatus | None]
+                           ) -> SyncStatus | None:
+        """Write change(the stored status) in the transaction that read it, so another
+        process's swap cannot fall in between and be described by an older status; `change`
+        returning None writes nothing (and None is returned)."""
+        conn = self._conn()
+        with self._write(conn):
+            status = change(self._sync_status(conn))
+            if status is not None:
+                self._set_meta(conn, "sync", json.dumps(asdict(status)))
+        return status
 
     def replace_synced(self, entries: Sequence[WatchlistEntry], status: SyncStatus) -> SyncStatus:
         """Swap in a whole synced list and its status in ONE transaction (old or new, no mix)."""
@@ -1018,11 +1106,40 @@ class _Fetched:
 
 def redact_url(url: str) -> str:
     """For logs: no user:password@ and no query string (either may carry a secret)."""
-    p = urllib.parse.urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host += f":{p.port}"
+    try:
+        p = urllib.parse.urlsplit(url)
+    except ValueError:  # not a URL Python can take apart: nothing of it is shown
+        return f"{url.split('://', 1)[0]}://***"
+    host = p.netloc.rpartition("@")[2]  # as written: a port that is no number raises in p.port
     return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+def _scrub(text: str, source: str) -> str:
+    """`text` without the password or the query string of the source URL, as written or as
+    quoted: the last guard (messages name the source by redact_url, which drops both)."""
+    if "://" not in source:  # a file path: '?' in it is no query
+        return text
+    try:
+        p = urllib.parse.urlsplit(source)
+    except ValueError:
+        return text
+    for secret in {p.password, urllib.parse.unquote(p.password or ""), p.query}:
+        if secret:
+            text = text.replace(secret, "***").replace(repr(secret)[1:-1], "***")
+    return text
+
+
+def _split_userinfo(url: str) -> tuple[str, str | None]:
+    """The URL without its user:password@ (urllib takes the password for a port) and the
+    HTTP Basic credentials it held (percent-decoded, as RFC 3986 writes them), or None."""
+    p = urllib.parse.urlsplit(url)
+    userinfo, at, host = p.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return (urllib.parse.urlunsplit(p._replace(netloc=host)),
+            base64.b64encode(pair.encode("utf-8")).decode("ascii"))
 
 
 class WatchlistSync:
@@ -1051,17 +1168,24 @@ class WatchlistSync:
         if self.cfg.token_file is None:
             return None
         try:
-            token = self.cfg.token_file.read_text(encoding="utf-8").strip()
+            data = self.cfg.token_file.read_bytes()
         except OSError as e:
             raise SyncError(f"cannot read token_file {self.cfg.token_file}: {e.strerror}") \
                 from None
-        if not token:
-            raise SyncError(f"token_file {self.cfg.token_file} is empty")
-        return token
+        why = token_problem(data)
+        if why is not None:
+            raise SyncError(f"token_file {self.cfg.token_file} {why}")
+        return data.strip().decode("ascii")
 
-    def _fetch_http(self, url: str, etag: str | None,
+    def _fetch_http(self, source: str, etag: str | None,
                     last_modified: str | None) -> _Fetched | None:
         deadline = time.monotonic() + self.cfg.timeout
+        where = redact_url(source)
+        url, basic = _split_userinfo(source)
+        token = self._token()
+        if token and basic:
+            raise SyncError(f"{where}: the URL has a user and password and token_file is set: "
+                            "give one of them")
         req = urllib.request.Request(url, headers={
             "Accept": "text/csv, application/json;q=0.9, */*;q=0.1",
             "User-Agent": f"lprd/{__version__}",
@@ -1070,11 +1194,11 @@ class WatchlistSync:
             req.add_header("If-None-Match", etag)
         if last_modified:
             req.add_header("If-Modified-Since", last_modified)
-        token = self._token()
+        # Unredirected: a redirect to another host must not carry the credentials along.
         if token:
-            # Unredirected: a redirect to another host must not carry the token along.
             req.add_unredirected_header("Authorization", f"Bearer {token}")
-        where = redact_url(url)
+        elif basic:
+            req.add_unredirected_header("Authorization", f"Basic {basic}")
         try:
             resp = urllib.request.urlopen(req, timeout=self.cfg.timeout)
         except urllib.error.HTTPError as e:
@@ -1084,6 +1208,12 @@ class WatchlistSync:
             raise SyncError(f"{where}: HTTP {e.code} {e.reason}") from None
         except urllib.error.URLError as e:
             raise SyncError(f"{where}: cannot fetch ({e.reason})") from None
+        except http.client.InvalidURL:  # its text quotes the URL, query string and all
+            raise SyncError(f"{where}: not a URL that HTTP can request (a space or a control "
+                            "character in it, or a port that is no number?)") from None
+        except ValueError:  # a header http.client refuses; its text quotes the header
+            raise SyncError(f"{where}: cannot fetch (a character HTTP cannot send in the URL "
+                            "or in a header)") from None
         except (OSError, http.client.HTTPException) as e:
             raise SyncError(f"{where}: cannot fetch ({e})") from None
         with resp:
@@ -1149,7 +1279,7 @@ class WatchlistSync:
             if stamp == etag:
                 return None
             with path.open("rb") as f:
-                data = f.read(self.cfg.max_bytes + 1)
+                data = f.read(st.st_size + 1)  # not max_bytes: read() allocates that first
                 after = os.fstat(f.fileno())
             if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) \
                     or len(data) != st.st_size:
@@ -1163,6 +1293,14 @@ class WatchlistSync:
             fmt = detect_format(str(path), None, data)
         except WatchlistError as e:
             raise SyncError(f"{path}: {e}") from None
+        if fmt == "csv" and data and not data.endswith((b"\n", b"\r")) \
+                and time.time() - st.st_mtime < FILE_SETTLE:
+            # A file rewritten in place (a cron job's curl -o, scp) is read half written now
+            # and then: its last row, a partial plate, would parse. A whole list ends with a
+            # line break, or was written a while ago (an editor that adds none: not refused)
+            raise SyncError(f"{path}: does not end with a line break and was written just "
+                            "now, taken for a file still being written: the list stays, and "
+                            "the next sync tries again")
         return _Fetched(data, fmt, stamp)
 
     def _defaults(self) -> str:
@@ -1186,10 +1324,39 @@ class WatchlistSync:
 
     def sync_once(self) -> SyncResult:
         """Fetch, validate the whole list and swap it in; any failure keeps the last good list."""
-        with self._lock:
+        with self._lock, self._file_lock():
             return self._sync_once()
 
-    def _sync_once(self) -> SyncResult:
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """One sync at a time across processes too (the daemon's and `lprd watchlist sync`):
+        one that found its list unchanged would write back its status over the other's new
+        list, and later syncs, going by that status, keep the wrong list. Not the store's own
+        .lock: a damaged store is moved aside under that one, during a sync too (this process
+        would wait for itself). A file system without locks: the status update, checked in its
+        transaction, is the guard left."""
+        fd = None
+        with contextlib.suppress(OSError):
+            fd = os.open(f"{self.watchlist.path}.sync-lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            give_up = time.monotonic() + SYNC_LOCK_WAIT
+            while fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:  # another process's sync: wait for it to end
+                    if self._stopping or time.monotonic() > give_up:
+                        raise SyncError(f"{self._where()}: not synced, another sync (`lprd "
+                                        "watchlist sync`?) is still running") from None
+                    time.sleep(0.05)
+                except OSError:  # no locks here (ENOLCK, EOPNOTSUPP): go on without
+                    break
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _sync_once(self, retried: bool = False) -> SyncResult:
         t0 = time.monotonic()
         now = time.time()
         status = SyncStatus()
@@ -1207,12 +1374,23 @@ class WatchlistSync:
             if fetched is None or (status.source == source and status.defaults == self._defaults()
                                    and digest == status.sha256):
                 # 304, an unchanged file, or the same bytes again: keep the list, no rewrite.
-                status = replace(status, last_attempt=now, last_success=now, last_sync_ok=True,
-                                 last_error=None)
+                kept = replace(status, last_attempt=now, last_success=now, last_sync_ok=True,
+                               last_error=None)
                 if fetched is not None:
-                    status = replace(status, etag=fetched.etag,
-                                     last_modified=fetched.last_modified)
-                self.watchlist.write_sync_status(status)
+                    kept = replace(kept, etag=fetched.etag, last_modified=fetched.last_modified)
+
+                def keep(stored: SyncStatus) -> SyncStatus | None:
+                    # the list this status describes, unless another sync swapped in its own
+                    same = (stored.source, stored.sha256, stored.etag, stored.defaults) == (
+                        status.source, status.sha256, status.etag, status.defaults)
+                    return kept if same else None
+
+                if self.watchlist.update_sync_status(keep) is None:
+                    if retried:
+                        raise SyncError(f"{self._where()}: another sync changed the list "
+                                        "meanwhile; the next sync tries again")
+                    return self._sync_once(retried=True)  # fetched in full: its validators
+                status = kept
                 result = SyncResult(True, False, status.entries, not_modified=True, bytes=size,
                                     seconds=time.monotonic() - t0)
                 log.debug("watchlist sync: %s unchanged (%d entries)", self._where(),
@@ -1247,13 +1425,12 @@ class WatchlistSync:
         except Exception as e:  # recorded: the status must not go on saying the last one's
             if not isinstance(e, (SyncError, sqlite3.Error)):
                 log.exception("watchlist sync: unexpected error")
-            msg = (str(e) if isinstance(e, SyncError) else
-                   f"storing the list failed: {e}" if isinstance(e, sqlite3.Error) else
-                   f"unexpected error: {e!r}")
+            msg = _scrub(str(e) if isinstance(e, SyncError) else
+                         f"storing the list failed: {e}" if isinstance(e, sqlite3.Error) else
+                         f"unexpected error: {e!r}", source or "")
             try:
-                status = replace(self.watchlist.sync_status(), last_attempt=now,
-                                 last_sync_ok=False, last_error=msg)
-                self.watchlist.write_sync_status(status)
+                status = self.watchlist.update_sync_status(lambda stored: replace(
+                    stored, last_attempt=now, last_sync_ok=False, last_error=msg)) or status
             except (sqlite3.Error, WatchlistError) as e2:
                 log.error("watchlist sync: cannot record the failure: %s", e2)
             result = SyncResult(False, False, status.entries, error=msg, bytes=size,

@@ -171,6 +171,18 @@ def test_short_reads_only_match_exactly() -> None:
     assert match_entries("A81", (), entries, 1.0, NOW, fuzzy_min_chars=3).match == "fuzzy"
 
 
+def test_short_entries_only_match_exactly_too() -> None:
+    # A deny entry MA1 matched the reads MA12, MA17 and XMA1, each one edit from it: only the
+    # read's length was held against fuzzy_min_chars, and a short entry is near many plates.
+    entries = [_e("MA1", action="deny")]
+    for read in ("MA12", "MA17", "XMA1", "MAI2"):
+        assert match_entries(read, (), entries, 1.0, NOW, fuzzy_min_chars=4).match == "none", read
+        cands = (Candidate(read, 0.4),)
+        assert match_entries("QQQ999", cands, entries, 1.0, NOW, fuzzy_min_chars=4).match == "none"
+    assert match_entries("MA1", (), entries, 1.0, NOW, fuzzy_min_chars=4).match == "exact"
+    assert match_entries("MA12", (), entries, 1.0, NOW, fuzzy_min_chars=3).match == "fuzzy"
+
+
 def test_the_answer_does_not_depend_on_the_order_of_entries() -> None:
     rng = random.Random(3)
     entries = [_e("ABC1234", list="x"), _e("ABC1Z34", list="y"), _e("A8C1234", list="z"),

@@ -28,6 +28,7 @@ from lprd.watchlist import (
     dump_json,
     iso_time,
     main,
+    make_entry,
     parse_document,
     parse_time,
 )
@@ -115,6 +116,28 @@ def test_index_lookup_finds_what_a_scan_of_every_entry_finds(tmp_path: Path) -> 
                 assert w.match(r, cand, now=0.0) == want, r
                 found += want.match != "none"
             assert found > 25  # 29 and 49 reads match something: the check is not empty
+
+
+def test_the_store_matches_short_entries_only_exactly_as_the_pure_matcher_does(
+        tmp_path: Path) -> None:
+    # An entry MA1 (deny) was matched by MA12, MA17, XMA1; the index query and the pure
+    # matcher must agree on short plates as on long ones.
+    rng = random.Random(11)
+    plates = sorted({"".join(rng.choice("AM1IB8") for _ in range(rng.randint(2, 5)))
+                     for _ in range(60)} | {"MA1"})
+    cfg = WatchlistConfig()
+    with Watchlist(tmp_path / DB_NAME, cfg) as w:
+        w.import_entries([WatchlistEntry(p, action="deny") for p in plates])
+        stored = w.entries()
+        reads = ["MA12", "MA17", "XMA1", "MA1"] + [_variant(rng, rng.choice(plates))
+                                                   for _ in range(80)]
+        for r in reads:
+            want = match_entries(r, (), stored, cfg.max_distance, 0.0,
+                                 fuzzy_min_chars=cfg.fuzzy_min_chars,
+                                 allow_max_distance=cfg.allow_max_distance)
+            assert w.match(r, now=0.0) == want, r
+        assert [w.match(r).match for r in ("MA12", "MA17", "XMA1", "MA1")] == [
+            "none", "none", "none", "exact"]
 
 
 def test_raising_max_distance_rebuilds_the_index_deeper(tmp_path: Path) -> None:
@@ -639,6 +662,55 @@ def test_a_csv_export_with_keys_in_two_cases_imports_back() -> None:
     back = parse_document(dump_csv(entries).encode(), "csv")
     assert [(e.plate, e.info) for e in back] == [
         ("ABC1234", {"Make": "Kia", "Owner": "Ann"}), ("XYZ999", {"Owner": "Bob"})]
+
+
+@pytest.mark.parametrize("fields,key", [
+    ({"plate": "ABC1234", "info": {"list": "hot"}}, "list"),
+    ({"plate": "ABC1234", "info": {"Valid_Until": "soon"}}, "Valid_Until"),
+    ({"plate": "ABC1234", "info": {"info": "x"}}, "info"),
+    ({"plate": "ABC1234", "info": {" plate ": "x"}}, " plate "),
+])
+def test_an_info_key_named_like_a_column_is_refused_naming_it(fields: dict, key: str) -> None:
+    # The CSV export dropped such a key ('list' is the list's column) or wrote a column the
+    # import refused ('info'): a backup that does not import back.
+    with pytest.raises(WatchlistError, match=f"entry: info key '{key}' is the name of a column"):
+        make_entry(fields)
+
+
+def test_info_keys_in_two_cases_or_blank_are_refused() -> None:
+    with pytest.raises(WatchlistError, match="info keys 'Owner' and 'owner' differ only"):
+        parse_document(b'[{"plate": "ABC1", "Owner": "a", "info": {"owner": "b"}}]', "json")
+    with pytest.raises(WatchlistError, match="entry 1: an info key is blank"):
+        parse_document(b'[{"plate": "ABC1", "info": {" ": "b"}}]', "json")
+
+
+def test_a_csv_export_of_any_entry_imports_back(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ["--db", str(tmp_path / "w.sqlite")]
+    rc, _, err = _run(["add", "ABC1234", "--info", "valid_until=2030-01-01", *db], capsys)
+    assert rc == 2 and "add: info key 'valid_until' is the name of a column" in err
+    doc = tmp_path / "in.json"
+    doc.write_text('[{"plate": "XYZ999", "info": {"info": "x", "owner": "Ann"}}]')
+    rc, _, err = _run(["import", str(doc), *db], capsys)
+    assert rc == 2 and "entry 1: info key 'info'" in err and "nothing imported" in err
+    assert _run(["add", "ABC1234", "--info", "Tag=blue", "--info", "notes=a, b", *db],
+                capsys)[0] == 0
+    assert _run(["export", "-o", str(tmp_path / "out.csv"), *db], capsys)[0] == 0
+    back = parse_document((tmp_path / "out.csv").read_bytes(), "csv")
+    assert [(e.plate, e.info) for e in back] == [("ABC1234", {"Tag": "blue", "notes": "a, b"})]
+
+
+def test_a_json_key_that_is_not_unicode_is_refused_naming_the_row(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A lone surrogate in a key: the CLI's import crashed (UnicodeEncodeError) and the
+    # daemon's sync error named no row.
+    data = b'[{"plate": "ABC123"}, {"plate": "XYZ999", "\\ud800x": "y"}]'
+    with pytest.raises(WatchlistError, match=r"entry 2: key: '\\ud800x' is not valid UTF-8"):
+        parse_document(data, "json")
+    doc = tmp_path / "list.json"
+    doc.write_bytes(data)
+    rc, _, err = _run(["import", str(doc), "--db", str(tmp_path / "w.sqlite")], capsys)
+    assert rc == 2 and "entry 2: key:" in err and "nothing imported" in err
 
 
 def _daemon_store(tmp_path: Path, monkeypatch) -> Watchlist:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -9,7 +10,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +27,7 @@ from lprd.watchlist import (
     SyncStatus,
     Watchlist,
     WatchlistSync,
+    parse_document,
     retry_delay,
 )
 
@@ -297,6 +300,65 @@ def test_secrets_in_the_url_stay_out_of_errors(server: ListServer, wl: Watchlist
     assert "pw" not in (r.error or "") and "key=abc" not in (r.error or "")
 
 
+def test_a_password_in_the_url_is_sent_as_basic_auth_and_never_shown(
+        server: ListServer, wl: Watchlist, caplog: pytest.LogCaptureFixture) -> None:
+    # urllib took the password for a port ("nonnumeric port: 'S3cret@Pw@127.0.0.1'"): the
+    # credentials never worked, and every failed sync showed them in the journal and on MQTT.
+    caplog.set_level(logging.DEBUG, logger="lprd.watchlist")
+    server.routes["/l.csv"] = Route(GOOD_CSV.encode())
+    r = _sync(wl, f"http://alice:S3cret%40Pw@127.0.0.1:{server.port}/l.csv").sync_once()
+    assert r.ok and r.entries == 2, r.error
+    assert server.requests[-1][1]["Authorization"] == "Basic " + base64.b64encode(
+        b"alice:S3cret@Pw").decode()
+    for url in (f"http://alice:S3cret%40Pw@127.0.0.1:{server.port}/gone.csv",
+                "http://alice:S3cret%40Pw@127.0.0.1:9/l.csv",
+                "http://alice:S3cret@Pw@127.0.0.1:x9/l.csv"):
+        r = _sync(wl, url, timeout=2.0).sync_once()
+        assert not r.ok and "127.0.0.1" in (r.error or ""), url
+        shown = caplog.text + json.dumps(wl.sync_status().to_dict()) + (r.error or "")
+        assert "S3cret" not in shown, url
+
+
+def test_a_url_http_cannot_send_is_refused_without_its_query(
+        server: ListServer, wl: Watchlist, caplog: pytest.LogCaptureFixture) -> None:
+    # A space in the query: http.client's error quoted the whole URL, its key included.
+    caplog.set_level(logging.DEBUG, logger="lprd.watchlist")
+    for query in ("key=S3CRET&lot=North Gate", "key=S3CRET&x=a\nb"):
+        r = _sync(wl, f"http://127.0.0.1:{server.port}/l.csv?{query}").sync_once()
+        assert not r.ok and "/l.csv: not a URL that HTTP can request" in (r.error or "")
+        shown = caplog.text + json.dumps(wl.sync_status().to_dict())
+        assert "S3CRET" not in shown and "unexpected error" not in shown
+
+
+def test_a_token_file_that_is_not_one_line_is_refused_naming_the_file(
+        server: ListServer, wl: Watchlist, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # http.client refused the header with a ValueError: a traceback, and the token in
+    # last_error on the retained state topic.
+    from lprd.config import Config, file_problems
+
+    caplog.set_level(logging.DEBUG, logger="lprd.watchlist")
+    server.routes["/auth.csv"] = Route(GOOD_CSV.encode(), need_token=True)
+    token_file = tmp_path / "token"
+    for text, why in ((f"{TOKEN}\nold-{TOKEN}\n", "holds more than one line"),
+                      (f"Bearer {TOKEN}\n", "holds a space"),
+                      (f"{TOKEN}\x7f\n", "a control character")):
+        token_file.write_text(text)
+        r = _sync(wl, server.url("/auth.csv"), token_file=token_file).sync_once()
+        assert not r.ok and f"token_file {token_file} holds" in (r.error or "")
+        assert why in (r.error or ""), text
+        shown = caplog.text + json.dumps(wl.sync_status().to_dict())
+        assert TOKEN not in shown and "unexpected error" not in shown
+        cfg = Config.model_validate({"watchlist": {"sync": {
+            "source": server.url("/auth.csv"), "token_file": str(token_file)}}})
+        problems = [p for p in file_problems(cfg) if p.startswith("watchlist.sync.token_file")]
+        assert len(problems) == 1 and problems[0].startswith(
+            f"watchlist.sync.token_file: {token_file} holds") and why in problems[0]
+        assert TOKEN not in problems[0]
+    token_file.write_text(TOKEN + "\n")
+    assert _sync(wl, server.url("/auth.csv"), token_file=token_file).sync_once().ok
+
+
 def test_sync_replaces_only_synced_entries_and_keeps_local_ones(server: ListServer,
                                                                 wl: Watchlist) -> None:
     wl.add(WatchlistEntry("LOCAL1", list="visitors", action="allow"))
@@ -351,6 +413,36 @@ def test_a_list_longer_than_max_entries_is_refused_and_the_last_one_kept(
     assert wl.count() == 1 and wl.match("ABC1234").match == "exact"
 
 
+def test_a_list_far_over_max_entries_is_refused_before_its_rows_take_memory(
+        wl: Watchlist, tmp_path: Path) -> None:
+    # Every row was read (and the text split into lines) before the count: an 8 MiB list
+    # with max_entries 1000 took 740 MiB.
+    src = tmp_path / "plates.csv"
+    src.write_bytes(b"plate\n" + b"A1\n" * 700_000)  # 2 MiB
+    tracemalloc.start()
+    try:
+        r = _sync(wl, str(src), max_entries=1000).sync_once()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not r.ok and "more than 1000 entries (watchlist.sync.max_entries" in (r.error or "")
+    assert peak < 3 * src.stat().st_size  # the bytes and their text; no row kept
+
+
+def test_a_csv_whose_spaced_reading_fails_late_is_read_the_plain_way() -> None:
+    # Rows go one at a time now: a quote that only the plain reading takes as text, far down
+    # the list, still makes the plain reading the one taken, as when the whole list was read.
+    rows = "".join(f"AB{i:04d}, ok\n" for i in range(2000))
+    doc = f"plate, notes\n{rows}ZZ9, \"Ace\" Towing\n".encode()
+    entries = parse_document(doc, "csv", max_entries=5000)
+    assert len(entries) == 2001 and entries[-1].info == {"notes": '"Ace" Towing'}
+    # ... and a row the spaced reading cannot take before it does not refuse the list either
+    doc = b'plate, owner, notes\nAB1, "Smith, John"\n' + rows.encode().replace(b", ok", b", a, b") \
+        + b'ZZ9, "Ace" Towing, x\n'
+    entries = parse_document(doc, "csv")
+    assert entries[0].info == {"owner": '"Smith', "notes": 'John"'} and len(entries) == 2002
+
+
 def test_a_list_in_its_declared_charset_is_read(server: ListServer, wl: Watchlist) -> None:
     # A spreadsheet's CSV export, served as windows-1252 (the owner's name has an e-acute).
     body = "plate,owner\nABC1234,Ren\u00e9e\n".encode("cp1252")
@@ -387,6 +479,102 @@ def test_a_file_written_while_it_is_read_is_not_swapped_in(wl: Watchlist, tmp_pa
     assert not r.ok and "changed while it was read" in (r.error or "") and wl.count() == 0
     monkeypatch.setattr(watchlist_mod.os, "fstat", real_fstat)
     assert sync.sync_once().changed and wl.count() == 2
+
+
+def test_a_file_rewritten_in_place_is_not_swapped_in_half_written(wl: Watchlist,
+                                                                  tmp_path: Path) -> None:
+    # A cron job's `curl -o list.csv` caught between two writes: a list cut in a row, its
+    # last plate partial, replaced the whole one.
+    src = tmp_path / "list.csv"
+    whole = "plate,action\n" + "".join(f"AB{i:04d},allow\n" for i in range(1000))
+    src.write_text(whole)
+    sync = _sync(wl, str(src))
+    assert sync.sync_once().entries == 1000
+    src.write_text(whole[:5003])
+    r = sync.sync_once()
+    assert not r.ok and "does not end with a line break" in (r.error or "")
+    assert r.entries == 1000 and wl.match("AB0999").match == "exact"
+    src.write_text(whole.replace("AB0999,allow", "AB0999,deny"))
+    r = sync.sync_once()
+    assert r.ok and r.changed and wl.match("AB0999").action == "deny"
+    # an editor that ends a file without a line break: taken once it has settled
+    src.write_text(whole.rstrip("\n").replace("AB0999,allow", "AB0999,alert"))
+    old = time.time() - 60
+    os.utime(src, (old, old))
+    r = sync.sync_once()
+    assert r.ok and r.changed and wl.match("AB0999").action == "alert"
+
+
+def _cli_sync_during_the_daemon_s(tmp_path: Path, cli_meanwhile: Callable[[Path, Path], None]
+                                  ) -> WatchlistSync:
+    """The daemon syncs list a; during its second sync (a unchanged) `cli_meanwhile` runs
+    `lprd watchlist sync --source b` on the same file."""
+    a = tmp_path / "a.csv"
+    a.write_text("plate,action\nAAA111,allow\nAAA222,allow\n")
+    b = tmp_path / "b.csv"
+    b.write_text("plate,action\nBBB999,deny\n")
+    db = tmp_path / DB_NAME
+    daemon = WatchlistSync(Watchlist(db, WatchlistConfig()), SyncConfig(source=str(a)))
+    assert daemon.sync_once().changed
+    fetch = daemon._fetch
+
+    def fetch_while_the_cli_syncs(source: str, status: SyncStatus) -> object:
+        got = fetch(source, status)
+        cli_meanwhile(db, b)
+        return got
+
+    daemon._fetch = fetch_while_the_cli_syncs  # type: ignore[method-assign]
+    assert daemon.sync_once().ok
+    daemon._fetch = fetch  # type: ignore[method-assign]
+    return daemon
+
+
+def _synced_later(daemon: WatchlistSync) -> tuple[str | None, list[str]]:
+    """The daemon's next two syncs (its list a unchanged), then what its store holds."""
+    for _ in range(2):
+        assert daemon.sync_once().ok
+    w = daemon.watchlist
+    name = Path(w.sync_status().source or "").name
+    plates = [e.plate for e in w.entries(origin="sync")]
+    w.close()
+    return name, plates
+
+
+def _cli_sync(db: Path, source: Path) -> None:
+    with Watchlist(db, WatchlistConfig()) as w:
+        assert WatchlistSync(w, SyncConfig(source=str(source))).sync_once().ok
+
+
+def test_a_cli_sync_during_the_daemon_s_leaves_the_list_its_status_names(
+        tmp_path: Path) -> None:
+    # The daemon's sync, finding its list unchanged, wrote back the status it read at its
+    # start over the CLI's new list: list b stayed, its status said a, and every later sync
+    # (a unchanged) kept it so.
+    threads: list[threading.Thread] = []
+
+    def in_another_process(db: Path, b: Path) -> None:
+        t = threading.Thread(target=_cli_sync, args=(db, b))
+        t.start()
+        t.join(1.0)  # it waits for the daemon's sync to end
+        threads.append(t)
+
+    daemon = _cli_sync_during_the_daemon_s(tmp_path, in_another_process)
+    threads[0].join(10)
+    assert _synced_later(daemon) == ("a.csv", ["AAA111", "AAA222"])
+
+
+def test_without_file_locks_a_sync_never_writes_back_an_older_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import lprd.watchlist as watchlist_mod
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(watchlist_mod.fcntl, "flock", no_locks)
+    daemon = _cli_sync_during_the_daemon_s(tmp_path, _cli_sync)
+    assert _synced_later(daemon) == ("a.csv", ["AAA111", "AAA222"])
 
 
 def test_lookups_during_swaps_see_the_old_or_the_new_list_never_a_mix(
