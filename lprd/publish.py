@@ -309,7 +309,7 @@ class EventSink(Protocol):
 
 
 class JsonlSink:
-    """One event JSON per line, to stdout ("-" or "stdout") or appended to a file.
+    """One event JSON per line, to stdout ("-") or appended to a file (one named stdout too).
 
     A stream that fails stops (a closed pipe stays closed); a file that fails (a full disk) is
     opened again at the next event, its cut line ended first, and says how many it missed."""
@@ -319,7 +319,7 @@ class JsonlSink:
         self._path: Path | None = None
         self._missed = 0
         if isinstance(target, (str, Path)):
-            if str(target) in ("-", "stdout"):
+            if str(target) == "-":
                 self._out: TextIO | None = sys.stdout
                 self.name = "stdout"
             else:

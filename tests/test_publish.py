@@ -873,6 +873,15 @@ def test_jsonl_sink_writes_to_stdout(capsys: pytest.CaptureFixture[str]) -> None
     assert json.loads(out) == make_event(5, camera="back").to_dict()
 
 
+def test_a_jsonl_file_named_stdout_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # only "-" is stdout, as the help says: `--events-jsonl stdout` wrote no file
+    monkeypatch.chdir(tmp_path)
+    JsonlSink("stdout").submit(make_event(6))
+    assert capsys.readouterr().out == ""
+    assert json.loads((tmp_path / "stdout").read_text())["id"] == make_event(6).id
+
+
 DISK_FULL_AT_START_CHILD = r"""
 import resource, signal, sqlite3, sys
 from pathlib import Path
