@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lprd.capture import fit_frame
+from lprd.capture import fit_frame, fit_size
 from lprd.cli import add_config_option, int_range, shown_path
 from lprd.config import DEFAULT_CONFIG_PATH, CameraConfig, Config, ConfigError, load_config
 from lprd.recognize import InputError, add_max_width_option, check_opencv_path
@@ -102,12 +102,22 @@ def memory_mb() -> tuple[float, float]:
     return vals["VmRSS"], vals["VmHWM"]
 
 
+def _scaled_roi(roi: tuple[int, int, int, int], w: int, h: int, roi_width: int,
+                max_width: int) -> tuple[int, int, int, int]:
+    """`roi` of a w x h source's frames scaled to roi_width, for its frames scaled to
+    max_width (0: not scaled) instead."""
+    k = (fit_size(w, h, max_width)[0] if max_width else w) / fit_size(w, h, roi_width)[0]
+    x, y, rw, rh = roi
+    return round(x * k), round(y * k), max(2, round(rw * k)), max(2, round(rh * k))
+
+
 def run_bench(source: Path, cfg: Config, frames: int = 0, warmup: int = 3,
-              threads: int = 0, max_width: int = 0, roi: tuple[int, int, int, int] | None = None
-              ) -> BenchResult:
+              threads: int = 0, max_width: int = 0, roi: tuple[int, int, int, int] | None = None,
+              roi_width: int = 0) -> BenchResult:
     """Decode `source` and time the pipeline on each frame, as the daemon's worker runs it;
     frames wider than `max_width` (0: no limit) scaled down first, as the capture process does
-    (in "decode": it is capture's work); only `roi` searched where given."""
+    (in "decode": it is capture's work); only `roi` searched where given, in pixels of frames
+    scaled to `roi_width` (a camera's max_width; 0: `max_width`)."""
     from lprd.detect import PlateDetector
     from lprd.inference import PlatePipeline, default_threads
     from lprd.read import PlateReader
@@ -136,6 +146,8 @@ def run_bench(source: Path, cfg: Config, frames: int = 0, warmup: int = 3,
             ok, frame = cap.read()
             if not ok or frame is None:
                 break
+            if roi is not None and roi_width and roi_width != max_width and index == 0:
+                roi = _scaled_roi(roi, frame.shape[1], frame.shape[0], roi_width, max_width)
             if max_width:
                 frame = fit_frame(frame, max_width)
             decode = time.perf_counter() - t0
@@ -231,7 +243,7 @@ def _bench(args: argparse.Namespace) -> int:
             cam.max_width if cam else CameraConfig.model_fields["max_width"].default)
         try:
             res = run_bench(source, cfg, args.frames, args.warmup, args.threads, max_width,
-                            cam.roi if cam else None)
+                            cam.roi if cam else None, cam.max_width if cam else 0)
         except ModelError as e:  # as recognize and eval: a setup error, not a failed run
             print(f"lprd bench: {e}", file=sys.stderr)
             return 2

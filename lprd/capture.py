@@ -177,14 +177,22 @@ def fit_frame(frame: np.ndarray, max_width: int) -> np.ndarray:
     elif frame.shape[2] == 4:
         frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
     h, w = frame.shape[:2]
+    nw, nh = fit_size(w, h, max_width)
+    if (nw, nh) == (w, h):
+        return frame
+    return cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
+
+
+def fit_size(w: int, h: int, max_width: int) -> tuple[int, int]:
+    """The (width, height) fit_frame gives a w x h frame."""
     room = max(1, max_width * (max_width * 3 // 4))  # pixels
     scale = min(1.0, max_width / w, math.sqrt(room / (h * w)))
     if scale >= 1.0:
-        return frame
+        return w, h
     nw, nh = max(1, int(w * scale)), max(1, int(h * scale))
     while nw * nh > room:  # rounding can leave it a row too big
         nw, nh = max(1, nw - 1), max(1, nh - 1)
-    return cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
+    return nw, nh
 
 
 def file_frame_time(pos_msec: float, pos: int, step: float, base: float = 0.0,

@@ -105,5 +105,14 @@ def test_bench_times_a_config_s_camera_as_it_is_analysed(tiny_clip, tmp_path, ca
     assert out["plates_per_frame"] == 0  # the plates lie outside that corner
     assert main([*run, "--camera", "gate", "--max-width", "640"]) == 0
     assert json.loads(capsys.readouterr().out)["width"] == 640
+    # another --max-width: the roi is scaled with the frames (it is in the camera's pixels)
+    cfg.write_text(f"cameras:\n  gate:\n    source: {tiny_clip}\n    max_width: 320\n"
+                   "    roi: [0, 0, 320, 180]\n")  # all of it
+    run_all = [*run[:4], "--frames", "40", "--warmup", "0", "--json", "--max-width", "640"]
+    assert main(run_all) == 0
+    whole = json.loads(capsys.readouterr().out)["plates_per_frame"]
+    cfg.write_text(f"cameras:\n  gate:\n    source: {tiny_clip}\n")
+    assert main(run_all) == 0
+    assert whole == json.loads(capsys.readouterr().out)["plates_per_frame"] > 0
     assert main([*run, "--camera", "back"]) == 2
     assert "--camera back: no such camera in the config (gate)" in capsys.readouterr().err
