@@ -196,16 +196,20 @@ def fit_size(w: int, h: int, max_width: int) -> tuple[int, int]:
 
 
 def file_frame_time(pos_msec: float, pos: int, step: float, base: float = 0.0,
-                    last: float = -1.0) -> float:
-    """Seconds into a file (plus `base`) of its frame `pos`, whose time the decoder gives as
-    `pos_msec`: the file's own timestamps, not pos * step (phones and NVRs write variable
-    frame rates, and a pause in the recording is a pause in time); pos * step where it has
-    none (0 after the first frame). Never earlier than `last` (a decoder's reordering at the
-    end of a file may repeat a time, and the tracker needs frames in order)."""
+                    last: float = -1.0) -> tuple[float, float]:
+    """(seconds into a file plus `base`, the base from now on) of its frame `pos`, whose time
+    the decoder gives as `pos_msec`: the file's own timestamps, not pos * step (phones and
+    NVRs write variable frame rates, and a pause in the recording is a pause in time);
+    pos * step where it has none (0 after the first frame). Never earlier than `last`: a
+    decoder's reordering at the end of a file may repeat a time (a millisecond on), and
+    timestamps that start again (files joined by `cat`, an NVR's discontinuity) go on a
+    frame after the last one, the base moved with them."""
     t = pos_msec / 1000.0
     if not (math.isfinite(t) and t >= 0 and (t > 0 or pos == 0)):
         t = pos * step
-    return max(base + t, last + 0.001)
+    if base + t < last - step:  # back by more than a frame: timestamps that start again
+        base = last + step - t
+    return max(base + t, last + 0.001), base
 
 
 def _seek(cap: cv2.VideoCapture, pos: int, fps: float) -> bool:
@@ -350,8 +354,8 @@ class Capture:
 
     def _clip_time(self, pos_msec: float) -> float:
         """Clip seconds of the frame just grabbed, across loops."""
-        self._clip_last = file_frame_time(pos_msec, self._file_pos, self._clip_step,
-                                          self._clip_base, self._clip_last)
+        self._clip_last, self._clip_base = file_frame_time(
+            pos_msec, self._file_pos, self._clip_step, self._clip_base, self._clip_last)
         return self._clip_last
 
     # -- status ---------------------------------------------------------------------------------

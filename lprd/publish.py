@@ -940,6 +940,7 @@ class Publisher:
             pass
         elif kind == "refused":
             if item[3] is self._mids_of:
+                self._record_announced(item[1])  # settled too: the broker will not have it
                 self._handle_refused(item[1], item[2])
         elif kind == "suback":
             if item[3] is self._mids_of:

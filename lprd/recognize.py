@@ -275,7 +275,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
     tracker = Tracker(cfg.tracker, _camera_name(path), models=pipeline.models,
                       topn=cfg.reader.topn)
     idx = -1
-    ts = -1.0
+    ts, base = -1.0, 0.0
     try:
         while True:
             ok = cap.grab()
@@ -288,7 +288,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
             if not ok or frame is None:
                 log.warning("%s: frame %d could not be decoded; skipped", path, idx)
                 continue
-            ts = file_frame_time(cap.get(cv2.CAP_PROP_POS_MSEC), idx, 1.0 / fps, last=ts)
+            ts, base = file_frame_time(cap.get(cv2.CAP_PROP_POS_MSEC), idx, 1.0 / fps, base, ts)
             if max_width:
                 frame = fit_frame(frame, max_width)
             obs: list[Observation] = pipeline.process(frame, tracker.camera, idx, ts)

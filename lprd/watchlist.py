@@ -82,8 +82,9 @@ _READ_CHUNK = 64 * 1024
 # s: how long a sync waits for another process's to end (a `lprd watchlist sync` stopped
 # with ^Z must not hold the daemon's off for good)
 SYNC_LOCK_WAIT = 300.0
-# s: a CSV file source without a final line break this recent is taken as still being written
-FILE_SETTLE = 5.0
+# s: a CSV file source without a final line break this recent is read once it stays the same
+# this long (it may be being written)
+FILE_SETTLE = 2.0
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # One table pair per origin: a sync empties its own tables whole, which SQLite does in one
@@ -1115,17 +1116,24 @@ def redact_url(url: str) -> str:
 
 
 def _scrub(text: str, source: str) -> str:
-    """`text` without the password or the query string of the source URL, as written or as
-    quoted: the last guard (messages name the source by redact_url, which drops both)."""
+    """`text` without the password or the query string of the source URL where they appear
+    as in a URL (':password@', '?query'), as written or decoded: the last guard (messages
+    name the source by redact_url, which drops both). Not every occurrence: a password 'e'
+    made 'Conn***ction r***fus***d'."""
     if "://" not in source:  # a file path: '?' in it is no query
         return text
     try:
         p = urllib.parse.urlsplit(source)
     except ValueError:
         return text
-    for secret in {p.password, urllib.parse.unquote(p.password or ""), p.query}:
-        if secret:
-            text = text.replace(secret, "***").replace(repr(secret)[1:-1], "***")
+    forms = []
+    for pw in {p.password, urllib.parse.unquote(p.password or "")}:
+        if pw:
+            forms += [(f":{pw}@", ":***@"), (f":{repr(pw)[1:-1]}@", ":***@")]
+    if p.query:
+        forms += [(f"?{p.query}", "?***"), (f"?{repr(p.query)[1:-1]}", "?***")]
+    for secret, shown in forms:
+        text = text.replace(secret, shown)
     return text
 
 
@@ -1293,15 +1301,27 @@ class WatchlistSync:
             fmt = detect_format(str(path), None, data)
         except WatchlistError as e:
             raise SyncError(f"{path}: {e}") from None
-        if fmt == "csv" and data and not data.endswith((b"\n", b"\r")) \
-                and time.time() - st.st_mtime < FILE_SETTLE:
-            # A file rewritten in place (a cron job's curl -o, scp) is read half written now
-            # and then: its last row, a partial plate, would parse. A whole list ends with a
-            # line break, or was written a while ago (an editor that adds none: not refused)
-            raise SyncError(f"{path}: does not end with a line break and was written just "
-                            "now, taken for a file still being written: the list stays, and "
-                            "the next sync tries again")
+        if fmt == "csv" and data and not data.endswith((b"\n", b"\r")):
+            self._settle(path, st)
         return _Fetched(data, fmt, stamp)
+
+    def _settle(self, path: Path, st: os.stat_result) -> None:
+        """A CSV without a final line break may be a file rewritten in place (a cron job's
+        curl -o, scp) read half written: its last row, a partial plate, would parse. One
+        written in the last FILE_SETTLE seconds is taken once it stayed the same until then
+        (a list that ends without a line break, as some editors leave it, is not refused)."""
+        end = st.st_mtime + FILE_SETTLE
+        if not 0 <= end - time.time() <= FILE_SETTLE:  # settled, or a date in the future
+            return
+        while time.time() < end and not self._stopping:
+            time.sleep(0.05)
+        try:
+            now = path.stat()
+        except OSError as e:
+            raise SyncError(f"{path}: cannot read ({e.strerror})") from None
+        if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise SyncError(f"{path}: changed while it was read (being written?); the next "
+                            "sync tries again")
 
     def _defaults(self) -> str:
         return json.dumps([self.cfg.list, self.cfg.action])

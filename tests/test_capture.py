@@ -308,6 +308,27 @@ def test_a_variable_frame_rate_file_s_frames_keep_their_own_times_across_loops(
     assert t[15] - t[10] == pytest.approx(2.5, abs=0.01)
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_a_file_whose_timestamps_start_again_goes_on_in_time(
+        tmp_path: Path, cams: Callable[..., Cam]) -> None:
+    # Two recordings joined by `cat` (MPEG-TS allows it; an NVR's discontinuity looks alike):
+    # every frame after the join was put a millisecond after the last, 3 s of video in 3 ms
+    # (a realtime clip's pacing and the fps cap then dropped all of it but a frame).
+    parts = []
+    for i in range(2):
+        src = indexed_video(tmp_path / f"{i}.avi", 30, fps=10)
+        parts.append(tmp_path / f"{i}.ts")
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(src), "-c:v", "mpeg2video",
+                        "-q:v", "2", str(parts[-1])], check=True, timeout=120)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    cam = cams(CameraConfig(source=str(joined)), in_thread=True)
+    assert cam.pump(cam.eof, timeout=60)
+    t = np.array([s.ref.ts for s in cam.seen]) - cam.seen[0].ref.ts
+    assert len(t) == 60
+    assert np.diff(t) == pytest.approx(np.full(59, 0.1), abs=0.02)
+
+
 def _bad_frames(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> list:
     """Capture opens the real decoder, but in its first opening the frames whose grab count
     `bad` picks do not decode; returns the openings."""

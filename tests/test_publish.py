@@ -37,6 +37,7 @@ from lprd.publish import (
     Publisher,
     PublisherConfigError,
     action_level,
+    announced_record,
     camera_level,
     event_messages,
     parse_command,
@@ -955,6 +956,26 @@ def test_an_event_the_broker_refuses_stays_in_the_outbox_and_goes_out_once_it_is
     broker.proc.send_signal(signal.SIGHUP)
     sub.wait_for(lambda ms: any(m.json()["id"] == "ev-gate-00001" for m in ms), timeout=15)
     wait_until(lambda: pub.outbox.depth() == 0, what="an empty outbox")
+
+
+def test_the_announced_record_is_written_when_the_broker_refuses_a_clearing_message(
+        tmp_path: Path, mosquitto_factory: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # An ACL that no longer covers a removed camera's topics refuses their clearing: the
+    # record waited for an acknowledgement that never came, and kept the old cameras for good
+    # (the ones added since were then never cleared at their removal).
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite lprd/status\ntopic readwrite lprd/cmd/#\n"
+                   "topic readwrite lprd/gate/#\ntopic readwrite lprd/new/#\n")
+    broker = mosquitto_factory(extra=f"acl_file {acl}\n")
+    storage = tmp_path / "st"
+    storage.mkdir()
+    record = storage / "mqtt_announced.json"
+    cfg = MQTTConfig(host=broker.host, port=broker.port)
+    record.write_text(json.dumps(announced_record(cfg, ["gate", "old"])))
+    publisher(broker, cameras=("gate", "new"), storage=storage)
+    wait_until(lambda: json.loads(record.read_text())["cameras"] == ["gate", "new"],
+               what="the record of this run's cameras")
 
 
 def test_a_refused_state_message_is_logged(

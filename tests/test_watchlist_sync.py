@@ -319,6 +319,16 @@ def test_a_password_in_the_url_is_sent_as_basic_auth_and_never_shown(
         assert "S3cret" not in shown, url
 
 
+def test_a_short_password_is_scrubbed_only_where_it_stands_in_the_url() -> None:
+    # every "e" of a message was starred for the password "e": "Conn***ction r***fus***d"
+    from lprd.watchlist import _scrub
+
+    src = "http://gate:e@127.0.0.1:9/list.csv?v=1"
+    msg = "cannot fetch http://gate:e@127.0.0.1:9/list.csv?v=1 ([Errno 111] Connection refused)"
+    assert _scrub(msg, src) == ("cannot fetch http://gate:***@127.0.0.1:9/list.csv?*** "
+                                "([Errno 111] Connection refused)")
+
+
 def test_a_url_http_cannot_send_is_refused_without_its_query(
         server: ListServer, wl: Watchlist, caplog: pytest.LogCaptureFixture) -> None:
     # A space in the query: http.client's error quoted the whole URL, its key included.
@@ -491,18 +501,22 @@ def test_a_file_rewritten_in_place_is_not_swapped_in_half_written(wl: Watchlist,
     sync = _sync(wl, str(src))
     assert sync.sync_once().entries == 1000
     src.write_text(whole[:5003])
-    r = sync.sync_once()
-    assert not r.ok and "does not end with a line break" in (r.error or "")
-    assert r.entries == 1000 and wl.match("AB0999").match == "exact"
-    src.write_text(whole.replace("AB0999,allow", "AB0999,deny"))
+    writer = threading.Timer(0.5, lambda: src.write_text(whole.replace("AB0999,allow",
+                                                                       "AB0999,deny")))
+    writer.start()
+    r = sync.sync_once()  # waits for the file to stay the same: it does not
+    writer.join()
+    assert not r.ok and "changed while it was read" in (r.error or "")
+    assert r.entries == 1000 and wl.match("AB0999").action == "allow"
     r = sync.sync_once()
     assert r.ok and r.changed and wl.match("AB0999").action == "deny"
-    # an editor that ends a file without a line break: taken once it has settled
-    src.write_text(whole.rstrip("\n").replace("AB0999,allow", "AB0999,alert"))
-    old = time.time() - 60
-    os.utime(src, (old, old))
-    r = sync.sync_once()
-    assert r.ok and r.changed and wl.match("AB0999").action == "alert"
+    # a list without a final line break, just written (`printf ... > list.csv && lprd
+    # watchlist sync`) or long ago (an editor that adds none), or dated in the future
+    for age in (0.0, 60.0, -3600.0):
+        src.write_text(whole.rstrip("\n").replace("AB0999,allow", f"AB0999,x{age:g}"))
+        os.utime(src, (time.time() - age, time.time() - age))
+        r = sync.sync_once()
+        assert r.ok and r.changed and wl.match("AB0999").action == f"x{age:g}", r.error
 
 
 def _cli_sync_during_the_daemon_s(tmp_path: Path, cli_meanwhile: Callable[[Path, Path], None]
