@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from lprd.train.pseudo_label import (
     FilterSettings,
     Line,
@@ -21,6 +23,7 @@ from lprd.train.pseudo_label import (
     switches,
     tune_half,
 )
+from lprd.train.reader_data import DATA_ROOT, is_heldout
 
 S = FilterSettings(variants=("rec", "rec_eq", "det"), min_conf=0.9, min_char_conf=0.6)
 
@@ -199,3 +202,16 @@ def test_reader_agreement_distrusts_i_and_o_beside_digits_without_region_formats
     assert agree(_reads("KV18ABF", "KV18ABF", "x"), "KV18ABF", 0.97, None).text == "KV18ABF"
     two_rows = _reads("AB12CDE", "AB12CDE", "AB12CDE", det_rows=2)
     assert agree(two_rows, "AB12CDE", 0.9, None).rows == 2
+
+
+@pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")
+def test_the_filters_are_tuned_without_the_reader_s_held_out_texts() -> None:
+    # The OCR filters pick the scene crops the reader trains on; tuned on held-out texts too,
+    # the reader's held-out figures judged a choice made with them.
+    from lprd.train.pseudo_label import _eval_boxes
+
+    tuning = _eval_boxes(DATA_ROOT, 0, heldout=False)
+    judged = _eval_boxes(DATA_ROOT, 0, heldout=True)
+    assert tuning and judged
+    assert not [b.truth for b in tuning if b.truth and is_heldout(b.truth)]
+    assert all(b.truth and is_heldout(b.truth) for b in judged)

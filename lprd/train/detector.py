@@ -166,19 +166,47 @@ def _state(run_dir: Path = RUN_DIR) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _save_state(st: dict, run_dir: Path = RUN_DIR) -> None:
-    tmp = run_dir / "state.json.tmp"
+def _save_state(st: dict, run_dir: Path = RUN_DIR, name: str = "state.json") -> None:
+    tmp = run_dir / f"{name}.tmp"
     tmp.write_text(json.dumps(st, indent=1))
-    tmp.replace(run_dir / "state.json")
+    tmp.replace(run_dir / name)
+
+
+def _save_checkpoint(model, st: dict, run_dir: Path) -> None:
+    """The weights and the state that goes with them: the state first as state.next.json,
+    then the weights, then the state in place. A stop between the weights and the state
+    left weights an epoch ahead of the state, trained again on top of itself on resume."""
+    _save_state(st, run_dir, "state.next.json")
+    model.save(run_dir / "last.tmp.keras")
+    os.replace(run_dir / "last.tmp.keras", run_dir / "last.keras")
+    os.replace(run_dir / "state.next.json", run_dir / "state.json")
+
+
+def _settle_checkpoint(model, run_dir: Path) -> dict:
+    """The state of the weights just loaded: state.next.json where a stop came after the
+    weights were replaced and before it was put in place (their optimizer made its steps)."""
+    nxt = run_dir / "state.next.json"
+    if nxt.exists():
+        pending = json.loads(nxt.read_text())
+        if int(model.optimizer.iterations.numpy()) == pending.get("steps_done"):
+            os.replace(nxt, run_dir / "state.json")
+        else:
+            nxt.unlink()
+    return _state(run_dir)
 
 
 def measure_steps_per_s(model, sampler: SceneSampler, batch: int, n: int = 8) -> float:
+    """Steps a second of `model` on this machine; its weights are as they were after (the
+    steps it times must not train it before its own schedule's warm-up)."""
+    weights = model.get_weights()
     x, h, r = sampler.batch(batch)
     model.train_on_batch(x, [h, r])
     t = time.time()
     for _ in range(n):
         model.train_on_batch(*_split(sampler.batch(batch)))
-    return n / (time.time() - t)
+    sps = n / (time.time() - t)
+    model.set_weights(weights)
+    return sps
 
 
 def _split(b):
@@ -203,6 +231,7 @@ def train(args: argparse.Namespace) -> int:
     if resume:
         model = keras.models.load_model(ckpt, custom_objects={"focal_loss": focal_loss,
                                                                "reg_loss": reg_loss})
+        st = _settle_checkpoint(model, run_dir)
         log.info("resumed from %s after epoch %d (%d steps), %.2f h spent", ckpt, st["epoch"],
                  st["steps_done"], st["elapsed_s"] / 3600)
     else:
@@ -279,9 +308,7 @@ def train(args: argparse.Namespace) -> int:
         st["history"].append(rec)
         st["epoch"] = ep
         st["elapsed_s"] = base + time.time() - t0
-        model.save(run_dir / "last.tmp.keras")
-        os.replace(run_dir / "last.tmp.keras", ckpt)
-        _save_state(st, run_dir)
+        _save_checkpoint(model, st, run_dir)
         plot_curves(st["history"], run_dir / "curves.png")
         log.info("epoch %d: %s", ep, {k: round(v, 4) for k, v in rec.items() if k != "time"})
         if ep % args.export_every == 0 or done:
@@ -376,7 +403,6 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(blob)
     meta_path = path.with_suffix(".json")
-    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta = {
         "kind": "detector",
         "version": "det-" + datetime.now(UTC).strftime("%Y%m%d%H%M")
@@ -395,7 +421,9 @@ def export(model, path: Path, st: dict, extra_meta: dict | None = None) -> None:
                                             "max_steps", "seed", "started", "lr_peak",
                                             "init_from", "width", "input")},
         "data": data_summary(),
-        "metrics": old.get("metrics", {}),
+        # this model's own: eval --write-metadata adds them (an earlier model's figures stood
+        # under the new version)
+        "metrics": {},
     }
     if extra_meta:
         meta.update(extra_meta)
@@ -520,6 +548,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lprd.detect import PlateDetector
 
     holdout = [s for s in load_scenes() if s.held_out]
+    unlabelled_count = sum(len(v) for v in unlabelled_plates().values())
     results = {}
     th = args.threshold
     tag = "" if args.tiles == 1 else f"_tiles{args.tiles}"
@@ -539,6 +568,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             num_threads=1)
         results[f"int8{tag}@{t}"] = evaluate(det.detect, holdout, t, RUN_DIR / f"fp_int8{tag}_{t}"
                                              if args.save_fp else None)
+        # what the figure was measured with: merged entries may come from several evals
+        results[f"int8{tag}@{t}"].update(models=det.version,
+                                         unlabelled_plates=unlabelled_count)
     if args.float:
         import keras
 

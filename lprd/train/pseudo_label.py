@@ -499,11 +499,15 @@ def read_all(boxes: Sequence[Box], reads_path: Path, threads: int,
 
 # ---------------------------------------------------------------- commands
 
-def _eval_boxes(root: Path, limit: int) -> list[Box]:
+def _eval_boxes(root: Path, limit: int, heldout: bool) -> list[Box]:
+    """Text-labelled plates whose text is (`heldout`) or is not among the reader's held-out
+    texts: the filters are tuned on the others (they pick the crops the reader trains on,
+    which its held-out figures judge)."""
     boxes: list[Box] = []
     for name, kind in EVAL_SOURCES:
         it = crop_boxes(root, [name]) if kind == "crop" else scene_boxes(root, [name], True)
-        got = [b for b in it if all(ch.isalnum() for ch in b.truth or "")]
+        got = [b for b in it if all(ch.isalnum() for ch in b.truth or "")
+               and bool(b.truth and is_heldout(b.truth)) == heldout]
         boxes += got[:limit] if limit else got
     return boxes
 
@@ -514,7 +518,7 @@ def _fmt(sc: Score) -> str:
 
 
 def run_eval(root: Path, out: Path, threads: int, limit: int, target: float) -> int:
-    boxes = _eval_boxes(root, limit)
+    boxes = _eval_boxes(root, limit, heldout=False)
     reads = read_all(boxes, out / "eval_reads.jsonl", threads)
     samples = [Sample(b.set, b.region, b.truth or "", tuple(reads[b.key]))
                for b in boxes if b.key in reads]
@@ -662,7 +666,7 @@ def _reader(model: Path) -> Any:
 
 def run_agree_eval(root: Path, ocr_dir: Path, model: Path, threads: int) -> int:
     """Precision of `agree` on text-labelled plates whose text the reader never trained on."""
-    boxes = [b for b in _eval_boxes(root, 0) if b.truth and is_heldout(b.truth)]
+    boxes = _eval_boxes(root, 0, heldout=True)
     reads = read_all(boxes, ocr_dir / "eval_reads.jsonl", threads)
     reader = _reader(model)
     cache: dict[Path, np.ndarray] = {}
