@@ -440,3 +440,256 @@ def test_a_stage_folder_of_another_plan_is_moved_aside_keeping_the_finds_just_mi
     assert (run / "mined.json").read_text() == '{"detector": "d1"}'
     _fresh_stage_folder(stage)  # its own plan now: it stays (a stopped run resumes)
     assert len(list(tmp_path.glob("runs/*.other-*"))) == 1
+
+
+def _check_scene(root: Path, set_name: str, name: str, group: str, boxes=()) -> Scene:
+    return Scene(set_name, root / set_name / "images" / name, 1280, 720, tuple(boxes), False,
+                 group)
+
+
+def test_the_check_s_validation_takes_whole_blocks_of_a_video_far_from_its_training_frames(
+        tmp_path: Path) -> None:
+    from lprd.train.plate_check import validation_keys
+
+    # a dashcam video labelled in bursts: frames 1-3 s apart while a car is in view
+    times = [*range(0, 60, 2), *range(100, 130, 3), *range(200, 206), *range(300, 340, 1),
+             *range(400, 404), *range(500, 560, 2), 700]
+    scenes = [_check_scene(tmp_path, "romanian_dashcam", f"v1_t{t:05d}.jpg", "v1")
+              for t in times]
+    val = validation_keys(scenes)
+    assert 0.05 * len(scenes) <= len(val) <= 0.15 * len(scenes)
+    t_val = [t for t, s in zip(times, scenes, strict=True) if s.key in val]
+    t_train = [t for t, s in zip(times, scenes, strict=True) if s.key not in val]
+    assert min(abs(a - b) for a in t_val for b in t_train) >= 30
+    assert validation_keys(scenes[::-1]) == val  # the order of the list does not matter
+
+
+@pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")
+def test_no_car_is_on_both_sides_of_the_check_s_validation_split() -> None:
+    # The dashcam's frames had been split one by one: 52 of 67 validation frames had a training
+    # frame of the same video 1 s away; spain_street's photos too (bursts of the same cars).
+    from lprd.train.plate_check import _val
+
+    scenes = [s for s in load_scenes() if not s.held_out]
+    recs = {}
+    for name in ("romanian_dashcam", "spain_street", "us_ca_parking"):
+        for line in (DATA_ROOT / name / "labels.jsonl").open():
+            r = json.loads(line)
+            recs[f"{name}/{r['image']}"] = r
+    for name in ("romanian_dashcam", "spain_street", "us_ca_parking", "openlpr_scenes"):
+        sides = [_val(s) for s in scenes if s.set == name]
+        assert 0.1 <= np.mean(sides) <= 0.2, name
+    frames: dict[tuple[str, bool], list[float]] = {}
+    for s in scenes:
+        if s.set == "romanian_dashcam":
+            r = recs[s.key]
+            frames.setdefault((r["video"], _val(s)), []).append(r["t"])
+        elif s.set == "spain_street":  # one walk: <date>_<HHMMSS>.jpg
+            hms = s.path.stem.split("_")[1]
+            t = int(hms[:2]) * 3600 + int(hms[2:4]) * 60 + int(hms[4:])
+            frames.setdefault(("walk", _val(s)), []).append(t)
+    for (rec, side), ts in frames.items():
+        if side:
+            other = frames.get((rec, False), [])
+            assert min(abs(a - b) for a in ts for b in other) >= 30, rec
+    for name in ("spain_street", "us_ca_parking"):
+        texts = {True: set(), False: set()}
+        for s in scenes:
+            if s.set == name:
+                texts[_val(s)] |= {p["text"] for p in recs[s.key]["plates"] if p["text"]}
+        assert not texts[True] & texts[False], name
+
+
+def test_synthetic_check_windows_are_cut_from_training_frames_only(tmp_path: Path) -> None:
+    import pickle
+
+    from lprd.train.plate_check import synthetic_windows, validation_keys
+    from lprd.train.scenes import INPUT_H, INPUT_W
+
+    photos = [_check_scene(tmp_path, "openlpr_scenes", f"train_{i}.jpg", "train")
+              for i in range(60)]
+    val = validation_keys(photos)
+    scenes = [s for s in photos if s.key in val][:3] + [s for s in photos if s.key not in val][:3]
+    assert len(scenes) == 6
+    # the detector's cache: a flat colour per frame, the rows in the order of `scenes`
+    colours = np.array([(20 + 30 * i, 90, 160) for i in range(len(scenes))], np.uint8)
+    frames = np.lib.format.open_memmap(tmp_path / "scenes.npy", "w+", np.uint8,
+                                       (len(scenes), INPUT_H, INPUT_W, 3))
+    frames[:] = colours[:, None, None]
+    frames.flush()
+    del frames
+    (tmp_path / "scenes_meta.pkl").write_bytes(
+        pickle.dumps({"boxes": [np.zeros((0, 4), np.float32)] * len(scenes)}))
+    rows = []
+    for w, *_ in synthetic_windows(40, 5, det_cache=tmp_path, scenes=scenes):
+        flat = [int(np.all(w == c, axis=-1).sum()) for c in colours]  # the window's background
+        rows.append(int(np.argmax(flat)))
+        assert max(flat) > 0
+    assert len(rows) >= 20 and set(rows) <= {3, 4, 5}
+    with pytest.raises(ValueError, match="6 frames cached for 5 training scenes"):
+        next(synthetic_windows(2, 5, det_cache=tmp_path, scenes=scenes[:5]))
+
+
+def _check_cache(path: Path, n_train: int = 320, n_val: int = 96) -> Path:
+    """Made-up windows for the check's training: a bright bar is a plate."""
+    rng = np.random.default_rng(0)
+    n = n_train + n_val
+    y = (np.arange(n) % 2).astype(np.uint8)
+    x = rng.integers(0, 120, (n, 32, 96, 3)).astype(np.uint8)
+    x[y == 1, 12:20, 30:66] = 230
+    t = np.where(y[:, None] == 1, np.float32([0, 0, -0.36, -0.69]), np.nan).astype(np.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / "samples.npz", x=x, y=y, val=np.arange(n) >= n_train,
+             kind=np.where(y == 1, "detector_hit", "detector_false"),
+             score=np.full(n, 0.5, np.float32), t=t, src=np.nan_to_num(t))
+    (path / "samples.json").write_text(json.dumps({"detector": "made-up", "windows": n}))
+    return path
+
+
+def test_a_check_checkpoint_of_other_options_or_windows_is_moved_aside_not_resumed(
+        tmp_path: Path) -> None:
+    from lprd.train.plate_check import parser, resumable_state, run_plan
+
+    cache = _check_cache(tmp_path / "cache", 4, 2)
+    run = tmp_path / "run"
+    argv = ["train", "--cache", str(cache), "--run-dir", str(run)]
+    plan = run_plan(parser().parse_args(argv))
+    # how `detector reproduce` runs it, or stopped by hand: the same run
+    assert run_plan(parser().parse_args([*argv, "--threads", "2", "--out", "x.tflite",
+                                         "--stop-after", "1"])) == plan
+    assert run_plan(parser().parse_args([*argv, "--epochs", "12"])) != plan
+    run.mkdir()
+    (run / "mined.json").write_text("{}")  # `reproduce` mines into the check's run folder
+    assert resumable_state(run, plan) is None and not list(run.glob("other-*"))
+    state = {"plan": plan, "epoch": 3, "checkpoint": "epoch-003.keras", "history": []}
+    (run / "state.json").write_text(json.dumps(state))
+    (run / "epoch-003.keras").write_bytes(b"weights")
+    assert resumable_state(run, plan) == state
+    (cache / "samples.json").write_text(json.dumps({"detector": "newer", "windows": 6}))
+    assert resumable_state(run, run_plan(parser().parse_args(argv))) is None
+    (aside,) = run.glob("other-*")
+    assert sorted(f.name for f in aside.iterdir()) == ["epoch-003.keras", "state.json"]
+    assert sorted(f.name for f in run.iterdir()) == ["mined.json", aside.name]
+
+
+def test_a_check_training_stopped_after_an_epoch_resumes_as_if_never_stopped(
+        tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    import subprocess
+    import sys
+    import textwrap
+
+    import keras
+
+    cache = _check_cache(tmp_path / "cache")
+    argv = ["train", "--epochs", "3", "--batch", "32", "--width", "1", "--keep-best-from", "2",
+            "--cache", str(cache)]
+    # a process of its own: TensorFlow's threads are set once per process, as in a real run
+    script = textwrap.dedent(f"""
+        import shutil
+        from pathlib import Path
+        from lprd.train.plate_check import main
+        tmp, argv = Path({str(tmp_path)!r}), {argv!r}
+        def train(run, *more):
+            out = str(tmp / run / "check.tflite")
+            assert main([*argv, "--run-dir", str(tmp / run), "--out", out, *more]) == 0
+        train("stopped", "--stop-after", "1")
+        shutil.copytree(tmp / "stopped", tmp / "after_1")
+        train("stopped")
+        train("straight")
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                   cwd=Path(__file__).resolve().parents[1], timeout=240)
+    state = json.loads((tmp_path / "after_1" / "state.json").read_text())
+    assert state["epoch"] == 1 and (tmp_path / "after_1" / "curves.png").stat().st_size > 0
+    assert not (tmp_path / "after_1" / "check.tflite").exists()
+    hist = {run: [{k: v for k, v in h.items() if k != "seconds"}
+                  for h in json.loads((tmp_path / run / "history.json").read_text())]
+            for run in ("stopped", "straight")}
+    assert [h["epoch"] for h in hist["stopped"]] == [1, 2, 3]
+    assert hist["stopped"] == hist["straight"]
+    # resumed, not trained again from the start: epoch 1 is the stopped run's, its time too
+    assert json.loads((tmp_path / "stopped" / "history.json").read_text())[0] \
+        == json.loads((tmp_path / "after_1" / "history.json").read_text())[0]
+    for name in ("last.keras", "best.keras"):  # the weights exported (the best) and the last
+        a, b = (keras.models.load_model(tmp_path / run / name, compile=False).get_weights()
+                for run in ("stopped", "straight"))
+        assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_a_reader_stage_folder_of_another_plan_is_moved_aside_not_resumed(tmp_path) -> None:
+    # `--reproduce` resumed whatever runs/reader held (the default --run-dir of runs by hand):
+    # a 16-epoch run there went on with its own schedule, or one of 24 was taken as stage 1.
+    from lprd.train.reader import fresh_stage_folder, reproduce_plan, stage_plan
+
+    plan = reproduce_plan(tmp_path / "reader.tflite", 2, root=tmp_path)
+    run1 = tmp_path / "runs" / "reader"
+    run1.mkdir(parents=True)
+    (run1 / "state.json").write_text(json.dumps({
+        "epoch": 24, "init_from": {"checkpoint": "models/train_state/reader/model.keras"}}))
+    (run1 / "model.keras").write_bytes(b"by hand")
+    fresh_stage_folder(run1, plan[0], 24)
+    aside = [p for p in run1.parent.iterdir() if p.name.startswith("reader.other-")]
+    assert len(aside) == 1 and (aside[0] / "model.keras").read_bytes() == b"by hand"
+    assert not (run1 / "state.json").exists()
+    assert json.loads((run1 / "plan.json").read_text()) == stage_plan(plan[0])
+    # a run of this plan from before plan files (none in it) is kept: it started from no
+    # checkpoint, as stage 1 does
+    (run1 / "plan.json").unlink()
+    (run1 / "state.json").write_text(json.dumps({"epoch": 10}))
+    fresh_stage_folder(run1, plan[0], 24)
+    assert (run1 / "state.json").exists()
+    # stage 2 started from stage 1's checkpoint: stage 1 redone, stage 2 is another plan
+    (run1 / "model.keras").write_bytes(b"stage 1")
+    run2 = Path(plan[1][plan[1].index("--run-dir") + 1])
+    fresh_stage_folder(run2, plan[1], 20)
+    (run2 / "state.json").write_text(json.dumps({"epoch": 3}))
+    fresh_stage_folder(run2, plan[1], 20)  # --threads differs: the same plan
+    assert (run2 / "state.json").exists()
+    (run1 / "model.keras").write_bytes(b"stage 1, redone")
+    fresh_stage_folder(run2, plan[1], 20)
+    assert not (run2 / "state.json").exists()
+
+
+def test_the_reader_s_int8_calibration_crops_are_the_same_at_every_export(tmp_path) -> None:
+    # they were the oldest chunk of the epoch's window (the renderer's pace decided which),
+    # and the newest chunk for an export after a stop
+    from lprd.train.reader import calibration_set
+
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 255, (10, 4, 8), dtype=np.uint8)
+    np.savez(tmp_path / "synth_0000.npz", x=first, y=np.zeros((10, 3)))
+    np.savez(tmp_path / "synth_0001.npz", x=first + 1, y=np.zeros((10, 3)))
+    assert np.array_equal(calibration_set(tmp_path, 1, n=5), first[:5])
+
+
+def test_a_training_checkpoint_and_its_state_stay_a_pair(tmp_path) -> None:
+    # Keras wrote model.keras in place (a stop during it lost the only checkpoint), and the
+    # state after it: a stop between them trained an epoch again on top of itself.
+    keras = pytest.importorskip("keras")
+    from lprd.train import save_checkpoint, settled_state
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x, y = np.ones((4, 3)), np.ones((4, 1))
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    save_checkpoint(model, {"epoch": 1}, tmp_path, "model.keras")  # 2 steps an epoch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras", "state.json"]
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    # a stop after the weights were in place, before their state was
+    (tmp_path / "state.json.next").write_text(json.dumps({"epoch": 2}))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+
+    def steps(st: dict) -> int:
+        return st["epoch"] * 2
+
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert settled_state(loaded, tmp_path, steps, state)["epoch"] == 2
+    assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 2
+    # a stop before the weights were in place: the state that was
+    (tmp_path / "state.json.next").write_text(json.dumps({"epoch": 3}))
+    assert settled_state(loaded, tmp_path, steps, {"epoch": 2})["epoch"] == 2
+    assert not (tmp_path / "state.json.next").exists()

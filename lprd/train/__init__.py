@@ -17,3 +17,42 @@ def hw_size(text: str) -> tuple[int, int]:
     if h < 8 or w < 8:
         raise argparse.ArgumentTypeError(f"{text!r}: at least 8x8")
     return h, w
+
+
+def save_checkpoint(model, state: dict, run_dir, weights: str, state_name: str = "state.json"
+                    ) -> None:
+    """A run's weights (`weights`, a .keras file in `run_dir`) and their state as a pair: the
+    state first beside the weights as <state>.next, then the weights through a temporary file
+    (Keras writes in place: a stop during it lost the only checkpoint), then the state in
+    place. A stop between weights and state trained an epoch again on top of itself."""
+    import json
+    import os
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    nxt = run_dir / f"{state_name}.next"
+    nxt.write_text(json.dumps(state, indent=1))
+    tmp = run_dir / f"{Path(weights).stem}.tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, run_dir / weights)
+    os.replace(nxt, run_dir / state_name)
+
+
+def settled_state(model, run_dir, steps_of, state: dict, state_name: str = "state.json"
+                  ) -> dict:
+    """The state of the weights just loaded from `run_dir`: its <state>.next where a stop came
+    between the weights and the state, as the optimizer's steps tell (`steps_of(state)`: the
+    steps a state's weights have made)."""
+    import json
+    import os
+    from pathlib import Path
+
+    nxt = Path(run_dir) / f"{state_name}.next"
+    if not nxt.exists():
+        return state
+    pending = json.loads(nxt.read_text())
+    if int(model.optimizer.iterations.numpy()) == steps_of(pending):
+        os.replace(nxt, Path(run_dir) / state_name)
+        return pending
+    nxt.unlink()
+    return state

@@ -24,7 +24,7 @@ import numpy as np
 from lprd.config import DetectorConfig
 from lprd.evaluate import match_boxes
 from lprd.track import iou
-from lprd.train import hw_size, scaled_channels
+from lprd.train import hw_size, save_checkpoint, scaled_channels, settled_state
 from lprd.train.scenes import INPUT_H, INPUT_W, STRIDE, SceneSampler, build_cache, load_scenes
 
 log = logging.getLogger("lprd.train.detector")
@@ -172,29 +172,6 @@ def _save_state(st: dict, run_dir: Path = RUN_DIR, name: str = "state.json") -> 
     tmp.replace(run_dir / name)
 
 
-def _save_checkpoint(model, st: dict, run_dir: Path) -> None:
-    """The weights and the state that goes with them: the state first as state.next.json,
-    then the weights, then the state in place. A stop between the weights and the state
-    left weights an epoch ahead of the state, trained again on top of itself on resume."""
-    _save_state(st, run_dir, "state.next.json")
-    model.save(run_dir / "last.tmp.keras")
-    os.replace(run_dir / "last.tmp.keras", run_dir / "last.keras")
-    os.replace(run_dir / "state.next.json", run_dir / "state.json")
-
-
-def _settle_checkpoint(model, run_dir: Path) -> dict:
-    """The state of the weights just loaded: state.next.json where a stop came after the
-    weights were replaced and before it was put in place (their optimizer made its steps)."""
-    nxt = run_dir / "state.next.json"
-    if nxt.exists():
-        pending = json.loads(nxt.read_text())
-        if int(model.optimizer.iterations.numpy()) == pending.get("steps_done"):
-            os.replace(nxt, run_dir / "state.json")
-        else:
-            nxt.unlink()
-    return _state(run_dir)
-
-
 def measure_steps_per_s(model, sampler: SceneSampler, batch: int, n: int = 8) -> float:
     """Steps a second of `model` on this machine; its weights are as they were after (the
     steps it times must not train it before its own schedule's warm-up)."""
@@ -231,7 +208,7 @@ def train(args: argparse.Namespace) -> int:
     if resume:
         model = keras.models.load_model(ckpt, custom_objects={"focal_loss": focal_loss,
                                                                "reg_loss": reg_loss})
-        st = _settle_checkpoint(model, run_dir)
+        st = settled_state(model, run_dir, lambda s: s["steps_done"], _state(run_dir))
         log.info("resumed from %s after epoch %d (%d steps), %.2f h spent", ckpt, st["epoch"],
                  st["steps_done"], st["elapsed_s"] / 3600)
     else:
@@ -308,7 +285,7 @@ def train(args: argparse.Namespace) -> int:
         st["history"].append(rec)
         st["epoch"] = ep
         st["elapsed_s"] = base + time.time() - t0
-        _save_checkpoint(model, st, run_dir)
+        save_checkpoint(model, st, run_dir, "last.keras")
         plot_curves(st["history"], run_dir / "curves.png")
         log.info("epoch %d: %s", ep, {k: round(v, 4) for k, v in rec.items() if k != "time"})
         if ep % args.export_every == 0 or done:

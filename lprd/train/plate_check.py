@@ -4,7 +4,7 @@ The detector's heatmap finds far plates only at thresholds where plate-sized tex
 grilles score too; the check looks at each box's own pixels, at a fixed size, and rejects those.
 
     python -m lprd.train.plate_check data      # windows from the training scenes -> cache/check/
-    python -m lprd.train.plate_check train     # -> models/plate_check.tflite (+ .json)
+    python -m lprd.train.plate_check train     # -> models/plate_check.tflite (+ .json); resumable
     python -m lprd.train.detector eval [--no-check]   # held-out scenes, with / without it
 
 Data (training scenes only, never held-out ones): positives are the labelled plates (jittered, as
@@ -13,7 +13,8 @@ boxes, at a low threshold and with tiles, that overlap no plate, minus any that 
 or our reader read as a plate (background plates the labels miss); plus rendered plates and
 text-like clutter pasted into training scenes. The dashcam set has too many unlabelled background
 plates: only its mined signs are negatives. Retrain the check after a new detector: its negatives
-are that detector's mistakes.
+are that detector's mistakes. A share of the training scenes, whole sources (`validation_keys`),
+is validation: the threshold and the epoch are chosen there; nothing is pasted into them.
 
 Box head: every window on a plate also carries where the labelled plate lies in it
 (`lprd.detect.box_to_target`), for the detector's boxes, the jittered labels and labels drawn
@@ -24,6 +25,8 @@ window, and `detector.refine` moves each box towards it at run time.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -54,12 +57,67 @@ LOW_THRESHOLD = 0.1  # the detector threshold the negatives are mined at
 OPERATING_THRESHOLD = 0.35
 KEEP_POSITIVES = 0.99  # the check's threshold keeps this share of validation plates
 UNSURE_NEGATIVES = ("romanian_dashcam",)
+VAL_SHARE = 0.15  # of the training scenes, to choose the threshold and the epoch on
+# A recording (a video, a walk's bursts) is split only where this long passes without a frame:
+# the dashcam's labelled frames come 1-5 s apart while a car is in view, and a validation frame
+# 1 s from a training one shows the same cars.
+SPLIT_GAP_S = 30.0
+
+
+def _recording(sc) -> tuple[str, float] | None:
+    """The recording a scene is a frame of and its time in it (s); None for a set of separate
+    photos (openlpr_scenes: near-duplicates removed, and consecutive upstream numbers are no more
+    alike than any two; us_ca_parking: one car each, split by plate text)."""
+    if sc.set == "romanian_dashcam":  # <video>_t<seconds>.jpg
+        return f"{sc.set}/{sc.group}", float(sc.path.stem.rsplit("_t", 1)[1])
+    if sc.set == "spain_street":  # one walk in bursts: <date>_<HHMMSS>.jpg
+        day, hms = sc.path.stem.split("_")[:2]
+        return f"{sc.set}/{day}", int(hms[:2]) * 3600.0 + int(hms[2:4]) * 60 + int(hms[4:6])
+    return None
+
+
+def validation_keys(scenes) -> frozenset[str]:
+    """The keys of the training scenes to choose the threshold on, by whole sources: a photo (a
+    plate text in us_ca_parking) where crc32 puts it in the first 15 %; in a recording, blocks of
+    frames cut where SPLIT_GAP_S passes without one, taken in crc32 order while they fit in 15 %
+    of its frames (so no validation frame lies near a training one)."""
+    val: set[str] = set()
+    recordings: dict[str, list[tuple[float, str]]] = {}
+    for sc in scenes:
+        rt = _recording(sc)
+        if rt is not None:
+            recordings.setdefault(rt[0], []).append((rt[1], sc.key))
+            continue
+        unit = sc.group if sc.set == "us_ca_parking" else sc.key
+        if zlib.crc32(unit.encode()) % 100 < round(VAL_SHARE * 100):
+            val.add(sc.key)
+    for rec, frames in recordings.items():
+        blocks: dict[str, list[str]] = {}
+        start = prev = 0.0
+        for k, (t, key) in enumerate(sorted(frames)):
+            if k == 0 or t - prev >= SPLIT_GAP_S:
+                start = t
+            blocks.setdefault(f"{rec}@{start:g}", []).append(key)
+            prev = t
+        quota, taken = round(VAL_SHARE * len(frames)), 0
+        for name in sorted(blocks, key=lambda b: zlib.crc32(b.encode())):
+            if taken + len(blocks[name]) <= quota:
+                val.update(blocks[name])
+                taken += len(blocks[name])
+    return frozenset(val)
+
+
+@functools.cache
+def _training_split() -> tuple[list, frozenset[str]]:
+    """The training scenes in load_scenes' order (the detector cache's rows) and the validation
+    keys among them."""
+    scenes = [s for s in load_scenes() if not s.held_out]
+    return scenes, validation_keys(scenes)
 
 
 def _val(sc) -> bool:
-    """A fixed 15 % of training scenes, by source group, to choose the threshold on."""
-    unit = sc.group if sc.set in ("us_ca_parking", "spain_street") else sc.key
-    return zlib.crc32(unit.encode()) % 100 < 15
+    """Whether a training scene is one of the check's validation scenes (`validation_keys`)."""
+    return sc.key in _training_split()[1]
 
 
 def _jitter(rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
@@ -118,13 +176,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     xs, ys, val, kinds, det_scores, targets, sources = [], [], [], [], [], [], []
     nan4 = np.full(4, np.nan, np.float32)
     counts: dict[str, int] = {}
-    scenes = [s for s in load_scenes() if not s.held_out]
+    scenes, val_keys = _training_split()
     t0 = time.time()
     for i, sc in enumerate(scenes):
         img = cv2.imread(str(sc.path), cv2.IMREAD_COLOR)
         if img is None:
             continue
-        v = _val(sc)
+        v = sc.key in val_keys
 
         def add(box, label, kind, n, jitter=True, score=np.nan, target=None, img=img, v=v):
             for _ in range(n):
@@ -183,10 +241,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         if i % 200 == 0:
             log.info("%d/%d scenes, %.0f s, %s", i, len(scenes), time.time() - t0, counts)
     if args.synthetic:
-        for w, label, kind, t, src in synthetic_windows(args.synthetic, args.seed + 1, win):
+        for w, label, kind, t, src in synthetic_windows(args.synthetic, args.seed + 1, win,
+                                                        scenes=scenes):
             xs.append(w)
             ys.append(label)
-            val.append(False)
+            val.append(False)  # pasted into training scenes only
             kinds.append(kind)
             det_scores.append(np.nan)
             targets.append(t)
@@ -209,21 +268,29 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def synthetic_windows(n: int, seed: int, win: tuple = (IN_H, IN_W, CONTEXT, MIN_ASPECT)):
+def synthetic_windows(n: int, seed: int, win: tuple = (IN_H, IN_W, CONTEXT, MIN_ASPECT),
+                      det_cache: Path = ROOT / "cache" / "det", scenes: list | None = None):
     """Rendered plates warped into training scenes (positives) and text-like clutter (negatives),
-    on square crops of the detector's cached letterboxed training frames."""
+    on square crops of the detector's cached letterboxed training frames, never the check's
+    validation ones. `scenes`: the cache's rows (default: load_scenes' training scenes)."""
     import pickle
 
     from lprd.train.scenes import INPUT_H, INPUT_W, paste_clutter, paste_plate, render_bank
 
-    det_cache = ROOT / "cache" / "det"
     frames = np.load(det_cache / "scenes.npy", mmap_mode="r")
     boxes = pickle.loads((det_cache / "scenes_meta.pkl").read_bytes())["boxes"]
+    if scenes is None:
+        scenes = _training_split()[0]
+    if len(scenes) != len(frames):
+        raise ValueError(f"{det_cache}: {len(frames)} frames cached for {len(scenes)} training "
+                         "scenes; rebuild it (`python -m lprd.train.detector train`)")
+    val_keys = validation_keys(scenes)
+    rows = [i for i, sc in enumerate(scenes) if sc.key not in val_keys]
     bank = render_bank(min(n, 4000), seed)
     rng = np.random.default_rng(seed)
     S = INPUT_H
     for k in range(n):
-        i = int(rng.integers(len(frames)))
+        i = rows[int(rng.integers(len(rows)))]
         ox = int(rng.integers(0, INPUT_W - S + 1))
         img = np.array(frames[i, :, ox:ox + S])
         avoid = boxes[i] - np.array([ox, 0, 0, 0], np.float32)
@@ -321,11 +388,108 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(x, 0, 255)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import tensorflow as tf
+def run_plan(args: argparse.Namespace) -> dict:
+    """What a checkpoint was trained with: the options that change the weights (not --threads,
+    --out, --run-dir, --stop-after) and the windows it learnt from (their summary's hash)."""
+    data = hashlib.sha1((args.cache / "samples.json").read_bytes())
+    data.update(str((args.cache / "samples.npz").stat().st_size).encode())
+    return {"epochs": args.epochs, "batch": args.batch, "width": args.width, "lr": args.lr,
+            "box_weight": args.box_weight, "seed": args.seed,
+            "keep_best_from": args.keep_best_from, "data": data.hexdigest()[:16]}
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+CHECKPOINT_FILES = ("state.json", "epoch-*.keras", "history.json", "curves.png", "last.keras",
+                    "best.keras")
+
+
+def resumable_state(run_dir: Path, plan: dict) -> dict | None:
+    """The checkpoint state in `run_dir` if it was made by `plan`; one of another plan (other
+    options, windows made since) is moved into a folder `other-<time>` beside, and None. Other
+    files (`reproduce` mines into this folder) stay."""
+    try:
+        st = json.loads((run_dir / "state.json").read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        st = None
+    if st and st.get("plan") == plan and (run_dir / st.get("checkpoint", "?")).is_file():
+        return st
+    aside = run_dir / f"other-{datetime.now(UTC):%Y%m%d%H%M%S}"
+    aside.mkdir()
+    for pattern in CHECKPOINT_FILES:
+        for f in run_dir.glob(pattern):
+            f.replace(aside / f.name)
+    log.warning("%s held a checkpoint of other options or windows: moved to %s", run_dir, aside)
+    return None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, st: dict, run_dir: Path) -> None:
+    """The epoch's weights and optimizer under a name of their own, then the state that names
+    them: a stop between the two leaves the state of the epoch before, whose weights are still
+    there. Weights no state names any more (an older epoch, not the best) go after."""
+    name = f"epoch-{st['epoch']:03d}.keras"
+    tmp = run_dir / f"epoch-{st['epoch']:03d}.tmp.keras"  # Keras wants the suffix
+    model.save(tmp)
+    os.replace(tmp, run_dir / name)
+    st["checkpoint"] = name
+    _write_json(run_dir / "state.json", st)
+    keep = {name, (st.get("best") or {}).get("checkpoint")}
+    for f in run_dir.glob("epoch-*.keras"):
+        if f.name not in keep:
+            f.unlink()
+    _write_json(run_dir / "history.json", st["history"])  # beside last.keras, for `export`
+
+
+def plot_curves(hist: list[dict], path: Path) -> None:
+    """The training loss, and the validation figures the threshold and the epoch are chosen by.
+    (The reader's and the detector's plot their own keys.)"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = [h["epoch"] for h in hist]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(e, [h["loss"] for h in hist], "o-", label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    for key, label in (("val_false_rejected", "false boxes rejected"),
+                       ("val_hits_kept", "detector hits kept"),
+                       ("val_det_iou50_after", "detector hits at IoU 0.5, redrawn"),
+                       ("val_off_iou50_after", "drawn-off boxes at IoU 0.5, redrawn")):
+        if any(key in h for h in hist):
+            ax[1].plot(e, [h.get(key, np.nan) for h in hist], "o-", label=label)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylim(0, 1)
+    ax[1].set_title("validation (at the check's threshold)")
+    ax[1].legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _seed_states(model) -> list:
+    """The random state of the model's dropout layers (their SeedGenerators)."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train, saving a checkpoint each epoch in --run-dir; the same command again resumes it
+    (and one finished only exports again)."""
+    import keras
+    from tqdm import tqdm
+
+    from lprd.train.detector import _tf
+
+    tf = _tf(args.threads)
     tf.keras.utils.set_random_seed(args.seed)
     d = np.load(args.cache / "samples.npz")
     x, y, val, kind = d["x"], d["y"].astype(np.float32), d["val"], d["kind"]
@@ -334,54 +498,89 @@ def cmd_train(args: argparse.Namespace) -> int:
     tt = d["t"][~val] if box_head else None
     log.info("train %d windows (%d plates), val %d (%d plates)", len(xt), int(yt.sum()),
              int(val.sum()), int(y[val].sum()))
-    model = build_model(args.width, *x.shape[1:3], box_head=box_head)
-    steps = args.epochs * (len(xt) // args.batch)
-    sched = tf.keras.optimizers.schedules.CosineDecay(args.lr * 0.1, steps, alpha=0.02,
-                                                      warmup_target=args.lr,
-                                                      warmup_steps=steps // 20)
-    bce = tf.keras.losses.BinaryCrossentropy(label_smoothing=0.02)
-    model.compile(tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
-                  loss=[bce, masked_huber] if box_head else bce,
-                  loss_weights=[1.0, args.box_weight] if box_head else None)
+    run_dir = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = run_plan(args)
+    st = resumable_state(run_dir, plan)
     rng = np.random.default_rng(args.seed)
+    if st is not None:
+        model = keras.models.load_model(run_dir / st["checkpoint"],
+                                        custom_objects={"masked_huber": masked_huber})
+        rng.bit_generator.state = st["rng"]  # the batches and jitter an uninterrupted run draws
+        for v, state in zip(_seed_states(model), st["seed_states"], strict=True):
+            v.assign(np.array(state, v.dtype))  # and its dropout: Keras saves no seed state
+        log.info("resumed from %s after epoch %d of %d", run_dir / st["checkpoint"], st["epoch"],
+                 args.epochs)
+    else:
+        model = build_model(args.width, *x.shape[1:3], box_head=box_head)
+        steps = args.epochs * (len(xt) // args.batch)
+        sched = tf.keras.optimizers.schedules.CosineDecay(args.lr * 0.1, steps, alpha=0.02,
+                                                          warmup_target=args.lr,
+                                                          warmup_steps=steps // 20)
+        bce = tf.keras.losses.BinaryCrossentropy(label_smoothing=0.02)
+        model.compile(tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
+                      loss=[bce, masked_huber] if box_head else bce,
+                      loss_weights=[1.0, args.box_weight] if box_head else None)
+        st = {"plan": plan, "epoch": 0, "history": [], "best": None,
+              "started": datetime.now(UTC).isoformat(timespec="seconds")}
     # plates and non-plates drawn equally often per batch
     pos, neg = np.nonzero(yt == 1)[0], np.nonzero(yt == 0)[0]
-    hist = []
-    best = None
-    for ep in range(args.epochs):
+    for ep in range(st["epoch"] + 1, args.epochs + 1):
         t = time.time()
         half = len(xt) // 2
         idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])
         rng.shuffle(idx)
         losses = []
-        for s in range(0, len(idx) - args.batch + 1, args.batch):
+        bar = tqdm(range(0, len(idx) - args.batch + 1, args.batch), desc=f"epoch {ep}",
+                   mininterval=10, file=sys.stdout, ascii=True)
+        for s in bar:
             b = idx[s:s + args.batch]
             r = model.train_on_batch(_augment(xt[b], rng), [yt[b], tt[b]] if box_head else yt[b],
                                      return_dict=True)
             losses.append(float(r["loss"]))
+            if len(losses) % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        bar.close()
         out = model.predict(x[val], batch_size=256, verbose=0)
         p = (out[0] if box_head else out)[:, 0]
         m = _val_metrics(p, y[val], kind[val], d["score"][val])
         if box_head:
             m.update(_box_metrics(out[1], d["t"][val], d["src"][val], kind[val]))
-        hist.append({"epoch": ep + 1, "loss": float(np.mean(losses)), **m,
-                     "seconds": time.time() - t})
-        log.info("epoch %d/%d %s", ep + 1, args.epochs, json.dumps(hist[-1]))
+        st["history"].append({"epoch": ep, "loss": float(np.mean(losses)), **m,
+                              "seconds": time.time() - t})
+        log.info("epoch %d/%d %s", ep, args.epochs, json.dumps(st["history"][-1]))
         # validation's share of false boxes rejected jumps by 10-20 points between epochs
-        if args.keep_best_from and ep + 1 >= args.keep_best_from and (
-                best is None or m["val_false_rejected"] > best[0]["val_false_rejected"]):
-            best = (hist[-1], model.get_weights())
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    model.save(args.run_dir / "last.keras")
-    (args.run_dir / "history.json").write_text(json.dumps(hist, indent=1))
-    chosen = hist[-1]
-    if best is not None:
-        chosen = best[0]
-        model.set_weights(best[1])
-        model.save(args.run_dir / "best.keras")
+        best = st["best"]
+        if args.keep_best_from and ep >= args.keep_best_from and (
+                best is None or m["val_false_rejected"] > best["val_false_rejected"]):
+            st["best"] = {"epoch": ep, "val_false_rejected": m["val_false_rejected"],
+                          "checkpoint": f"epoch-{ep:03d}.keras"}
+        st["epoch"] = ep
+        st["rng"] = rng.bit_generator.state
+        st["seed_states"] = [np.asarray(v).tolist() for v in _seed_states(model)]
+        save_checkpoint(model, st, run_dir)
+        plot_curves(st["history"], run_dir / "curves.png")
+        if ep == args.stop_after and ep < args.epochs:
+            log.info("stopped after epoch %d (--stop-after): the same command without it goes "
+                     "on from there", ep)
+            return 0
+    if st.get("finished"):
+        log.info("%s: all %d epochs trained; exporting again", run_dir, args.epochs)
+    model.save(run_dir / "last.tmp.keras")
+    os.replace(run_dir / "last.tmp.keras", run_dir / "last.keras")
+    chosen = st["history"][-1]
+    if st["best"] is not None:
+        chosen = st["history"][st["best"]["epoch"] - 1]
+        model.set_weights(keras.models.load_model(
+            run_dir / st["best"]["checkpoint"], compile=False,
+            custom_objects={"masked_huber": masked_huber}).get_weights())
+        model.save(run_dir / "best.tmp.keras")
+        os.replace(run_dir / "best.tmp.keras", run_dir / "best.keras")
         log.info("exporting epoch %d, the most validation false boxes rejected from epoch %d on",
                  chosen["epoch"], args.keep_best_from)
-    export(model, args.out, chosen, d, args.cache, args.run_dir)
+    export(model, args.out, chosen, d, args.cache, run_dir)
+    st["finished"] = True
+    _write_json(run_dir / "state.json", st)
     return 0
 
 
@@ -527,7 +726,8 @@ def parser() -> argparse.ArgumentParser:
                         "them as a possible plate")
     d.add_argument("--cache", type=Path, default=CACHE, help="where the windows go")
     t = sub.add_parser("train", help="train and export (the shipped check: these defaults, "
-                       "33 minutes on one thread)")
+                       "33 minutes on one thread); a checkpoint each epoch in --run-dir, which "
+                       "the same command resumes")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--width", type=int, default=2, help="channel multiplier")
@@ -542,6 +742,9 @@ def parser() -> argparse.ArgumentParser:
                    help="export the epoch from this one on that rejects the most validation "
                         "false boxes at its threshold (0: the last epoch)")
     t.add_argument("--cache", type=Path, default=CACHE)
+    t.add_argument("--stop-after", type=int, default=0, metavar="EPOCH",
+                   help="stop after this epoch's checkpoint (the schedule still spans --epochs; "
+                        "the same command without it goes on)")
     x = sub.add_parser("export", help="export a checkpoint again")
     x.add_argument("--checkpoint", type=Path, default=RUN_DIR / "last.keras")
     x.add_argument("--out", type=Path, default=MODEL_PATH)

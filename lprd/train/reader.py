@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader, ctc_greedy
-from lprd.train import scaled_channels
+from lprd.train import save_checkpoint, scaled_channels, settled_state
 from lprd.train.reader_data import (
     CROP_SETS,
     is_heldout,
@@ -100,6 +101,54 @@ def stage_done(run_dir: Path, epochs: int, out: Path) -> bool:
         return False
 
 
+def _file_digest(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def stage_plan(argv: list[str]) -> dict:
+    """What a stage's run folder was made by: its command (not --threads nor --out, which
+    change no weights) and the checkpoint it started from, by content (a stage before it
+    that was redone makes it another plan)."""
+    skip = {i + j for i, a in enumerate(argv) if a in ("--threads", "--out") for j in (0, 1)}
+    plan: dict = {"argv": [a for i, a in enumerate(argv) if i not in skip]}
+    if "--init-from" in argv:
+        plan["init_sha256"] = _file_digest(Path(argv[argv.index("--init-from") + 1]))
+    return plan
+
+
+def fresh_stage_folder(run: Path, argv: list[str], epochs: int) -> None:
+    """A stage's run folder holds this plan's run or none: another's (a run started by hand in
+    runs/reader, the default --run-dir; a stage whose stage before was redone) is moved
+    aside, not resumed (its optimizer would keep its own schedule) nor taken as done. A run
+    from before plan files is this plan's where it started from this plan's checkpoint."""
+    plan = stage_plan(argv)
+    try:
+        made_by = json.loads((run / "plan.json").read_text())
+    except (OSError, ValueError):
+        made_by = None
+    holds_run = (run / "state.json").exists() or (run / "model.keras").exists()
+    if holds_run and made_by is None:
+        try:
+            st = json.loads((run / "state.json").read_text())
+        except (OSError, ValueError):
+            st = {}
+        init = argv[argv.index("--init-from") + 1] if "--init-from" in argv else None
+        if (st.get("init_from") or {}).get("checkpoint") == init \
+                and 0 < st.get("epoch", 0) <= epochs:
+            made_by = plan
+    if holds_run and made_by != plan:
+        aside = run.with_name(f"{run.name}.other-{time.strftime('%Y%m%d%H%M%S')}")
+        log.warning("%s holds a run of another plan (one started by hand, or a stage before "
+                    "it was redone): moved to %s", run, aside)
+        run.replace(aside)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "plan.json").write_text(json.dumps(plan, indent=1))
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     """`--reproduce`: the scene crops where missing, then every stage not yet done."""
     from lprd.train import det_crops, pseudo_label
@@ -113,6 +162,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         det_crops.main(["--out", str(detcrops), "--pseudo", str(pseudo)])
     for k, argv in enumerate(reproduce_plan(args.out, args.threads), 1):
         stage = parser().parse_args(argv)
+        fresh_stage_folder(stage.run_dir, argv, stage.epochs)
         if stage_done(stage.run_dir, stage.epochs, stage.out):
             log.info("stage %d of %d (%s) is done", k, len(SHIPPED_STAGES), stage.run_dir)
         elif epochs_trained(stage.run_dir) >= stage.epochs:  # stopped in its last export
@@ -167,14 +217,22 @@ def _save_chunk(out: Path, xs: np.ndarray, ys: np.ndarray) -> None:
 
 def renderer_stamp() -> str:
     """What the synthetic chunks depend on: the rendering code and the fonts it finds."""
-    import hashlib
-
     from lprd.train import reader_data, render
 
     h = hashlib.sha256()
     for mod in (render, reader_data):
         h.update(Path(mod.__file__).read_bytes())
     h.update("\n".join(render._fonts()).encode())
+    return h.hexdigest()[:16]
+
+
+def real_stamp(args: argparse.Namespace) -> str:
+    """What the augmented real chunks depend on: the rendering code, the scene crops' labels,
+    the splices, the augmentation and the seed."""
+    h = hashlib.sha256(renderer_stamp().encode())
+    for folder in args.pseudo or []:
+        h.update((_file_digest(Path(folder) / "labels.jsonl") or "none").encode())
+    h.update(json.dumps([args.splices, args.real_aug, args.seed]).encode())
     return h.hexdigest()[:16]
 
 
@@ -353,6 +411,17 @@ def _concat(files: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
             xs.append(z["x"])
             ys.append(z["y"])
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def calibration_set(cache: Path, seed: int, n: int = 2000) -> np.ndarray:
+    """The int8 export's calibration crops: the run's first synthetic chunk, the same at every
+    export (the oldest chunk of the epoch's window made them depend on the renderer's pace,
+    and an export after a stop on another chunk again)."""
+    first = cache / "synth_0000.npz"
+    if first.exists():
+        with np.load(first) as z:
+            return z["x"][:n]
+    return render_chunk(seed * 100_000, n)[0]
 
 
 def _load_chunks(cache: Path, pattern: str, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -568,8 +637,7 @@ def export_run(args: argparse.Namespace) -> None:
     model = tf.keras.models.load_model(args.run_dir / "model.keras")
     crops = real_crops()
     held = [c for c in crops if is_heldout(c.text)]
-    xs, _ = _load_chunks(args.cache, "synth_*.npz", 1)
-    _export(tf, model, xs, args, state, crops, held)
+    _export(tf, model, args, state, crops, held)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -591,9 +659,15 @@ def train(args: argparse.Namespace) -> int:
         with mp.get_context("spawn").Pool(2) as pool:
             pool.starmap(_renderer, [(args.cache, k, k + 1, 1, args.seed)
                                      for k in range(args.initial_chunks)])
-    if args.pseudo is not None:  # real crops change: re-augment them (with pseudo) first
-        for f in args.cache.glob("real_*.npz"):
-            f.unlink()
+    if args.pseudo is not None:
+        # real crops change with the scene crops: re-augmented (the first chunk now) where
+        # they did; a resume keeps them (deleted at each start, all but one came back in the
+        # background while the first epochs trained on fewer real crops)
+        stamp, path = real_stamp(args), args.cache / "real.stamp"
+        if (path.read_text().strip() if path.exists() else None) != stamp:
+            for f in args.cache.glob("real_*.npz"):
+                f.unlink()
+            path.write_text(stamp + "\n")
         _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo, nice=False,
                   splices=args.splices, strong=args.real_aug == "strong")
     bg = mp.get_context("spawn").Process(
@@ -621,6 +695,8 @@ def train(args: argparse.Namespace) -> int:
     _keras_extras()
     if ckpt.exists():
         model = tf.keras.models.load_model(ckpt)
+        state = settled_state(model, args.run_dir,
+                              lambda st: st["epoch"] * args.steps_per_epoch, state)
         log.info("resumed from %s at epoch %d", ckpt, state["epoch"])
     else:
         model = build_model(tf, args.head, width=args.width, attention=args.attention,
@@ -643,6 +719,8 @@ def train(args: argparse.Namespace) -> int:
                       metrics=[])
     model.summary(print_fn=log.info)
     rng = np.random.default_rng(args.seed + state["epoch"])
+    if "rng" in state:  # as an uninterrupted run would go on (older states: reseeded)
+        rng.bit_generator.state = state["rng"]
 
     for epoch in range(state["epoch"], args.epochs):
         t0 = time.time()
@@ -663,16 +741,16 @@ def train(args: argparse.Namespace) -> int:
                "synth_chunks": len(list(args.cache.glob("synth_*.npz")))}
         state["history"].append(rec)
         state["epoch"] = epoch + 1
-        model.save(ckpt)
-        state_path.write_text(json.dumps(state, indent=1))
+        state["rng"] = rng.bit_generator.state
+        save_checkpoint(model, state, args.run_dir, "model.keras")
         plot_curves(state["history"], args.run_dir / "curves.png")
         log.info("epoch %d/%d %s", epoch + 1, args.epochs, json.dumps(rec))
         if (epoch + 1) % 4 == 0 or epoch + 1 == args.epochs:
-            _export(tf, model, xs, args, state, crops, held)
+            _export(tf, model, args, state, crops, held)
         if (args.deadline and time.time() > args.deadline) or epoch + 1 == args.stop_after:
             log.info("deadline or --stop-after reached; exporting and stopping (resume with the "
                      "same command, without --stop-after)")
-            _export(tf, model, xs, args, state, crops, held)
+            _export(tf, model, args, state, crops, held)
             break
     bg.terminate()
     return 0
@@ -704,7 +782,7 @@ def _copy_weights(src, model, args) -> None:
         log.info("layers new to the checkpoint, initialised fresh: %s", ", ".join(new))
 
 
-def _export(tf, model, xs, args, state, crops, held) -> None:
+def _export(tf, model, args, state, crops, held) -> None:
     init = state.get("init_from", {})
     meta = {
         "kind": "reader",
@@ -736,7 +814,7 @@ def _export(tf, model, xs, args, state, crops, held) -> None:
     }
     if init:
         meta["init_from"] = init
-    export_tflite(tf, model, xs[:2000], args.out, meta)
+    export_tflite(tf, model, calibration_set(args.cache, args.seed), args.out, meta)
     res = evaluate_tflite(args.out, held)
     meta["heldout_exact_int8"] = res
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
