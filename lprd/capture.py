@@ -206,7 +206,7 @@ def file_frame_time(pos_msec: float, pos: int, step: float, base: float = 0.0,
     frame after the last one, the base moved with them."""
     t = pos_msec / 1000.0
     if not (math.isfinite(t) and t >= 0 and (t > 0 or pos == 0)):
-        t = pos * step
+        return max(base + pos * step, last + 0.001), base  # one frame's guess moves no base
     if base + t < last - step:  # back by more than a frame: timestamps that start again
         base = last + step - t
     return max(base + t, last + 0.001), base

@@ -225,6 +225,9 @@ def retired_messages(old: dict[str, Any], cfg: MQTTConfig,
         dp = old.get("discovery")
         if isinstance(dp, str) and not (kept and now["discovery"] == dp):
             out += [(t, b"") for t in _discovery_topics(dp, prefix, camera)]
+    # clears the broker refused last time (an ACL), tried again
+    pending = old.get("pending")
+    out += [(t, b"") for t in pending if isinstance(t, str)] if isinstance(pending, list) else []
     # Two prefixes may share a slug ("home/lprd", "home_lprd"): what this run announces is
     # never cleared, or Home Assistant's entities would go with the old prefix's
     current = {f"{cfg.topic_prefix}/status"}
@@ -940,7 +943,8 @@ class Publisher:
             pass
         elif kind == "refused":
             if item[3] is self._mids_of:
-                self._record_announced(item[1])  # settled too: the broker will not have it
+                # settled too; the topic stays in the record, cleared again at the next start
+                self._record_announced(item[1], refused=self._raw_topics.get(item[1]))
                 self._handle_refused(item[1], item[2])
         elif kind == "suback":
             if item[3] is self._mids_of:
@@ -1419,12 +1423,14 @@ class Publisher:
         self._unrecorded = (now, {mid for mid in sent if mid is not None})
         self._record_announced(None)
 
-    def _record_announced(self, acked: int | None) -> None:
+    def _record_announced(self, acked: int | None, refused: str | None = None) -> None:
         if self._unrecorded is None:
             return
         now, mids = self._unrecorded
-        if acked is not None:
+        if acked is not None and acked in mids:
             mids.discard(acked)
+            if refused is not None:  # an ACL: tried again at the next start, not forgotten
+                now.setdefault("pending", []).append(refused)
         if mids:
             return
         self._unrecorded = None

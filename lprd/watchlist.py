@@ -1310,16 +1310,18 @@ class WatchlistSync:
         curl -o, scp) read half written: its last row, a partial plate, would parse. One
         written in the last FILE_SETTLE seconds is taken once it stayed the same until then
         (a list that ends without a line break, as some editors leave it, is not refused)."""
-        end = st.st_mtime + FILE_SETTLE
-        if not 0 <= end - time.time() <= FILE_SETTLE:  # settled, or a date in the future
+        now = time.time()
+        if now - st.st_mtime >= FILE_SETTLE:
             return
+        # a date in the future (a share whose server's clock runs ahead): FILE_SETTLE from now
+        end = min(st.st_mtime, now) + FILE_SETTLE
         while time.time() < end and not self._stopping:
             time.sleep(0.05)
         try:
-            now = path.stat()
+            after = path.stat()
         except OSError as e:
             raise SyncError(f"{path}: cannot read ({e.strerror})") from None
-        if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             raise SyncError(f"{path}: changed while it was read (being written?); the next "
                             "sync tries again")
 

@@ -329,6 +329,23 @@ def test_a_file_whose_timestamps_start_again_goes_on_in_time(
     assert np.diff(t) == pytest.approx(np.full(59, 0.1), abs=0.02)
 
 
+def test_a_frame_without_a_timestamp_in_a_paused_recording_moves_no_later_time() -> None:
+    # Its guess (index / rate) lay a minute behind the frames around it, was taken for
+    # timestamps that start again, and put every later frame a minute late.
+    from lprd.capture import file_frame_time
+
+    step = 1 / 30
+    msecs = [i * 1000 / 30 for i in range(100)] + [63333.3 + i * 1000 / 30 for i in range(100)]
+    msecs[150] = 0.0
+    base, last, out = 0.0, -1.0, []
+    for pos, m in enumerate(msecs):
+        last, base = file_frame_time(m, pos, step, base, last)
+        out.append(last)
+    assert out[151] == pytest.approx(msecs[151] / 1000)
+    assert out[199] == pytest.approx(msecs[199] / 1000)
+    assert out[150] > out[149]
+
+
 def _bad_frames(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> list:
     """Capture opens the real decoder, but in its first opening the frames whose grab count
     `bad` picks do not decode; returns the openings."""

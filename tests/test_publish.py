@@ -973,9 +973,17 @@ def test_the_announced_record_is_written_when_the_broker_refuses_a_clearing_mess
     record = storage / "mqtt_announced.json"
     cfg = MQTTConfig(host=broker.host, port=broker.port)
     record.write_text(json.dumps(announced_record(cfg, ["gate", "old"])))
-    publisher(broker, cameras=("gate", "new"), storage=storage)
+    first = publisher(broker, cameras=("gate", "new"), storage=storage)
     wait_until(lambda: json.loads(record.read_text())["cameras"] == ["gate", "new"],
                what="the record of this run's cameras")
+    # ... with the refused clear, tried again at the next start (once the ACL allows it)
+    assert json.loads(record.read_text())["pending"] == ["lprd/old/state"]
+    first.stop(timeout=2)
+    acl.write_text("topic readwrite #\n")
+    broker.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    publisher(broker, cameras=("gate", "new"), storage=storage)
+    wait_until(lambda: "pending" not in json.loads(record.read_text()), what="the clear taken")
 
 
 def test_a_refused_state_message_is_logged(

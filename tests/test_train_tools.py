@@ -617,34 +617,53 @@ def test_a_check_training_stopped_after_an_epoch_resumes_as_if_never_stopped(
         assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
 
 
+def _reader_run(run: Path, epoch: int, decay_steps: int | None, width: float = 2.0,
+                init_from: str | None = None, weights: bytes = b"w") -> None:
+    """A reader run folder as one from before plan files: its state and a model.keras whose
+    config holds its schedule's decay steps (none: saved without its optimizer)."""
+    import zipfile
+
+    run.mkdir(parents=True, exist_ok=True)
+    state: dict = {"epoch": epoch, "head": "ctc", "width": width, "attention": 0,
+                   "row_pool": False}
+    if init_from:
+        state["init_from"] = {"checkpoint": init_from}
+    (run / "state.json").write_text(json.dumps(state))
+    config = {"decay_steps": decay_steps} if decay_steps else {}
+    with zipfile.ZipFile(run / "model.keras", "w") as z:
+        z.writestr("config.json", json.dumps(config, indent=1))
+        z.writestr("weights", weights)
+
+
 def test_a_reader_stage_folder_of_another_plan_is_moved_aside_not_resumed(tmp_path) -> None:
     # `--reproduce` resumed whatever runs/reader held (the default --run-dir of runs by hand):
     # a 16-epoch run there went on with its own schedule, or one of 24 was taken as stage 1.
-    from lprd.train.reader import fresh_stage_folder, reproduce_plan, stage_plan
+    from lprd.train.reader import fresh_stage_folder, parser, reproduce_plan, stage_plan
 
     plan = reproduce_plan(tmp_path / "reader.tflite", 2, root=tmp_path)
+    spe = parser().parse_args(plan[0]).steps_per_epoch
     run1 = tmp_path / "runs" / "reader"
-    run1.mkdir(parents=True)
-    (run1 / "state.json").write_text(json.dumps({
-        "epoch": 24, "init_from": {"checkpoint": "models/train_state/reader/model.keras"}}))
-    (run1 / "model.keras").write_bytes(b"by hand")
-    fresh_stage_folder(run1, plan[0], 24)
+    for hand in ({"decay_steps": 16 * spe}, {"decay_steps": 24 * spe, "width": 1.0},
+                 {"decay_steps": 24 * spe, "init_from": "models/train_state/reader/model.keras"},
+                 {"decay_steps": None}):  # not finished, no optimizer to resume with
+        _reader_run(run1, 10, weights=b"by hand", **hand)
+        fresh_stage_folder(run1, plan[0], 24)
+        assert not (run1 / "state.json").exists(), hand
+        assert json.loads((run1 / "plan.json").read_text()) == stage_plan(plan[0])
+        (run1 / "plan.json").unlink()
     aside = [p for p in run1.parent.iterdir() if p.name.startswith("reader.other-")]
-    assert len(aside) == 1 and (aside[0] / "model.keras").read_bytes() == b"by hand"
-    assert not (run1 / "state.json").exists()
-    assert json.loads((run1 / "plan.json").read_text()) == stage_plan(plan[0])
-    # a run of this plan from before plan files (none in it) is kept: it started from no
-    # checkpoint, as stage 1 does
-    (run1 / "plan.json").unlink()
-    (run1 / "state.json").write_text(json.dumps({"epoch": 10}))
-    fresh_stage_folder(run1, plan[0], 24)
-    assert (run1 / "state.json").exists()
+    assert aside and all((p / "model.keras").exists() for p in aside)
+    # runs of this plan from before plan files are kept: stage 1 in progress, or finished
+    # and kept without its optimizer
+    for decay, epoch in ((24 * spe, 10), (None, 24)):
+        _reader_run(run1, epoch, decay)
+        fresh_stage_folder(run1, plan[0], 24)
+        assert (run1 / "state.json").exists()
     # stage 2 started from stage 1's checkpoint: stage 1 redone, stage 2 is another plan
-    (run1 / "model.keras").write_bytes(b"stage 1")
     run2 = Path(plan[1][plan[1].index("--run-dir") + 1])
     fresh_stage_folder(run2, plan[1], 20)
     (run2 / "state.json").write_text(json.dumps({"epoch": 3}))
-    fresh_stage_folder(run2, plan[1], 20)  # --threads differs: the same plan
+    fresh_stage_folder(run2, plan[1], 20)  # as it was
     assert (run2 / "state.json").exists()
     (run1 / "model.keras").write_bytes(b"stage 1, redone")
     fresh_stage_folder(run2, plan[1], 20)
@@ -691,5 +710,9 @@ def test_a_training_checkpoint_and_its_state_stay_a_pair(tmp_path) -> None:
     assert json.loads((tmp_path / "state.json").read_text())["epoch"] == 2
     # a stop before the weights were in place: the state that was
     (tmp_path / "state.json.next").write_text(json.dumps({"epoch": 3}))
+    assert settled_state(loaded, tmp_path, steps, {"epoch": 2})["epoch"] == 2
+    assert not (tmp_path / "state.json.next").exists()
+    # a cut one (from before it went through a temporary file) blocks no resume
+    (tmp_path / "state.json.next").write_text("")
     assert settled_state(loaded, tmp_path, steps, {"epoch": 2})["epoch"] == 2
     assert not (tmp_path / "state.json.next").exists()

@@ -31,7 +31,9 @@ def save_checkpoint(model, state: dict, run_dir, weights: str, state_name: str =
 
     run_dir = Path(run_dir)
     nxt = run_dir / f"{state_name}.next"
-    nxt.write_text(json.dumps(state, indent=1))
+    part = run_dir / f"{state_name}.next.tmp"  # whole or absent: a cut one blocked resumes
+    part.write_text(json.dumps(state, indent=1))
+    os.replace(part, nxt)
     tmp = run_dir / f"{Path(weights).stem}.tmp.keras"
     model.save(tmp)
     os.replace(tmp, run_dir / weights)
@@ -50,8 +52,12 @@ def settled_state(model, run_dir, steps_of, state: dict, state_name: str = "stat
     nxt = Path(run_dir) / f"{state_name}.next"
     if not nxt.exists():
         return state
-    pending = json.loads(nxt.read_text())
-    if int(model.optimizer.iterations.numpy()) == steps_of(pending):
+    try:
+        pending = json.loads(nxt.read_text())
+        matches = int(model.optimizer.iterations.numpy()) == steps_of(pending)
+    except (OSError, ValueError, KeyError, TypeError):
+        matches = False
+    if matches:
         os.replace(nxt, Path(run_dir) / state_name)
         return pending
     nxt.unlink()

@@ -200,15 +200,16 @@ def train(args: argparse.Namespace) -> int:
     st = _state(run_dir)
     ckpt = run_dir / "last.keras"
     resume = ckpt.exists() and not args.fresh
+    if resume:  # first: the state that goes with these weights decides the rest
+        model = keras.models.load_model(ckpt, custom_objects={"focal_loss": focal_loss,
+                                                               "reg_loss": reg_loss})
+        st = settled_state(model, run_dir, lambda s: s["steps_done"], st)
     size = tuple(st.get("input", (INPUT_H, INPUT_W))) if resume else args.input
     small = st.get("small_share", 0.0) if resume else args.small_share
     # the same seed draws the same crops; a resumed run goes on with new ones
     seed = st.get("seed", args.seed) + st.get("steps_done", 0) if resume else args.seed
     sampler = SceneSampler(prepare_cache(size), size=args.crop, seed=seed, small_prob=small)
     if resume:
-        model = keras.models.load_model(ckpt, custom_objects={"focal_loss": focal_loss,
-                                                               "reg_loss": reg_loss})
-        st = settled_state(model, run_dir, lambda s: s["steps_done"], _state(run_dir))
         log.info("resumed from %s after epoch %d (%d steps), %.2f h spent", ckpt, st["epoch"],
                  st["steps_done"], st["elapsed_s"] / 3600)
     else:

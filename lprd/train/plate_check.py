@@ -429,7 +429,7 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(model, st: dict, run_dir: Path) -> None:
+def save_epoch_checkpoint(model, st: dict, run_dir: Path) -> None:
     """The epoch's weights and optimizer under a name of their own, then the state that names
     them: a stop between the two leaves the state of the epoch before, whose weights are still
     there. Weights no state names any more (an older epoch, not the best) go after."""
@@ -558,7 +558,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         st["epoch"] = ep
         st["rng"] = rng.bit_generator.state
         st["seed_states"] = [np.asarray(v).tolist() for v in _seed_states(model)]
-        save_checkpoint(model, st, run_dir)
+        save_epoch_checkpoint(model, st, run_dir)
         plot_curves(st["history"], run_dir / "curves.png")
         if ep == args.stop_after and ep < args.epochs:
             log.info("stopped after epoch %d (--stop-after): the same command without it goes "

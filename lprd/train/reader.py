@@ -26,9 +26,11 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader, ctc
 from lprd.train import save_checkpoint, scaled_channels, settled_state
 from lprd.train.reader_data import (
     CROP_SETS,
+    DATA_ROOT,
     is_heldout,
     pseudo_crops,
     real_arrays,
@@ -120,6 +123,28 @@ def stage_plan(argv: list[str]) -> dict:
     return plan
 
 
+def _legacy_run_of(run: Path, stage: argparse.Namespace) -> bool:
+    """Whether a run folder from before plan files is this stage's: started from its
+    checkpoint, of its model (head, width, attention, rows) and schedule (the learning-rate
+    decay's steps in model.keras, or all its epochs done), and not past its epochs."""
+    try:
+        st = json.loads((run / "state.json").read_text())
+        with zipfile.ZipFile(run / "model.keras") as z:
+            config = z.read("config.json").decode()
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
+    init = str(stage.init_from) if stage.init_from is not None else None
+    decay = re.findall(r'"decay_steps": (\d+)', config)
+    return ((st.get("init_from") or {}).get("checkpoint") == init
+            and 0 < st.get("epoch", 0) <= stage.epochs
+            and (st.get("head"), st.get("width"), st.get("attention", 0),
+                 st.get("row_pool", False))
+            == (stage.head, stage.width, stage.attention, stage.row_pool)
+            # saved without its optimizer (a finished stage kept small): nothing left to resume
+            and (decay == [str(stage.epochs * stage.steps_per_epoch)]
+                 or (not decay and st["epoch"] == stage.epochs)))
+
+
 def fresh_stage_folder(run: Path, argv: list[str], epochs: int) -> None:
     """A stage's run folder holds this plan's run or none: another's (a run started by hand in
     runs/reader, the default --run-dir; a stage whose stage before was redone) is moved
@@ -131,17 +156,12 @@ def fresh_stage_folder(run: Path, argv: list[str], epochs: int) -> None:
     except (OSError, ValueError):
         made_by = None
     holds_run = (run / "state.json").exists() or (run / "model.keras").exists()
-    if holds_run and made_by is None:
-        try:
-            st = json.loads((run / "state.json").read_text())
-        except (OSError, ValueError):
-            st = {}
-        init = argv[argv.index("--init-from") + 1] if "--init-from" in argv else None
-        if (st.get("init_from") or {}).get("checkpoint") == init \
-                and 0 < st.get("epoch", 0) <= epochs:
-            made_by = plan
+    if holds_run and made_by is None and _legacy_run_of(run, parser().parse_args(argv)):
+        made_by = plan
     if holds_run and made_by != plan:
-        aside = run.with_name(f"{run.name}.other-{time.strftime('%Y%m%d%H%M%S')}")
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        aside = next(a for k in range(1000) if not (a := run.with_name(
+            f"{run.name}.other-{stamp}" + (f"-{k}" if k else ""))).exists())
         log.warning("%s holds a run of another plan (one started by hand, or a stage before "
                     "it was redone): moved to %s", run, aside)
         run.replace(aside)
@@ -229,7 +249,12 @@ def renderer_stamp() -> str:
 def real_stamp(args: argparse.Namespace) -> str:
     """What the augmented real chunks depend on: the rendering code, the scene crops' labels,
     the splices, the augmentation and the seed."""
+    from lprd.train import splice
+
     h = hashlib.sha256(renderer_stamp().encode())
+    h.update(Path(splice.__file__).read_bytes())  # spliced crops join the real chunks
+    for name in CROP_SETS:  # the real crops' labels
+        h.update((_file_digest(DATA_ROOT / name / "labels.jsonl") or "none").encode())
     for folder in args.pseudo or []:
         h.update((_file_digest(Path(folder) / "labels.jsonl") or "none").encode())
     h.update(json.dumps([args.splices, args.real_aug, args.seed]).encode())
@@ -664,10 +689,11 @@ def train(args: argparse.Namespace) -> int:
         # they did; a resume keeps them (deleted at each start, all but one came back in the
         # background while the first epochs trained on fewer real crops)
         stamp, path = real_stamp(args), args.cache / "real.stamp"
-        if (path.read_text().strip() if path.exists() else None) != stamp:
+        # a cache from before the stamp keeps its chunks once (its run resumes as it was)
+        if path.exists() and path.read_text().strip() != stamp:
             for f in args.cache.glob("real_*.npz"):
                 f.unlink()
-            path.write_text(stamp + "\n")
+        path.write_text(stamp + "\n")
         _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo, nice=False,
                   splices=args.splices, strong=args.real_aug == "strong")
     bg = mp.get_context("spawn").Process(
@@ -722,6 +748,8 @@ def train(args: argparse.Namespace) -> int:
     if "rng" in state:  # as an uninterrupted run would go on (older states: reseeded)
         rng.bit_generator.state = state["rng"]
 
+    if state["epoch"] >= args.epochs:  # its last epoch's state settled just now: not exported
+        _export(tf, model, args, state, crops, held)
     for epoch in range(state["epoch"], args.epochs):
         t0 = time.time()
         syn = _load_chunks(args.cache, "synth_*.npz", args.window)
