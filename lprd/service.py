@@ -910,7 +910,6 @@ class Supervisor:
             log.info("mqtt: %s: restarting the publisher", "its password or TLS files changed"
                      if self.publisher is not None else "not running")
         if new.mqtt != old.mqtt or set(new.cameras) != set(old.cameras) or refresh:
-
             try:  # before the running publisher stops: it needs its files only to start
                 if new.mqtt.enabled:
                     check_files(new.mqtt)

@@ -1,6 +1,6 @@
 """The files of storage.dir that more than one part of lprd cares about: the daemon's lock, a
-durable replace of a small file, and moving a damaged SQLite file aside (the outbox's, the watchlist's) with its WAL and shared-memory
-files."""
+durable replace of a small file, and moving a damaged SQLite file aside (the outbox's, the
+watchlist's) with its WAL and shared-memory files."""
 
 from __future__ import annotations
 
