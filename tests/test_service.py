@@ -1033,6 +1033,7 @@ def test_a_sighup_while_the_daemon_starts_is_a_reload_not_its_end(tmp_path):
 def test_other_commands_keep_sighup_s_default_action(tmp_path):
     # the deferral is the daemon's: a `lprd recognize` whose terminal closes still ends
     hook = ("import os, signal, sys\n"
+            "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"  # not nohup's SIG_IGN: the default
             "import lprd.cli as c\n"
             "bp = c.build_parser\n"
             "def early():\n"
