@@ -1,5 +1,10 @@
 """Training, export and evaluation of the models (the `train` extra); never used at run time."""
 
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
 
 def scaled_channels(n: int, width: float) -> int:
     """`n` channels times a model's width multiplier, a multiple of 8 (XNNPACK's SIMD width)."""
@@ -25,15 +30,9 @@ def save_checkpoint(model, state: dict, run_dir, weights: str, state_name: str =
     state first beside the weights as <state>.next, then the weights through a temporary file
     (Keras writes in place: a stop during it lost the only checkpoint), then the state in
     place. A stop between weights and state trained an epoch again on top of itself."""
-    import json
-    import os
-    from pathlib import Path
-
     run_dir = Path(run_dir)
     nxt = run_dir / f"{state_name}.next"
-    part = run_dir / f"{state_name}.next.tmp"  # whole or absent: a cut one blocked resumes
-    part.write_text(json.dumps(state, indent=1))
-    os.replace(part, nxt)
+    write_json(nxt, state)  # whole or absent: a cut one blocked resumes
     tmp = run_dir / f"{Path(weights).stem}.tmp.keras"
     model.save(tmp)
     os.replace(tmp, run_dir / weights)
@@ -45,10 +44,6 @@ def settled_state(model, run_dir, steps_of, state: dict, state_name: str = "stat
     """The state of the weights just loaded from `run_dir`: its <state>.next where a stop came
     between the weights and the state, as the optimizer's steps tell (`steps_of(state)`: the
     steps a state's weights have made)."""
-    import json
-    import os
-    from pathlib import Path
-
     nxt = Path(run_dir) / f"{state_name}.next"
     if not nxt.exists():
         return state
@@ -62,3 +57,18 @@ def settled_state(model, run_dir, steps_of, state: dict, state_name: str = "stat
         return pending
     nxt.unlink()
     return state
+
+
+def write_json(path, obj) -> None:
+    """`obj` as JSON at `path`, whole or not at all (a temporary file, then a rename)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def aside_path(path):
+    """Where to move `path` aside: <name>.other-<UTC time>, with -1, -2 ... where two moves
+    fall in one second."""
+    base = path.with_name(f"{path.name}.other-{datetime.now(UTC):%Y%m%d%H%M%S}")
+    return next(p for k in range(1000)
+                if not (p := base.with_name(base.name + (f"-{k}" if k else ""))).exists())

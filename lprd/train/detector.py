@@ -24,7 +24,14 @@ import numpy as np
 from lprd.config import DetectorConfig
 from lprd.evaluate import match_boxes
 from lprd.track import iou
-from lprd.train import hw_size, save_checkpoint, scaled_channels, settled_state
+from lprd.train import (
+    aside_path,
+    hw_size,
+    save_checkpoint,
+    scaled_channels,
+    settled_state,
+    write_json,
+)
 from lprd.train.scenes import INPUT_H, INPUT_W, STRIDE, SceneSampler, build_cache, load_scenes
 
 log = logging.getLogger("lprd.train.detector")
@@ -166,10 +173,8 @@ def _state(run_dir: Path = RUN_DIR) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _save_state(st: dict, run_dir: Path = RUN_DIR, name: str = "state.json") -> None:
-    tmp = run_dir / f"{name}.tmp"
-    tmp.write_text(json.dumps(st, indent=1))
-    tmp.replace(run_dir / name)
+def _save_state(st: dict, run_dir: Path = RUN_DIR) -> None:
+    write_json(run_dir / "state.json", st)
 
 
 def measure_steps_per_s(model, sampler: SceneSampler, batch: int, n: int = 8) -> float:
@@ -877,7 +882,7 @@ def _fresh_stage_folder(step: Step) -> None:
         made_by = None
     holds_run = (run / "state.json").exists() or (run / "last.keras").exists()
     if holds_run and made_by != plan:
-        aside = run.with_name(f"{run.name}.other-{datetime.now(UTC):%Y%m%d%H%M%S}")
+        aside = aside_path(run)
         log.warning("%s holds a run of another plan (a smoke run, or a stage before it was "
                     "redone): moved to %s", run, aside)
         run.replace(aside)

@@ -41,7 +41,7 @@ import numpy as np
 
 from lprd.detect import box_to_target, check_window, window_rect
 from lprd.track import iou
-from lprd.train import hw_size
+from lprd.train import hw_size, write_json
 from lprd.train.scenes import load_scenes
 
 log = logging.getLogger("lprd.train.plate_check")
@@ -423,12 +423,6 @@ def resumable_state(run_dir: Path, plan: dict) -> dict | None:
     return None
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def save_epoch_checkpoint(model, st: dict, run_dir: Path) -> None:
     """The epoch's weights and optimizer under a name of their own, then the state that names
     them: a stop between the two leaves the state of the epoch before, whose weights are still
@@ -438,12 +432,12 @@ def save_epoch_checkpoint(model, st: dict, run_dir: Path) -> None:
     model.save(tmp)
     os.replace(tmp, run_dir / name)
     st["checkpoint"] = name
-    _write_json(run_dir / "state.json", st)
+    write_json(run_dir / "state.json", st)
     keep = {name, (st.get("best") or {}).get("checkpoint")}
     for f in run_dir.glob("epoch-*.keras"):
         if f.name not in keep:
             f.unlink()
-    _write_json(run_dir / "history.json", st["history"])  # beside last.keras, for `export`
+    write_json(run_dir / "history.json", st["history"])  # beside last.keras, for `export`
 
 
 def plot_curves(hist: list[dict], path: Path) -> None:
@@ -580,7 +574,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  chosen["epoch"], args.keep_best_from)
     export(model, args.out, chosen, d, args.cache, run_dir)
     st["finished"] = True
-    _write_json(run_dir / "state.json", st)
+    write_json(run_dir / "state.json", st)
     return 0
 
 

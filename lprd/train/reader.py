@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from lprd.read import ALPHABET, INPUT_H, INPUT_W, MAX_LEN, PAD, PlateReader, ctc_greedy
-from lprd.train import save_checkpoint, scaled_channels, settled_state
+from lprd.train import aside_path, save_checkpoint, scaled_channels, settled_state
 from lprd.train.reader_data import (
     CROP_SETS,
     DATA_ROOT,
@@ -159,9 +159,7 @@ def fresh_stage_folder(run: Path, argv: list[str], epochs: int) -> None:
     if holds_run and made_by is None and _legacy_run_of(run, parser().parse_args(argv)):
         made_by = plan
     if holds_run and made_by != plan:
-        stamp = time.strftime("%Y%m%d%H%M%S")
-        aside = next(a for k in range(1000) if not (a := run.with_name(
-            f"{run.name}.other-{stamp}" + (f"-{k}" if k else ""))).exists())
+        aside = aside_path(run)
         log.warning("%s holds a run of another plan (one started by hand, or a stage before "
                     "it was redone): moved to %s", run, aside)
         run.replace(aside)
