@@ -716,3 +716,40 @@ def test_a_training_checkpoint_and_its_state_stay_a_pair(tmp_path) -> None:
     (tmp_path / "state.json.next").write_text("")
     assert settled_state(loaded, tmp_path, steps, {"epoch": 2})["epoch"] == 2
     assert not (tmp_path / "state.json.next").exists()
+
+
+def test_the_averaged_reader_is_the_mean_of_the_epochs_snapshots_found(tmp_path) -> None:
+    from lprd.train.reader import averaged_weights, save_snapshot, snapshot_path
+
+    class Weights:  # what save_snapshot uses of a Keras model
+        def __init__(self, k: float) -> None:
+            self.k = k
+
+        def get_weights(self) -> list[np.ndarray]:
+            return [np.full((2, 3), self.k, np.float32), np.full(4, -self.k, np.float32)]
+
+    assert averaged_weights(tmp_path, 1, 5) is None
+    for epoch in (3, 4, 5, 7):  # 7 is past the last epoch asked for: a later run's
+        save_snapshot(Weights(epoch), snapshot_path(tmp_path, epoch))
+    weights, epochs = averaged_weights(tmp_path, 2, 5)
+    assert epochs == [3, 4, 5]
+    np.testing.assert_allclose(weights[0], np.full((2, 3), 4.0))
+    np.testing.assert_allclose(weights[1], np.full(4, -4.0))
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_batch_norm_statistics_measured_again_are_the_plain_mean_over_the_crops() -> None:
+    # averaged weights make other features than any epoch's: the moving statistics (an
+    # exponential mean of the last epoch's) are measured again over the given crops
+    tf = pytest.importorskip("tensorflow")
+    from lprd.train.reader import recalibrate_batch_norm
+
+    bn = tf.keras.layers.BatchNormalization()
+    model = tf.keras.Sequential([tf.keras.Input((4, 8, 1)), bn])
+    xs = np.random.default_rng(0).normal(100, 20, (640, 4, 8)).clip(0, 255).astype(np.uint8)
+    recalibrate_batch_norm(tf, model, xs, batch=64)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [xs.astype(np.float64).mean()],
+                               rtol=1e-5)
+    per_batch = xs.reshape(10, -1).astype(np.float64).var(axis=1).mean()
+    np.testing.assert_allclose(bn.moving_variance.numpy(), [per_batch], rtol=1e-4)
+    assert bn.momentum == 0.99

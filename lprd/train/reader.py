@@ -614,6 +614,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop-after", type=int, default=0,
                     help="stop after this epoch (the schedule still spans --epochs); reproduces "
                          "a run that a --deadline cut short")
+    ap.add_argument("--average-from", type=int, default=0,
+                    help="export the mean of the weights after each epoch from this one on "
+                         "(stochastic weight averaging; its batch-norm statistics measured "
+                         "again on training crops) instead of the last epoch's; 0: off")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (fine-tuning; new optimizer)")
     ap.add_argument("--pseudo", type=Path, nargs="+", default=None,
@@ -768,6 +772,10 @@ def train(args: argparse.Namespace) -> int:
         state["history"].append(rec)
         state["epoch"] = epoch + 1
         state["rng"] = rng.bit_generator.state
+        if args.average_from and epoch + 1 >= args.average_from:
+            # before the checkpoint: a stop between them trains this epoch again, and its
+            # snapshot is written again, never counted twice
+            save_snapshot(model, snapshot_path(args.run_dir, epoch + 1))
         save_checkpoint(model, state, args.run_dir, "model.keras")
         plot_curves(state["history"], args.run_dir / "curves.png")
         log.info("epoch %d/%d %s", epoch + 1, args.epochs, json.dumps(rec))
@@ -808,8 +816,75 @@ def _copy_weights(src, model, args) -> None:
         log.info("layers new to the checkpoint, initialised fresh: %s", ", ".join(new))
 
 
+def snapshot_path(run_dir: Path, epoch: int) -> Path:
+    return run_dir / f"weights_e{epoch:03d}.npz"
+
+
+def save_snapshot(model, path: Path) -> None:
+    """`model`'s weights (no optimizer) after an epoch, whole or absent."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, *model.get_weights())
+    os.replace(tmp, path)
+
+
+def averaged_weights(run_dir: Path, first: int, last: int
+                     ) -> tuple[list[np.ndarray], list[int]] | None:
+    """The mean of the snapshots of epochs `first`..`last` in `run_dir` and the epochs found;
+    None where there are none."""
+    epochs = [e for e in range(first, last + 1) if snapshot_path(run_dir, e).exists()]
+    if not epochs:
+        return None
+    total = None
+    for e in epochs:
+        with np.load(snapshot_path(run_dir, e)) as z:
+            ws = [z[f"arr_{i}"].astype(np.float64) for i in range(len(z.files))]
+        total = ws if total is None else [t + w for t, w in zip(total, ws, strict=True)]
+    return [(t / len(epochs)).astype(np.float32) for t in total], epochs
+
+
+def recalibrate_batch_norm(tf, model, xs: np.ndarray, batch: int = 64) -> None:
+    """Batch-norm statistics of `model` measured again on `xs` (grey crops), as the plain mean
+    over its batches: averaged weights make features whose statistics the averaged moving
+    statistics are not (SWA's own step)."""
+    bns = [layer for layer in model.layers
+           if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    kept = [layer.momentum for layer in bns]
+    for layer in bns:
+        layer.moving_mean.assign(np.zeros(layer.moving_mean.shape, np.float32))
+        layer.moving_variance.assign(np.ones(layer.moving_variance.shape, np.float32))
+    for k, start in enumerate(range(0, len(xs) - batch + 1, batch)):
+        for layer in bns:  # moving = moving * m + batch * (1 - m): m = k / (k + 1) is the mean
+            layer.momentum = k / (k + 1)
+        model(xs[start:start + batch, :, :, None].astype(np.float32), training=True)
+    for layer, m in zip(bns, kept, strict=True):
+        layer.momentum = m
+
+
+def _averaged_model(tf, model, args, state):
+    """`model` with the mean of its snapshots from --average-from on, or None (no snapshot)."""
+    got = averaged_weights(args.run_dir, args.average_from, state["epoch"])
+    if got is None:
+        return None
+    weights, epochs = got
+    avg = tf.keras.models.clone_model(model)
+    avg.set_weights(weights)
+    # the training mix of the last epoch (synthetic window and real chunks), fixed seed
+    rng = np.random.default_rng(args.seed)
+    xs, _ = _load_chunks(args.cache, "synth_*.npz", args.window)
+    real = _load_real(args.cache, args.real_chunks, rng)
+    if real is not None:
+        xs = np.concatenate([xs, real[0]])
+    recalibrate_batch_norm(tf, avg, xs[rng.integers(0, len(xs), 200 * 64)])
+    log.info("averaged the weights of epochs %s", epochs)
+    return avg, epochs
+
+
 def _export(tf, model, args, state, crops, held) -> None:
     init = state.get("init_from", {})
+    averaged = (_averaged_model(tf, model, args, state)
+                if getattr(args, "average_from", 0) else None)
+    if averaged is not None:
+        model, epochs = averaged
     meta = {
         "kind": "reader",
         # epochs in all, those of an --init-from checkpoint included
@@ -838,6 +913,9 @@ def _export(tf, model, args, state, crops, held) -> None:
         },
         "epochs": state["epoch"],
     }
+    if averaged is not None:  # the mean of the weights after these epochs (of this run)
+        meta["averaged_epochs"] = epochs
+        meta["version"] += f"-swa{len(epochs)}"
     if init:
         meta["init_from"] = init
     export_tflite(tf, model, calibration_set(args.cache, args.seed), args.out, meta)
