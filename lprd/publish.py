@@ -264,6 +264,35 @@ class CommandError(ValueError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A command to run, with the request ids of the messages merged into it (None: one sent
+    without); each gets its own answer on `<prefix>/cmd/<verb>/result`."""
+    verb: str
+    request_ids: tuple[str | None, ...] = (None,)
+
+
+# the statuses of a command's answers: "deferred" comes before the last of the others
+COMMAND_STATUSES = ("done", "failed", "refused", "deferred")
+MAX_MERGED_REQUESTS = 64  # request ids kept for one deferred run; more are refused at once
+
+
+def command_result_topic(prefix: str, verb: str) -> str:
+    # one level under the command: `<prefix>/cmd/+`, lprd's subscription, never matches it
+    return f"{prefix}/cmd/{verb}/result"
+
+
+def _request_id_of(payload: bytes) -> str | None:
+    """The request id of a command refused for other reasons, where one can be told."""
+    with contextlib.suppress(ValueError, RecursionError):
+        data = json.loads(payload)
+        if isinstance(data, dict):
+            rid = data.get("request_id")
+            if isinstance(rid, str) and 0 < len(rid) <= 128:
+                return rid
+    return None
+
+
 def parse_command(verb: str, payload: bytes) -> dict[str, Any]:
     """Validate a command; an empty payload means no arguments. Raises CommandError."""
     model = COMMANDS.get(verb)
@@ -505,7 +534,7 @@ class Publisher:
     paho in order and deletes them on PUBACK. Callbacks only queue; paho does the reconnects."""
 
     def __init__(self, cfg: MQTTConfig, cameras: Sequence[str], storage_dir: Path,
-                 on_command: Callable[[str, dict], None] | None = None,
+                 on_command: Callable[[Command], None] | None = None,
                  actions_sent: OrderedDict[tuple[str, str], None] | None = None) -> None:
         """`actions_sent`: the (event id, action) pairs already published, kept by the caller
         across publishers (a reload restarts the publisher between a pass's early and final
@@ -541,7 +570,8 @@ class Publisher:
         self._worker: threading.Thread | None = None
         self._cmd_thread: threading.Thread | None = None
         self._cmd_ran: dict[str, float] = {}  # verb: when it last ran (monotonic)
-        self._cmd_deferred: dict[str, tuple[float, dict[str, Any]]] = {}  # verb: when, args
+        # verb: when it runs, the request ids merged into it
+        self._cmd_deferred: dict[str, tuple[float, list[str | None]]] = {}
         self._ignored = 0  # commands malformed, retained or too big
         # each kind logged at its 1st, 2nd, 4th ...: too big, and malformed or retained
         self._oversized = self._bad = 0
@@ -663,6 +693,13 @@ class Publisher:
         if self.cfg.enabled:
             self._q.put(("wl_sync", None if status is None
                          else {k: status.get(k) for k in WATCHLIST_SYNC_KEYS}))
+
+    def publish_command_result(self, command: Command, status: str, detail: str = "") -> None:
+        """The answer to each request merged into `command` (not retained: a client waiting
+        for it is subscribed; none waits across a broker's absence, so none is kept)."""
+        assert status in COMMAND_STATUSES, status
+        if self.cfg.enabled:
+            self._q.put(("cmd_result", command, status, detail[:1000]))
 
     def outbox_depth(self) -> int:
         return self.outbox.depth()
@@ -941,6 +978,8 @@ class Publisher:
                 self._dropped_with_crop = 0
         elif kind == "wake":
             pass
+        elif kind == "cmd_result":
+            self._publish_command_result(*item[1:])
         elif kind == "refused":
             if item[3] is self._mids_of:
                 # settled too; the topic stays in the record, cleared again at the next start
@@ -1451,6 +1490,15 @@ class Publisher:
             del self._raw_topics[next(iter(self._raw_topics))]
         return mid
 
+    def _publish_command_result(self, command: Command, status: str, detail: str) -> None:
+        topic = command_result_topic(self.prefix, command.verb)
+        for rid in command.request_ids:
+            payload = json.dumps({"command": command.verb, "request_id": rid, "status": status,
+                                  "detail": detail, "time": iso_utc(time.time())})
+            if self._publish_raw(topic, payload.encode()) is None:
+                log.info("command %s (request %s): %s, not answered on MQTT (not connected)",
+                         command.verb, rid, status)
+
     def _topic(self, m: OutboxMessage) -> str:
         return f"{self.prefix}/{camera_level(m.camera)}/{m.subtopic}"
 
@@ -1481,10 +1529,10 @@ class Publisher:
                 if item is not None:
                     self._handle_command(*item)
                 now = time.monotonic()
-                for verb, (at, args) in list(self._cmd_deferred.items()):
+                for verb, (at, rids) in list(self._cmd_deferred.items()):
                     if at <= now:
                         del self._cmd_deferred[verb]
-                        self._run_command(verb, args)
+                        self._run_command(Command(verb, tuple(rids)))
             except Exception:
                 log.exception("command handling failed (ignored)")
 
@@ -1506,17 +1554,29 @@ class Publisher:
             if loud_repeat(self._ignore()):  # a client flooding garbage must not flood the log
                 log.warning("ignored malformed command on %s: %s (payload %s; %d malformed or "
                             "retained so far)", topic, e, _preview(payload), self._bad)
+            self.publish_command_result(Command(verb, (_request_id_of(payload),)), "refused",
+                                        str(e))
             return
+        command = Command(verb, (args.get("request_id"),))
         last = self._cmd_ran.get(verb)
         interval = COMMAND_INTERVAL.get(verb, 0.0)
         if last is not None and time.monotonic() - last < interval:
+            at = last + interval
             if verb not in self._cmd_deferred:
                 log.info("command %s: the last ran %.0f s ago; this one runs in %.0f s, with "
                          "any more until then merged into it", verb, time.monotonic() - last,
-                         last + interval - time.monotonic())
-            self._cmd_deferred[verb] = (last + interval, args)
+                         at - time.monotonic())
+            rids = self._cmd_deferred.setdefault(verb, (at, []))[1]
+            if len(rids) >= MAX_MERGED_REQUESTS:
+                self.publish_command_result(command, "refused", f"over {MAX_MERGED_REQUESTS} "
+                                            f"{verb} commands wait already: send it later")
+                return
+            rids.append(command.request_ids[0])
+            self.publish_command_result(command, "deferred", f"the last {verb} ran "
+                                        f"{time.monotonic() - last:.0f} s ago: this one runs in "
+                                        f"{at - time.monotonic():.0f} s")
             return
-        self._run_command(verb, args)
+        self._run_command(command)
 
     def _ignore(self) -> int:
         """Count a malformed or retained command; the count of those."""
@@ -1525,16 +1585,20 @@ class Publisher:
             self._bad += 1
             return self._bad
 
-    def _run_command(self, verb: str, args: dict[str, Any]) -> None:
+    def _run_command(self, command: Command) -> None:
+        verb = command.verb
         self._cmd_ran[verb] = time.monotonic()
-        log.info("command %s %s", verb, json.dumps(args) if args else "")
+        rids = [r for r in command.request_ids if r is not None]
+        log.info("command %s%s", verb, f" (request_id {', '.join(rids)})" if rids else "")
         if self.on_command is None:
             log.warning("command %s received but nothing handles commands here", verb)
+            self.publish_command_result(command, "failed", "nothing handles commands here")
             return
         try:
-            self.on_command(verb, args)
-        except Exception:
+            self.on_command(command)
+        except Exception as e:
             log.exception("command %s failed", verb)
+            self.publish_command_result(command, "failed", f"internal error: {e!r}")
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float | None:

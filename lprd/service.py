@@ -18,6 +18,7 @@ import secrets
 import signal
 import sqlite3
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -221,6 +222,9 @@ class Supervisor:
         self.publisher: Any = None
         self.sync: Any = None
         self._sync_status: dict[str, Any] | None = None  # the last sync's, for state topics
+        # reload commands (publish.Command) the next reload answers; the MQTT thread adds
+        self._reload_requests: list[Any] = []
+        self._requests_lock = threading.Lock()
         self.ready_sent = False
         self.started = time.monotonic()
         self.loop_beat = time.monotonic()
@@ -296,7 +300,12 @@ class Supervisor:
                     break
                 if self.flags.reload:
                     self.flags.reload = False
-                    self._reload()
+                    with self._requests_lock:  # before the config is read: it answers them
+                        requests, self._reload_requests = self._reload_requests, []
+                    refused = self._reload()
+                    for command in requests:
+                        self._answer(command, "failed" if refused else "done",
+                                     refused or self._status_line())
                 self._pump(POLL)
                 self._check_children()
                 self._maybe_ready()
@@ -804,18 +813,33 @@ class Supervisor:
                 log.exception("MQTT publisher did not stop cleanly")
             self.publisher = None
 
-    def _on_command(self, command: str, payload: dict) -> None:
-        # Called on the MQTT thread: only set a flag for the loop.
-        if command == "reload":
+    def _on_command(self, command: Any) -> None:
+        """(The MQTT command thread: publish.Command.) The loop or the sync runs it and
+        answers it."""
+        if command.verb == "reload":
+            with self._requests_lock:
+                self._reload_requests.append(command)
             self.flags.reload = True
-        elif command == "watchlist_sync":
-            if self.sync is not None:
-                self.sync.request()
+        elif command.verb == "watchlist_sync":
+            sync = self.sync
+            if sync is not None:
+                sync.request(command)
             else:
                 log.warning("MQTT command watchlist_sync ignored: no watchlist.sync.source is "
                             "configured (or the watchlist is disabled)")
+                self._answer(command, "failed", "no watchlist.sync.source is configured (or "
+                             "the watchlist is disabled)")
         else:
-            log.warning("unknown MQTT command %r ignored", command)
+            log.warning("unknown MQTT command %r ignored", command.verb)
+            self._answer(command, "refused", f"unknown command {command.verb!r}")
+
+    def _answer(self, command: Any, status: str, detail: str) -> None:
+        publisher = self.publisher
+        if publisher is not None:
+            try:
+                publisher.publish_command_result(command, status, detail)
+            except Exception:  # the command ran; its answer is informative
+                log.exception("the answer to command %s could not be published", command.verb)
 
     def _start_sync(self) -> None:
         wl = self.cfg.watchlist
@@ -829,16 +853,21 @@ class Supervisor:
             from lprd.watchlist import Watchlist, WatchlistSync
 
             sync = WatchlistSync(Watchlist.from_config(self.cfg), wl.sync)
-            sync.on_result = lambda _r, status: self._on_sync(sync, status)
+            sync.on_result = lambda result, status: self._on_sync(sync, result, status)
             self.sync = sync
             sync.start()
         except Exception:
             log.exception("watchlist sync could not start; the last synced list stays in use")
             self.sync = None
 
-    def _on_sync(self, sync: Any, status: Any) -> None:
-        """(The sync's thread.) Its outcome goes on the cameras' state topics; not that of a
-        sync a reload stopped, which may end after its successor's first."""
+    def _on_sync(self, sync: Any, result: Any, status: Any) -> None:
+        """(The sync's thread.) Its outcome answers the commands it ran for and goes on the
+        cameras' state topics; not that of a sync a reload stopped, which may end after its
+        successor's first."""
+        for command in result.requests:
+            self._answer(command, "done" if result.ok else "failed", result.error or (
+                f"{result.entries} entries, " + ("a new list swapped in" if result.changed
+                                                  else "the list unchanged")))
         if sync is not self.sync:
             return
         self._sync_status = status.to_dict()
@@ -858,7 +887,8 @@ class Supervisor:
 
     # -- SIGHUP ---------------------------------------------------------------------------------
 
-    def _reload(self) -> None:
+    def _reload(self) -> str | None:
+        """Load the config again and apply it; why it was refused, or None."""
         try:
             new = load_config(self.config_path)
             problems = model_file_problems(new)
@@ -866,7 +896,7 @@ class Supervisor:
                 raise ConfigError(str(self.config_path), problems)
         except ConfigError as e:
             log.error("reload refused, the running config stays:\n%s", e)
-            return
+            return f"reload refused, the running config stays: {e}"
         if self.ready_sent:  # during start-up, READY=1 comes once the models are loaded
             self.notifier.reloading()
         old = self.cfg
@@ -929,11 +959,18 @@ class Supervisor:
                     log.exception("MQTT publisher could not be restarted; events are not "
                                   "published until a reload or restart starts it")
                     self.publisher = None
+        carried: list[Any] = []  # sync commands the stopped sync had not begun
         if (new.watchlist.sync != old.watchlist.sync
                 or new.watchlist.enabled != old.watchlist.enabled):
+            carried = self.sync.take_requests() if self.sync is not None else []
             self._stop_sync()
         if self.sync is None:
             self._start_sync()
+            for command in carried:
+                if self.sync is not None:
+                    self.sync.request(command)
+                else:
+                    self._answer(command, "failed", "the reload turned the watchlist sync off")
         else:
             self.sync.request()  # fetch the list again now, in the sync thread
         # the sync settings are the sync thread's: the worker only matches against the list
@@ -954,7 +991,7 @@ class Supervisor:
             if self.flags.stop:  # a stop came meanwhile: no model load for it to wait for
                 log.info("a stop came during the reload: the new inference process is not "
                          "started")
-                return
+                return None
             self._start_worker()
         else:
             if changed:
@@ -963,6 +1000,7 @@ class Supervisor:
         if self.ready_sent:
             self.notifier.ready(self._status_line())
         log.info("reload done: %s", self._status_line())
+        return None
 
     # -- shutdown -------------------------------------------------------------------------------
 

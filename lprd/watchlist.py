@@ -615,6 +615,7 @@ class SyncResult:
     not_modified: bool = False  # 304, or the same content again
     bytes: int = 0
     seconds: float = 0.0
+    requests: tuple[Any, ...] = ()  # what request() was given for this sync (commands)
 
 
 # ---------------------------------------------------------------- the store
@@ -1166,6 +1167,8 @@ class WatchlistSync:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one sync at a time (thread and CLI/SIGHUP)
+        self._requests: list[Any] = []  # request() tags for the next sync of the thread
+        self._requests_lock = threading.Lock()
 
     def status(self) -> SyncStatus:
         return self.watchlist.sync_status()
@@ -1344,10 +1347,11 @@ class WatchlistSync:
 
     # -- one sync
 
-    def sync_once(self) -> SyncResult:
-        """Fetch, validate the whole list and swap it in; any failure keeps the last good list."""
+    def sync_once(self, requests: tuple[Any, ...] = ()) -> SyncResult:
+        """Fetch, validate the whole list and swap it in; any failure keeps the last good list.
+        `requests` come back in the result (and on_result's)."""
         with self._lock, self._file_lock():
-            return self._sync_once()
+            return self._sync_once(requests)
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -1378,7 +1382,7 @@ class WatchlistSync:
             if fd is not None:
                 os.close(fd)
 
-    def _sync_once(self, retried: bool = False) -> SyncResult:
+    def _sync_once(self, requests: tuple[Any, ...], retried: bool = False) -> SyncResult:
         t0 = time.monotonic()
         now = time.time()
         status = SyncStatus()
@@ -1411,7 +1415,8 @@ class WatchlistSync:
                     if retried:
                         raise SyncError(f"{self._where()}: another sync changed the list "
                                         "meanwhile; the next sync tries again")
-                    return self._sync_once(retried=True)  # fetched in full: its validators
+                    # fetched in full: its validators
+                    return self._sync_once(requests, retried=True)
                 status = kept
                 result = SyncResult(True, False, status.entries, not_modified=True, bytes=size,
                                     seconds=time.monotonic() - t0)
@@ -1459,6 +1464,7 @@ class WatchlistSync:
                                 seconds=time.monotonic() - t0)
             log.warning("watchlist sync failed, keeping the last good list (%d entries): %s",
                         status.entries, msg)
+        result = replace(result, requests=requests)
         if self.on_result is not None:
             self.on_result(result, status)
         return result
@@ -1477,9 +1483,19 @@ class WatchlistSync:
         self._thread = threading.Thread(target=self._run, name="watchlist-sync", daemon=True)
         self._thread.start()
 
-    def request(self) -> None:
-        """Sync as soon as possible (SIGHUP, a command)."""
+    def request(self, tag: Any = None) -> None:
+        """Sync as soon as possible (SIGHUP, a command); `tag` (not None) comes back in the
+        result of a sync that starts after this call."""
+        if tag is not None:
+            with self._requests_lock:
+                self._requests.append(tag)
         self._wake.set()
+
+    def take_requests(self) -> list[Any]:
+        """The tags of requests not yet taken by a sync (to hand to another sync)."""
+        with self._requests_lock:
+            taken, self._requests = self._requests, []
+        return taken
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
@@ -1494,8 +1510,9 @@ class WatchlistSync:
             while not self._stopping:
                 # cleared before the sync, not after the wait: a request() in between is kept
                 self._wake.clear()
+                requests = tuple(self.take_requests())
                 try:
-                    ok = self.sync_once().ok
+                    ok = self.sync_once(requests).ok
                 except Exception:  # never let the thread die: the next interval tries again
                     log.exception("watchlist sync crashed")
                     ok = False

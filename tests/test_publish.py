@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from lprd.config import MQTTConfig
 from lprd.outbox import Outbox, OutboxMessage
 from lprd.publish import (
+    Command,
     JsonlSink,
     Publisher,
     PublisherConfigError,
@@ -746,11 +747,11 @@ def test_random_and_malformed_commands_never_crash_and_valid_ones_reach_on_comma
     import lprd.publish
 
     monkeypatch.setattr(lprd.publish, "COMMAND_INTERVAL", {})  # each valid one runs at once
-    calls: list[tuple[str, dict]] = []
+    calls: list[Command] = []
 
-    def on_command(verb: str, args: dict) -> None:
-        calls.append((verb, args))
-        if args.get("request_id") == "boom":
+    def on_command(command: Command) -> None:
+        calls.append(command)
+        if command.request_ids == ("boom",):
             raise RuntimeError("handler failed")
 
     caplog.set_level(logging.INFO, logger="lprd.publish")
@@ -802,8 +803,8 @@ def test_random_and_malformed_commands_never_crash_and_valid_ones_reach_on_comma
     finally:
         sender.disconnect()
         sender.loop_stop()
-    assert calls == [("reload", {"request_id": "boom"}), ("reload", {}),
-                     ("watchlist_sync", {"request_id": "sync-1"})]
+    assert calls == [Command("reload", ("boom",)), Command("reload", (None,)),
+                     Command("watchlist_sync", ("sync-1",))]
     assert "command reload failed" in caplog.text  # the handler's error is logged, not fatal
     assert "ignored retained command" in caplog.text
     # Still publishing after all that.
@@ -811,6 +812,53 @@ def test_random_and_malformed_commands_never_crash_and_valid_ones_reach_on_comma
     pub.submit(make_event(42))
     assert sub.wait_for(lambda ms: len(ms) >= 1)[0].json()["id"] == "ev-gate-00042"
     assert pub._worker.is_alive() and pub._cmd_thread.is_alive()
+
+
+def test_each_command_is_answered_on_its_result_topic_with_its_request_id(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], monkeypatch: pytest.MonkeyPatch) -> None:
+    # lprd answered nothing on MQTT: a gate controller sending watchlist_sync could not tell a
+    # sync done from one refused, deferred or never received
+    import lprd.publish
+
+    monkeypatch.setattr(lprd.publish, "COMMAND_INTERVAL", {"watchlist_sync": 600.0})
+    pub: Publisher | None = None
+
+    def on_command(command: Command) -> None:
+        if command.request_ids == ("boom",):
+            raise RuntimeError("handler failed")
+        assert pub is not None
+        pub.publish_command_result(command, "done", "synced")
+
+    answers = mqtt_subscriber(mosquitto, "lprd/cmd/+/result")
+    pub = publisher(mosquitto, on_command=on_command)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2)
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    try:
+        for verb, payload in [("watchlist_sync", b'{"request_id": "a"}'),
+                              ("watchlist_sync", b'{"request_id": "b"}'),  # within 600 s
+                              ("reload", b'{"request_id": "c", "force": true}'),
+                              ("reload", b'{"request_id": 7}'),
+                              ("reboot", b'{"request_id": "d"}'),
+                              ("reload", b'{"request_id": "boom"}')]:
+            sender.publish(f"lprd/cmd/{verb}", payload, qos=1).wait_for_publish(5)
+        got = answers.wait_for(lambda ms: len(ms) >= 6)
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+    by_id = {m.json()["request_id"]: (m.topic, m.json()) for m in got}
+    assert not any(m.retain for m in got)
+    topic, a = by_id["a"]
+    assert topic == "lprd/cmd/watchlist_sync/result"
+    assert (a["command"], a["status"], a["detail"]) == ("watchlist_sync", "done", "synced")
+    assert by_id["b"][1]["status"] == "deferred" and "runs in 600 s" in by_id["b"][1]["detail"]
+    assert by_id["c"][1]["status"] == "refused" and "force" in by_id["c"][1]["detail"]
+    assert by_id[None][1]["status"] == "refused"  # its request_id no string: none to name
+    assert by_id["d"][0] == "lprd/cmd/reboot/result"
+    assert "unknown command 'reboot'" in by_id["d"][1]["detail"]
+    assert by_id["boom"][1]["status"] == "failed" and "handler failed" in by_id["boom"][1]["detail"]
+    assert {a["time"][-1] for _, a in by_id.values()} == {"Z"}
 
 
 # -- JSON lines -----------------------------------------------------------------------------------
@@ -1443,11 +1491,12 @@ def test_a_flood_of_commands_and_home_assistant_births_is_merged(
     import lprd.publish
 
     monkeypatch.setattr(lprd.publish, "COMMAND_INTERVAL", {"reload": 600.0})  # however slow
-    calls: list[tuple[str, dict]] = []
-    pub = publisher(mosquitto, cameras=("gate",), on_command=lambda v, a: calls.append((v, a)),
+    calls: list[Command] = []
+    pub = publisher(mosquitto, cameras=("gate",), on_command=calls.append,
                     discovery={"enabled": True})
     ha = mqtt_subscriber(mosquitto, "homeassistant/+/+/+/config")
     ha.wait_for(lambda ms: len(ms) >= 3)
+    answers = mqtt_subscriber(mosquitto, "lprd/cmd/reload/result")
     sender = mqtt.Client(CallbackAPIVersion.VERSION2)
     sender.connect(mosquitto.host, mosquitto.port)
     sender.loop_start()
@@ -1458,12 +1507,19 @@ def test_a_flood_of_commands_and_home_assistant_births_is_merged(
             sender.publish("lprd/cmd/reload", json.dumps({"request_id": str(i)}), qos=1)
             sender.publish("lprd/cmd/reload", b"{", qos=1)
             sender.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
-        wait_until(lambda: pub._cmd_deferred.get("reload", (0, {}))[1].get("request_id") == "199",
-                   30, "the flood handled")
+        last = answers.wait_for(lambda ms: any(m.json()["request_id"] == "199" for m in ms),
+                                timeout=30)
     finally:
         sender.disconnect()
         sender.loop_stop()
-    assert calls == [("reload", {"request_id": "0"})]  # the rest merged into one, later
+    by_id = {m.json()["request_id"]: m.json() for m in last}
+    assert "0" not in by_id  # it ran: its answer is the handler's (the daemon's) to give
+    assert by_id["1"]["status"] == "deferred" and "runs in" in by_id["1"]["detail"]
+    assert by_id["199"]["status"] == "refused" and "over 64" in by_id["199"]["detail"]
+    assert by_id[None]["status"] == "refused"  # the malformed ones
+    assert calls == [Command("reload", ("0",))]  # the rest merged into one, later
+    # the ids of the merged ones kept up to a bound, for their answers
+    assert pub._cmd_deferred["reload"][1] == [str(i) for i in range(1, 65)]
     assert len(ha.snapshot()) <= 3 + 4  # one republish of the 3 configs and the image's
     malformed = [r for r in caplog.records if "ignored malformed" in r.getMessage()]
     assert len(malformed) <= 9  # at 1, 2, 4 ... 128 of the 200
@@ -1472,7 +1528,7 @@ def test_a_flood_of_commands_and_home_assistant_births_is_merged(
     pub.stop(timeout=2)
     assert pub._cmd_thread is not None and not pub._cmd_thread.is_alive()
     assert "command reload: not run (the MQTT publisher stopped" in caplog.text
-    assert calls == [("reload", {"request_id": "0"})]
+    assert calls == [Command("reload", ("0",))]
 
 
 def test_a_crop_waiting_for_a_camera_since_removed_is_not_left_retained(

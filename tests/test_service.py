@@ -1045,3 +1045,49 @@ def test_other_commands_keep_sighup_s_default_action(tmp_path):
                           check=False,
                           timeout=60)
     assert proc.returncode == -signal.SIGHUP
+
+
+def test_mqtt_commands_get_their_outcome_on_their_result_topic(
+        tmp_path, mosquitto, mqtt_subscriber, daemons):
+    # lprd answered nothing on MQTT: a home-automation rule that sent watchlist_sync or
+    # reload could not tell one done from one refused (a broken config, a failed download)
+    src = tmp_path / "plates.csv"
+    src.write_text("plate\nABC1234\nXYZ789\n")
+    path = write_config(tmp_path / "c.yaml", {}, mosquitto, tmp_path / "st",
+                        watchlist={"sync": {"source": str(src)}})
+    answers = mqtt_subscriber(mosquitto, "lprd/cmd/+/result")
+    d = start(daemons, path)
+    d.wait_log(r"models loaded")
+    d.wait_log(r"watchlist sync: 2 entries")
+    sender = mqtt_subscriber(mosquitto, "lprd/status")  # a client to send with
+    sender.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
+
+    def ask(verb: str, rid: str) -> dict:
+        sender.client.publish(f"lprd/cmd/{verb}", json.dumps({"request_id": rid}),
+                              qos=1).wait_for_publish(5)
+        def final(m) -> bool:  # a reload within 10 s of the last is "deferred" first
+            return m.json()["request_id"] == rid and m.json()["status"] != "deferred"
+
+        got = answers.wait_for(lambda ms: any(final(m) for m in ms), timeout=30)
+        return next(m.json() for m in got if final(m))
+
+    src.write_text("plate\nABC1234\nXYZ789\nNEW111\n")
+    a = ask("watchlist_sync", "s1")
+    assert (a["command"], a["status"]) == ("watchlist_sync", "done")
+    assert a["detail"] == "3 entries, a new list swapped in"
+    a = ask("reload", "r1")
+    assert (a["command"], a["status"]) == ("reload", "done")
+    # a config the reload refuses: the daemon goes on, the answer says why
+    path.write_text(path.read_text() + "detector:\n  threshold: 7\n")
+    a = ask("reload", "r2")
+    assert a["status"] == "failed" and "detector.threshold" in a["detail"], a
+    # a sync that fails keeps the list and says why (a rejected action); reloads wait 10 s
+    # between runs, syncs a minute: this one was not asked for before
+    write_config(path, {}, mosquitto, tmp_path / "st", watchlist={"sync": {"source": str(src)}})
+    src.write_text("plate,action\nABC1234,launch the rockets!\n")
+    d.signal(signal.SIGHUP)  # no request: nobody waits for its answer
+    d.wait_log(r"watchlist sync failed", count=1)
+    assert [(m.json()["request_id"], m.json()["status"]) for m in answers.snapshot()] == [
+        ("s1", "done"), ("r1", "done"), ("r2", "deferred"), ("r2", "failed")]
+    d.signal(signal.SIGTERM)
+    assert d.wait(15) == 0
