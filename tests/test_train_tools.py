@@ -164,8 +164,82 @@ def test_a_chunk_being_written_is_invisible_to_the_trainer(tmp_path: Path) -> No
     (tmp_path / "real_0003.partial").write_bytes(b"half a chunk")  # the renderer mid-write
     assert [p.name for p in tmp_path.glob("synth_*.npz")] == ["synth_0007.npz"]
     assert list(tmp_path.glob("real_*.npz")) == []
-    loaded = reader._load_chunks(tmp_path, "synth_*.npz", 4)
-    assert loaded is not None and (loaded[0] == xs).all() and (loaded[1] == ys).all()
+    assert reader._load_real(tmp_path, 5, np.random.default_rng(0)) is None
+
+
+def _chunk_args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"initial_chunks": 4, "chunks_per_epoch": 2, "max_chunks": 9,
+                                 "window": 3, "real_chunks": 2, "seed": 1, **kw})
+
+
+def test_an_epoch_draws_the_chunks_its_schedule_names_whatever_the_renderer_has_written(
+        tmp_path: Path) -> None:
+    # each epoch took the newest chunks the renderer had written: a run depended on the
+    # machine's pace (and on a second job beside it)
+    from lprd.train import reader
+
+    args = _chunk_args()
+    assert [reader.epoch_chunks(e, args) for e in range(5)] == [4, 6, 8, 9, 9]
+    for k in range(9):  # all written already, as in a cache used before
+        reader._save_chunk(tmp_path / f"synth_{k:04d}.npz", np.full((2, 4, 5), k, np.uint8),
+                           np.full((2, 10), k, np.int32))
+        if k % 3 == 0:
+            reader._save_chunk(tmp_path / f"real_{k:04d}.npz",
+                               np.full((1, 4, 5), 100 + k, np.uint8), np.zeros((1, 10)))
+    xs, _ = reader._load_epoch(tmp_path, 6, args, np.random.default_rng(0))
+    assert sorted(set(xs[:, 0, 0].tolist())) == [3, 4, 5, 100, 103]  # window 3-5, reals < 6
+    # the renderer writes chunk k before k+1: the next chunk's file says k is whole
+    assert reader.chunks_ready(tmp_path, 8, renderer_alive=True)
+    assert not reader.chunks_ready(tmp_path, 9, renderer_alive=True)
+    assert reader.chunks_ready(tmp_path, 9, renderer_alive=False)
+    assert reader.chunks_ready(tmp_path, 4, renderer_alive=True, first=4)  # in the foreground
+    (tmp_path / "synth_0004.npz").unlink()
+    assert not reader.chunks_ready(tmp_path, 4, renderer_alive=True, first=3)
+
+
+def test_a_chunk_the_renderer_left_unwritten_is_rendered_by_the_trainer(tmp_path, monkeypatch):
+    from lprd.train import reader
+
+    def fake_render(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.full((2, 4, 5), seed % 100, np.uint8), np.zeros((2, 10), np.int32)
+
+    monkeypatch.setattr(reader, "render_chunk", fake_render)
+    xs, _ = reader._load_epoch(tmp_path, 2, _chunk_args(seed=3), np.random.default_rng(0))
+    assert sorted(set(xs[:, 0, 0].tolist())) == [0, 1]  # seeds 300000 and 300001
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_0000.npz", "synth_0001.npz"]
+
+
+def test_each_real_chunk_is_its_own_augmentation_whichever_process_renders_it(
+        tmp_path: Path, monkeypatch) -> None:
+    # the initial chunks came from a pool, one call a chunk, each with the same generator:
+    # real chunks 1-3 were copies of one another (and a restarted renderer repeated them)
+    from lprd.train import reader
+    from lprd.train.reader_data import RealCrop
+
+    src = tmp_path / "crop.png"
+    cv2.imwrite(str(src), np.random.default_rng(0).integers(0, 255, (30, 90, 3), np.uint8))
+    crops = [RealCrop(src, "AB123", "test", None)] * 3
+    monkeypatch.setattr(reader, "real_crops", lambda: crops)
+    monkeypatch.setattr(reader, "is_heldout", lambda text: False)
+    monkeypatch.setattr(reader, "render_chunk", lambda seed, n: (np.zeros((1, 40, 128), np.uint8),
+                                                                 np.zeros((1, 10), np.int32)))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    for k in range(3):  # as the pool renders them
+        reader._renderer(one, k, k + 1, 1, 5, nice=False)
+    reader._renderer(two, 1, 3, 1, 5, nice=False)  # as a renderer started at 1 does
+
+    def real(folder: Path, k: int) -> np.ndarray:
+        with np.load(folder / f"real_{k:04d}.npz") as z:
+            return z["x"]
+
+    assert not np.array_equal(real(one, 0), real(one, 1))
+    assert not np.array_equal(real(one, 1), real(one, 2))
+    assert np.array_equal(real(one, 1), real(two, 1))
+    assert np.array_equal(real(one, 2), real(two, 2))
 
 
 def test_plate_check_threshold_keeps_its_share_of_the_detector_hits_it_will_see() -> None:

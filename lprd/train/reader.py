@@ -197,7 +197,8 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
               pseudo: list[Path] | None = None, nice: bool = True, splices: int = 0,
               strong: bool = False) -> None:
     """Background process: keeps writing synthetic (and re-augmented real) chunks; with
-    `splices`, that many spliced real crops (`lprd.train.splice`) join each real chunk."""
+    `splices`, that many spliced real crops (`lprd.train.splice`) join each real chunk.
+    Chunk k is the same whoever renders it and when: its own seeds."""
     if nice:
         os.nice(10)
         # it ends with the trainer, a killed one too (it went on rendering, an orphan)
@@ -209,7 +210,6 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
     for folder in pseudo or []:
         crops += pseudo_crops(folder)
     boxed = box_crops(crops) if splices else []
-    rng = np.random.default_rng(seed + 7)
     for k in range(start, stop_at):
         out = cache / f"synth_{k:04d}.npz"
         if not out.exists():
@@ -217,6 +217,9 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
         if crops and k % real_every == 0:
             rout = cache / f"real_{k:04d}.npz"
             if not rout.exists():
+                # one generator a chunk: one for the process made the pool's chunks 1-3
+                # copies of one another, and a restarted renderer repeat the first ones
+                rng = np.random.default_rng([seed + 7, k])
                 xs, ys = real_arrays(crops, rng, copies=6, strong=strong)
                 more = splice_arrays(boxed, rng, splices) if boxed else None
                 if more is not None:
@@ -447,14 +450,45 @@ def calibration_set(cache: Path, seed: int, n: int = 2000) -> np.ndarray:
     return render_chunk(seed * 100_000, n)[0]
 
 
-def _load_chunks(cache: Path, pattern: str, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
-    return _concat(sorted(cache.glob(pattern))[-limit:])
+def chunk_index(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])
 
 
-def _load_real(cache: Path, n: int, rng: np.random.Generator
+def epoch_chunks(epoch: int, args: argparse.Namespace) -> int:
+    """The chunks epoch `epoch` (from 0) draws from: those numbered below this. By the
+    schedule, not by what the renderer has written (the newest chunks made a run depend on
+    the machine's pace)."""
+    return min(args.max_chunks, args.initial_chunks + args.chunks_per_epoch * epoch)
+
+
+def chunks_ready(cache: Path, k: int, renderer_alive: bool, first: int = 0) -> bool:
+    """Whether every chunk below `k` is written: the `first` were before the renderer
+    started; it writes chunk k's synthetic and real files before chunk k+1's, and the last
+    ones before it ends."""
+    return k <= first or (cache / f"synth_{k:04d}.npz").exists() or not renderer_alive
+
+
+def _load_epoch(cache: Path, k: int, args: argparse.Namespace, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """An epoch's synthetic window (chunks k-window .. k-1) and `--real-chunks` real chunks
+    drawn from those below k; rendered here where the renderer left one unwritten."""
+    names = [cache / f"synth_{i:04d}.npz" for i in range(max(0, k - args.window), k)]
+    for f in names:
+        if not f.exists():  # the renderer died
+            _save_chunk(f, *render_chunk(args.seed * 100_000 + chunk_index(f), CHUNK))
+    xs, ys = _concat(names)
+    real = _load_real(cache, args.real_chunks, rng, below=k)
+    if real is not None:
+        xs, ys = np.concatenate([xs, real[0]]), np.concatenate([ys, real[1]])
+    return xs, ys
+
+
+def _load_real(cache: Path, n: int, rng: np.random.Generator, below: int | None = None
                ) -> tuple[np.ndarray, np.ndarray] | None:
-    """`n` of the augmented real chunks, a fresh random pick each epoch (more augmentations)."""
-    files = sorted(cache.glob("real_*.npz"))
+    """`n` of the augmented real chunks (numbered below `below`), a fresh random pick each
+    epoch (more augmentations)."""
+    files = [f for f in sorted(cache.glob("real_*.npz"))
+             if below is None or chunk_index(f) < below]
     if not files:
         return None
     pick = rng.choice(len(files), min(n, len(files)), replace=False)
@@ -605,7 +639,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--initial-chunks", type=int, default=4)
     ap.add_argument("--max-chunks", type=int, default=60, help="synthetic chunks of 10k to render")
-    ap.add_argument("--window", type=int, default=12, help="newest synthetic chunks used per epoch")
+    ap.add_argument("--window", type=int, default=12,
+                    help="synthetic chunks used per epoch: the newest the schedule has reached")
+    ap.add_argument("--chunks-per-epoch", type=int, default=2,
+                    help="new chunks each epoch reaches (--initial-chunks at the first, up to "
+                         "--max-chunks); the trainer waits where the renderer lags")
     ap.add_argument("--real-chunks", type=int, default=5,
                     help="augmented real chunks (about 13k crops each) drawn at random per epoch")
     ap.add_argument("--threads", type=int, default=2, help="TensorFlow threads (intra-op)")
@@ -679,28 +717,29 @@ def train(args: argparse.Namespace) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
 
     drop_stale_chunks(args.cache)
-    # first chunks in the foreground (both cores), the rest in the background
-    have = len(list(args.cache.glob("synth_*.npz")))
-    if have < args.initial_chunks:
-        log.info("rendering %d initial chunks of %d", args.initial_chunks - have, CHUNK)
+    # real crops change with the scene crops: re-augmented where they did; a resume keeps
+    # them (deleted at each start, all but one came back in the background while the first
+    # epochs trained on fewer real crops)
+    stamp, path = real_stamp(args), args.cache / "real.stamp"
+    # a cache from before the stamp keeps its chunks once (its run resumes as it was)
+    if path.exists() and path.read_text().strip() != stamp:
+        for f in args.cache.glob("real_*.npz"):
+            f.unlink()
+    path.write_text(stamp + "\n")
+    # the first chunks, synthetic and real, in the foreground (both cores), the rest in the
+    # background
+    first = [f"{kind}_{k:04d}.npz" for k in range(args.initial_chunks) for kind in ("synth", "real")]
+    if not all((args.cache / f).exists() for f in first):
+        log.info("rendering the first %d chunks", args.initial_chunks)
         with mp.get_context("spawn").Pool(2) as pool:
-            pool.starmap(_renderer, [(args.cache, k, k + 1, 1, args.seed)
+            pool.starmap(_renderer, [(args.cache, k, k + 1, 1, args.seed, args.pseudo, False,
+                                      args.splices, args.real_aug == "strong")
                                      for k in range(args.initial_chunks)])
-    if args.pseudo is not None:
-        # real crops change with the scene crops: re-augmented (the first chunk now) where
-        # they did; a resume keeps them (deleted at each start, all but one came back in the
-        # background while the first epochs trained on fewer real crops)
-        stamp, path = real_stamp(args), args.cache / "real.stamp"
-        # a cache from before the stamp keeps its chunks once (its run resumes as it was)
-        if path.exists() and path.read_text().strip() != stamp:
-            for f in args.cache.glob("real_*.npz"):
-                f.unlink()
-        path.write_text(stamp + "\n")
-        _renderer(args.cache, 0, 1, 1, args.seed + 1000, args.pseudo, nice=False,
-                  splices=args.splices, strong=args.real_aug == "strong")
+    # the chunks the schedule reaches, and the next (its file tells that the last is done)
+    last = min(args.max_chunks, epoch_chunks(args.epochs - 1, args) + 1)
     bg = mp.get_context("spawn").Process(
         target=_renderer,
-        args=(args.cache, args.initial_chunks, args.max_chunks, 3, args.seed, args.pseudo, True,
+        args=(args.cache, args.initial_chunks, last, 3, args.seed, args.pseudo, True,
               args.splices, args.real_aug == "strong"),
         daemon=True)
     bg.start()
@@ -754,11 +793,13 @@ def train(args: argparse.Namespace) -> int:
         _export(tf, model, args, state, crops, held)
     for epoch in range(state["epoch"], args.epochs):
         t0 = time.time()
-        syn = _load_chunks(args.cache, "synth_*.npz", args.window)
-        real = _load_real(args.cache, args.real_chunks, rng)
-        xs, ys = syn
-        if real is not None:
-            xs, ys = np.concatenate([xs, real[0]]), np.concatenate([ys, real[1]])
+        k = epoch_chunks(epoch, args)
+        if not chunks_ready(args.cache, k, bg.is_alive(), args.initial_chunks):
+            log.info("waiting for the renderer: epoch %d draws from chunks 0-%d", epoch + 1,
+                     k - 1)
+            while not chunks_ready(args.cache, k, bg.is_alive(), args.initial_chunks):
+                time.sleep(5)
+        xs, ys = _load_epoch(args.cache, k, args, rng)
         n = args.steps_per_epoch * args.batch
         idx = rng.integers(0, len(xs), n)
         hist = model.fit(xs[idx, :, :, None], ys[idx], batch_size=args.batch, epochs=1,
@@ -768,7 +809,7 @@ def train(args: argparse.Namespace) -> int:
         rh = exact_rate(model.predict(hx[:, :, :, None], verbose=0), hy)
         rec = {"epoch": epoch + 1, "loss": float(hist.history["loss"][-1]), "train_exact": tr,
                "synth_val_exact": sv, "real_heldout_exact": rh, "seconds": time.time() - t0,
-               "synth_chunks": len(list(args.cache.glob("synth_*.npz")))}
+               "synth_chunks": k}
         state["history"].append(rec)
         state["epoch"] = epoch + 1
         state["rng"] = rng.bit_generator.state
@@ -870,10 +911,7 @@ def _averaged_model(tf, model, args, state):
     avg.set_weights(weights)
     # the training mix of the last epoch (synthetic window and real chunks), fixed seed
     rng = np.random.default_rng(args.seed)
-    xs, _ = _load_chunks(args.cache, "synth_*.npz", args.window)
-    real = _load_real(args.cache, args.real_chunks, rng)
-    if real is not None:
-        xs = np.concatenate([xs, real[0]])
+    xs, _ = _load_epoch(args.cache, epoch_chunks(state["epoch"] - 1, args), args, rng)
     recalibrate_batch_norm(tf, avg, xs[rng.integers(0, len(xs), 200 * 64)])
     log.info("averaged the weights of epochs %s", epochs)
     return avg, epochs
