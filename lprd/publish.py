@@ -275,6 +275,10 @@ class Command:
 # the statuses of a command's answers: "deferred" comes before the last of the others
 COMMAND_STATUSES = ("done", "failed", "refused", "deferred")
 MAX_MERGED_REQUESTS = 64  # request ids kept for one deferred run; more are refused at once
+# answers made while not connected (a reload that restarted the publisher answers before its
+# CONNACK) wait this long, at most this many
+RESULT_WAIT = 30.0
+RESULTS_WAITING = 64
 
 
 def command_result_topic(prefix: str, verb: str) -> str:
@@ -588,6 +592,8 @@ class Publisher:
         self._mids_of: mqtt.Client | None = None  # the client whose mids _inflight holds
         self._states: dict[str, CameraState] = {}
         self._wl_sync: dict[str, Any] | None = None  # the last watchlist sync's outcome
+        # command answers made while not connected: (until, topic, payload)
+        self._results_waiting: deque[tuple[float, str, bytes]] = deque(maxlen=RESULTS_WAITING)
         # Events the outbox could not store (a broken disk), held until the broker is back.
         self._direct: deque[tuple[float, OutboxMessage]] = deque()  # (created, message)
         # handed to paho, not yet acked (a new client sends them again)
@@ -1287,6 +1293,7 @@ class Publisher:
             self._publish_state(camera)
         self._publish_raw(f"{self.prefix}/status", b"online", retain=True)
         self._send_direct()
+        self._send_waiting_results()
 
     def _send_direct(self) -> None:
         """Publish the events the outbox could not store, once connected (QoS 1, no ack kept)."""
@@ -1494,10 +1501,19 @@ class Publisher:
         topic = command_result_topic(self.prefix, command.verb)
         for rid in command.request_ids:
             payload = json.dumps({"command": command.verb, "request_id": rid, "status": status,
-                                  "detail": detail, "time": iso_utc(time.time())})
-            if self._publish_raw(topic, payload.encode()) is None:
-                log.info("command %s (request %s): %s, not answered on MQTT (not connected)",
-                         command.verb, rid, status)
+                                  "detail": detail, "time": iso_utc(time.time())}).encode()
+            if self._publish_raw(topic, payload) is None:
+                self._results_waiting.append((time.monotonic() + RESULT_WAIT, topic, payload))
+
+    def _send_waiting_results(self) -> None:
+        now = time.monotonic()
+        while self._results_waiting and self._connected:
+            until, topic, payload = self._results_waiting.popleft()
+            if until >= now:
+                self._publish_raw(topic, payload)
+            else:
+                log.info("MQTT: an answer on %s not sent: not connected for %.0f s", topic,
+                         RESULT_WAIT)
 
     def _topic(self, m: OutboxMessage) -> str:
         return f"{self.prefix}/{camera_level(m.camera)}/{m.subtopic}"
@@ -1554,8 +1570,10 @@ class Publisher:
             if loud_repeat(self._ignore()):  # a client flooding garbage must not flood the log
                 log.warning("ignored malformed command on %s: %s (payload %s; %d malformed or "
                             "retained so far)", topic, e, _preview(payload), self._bad)
-            self.publish_command_result(Command(verb, (_request_id_of(payload),)), "refused",
-                                        str(e))
+            rid = _request_id_of(payload)
+            if rid is not None:  # else none could tell the answer its own (and a flood of
+                # garbage would make as many answers)
+                self.publish_command_result(Command(verb, (rid,)), "refused", str(e))
             return
         command = Command(verb, (args.get("request_id"),))
         last = self._cmd_ran.get(verb)

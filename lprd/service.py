@@ -302,10 +302,9 @@ class Supervisor:
                     self.flags.reload = False
                     with self._requests_lock:  # before the config is read: it answers them
                         requests, self._reload_requests = self._reload_requests, []
-                    refused = self._reload()
+                    ok, detail = self._reload()
                     for command in requests:
-                        self._answer(command, "failed" if refused else "done",
-                                     refused or self._status_line())
+                        self._answer(command, "done" if ok else "failed", detail)
                 self._pump(POLL)
                 self._check_children()
                 self._maybe_ready()
@@ -821,17 +820,34 @@ class Supervisor:
                 self._reload_requests.append(command)
             self.flags.reload = True
         elif command.verb == "watchlist_sync":
-            sync = self.sync
-            if sync is not None:
-                sync.request(command)
-            else:
-                log.warning("MQTT command watchlist_sync ignored: no watchlist.sync.source is "
-                            "configured (or the watchlist is disabled)")
-                self._answer(command, "failed", "no watchlist.sync.source is configured (or "
-                             "the watchlist is disabled)")
-        else:
+            with self._requests_lock:  # not while a reload swaps the sync
+                self._request_sync(command)
+        else:  # parse_command knows the same verbs: a new one not handled here yet
             log.warning("unknown MQTT command %r ignored", command.verb)
             self._answer(command, "refused", f"unknown command {command.verb!r}")
+
+    def _restart_sync(self) -> None:
+        """The sync stopped and started again with the running config; the commands it had
+        not begun go to the new one. A sync command meanwhile waits for the new sync (or its
+        absence)."""
+        with self._requests_lock:
+            stopped = self.sync
+            self._stop_sync()
+            # those the stopped sync had not begun (taken once it ran its last)
+            carried = stopped.take_requests() if stopped is not None else []
+            self._start_sync()
+            for command in carried:
+                self._request_sync(command)
+
+    def _request_sync(self, command: Any) -> None:
+        if self.sync is not None:
+            self.sync.request(command)
+            return
+        log.warning("MQTT command watchlist_sync ignored: no watchlist sync runs (no "
+                    "watchlist.sync.source, the watchlist disabled, or it could not start)")
+        self._answer(command, "failed", "no watchlist sync runs: no watchlist.sync.source is "
+                     "configured, the watchlist is disabled, or the sync could not start (see "
+                     "the journal)")
 
     def _answer(self, command: Any, status: str, detail: str) -> None:
         publisher = self.publisher
@@ -887,8 +903,10 @@ class Supervisor:
 
     # -- SIGHUP ---------------------------------------------------------------------------------
 
-    def _reload(self) -> str | None:
-        """Load the config again and apply it; why it was refused, or None."""
+    def _reload(self) -> tuple[bool, str]:
+        """Load the config again and apply it; whether it was, and what came of it (why not,
+        the parts kept as they were)."""
+        kept: list[str] = []
         try:
             new = load_config(self.config_path)
             problems = model_file_problems(new)
@@ -896,7 +914,7 @@ class Supervisor:
                 raise ConfigError(str(self.config_path), problems)
         except ConfigError as e:
             log.error("reload refused, the running config stays:\n%s", e)
-            return f"reload refused, the running config stays: {e}"
+            return False, f"reload refused, the running config stays: {e}"
         if self.ready_sent:  # during start-up, READY=1 comes once the models are loaded
             self.notifier.reloading()
         old = self.cfg
@@ -910,6 +928,7 @@ class Supervisor:
             log.warning("storage.dir: a change needs a restart (systemctl restart lprd); %s "
                         "stays in use until then", old.storage.dir)
             new = self.cfg = new.model_copy(update={"storage": old.storage})
+            kept.append(f"storage.dir waits for a restart ({old.storage.dir} stays in use)")
         if self._pinger is not None:
             self._pinger.set_gate(_watchdog_gate(new))
         deadline = time.monotonic() + new.service.stop_timeout
@@ -951,6 +970,7 @@ class Supervisor:
                           "reload that takes them)")
                 self.cfg = self.cfg.model_copy(update={"mqtt": old.mqtt})
                 new = self.cfg
+                kept.append(f"the new mqtt settings are refused ({e}); the running ones stay")
             else:
                 self._stop_publisher(2.0)
                 try:
@@ -958,19 +978,12 @@ class Supervisor:
                 except Exception:  # a reload must not end the daemon
                     log.exception("MQTT publisher could not be restarted; events are not "
                                   "published until a reload or restart starts it")
-                    self.publisher = None
-        carried: list[Any] = []  # sync commands the stopped sync had not begun
+                    self.publisher = None  # and none to answer: the journal says it
         if (new.watchlist.sync != old.watchlist.sync
                 or new.watchlist.enabled != old.watchlist.enabled):
-            carried = self.sync.take_requests() if self.sync is not None else []
-            self._stop_sync()
-        if self.sync is None:
+            self._restart_sync()
+        elif self.sync is None:
             self._start_sync()
-            for command in carried:
-                if self.sync is not None:
-                    self.sync.request(command)
-                else:
-                    self._answer(command, "failed", "the reload turned the watchlist sync off")
         else:
             self.sync.request()  # fetch the list again now, in the sync thread
         # the sync settings are the sync thread's: the worker only matches against the list
@@ -991,7 +1004,7 @@ class Supervisor:
             if self.flags.stop:  # a stop came meanwhile: no model load for it to wait for
                 log.info("a stop came during the reload: the new inference process is not "
                          "started")
-                return None
+                return True, "reloaded; lprd is stopping"
             self._start_worker()
         else:
             if changed:
@@ -1000,7 +1013,7 @@ class Supervisor:
         if self.ready_sent:
             self.notifier.ready(self._status_line())
         log.info("reload done: %s", self._status_line())
-        return None
+        return True, "; ".join(["reloaded: " + self._status_line(), *kept])
 
     # -- shutdown -------------------------------------------------------------------------------
 

@@ -1350,8 +1350,25 @@ class WatchlistSync:
     def sync_once(self, requests: tuple[Any, ...] = ()) -> SyncResult:
         """Fetch, validate the whole list and swap it in; any failure keeps the last good list.
         `requests` come back in the result (and on_result's)."""
-        with self._lock, self._file_lock():
-            return self._sync_once(requests)
+        with self._lock:
+            try:
+                with self._file_lock():
+                    return self._sync_once(requests)
+            except SyncError as e:  # the lock not had (all else _sync_once answers itself)
+                return self._not_run(requests, str(e))
+
+    def _not_run(self, requests: tuple[Any, ...], why: str) -> SyncResult:
+        """A sync that did not run: nothing recorded (the list and its status are another
+        sync's), its requests answered all the same."""
+        log.warning("watchlist sync: %s", why)
+        try:
+            status = self.watchlist.sync_status()
+        except (sqlite3.Error, WatchlistError):
+            status = SyncStatus()
+        result = SyncResult(False, False, status.entries, error=why, requests=requests)
+        if self.on_result is not None:
+            self.on_result(result, status)
+        return result
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -1827,7 +1844,8 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         result = WatchlistSync(wl, scfg).sync_once()
         status = wl.sync_status()
     if args.json:
-        _print_json({"result": asdict(result), "status": status.to_dict()})
+        _print_json({"result": {k: v for k, v in asdict(result).items() if k != "requests"},
+                     "status": status.to_dict()})
     elif result.ok:
         print(("new list: " if result.changed else "unchanged: ") + f"{result.entries} entries")
     else:

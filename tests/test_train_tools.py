@@ -182,21 +182,21 @@ def test_an_epoch_draws_the_chunks_its_schedule_names_whatever_the_renderer_has_
 
     args = _chunk_args()
     assert [reader.epoch_chunks(e, args) for e in range(5)] == [4, 6, 8, 9, 9]
-    for k in range(9):  # all written already, as in a cache used before
+    assert reader.epoch_files(7, args) == (
+        ["synth_0004.npz", "synth_0005.npz", "synth_0006.npz"],
+        ["real_0000.npz", "real_0001.npz", "real_0002.npz", "real_0003.npz", "real_0006.npz"])
+    for k in range(12):  # more than the schedule names, as in a cache used before
         reader._save_chunk(tmp_path / f"synth_{k:04d}.npz", np.full((2, 4, 5), k, np.uint8),
                            np.full((2, 10), k, np.int32))
-        if k % 3 == 0:
-            reader._save_chunk(tmp_path / f"real_{k:04d}.npz",
-                               np.full((1, 4, 5), 100 + k, np.uint8), np.zeros((1, 10)))
-    xs, _ = reader._load_epoch(tmp_path, 6, args, np.random.default_rng(0))
-    assert sorted(set(xs[:, 0, 0].tolist())) == [3, 4, 5, 100, 103]  # window 3-5, reals < 6
-    # the renderer writes chunk k before k+1: the next chunk's file says k is whole
-    assert reader.chunks_ready(tmp_path, 8, renderer_alive=True)
-    assert not reader.chunks_ready(tmp_path, 9, renderer_alive=True)
-    assert reader.chunks_ready(tmp_path, 9, renderer_alive=False)
-    assert reader.chunks_ready(tmp_path, 4, renderer_alive=True, first=4)  # in the foreground
-    (tmp_path / "synth_0004.npz").unlink()
-    assert not reader.chunks_ready(tmp_path, 4, renderer_alive=True, first=3)
+        reader._save_chunk(tmp_path / f"real_{k:04d}.npz",  # 4, 5: another run's
+                           np.full((1, 4, 5), 100 + k, np.uint8), np.zeros((1, 10)))
+    xs, _ = reader._load_epoch(tmp_path, 7, _chunk_args(real_chunks=9), np.random.default_rng(0))
+    assert sorted(set(xs[:, 0, 0].tolist())) == [4, 5, 6, 100, 101, 102, 103, 106]
+    assert reader.missing_chunks(tmp_path, 9, args) == []
+    for name in ("synth_0005.npz", "real_0003.npz", "real_0004.npz"):  # 4: not the schedule's
+        (tmp_path / name).unlink()
+    assert reader.missing_chunks(tmp_path, 7, args) == [3, 5]
+    assert reader.missing_chunks(tmp_path, 4, args) == [3]  # the first ones: real too
 
 
 def test_a_chunk_the_renderer_left_unwritten_is_rendered_by_the_trainer(tmp_path, monkeypatch):
@@ -206,7 +206,9 @@ def test_a_chunk_the_renderer_left_unwritten_is_rendered_by_the_trainer(tmp_path
         return np.full((2, 4, 5), seed % 100, np.uint8), np.zeros((2, 10), np.int32)
 
     monkeypatch.setattr(reader, "render_chunk", fake_render)
-    xs, _ = reader._load_epoch(tmp_path, 2, _chunk_args(seed=3), np.random.default_rng(0))
+    monkeypatch.setattr(reader, "real_crops", list)  # no real crops: no real chunks
+    args = _chunk_args(seed=3, pseudo=None, splices=0, real_aug="light")
+    xs, _ = reader._load_epoch(tmp_path, 2, args, np.random.default_rng(0))
     assert sorted(set(xs[:, 0, 0].tolist())) == [0, 1]  # seeds 300000 and 300001
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_0000.npz", "synth_0001.npz"]
 

@@ -872,3 +872,52 @@ def test_a_synced_list_repeating_a_plate_is_merged_not_rejected(wl: Watchlist, t
     src.write_text("plate,action,valid_until\nKLM555,deny,2020-01-01\nKLM555,alert,\n")
     assert _sync(wl, str(src)).sync_once().ok
     assert wl.match("KLM555").action == "alert"
+
+
+def test_a_request_is_answered_by_the_sync_after_it_even_one_that_could_not_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a command's request came back in no result where the sync could not have its lock (a
+    # `lprd watchlist sync` still running): the thread logged a crash and the command was
+    # never answered
+    import fcntl
+
+    import lprd.watchlist as watchlist_mod
+
+    monkeypatch.setattr(watchlist_mod, "SYNC_LOCK_WAIT", 0.3)
+    src = tmp_path / "plates.csv"
+    src.write_text(GOOD_CSV)
+    results: list[SyncResult] = []
+    done = threading.Event()
+
+    def on_result(r: SyncResult, st: SyncStatus) -> None:
+        results.append(r)
+        done.set()
+
+    wl = Watchlist(tmp_path / DB_NAME)
+    sync = WatchlistSync(wl, SyncConfig(source=str(src), interval=3600), on_result=on_result)
+    sync.start()
+    try:
+        assert done.wait(10) and results[-1].ok and results[-1].requests == ()
+        done.clear()
+        held = os.open(f"{wl.path}.sync-lock", os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's sync
+        try:
+            sync.request("first")
+            assert done.wait(10)
+        finally:
+            os.close(held)
+        assert results[-1].requests == ("first",) and not results[-1].ok
+        assert "another sync" in (results[-1].error or "")
+        assert wl.sync_status().last_sync_ok is True  # the other sync's status, not this one's
+        n = len(results)
+        sync.request("second")
+        sync.request("third")  # in the same sync as "second" or the next
+        deadline = time.monotonic() + 10
+        while sum(len(r.requests) for r in results[n:]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [q for r in results[n:] for q in r.requests] == ["second", "third"]
+        assert all(r.ok for r in results[n:])
+    finally:
+        sync.stop()
+        wl.close()
+    assert sync.take_requests() == []

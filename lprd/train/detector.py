@@ -211,9 +211,12 @@ def train(args: argparse.Namespace) -> int:
         st = settled_state(model, run_dir, lambda s: s["steps_done"], st)
     size = tuple(st.get("input", (INPUT_H, INPUT_W))) if resume else args.input
     small = st.get("small_share", 0.0) if resume else args.small_share
-    # the same seed draws the same crops; a resumed run goes on with new ones
+    # the same seed draws the same crops; a resumed run goes on where its generator was (a
+    # state from before that was saved: reseeded)
     seed = st.get("seed", args.seed) + st.get("steps_done", 0) if resume else args.seed
     sampler = SceneSampler(prepare_cache(size), size=args.crop, seed=seed, small_prob=small)
+    if resume and "sampler_rng" in st:
+        sampler.rng.bit_generator.state = st["sampler_rng"]
     if resume:
         log.info("resumed from %s after epoch %d (%d steps), %.2f h spent", ckpt, st["epoch"],
                  st["steps_done"], st["elapsed_s"] / 3600)
@@ -291,6 +294,7 @@ def train(args: argparse.Namespace) -> int:
         st["history"].append(rec)
         st["epoch"] = ep
         st["elapsed_s"] = base + time.time() - t0
+        st["sampler_rng"] = sampler.rng.bit_generator.state
         save_checkpoint(model, st, run_dir, "last.keras")
         plot_curves(st["history"], run_dir / "curves.png")
         log.info("epoch %d: %s", ep, {k: round(v, 4) for k, v in rec.items() if k != "time"})

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = len(ALPHABET) + 1
 PAD_CLASS = len(ALPHABET)  # the slot head's pad class is the CTC head's blank
 CHUNK = 10_000
+REAL_EVERY = 3  # after the first chunks, a real chunk with every third synthetic one
 
 
 # The shipped reader's schedule (reader-20261205-ctc-e64): each stage starts from the last's
@@ -259,6 +260,9 @@ def real_stamp(args: argparse.Namespace) -> str:
     for folder in args.pseudo or []:
         h.update((_file_digest(Path(folder) / "labels.jsonl") or "none").encode())
     h.update(json.dumps([args.splices, args.real_aug, args.seed]).encode())
+    # 2: each chunk its own seeds, the first ones with the scene crops (a cache of before
+    # held four copies of one augmentation without them)
+    h.update(b"real chunks 2")
     return h.hexdigest()[:16]
 
 
@@ -461,34 +465,45 @@ def epoch_chunks(epoch: int, args: argparse.Namespace) -> int:
     return min(args.max_chunks, args.initial_chunks + args.chunks_per_epoch * epoch)
 
 
-def chunks_ready(cache: Path, k: int, renderer_alive: bool, first: int = 0) -> bool:
-    """Whether every chunk below `k` is written: the `first` were before the renderer
-    started; it writes chunk k's synthetic and real files before chunk k+1's, and the last
-    ones before it ends."""
-    return k <= first or (cache / f"synth_{k:04d}.npz").exists() or not renderer_alive
+def real_every(k: int, args: argparse.Namespace) -> int:
+    """The renderer's `real_every` for chunk k: a real chunk with each of the first ones."""
+    return 1 if k < args.initial_chunks else REAL_EVERY
+
+
+def epoch_files(k: int, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The synthetic window (chunks k-window .. k-1) and the real chunks an epoch that
+    reaches chunk k draws from."""
+    return ([f"synth_{i:04d}.npz" for i in range(max(0, k - args.window), k)],
+            [f"real_{i:04d}.npz" for i in range(k) if i % real_every(i, args) == 0])
+
+
+def missing_chunks(cache: Path, k: int, args: argparse.Namespace) -> list[int]:
+    """The chunks of an epoch that reaches chunk k not written yet."""
+    synth, real = epoch_files(k, args)
+    return sorted({chunk_index(Path(f)) for f in synth + real if not (cache / f).exists()})
 
 
 def _load_epoch(cache: Path, k: int, args: argparse.Namespace, rng: np.random.Generator
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """An epoch's synthetic window (chunks k-window .. k-1) and `--real-chunks` real chunks
-    drawn from those below k; rendered here where the renderer left one unwritten."""
-    names = [cache / f"synth_{i:04d}.npz" for i in range(max(0, k - args.window), k)]
-    for f in names:
-        if not f.exists():  # the renderer died
-            _save_chunk(f, *render_chunk(args.seed * 100_000 + chunk_index(f), CHUNK))
-    xs, ys = _concat(names)
-    real = _load_real(cache, args.real_chunks, rng, below=k)
-    if real is not None:
-        xs, ys = np.concatenate([xs, real[0]]), np.concatenate([ys, real[1]])
+    """An epoch's synthetic window and `--real-chunks` of its real chunks (`epoch_files`);
+    rendered here where the renderer left one unwritten (it died)."""
+    for i in missing_chunks(cache, k, args):
+        _renderer(cache, i, i + 1, real_every(i, args), args.seed, args.pseudo, False,
+                  args.splices, args.real_aug == "strong")
+    synth, real = epoch_files(k, args)
+    xs, ys = _concat([cache / f for f in synth])
+    drawn = _load_real(cache, args.real_chunks, rng, [cache / f for f in real])
+    if drawn is not None:
+        xs, ys = np.concatenate([xs, drawn[0]]), np.concatenate([ys, drawn[1]])
     return xs, ys
 
 
-def _load_real(cache: Path, n: int, rng: np.random.Generator, below: int | None = None
+def _load_real(cache: Path, n: int, rng: np.random.Generator, files: list[Path] | None = None
                ) -> tuple[np.ndarray, np.ndarray] | None:
-    """`n` of the augmented real chunks (numbered below `below`), a fresh random pick each
-    epoch (more augmentations)."""
-    files = [f for f in sorted(cache.glob("real_*.npz"))
-             if below is None or chunk_index(f) < below]
+    """`n` of the augmented real chunks (`files`, else all in `cache`), a fresh random pick
+    each epoch (more augmentations)."""
+    files = sorted(cache.glob("real_*.npz")) if files is None else [f for f in files
+                                                                    if f.exists()]
     if not files:
         return None
     pick = rng.choice(len(files), min(n, len(files)), replace=False)
@@ -709,6 +724,10 @@ def train(args: argparse.Namespace) -> int:
     """One training run (a stage) as `args` describe it, resumed from its --run-dir."""
     import tensorflow as tf
 
+    if args.average_from > args.epochs:
+        raise SystemExit(f"--average-from {args.average_from}: past the last epoch "
+                         f"({args.epochs}); nothing would be averaged")
+
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     # float32: bfloat16 is emulated (5x slower) on CPUs without AVX512-BF16, like ours
@@ -728,19 +747,16 @@ def train(args: argparse.Namespace) -> int:
     path.write_text(stamp + "\n")
     # the first chunks, synthetic and real, in the foreground (both cores), the rest in the
     # background
-    first = [f"{kind}_{k:04d}.npz" for k in range(args.initial_chunks) for kind in ("synth", "real")]
-    if not all((args.cache / f).exists() for f in first):
+    if missing_chunks(args.cache, args.initial_chunks, args):
         log.info("rendering the first %d chunks", args.initial_chunks)
         with mp.get_context("spawn").Pool(2) as pool:
             pool.starmap(_renderer, [(args.cache, k, k + 1, 1, args.seed, args.pseudo, False,
                                       args.splices, args.real_aug == "strong")
                                      for k in range(args.initial_chunks)])
-    # the chunks the schedule reaches, and the next (its file tells that the last is done)
-    last = min(args.max_chunks, epoch_chunks(args.epochs - 1, args) + 1)
-    bg = mp.get_context("spawn").Process(
+    bg = mp.get_context("spawn").Process(  # the chunks the schedule reaches
         target=_renderer,
-        args=(args.cache, args.initial_chunks, last, 3, args.seed, args.pseudo, True,
-              args.splices, args.real_aug == "strong"),
+        args=(args.cache, args.initial_chunks, epoch_chunks(args.epochs - 1, args), REAL_EVERY,
+              args.seed, args.pseudo, True, args.splices, args.real_aug == "strong"),
         daemon=True)
     bg.start()
 
@@ -794,10 +810,10 @@ def train(args: argparse.Namespace) -> int:
     for epoch in range(state["epoch"], args.epochs):
         t0 = time.time()
         k = epoch_chunks(epoch, args)
-        if not chunks_ready(args.cache, k, bg.is_alive(), args.initial_chunks):
+        if missing_chunks(args.cache, k, args) and bg.is_alive():
             log.info("waiting for the renderer: epoch %d draws from chunks 0-%d", epoch + 1,
                      k - 1)
-            while not chunks_ready(args.cache, k, bg.is_alive(), args.initial_chunks):
+            while missing_chunks(args.cache, k, args) and bg.is_alive():
                 time.sleep(5)
         xs, ys = _load_epoch(args.cache, k, args, rng)
         n = args.steps_per_epoch * args.batch
@@ -805,6 +821,7 @@ def train(args: argparse.Namespace) -> int:
         hist = model.fit(xs[idx, :, :, None], ys[idx], batch_size=args.batch, epochs=1,
                          verbose=2 if not sys.stdout.isatty() else 1)
         tr = exact_rate(model.predict(xs[idx[:2000], :, :, None], verbose=0), ys[idx[:2000]])
+        del xs, ys  # an export's batch-norm pass loads its own (about 1 GB each)
         sv = exact_rate(model.predict(vx[:, :, :, None], verbose=0), vy)
         rh = exact_rate(model.predict(hx[:, :, :, None], verbose=0), hy)
         rec = {"epoch": epoch + 1, "loss": float(hist.history["loss"][-1]), "train_exact": tr,
