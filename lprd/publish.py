@@ -270,6 +270,7 @@ class Command:
     without); each gets its own answer on `<prefix>/cmd/<verb>/result`."""
     verb: str
     request_ids: tuple[str | None, ...] = (None,)
+    prefix: str | None = None  # the topic prefix it came on: its answer goes there
 
 
 # the statuses of a command's answers: "deferred" comes before the last of the others
@@ -279,6 +280,14 @@ MAX_MERGED_REQUESTS = 64  # request ids kept for one deferred run; more are refu
 # CONNACK) wait this long, at most this many
 RESULT_WAIT = 30.0
 RESULTS_WAITING = 64
+
+
+@dataclasses.dataclass
+class CommandState:
+    """A stopped publisher's commands for the next one (a reload restarts the publisher): when
+    each verb last ran (monotonic) and those deferred, with their request ids."""
+    ran: dict[str, float]
+    deferred: dict[str, tuple[float, list[str | None]]]
 
 
 def command_result_topic(prefix: str, verb: str) -> str:
@@ -539,7 +548,8 @@ class Publisher:
 
     def __init__(self, cfg: MQTTConfig, cameras: Sequence[str], storage_dir: Path,
                  on_command: Callable[[Command], None] | None = None,
-                 actions_sent: OrderedDict[tuple[str, str], None] | None = None) -> None:
+                 actions_sent: OrderedDict[tuple[str, str], None] | None = None,
+                 commands: CommandState | None = None) -> None:
         """`actions_sent`: the (event id, action) pairs already published, kept by the caller
         across publishers (a reload restarts the publisher between a pass's early and final
         events: the gate must not get the action twice)."""
@@ -573,9 +583,11 @@ class Publisher:
         self._client: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self._cmd_thread: threading.Thread | None = None
-        self._cmd_ran: dict[str, float] = {}  # verb: when it last ran (monotonic)
-        # verb: when it runs, the request ids merged into it
-        self._cmd_deferred: dict[str, tuple[float, list[str | None]]] = {}
+        # verb: when it last ran (monotonic); verb: when it runs, the request ids merged into it
+        # (a publisher before this one's: their limits and turns go on)
+        self._cmd_ran: dict[str, float] = dict(commands.ran) if commands else {}
+        self._cmd_deferred: dict[str, tuple[float, list[str | None]]] = (
+            dict(commands.deferred) if commands else {})
         self._ignored = 0  # commands malformed, retained or too big
         # each kind logged at its 1st, 2nd, 4th ...: too big, and malformed or retained
         self._oversized = self._bad = 0
@@ -706,6 +718,10 @@ class Publisher:
         assert status in COMMAND_STATUSES, status
         if self.cfg.enabled:
             self._q.put(("cmd_result", command, status, detail[:1000]))
+
+    def command_state(self) -> CommandState:
+        """Its commands' turns, for the next publisher (read once stopped)."""
+        return CommandState(dict(self._cmd_ran), dict(self._cmd_deferred))
 
     def outbox_depth(self) -> int:
         return self.outbox.depth()
@@ -1498,7 +1514,7 @@ class Publisher:
         return mid
 
     def _publish_command_result(self, command: Command, status: str, detail: str) -> None:
-        topic = command_result_topic(self.prefix, command.verb)
+        topic = command_result_topic(command.prefix or self.prefix, command.verb)
         for rid in command.request_ids:
             payload = json.dumps({"command": command.verb, "request_id": rid, "status": status,
                                   "detail": detail, "time": iso_utc(time.time())}).encode()
@@ -1537,9 +1553,9 @@ class Publisher:
             except queue.Empty:
                 item = None
             if item is _STOP or self._stopped:
-                for verb in self._cmd_deferred:  # a deferred command dies with its publisher
-                    log.warning("command %s: not run (the MQTT publisher stopped before its "
-                                "turn; send it again)", verb)
+                for verb in self._cmd_deferred:  # a reload's next publisher takes it
+                    log.info("command %s: not run by this MQTT publisher (stopped before its "
+                             "turn): the next one, if lprd goes on, runs it", verb)
                 return
             try:
                 if item is not None:
@@ -1548,7 +1564,7 @@ class Publisher:
                 for verb, (at, rids) in list(self._cmd_deferred.items()):
                     if at <= now:
                         del self._cmd_deferred[verb]
-                        self._run_command(Command(verb, tuple(rids)))
+                        self._run_command(Command(verb, tuple(rids), self.prefix))
             except Exception:
                 log.exception("command handling failed (ignored)")
 
@@ -1573,9 +1589,10 @@ class Publisher:
             rid = _request_id_of(payload)
             if rid is not None:  # else none could tell the answer its own (and a flood of
                 # garbage would make as many answers)
-                self.publish_command_result(Command(verb, (rid,)), "refused", str(e))
+                self.publish_command_result(Command(verb, (rid,), self.prefix), "refused",
+                                            str(e))
             return
-        command = Command(verb, (args.get("request_id"),))
+        command = Command(verb, (args.get("request_id"),), self.prefix)
         last = self._cmd_ran.get(verb)
         interval = COMMAND_INTERVAL.get(verb, 0.0)
         if last is not None and time.monotonic() - last < interval:

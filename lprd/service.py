@@ -225,6 +225,7 @@ class Supervisor:
         # reload commands (publish.Command) the next reload answers; the MQTT thread adds
         self._reload_requests: list[Any] = []
         self._requests_lock = threading.Lock()
+        self._commands: Any = None  # publish.CommandState of the last publisher stopped
         self.ready_sent = False
         self.started = time.monotonic()
         self.loop_beat = time.monotonic()
@@ -791,7 +792,8 @@ class Supervisor:
 
         self.publisher = Publisher(self.cfg.mqtt, list(self.cfg.cameras), self.cfg.storage.dir,
                                    on_command=self._on_command,
-                                   actions_sent=self._actions_sent)
+                                   actions_sent=self._actions_sent,
+                                   commands=self._commands)
         self.publisher.start()
         for name, ccfg in self.cfg.cameras.items():
             if not ccfg.enabled:  # else its retained state says what it was when last on
@@ -810,6 +812,7 @@ class Supervisor:
                 self.publisher.stop(timeout=timeout)
             except Exception:
                 log.exception("MQTT publisher did not stop cleanly")
+            self._commands = self.publisher.command_state()  # for a reload's next publisher
             self.publisher = None
 
     def _on_command(self, command: Any) -> None:

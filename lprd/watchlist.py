@@ -1357,6 +1357,15 @@ class WatchlistSync:
             except SyncError as e:  # the lock not had (all else _sync_once answers itself)
                 return self._not_run(requests, str(e))
 
+    def _answerable(self, requests: tuple[Any, ...], ok: bool) -> tuple[Any, ...]:
+        """The requests a sync's result answers: not those of one that failed as it was
+        stopped, which go back to be taken again (a reload's next sync runs them)."""
+        if ok or not self._stopping or not requests:
+            return requests
+        with self._requests_lock:
+            self._requests[:0] = requests
+        return ()
+
     def _not_run(self, requests: tuple[Any, ...], why: str) -> SyncResult:
         """A sync that did not run: nothing recorded (the list and its status are another
         sync's), its requests answered all the same."""
@@ -1365,7 +1374,8 @@ class WatchlistSync:
             status = self.watchlist.sync_status()
         except (sqlite3.Error, WatchlistError):
             status = SyncStatus()
-        result = SyncResult(False, False, status.entries, error=why, requests=requests)
+        result = SyncResult(False, False, status.entries, error=why,
+                            requests=self._answerable(requests, False))
         if self.on_result is not None:
             self.on_result(result, status)
         return result
@@ -1388,7 +1398,9 @@ class WatchlistSync:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:  # another process's sync: wait for it to end
-                    if self._stopping or time.monotonic() > give_up:
+                    if self._stopping:
+                        raise SyncError("not synced: the sync is stopping") from None
+                    if time.monotonic() > give_up:
                         raise SyncError(f"{self._where()}: not synced, another sync (`lprd "
                                         "watchlist sync`?) is still running") from None
                     time.sleep(0.05)
@@ -1481,7 +1493,7 @@ class WatchlistSync:
                                 seconds=time.monotonic() - t0)
             log.warning("watchlist sync failed, keeping the last good list (%d entries): %s",
                         status.entries, msg)
-        result = replace(result, requests=requests)
+        result = replace(result, requests=self._answerable(requests, result.ok))
         if self.on_result is not None:
             self.on_result(result, status)
         return result

@@ -231,7 +231,7 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
 def _save_chunk(out: Path, xs: np.ndarray, ys: np.ndarray) -> None:
     """Write a chunk whole or not at all. The temporary name must not match the trainer's
     `synth_*.npz` / `real_*.npz` globs: a half-written or just-renamed file killed a run."""
-    tmp = out.with_suffix(".partial")
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.partial")  # the trainer may render one too
     with tmp.open("wb") as f:
         np.savez(f, x=xs, y=ys)
     os.replace(tmp, out)
@@ -740,8 +740,8 @@ def train(args: argparse.Namespace) -> int:
     # them (deleted at each start, all but one came back in the background while the first
     # epochs trained on fewer real crops)
     stamp, path = real_stamp(args), args.cache / "real.stamp"
-    # a cache from before the stamp keeps its chunks once (its run resumes as it was)
-    if path.exists() and path.read_text().strip() != stamp:
+    # none: a cache from before the stamp, its first real chunks maybe one augmentation
+    if not path.exists() or path.read_text().strip() != stamp:
         for f in args.cache.glob("real_*.npz"):
             f.unlink()
     path.write_text(stamp + "\n")
