@@ -182,12 +182,40 @@ def discovery_messages(cfg: MQTTConfig, cameras: Sequence[str]) -> list[tuple[st
             payload = b"" if body is None else json.dumps(
                 {**body, **common}, separators=(",", ":")).encode()
             out.append((topic, payload))
+    # the daemon's own device: a button for each command (answers on <prefix>/cmd/+/result)
+    daemon = {"availability": availability, "origin": origin,
+              "device": {"identifiers": [node], "name": f"lprd {cfg.topic_prefix}",
+                         "manufacturer": "lprd", "model": "License plate recognition daemon",
+                         "sw_version": __version__}}
+    buttons = [
+        {"name": "Reload config", "unique_id": f"{node}_reload", "icon": "mdi:reload"},
+        {"name": "Sync watchlist", "unique_id": f"{node}_watchlist_sync",
+         "icon": "mdi:cloud-sync"},
+    ]
+    for body, (_, verb), topic in zip(buttons, _DAEMON_ENTITIES,
+                                      _daemon_discovery_topics(dp, cfg.topic_prefix), strict=True):
+        body |= {"entity_category": "config", "qos": 1,
+                 "command_topic": f"{cfg.topic_prefix}/cmd/{verb}",
+                 # not retained (lprd ignores retained commands); its answer names the caller
+                 "payload_press": json.dumps({"request_id": "home-assistant"}), "retain": False}
+        out.append((topic, json.dumps({**body, **daemon}, separators=(",", ":")).encode()))
     return out
 
 
 # Home Assistant entities per camera: (component, object id suffix).
 _ENTITIES = (("sensor", "plate"), ("binary_sensor", "connected"), ("sensor", "outbox"),
              ("image", "crop"))
+
+
+# the daemon's entities: (component, command); their object ids are the commands' names, which
+# no camera's entity has (theirs end in _plate, _connected ...)
+_DAEMON_ENTITIES = (("button", "reload"), ("button", "watchlist_sync"))
+
+
+def _daemon_discovery_topics(discovery_prefix: str, topic_prefix: str) -> list[str]:
+    node = _slug(topic_prefix)
+    return [f"{discovery_prefix}/{component}/{node}/{verb}/config"
+            for component, verb in _DAEMON_ENTITIES]
 
 
 def _discovery_topics(discovery_prefix: str, topic_prefix: str, camera: str) -> list[str]:
@@ -225,12 +253,17 @@ def retired_messages(old: dict[str, Any], cfg: MQTTConfig,
         dp = old.get("discovery")
         if isinstance(dp, str) and not (kept and now["discovery"] == dp):
             out += [(t, b"") for t in _discovery_topics(dp, prefix, camera)]
+    dp = old.get("discovery")
+    if isinstance(dp, str) and not (prefix == now["prefix"] and now["discovery"] == dp):
+        out += [(t, b"") for t in _daemon_discovery_topics(dp, prefix)]
     # clears the broker refused last time (an ACL), tried again
     pending = old.get("pending")
     out += [(t, b"") for t in pending if isinstance(t, str)] if isinstance(pending, list) else []
     # Two prefixes may share a slug ("home/lprd", "home_lprd"): what this run announces is
     # never cleared, or Home Assistant's entities would go with the old prefix's
     current = {f"{cfg.topic_prefix}/status"}
+    if cfg.discovery.enabled:
+        current |= set(_daemon_discovery_topics(cfg.discovery.prefix, cfg.topic_prefix))
     for camera in cameras:
         base = f"{cfg.topic_prefix}/{camera_level(camera)}"
         current |= {f"{base}/state"} | ({f"{base}/crop"} if cfg.crops else set())

@@ -143,6 +143,18 @@ def test_a_prefix_whose_slug_is_the_old_one_s_keeps_home_assistant_s_entities() 
     assert not any(t.startswith("homeassistant/") for t in cleared)
 
 
+def test_the_daemon_s_buttons_go_with_its_prefix_or_its_discovery() -> None:
+    old = {"prefix": "lprd", "cameras": ["gate"], "crops": False, "discovery": "homeassistant"}
+    buttons = ["homeassistant/button/lprd/reload/config",
+               "homeassistant/button/lprd/watchlist_sync/config"]
+    on = MQTTConfig(discovery={"enabled": True})
+    assert retired_messages(old, on, ["gate"]) == []
+    cleared = [t for t, p in retired_messages(old, MQTTConfig(), ["gate"]) if p == b""]
+    assert set(buttons) <= set(cleared)  # discovery off
+    moved = MQTTConfig(topic_prefix="gate1", discovery={"enabled": True})
+    assert set(buttons) <= {t for t, _ in retired_messages(old, moved, ["gate"])}
+
+
 def test_command_payloads_are_validated_into_plain_dicts() -> None:
     assert parse_command("reload", b"") == {}
     assert parse_command("reload", b"  {}\n") == {}
@@ -553,6 +565,8 @@ HA_KEYS = {
                                   "payload_off"},
     "image": HA_COMMON | {"image_topic", "url_topic", "image_encoding", "content_type",
                           "url_template"},
+    "button": HA_COMMON | {"command_topic", "command_template", "payload_press", "retain",
+                           "device_class"},
 }
 HA_DEVICE_KEYS = {"identifiers", "connections", "manufacturer", "model", "model_id", "name",
                   "hw_version", "serial_number", "sw_version", "via_device", "suggested_area",
@@ -589,6 +603,9 @@ def check_ha_config(component: str, cfg: dict) -> None:
         assert cfg["device_class"] in {"connectivity", "problem", "running", "motion"}
     if component == "sensor" and "state_class" in cfg:
         assert cfg["state_class"] in ("measurement", "total", "total_increasing")
+    if component == "button":
+        assert TOPIC_WITHOUT_WILDCARDS.match(cfg["command_topic"])
+        assert cfg.get("retain") is False  # lprd ignores retained commands
     if component == "image":
         assert ("image_topic" in cfg) != ("url_topic" in cfg)
         assert "content_type" not in cfg or "url_topic" not in cfg
@@ -617,7 +634,7 @@ def test_discovery_payloads_match_home_assistant_schema_and_templates_render(
         publisher: Callable[..., Publisher]) -> None:
     pub = publisher(mosquitto, discovery={"enabled": True}, crops=True)
     ha = mqtt_subscriber(mosquitto, "homeassistant/#", "lprd/#")
-    configs = ha.wait_for(lambda ms: len(ms) >= 8, topic_filter="homeassistant/+/+/+/config")
+    configs = ha.wait_for(lambda ms: len(ms) >= 10, topic_filter="homeassistant/+/+/+/config")
     by_topic = {m.topic: m for m in configs}
     assert all(m.retain for m in configs)
     seen: dict[str, list[str]] = {}
@@ -631,7 +648,8 @@ def test_discovery_payloads_match_home_assistant_schema_and_templates_render(
         seen.setdefault(match["component"], []).append(match["object_id"])
         assert cfg["availability"] == [{"topic": "lprd/status", "payload_available": "online",
                                         "payload_not_available": "offline"}]
-    assert len(set(unique_ids)) == len(unique_ids) == 8
+    assert len(set(unique_ids)) == len(unique_ids) == 10
+    assert sorted(seen["button"]) == ["reload", "watchlist_sync"]
     assert sorted(seen["image"]) == ["back_crop", "gate_crop"]
     assert sorted(seen["binary_sensor"]) == ["back_connected", "gate_connected"]
     assert sorted(seen["sensor"]) == ["back_outbox", "back_plate", "gate_outbox", "gate_plate"]
@@ -666,6 +684,13 @@ def test_discovery_payloads_match_home_assistant_schema_and_templates_render(
     assert render(conn_cfg["value_template"], b'{"connected": false}') == "OFF"
     assert render(conn_cfg["value_template"], b'{"connected": null}') == "None"
     assert render(outbox_cfg["value_template"], state_msg.payload) in ("0", "1")
+    # the daemon's buttons press a command lprd takes, on the topic it listens to
+    for verb in ("reload", "watchlist_sync"):
+        button = by_topic[f"homeassistant/button/lprd/{verb}/config"].json()
+        assert button["command_topic"] == f"lprd/cmd/{verb}"
+        assert parse_command(verb, button["payload_press"].encode()) == {
+            "request_id": "home-assistant"}
+        assert button["device"]["identifiers"] == ["lprd"]
 
 
 def test_discovery_is_republished_when_home_assistant_comes_online(
@@ -673,7 +698,7 @@ def test_discovery_is_republished_when_home_assistant_comes_online(
         publisher: Callable[..., Publisher]) -> None:
     publisher(mosquitto, cameras=("gate",), discovery={"enabled": True})
     ha = mqtt_subscriber(mosquitto, "homeassistant/+/+/+/config")
-    retained = ha.wait_for(lambda ms: len(ms) >= 3)
+    retained = ha.wait_for(lambda ms: len(ms) >= 5)  # 3 of the camera's, 2 buttons
     # Crops are off: the image entity's config was removed (an empty retained payload clears it).
     assert not any(m.topic.startswith("homeassistant/image/") for m in retained)
     ha_client = mqtt.Client(CallbackAPIVersion.VERSION2)
@@ -682,13 +707,13 @@ def test_discovery_is_republished_when_home_assistant_comes_online(
     try:
         ha_client.publish("homeassistant/status", "offline", qos=1).wait_for_publish(5)
         time.sleep(0.3)
-        assert len(ha.snapshot()) == 3
+        assert len(ha.snapshot()) == 5
         ha_client.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
-        msgs = ha.wait_for(lambda ms: len(ms) >= 7)
+        msgs = ha.wait_for(lambda ms: len(ms) >= 11)
     finally:
         ha_client.disconnect()
         ha_client.loop_stop()
-    fresh = msgs[3:]
+    fresh = msgs[5:]
     assert not any(m.retain for m in fresh)  # live deliveries of the republished configs
     assert {m.topic for m in fresh} == {m.topic for m in retained} | {
         "homeassistant/image/lprd/gate_crop/config"}
@@ -712,9 +737,9 @@ def test_discovery_goes_out_once_at_a_connect_that_finds_home_assistant_online(
     ha = mqtt_subscriber(mosquitto, "homeassistant/+/+/+/config")
     time.sleep(0.3)  # subscribed before lprd connects: every delivery is seen
     publisher(mosquitto, cameras=("gate",), discovery={"enabled": True})
-    ha.wait_for(lambda ms: len(ms) >= 4)  # 3 configs and the crop image's empty one
+    ha.wait_for(lambda ms: len(ms) >= 6)  # 3 configs, the crop image's empty one, 2 buttons
     time.sleep(1.5)
-    assert len(ha.snapshot()) == 4
+    assert len(ha.snapshot()) == 6
 
 
 def test_a_camera_removed_from_the_config_leaves_no_retained_topics_behind(
@@ -1582,7 +1607,7 @@ def test_a_flood_of_commands_and_home_assistant_births_is_merged(
     pub = publisher(mosquitto, cameras=("gate",), on_command=calls.append,
                     discovery={"enabled": True})
     ha = mqtt_subscriber(mosquitto, "homeassistant/+/+/+/config")
-    ha.wait_for(lambda ms: len(ms) >= 3)
+    ha.wait_for(lambda ms: len(ms) >= 5)
     answers = mqtt_subscriber(mosquitto, "lprd/cmd/reload/result")
     sender = mqtt.Client(CallbackAPIVersion.VERSION2)
     sender.connect(mosquitto.host, mosquitto.port)
@@ -1607,7 +1632,7 @@ def test_a_flood_of_commands_and_home_assistant_births_is_merged(
     assert calls == [Command("reload", ("0",), "lprd")]  # the rest merged into one, later
     # the ids of the merged ones kept up to a bound, for their answers
     assert pub._cmd_deferred["reload"][1] == [str(i) for i in range(1, 65)]
-    assert len(ha.snapshot()) <= 3 + 4  # one republish of the 3 configs and the image's
+    assert len(ha.snapshot()) <= 5 + 6  # one republish of the 5 configs and the image's
     malformed = [r for r in caplog.records if "ignored malformed" in r.getMessage()]
     assert len(malformed) <= 9  # at 1, 2, 4 ... 128 of the 200
     assert "ignored a command of 100000 bytes on lprd/cmd/reload: over 4096" in caplog.text
