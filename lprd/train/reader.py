@@ -538,6 +538,7 @@ def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
     conv.inference_input_type = tf.uint8
     conv.inference_output_type = tf.float32
     data = conv.convert()
+    out.parent.mkdir(parents=True, exist_ok=True)  # --out in a folder of its own
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, out)
@@ -696,7 +697,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    # stderr: `--evaluate` and `--export-only` print their figures as JSON on stdout
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.export_only:
         export_run(args)
         args.evaluate = True
