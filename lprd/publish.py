@@ -241,6 +241,7 @@ def retired_messages(old: dict[str, Any], cfg: MQTTConfig,
     if not isinstance(prefix, str) or not isinstance(old.get("cameras"), list):
         return []
     out: list[tuple[str, bytes]] = []
+    dp = old.get("discovery")
     if prefix != now["prefix"]:
         out.append((f"{prefix}/status", b""))
     for camera in (c for c in old["cameras"] if isinstance(c, str)):
@@ -250,10 +251,8 @@ def retired_messages(old: dict[str, Any], cfg: MQTTConfig,
             out.append((f"{base}/state", b""))
         if old.get("crops") and not (kept and now["crops"]):
             out.append((f"{base}/crop", b""))
-        dp = old.get("discovery")
         if isinstance(dp, str) and not (kept and now["discovery"] == dp):
             out += [(t, b"") for t in _discovery_topics(dp, prefix, camera)]
-    dp = old.get("discovery")
     if isinstance(dp, str) and not (prefix == now["prefix"] and now["discovery"] == dp):
         out += [(t, b"") for t in _daemon_discovery_topics(dp, prefix)]
     # clears the broker refused last time (an ACL), tried again
@@ -274,9 +273,12 @@ def retired_messages(old: dict[str, Any], cfg: MQTTConfig,
 
 # -- commands -----------------------------------------------------------------------------------
 
+REQUEST_ID_MAX = 128
+
+
 class _Command(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    request_id: str | None = Field(None, min_length=1, max_length=128)
+    request_id: str | None = Field(None, min_length=1, max_length=REQUEST_ID_MAX)
 
 
 class ReloadCommand(_Command):
@@ -334,7 +336,7 @@ def _request_id_of(payload: bytes) -> str | None:
         data = json.loads(payload)
         if isinstance(data, dict):
             rid = data.get("request_id")
-            if isinstance(rid, str) and 0 < len(rid) <= 128:
+            if isinstance(rid, str) and 0 < len(rid) <= REQUEST_ID_MAX:
                 return rid
     return None
 

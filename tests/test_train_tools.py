@@ -164,14 +164,16 @@ def test_a_chunk_being_written_is_invisible_to_the_trainer(tmp_path: Path) -> No
     (tmp_path / "real_0003.partial").write_bytes(b"half a chunk")  # the renderer mid-write
     assert [p.name for p in tmp_path.glob("synth_*.npz")] == ["synth_0007.npz"]
     assert list(tmp_path.glob("real_*.npz")) == []
-    assert reader._load_real(tmp_path, 5, np.random.default_rng(0)) is None
+    assert reader._load_real(5, np.random.default_rng(0),
+                             [tmp_path / "real_0003.npz"]) is None  # not written yet
 
 
 def _chunk_args(**kw):
     import argparse
 
     return argparse.Namespace(**{"initial_chunks": 4, "chunks_per_epoch": 2, "max_chunks": 9,
-                                 "window": 3, "real_chunks": 2, "seed": 1, **kw})
+                                 "window": 3, "real_chunks": 2, "seed": 1, "real": True,
+                                 "pseudo": None, "splices": 0, "real_aug": "light", **kw})
 
 
 def test_an_epoch_draws_the_chunks_its_schedule_names_whatever_the_renderer_has_written(
@@ -197,6 +199,8 @@ def test_an_epoch_draws_the_chunks_its_schedule_names_whatever_the_renderer_has_
         (tmp_path / name).unlink()
     assert reader.missing_chunks(tmp_path, 7, args) == [3, 5]
     assert reader.missing_chunks(tmp_path, 4, args) == [3]  # the first ones: real too
+    # no real crops to make real chunks of: none is waited for
+    assert reader.missing_chunks(tmp_path, 7, _chunk_args(real=False)) == [5]
 
 
 def test_a_chunk_the_renderer_left_unwritten_is_rendered_by_the_trainer(tmp_path, monkeypatch):
@@ -207,7 +211,7 @@ def test_a_chunk_the_renderer_left_unwritten_is_rendered_by_the_trainer(tmp_path
 
     monkeypatch.setattr(reader, "render_chunk", fake_render)
     monkeypatch.setattr(reader, "real_crops", list)  # no real crops: no real chunks
-    args = _chunk_args(seed=3, pseudo=None, splices=0, real_aug="light")
+    args = _chunk_args(seed=3, real=False)
     xs, _ = reader._load_epoch(tmp_path, 2, args, np.random.default_rng(0))
     assert sorted(set(xs[:, 0, 0].tolist())) == [0, 1]  # seeds 300000 and 300001
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_0000.npz", "synth_0001.npz"]
@@ -230,9 +234,10 @@ def test_each_real_chunk_is_its_own_augmentation_whichever_process_renders_it(
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
+    args = _chunk_args(seed=5)
     for k in range(3):  # as the pool renders them
-        reader._renderer(one, k, k + 1, 1, 5, nice=False)
-    reader._renderer(two, 1, 3, 1, 5, nice=False)  # as a renderer started at 1 does
+        reader._renderer(one, [k], args, nice=False)
+    reader._renderer(two, range(1, 3), args, nice=False)  # as a renderer started at 1 does
 
     def real(folder: Path, k: int) -> np.ndarray:
         with np.load(folder / f"real_{k:04d}.npz") as z:

@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -194,12 +195,21 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
-              pseudo: list[Path] | None = None, nice: bool = True, splices: int = 0,
-              strong: bool = False) -> None:
-    """Background process: keeps writing synthetic (and re-augmented real) chunks; with
-    `splices`, that many spliced real crops (`lprd.train.splice`) join each real chunk.
-    Chunk k is the same whoever renders it and when: its own seeds."""
+def training_crops(pseudo: list[Path] | None) -> list:
+    """The real crops training may see: those not held out, and the scene crops'."""
+    crops = [c for c in real_crops() if not is_heldout(c.text)]
+    for folder in pseudo or []:
+        crops += pseudo_crops(folder)
+    return crops
+
+
+def _renderer(cache: Path, chunks: Iterable[int], args: argparse.Namespace,
+              nice: bool = True) -> None:
+    """Writes the synthetic chunks numbered `chunks` and the re-augmented real ones that go
+    with them (`real_every`; with --splices, that many spliced real crops,
+    `lprd.train.splice`, join each real chunk); in the background with `nice`. Chunk k is the
+    same whoever renders it and when: its own seeds."""
+    seed, splices = args.seed, args.splices
     if nice:
         os.nice(10)
         # it ends with the trainer, a killed one too (it went on rendering, an orphan)
@@ -207,21 +217,19 @@ def _renderer(cache: Path, start: int, stop_at: int, real_every: int, seed: int,
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    crops = [c for c in real_crops() if not is_heldout(c.text)]
-    for folder in pseudo or []:
-        crops += pseudo_crops(folder)
+    crops = training_crops(args.pseudo)
     boxed = box_crops(crops) if splices else []
-    for k in range(start, stop_at):
+    for k in chunks:
         out = cache / f"synth_{k:04d}.npz"
         if not out.exists():
             _save_chunk(out, *render_chunk(seed * 100_000 + k, CHUNK))
-        if crops and k % real_every == 0:
+        if crops and k % real_every(k, args) == 0:
             rout = cache / f"real_{k:04d}.npz"
             if not rout.exists():
                 # one generator a chunk: one for the process made the pool's chunks 1-3
                 # copies of one another, and a restarted renderer repeat the first ones
                 rng = np.random.default_rng([seed + 7, k])
-                xs, ys = real_arrays(crops, rng, copies=6, strong=strong)
+                xs, ys = real_arrays(crops, rng, copies=6, strong=args.real_aug == "strong")
                 more = splice_arrays(boxed, rng, splices) if boxed else None
                 if more is not None:
                     xs, ys = np.concatenate([xs, more[0]]), np.concatenate([ys, more[1]])
@@ -472,9 +480,9 @@ def real_every(k: int, args: argparse.Namespace) -> int:
 
 def epoch_files(k: int, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The synthetic window (chunks k-window .. k-1) and the real chunks an epoch that
-    reaches chunk k draws from."""
+    reaches chunk k draws from (none where there are no real crops: `args.real`)."""
     return ([f"synth_{i:04d}.npz" for i in range(max(0, k - args.window), k)],
-            [f"real_{i:04d}.npz" for i in range(k) if i % real_every(i, args) == 0])
+            [f"real_{i:04d}.npz" for i in range(k) if args.real and i % real_every(i, args) == 0])
 
 
 def missing_chunks(cache: Path, k: int, args: argparse.Namespace) -> list[int]:
@@ -487,23 +495,22 @@ def _load_epoch(cache: Path, k: int, args: argparse.Namespace, rng: np.random.Ge
                 ) -> tuple[np.ndarray, np.ndarray]:
     """An epoch's synthetic window and `--real-chunks` of its real chunks (`epoch_files`);
     rendered here where the renderer left one unwritten (it died)."""
-    for i in missing_chunks(cache, k, args):
-        _renderer(cache, i, i + 1, real_every(i, args), args.seed, args.pseudo, False,
-                  args.splices, args.real_aug == "strong")
+    missing = missing_chunks(cache, k, args)
+    if missing:
+        _renderer(cache, missing, args, nice=False)
     synth, real = epoch_files(k, args)
     xs, ys = _concat([cache / f for f in synth])
-    drawn = _load_real(cache, args.real_chunks, rng, [cache / f for f in real])
+    drawn = _load_real(args.real_chunks, rng, [cache / f for f in real])
     if drawn is not None:
         xs, ys = np.concatenate([xs, drawn[0]]), np.concatenate([ys, drawn[1]])
     return xs, ys
 
 
-def _load_real(cache: Path, n: int, rng: np.random.Generator, files: list[Path] | None = None
+def _load_real(n: int, rng: np.random.Generator, files: list[Path]
                ) -> tuple[np.ndarray, np.ndarray] | None:
-    """`n` of the augmented real chunks (`files`, else all in `cache`), a fresh random pick
-    each epoch (more augmentations)."""
-    files = sorted(cache.glob("real_*.npz")) if files is None else [f for f in files
-                                                                    if f.exists()]
+    """`n` of the augmented real chunks `files` (those written), a fresh random pick each
+    epoch (more augmentations)."""
+    files = [f for f in files if f.exists()]
     if not files:
         return None
     pick = rng.choice(len(files), min(n, len(files)), replace=False)
@@ -654,7 +661,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--initial-chunks", type=int, default=4)
-    ap.add_argument("--max-chunks", type=int, default=60, help="synthetic chunks of 10k to render")
+    ap.add_argument("--max-chunks", type=int, default=60,
+                    help="at most this many synthetic chunks of 10k (the schedule's reach "
+                         "is rendered)")
     ap.add_argument("--window", type=int, default=12,
                     help="synthetic chunks used per epoch: the newest the schedule has reached")
     ap.add_argument("--chunks-per-epoch", type=int, default=2,
@@ -669,9 +678,10 @@ def parser() -> argparse.ArgumentParser:
                     help="stop after this epoch (the schedule still spans --epochs); reproduces "
                          "a run that a --deadline cut short")
     ap.add_argument("--average-from", type=int, default=0,
-                    help="export the mean of the weights after each epoch from this one on "
+                    help="export the mean of the weights after each of this run's epochs from "
+                         "this one on (not counting --init-from's) instead of the last epoch's "
                          "(stochastic weight averaging; its batch-norm statistics measured "
-                         "again on training crops) instead of the last epoch's; 0: off")
+                         "again on training crops); 0: off")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (fine-tuning; new optimizer)")
     ap.add_argument("--pseudo", type=Path, nargs="+", default=None,
@@ -719,6 +729,7 @@ def export_run(args: argparse.Namespace) -> None:
     model = tf.keras.models.load_model(args.run_dir / "model.keras")
     crops = real_crops()
     held = [c for c in crops if is_heldout(c.text)]
+    args.real = bool(training_crops(args.pseudo))  # for --average-from's batch-norm pass
     _export(tf, model, args, state, crops, held)
 
 
@@ -747,18 +758,17 @@ def train(args: argparse.Namespace) -> int:
         for f in args.cache.glob("real_*.npz"):
             f.unlink()
     path.write_text(stamp + "\n")
+    args.real = bool(training_crops(args.pseudo))  # else no real chunk is ever written
     # the first chunks, synthetic and real, in the foreground (both cores), the rest in the
     # background
-    if missing_chunks(args.cache, args.initial_chunks, args):
-        log.info("rendering the first %d chunks", args.initial_chunks)
+    first = missing_chunks(args.cache, args.initial_chunks, args)
+    if first:
+        log.info("rendering the first %d chunks", len(first))
         with mp.get_context("spawn").Pool(2) as pool:
-            pool.starmap(_renderer, [(args.cache, k, k + 1, 1, args.seed, args.pseudo, False,
-                                      args.splices, args.real_aug == "strong")
-                                     for k in range(args.initial_chunks)])
+            pool.starmap(_renderer, [(args.cache, [k], args, False) for k in first])
     bg = mp.get_context("spawn").Process(  # the chunks the schedule reaches
         target=_renderer,
-        args=(args.cache, args.initial_chunks, epoch_chunks(args.epochs - 1, args), REAL_EVERY,
-              args.seed, args.pseudo, True, args.splices, args.real_aug == "strong"),
+        args=(args.cache, range(args.initial_chunks, epoch_chunks(args.epochs - 1, args)), args),
         daemon=True)
     bg.start()
 
@@ -924,6 +934,8 @@ def _averaged_model(tf, model, args, state):
     """`model` with the mean of its snapshots from --average-from on, or None (no snapshot)."""
     got = averaged_weights(args.run_dir, args.average_from, state["epoch"])
     if got is None:
+        log.warning("--average-from %d: no weights saved after epoch %d or later in %s: the "
+                    "last epoch's exported", args.average_from, args.average_from, args.run_dir)
         return None
     weights, epochs = got
     avg = tf.keras.models.clone_model(model)
@@ -938,8 +950,7 @@ def _averaged_model(tf, model, args, state):
 
 def _export(tf, model, args, state, crops, held) -> None:
     init = state.get("init_from", {})
-    averaged = (_averaged_model(tf, model, args, state)
-                if getattr(args, "average_from", 0) else None)
+    averaged = _averaged_model(tf, model, args, state) if args.average_from else None
     if averaged is not None:
         model, epochs = averaged
     meta = {
