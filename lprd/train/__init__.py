@@ -33,10 +33,17 @@ def save_checkpoint(model, state: dict, run_dir, weights: str, state_name: str =
     run_dir = Path(run_dir)
     nxt = run_dir / f"{state_name}.next"
     write_json(nxt, state)  # whole or absent: a cut one blocked resumes
-    tmp = run_dir / f"{Path(weights).stem}.tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, run_dir / weights)
+    save_model(model, run_dir / weights)
     os.replace(nxt, run_dir / state_name)
+
+
+def save_model(model, path) -> None:
+    """A Keras model at `path` (.keras), whole or not at all: Keras writes in place, so through
+    a temporary file (its name must end in .keras too)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
 
 
 def settled_state(model, run_dir, steps_of, state: dict, state_name: str = "state.json"

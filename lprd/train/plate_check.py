@@ -41,7 +41,7 @@ import numpy as np
 
 from lprd.detect import box_to_target, check_window, window_rect
 from lprd.track import iou
-from lprd.train import hw_size, write_json
+from lprd.train import hw_size, save_model, write_json
 from lprd.train.scenes import load_scenes
 
 log = logging.getLogger("lprd.train.plate_check")
@@ -428,9 +428,7 @@ def save_epoch_checkpoint(model, st: dict, run_dir: Path) -> None:
     them: a stop between the two leaves the state of the epoch before, whose weights are still
     there. Weights no state names any more (an older epoch, not the best) go after."""
     name = f"epoch-{st['epoch']:03d}.keras"
-    tmp = run_dir / f"epoch-{st['epoch']:03d}.tmp.keras"  # Keras wants the suffix
-    model.save(tmp)
-    os.replace(tmp, run_dir / name)
+    save_model(model, run_dir / name)
     st["checkpoint"] = name
     write_json(run_dir / "state.json", st)
     keep = {name, (st.get("best") or {}).get("checkpoint")}
@@ -560,16 +558,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
     if st.get("finished"):
         log.info("%s: all %d epochs trained; exporting again", run_dir, args.epochs)
-    model.save(run_dir / "last.tmp.keras")
-    os.replace(run_dir / "last.tmp.keras", run_dir / "last.keras")
+    save_model(model, run_dir / "last.keras")
     chosen = st["history"][-1]
     if st["best"] is not None:
         chosen = st["history"][st["best"]["epoch"] - 1]
         model.set_weights(keras.models.load_model(
             run_dir / st["best"]["checkpoint"], compile=False,
             custom_objects={"masked_huber": masked_huber}).get_weights())
-        model.save(run_dir / "best.tmp.keras")
-        os.replace(run_dir / "best.tmp.keras", run_dir / "best.keras")
+        save_model(model, run_dir / "best.keras")
         log.info("exporting epoch %d, the most validation false boxes rejected from epoch %d on",
                  chosen["epoch"], args.keep_best_from)
     export(model, args.out, chosen, d, args.cache, run_dir)
