@@ -224,14 +224,27 @@ def _seek(cap: cv2.VideoCapture, pos: int, fps: float) -> bool:
     return bool(cap.set(cv2.CAP_PROP_POS_FRAMES, pos))  # the checked frame again, next
 
 
-def _open(source: str, kind: SourceKind, open_timeout: float,
-          read_timeout: float) -> cv2.VideoCapture:
+def v4l2_size(cfg: CameraConfig) -> tuple[int, int]:
+    """The frame size to ask a V4L2 camera for: `resolution`, else max_width at 16:9."""
+    return cfg.resolution or (cfg.max_width, cfg.max_width * 9 // 16)
+
+
+def _open(source: str, kind: SourceKind, open_timeout: float, read_timeout: float,
+          size: tuple[int, int] = (1920, 1080)) -> cv2.VideoCapture:
     if kind is SourceKind.V4L2:
         # OpenCV waits 10 s for a V4L2 frame unless told otherwise; it reads this once, at the
         # first wait, and a capture process has one camera
         os.environ.setdefault("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT",
                               str(max(1, math.ceil(read_timeout))))
-        return cv2.VideoCapture(source, cv2.CAP_V4L2)
+        cap = cv2.VideoCapture(source, cv2.CAP_V4L2)
+        if cap.isOpened():
+            # OpenCV opens a camera at 640x480 YUYV: a 1080p camera's plates read from VGA.
+            # MJPG first: uncompressed 1080p passes USB 2 at a few frames a second. The driver
+            # takes the nearest size it has; one without MJPG keeps its own format.
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*"MJPG"))
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, size[0])
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, size[1])
+        return cap
     # FFmpeg writes its own errors to stderr, one or two each reconnect of a flapping stream
     # (50,000 lines a day); ours say what happened. At debug level they are kept.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL",
@@ -488,7 +501,7 @@ class Capture:
                          "number since the last boot? /dev/v4l/by-id/ names stay the same)")
         # a sign of life just before a call that may block for open_timeout
         self._put(self.events, Alive(self.camera), must=True)
-        cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout)
+        cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout, v4l2_size(cfg))
         try:
             if not cap.isOpened():
                 why = ("corrupt, truncated or not a video" if self.is_file
@@ -508,7 +521,8 @@ class Capture:
                     # reopened after a failure: resume, do not replay; where a seek cannot
                     # land on the frame, read up to it from the start
                     cap.release()
-                    cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout)
+                    cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout,
+                                v4l2_size(cfg))
                     for i in range(self._file_pos):
                         if i % 25 == 0:
                             if self.stop.is_set():
@@ -602,7 +616,8 @@ class Capture:
                     raise _Ended(f"unusable frame: {e}") from None
                 bad = 0
                 last_good = time.monotonic()
-                motion = self.gate.update(frame, ts)
+                # a live frame's keep_alive on the monotonic clock: an NTP step cut it short
+                motion = self.gate.update(frame, ts if self.is_file else time.monotonic())
                 seq = self.ring.write(frame, ts, motion)
                 self._got += 1
                 self._frames_to = time.monotonic()

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
+from urllib.request import url2pathname
 
 import yaml
 from pydantic import (
@@ -104,9 +105,22 @@ class ReconnectConfig(_Strict):
     max: float = Field(30.0, gt=0, description="longest backoff, seconds")
 
 
+def _file_url_path(v: str) -> str:
+    # file:///srv/clip.mp4 passed as a file, and capture then looked for the file
+    # "file:/srv/clip.mp4" forever
+    if not v.lower().startswith("file://"):
+        return v
+    parts = urlsplit(v)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        raise ValueError(f"{v}: a file URL names a local file by its whole path, "
+                         "file:///path/to/clip.mp4")
+    return url2pathname(parts.path)
+
+
 class CameraConfig(_Strict):
-    source: Source = Field(..., min_length=1, description="file path, rtsp://, http(s)://, "
-                        "/dev/videoN or /dev/v4l/by-id/...")
+    source: Annotated[Source, AfterValidator(_file_url_path)] = Field(
+        ..., min_length=1, description="file path (or file:///path), rtsp://, http(s)://, "
+        "/dev/videoN or /dev/v4l/by-id/...")
     fps: float = Field(5.0, ge=0.0, description="frames analysed per second; 0 = every frame")
     realtime: bool | None = Field(
         None, description="files: pace at the clip's own rate (true) or as fast as possible"
@@ -128,6 +142,10 @@ class CameraConfig(_Strict):
     # 7680: 8K UHD, the widest camera stream there is; the ring holds ring_slots frames of
     # this width in shared memory, and a far wider one cannot even be mapped.
     max_width: int = Field(1920, ge=64, le=7680, description="larger frames are scaled down first")
+    resolution: tuple[Annotated[int, Field(ge=16, le=7680)],
+                      Annotated[int, Field(ge=16, le=7680)]] | None = Field(
+        None, description="V4L2 devices: [width, height] to ask the camera for (in MJPG); "
+        "default: the largest it has up to max_width at 16:9")
 
     @field_validator("reconnect")
     @classmethod
@@ -136,12 +154,14 @@ class CameraConfig(_Strict):
             raise ValueError("reconnect.max must be >= reconnect.initial")
         return v
 
-    @field_validator("roi", mode="before")
+    @field_validator("roi", "resolution", mode="before")
     @classmethod
-    def _roi_four_numbers(cls, v: Any) -> Any:
+    def _numbers(cls, v: Any, info: ValidationInfo) -> Any:
         # pydantic says "roi.3: required key is missing" for three numbers
-        if v is not None and (not isinstance(v, list | tuple) or len(v) != 4):
-            raise ValueError(f"must be four numbers [x, y, w, h] in pixels, got {v!r}")
+        what = "four numbers [x, y, w, h]" if info.field_name == "roi" else \
+            "two numbers [width, height]"
+        if v is not None and (not isinstance(v, list | tuple) or len(v) != len(what.split(","))):
+            raise ValueError(f"must be {what} in pixels, got {v!r}")
         return v
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -27,6 +28,10 @@ MEMORY = ":memory:"  # an Outbox at this path keeps its messages in memory only
 CLOCK_FLOOR = 1_735_689_600.0
 FUTURE_SLACK = 60.0  # s: a message stamped later than now by more was stamped by a wrong clock
 KINDS = ("event", "action", "crop")
+# The outbox files this process has opened, by (device, inode): the highest seq then. The rows
+# at or below it were written by an earlier run under that run's clock; a step of this run's
+# clock says nothing of their stamps (a reopen by a restarted publisher keeps the mark).
+_RUN_START: dict[tuple[int, int], int] = {}
 _INSERT = ("INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, created) "
            "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -205,6 +210,32 @@ class Outbox:
                 log.warning("outbox: %d message(s) of the unreadable one could still be read; "
                             "they wait in the new one", len(rows))
             self._count()
+        self._run_seq = self._start_run()
+
+    def _start_run(self) -> int:
+        """This run's first seq less one (`_RUN_START`); at the run's first open, the actions
+        of earlier runs whose age cannot be told are dropped: stamped by an unset clock, or
+        later than now (a box without RTC that came back at its last saved time). A clock
+        step later would make such an action look fresh: a gate opened hours late."""
+        if self.in_memory:
+            return 0
+        st = os.stat(self.path)
+        key = (st.st_dev, st.st_ino)
+        if key in _RUN_START:
+            return _RUN_START[key]
+        with self._lock, self._transaction():
+            top = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
+            rows = self._db.execute(
+                "DELETE FROM messages WHERE kind = 'action' AND (created < ? OR created > ?) "
+                "RETURNING seq, event_id, camera, kind, length(payload)",
+                (CLOCK_FLOOR, self._clock() + FUTURE_SLACK)).fetchall()
+        self._bytes -= sum(r[4] for r in rows)
+        if rows:
+            log.warning("outbox: %d watchlist action(s) from before this start not sent: their "
+                        "age cannot be told (stamped by an unset clock or later than now); "
+                        "their events, which carry the match, still go", len(rows))
+        _RUN_START[key] = top
+        return top
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -356,12 +387,14 @@ class Outbox:
         a forward step (a box without RTC that boots at its last shutdown time, then syncs) ages
         the waiting messages by the step, and more than max_age drops them all before they are
         sent. Messages put in the last `since` seconds (the span in which the step was seen),
-        stamped within it by the new clock, are already right."""
+        stamped within it by the new clock, are already right, and those of earlier runs were
+        stamped by another clock (shifted, a box's time off would vanish from their age)."""
         now = self._clock()
         with self._lock:
-            self._db.execute("UPDATE messages SET created = created + ? WHERE created >= ? "
+            # an unset clock's stamps too: the clock that stepped made them
+            self._db.execute("UPDATE messages SET created = created + ? WHERE seq > ? "
                              "AND NOT created BETWEEN ? AND ?",
-                             (delta, CLOCK_FLOOR, now - since - 1.0, now + 1.0))
+                             (delta, self._run_seq, now - since - 1.0, now + 1.0))
 
     def expire(self) -> DropReport | None:
         """Drop messages older than max_age (not those stamped by an unset clock)."""

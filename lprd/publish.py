@@ -945,7 +945,7 @@ class Publisher:
 
             def shifted(created: float) -> float:
                 fresh = now - clock.elapsed - 1.0 <= created <= now + 1.0
-                return created if created < CLOCK_FLOOR or fresh else created + jump
+                return created if fresh else created + jump  # an unset clock's stamps too
 
             self._direct = deque((shifted(c), m) for c, m in self._direct)
             self._direct_sent = [(i, (shifted(c), m)) for i, (c, m) in self._direct_sent]
@@ -1554,6 +1554,9 @@ class Publisher:
             payload = json.dumps({"command": command.verb, "request_id": rid, "status": status,
                                   "detail": detail, "time": iso_utc(time.time())}).encode()
             if self._publish_raw(topic, payload) is None:
+                if len(self._results_waiting) == RESULTS_WAITING:
+                    log.warning("MQTT: %d answers already wait for the broker: the oldest, on "
+                                "%s, is dropped", RESULTS_WAITING, self._results_waiting[0][1])
                 self._results_waiting.append((time.monotonic() + RESULT_WAIT, topic, payload))
 
     def _send_waiting_results(self) -> None:

@@ -108,7 +108,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+# the outbox deletes with RETURNING: on an older SQLite every ack failed and the outbox was
+# sent again in full at each start
+SQLITE_MIN = (3, 35, 0)
+
+
 def _run(args: argparse.Namespace) -> int:
+    if sqlite3.sqlite_version_info < SQLITE_MIN:
+        print_error(f"lprd needs SQLite {'.'.join(map(str, SQLITE_MIN))} or newer; this Python's "
+                    f"sqlite3 module has {sqlite3.sqlite_version} (use a Python built with a "
+                    "newer SQLite: Debian 12, Ubuntu 24.04 and Raspberry Pi OS bookworm have one)")
+        return EXIT_CONFIG
     try:
         cfg = load_config(args.config)
         problems = model_file_problems(cfg)
@@ -401,8 +411,7 @@ class Supervisor:
             ring = FrameRing.create(name_in_shm, ccfg.ring_slots, h, w)
         except FileExistsError as e:  # another's: never unlinked here
             log.error("camera %s: cannot create its frame ring: %s", name, e)
-            if self.once:
-                self._skipped.append(name)
+            self._ring_failed(name, f"cannot create its frame ring: {e}")
             return
         except (OSError, ValueError, OverflowError) as e:
             # /dev/shm full or too small, or a ring too large to map (a large max_width and
@@ -412,12 +421,21 @@ class Supervisor:
             # SharedMemory removes the segment it made only on OSError
             with contextlib.suppress(OSError):
                 os.unlink(f"/dev/shm/{name_in_shm}")
-            if self.once:
-                self._skipped.append(name)  # a file not read: exit status 1
+            self._ring_failed(name, f"cannot create its frame ring (lower max_width or "
+                                    f"ring_slots): {e}")
             return
         cam = _Camera(name, ccfg, ring, _Child(f"capture:{name}", _capture_entry))
         self.cameras[name] = cam
         self._start_capture(cam)
+
+    def _ring_failed(self, name: str, error: str) -> None:
+        if self.once:
+            self._skipped.append(name)  # a file not read: exit status 1
+        if self.publisher is not None:
+            # its retained state said what it was last (connected: true): no process of it
+            # runs to say otherwise
+            with contextlib.suppress(Exception):
+                self.publisher.publish_state(CameraState(name, connected=False, error=error))
 
     def _start_capture(self, cam: _Camera) -> None:
         child = cam.child

@@ -43,6 +43,7 @@ from lprd.capture import (
     redact_source,
     ring_shape,
     source_kind,
+    v4l2_size,
 )
 from lprd.config import CameraConfig, MotionConfig
 from lprd.ring import FrameRing, Lapped
@@ -868,6 +869,14 @@ def test_a_missing_v4l2_device_is_reported_as_missing(cams: Callable[..., Cam]) 
 
 def test_ring_shape_fits_a_4_3_frame_at_max_width() -> None:
     assert ring_shape(CameraConfig(source="x", max_width=1920)) == (1440, 1920)
+
+
+def test_a_v4l2_camera_is_asked_for_its_configured_size_or_max_width_at_16_9() -> None:
+    # OpenCV opened every USB camera at 640x480: a 1080p camera's plates were read from VGA.
+    # (What a real camera's driver makes of the request was not tried: no camera here.)
+    assert v4l2_size(CameraConfig(source="/dev/video0")) == (1920, 1080)
+    assert v4l2_size(CameraConfig(source="/dev/video0", max_width=1280)) == (1280, 720)
+    assert v4l2_size(CameraConfig(source="/dev/video0", resolution=[1600, 1200])) == (1600, 1200)
 
 
 def test_frame_refs_can_go_to_their_own_queue_and_eof_says_the_last_seq(

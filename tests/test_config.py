@@ -122,6 +122,10 @@ BAD_CONFIGS = [
      "cameras.gate.roi.2: Input should be greater than or equal to 2"),
     ("cameras:\n  gate:\n    source: x.mp4\n    roi: [1919, 0, 100, 100]\n",
      "cameras.gate: roi x (1919) must be at most max_width - 2 (1918)"),
+    ("cameras:\n  gate:\n    source: /dev/video0\n    resolution: 1920x1080\n",
+     "cameras.gate.resolution: must be two numbers [width, height] in pixels, got '1920x1080'"),
+    ("cameras:\n  gate:\n    source: /dev/video0\n    resolution: [1920, 8]\n",
+     "cameras.gate.resolution.1: Input should be greater than or equal to 16"),
     ("watchlist:\n  sync:\n    list: \"night\\tshift\"\n",
      "watchlist.sync.list: must be 1-64 printable characters"),
     (f"watchlist:\n  sync:\n    list: {'x' * 65}\n",
@@ -473,3 +477,22 @@ def test_a_file_url_still_names_the_sync_source(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("watchlist:\n  sync:\n    source: FILE:///srv/list.csv\n")
     assert load_config(f).watchlist.sync.source == "FILE:///srv/list.csv"
+
+
+def test_a_file_url_camera_source_names_its_file(tmp_path, capsys):
+    # capture took file:///srv/clip.mp4 for the path "file:/srv/clip.mp4" and retried "file not
+    # found" forever; check-config skipped it as a URL
+    clip = tmp_path / "my clip.mp4"
+    clip.write_bytes(b"x" * 10)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"cameras:\n  gate:\n    source: file://{clip.as_uri()[7:]}\n"
+                 f"  back:\n    source: FILE://localhost{tmp_path}/gone.mp4\n")
+    cams = load_config(f).cameras
+    assert cams["gate"].source == str(clip)  # %20 a space again
+    assert cams["back"].source == str(tmp_path / "gone.mp4")
+    assert main(["--config", str(f), "check-config"]) == 2
+    assert f"cameras.back.source: {tmp_path / 'gone.mp4'}" in capsys.readouterr().err
+    f.write_text("cameras:\n  gate:\n    source: file://nas/clips/a.mp4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "cameras.gate.source: file://nas/clips/a.mp4: a file URL names a local file" in str(e.value)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import lprd.outbox
 from lprd.outbox import Outbox, OutboxMessage
 
 
@@ -191,6 +192,71 @@ def test_an_event_put_after_a_backward_step_keeps_its_stamp(tmp_path: Path) -> N
     ages = {p.message.event_id: clock.t - p.created for p in ob.pending()}
     assert ages == {"ev00001": pytest.approx(0.0), "ev00002": pytest.approx(0.0)}
     assert ob.expire() is None and ob.depth() == 2
+
+
+def _new_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a new process would see: no outbox opened yet."""
+    monkeypatch.setattr(lprd.outbox, "_RUN_START", {})
+
+
+def test_an_action_of_an_earlier_run_whose_age_cannot_be_told_is_never_sent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    # A box without RTC, the broker away: an allow is queued after its clock's last hourly
+    # save, the power goes, and it boots hours later at the saved time. The allow, stamped
+    # "in the future", was restamped now, then shifted with the NTP step: it looked 20 s old
+    # and the gate opened for a car gone for hours.
+    path = tmp_path / "o.sqlite"
+    clock = Clock()
+    ob = Outbox(path, clock=clock)
+    ob.put(_event(1, action="allow"))
+    ob.put(_event(2, action="allow"))
+    clock.t = 1000.0  # and one stamped by a clock never set
+    ob.put(_event(3, action="allow"))
+    ob.close()
+    _new_run(monkeypatch)
+    clock.t = 1_795_000_000.0 - 1800  # back at the time saved half an hour before
+    with caplog.at_level(logging.WARNING, logger="lprd.outbox"):
+        ob = Outbox(path, clock=clock)
+    assert "3 watchlist action(s) from before this start not sent" in caplog.text
+    assert [(p.message.event_id, p.message.kind) for p in ob.pending()] == [
+        ("ev00001", "event"), ("ev00002", "event"), ("ev00003", "event")]
+    assert ob.depth() == 3
+
+
+def test_a_clock_step_moves_this_run_s_stamps_not_an_earlier_run_s(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the earlier run stamped by its own (right) clock: shifted by this run's step, the hours
+    # the box was off vanished from their age, and max_age never counted them
+    path = tmp_path / "o.sqlite"
+    clock = Clock()
+    ob = Outbox(path, clock=clock)
+    ob.put(_event(1, action="allow"))  # 10 s before the power cut, stamped right
+    ob.close()
+    _new_run(monkeypatch)
+    clock.t += 10  # boots at its last saved time (no RTC), 5 h late
+    ob = Outbox(path, clock=clock)
+    ob.put(_event(2))
+    ob.close()
+    ob = Outbox(path, clock=clock)  # a publisher restarted by a reload: the same run
+    ob.put(_event(3))
+    clock.t += 5 * 3600 + 5  # NTP
+    ob.shift_clock(5 * 3600)
+    ages = {(p.message.event_id, p.message.kind): round(clock.t - p.created)
+            for p in ob.pending()}
+    assert ages == {("ev00001", "event"): 5 * 3600 + 15, ("ev00001", "action"): 5 * 3600 + 15,
+                    ("ev00002", "event"): 5, ("ev00003", "event"): 5}
+
+
+def test_a_clock_step_gives_stamps_of_an_unset_clock_their_age(tmp_path: Path) -> None:
+    # booted offline with no clock at all: an allow queued then kept its 1970 stamp after NTP
+    # set the clock, so its age stayed unknown and it was sent however late
+    clock = Clock(t=100.0)
+    ob = Outbox(tmp_path / "o.sqlite", clock=clock)
+    ob.put(_event(1, action="allow"))
+    clock.t = 1_795_000_000.0
+    ob.shift_clock(1_795_000_000.0 - 100.0 - 300)  # NTP 5 minutes after the car
+    assert {round(clock.t - p.created) for p in ob.pending()} == {300}
 
 
 def test_only_the_newest_crop_of_a_camera_waits(tmp_path: Path) -> None:

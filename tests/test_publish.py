@@ -864,6 +864,28 @@ def test_a_deferred_command_runs_on_the_next_publisher_after_a_restart(
     assert second._cmd_ran["watchlist_sync"] >= first._cmd_ran["watchlist_sync"] + 1.9
 
 
+def test_answers_past_those_that_can_wait_for_the_broker_are_dropped_with_a_warning(
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    # answers made while not connected wait for the broker, at most RESULTS_WAITING of them:
+    # the oldest went without a word
+    import lprd.publish
+
+    class Nowhere:
+        host, port = "127.0.0.1", free_port()  # nothing listens: never connected
+
+    pub = publisher(Nowhere, connect=False)
+    ids = tuple(f"r{i}" for i in range(lprd.publish.RESULTS_WAITING + 2))
+    with caplog.at_level(logging.WARNING, logger="lprd.publish"):
+        pub.publish_command_result(Command("reload", ids), "done", "reloaded")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(
+                "answers already wait" in r.getMessage() for r in caplog.records) < 2:
+            time.sleep(0.05)
+        time.sleep(0.2)  # and no more
+    dropped = [r.getMessage() for r in caplog.records if "answers already wait" in r.getMessage()]
+    assert len(dropped) == 2 and "lprd/cmd/reload/result" in dropped[0]
+
+
 def test_an_answer_goes_under_the_prefix_its_command_came_on(
         mosquitto: Any, mqtt_subscriber: Callable[..., Any],
         publisher: Callable[..., Publisher]) -> None:

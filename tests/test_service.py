@@ -571,6 +571,23 @@ def test_an_unreadable_tls_key_is_a_config_error_in_the_journal_at_error_priorit
     assert f"<3>{config}: mqtt.tls.key: cannot read {key}: Permission denied" in run.stderr
 
 
+def test_an_sqlite_too_old_for_the_outbox_is_named_at_start(tmp_path: Path) -> None:
+    # SQLite before 3.35 has no RETURNING: every ack of the outbox failed, nothing was ever
+    # deleted and all of it went out again at each start, with errors that named no cause
+    config = write_config(tmp_path / "c.yaml", {"gate": {"source": str(DEMO_CLIP)}}, None,
+                          tmp_path / "st")
+    code = ("import sqlite3, sys; sqlite3.sqlite_version_info = (3, 34, 1); "
+            "sqlite3.sqlite_version = '3.34.1'; from lprd.cli import main; "
+            f"sys.exit(main(['--config', {str(config)!r}, 'run', '--once']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=str(ROOT), check=False,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "lprd needs SQLite 3.35.0 or newer; this Python's sqlite3 module has 3.34.1" \
+        in run.stderr
+    assert not (tmp_path / "st").exists()  # refused before anything was made
+
+
 def test_a_storage_dir_this_user_may_not_write_is_a_config_error(tmp_path: Path) -> None:
     # mkdir and the lock pass on an existing folder of another user: the outbox then waited in
     # memory for good, lost at the next restart.
@@ -707,20 +724,35 @@ def test_run_warns_when_no_camera_is_enabled_and_events_have_nowhere_to_go(tmp_p
     assert "events go only to --events-jsonl" not in log
 
 
-def test_a_frame_ring_too_large_to_map_skips_its_camera_and_leaves_no_segment(tmp_path, caplog):
+def test_a_frame_ring_too_large_to_map_skips_its_camera_and_leaves_no_segment(
+        tmp_path, caplog, mosquitto, mqtt_subscriber):
     import glob
 
-    from lprd.config import CameraConfig, Config
+    from lprd.config import CameraConfig, Config, MQTTConfig
+    from lprd.publish import Publisher
     from lprd.service import Supervisor
 
     # The config refuses such a max_width; mmap may still refuse a smaller ring (32-bit boards).
     cam = CameraConfig(source=str(DEMO_CLIP)).model_copy(update={"max_width": 10**9})
     sup = Supervisor(Config(), tmp_path / "c.yaml", once=True)
-    sup._add_camera("big", cam)
+    # its retained state, from before a reload, said "connected" for good: no process of it
+    # ran to say otherwise
+    states = mqtt_subscriber(mosquitto, "lprd/big/state")
+    sup.publisher = Publisher(MQTTConfig(host=mosquitto.host, port=mosquitto.port), ["big"],
+                              tmp_path / "st")
+    sup.publisher.start()
+    try:
+        sup._add_camera("big", cam)
+        got = states.wait_for(lambda ms: any(m.payload for m in ms))
+    finally:
+        sup.publisher.stop(timeout=2)
     assert sup.cameras == {}
     assert "camera big: cannot create its 8-slot frame ring" in caplog.text
     assert sup._skipped == ["big"]  # --once: a file not read, exit status 1
     assert not glob.glob(f"/dev/shm/lprd-{os.getpid()}-*-big-*")
+    state = next(m.json() for m in got if m.payload)
+    assert state["connected"] is False
+    assert state["error"].startswith("cannot create its frame ring (lower max_width or ")
 
 
 def _reload_idle_daemon(tmp_path: Path, daemons, storage: str = "st", **sections: dict):
