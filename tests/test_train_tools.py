@@ -389,6 +389,30 @@ def test_a_row_pool_reader_starts_from_a_checkpoint_without_it_with_the_same_rea
     np.testing.assert_allclose(model(x, training=False), src(x, training=False), atol=1e-5)
 
 
+def test_distillation_adds_nothing_to_ctc_where_the_student_reads_as_its_teacher() -> None:
+    # --teacher: the loss is CTC on the labels plus the KL from the teacher's softened steps,
+    # zero where the student's logits are the teacher's, and growing as they part
+    keras = pytest.importorskip("keras")
+    from lprd.read import MAX_LEN
+    from lprd.train.reader import NUM_CLASSES, PAD_CLASS, _keras_extras, pack_targets
+
+    ctc, distill = _keras_extras()[1], _keras_extras()[4]
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4, 64, NUM_CLASSES)).astype(np.float32)
+    ys = np.full((4, MAX_LEN), PAD_CLASS, np.int32)
+    ys[:, :7] = rng.integers(0, PAD_CLASS, (4, 7))
+    packed = pack_targets(ys, logits)
+    assert packed.shape == (4, MAX_LEN + 64 * NUM_CLASSES)
+    base = keras.ops.convert_to_numpy(ctc(ys, logits))
+    same = keras.ops.convert_to_numpy(distill(packed, logits))
+    np.testing.assert_allclose(same, base, rtol=1e-4, atol=1e-3)
+    other = logits + rng.normal(0, 2, logits.shape).astype(np.float32)
+    further = logits + rng.normal(0, 6, logits.shape).astype(np.float32)
+    near = keras.ops.convert_to_numpy(distill(packed, other) - ctc(ys, other))
+    far = keras.ops.convert_to_numpy(distill(packed, further) - ctc(ys, further))
+    assert (near > 1).all() and (far > near).all()
+
+
 def test_reproduce_chains_the_shipped_stages_and_skips_those_done(tmp_path: Path) -> None:
     from lprd.train.reader import (
         SHIPPED_STAGES,

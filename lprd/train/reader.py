@@ -53,6 +53,9 @@ log = logging.getLogger("lprd.train.reader")
 REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = len(ALPHABET) + 1
 PAD_CLASS = len(ALPHABET)  # the slot head's pad class is the CTC head's blank
+# --teacher: the softened teacher's KL weighs as much as the CTC loss (Hinton's T^2 scaling)
+DISTILL_T = 2.0
+DISTILL_WEIGHT = 1.0
 CHUNK = 10_000
 REAL_EVERY = 3  # after the first chunks, a real chunk with every third synthetic one
 
@@ -433,7 +436,25 @@ def _keras_extras():
         out_len = keras.ops.full_like(label_len, keras.ops.shape(y_pred)[1])
         return keras.ops.ctc_loss(y_true, y_pred, label_len, out_len, mask_index=PAD_CLASS)
 
-    return RowBias, ctc_loss, Learned, RowPool
+    @keras.saving.register_keras_serializable(package="lprd")
+    def distill_loss(y_true, y_pred):
+        """CTC on the labels plus the KL divergence from the teacher's softened per-step
+        distributions (`pack_targets`: labels, then the teacher's logits); both models make the
+        same 64 steps, so their steps align without a search."""
+        t = keras.ops.reshape(y_true[:, MAX_LEN:], keras.ops.shape(y_pred))
+        p = keras.ops.softmax(t / DISTILL_T, axis=-1)
+        kl = keras.ops.sum(p * (keras.ops.log(p + 1e-8)
+                                - keras.ops.log_softmax(y_pred / DISTILL_T, axis=-1)),
+                           axis=(1, 2))
+        return ctc_loss(y_true[:, :MAX_LEN], y_pred) + DISTILL_WEIGHT * DISTILL_T ** 2 * kl
+
+    return RowBias, ctc_loss, Learned, RowPool, distill_loss
+
+
+def pack_targets(ys: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
+    """`distill_loss`'s targets: each row its label classes, then the teacher's logits."""
+    return np.concatenate([ys.astype(np.float32),
+                           teacher_logits.reshape(len(ys), -1).astype(np.float32)], axis=1)
 
 
 def RowBias():  # a layer factory: the class needs keras, imported late
@@ -684,6 +705,10 @@ def parser() -> argparse.ArgumentParser:
                          "again on training crops); 0: off")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this checkpoint's weights (fine-tuning; new optimizer)")
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="distil from this CTC reader's checkpoint (a .keras file): each step "
+                         "also learns the teacher's softened per-step distributions, so that "
+                         "a narrower --width reads more like a wider teacher")
     ap.add_argument("--pseudo", type=Path, nargs="+", default=None,
                     help="also train on the crops in these folders (pseudo_label.py: OCR-"
                          "labelled scene crops; det_crops.py: crops at the detector's boxes)")
@@ -788,12 +813,22 @@ def train(args: argparse.Namespace) -> int:
                                                       warmup_target=args.lr,
                                                       warmup_steps=args.steps_per_epoch)
     _keras_extras()
+    teacher, teacher_name = None, args.teacher and str(args.teacher)
+    if args.teacher is not None:
+        if args.head != "ctc":
+            raise SystemExit("--teacher: only the CTC head distils (the slots head has no steps)")
+        teacher = tf.keras.models.load_model(args.teacher, compile=False)
+        log.info("distilling from %s (%d parameters)", args.teacher, teacher.count_params())
     if ckpt.exists():
         model = tf.keras.models.load_model(ckpt)
         state = settled_state(model, args.run_dir,
                               lambda st: st["epoch"] * args.steps_per_epoch, state)
+        if state.get("teacher") != teacher_name:  # its compiled loss expects other targets
+            raise SystemExit(f"{ckpt} was trained with --teacher {state.get('teacher')}, not "
+                             f"{teacher_name}: resume with the same --teacher")
         log.info("resumed from %s at epoch %d", ckpt, state["epoch"])
     else:
+        state["teacher"] = teacher_name
         model = build_model(tf, args.head, width=args.width, attention=args.attention,
                             row_pool=args.row_pool)
         state["head"], state["width"] = args.head, args.width
@@ -809,7 +844,8 @@ def train(args: argparse.Namespace) -> int:
                                   + ps.get("init_from", {}).get("epochs", 0)}
             log.info("initialised from %s", args.init_from)
         model.compile(optimizer=tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
-                      loss=_keras_extras()[1] if args.head == "ctc"
+                      loss=(_keras_extras()[4] if args.teacher else _keras_extras()[1])
+                      if args.head == "ctc"
                       else tf.keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[])
     model.summary(print_fn=log.info)
@@ -830,8 +866,13 @@ def train(args: argparse.Namespace) -> int:
         xs, ys = _load_epoch(args.cache, k, args, rng)
         n = args.steps_per_epoch * args.batch
         idx = rng.integers(0, len(xs), n)
-        hist = model.fit(xs[idx, :, :, None], ys[idx], batch_size=args.batch, epochs=1,
+        targets = ys[idx]
+        if teacher is not None:
+            targets = pack_targets(targets, teacher.predict(xs[idx, :, :, None], batch_size=256,
+                                                            verbose=0))
+        hist = model.fit(xs[idx, :, :, None], targets, batch_size=args.batch, epochs=1,
                          verbose=2 if not sys.stdout.isatty() else 1)
+        del targets
         tr = exact_rate(model.predict(xs[idx[:2000], :, :, None], verbose=0), ys[idx[:2000]])
         del xs, ys  # an export's batch-norm pass loads its own (about 1 GB each)
         sv = exact_rate(model.predict(vx[:, :, :, None], verbose=0), vy)
