@@ -108,17 +108,19 @@ class ReconnectConfig(_Strict):
 def _file_url_path(v: str) -> str:
     # file:///srv/clip.mp4 passed as a file, and capture then looked for the file
     # "file:/srv/clip.mp4" forever
-    if not v.lower().startswith("file://"):
+    if not v.lower().startswith("file:/"):
         return v
     parts = urlsplit(v)
-    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+    if parts.netloc.lower() not in ("", "localhost") or not parts.path.startswith("/") \
+            or parts.query or parts.fragment or "?" in v or "#" in v:
         raise ValueError(f"{v}: a file URL names a local file by its whole path, "
-                         "file:///path/to/clip.mp4")
+                         "file:///path/to/clip.mp4 (a ? or # in the name as %3F, %23)")
     return url2pathname(parts.path)
 
 
 class CameraConfig(_Strict):
-    source: Annotated[Source, AfterValidator(_file_url_path)] = Field(
+    # the URL made a path first: file:/x is no URL to _beside_config
+    source: Annotated[str, AfterValidator(_file_url_path), AfterValidator(_beside_config)] = Field(
         ..., min_length=1, description="file path (or file:///path), rtsp://, http(s)://, "
         "/dev/videoN or /dev/v4l/by-id/...")
     fps: float = Field(5.0, ge=0.0, description="frames analysed per second; 0 = every frame")
@@ -144,8 +146,8 @@ class CameraConfig(_Strict):
     max_width: int = Field(1920, ge=64, le=7680, description="larger frames are scaled down first")
     resolution: tuple[Annotated[int, Field(ge=16, le=7680)],
                       Annotated[int, Field(ge=16, le=7680)]] | None = Field(
-        None, description="V4L2 devices: [width, height] to ask the camera for (in MJPG); "
-        "default: the largest it has up to max_width at 16:9")
+        None, description="V4L2 devices only: [width, height] to ask the camera for (in MJPG; "
+        "its driver gives the nearest size it has); default: max_width at 16:9")
 
     @field_validator("reconnect")
     @classmethod

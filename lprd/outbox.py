@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -28,10 +28,9 @@ MEMORY = ":memory:"  # an Outbox at this path keeps its messages in memory only
 CLOCK_FLOOR = 1_735_689_600.0
 FUTURE_SLACK = 60.0  # s: a message stamped later than now by more was stamped by a wrong clock
 KINDS = ("event", "action", "crop")
-# The outbox files this process has opened, by (device, inode): the highest seq then. The rows
-# at or below it were written by an earlier run under that run's clock; a step of this run's
-# clock says nothing of their stamps (a reopen by a restarted publisher keeps the mark).
-_RUN_START: dict[tuple[int, int], int] = {}
+# This process's run: an outbox whose `meta` names another run was last opened by an earlier
+# one (a restart, or a boot), whose stamps a step of this run's clock says nothing of.
+_RUN_ID = secrets.token_hex(8)
 _INSERT = ("INSERT INTO messages (event_id, camera, kind, subtopic, payload, retain, created) "
            "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -50,6 +49,9 @@ CREATE INDEX IF NOT EXISTS messages_created ON messages(created);
 CREATE INDEX IF NOT EXISTS messages_events ON messages(seq) WHERE kind = 'event';
 -- a camera's older crop goes at each put: without it, a scan of every waiting message
 CREATE INDEX IF NOT EXISTS messages_crops ON messages(camera) WHERE kind = 'crop';
+-- run: the last run that opened it; run_seq: the highest seq before that run; boot: its boot
+-- id; earlier_boot: 1 where the rows up to run_seq may be of another boot
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -187,6 +189,7 @@ class Outbox:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._events: Counter[str] = Counter()  # pending events per camera
         self._bytes = 0  # payload bytes waiting: crops make events 10-20 times larger
+        aside = None
         try:
             self._db = self._open()
         except sqlite3.OperationalError:
@@ -210,32 +213,34 @@ class Outbox:
                 log.warning("outbox: %d message(s) of the unreadable one could still be read; "
                             "they wait in the new one", len(rows))
             self._count()
-        self._run_seq = self._start_run()
+        try:
+            self._run_seq, self.earlier_boot = self._mark_run(salvaged=aside is not None)
+        except sqlite3.Error:
+            self.close()
+            raise
 
-    def _start_run(self) -> int:
-        """This run's first seq less one (`_RUN_START`); at the run's first open, the actions
-        of earlier runs whose age cannot be told are dropped: stamped by an unset clock, or
-        later than now (a box without RTC that came back at its last saved time). A clock
-        step later would make such an action look fresh: a gate opened hours late."""
+    def _mark_run(self, salvaged: bool) -> tuple[int, bool]:
+        """The highest seq written before this run, and whether those rows may be of another
+        boot (`from_earlier_run`), as at this run's first open of the file."""
         if self.in_memory:
-            return 0
-        st = os.stat(self.path)
-        key = (st.st_dev, st.st_ino)
-        if key in _RUN_START:
-            return _RUN_START[key]
+            return 0, False
         with self._lock, self._transaction():
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("run") == _RUN_ID and not salvaged:
+                return int(meta["run_seq"]), meta["earlier_boot"] == "1"
             top = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
-            rows = self._db.execute(
-                "DELETE FROM messages WHERE kind = 'action' AND (created < ? OR created > ?) "
-                "RETURNING seq, event_id, camera, kind, length(payload)",
-                (CLOCK_FLOOR, self._clock() + FUTURE_SLACK)).fetchall()
-        self._bytes -= sum(r[4] for r in rows)
-        if rows:
-            log.warning("outbox: %d watchlist action(s) from before this start not sent: their "
-                        "age cannot be told (stamped by an unset clock or later than now); "
-                        "their events, which carry the match, still go", len(rows))
-        _RUN_START[key] = top
-        return top
+            boot = _boot_id()
+            # a file of an older lprd or a salvaged one: which boot wrote it is not known
+            earlier = bool(top) and (salvaged or not boot or meta.get("boot") != boot)
+            self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [
+                ("run", _RUN_ID), ("run_seq", str(top)), ("boot", boot),
+                ("earlier_boot", "1" if earlier else "0")])
+        return top, earlier
+
+    def from_earlier_run(self, seq: int) -> bool:
+        """Written before this process first opened the file (its stamp by another run's
+        clock; `earlier_boot`: maybe another boot's)."""
+        return seq <= self._run_seq
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -388,7 +393,7 @@ class Outbox:
         the waiting messages by the step, and more than max_age drops them all before they are
         sent. Messages put in the last `since` seconds (the span in which the step was seen),
         stamped within it by the new clock, are already right, and those of earlier runs were
-        stamped by another clock (shifted, a box's time off would vanish from their age)."""
+        stamped by another run's clock (shifted, a box's time off vanished from their age)."""
         now = self._clock()
         with self._lock:
             # an unset clock's stamps too: the clock that stepped made them
@@ -458,6 +463,13 @@ class Outbox:
                 self._db.close()
             except sqlite3.Error as e:  # closing twice or a failing disk: nothing left to save
                 log.debug("closing outbox: %s", e)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux: every earlier run counts as another boot
+        return ""
 
 
 def drop_report(reason: str, messages: Sequence[OutboxMessage]) -> DropReport:

@@ -1194,7 +1194,8 @@ class Publisher:
         if pm.seq in self._forgotten:  # met again (a new client moved the cursor back)
             self._cursor = max(self._cursor, pm.seq)
             return None
-        if (pm.message.kind == "action" and self._too_old_to_act(pm.message, pm.created)) or (
+        if (pm.message.kind == "action"
+                and self._too_old_to_act(pm.message, pm.created, pm.seq)) or (
                 pm.message.kind == "crop"  # retained: it would stay after the cleanup
                 and (not self.cfg.crops or pm.message.camera not in self.cameras)):
             self._forget(pm.seq)
@@ -1216,9 +1217,21 @@ class Publisher:
         self._inflight[info.mid] = pm
         return True
 
-    def _too_old_to_act(self, message: OutboxMessage, created: float) -> bool:
+    def _too_old_to_act(self, message: OutboxMessage, created: float,
+                        seq: int | None = None) -> bool:
+        """`seq`: the outbox's, where it waited there (else in memory, this run's)."""
         limit = self.cfg.action_max_age
-        age = time.time() - created
+        now = time.time()
+        if limit and seq is not None and self.outbox.from_earlier_run(seq) and (
+                self.outbox.earlier_boot or created < CLOCK_FLOOR or created > now):
+            # a box without RTC boots at its last saved time: an allow queued after that
+            # looked fresh, and a clock step would have kept it so (a gate opened hours late)
+            log.warning("MQTT: %s of event %s not sent: it was queued before lprd started%s, "
+                        "so its age cannot be told; the event carries the match",
+                        self._topic(message), message.event_id,
+                        " (in another boot)" if self.outbox.earlier_boot else "")
+            return True
+        age = now - created
         # stamped while the clock was unset: its age is unknown (as for the outbox's max_age)
         if not limit or created < CLOCK_FLOOR or age <= limit:
             return False

@@ -486,13 +486,16 @@ def test_a_file_url_camera_source_names_its_file(tmp_path, capsys):
     clip.write_bytes(b"x" * 10)
     f = tmp_path / "c.yaml"
     f.write_text(f"cameras:\n  gate:\n    source: file://{clip.as_uri()[7:]}\n"
-                 f"  back:\n    source: FILE://localhost{tmp_path}/gone.mp4\n")
+                 f"  back:\n    source: FILE://LocalHost{tmp_path}/gone.mp4\n")
     cams = load_config(f).cameras
     assert cams["gate"].source == str(clip)  # %20 a space again
     assert cams["back"].source == str(tmp_path / "gone.mp4")
     assert main(["--config", str(f), "check-config"]) == 2
     assert f"cameras.back.source: {tmp_path / 'gone.mp4'}" in capsys.readouterr().err
-    f.write_text("cameras:\n  gate:\n    source: file://nas/clips/a.mp4\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(f)
-    assert "cameras.gate.source: file://nas/clips/a.mp4: a file URL names a local file" in str(e.value)
+    f.write_text(f"cameras:\n  gate:\n    source: file:{clip.as_uri()[7:]}\n")  # file:/path
+    assert load_config(f).cameras["gate"].source == str(clip)
+    for bad in ("file://nas/clips/a.mp4", "file:///srv/clip#1.mp4", "file:///srv/a?b.mp4"):
+        f.write_text(f"cameras:\n  gate:\n    source: '{bad}'\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert f"cameras.gate.source: {bad}: a file URL names a local file" in str(e.value)

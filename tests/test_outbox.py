@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 from pathlib import Path
 
@@ -194,34 +195,35 @@ def test_an_event_put_after_a_backward_step_keeps_its_stamp(tmp_path: Path) -> N
     assert ob.expire() is None and ob.depth() == 2
 
 
-def _new_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a new process would see: no outbox opened yet."""
-    monkeypatch.setattr(lprd.outbox, "_RUN_START", {})
+def _new_run(monkeypatch: pytest.MonkeyPatch, boot: str = "boot-1") -> None:
+    """What a new process would see (in boot `boot`)."""
+    monkeypatch.setattr(lprd.outbox, "_RUN_ID", secrets.token_hex(8))
+    monkeypatch.setattr(lprd.outbox, "_boot_id", lambda: boot)
 
 
-def test_an_action_of_an_earlier_run_whose_age_cannot_be_told_is_never_sent(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-        ) -> None:
-    # A box without RTC, the broker away: an allow is queued after its clock's last hourly
-    # save, the power goes, and it boots hours later at the saved time. The allow, stamped
-    # "in the future", was restamped now, then shifted with the NTP step: it looked 20 s old
-    # and the gate opened for a car gone for hours.
+def test_an_outbox_tells_the_rows_of_earlier_runs_and_whether_of_another_boot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the publisher needs to keep an allow of unknown age from opening a gate hours late
     path = tmp_path / "o.sqlite"
-    clock = Clock()
-    ob = Outbox(path, clock=clock)
-    ob.put(_event(1, action="allow"))
-    ob.put(_event(2, action="allow"))
-    clock.t = 1000.0  # and one stamped by a clock never set
-    ob.put(_event(3, action="allow"))
-    ob.close()
     _new_run(monkeypatch)
-    clock.t = 1_795_000_000.0 - 1800  # back at the time saved half an hour before
-    with caplog.at_level(logging.WARNING, logger="lprd.outbox"):
-        ob = Outbox(path, clock=clock)
-    assert "3 watchlist action(s) from before this start not sent" in caplog.text
-    assert [(p.message.event_id, p.message.kind) for p in ob.pending()] == [
-        ("ev00001", "event"), ("ev00002", "event"), ("ev00003", "event")]
-    assert ob.depth() == 3
+    ob = Outbox(path)
+    ob.put(_event(1, action="allow"))
+    assert not ob.earlier_boot and not any(ob.from_earlier_run(p.seq) for p in ob.pending())
+    ob.close()
+    ob = Outbox(path)  # reopened in the same run (a publisher restarted by a reload)
+    ob.put(_event(2))
+    assert not any(ob.from_earlier_run(p.seq) for p in ob.pending())
+    ob.close()
+    _new_run(monkeypatch)  # a restart in the same boot
+    ob = Outbox(path)
+    ob.put(_event(3))
+    assert [ob.from_earlier_run(p.seq) for p in ob.pending()] == [True, True, True, False]
+    assert not ob.earlier_boot
+    ob.close()
+    _new_run(monkeypatch, boot="boot-2")  # a power cut
+    ob = Outbox(path)
+    assert ob.earlier_boot and all(ob.from_earlier_run(p.seq) for p in ob.pending())
+    ob.close()
 
 
 def test_a_clock_step_moves_this_run_s_stamps_not_an_earlier_run_s(
@@ -233,7 +235,7 @@ def test_a_clock_step_moves_this_run_s_stamps_not_an_earlier_run_s(
     ob = Outbox(path, clock=clock)
     ob.put(_event(1, action="allow"))  # 10 s before the power cut, stamped right
     ob.close()
-    _new_run(monkeypatch)
+    _new_run(monkeypatch, boot="boot-2")
     clock.t += 10  # boots at its last saved time (no RTC), 5 h late
     ob = Outbox(path, clock=clock)
     ob.put(_event(2))

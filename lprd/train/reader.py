@@ -813,7 +813,7 @@ def train(args: argparse.Namespace) -> int:
                                                       warmup_target=args.lr,
                                                       warmup_steps=args.steps_per_epoch)
     _keras_extras()
-    teacher, teacher_name = None, args.teacher and str(args.teacher)
+    teacher, teacher_name = None, args.teacher and str(args.teacher.resolve())
     if args.teacher is not None:
         if args.head != "ctc":
             raise SystemExit("--teacher: only the CTC head distils (the slots head has no steps)")
@@ -848,6 +848,9 @@ def train(args: argparse.Namespace) -> int:
                       if args.head == "ctc"
                       else tf.keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[])
+    if teacher is not None and tuple(teacher.output_shape) != tuple(model.output_shape):
+        raise SystemExit(f"--teacher {args.teacher}: its output {teacher.output_shape} is not "
+                         f"the reader's {model.output_shape} (steps x classes)")
     model.summary(print_fn=log.info)
     rng = np.random.default_rng(args.seed + state["epoch"])
     if "rng" in state:  # as an uninterrupted run would go on (older states: reseeded)
