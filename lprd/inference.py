@@ -153,6 +153,7 @@ class EndOfStream:
     """Supervisor -> worker: this camera's capture finished; drain its ring, close its tracks."""
 
     camera: str
+    ring: str  # the ring it ended in: a reload may have given the camera a new one since
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +204,7 @@ class Drained:
 
     camera: str
     frames: int
+    ring: str  # of the EndOfStream: one a reload replaced says nothing of the new camera
 
 
 HEARTBEAT_EVERY = 1.0
@@ -370,7 +372,7 @@ class InferenceWorker:
             self._kept[name] = tracker.passes()
         feed.close()
         if send_drained:
-            self.out.put(Drained(name, feed.frames))
+            self.out.put(Drained(name, feed.frames, feed.spec.ring))
 
     def _now(self, feed: _Feed) -> float:
         # Files run on clip time, which may be far from the wall clock.
@@ -380,10 +382,12 @@ class InferenceWorker:
         if isinstance(msg, SetCameras):
             self.set_cameras(msg.cameras)
         elif isinstance(msg, EndOfStream):
-            if msg.camera in self.feeds:
-                self.feeds[msg.camera].ending = True
-            else:
-                self.out.put(Drained(msg.camera, 0))
+            feed = self.feeds.get(msg.camera)
+            if feed is not None and feed.spec.ring == msg.ring:
+                feed.ending = True
+            elif feed is None:
+                self.out.put(Drained(msg.camera, 0, msg.ring))
+            # else: the end of a ring a reload has replaced, already closed with it
         elif isinstance(msg, HandOver):
             self.handover = True
         elif isinstance(msg, ReloadWatchlist):

@@ -482,7 +482,7 @@ class Supervisor:
         w.restart_at = None
         for cam in self.cameras.values():  # a new worker must hear again which files ended
             if cam.eof and not cam.drained:
-                self.worker_ctl.put(EndOfStream(cam.name))
+                self.worker_ctl.put(EndOfStream(cam.name, cam.ring.name))
         log.info("inference process %d started", w.proc.pid)
 
     def _send_worker(self, msg: object) -> None:
@@ -534,7 +534,8 @@ class Supervisor:
             self._analysed = dict(msg.frames)
         elif isinstance(msg, Drained):
             cam = self.cameras.get(msg.camera)
-            if cam is not None:
+            # one of the camera's ring before a reload: the new one's frames are not all in
+            if cam is not None and cam.ring.name == msg.ring:
                 cam.drained = True
                 log.info("camera %s: all frames analysed (%d with motion)", msg.camera,
                          msg.frames)
@@ -610,7 +611,7 @@ class Supervisor:
         cam.status = st
         if st.eof and not cam.eof:
             cam.eof = True
-            self._send_worker(EndOfStream(cam.name))
+            self._send_worker(EndOfStream(cam.name, cam.ring.name))
         if self.once and st.error and not cam.eof and not cam.failed:
             # A file that cannot be read will not get better by retrying: give it up.
             self._give_up_file(cam, st.error)
@@ -622,7 +623,7 @@ class Supervisor:
         if cam.child.stop is not None:
             cam.child.stop.set()
         cam.eof = True
-        self._send_worker(EndOfStream(cam.name))
+        self._send_worker(EndOfStream(cam.name, cam.ring.name))
 
     # -- health ---------------------------------------------------------------------------------
 

@@ -211,7 +211,7 @@ def play_clip(worker: InferenceWorker, ring: FrameRing, frames: list) -> list:
         ring.write(frame, t0 + i / 15.0)
         while worker.step():
             pass
-    worker.handle(EndOfStream("cam"))
+    worker.handle(EndOfStream("cam", ring.name))
     while "cam" in worker.feeds:
         worker.step()
     return drain(worker.out)
@@ -237,6 +237,25 @@ def test_worker_events_carry_at_most_reader_topn_candidates(models, clip, ring):
     worker, _ = make_worker(models, ring, every_frame=True, cfg=cfg)
     events = [m for m in play_clip(worker, ring, clip) if isinstance(m, PlateEvent)]
     assert events and [len(e.candidates) for e in events] == [1] * len(events)
+
+
+def test_the_end_of_a_ring_a_reload_replaced_does_not_end_the_camera_s_new_one(
+        models, clip, ring):
+    # A file camera reached its end and a reload gave it a new ring before that end was
+    # handled: "all frames analysed" landed on the new camera, which was then left out of the
+    # worker's cameras and waited for acks forever.
+    worker, q = make_worker(models, ring, every_frame=True)
+    ring.write(clip[0][0], 1_700_000_000.0)
+    while worker.step():
+        pass
+    worker.handle(EndOfStream("cam", "lprd-a-ring-before-the-reload"))
+    worker.step()
+    assert "cam" in worker.feeds and not worker.feeds["cam"].ending
+    assert not [m for m in drain(q) if isinstance(m, Drained)]
+    worker.handle(EndOfStream("cam", ring.name))
+    while "cam" in worker.feeds:
+        worker.step()
+    assert [m.ring for m in drain(q) if isinstance(m, Drained)] == [ring.name]
 
 
 def test_a_stopping_worker_hands_its_passes_to_the_supervisor(models, clip, ring):
