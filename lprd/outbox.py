@@ -26,6 +26,9 @@ MEMORY = ":memory:"  # an Outbox at this path keeps its messages in memory only
 # A message stamped before this (2025-01-01) was written while the clock was unset (a box with no
 # real-time clock that booted offline): its age is unknown, so only the size bound may drop it.
 CLOCK_FLOOR = 1_735_689_600.0
+# bytes the WAL is cut back to after a checkpoint: one large transaction (the messages that
+# waited in memory while the disk was full) left it that large until the daemon stopped
+WAL_LIMIT = 4 * 1024 * 1024
 FUTURE_SLACK = 60.0  # s: a message stamped later than now by more was stamped by a wrong clock
 KINDS = ("event", "action", "crop")
 # This process's run: an outbox whose `meta` names another run was last opened by an earlier
@@ -266,6 +269,7 @@ class Outbox:
                 raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode={mode})")
             # FULL: a commit survives a power cut, not only a crash of this process.
             db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {check}")

@@ -50,6 +50,22 @@ def test_outbox_uses_wal_and_full_sync(tmp_path: Path) -> None:
     db.close()
 
 
+def test_the_wal_shrinks_again_after_a_large_adoption(tmp_path: Path) -> None:
+    # The messages that waited in memory while the disk was full come back in one transaction:
+    # its WAL, as large as they are, stayed that large until the daemon stopped, on the card
+    # that had just run full.
+    mem = Outbox(":memory:")
+    for i in range(40):  # events with crops inline, as base64 in the payload
+        mem.put([OutboxMessage(f"ev{i:05d}", "gate", "event", "plate", bytes([i]) * 500_000)])
+    ob = Outbox(tmp_path / "o.sqlite")
+    ob.adopt(mem.pending(0, 10**9))
+    wal = tmp_path / "o.sqlite-wal"
+    assert wal.stat().st_size > 15_000_000
+    for i in range(40, 44):
+        ob.put(_event(i))
+    assert wal.stat().st_size <= lprd.outbox.WAL_LIMIT
+
+
 def test_pending_messages_come_back_in_write_order_across_cameras(tmp_path: Path) -> None:
     ob = Outbox(tmp_path / "o.sqlite")
     for i in range(10):
