@@ -411,9 +411,11 @@ class Outbox:
         cutoff = now - self.max_age
         with self._lock:
             # Stamped by a clock that ran fast and was then set back: they age from now on
-            # (they would never expire otherwise).
-            self._db.execute("UPDATE messages SET created = ? WHERE created > ?",
-                             (now, now + FUTURE_SLACK))
+            # (they would never expire otherwise); an earlier run's action, of an age no one
+            # can tell, is stamped as by an unset clock (restamped now, it looked fresh)
+            self._db.execute("UPDATE messages SET created = CASE WHEN kind = 'action' AND "
+                             "seq <= ? THEN 0 ELSE ? END WHERE created > ?",
+                             (self._run_seq, now, now + FUTURE_SLACK))
             rows = self._db.execute(
                 "DELETE FROM messages WHERE created < ? AND created >= ? "
                 "RETURNING seq, event_id, camera, kind, length(payload)",

@@ -1570,7 +1570,7 @@ def test_an_action_that_waited_past_action_max_age_is_not_sent_its_event_is(
 @pytest.mark.parametrize("boot, max_age, sent", [
     ("boot-1", 120, ["ev-gate-00002"]),  # a restart: an allow 5 s old still opens the gate
     ("boot-2", 120, []),  # after a power cut nothing tells how old the queued allows are
-    ("boot-2", 0, ["ev-gate-00001", "ev-gate-00002", "ev-gate-00003"]),  # 0: no limit
+    ("boot-2", 0, ["ev-gate-00001", "ev-gate-00002", "ev-gate-00003", "ev-gate-00004"]),
 ])
 def test_an_action_queued_before_a_start_goes_only_where_its_age_is_known(
         mosquitto: Any, mqtt_subscriber: Callable[..., Any],
@@ -1586,7 +1586,7 @@ def test_an_action_queued_before_a_start_goes_only_where_its_age_is_known(
     storage.mkdir()
     monkeypatch.setattr(lprd.outbox, "_boot_id", lambda: "boot-1")
     now = time.time()
-    for i, age in ((1, 7200.0), (2, 5.0), (3, -50.0)):  # 3: "later than now"
+    for i, age in ((1, 7200.0), (2, 5.0), (3, -50.0), (4, -3600.0)):  # 3, 4: "later than now"
         ob = Outbox(storage / "outbox.sqlite", clock=lambda a=age: now - a)
         ob.put(event_messages(make_event(i, action="allow"), crops=False))
         ob.close()
@@ -1594,12 +1594,12 @@ def test_an_action_queued_before_a_start_goes_only_where_its_age_is_known(
     monkeypatch.setattr(lprd.outbox, "_boot_id", lambda: boot)
     sub = mqtt_subscriber(mosquitto, "lprd/gate/#")
     publisher(mosquitto, storage=storage, action_max_age=max_age)
-    msgs = sub.wait_for(lambda ms: len([m for m in ms if m.topic == "lprd/gate/plate"]) == 3
+    msgs = sub.wait_for(lambda ms: len([m for m in ms if m.topic == "lprd/gate/plate"]) == 4
                         and len([m for m in ms if m.topic == "lprd/gate/allow"]) >= len(sent))
     time.sleep(0.3)
     assert sorted(m.json()["id"] for m in sub.snapshot() if m.topic == "lprd/gate/allow") == sent
     assert [m.json()["watchlist"]["action"] for m in msgs if m.topic == "lprd/gate/plate"] == [
-        "allow"] * 3
+        "allow"] * 4
 
 
 def test_an_action_in_flight_when_the_link_dropped_is_not_sent_late_by_paho(
