@@ -230,7 +230,8 @@ def v4l2_size(cfg: CameraConfig) -> tuple[int, int]:
 
 
 def _open(source: str, kind: SourceKind, open_timeout: float, read_timeout: float,
-          size: tuple[int, int] = (1920, 1080)) -> cv2.VideoCapture:
+          size: tuple[int, int]) -> cv2.VideoCapture:
+    """`size`: what a V4L2 camera is asked for (`v4l2_size`)."""
     if kind is SourceKind.V4L2:
         # OpenCV waits 10 s for a V4L2 frame unless told otherwise; it reads this once, at the
         # first wait, and a capture process has one camera

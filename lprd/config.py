@@ -160,9 +160,9 @@ class CameraConfig(_Strict):
     @classmethod
     def _numbers(cls, v: Any, info: ValidationInfo) -> Any:
         # pydantic says "roi.3: required key is missing" for three numbers
-        what = "four numbers [x, y, w, h]" if info.field_name == "roi" else \
-            "two numbers [width, height]"
-        if v is not None and (not isinstance(v, list | tuple) or len(v) != len(what.split(","))):
+        n, what = {"roi": (4, "four numbers [x, y, w, h]"),
+                   "resolution": (2, "two numbers [width, height]")}[info.field_name]
+        if v is not None and (not isinstance(v, list | tuple) or len(v) != n):
             raise ValueError(f"must be {what} in pixels, got {v!r}")
         return v
 
