@@ -368,7 +368,9 @@ def _sync_source(v: str | None) -> str | None:
 class SyncConfig(_Strict):
     source: Annotated[Source | None, AfterValidator(_sync_source)] = Field(
         None, description="https://, http:// or a file path (CSV/JSON)")
-    interval: float = Field(3600.0, gt=0, description="seconds between syncs")
+    # at most a year: a wait past threading.TIMEOUT_MAX (1e10 s for "only on demand") raised
+    # in the sync's thread after its first sync, and SIGHUP and MQTT syncs did nothing since
+    interval: float = Field(3600.0, gt=0, le=365 * 86400.0, description="seconds between syncs")
     token_file: ConfigPath | None = Field(None, description="bearer token for http(s) sources")
     max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger downloads are refused")
     max_entries: int = Field(

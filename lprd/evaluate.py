@@ -141,12 +141,14 @@ def score_image(truth: Sequence[TruthPlate], preds: Sequence[PredPlate],
         s.preds = len(preds)
         # Boxes on unscored plates (filtered out, or unlabelled text) are neither hits nor errors.
         s.false_plates = len(preds) - len(m10)
-        matched = set(m10.values())
-        s.false_reads = sum(1 for i, p in enumerate(preds) if p.kept and i not in matched)
     # An end-to-end read is credited to one plate at most, the one its box matches (one to one,
     # among the reads that pass the filter, as they would reach an event).
     kept = [p for p in preds if p.kept]
     e2e = match_boxes(tboxes, [p.box for p in kept], FOUND_IOU, strict=True)
+    if not crop:
+        # by the same match: a read credited to a plate is no false read, even where a box
+        # the filter dropped took that plate in the detection's match
+        s.false_reads = len(kept) - len(e2e)
     for i in scored:
         t = truth[i]
         if t.text is None:

@@ -275,6 +275,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
     tracker = Tracker(cfg.tracker, _camera_name(path), models=pipeline.models,
                       topn=cfg.reader.topn)
     idx = -1
+    decoded = 0
     ts, base = -1.0, 0.0
     try:
         while True:
@@ -288,6 +289,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
             if not ok or frame is None:
                 log.warning("%s: frame %d could not be decoded; skipped", path, idx)
                 continue
+            decoded += 1
             ts, base = file_frame_time(cap.get(cv2.CAP_PROP_POS_MSEC), idx, 1.0 / fps, base, ts)
             if max_width:
                 frame = fit_frame(frame, max_width)
@@ -295,7 +297,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
             yield from tracker.update(obs, now=ts)
     finally:
         cap.release()
-    if idx < 0:
+    if not decoded:  # none grabbed, or every one it looked at undecodable
         raise InputError("no frame could be decoded (empty, truncated or not a video)")
     yield from tracker.flush(now=max(ts, 0.0))
 

@@ -183,9 +183,12 @@ FOLLOW_EVERY = 5.0  # s: how often match_event checks that the path still names 
 EPOCH_FLOOR = 946_684_800  # 2000-01-01: a smaller number is no time a list means
 
 
-def _epoch_number(seconds: float, what: str) -> float:
-    """A number given as a time: epoch seconds, not before 2000 (0 allowed: "always"). An
-    Excel date serial (46387 for 2027-01-01) would be 1970's first day, expired unseen."""
+def _epoch_number(seconds: float, what: str) -> float | None:
+    """A number given as a time: epoch seconds, not before 2000 (0: no limit, as exports write
+    "always"; a valid_until of 1970 made the entry never match, unseen). An Excel date serial
+    (46387 for 2027-01-01) would be 1970's first day, expired unseen."""
+    if seconds == 0:
+        return None
     if 0 < seconds < EPOCH_FLOOR:
         raise WatchlistError(f"{what}: {seconds:.16g} as epoch seconds is before the year 2000 "
                              "(a spreadsheet's day number?): give a date (YYYY-MM-DD) or "
@@ -461,13 +464,15 @@ def detect_format(name: str = "", content_type: str | None = None, data: bytes =
 def parse_document(
     data: bytes, fmt: str, default_list: str = "default", default_action: str | None = None,
     origin: str = "local", max_entries: int | None = None, merge_duplicates: bool = False,
+    merge_times: list[float] | None = None,
 ) -> list[WatchlistEntry]:
     """A whole CSV or JSON list, validated: any bad row rejects the document (names the rows).
     More than `max_entries` rows reject it too, before they all take memory. A plate twice on
     one list is a bad row too, unless `merge_duplicates` (a sync: real exports repeat rows, and
     rejecting the list would keep every later change out): a row valid now before one that is
     not, then the safest action (deny, alert, ... allow), then the first; the merge is
-    logged."""
+    logged. `merge_times` gets the times to come at which a merged pair's rows start or stop
+    being valid: the choice made now may be another then."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -478,7 +483,7 @@ def parse_document(
 
     def read(rows: Iterator[tuple[str, dict[str, Any]]]) -> list[WatchlistEntry]:
         return _entries(rows, default_list, default_action, origin, max_entries,
-                        merge_duplicates, now)
+                        merge_duplicates, now, merge_times)
 
     if fmt == "json":
         return read(_json_rows(text))
@@ -490,7 +495,8 @@ def parse_document(
 
 def _entries(rows: Iterator[tuple[str, dict[str, Any]]], default_list: str,
              default_action: str | None, origin: str, max_entries: int | None,
-             merge_duplicates: bool, now: float) -> list[WatchlistEntry]:
+             merge_duplicates: bool, now: float, merge_times: list[float] | None = None
+             ) -> list[WatchlistEntry]:
     """parse_document's entries from one reading of the document, row by row."""
     entries: list[WatchlistEntry] = []
     seen: dict[tuple[str, str], str] = {}
@@ -515,6 +521,10 @@ def _entries(rows: Iterator[tuple[str, dict[str, Any]]], default_list: str,
                         f"{where}: {entry.plate} is already on list {entry.list!r} ({first})")
                     continue
                 merged.append(f"{where}: {entry.plate} ({first})")
+                if merge_times is not None:
+                    merge_times.extend(t for e in (entry, entries[kept[key]])
+                                       for t in (e.valid_from, e.valid_until)
+                                       if t is not None and t > now)
                 if _merge_rank(entry, now) < _merge_rank(entries[kept[key]], now):
                     entries[kept[key]] = entry
                 continue
@@ -592,6 +602,9 @@ class SyncStatus:
     last_modified: str | None = None
     sha256: str | None = None
     defaults: str | None = None  # sync.list and sync.action the list was read with
+    # a repeated plate's rows were merged by what was valid then; from this time another of
+    # them is (a permit renewed in a second row): the list is read again, unchanged or not
+    remerge_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """For the state topic and `lprd watchlist status --json` (times as ISO 8601; the
@@ -601,8 +614,8 @@ class SyncStatus:
             d["source"] = redact_source(self.source, drop_query=True)
         for k in ("last_attempt", "last_success", "last_change"):
             d[k] = iso_time(d[k])
-        d.pop("sha256")
-        d.pop("defaults")
+        for internal in ("sha256", "defaults", "remerge_at"):
+            d.pop(internal)
         return d
 
 
@@ -1422,12 +1435,15 @@ class WatchlistSync:
             status = self.watchlist.sync_status()
             if not source:
                 raise SyncError("no watchlist.sync.source is configured")
-            fetched = self._fetch(source, status)
+            remerge = status.remerge_at is not None and now >= status.remerge_at
+            # no validators where merged rows are due to be chosen again: a 304 has no rows
+            fetched = self._fetch(source, replace(status, etag=None, last_modified=None)
+                                  if remerge else status)
             if fetched is not None:
                 size = len(fetched.data)
                 digest = hashlib.sha256(fetched.data).hexdigest()
             if fetched is None or (status.source == source and status.defaults == self._defaults()
-                                   and digest == status.sha256):
+                                   and digest == status.sha256 and not remerge):
                 # 304, an unchanged file, or the same bytes again: keep the list, no rewrite.
                 kept = replace(status, last_attempt=now, last_success=now, last_sync_ok=True,
                                last_error=None)
@@ -1452,11 +1468,12 @@ class WatchlistSync:
                 log.debug("watchlist sync: %s unchanged (%d entries)", self._where(),
                           status.entries)
             else:
+                merge_times: list[float] = []
                 try:
                     entries = parse_document(fetched.data, fetched.fmt, self.cfg.list,
                                              check_action(self.cfg.action), origin="sync",
                                              max_entries=self.cfg.max_entries,
-                                             merge_duplicates=True)
+                                             merge_duplicates=True, merge_times=merge_times)
                 except WatchlistError as e:
                     raise SyncError(f"{self._where()}: rejected list: {e}") from None
                 if not entries and status.entries and not self.cfg.allow_empty:
@@ -1473,7 +1490,7 @@ class WatchlistSync:
                     source=source, last_attempt=now, last_success=now, last_change=now,
                     last_sync_ok=True, last_error=None, etag=fetched.etag,
                     last_modified=fetched.last_modified, sha256=digest,
-                    defaults=self._defaults()))
+                    defaults=self._defaults(), remerge_at=min(merge_times, default=None)))
                 result = SyncResult(True, True, status.entries, bytes=size,
                                     seconds=time.monotonic() - t0)
                 log.info("watchlist sync: %d entries from %s swapped in (%d bytes, %.2f s)",

@@ -106,6 +106,8 @@ BAD_CONFIGS = [
      "cameras.gate.max_width: Input should be less than or equal to 7680"),
     ("watchlist:\n  sync:\n    interval: .inf\n",
      "watchlist.sync.interval: Input should be a finite number"),
+    ("watchlist:\n  sync:\n    interval: 1e10\n",
+     "watchlist.sync.interval: Input should be less than or equal to 31536000"),
     ("tracker:\n  track_timeout: 1e400\n",
      "tracker.track_timeout: Input should be a finite number"),
     ("cameras:\n  1:\n    source: x.mp4\n",

@@ -80,6 +80,17 @@ def test_a_false_plate_whose_read_the_filter_drops_is_no_false_read() -> None:
     assert (s.false_plates, s.false_reads) == (2, 1)
 
 
+def test_a_read_credited_to_a_plate_is_no_false_read_whichever_box_detection_matched() -> None:
+    # A box the filter drops took the plate in the detection's match; a second box beside it
+    # (IoU 0.43, both kept by NMS at 0.5) read it right: it counted as an exact read and as a
+    # false read at once.
+    truth = [TruthPlate((0, 0, 100, 30), "ABC123")]
+    preds = [PredPlate((0, 0, 100, 30), "AB", kept=False),
+             PredPlate((40, 0, 100, 30), "ABC123", kept=True)]
+    s = score_image(truth, preds, [read("ABC123")], 1.0)
+    assert (s.found10, s.e2e_exact, s.false_plates, s.false_reads) == (1, 1, 1, 0)
+
+
 def test_a_read_below_the_reader_filter_is_found_but_not_an_end_to_end_read() -> None:
     truth = [TruthPlate((0, 0, 100, 30), "ABC123")]
     preds = [PredPlate((0, 0, 100, 30), "ABC123", kept=False)]

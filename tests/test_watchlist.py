@@ -9,6 +9,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -650,8 +651,16 @@ def test_a_small_number_for_a_time_is_refused_not_read_as_1970(tmp_path: Path) -
     for value in (46387, "46387", 46387.5):
         with pytest.raises(WatchlistError, match="before the year 2000"):
             parse_time(value, what="valid_until")
-    assert parse_time(0) == 0.0  # "always" stays allowed
+    assert parse_time(0) is None  # "always" stays allowed: no limit
     assert parse_time(1_900_000_000) == 1_900_000_000.0
+
+
+def test_a_valid_until_of_0_means_no_end_not_1970() -> None:
+    # exports write 0 for "always": the entry was stored, never matched, and the sync said OK
+    for body, fmt in (("plate,action,valid_until\nABC1234,deny,0\n", "csv"),
+                      ('[{"plate": "ABC1234", "action": "deny", "valid_until": 0}]', "json")):
+        entry, = parse_document(body.encode(), fmt)
+        assert entry.valid_until is None and entry.active(time.time())
 
 
 def test_a_csv_export_with_keys_in_two_cases_imports_back() -> None:

@@ -874,6 +874,33 @@ def test_a_synced_list_repeating_a_plate_is_merged_not_rejected(wl: Watchlist, t
     assert wl.match("KLM555").action == "alert"
 
 
+@pytest.mark.parametrize("http", [False, True])
+def test_merged_rows_are_chosen_again_when_another_of_them_becomes_valid(
+        wl: Watchlist, tmp_path: Path, server: ListServer, monkeypatch: pytest.MonkeyPatch,
+        http: bool) -> None:
+    # A permit renewed in a second row: the sync in June kept the row valid then, and as the
+    # unchanged list was never read again (same bytes, a 304) the car matched nothing from July.
+    import lprd.watchlist
+
+    now = time.time()
+    body = (f"plate,action,valid_from,valid_until\nPRM100,allow,,{now + 3600:.0f}\n"
+            f"PRM100,allow,{now + 3600:.0f},{now + 90 * 86400:.0f}\n").encode()
+    src = tmp_path / "permits.csv"
+    src.write_bytes(body)
+    server.routes["/permits.csv"] = Route(body, etag='"p1"')
+    sync = _sync(wl, server.url("/permits.csv") if http else str(src))
+    assert sync.sync_once().changed
+    assert wl.match("PRM100").action == "allow"
+    assert not sync.sync_once().changed  # the same list, before the first row ends
+    monkeypatch.setattr(lprd.watchlist.time, "time", lambda: now + 7200)
+    r = sync.sync_once()
+    assert r.ok and r.changed
+    assert wl.match("PRM100").action == "allow"  # the renewal's row, valid now
+    # the next time a row of the pair starts or stops: the renewal's end
+    assert wl.sync_status().remerge_at == pytest.approx(now + 90 * 86400, abs=1)
+    assert not sync.sync_once().changed
+
+
 def test_a_request_is_answered_by_the_sync_after_it_even_one_that_could_not_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a command's request came back in no result where the sync could not have its lock (a
