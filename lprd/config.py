@@ -722,6 +722,11 @@ def config_warnings(cfg: Config, events_jsonl: bool | None = None) -> list[str]:
     if cfg.mqtt.enabled and not tls.enabled and (tls.ca or tls.cert or tls.key or tls.insecure):
         out.append("mqtt.tls has files or insecure set but tls.enabled is false: the broker is "
                    "reached without TLS")
+    sync = cfg.watchlist.sync
+    if cfg.watchlist.enabled and sync.token_file and (sync.source or "").lower().startswith(
+            "http://"):
+        out.append("watchlist.sync.token_file is sent to an http:// source: the token (and "
+                   "the list) cross the network unencrypted; use https://")
     if not cfg.mqtt.enabled and not events_jsonl:
         out.append("mqtt.enabled is false: events go only to `lprd run --events-jsonl FILE`, "
                    "and nowhere without it" if events_jsonl is None else

@@ -183,6 +183,26 @@ FOLLOW_EVERY = 5.0  # s: how often match_event checks that the path still names 
 EPOCH_FLOOR = 946_684_800  # 2000-01-01: a smaller number is no time a list means
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, but never from https to http (a man in the middle could hand in
+    allow entries that open a gate), and with the credentials kept within one scheme, host
+    and port (urllib dropped them on every redirect: a same-host 301 answered 401)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if old.scheme == "https" and new.scheme != "https":
+            raise urllib.error.URLError(f"redirected from https to {redact_url(newurl)}: "
+                                        "refused, the list would travel unprotected")
+        out = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if out is not None and auth and (old.scheme, old.netloc) == (new.scheme, new.netloc):
+            out.add_unredirected_header("Authorization", auth)
+        return out
+
+
+_OPENER = urllib.request.build_opener(_Redirects)
+
+
 def _epoch_number(seconds: float, what: str) -> float | None:
     """A number given as a time: epoch seconds, not before 2000 (0: no limit, as exports write
     "always"; a valid_until of 1970 made the entry never match, unseen). An Excel date serial
@@ -1218,13 +1238,14 @@ class WatchlistSync:
             req.add_header("If-None-Match", etag)
         if last_modified:
             req.add_header("If-Modified-Since", last_modified)
-        # Unredirected: a redirect to another host must not carry the credentials along.
+        # Unredirected: a redirect to another host must not carry the credentials along
+        # (_Redirects passes them on within one scheme, host and port).
         if token:
             req.add_unredirected_header("Authorization", f"Bearer {token}")
         elif basic:
             req.add_unredirected_header("Authorization", f"Basic {basic}")
         try:
-            resp = urllib.request.urlopen(req, timeout=self.cfg.timeout)
+            resp = _OPENER.open(req, timeout=self.cfg.timeout)
         except urllib.error.HTTPError as e:
             e.close()
             if e.code == 304:

@@ -12,7 +12,14 @@ import pytest
 import yaml
 
 from lprd.cli import main
-from lprd.config import CameraConfig, Config, ConfigError, load_config, parse_config
+from lprd.config import (
+    CameraConfig,
+    Config,
+    ConfigError,
+    config_warnings,
+    load_config,
+    parse_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "config.example.yaml"
@@ -501,3 +508,14 @@ def test_a_file_url_camera_source_names_its_file(tmp_path, capsys):
         with pytest.raises(ConfigError) as e:
             load_config(f)
         assert f"cameras.gate.source: {bad}: a file URL names a local file" in str(e.value)
+
+
+def test_a_token_sent_to_an_http_source_is_warned_of(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    cfg = parse_config({"watchlist": {"sync": {"source": "http://lists.lan/a.csv",
+                                               "token_file": str(token)}}})
+    assert any("token_file is sent to an http:// source" in w for w in config_warnings(cfg))
+    cfg = parse_config({"watchlist": {"sync": {"source": "https://lists.lan/a.csv",
+                                               "token_file": str(token)}}})
+    assert not any("token_file" in w for w in config_warnings(cfg))

@@ -45,6 +45,7 @@ class Route:
     mode: str = "normal"  # normal | truncate | slow | stream (no Content-Length) | chunked
     need_token: bool = False
     hits: int = 0
+    location: str | None = None  # answered with a 301 to this
 
 
 @dataclass
@@ -73,6 +74,12 @@ def _handler(srv: ListServer) -> type[BaseHTTPRequestHandler]:
                 self.send_error(404)
                 return
             route.hits += 1
+            if route.location:
+                self.send_response(301)
+                self.send_header("Location", route.location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if route.need_token and self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 self.send_error(401)
                 return
@@ -899,6 +906,33 @@ def test_merged_rows_are_chosen_again_when_another_of_them_becomes_valid(
     # the next time a row of the pair starts or stops: the renewal's end
     assert wl.sync_status().remerge_at == pytest.approx(now + 90 * 86400, abs=1)
     assert not sync.sync_once().changed
+
+
+def test_a_redirect_keeps_the_token_on_its_host_and_never_leaves_https(
+        wl: Watchlist, server: ListServer, tmp_path: Path) -> None:
+    # urllib dropped the credentials on every redirect: a server's own 301 (a list moved to a
+    # new path) answered "HTTP 401" with no word of the redirect
+    import urllib.error
+    import urllib.request
+
+    from lprd.watchlist import _Redirects
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    server.routes["/old.csv"] = Route(location="/new.csv")
+    server.routes["/new.csv"] = Route(GOOD_CSV.encode(), need_token=True)
+    r = _sync(wl, server.url("/old.csv"), token_file=token).sync_once()
+    assert r.ok and r.entries == 2, r.error
+    # to another host (or port) the token does not go
+    other = urllib.request.Request("http://127.0.0.1:1/a.csv")
+    other.add_unredirected_header("Authorization", "Bearer x")
+    moved = _Redirects().redirect_request(other, None, 301, "Moved", {},
+                                          "http://127.0.0.2:1/b.csv")
+    assert moved is not None and not moved.has_header("Authorization")
+    # and https never goes on to http: a man in the middle could hand in allow entries
+    secure = urllib.request.Request("https://lists.example/a.csv")
+    with pytest.raises(urllib.error.URLError, match="redirected from https to http://"):
+        _Redirects().redirect_request(secure, None, 302, "Found", {}, "http://lists.example/a")
 
 
 def test_a_request_is_answered_by_the_sync_after_it_even_one_that_could_not_run(
