@@ -803,7 +803,9 @@ class Watchlist:
                                    isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for a sync's swap
-                conn.execute("PRAGMA synchronous=NORMAL")
+                # FULL: `lprd watchlist remove` said "removed" and a power cut soon after
+                # could bring the plate back (commits are few: a sync's swap, the CLI's edits)
+                conn.execute("PRAGMA synchronous=FULL")
                 # A swap of a big list grows the WAL to the list's size; give the disk back.
                 conn.execute("PRAGMA journal_size_limit=4194304")
             except sqlite3.Error:  # not a database: the caller moves it aside or reports it

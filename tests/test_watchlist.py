@@ -814,3 +814,10 @@ def test_status_of_a_store_never_synced_and_add_of_an_empty_plate_say_so(
     assert "never synced" in out and "None" not in out
     assert main(["watchlist", "add", " ", "--db", db]) == 2
     assert "add: the plate is empty" in capsys.readouterr().err
+
+
+def test_an_edit_is_on_disk_when_the_command_says_done(tmp_path: Path) -> None:
+    # synchronous=NORMAL in WAL: a commit survives a crash of the process, not a power cut
+    with Watchlist(tmp_path / "w.sqlite", WatchlistConfig()) as wl:
+        wl.add(WatchlistEntry("ABC1234", action="deny"))
+        assert wl._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
