@@ -43,6 +43,9 @@ def test_bench_prints_valid_json_with_every_stage(tiny_clip, capsys):
     assert out["total_ms"] == pytest.approx(sum(s["mean_ms"] for s in out["stages"].values()),
                                             abs=0.01)
     assert out["fps"] == pytest.approx(1000 / out["total_ms"], rel=0.01)
+    # decode runs in the capture processes: the inference process's own rate leaves it out
+    assert out["inference_fps"] == pytest.approx(
+        1000 / (out["total_ms"] - out["stages"]["decode"]["mean_ms"]), rel=0.01)
     assert out["peak_rss_mb"] >= out["rss_mb"] > 10
     assert set(out["models"]) == {"detector", "reader"}
     table = format_table(out)
