@@ -193,7 +193,7 @@ def format_table(summary: dict) -> str:
     lines += [
         f"{'total':<8} {summary['total_ms']:>9.2f}",
         "",
-        (f"frames per second: {summary['fps']:.1f} decoded and analysed on one core; "
+        (f"frames per second: {summary['fps']:.1f} decoded and analysed in one process; "
          f"{summary['inference_fps']:.1f} for the inference process (capture decodes apart)"),
         (f"plates read per frame: {summary['plates_per_frame']:.2f} "
          f"({summary['read_ms_per_plate']:.2f} ms each); events: {summary['events']}"),

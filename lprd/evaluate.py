@@ -85,7 +85,7 @@ class ImageScore:
     found10: int = 0
     preds: int = 0
     false_plates: int = 0
-    false_reads: int = 0  # false plates whose read passes the reader filter: false events
+    false_reads: int = 0  # reads passing the reader filter credited to no plate: false events
     text_plates: int = 0
     e2e_exact: int = 0
     e2e_topn: int = 0
@@ -442,8 +442,8 @@ def format_text(m: Metrics) -> str:
         f"({c['found50']}/{c['scene_plates']}); found at IoU>0.1: "
         f"{fmt_pct(m.detection_found_iou10)} ({c['found10']}/{c['scene_plates']})"),
         f"false plates      {fpi} per scene image ({m.false_plates} in {m.scene_images})",
-        (f"false reads       {fri} per scene image ({m.false_reads}: false plates whose read "
-         "passes the reader filter)"),
+        (f"false reads       {fri} per scene image ({m.false_reads}: reads passing the "
+         "reader filter on no plate)"),
         (f"end-to-end exact  {fmt_pct(m.e2e_exact)} ({c['e2e_exact']}/{m.plates_with_text}); "
         f"within top-{m.topn}: {fmt_pct(m.e2e_exact_topn)} ({c['e2e_topn']})"),
         (f"reader exact      {fmt_pct(m.reader_exact)} ({c['reader_exact']}/{m.reader_plates}) "

@@ -179,14 +179,17 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
         ) from None
 
 
+# how a synced list's rows are read; a new value makes the next sync read it again
+_ROWS_READ = 2
 FOLLOW_EVERY = 5.0  # s: how often match_event checks that the path still names its file
 EPOCH_FLOOR = 946_684_800  # 2000-01-01: a smaller number is no time a list means
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
     """urllib's redirects, but never from https to http (a man in the middle could hand in
-    allow entries that open a gate), and with the credentials kept within one scheme, host
-    and port (urllib dropped them on every redirect: a same-host 301 answered 401)."""
+    allow entries that open a gate), and with the credentials kept on one host and port, over
+    the same scheme or up to https (urllib dropped them on every redirect: a same-host 301
+    answered 401)."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
@@ -195,7 +198,8 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
                                         "refused, the list would travel unprotected")
         out = super().redirect_request(req, fp, code, msg, headers, newurl)
         auth = req.unredirected_hdrs.get("Authorization")
-        if out is not None and auth and (old.scheme, old.netloc) == (new.scheme, new.netloc):
+        if out is not None and auth and new.netloc == old.netloc and (
+                new.scheme == old.scheme or new.scheme == "https"):  # or an upgrade to TLS
             out.add_unredirected_header("Authorization", auth)
         return out
 
@@ -521,6 +525,7 @@ def _entries(rows: Iterator[tuple[str, dict[str, Any]]], default_list: str,
     entries: list[WatchlistEntry] = []
     seen: dict[tuple[str, str], str] = {}
     kept: dict[tuple[str, str], int] = {}  # with merge_duplicates: the entry's index
+    repeats: dict[tuple[str, str], list[WatchlistEntry]] = {}  # a merged plate's rows, in order
     merged: list[str] = []
     problems: list[str] = []
     with _gc_paused():
@@ -541,10 +546,7 @@ def _entries(rows: Iterator[tuple[str, dict[str, Any]]], default_list: str,
                         f"{where}: {entry.plate} is already on list {entry.list!r} ({first})")
                     continue
                 merged.append(f"{where}: {entry.plate} ({first})")
-                if merge_times is not None:
-                    merge_times.extend(t for e in (entry, entries[kept[key]])
-                                       for t in (e.valid_from, e.valid_until)
-                                       if t is not None and t > now)
+                repeats.setdefault(key, [entries[kept[key]]]).append(entry)
                 if _merge_rank(entry, now) < _merge_rank(entries[kept[key]], now):
                     entries[kept[key]] = entry
                 continue
@@ -555,6 +557,9 @@ def _entries(rows: Iterator[tuple[str, dict[str, Any]]], default_list: str,
         more = len(problems) - _MAX_PROBLEMS_SHOWN
         raise WatchlistError(f"{len(problems)} bad row(s): {shown}"
                              + (f"; and {more} more" if more > 0 else ""))
+    if merge_times is not None:
+        merge_times.extend(t for rows in repeats.values()
+                           if (t := _next_choice(rows, now)) is not None)
     if merged:
         more = len(merged) - _MAX_PROBLEMS_SHOWN
         log.warning("watchlist list: %d row(s) repeat a plate of their list and were merged "
@@ -566,6 +571,21 @@ def _entries(rows: Iterator[tuple[str, dict[str, Any]]], default_list: str,
 
 def _merge_rank(entry: WatchlistEntry, now: float) -> tuple[bool, int]:
     return not entry.active(now), action_rank(entry.action)
+
+
+def _chosen(rows: list[WatchlistEntry], now: float) -> WatchlistEntry:
+    """The row a merge keeps at `now` (the first of the best: min is stable)."""
+    return min(rows, key=lambda e: _merge_rank(e, now))
+
+
+def _next_choice(rows: list[WatchlistEntry], now: float) -> float | None:
+    """When a repeated plate's merge would keep another of its rows than now, if ever."""
+    now_row = _chosen(rows, now)
+    for t in sorted({t for e in rows for t in (e.valid_from, e.valid_until)
+                     if t is not None and t > now}):
+        if _chosen(rows, t) is not now_row:
+            return t
+    return None
 
 
 def _cell(value: Any) -> str:
@@ -782,6 +802,14 @@ class Watchlist:
         if int(version) != SCHEMA_VERSION:
             raise WatchlistError(f"{self.path}: schema {version}, this lprd knows "
                                  f"{SCHEMA_VERSION}")
+        if self._meta(conn, "rows_read") != str(_ROWS_READ):
+            # entries stored with valid_until 0 (epoch 1970: never matched) meant no end; a
+            # store this user may only read is put right by the next that may write
+            with contextlib.suppress(sqlite3.OperationalError), self._write(conn):
+                for o in ORIGINS:
+                    conn.execute(f"UPDATE entries_{o} SET valid_until = NULL "
+                                 "WHERE valid_until = 0")
+                self._set_meta(conn, "rows_read", str(_ROWS_READ))
         self.configure(self.cfg)
 
     @classmethod
@@ -1365,7 +1393,9 @@ class WatchlistSync:
                             "sync tries again")
 
     def _defaults(self) -> str:
-        return json.dumps([self.cfg.list, self.cfg.action])
+        # with how the rows are read: an upgrade that reads them otherwise (valid_until 0
+        # as no end, merged rows' next choice) reads the unchanged list again
+        return json.dumps([self.cfg.list, self.cfg.action, _ROWS_READ])
 
     def _fetch(self, source: str, status: SyncStatus) -> _Fetched | None:
         # Validators of another source, or of the same read with other defaults, mean nothing.
@@ -1586,7 +1616,13 @@ class WatchlistSync:
                     log.exception("watchlist sync crashed")
                     ok = False
                 failures = 0 if ok else failures + 1
-                self._wake.wait(retry_delay(failures, self.cfg.interval))
+                wait = retry_delay(failures, self.cfg.interval)
+                with contextlib.suppress(sqlite3.Error, WatchlistError):
+                    # a merged plate's other row takes over then, not an interval later
+                    remerge = self.watchlist.sync_status().remerge_at
+                    if remerge is not None:
+                        wait = min(wait, max(remerge - time.time(), 1.0))
+                self._wake.wait(wait)
         finally:
             self.watchlist._drop_own()  # close() leaves a live thread's connection to it
 

@@ -655,12 +655,23 @@ def test_a_small_number_for_a_time_is_refused_not_read_as_1970(tmp_path: Path) -
     assert parse_time(1_900_000_000) == 1_900_000_000.0
 
 
-def test_a_valid_until_of_0_means_no_end_not_1970() -> None:
+def test_a_valid_until_of_0_means_no_end_not_1970(tmp_path: Path) -> None:
     # exports write 0 for "always": the entry was stored, never matched, and the sync said OK
     for body, fmt in (("plate,action,valid_until\nABC1234,deny,0\n", "csv"),
                       ('[{"plate": "ABC1234", "action": "deny", "valid_until": 0}]', "json")):
         entry, = parse_document(body.encode(), fmt)
         assert entry.valid_until is None and entry.active(time.time())
+    # and those an older lprd stored so match from the first open on
+    path = tmp_path / "w.sqlite"
+    with Watchlist(path, WatchlistConfig()) as wl:
+        wl.add(WatchlistEntry("ABC1234", action="deny"))
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE entries_local SET valid_until = 0")
+        db.execute("DELETE FROM meta WHERE key = 'rows_read'")
+    db.close()
+    with Watchlist(path, WatchlistConfig()) as wl:
+        assert wl.match("ABC1234").action == "deny"
 
 
 def test_a_csv_export_with_keys_in_two_cases_imports_back() -> None:

@@ -929,6 +929,12 @@ def test_a_redirect_keeps_the_token_on_its_host_and_never_leaves_https(
     moved = _Redirects().redirect_request(other, None, 301, "Moved", {},
                                           "http://127.0.0.2:1/b.csv")
     assert moved is not None and not moved.has_header("Authorization")
+    # up to https on the same host it does
+    plain = urllib.request.Request("http://lists.example/a.csv")
+    plain.add_unredirected_header("Authorization", "Bearer x")
+    moved = _Redirects().redirect_request(plain, None, 301, "Moved", {},
+                                          "https://lists.example/a.csv")
+    assert moved is not None and moved.get_header("Authorization") == "Bearer x"
     # and https never goes on to http: a man in the middle could hand in allow entries
     secure = urllib.request.Request("https://lists.example/a.csv")
     with pytest.raises(urllib.error.URLError, match="redirected from https to http://"):
