@@ -112,7 +112,7 @@ def _file_url_path(v: str) -> str:
         return v
     parts = urlsplit(v)
     if parts.netloc.lower() not in ("", "localhost") or not parts.path.startswith("/") \
-            or parts.query or parts.fragment or "?" in v or "#" in v:
+            or "?" in v or "#" in v:
         raise ValueError(f"{v}: a file URL names a local file by its whole path, "
                          "file:///path/to/clip.mp4 (a ? or # in the name as %3F, %23)")
     return url2pathname(parts.path)

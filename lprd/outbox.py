@@ -53,7 +53,7 @@ CREATE INDEX IF NOT EXISTS messages_events ON messages(seq) WHERE kind = 'event'
 -- a camera's older crop goes at each put: without it, a scan of every waiting message
 CREATE INDEX IF NOT EXISTS messages_crops ON messages(camera) WHERE kind = 'crop';
 -- run: the last run that opened it; run_seq: the highest seq before that run; boot: its boot
--- id; earlier_boot: 1 where the rows up to run_seq may be of another boot
+-- id; boot_seq: the highest seq before that boot's first run
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -217,33 +217,41 @@ class Outbox:
                             "they wait in the new one", len(rows))
             self._count()
         try:
-            self._run_seq, self.earlier_boot = self._mark_run(salvaged=aside is not None)
+            self._run_seq, self._boot_seq = self._mark_run(salvaged=aside is not None)
         except sqlite3.Error:
             self.close()
             raise
 
-    def _mark_run(self, salvaged: bool) -> tuple[int, bool]:
-        """The highest seq written before this run, and whether those rows may be of another
-        boot (`from_earlier_run`), as at this run's first open of the file."""
+    def _mark_run(self, salvaged: bool) -> tuple[int, int]:
+        """The highest seq written before this run, and before this boot's first run, as
+        at this run's first open of the file (`from_earlier_run`, `from_earlier_boot`)."""
         if self.in_memory:
-            return 0, False
+            return 0, 0
         with self._lock, self._transaction():
             meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("run") == _RUN_ID and not salvaged:
-                return int(meta["run_seq"]), meta["earlier_boot"] == "1"
+                return int(meta["run_seq"]), int(meta["boot_seq"])
             top = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
             boot = _boot_id()
             # a file of an older lprd or a salvaged one: which boot wrote it is not known
-            earlier = bool(top) and (salvaged or not boot or meta.get("boot") != boot)
+            if salvaged or not boot or meta.get("boot") != boot or "boot_seq" not in meta:
+                boot_seq = top
+            else:  # a restart in the same boot: the rows of the boot before stay its
+                boot_seq = int(meta["boot_seq"])
             self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [
                 ("run", _RUN_ID), ("run_seq", str(top)), ("boot", boot),
-                ("earlier_boot", "1" if earlier else "0")])
-        return top, earlier
+                ("boot_seq", str(boot_seq))])
+        return top, boot_seq
 
     def from_earlier_run(self, seq: int) -> bool:
-        """Written before this process first opened the file (its stamp by another run's
-        clock; `earlier_boot`: maybe another boot's)."""
+        """Written before this process first opened the file: stamped by another run's
+        clock."""
         return seq <= self._run_seq
+
+    def from_earlier_boot(self, seq: int) -> bool:
+        """Written before this boot's first run: whatever its stamp, its age is not known
+        (a box without RTC boots at its last saved time)."""
+        return seq <= self._boot_seq
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

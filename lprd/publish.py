@@ -1222,14 +1222,15 @@ class Publisher:
         """`seq`: the outbox's, where it waited there (else in memory, this run's)."""
         limit = self.cfg.action_max_age
         now = time.time()
+        other_boot = seq is not None and self.outbox.from_earlier_boot(seq)
         if limit and seq is not None and self.outbox.from_earlier_run(seq) and (
-                self.outbox.earlier_boot or created < CLOCK_FLOOR or created > now):
+                other_boot or created < CLOCK_FLOOR or created > now):
             # a box without RTC boots at its last saved time: an allow queued after that
             # looked fresh, and a clock step would have kept it so (a gate opened hours late)
             log.warning("MQTT: %s of event %s not sent: it was queued before lprd started%s, "
                         "so its age cannot be told; the event carries the match",
                         self._topic(message), message.event_id,
-                        " (in another boot)" if self.outbox.earlier_boot else "")
+                        " (in another boot)" if other_boot else "")
             return True
         age = now - created
         # stamped while the clock was unset: its age is unknown (as for the outbox's max_age)

@@ -179,7 +179,8 @@ def parse_time(value: Any, *, end: bool = False, what: str = "time") -> float | 
         ) from None
 
 
-# how a synced list's rows are read; a new value makes the next sync read it again
+# how stored and synced rows are read: a new value makes the next sync read an unchanged list
+# again, and the store's first open put its stored rows right (valid_until 0: no end)
 _ROWS_READ = 2
 FOLLOW_EVERY = 5.0  # s: how often match_event checks that the path still names its file
 EPOCH_FLOOR = 946_684_800  # 2000-01-01: a smaller number is no time a list means
@@ -1269,7 +1270,7 @@ class WatchlistSync:
         if last_modified:
             req.add_header("If-Modified-Since", last_modified)
         # Unredirected: a redirect to another host must not carry the credentials along
-        # (_Redirects passes them on within one scheme, host and port).
+        # (_Redirects passes them on to the same host and port, same scheme or up to https).
         if token:
             req.add_unredirected_header("Authorization", f"Bearer {token}")
         elif basic:
@@ -1618,9 +1619,10 @@ class WatchlistSync:
                 failures = 0 if ok else failures + 1
                 wait = retry_delay(failures, self.cfg.interval)
                 with contextlib.suppress(sqlite3.Error, WatchlistError):
-                    # a merged plate's other row takes over then, not an interval later
+                    # a merged plate's other row takes over then, not an interval later (one
+                    # due already: a failed sync's backoff stands)
                     remerge = self.watchlist.sync_status().remerge_at
-                    if remerge is not None:
+                    if remerge is not None and remerge > time.time():
                         wait = min(wait, max(remerge - time.time(), 1.0))
                 self._wake.wait(wait)
         finally:

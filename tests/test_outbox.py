@@ -224,7 +224,8 @@ def test_an_outbox_tells_the_rows_of_earlier_runs_and_whether_of_another_boot(
     _new_run(monkeypatch)
     ob = Outbox(path)
     ob.put(_event(1, action="allow"))
-    assert not ob.earlier_boot and not any(ob.from_earlier_run(p.seq) for p in ob.pending())
+    assert not any(ob.from_earlier_run(p.seq) or ob.from_earlier_boot(p.seq)
+                   for p in ob.pending())
     ob.close()
     ob = Outbox(path)  # reopened in the same run (a publisher restarted by a reload)
     ob.put(_event(2))
@@ -234,11 +235,17 @@ def test_an_outbox_tells_the_rows_of_earlier_runs_and_whether_of_another_boot(
     ob = Outbox(path)
     ob.put(_event(3))
     assert [ob.from_earlier_run(p.seq) for p in ob.pending()] == [True, True, True, False]
-    assert not ob.earlier_boot
+    assert not any(ob.from_earlier_boot(p.seq) for p in ob.pending())
     ob.close()
     _new_run(monkeypatch, boot="boot-2")  # a power cut
     ob = Outbox(path)
-    assert ob.earlier_boot and all(ob.from_earlier_run(p.seq) for p in ob.pending())
+    assert all(ob.from_earlier_boot(p.seq) for p in ob.pending())
+    ob.put(_event(4))
+    ob.close()
+    _new_run(monkeypatch, boot="boot-2")  # and a restart after it: boot 1's rows stay boot 1's
+    ob = Outbox(path)
+    assert [ob.from_earlier_boot(p.seq) for p in ob.pending()] == [True] * 4 + [False]
+    assert all(ob.from_earlier_run(p.seq) for p in ob.pending())
     ob.close()
 
 

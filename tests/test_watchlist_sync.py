@@ -908,6 +908,22 @@ def test_merged_rows_are_chosen_again_when_another_of_them_becomes_valid(
     assert not sync.sync_once().changed
 
 
+def test_a_re_merge_due_leaves_a_failing_sync_s_backoff_alone(wl: Watchlist,
+                                                              tmp_path: Path) -> None:
+    # a sync failing after its merged rows' time came waited 1 s instead of its backoff:
+    # a warning every second for as long as the source was away
+    wl.write_sync_status(SyncStatus(remerge_at=time.time() - 60))
+    sync = _sync(wl, str(tmp_path / "gone.csv"))
+    results: list[SyncResult] = []
+    sync.on_result = lambda result, status: results.append(result)
+    sync.start()
+    try:
+        time.sleep(2.5)
+    finally:
+        sync.stop()
+    assert [r.ok for r in results] == [False]  # then the 30 s backoff
+
+
 def test_a_redirect_keeps_the_token_on_its_host_and_never_leaves_https(
         wl: Watchlist, server: ListServer, tmp_path: Path) -> None:
     # urllib dropped the credentials on every redirect: a server's own 301 (a list moved to a
