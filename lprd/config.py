@@ -105,6 +105,11 @@ class ReconnectConfig(_Strict):
     max: float = Field(30.0, gt=0, description="longest backoff, seconds")
 
 
+def file_url_path(url: str) -> str:
+    """The path a file:// URL names, its %-escapes decoded (a camera's or the sync's)."""
+    return url2pathname(urlsplit(url).path)
+
+
 def _file_url_path(v: str) -> str:
     # file:///srv/clip.mp4 passed as a file, and capture then looked for the file
     # "file:/srv/clip.mp4" forever
@@ -115,7 +120,7 @@ def _file_url_path(v: str) -> str:
             or "?" in v or "#" in v:
         raise ValueError(f"{v}: a file URL names a local file by its whole path, "
                          "file:///path/to/clip.mp4 (a ? or # in the name as %3F, %23)")
-    return url2pathname(parts.path)
+    return file_url_path(v)
 
 
 class CameraConfig(_Strict):

@@ -431,11 +431,14 @@ class Supervisor:
     def _ring_failed(self, name: str, error: str) -> None:
         if self.once:
             self._skipped.append(name)  # a file not read: exit status 1
+        self._publish_lone_state(CameraState(name, connected=False, error=error))
+
+    def _publish_lone_state(self, state: CameraState) -> None:
+        """The state of a camera no capture process runs for (disabled, or its ring not
+        made): its retained state said what it was last (connected: true) for good."""
         if self.publisher is not None:
-            # its retained state said what it was last (connected: true): no process of it
-            # runs to say otherwise
-            with contextlib.suppress(Exception):
-                self.publisher.publish_state(CameraState(name, connected=False, error=error))
+            with contextlib.suppress(Exception):  # state is informative
+                self.publisher.publish_state(state)
 
     def _start_capture(self, cam: _Camera) -> None:
         child = cam.child
@@ -964,11 +967,8 @@ class Supervisor:
             if name in self.cameras:
                 log.info("camera %s: config changed, restarting its capture", name)
                 self._remove_camera(name, deadline)
-                if name in new.cameras and not new.cameras[name].enabled \
-                        and self.publisher is not None:
-                    # its retained state said what it was last (connected: true) for good
-                    with contextlib.suppress(Exception):
-                        self.publisher.publish_state(disabled_state(name))
+                if name in new.cameras and not new.cameras[name].enabled:
+                    self._publish_lone_state(disabled_state(name))
             if name in new.cameras and not self.flags.stop:
                 self._add_camera(name, new.cameras[name])
         from lprd.publish import PublisherConfigError, check_files, files_stamp

@@ -50,6 +50,7 @@ from lprd.config import (
     ConfigError,
     SyncConfig,
     WatchlistConfig,
+    file_url_path,
     is_list_name,
     load_config,
     redact_source,
@@ -1406,8 +1407,7 @@ class WatchlistSync:
         if scheme in ("http", "https"):
             return self._fetch_http(source, etag, status.last_modified if same else None)
         if scheme == "file":
-            return self._fetch_file(Path(urllib.parse.unquote(urllib.parse.urlsplit(source).path)),
-                                    etag)
+            return self._fetch_file(Path(file_url_path(source)), etag)
         if "://" in source:
             raise SyncError(f"unsupported source scheme {scheme!r} (use https, http or a path)")
         return self._fetch_file(Path(source), etag)

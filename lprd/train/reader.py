@@ -30,6 +30,7 @@ import re
 import signal
 import sys
 import time
+import types
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -343,7 +344,7 @@ def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 
                  use_bias=False)(x)  # 2x32
     x = L.BatchNormalization()(x)
     if row_pool:
-        RowPool, Learned = _keras_extras()[3], _keras_extras()[2]
+        RowPool, Learned = _keras_extras().RowPool, _keras_extras().Learned
         score = L.Conv2D(2, 1, name="row_pool_score")(feat)
         rows = RowPool(name="row_pool")([score, feat])  # 2x32
         rows = L.Conv2D(scaled_channels(128, width), 1, use_bias=False,
@@ -356,9 +357,9 @@ def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 
     if attention:
         ch = scaled_channels(96, width)
         seq = L.Reshape((-1, ch))(x)
-        q = _keras_extras()[2]("pos")(seq)
+        q = _keras_extras().Learned("pos")(seq)
         a = L.MultiHeadAttention(attention, key_dim=32, name="attention")(q, q)
-        x = L.Add()([x, L.Reshape((2, -1, ch))(_keras_extras()[2]("scale")(a))])
+        x = L.Add()([x, L.Reshape((2, -1, ch))(_keras_extras().Learned("scale")(a))])
     x = L.Dropout(0.2)(x)
     x = L.Conv2D(NUM_CLASSES, 1, name="logits")(x)
     out = L.Reshape((-1, NUM_CLASSES), name="sequence")(x)  # row-major: top row, bottom row
@@ -386,7 +387,7 @@ def _build_slots(tf, batch: int | None = None):
 
 @functools.lru_cache(maxsize=1)
 def _keras_extras():
-    """The CTC model's custom layer and loss, registered so that checkpoints load."""
+    """The CTC model's custom layers and losses, registered so that checkpoints load, by name."""
     import keras
 
     @keras.saving.register_keras_serializable(package="lprd")
@@ -448,7 +449,8 @@ def _keras_extras():
                            axis=(1, 2))
         return ctc_loss(y_true[:, :MAX_LEN], y_pred) + DISTILL_WEIGHT * DISTILL_T ** 2 * kl
 
-    return RowBias, ctc_loss, Learned, RowPool, distill_loss
+    return types.SimpleNamespace(RowBias=RowBias, ctc_loss=ctc_loss, Learned=Learned,
+                                 RowPool=RowPool, distill_loss=distill_loss)
 
 
 def pack_targets(ys: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
@@ -458,7 +460,7 @@ def pack_targets(ys: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
 
 
 def RowBias():  # a layer factory: the class needs keras, imported late
-    return _keras_extras()[0]()
+    return _keras_extras().RowBias()
 
 
 def _concat(files: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -844,7 +846,7 @@ def train(args: argparse.Namespace) -> int:
                                   + ps.get("init_from", {}).get("epochs", 0)}
             log.info("initialised from %s", args.init_from)
         model.compile(optimizer=tf.keras.optimizers.AdamW(sched, weight_decay=1e-4),
-                      loss=(_keras_extras()[4] if args.teacher else _keras_extras()[1])
+                      loss=(_keras_extras().distill_loss if args.teacher else _keras_extras().ctc_loss)
                       if args.head == "ctc"
                       else tf.keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[])
