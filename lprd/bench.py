@@ -17,7 +17,7 @@ import numpy as np
 
 from lprd.capture import fit_frame, fit_size
 from lprd.cli import add_config_option, int_range, shown_path
-from lprd.config import DEFAULT_CONFIG_PATH, CameraConfig, Config, ConfigError, load_config
+from lprd.config import CameraConfig, Config, ConfigError, open_config
 from lprd.recognize import InputError, add_max_width_option, check_opencv_path
 
 log = logging.getLogger(__name__)
@@ -202,18 +202,11 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _config(path: str) -> Config:
-    p = Path(path)
-    if not p.exists() and p == DEFAULT_CONFIG_PATH:
-        return Config()  # no system config: bench with the defaults and the bundled models
-    return load_config(p)
-
-
 def _bench(args: argparse.Namespace) -> int:
     from lprd.models import ModelError
 
     try:
-        cfg = _config(args.config)
+        cfg = open_config(getattr(args, "config", None))
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

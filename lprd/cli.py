@@ -62,7 +62,7 @@ COMMAND_MODULES = (
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    path = args.file or args.config
+    path = args.file or args.config or DEFAULT_CONFIG_PATH
     try:
         cfg = load_config(path)
         # `run` would fail on these only later, or (models) over and over under systemd
@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"lprd {__version__}")
     p.add_argument(
-        "-c", "--config", default=str(DEFAULT_CONFIG_PATH),
+        # None, not the default path: a file named with -c must exist, while one-shot
+        # commands run on the built-in defaults where the default file is absent
+        "-c", "--config", default=None, metavar="FILE",
         help=f"YAML config file (default: {DEFAULT_CONFIG_PATH})",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -542,6 +542,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def open_config(path: str | Path | None) -> Config:
+    """The config named with -c, or for a one-shot command without -c the default file when it
+    exists, else the built-in defaults. A file named with -c must exist, the default path too."""
+    if path is None:
+        return load_config(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else Config()
+    return load_config(path)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     p = Path(path)

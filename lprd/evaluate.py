@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from lprd.cli import add_config_option, int_range, shown_path
-from lprd.config import Config, ConfigError
+from lprd.config import Config, ConfigError, open_config
 from lprd.models import ModelError
 from lprd.recognize import (
     InputError,
@@ -27,7 +27,6 @@ from lprd.recognize import (
     load_image,
     load_models,
     make_pipeline,
-    open_config,
     scaled_process,
     with_topn,
     write_image,

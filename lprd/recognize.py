@@ -23,7 +23,7 @@ import numpy as np
 
 from lprd.capture import file_frame_time, fit_frame
 from lprd.cli import add_config_option, int_range, shown_path
-from lprd.config import DEFAULT_CONFIG_PATH, CameraConfig, Config, ConfigError, load_config
+from lprd.config import CameraConfig, Config, ConfigError, open_config
 from lprd.models import ModelError
 from lprd.track import Tracker
 from lprd.types import Box, Observation, PlateEvent, Read
@@ -70,13 +70,6 @@ def write_image(path: Path, img: np.ndarray) -> None:
 
 
 # shared with `lprd eval` ---------------------------------------------------------------------------
-
-
-def open_config(path: str | None) -> Config:
-    """The config file, or the defaults when the default file is absent (one-shot use)."""
-    if path is None or (Path(path) == DEFAULT_CONFIG_PATH and not DEFAULT_CONFIG_PATH.exists()):
-        return Config()
-    return load_config(path)
 
 
 def _open_watchlist(cfg: Config) -> Any:

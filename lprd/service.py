@@ -119,18 +119,19 @@ def _run(args: argparse.Namespace) -> int:
                     f"sqlite3 module has {sqlite3.sqlite_version} (use a Python built with a "
                     "newer SQLite: Debian 12, Ubuntu 24.04 and Raspberry Pi OS bookworm have one)")
         return EXIT_CONFIG
+    path = Path(args.config or DEFAULT_CONFIG_PATH)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(path)
         problems = model_file_problems(cfg)
         if problems:
-            raise ConfigError(args.config, problems)
+            raise ConfigError(str(path), problems)
     except ConfigError as e:
         print_error(str(e))
         return EXIT_CONFIG
     verbose = bool(getattr(args, "verbose", False))
     level = "debug" if verbose else cfg.service.log_level
     setup_logging(level)
-    sup = Supervisor(cfg, Path(args.config), events_jsonl=args.events_jsonl, once=args.once,
+    sup = Supervisor(cfg, path, events_jsonl=args.events_jsonl, once=args.once,
                      log_level=level, verbose=verbose)
     return sup.run()
 

@@ -1748,14 +1748,14 @@ def benchmark(entries: int = 100_000, lookups: int = 2000, seed: int = 0,
 
 def _open(args: argparse.Namespace, create: bool = False) -> tuple[Watchlist, Config]:
     """The CLI's store; without `create`, a missing file is an error (a mistyped --db)."""
-    cfg_path = Path(getattr(args, "config", None) or DEFAULT_CONFIG_PATH)
-    if not cfg_path.exists() and cfg_path == DEFAULT_CONFIG_PATH:
+    cfg_path = getattr(args, "config", None)
+    if cfg_path is None and not DEFAULT_CONFIG_PATH.exists():
         if args.db is None:
-            raise WatchlistError(f"{cfg_path}: file not found: give the daemon's config with "
-                                 "-c FILE, or the watchlist file with --db FILE")
+            raise WatchlistError(f"{DEFAULT_CONFIG_PATH}: file not found: give the daemon's "
+                                 "config with -c FILE, or the watchlist file with --db FILE")
         cfg = Config()  # --db alone works on a machine without /etc/lprd/config.yaml
     else:
-        cfg = load_config(cfg_path)
+        cfg = load_config(cfg_path or DEFAULT_CONFIG_PATH)
     wcfg = cfg.watchlist
     path = args.db if args.db is not None else cfg.storage.dir / DB_NAME
     if not create and not path.is_file():
@@ -2098,9 +2098,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("-c", "--config", default=str(DEFAULT_CONFIG_PATH))
+    pre.add_argument("-c", "--config")
     known, rest = pre.parse_known_args(argv)
-    return lprd_main(["--config", known.config, "watchlist", *rest])
+    config = ["--config", known.config] if known.config is not None else []
+    return lprd_main([*config, "watchlist", *rest])
 
 
 if __name__ == "__main__":

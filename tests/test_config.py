@@ -18,6 +18,7 @@ from lprd.config import (
     ConfigError,
     config_warnings,
     load_config,
+    open_config,
     parse_config,
 )
 
@@ -187,6 +188,23 @@ def test_anchors_merge_keys_and_the_limits_themselves_still_load(tmp_path):
 def test_check_config_reports_a_missing_file(tmp_path, capsys):
     assert main(["check-config", str(tmp_path / "nope.yaml")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_a_config_named_with_c_must_exist_even_at_the_default_path(tmp_path, monkeypatch,
+                                                                   capsys):
+    import lprd.config as cfgmod
+
+    default = tmp_path / "etc" / "config.yaml"
+    monkeypatch.setattr(cfgmod, "DEFAULT_CONFIG_PATH", default)
+    assert open_config(None) == Config()  # one-shot use without a system config
+    # `-c /etc/lprd/config.yaml` with a typo'd mount or a missing file ran on the defaults
+    with pytest.raises(ConfigError, match="file not found"):
+        open_config(str(default))
+    assert main(["-c", str(default), "recognize", str(tmp_path / "x.jpg")]) == 2
+    assert f"{default}: file not found" in capsys.readouterr().err
+    default.parent.mkdir()
+    default.write_text("reader:\n  topn: 3\n")
+    assert open_config(None).reader.topn == 3
 
 
 def test_check_config_accepts_the_demo_and_example(capsys):

@@ -550,12 +550,16 @@ def test_cli_without_the_default_config_says_how_to_go_on(
         capsys: pytest.CaptureFixture[str]) -> None:
     import lprd.watchlist as wlmod
 
-    monkeypatch.setattr(wlmod, "DEFAULT_CONFIG_PATH", tmp_path / "etc" / "config.yaml")
-    rc, _, err = _run(["list", "-c", str(tmp_path / "etc" / "config.yaml")], capsys)
+    default = tmp_path / "etc" / "config.yaml"
+    monkeypatch.setattr(wlmod, "DEFAULT_CONFIG_PATH", default)
+    rc, _, err = _run(["list"], capsys)
     assert rc == 2 and "file not found: give the daemon's config with -c FILE, or the " \
         "watchlist file with --db FILE" in err
     rc, _, _ = _run(["add", "ABC1234", "--db", str(tmp_path / "w.sqlite")], capsys)
     assert rc == 0
+    # a file named with -c must exist, even where it is the default path (it ran on defaults)
+    rc, _, err = _run(["list", "-c", str(default), "--db", str(tmp_path / "w.sqlite")], capsys)
+    assert rc == 2 and f"{default}: file not found" in err
 
 
 def test_cli_ends_quietly_into_a_closed_pipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
