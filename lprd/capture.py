@@ -229,6 +229,15 @@ def v4l2_size(cfg: CameraConfig) -> tuple[int, int]:
     return cfg.resolution or (cfg.max_width, cfg.max_width * 9 // 16)
 
 
+def longest_silence(cfg: CameraConfig) -> float:
+    """The longest a healthy capture process may go without a status record: one wait for a
+    frame or an open (V4L2 rounds its wait up to whole seconds), plus the heartbeat's interval
+    and a second for the queue. A supervisor that kills sooner kills a camera that was about to
+    report a stall and reconnect."""
+    wait = max(math.ceil(cfg.stall_timeout), cfg.open_timeout or OPEN_TIMEOUT)
+    return wait + STATUS_INTERVAL + 1.0
+
+
 def _open(source: str, kind: SourceKind, open_timeout: float, read_timeout: float,
           size: tuple[int, int]) -> cv2.VideoCapture:
     """`size`: what a V4L2 camera is asked for (`v4l2_size`)."""

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lprd.capture import Alive, CaptureStatus, SourceKind, ring_shape, source_kind
+from lprd.capture import (
+    Alive,
+    CaptureStatus,
+    SourceKind,
+    longest_silence,
+    ring_shape,
+    source_kind,
+)
 from lprd.cli import add_config_option, early_sighups
 from lprd.config import (
     DEFAULT_CONFIG_PATH,
@@ -389,8 +396,14 @@ class Supervisor:
             beats["inference"] = self.worker.beat
         for cam in list(self.cameras.values()):  # list(): the loop may change the dict
             if not cam.child.done and cam.child.proc is not None:
-                beats[f"capture:{cam.name}"] = cam.child.beat
+                beats[f"capture:{cam.name}"] = cam.child.beat + self._grace(cam)
         return beats
+
+    def _grace(self, cam: _Camera) -> float:
+        """What a capture may be silent past hang_timeout: a stall_timeout just under it,
+        rounded up by V4L2, plus the heartbeat's interval (a frozen camera was killed as hung
+        instead of reconnected)."""
+        return max(0.0, longest_silence(cam.cfg) - self.cfg.service.hang_timeout)
 
     # -- cameras -----------------------------------------------------------------------------
 
@@ -659,7 +672,7 @@ class Supervisor:
                                      error=f"capture process died ({why}); restarting")
                 self._publish_state(cam)
             elif (child.proc is not None and not child.killed
-                  and now - child.beat > self.cfg.service.hang_timeout):
+                  and now - child.beat > self.cfg.service.hang_timeout + self._grace(cam)):
                 log.error("%s: no sign of life for %.0f s; killing it", child.name,
                           now - child.beat)
                 child.proc.kill()

@@ -713,6 +713,30 @@ def test_a_camera_that_never_answers_is_reported_not_killed_as_hung(tmp_path, da
     srv.close()
 
 
+def test_a_frozen_camera_with_a_stall_timeout_just_under_the_hang_timeout_is_not_killed(
+        tmp_path, daemons):
+    # The wait for a frame (stall_timeout) came on top of up to a second since the last status
+    # record: a camera that froze was killed as hung instead of reported as stalled.
+    from streams import MjpegServer
+
+    cam = MjpegServer(fps=20).start()
+    try:
+        cams = {"gate": {"source": cam.url, "stall_timeout": 2.95,
+                         "reconnect": {"initial": 0.5, "max": 1}}}
+        d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st",
+                                        service={"hang_timeout": 3}), "--events-jsonl", "-")
+        d.wait_log(r"gate: capturing", timeout=40)
+        time.sleep(2)  # frames flow, with a status record each second
+        cam.freeze()
+        d.wait_log(r"gate: stream stalled", timeout=20)
+        d.wait_log(r"gate: (cannot open|stream stalled)", timeout=40, count=4)
+        assert "no sign of life" not in d.log()
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+    finally:
+        cam.stop()
+
+
 def test_run_warns_when_no_camera_is_enabled_and_events_have_nowhere_to_go(tmp_path, daemons):
     cams = {"gate": {"source": str(DEMO_CLIP), "enabled": False}}
     d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"), "--once")
