@@ -238,8 +238,10 @@ AS_LPRD=()
 if [ "$IS_ROOT" = 1 ] && [ -z "$ROOT" ] && command -v runuser >/dev/null; then
     AS_LPRD=(runuser -u lprd --)
 fi
+CONFIG_OK=1
 if ! "${AS_LPRD[@]}" "$VENV/bin/python" -P -m lprd --config "$ETC/config.yaml" check-config >/dev/null 2>&1
 then
+    CONFIG_OK=0
     say "warning: $ETC/config.yaml does not pass 'lprd check-config' as the service's user;" \
         "the service will not start until it does:"
     "${AS_LPRD[@]}" "$VENV/bin/python" -P -m lprd --config "$ETC/config.yaml" check-config >&2 || true
@@ -251,7 +253,11 @@ if [ "$DO_SYSTEMCTL" = 1 ]; then
     elif [ "$LIVE_SYSTEMD" = 1 ]; then
         systemctl daemon-reload
         systemctl enable lprd.service
-        if [ "$START" = 1 ] || [ "$STOPPED" = 1 ] || systemctl -q is-active lprd.service; then
+        if [ "$CONFIG_OK" = 0 ]; then
+            # a start would only fail, and systemd would retry it in a loop
+            STOPPED=0
+            say "not (re)starting lprd: fix $ETC/config.yaml, then 'systemctl restart lprd'"
+        elif [ "$START" = 1 ] || [ "$STOPPED" = 1 ] || systemctl -q is-active lprd.service; then
             say "(re)starting lprd"
             STOPPED=0  # from here a failed start is reported by systemctl, not tried again
             systemctl restart lprd.service
