@@ -145,30 +145,49 @@ def _readable_copy(path: Path, copy: Path) -> bool:
     return True
 
 
+_SALVAGE_COLUMNS = "seq, event_id, camera, kind, subtopic, payload, retain, created"
+
+
 def _scan(path: Path) -> list[tuple]:
-    """A bad page ends a scan; the next one starts past it, further each time it fails again."""
-    rows: list[tuple] = []
+    """A bad page ends a scan; the next one starts past it, further each time it fails again.
+    Past it, the rows that the last jump leapt over are read back, down to the bad page."""
+    found: dict[int, tuple] = {}
     try:
         src = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
-        return rows
+        return []
     src.text_factory = _lenient_text
+
+    def read(sql: str, args: tuple) -> tuple[int | None, int | None, bool]:
+        """Rows of `sql` into `found` until the end or a bad page: the first and last seq
+        read, and whether a bad page stopped it."""
+        first = last = None
+        try:
+            for row in src.execute(f"SELECT {_SALVAGE_COLUMNS} FROM messages {sql}", args):
+                first = row[0] if first is None else first
+                last = row[0]
+                if row[3] in KINDS and None not in row:  # the new file's NOT NULLs
+                    found[row[0]] = row[1:]
+        except sqlite3.Error:
+            return first, last, True
+        return first, last, False
+
     after, skip = 0, 1
+    good = 0  # the last seq read before a bad page, while past it none is read yet
     with contextlib.closing(src):
         while skip < 2 ** 40:
-            progressed = False
-            try:
-                for row in src.execute(
-                        "SELECT seq, event_id, camera, kind, subtopic, payload, retain, created "
-                        "FROM messages WHERE seq > ? ORDER BY seq", (after,)):
-                    after, progressed = row[0], True
-                    if row[3] in KINDS and None not in row:  # the new file's NOT NULLs
-                        rows.append(row[1:])
+            first, last, failed = read("WHERE seq > ? ORDER BY seq", (after,))
+            if first is not None and good is not None:
+                read("WHERE seq > ? AND seq < ? ORDER BY seq DESC", (good, first))
+                good = None
+            if not failed:
                 break  # read to the end
-            except sqlite3.Error:
-                skip = 1 if progressed else skip * 2
+            if last is not None:
+                good, after, skip = last, last + 1, 1
+            else:
+                skip *= 2
                 after += skip
-    return rows
+    return [found[k] for k in sorted(found)]
 
 
 class Outbox:
