@@ -186,8 +186,11 @@ def _kind(p: Path) -> str:
 # results ---------------------------------------------------------------------------------------------
 
 def plate_dict(read: Read, box: Box, topn: int) -> dict[str, Any]:
-    cands = list(read.candidates) or []
-    out = [{"plate": c.plate, "confidence": round(c.confidence, 4)} for c in cands[:topn]]
+    # the read's own figure for its text, as events give it: the candidates' merged one (every
+    # path to that text) differed from the "confidence" beside it
+    out = [{"plate": c.plate, "confidence": round(read.confidence if c.plate == read.text
+                                                  else c.confidence, 4)}
+           for c in read.candidates[:topn]]
     if not out:
         out = [{"plate": read.text, "confidence": round(read.confidence, 4)}]
     return {"plate": read.text, "confidence": round(read.confidence, 4), "box": list(box),

@@ -105,6 +105,10 @@ def test_plate_dict_has_the_alpr_style_keys() -> None:
     assert PLATE_KEYS <= set(d) and d["box"] == [1, 2, 3, 4]
     assert d["candidates"] == [{"plate": "AB12", "confidence": 0.8},
                                {"plate": "A812", "confidence": 0.1}]
+    # the candidates' merged figure (every path to the text) is not shown beside the read's
+    r = Read("AB12", 0.8, r.chars, (Candidate("AB12", 0.83), Candidate("A812", 0.1)))
+    assert plate_dict(r, (1, 2, 3, 4), topn=2)["candidates"][0] == {"plate": "AB12",
+                                                                    "confidence": 0.8}
 
 
 def test_annotate_draws_on_a_copy() -> None:
