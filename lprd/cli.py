@@ -20,6 +20,7 @@ from lprd.config import (
     file_problems,
     load_config,
     redacted,
+    run_retries,
 )
 
 # Argument helpers shared by the subcommands' modules.
@@ -67,11 +68,22 @@ def _check_config(args: argparse.Namespace) -> int:
         cfg = load_config(path)
         # `run` would fail on these only later, or (models) over and over under systemd
         problems = file_problems(cfg, load_models=True)
-        if problems:
+        if cfg.mqtt.enabled and not any(p.startswith("mqtt.") for p in problems):
+            from lprd.publish import PublisherConfigError, check_files
+
+            try:  # their contents, as `run` loads them: a CA file without a certificate
+                check_files(cfg.mqtt)
+            except PublisherConfigError as e:
+                problems.append(str(e))
+        if problems and not all(map(run_retries, problems)):
             raise ConfigError(str(path), problems)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    if problems:  # `run` starts and retries them: status 1, which install.sh restarts on
+        print(ConfigError(str(path), [f"{p} (lprd run starts and retries it)"
+                                      for p in problems]), file=sys.stderr)
+        return 1
     for w in config_warnings(cfg):
         print(f"{path}: warning: {w}", file=sys.stderr)
     if args.print:
@@ -102,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc = sub.add_parser(
         "check-config", help="validate a config file and exit (status 2 if bad)",
         description="Validate a config file: every key and value, the files it names (models are "
-        "loaded; password, TLS, token and file sources read), and settings that would leave "
-        "the daemon doing nothing (warnings, exit 0). Exit status 2 when it is bad, naming "
-        "each bad key and why.")
+        "loaded; password, TLS, token and file sources read), whether storage.dir can be "
+        "written, and settings that would leave the daemon doing nothing (warnings, exit 0). "
+        "Exit status 2 when `lprd run` would refuse it, naming each bad key and why; 1 when "
+        "only file sources or the sync's token are missing or bad, which `run` retries.")
     cc.add_argument("file", nargs="?", help="config file (default: --config)")
     add_config_option(cc, "config file to check (the same as FILE)")  # as other commands take it
     cc.add_argument("--print", action="store_true", help="print the effective config as JSON")

@@ -105,6 +105,11 @@ class ReconnectConfig(_Strict):
     max: float = Field(30.0, gt=0, description="longest backoff, seconds")
 
 
+class BrokerReconnectConfig(ReconnectConfig):
+    # its own default, also where the section sets only `initial` (it fell back to 30)
+    max: float = Field(60.0, gt=0, description="longest backoff, seconds")
+
+
 def file_url_path(url: str) -> str:
     """The path a file:// URL names, its %-escapes decoded (a camera's or the sync's)."""
     return url2pathname(urlsplit(url).path)
@@ -293,7 +298,7 @@ class DiscoveryConfig(_Strict):
 def _host(v: str) -> str:
     # a URL or host:port was taken as a name, and retried forever ("Name or service not known")
     if "://" in v or "/" in v or v.count(":") == 1 or v.startswith("["):
-        raise ValueError(f"{v!r}: a host name or IP address only (no scheme, no path); the port "
+        raise ValueError(f"{redact_source(v)!r}: a host name or IP address only (no scheme, no path); the port "
                          "goes in mqtt.port and TLS in mqtt.tls")
     return v
 
@@ -319,14 +324,14 @@ class MQTTConfig(_Strict):
     outbox: OutboxConfig = OutboxConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     crops: bool = Field(False, description="add a base64 JPEG of the plate to events")
-    reconnect: ReconnectConfig = Field(
-        ReconnectConfig(initial=1.0, max=60.0),
+    reconnect: BrokerReconnectConfig = Field(
+        BrokerReconnectConfig(),
         description="broker reconnect backoff (doubles per failed attempt), seconds",
     )
 
     @field_validator("reconnect")
     @classmethod
-    def _mqtt_backoff_order(cls, v: ReconnectConfig) -> ReconnectConfig:
+    def _mqtt_backoff_order(cls, v: BrokerReconnectConfig) -> BrokerReconnectConfig:
         if v.max < v.initial:
             raise ValueError("reconnect.max must be >= reconnect.initial")
         return v
@@ -515,7 +520,9 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
                 msg = (f"is a section, not a value ({json.dumps(err['input'])[:40]}): put its "
                        "keys indented below it")
             elif err["type"] == "string_type" and isinstance(err["input"], int | float):
-                msg = f"{msg}: quote it ('{err['input']}')"
+                msg = (f"{msg}: a V4L2 camera is /dev/video{err['input']} (or one of "
+                       "/dev/v4l/by-id/), not OpenCV's index" if err["loc"][-1] == "source"
+                       and err["loc"][0] == "cameras" else f"{msg}: quote it ('{err['input']}')")
             # a check across sections names its keys in the message itself
             problems.append(f"{loc}: {msg}" if err["loc"] else msg)
         raise ConfigError(source, problems) from None
@@ -584,15 +591,18 @@ def redact_source(source: str, drop_query: bool = False) -> str:
     """The source with any URL password replaced (and with `drop_query` its query string,
     where a token or a camera's password may sit), for logs, status records and
     `check-config --print`."""
+    scheme, sep, rest = source.partition("://")
+    at = rest.rfind("@")
+    if sep and ":" in rest[:max(at, 0)]:
+        # Up to the last '@', not urlsplit's netloc: a camera password with '#', '/' or '?'
+        # ends that before the '@' and was shown (an '@' in a path hides more than needed)
+        source = f"{scheme}://{rest.split(':', 1)[0]}:***{rest[at:]}"
     try:
         parts = urlsplit(source)
     except ValueError:  # not a URL Python can take apart: nothing of it is shown
-        return f"{source.split('://', 1)[0]}://***" if "://" in source else source
+        return f"{scheme}://***" if sep else source
     if drop_query and parts.query:
         parts = parts._replace(query="***")
-    if parts.password is not None:
-        host = parts.netloc.rsplit("@", 1)[-1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
     return urlunsplit(parts)
 
 
@@ -682,6 +692,40 @@ def model_file_problems(cfg: Config, load: bool = False) -> list[str]:
     return problems
 
 
+def run_retries(problem: str) -> bool:
+    """Whether `lprd run` starts despite this line of file_problems and retries what it names
+    (a file source not there yet, the sync's token): the others make it exit 2."""
+    key = problem.split(":", 1)[0]
+    return key.endswith(".source") or key == "watchlist.sync.token_file"
+
+
+def _storage_problem(folder: Path) -> str | None:
+    """Why `run` would exit 2 on storage.dir (as this user): a file, or a folder it may not
+    make or write (another user's, or made by root)."""
+    import os  # I/O: only when files are checked
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    there = folder
+    while not there.exists() and there.parent != there:  # `run` makes the missing part
+        there = there.parent
+    try:  # a file made and gone, as `run` checks: os.access ignores capabilities
+        with tempfile.TemporaryFile(dir=there):
+            pass
+    except PermissionError:
+        import pwd
+
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = str(os.geteuid())
+        return f"{there} may not be written by this user ({user})"
+    except OSError:  # read-only or full: `run` goes on, its events waiting in memory
+        pass
+    return None
+
+
 def file_problems(cfg: Config, load_models: bool = False) -> list[str]:
     """Every file the config names and uses that is missing, unreadable or empty (a sync token
     also when it is not one line of visible ASCII): the models,
@@ -704,8 +748,9 @@ def file_problems(cfg: Config, load_models: bool = False) -> list[str]:
         if "://" not in sync.source:
             files.append(("watchlist.sync.source", Path(sync.source)))
     problems = model_file_problems(cfg, load_models)
-    if cfg.storage.dir.exists() and not cfg.storage.dir.is_dir():  # `run` would exit 2 on it
-        problems.append(f"storage.dir: {cfg.storage.dir} is a file, not a folder")
+    why = _storage_problem(cfg.storage.dir)
+    if why:
+        problems.append(f"storage.dir: {why}")
     for key, path in files:
         why = _file_problem(path) if path is not None else None
         if why is None and path is not None and key == "watchlist.sync.token_file":

@@ -69,7 +69,7 @@ from lprd.notify import (
     setup_logging,
 )
 from lprd.ring import FrameRing, remove_stale_rings, ring_name
-from lprd.storage import StorageInUse, lock_storage
+from lprd.storage import StorageInUse, lock_storage, other_owner
 from lprd.types import CameraState, FilePosition, FrameRef, PlateEvent
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(str(path), problems)
     except ConfigError as e:
         print_error(str(e))
+        return EXIT_CONFIG
+    user = other_owner(cfg.storage.dir)
+    if user is not None:  # its outbox and watchlist would become root's, stranding events
+        print_error(f"storage.dir {cfg.storage.dir} belongs to {user}: run lprd as {user} "
+                    f"(sudo -u {user} lprd run ...), not as root")
         return EXIT_CONFIG
     verbose = bool(getattr(args, "verbose", False))
     level = "debug" if verbose else cfg.service.log_level

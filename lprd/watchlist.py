@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import pwd
 import random
 import re
 import sqlite3
@@ -69,7 +68,7 @@ from lprd.plate_match import (
     normalize_plate,
     query_strings,
 )
-from lprd.storage import move_aside
+from lprd.storage import move_aside, other_owner
 from lprd.types import Candidate, PlateEvent, WatchlistMatch
 
 log = logging.getLogger(__name__)
@@ -1776,18 +1775,10 @@ def _open(args: argparse.Namespace, create: bool = False) -> tuple[Watchlist, Co
 def _refuse_root_in_foreign_folder(path: Path) -> None:
     # root would create the list (or its journal) owned by root, which the service's own user
     # then cannot write: every sync would fail while the old list goes on being served
-    if os.geteuid() != 0:
-        return
-    owned = path if path.exists() else path.parent
-    with contextlib.suppress(OSError):
-        uid = owned.stat().st_uid
-        if uid != 0:
-            try:
-                user = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                user = str(uid)
-            raise WatchlistError(f"{path}: belongs to {user}; run this as {user} "
-                                 f"(sudo -u {user} lprd watchlist ...), not as root")
+    user = other_owner(path)
+    if user is not None:
+        raise WatchlistError(f"{path}: belongs to {user}; run this as {user} "
+                             f"(sudo -u {user} lprd watchlist ...), not as root")
 
 
 def _print_json(obj: Any) -> None:

@@ -22,7 +22,8 @@ Options:
                       and logs to stderr, which journald still captures)
   --root DIR          stage everything under DIR instead of / (also: LPRD_ROOT=DIR); for tests
                       and image builds (the unit runs the venv's python, which finds the venv
-                      wherever it lies; its bin/ scripts name the staging path).
+                      wherever it lies; its bin/ scripts are rewritten to name /opt/lprd/venv,
+                      so they run once the image is in place).
   --models DIR        model folder to install (default: the repo's models/)
   --python PATH       interpreter for the venv (default: /usr/bin/python3; also LPRD_PYTHON)
   -h, --help          this text
@@ -238,10 +239,12 @@ AS_LPRD=()
 if [ "$IS_ROOT" = 1 ] && [ -z "$ROOT" ] && command -v runuser >/dev/null; then
     AS_LPRD=(runuser -u lprd --)
 fi
-CONFIG_OK=1
-if ! "${AS_LPRD[@]}" "$VENV/bin/python" -P -m lprd --config "$ETC/config.yaml" check-config >/dev/null 2>&1
-then
-    CONFIG_OK=0
+CHECK=0
+"${AS_LPRD[@]}" "$VENV/bin/python" -P -m lprd --config "$ETC/config.yaml" check-config >/dev/null 2>&1 || CHECK=$?
+if [ "$CHECK" = 1 ]; then  # a file source or token not there yet: run starts and retries it
+    say "warning: $ETC/config.yaml names files that lprd will retry until they are there:"
+    "${AS_LPRD[@]}" "$VENV/bin/python" -P -m lprd --config "$ETC/config.yaml" check-config >&2 || true
+elif [ "$CHECK" != 0 ]; then
     say "warning: $ETC/config.yaml does not pass 'lprd check-config' as the service's user;" \
         "the service will not start until it does:"
     "${AS_LPRD[@]}" "$VENV/bin/python" -P -m lprd --config "$ETC/config.yaml" check-config >&2 || true
@@ -253,7 +256,7 @@ if [ "$DO_SYSTEMCTL" = 1 ]; then
     elif [ "$LIVE_SYSTEMD" = 1 ]; then
         systemctl daemon-reload
         systemctl enable lprd.service
-        if [ "$CONFIG_OK" = 0 ]; then
+        if [ "$CHECK" = 2 ]; then
             # a start would only fail, and systemd would retry it in a loop
             STOPPED=0
             say "not (re)starting lprd: fix $ETC/config.yaml, then 'systemctl restart lprd'"

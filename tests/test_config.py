@@ -361,11 +361,23 @@ def test_check_config_names_a_missing_camera_file_and_sync_file(tmp_path, capsys
                     "off": {"source": "gone.mp4", "enabled": False}},
         "watchlist": {"sync": {"source": "lists/nolist.csv"}},
     }))
-    assert main(["check-config", str(f)]) == 2
+    # status 1, not 2: `run` starts and retries them (install.sh restarts on 1, not on 2)
+    assert main(["check-config", str(f)]) == 1
+    retried = "(lprd run starts and retries it)"
     assert capsys.readouterr().err.splitlines() == [
-        f"{f}: cameras.gate.source: {tmp_path / 'nothere.mp4'}: file not found",
-        f"{f}: watchlist.sync.source: {tmp_path / 'lists/nolist.csv'}: file not found",
+        f"{f}: cameras.gate.source: {tmp_path / 'nothere.mp4'}: file not found {retried}",
+        f"{f}: watchlist.sync.source: {tmp_path / 'lists/nolist.csv'}: file not found {retried}",
     ]
+
+
+def test_check_config_loads_the_mqtt_files_as_run_does(tmp_path, capsys):
+    # a CA file without a certificate passed check-config; `run` then exited 2 on it
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"mqtt": {"tls": {"enabled": True, "ca": str(ca)}}}))
+    assert main(["check-config", str(f)]) == 2
+    assert "mqtt.tls.ca:" in capsys.readouterr().err
 
 
 def test_check_config_skips_the_files_of_what_is_turned_off(tmp_path, capsys):
@@ -497,6 +509,29 @@ def test_a_section_whose_keys_are_all_commented_out_means_its_defaults(tmp_path)
     # the field's default, which may differ from its model's (mqtt.reconnect.max: 60, not 30)
     f.write_text("mqtt:\n  reconnect:\n")
     assert load_config(f).mqtt.reconnect == Config().mqtt.reconnect
+    # and where the section sets only `initial` (max became 30, and initial: 45 was refused)
+    f.write_text("mqtt:\n  reconnect:\n    initial: 45\n")
+    assert load_config(f).mqtt.reconnect.max == 60
+
+
+def test_passwords_are_hidden_wherever_a_source_or_host_is_shown():
+    from lprd.config import redact_source
+
+    # unescaped '#', '/', '?' or '@' in a camera password ended urlsplit's netloc early
+    for url in ("rtsp://admin:se#cret@10.0.0.2:554/s1", "rtsp://admin:a/b?c@10.0.0.2:554/s1",
+                "rtsp://admin:p@ss@10.0.0.2:554/s1"):
+        assert redact_source(url) == "rtsp://admin:***@10.0.0.2:554/s1"
+    assert redact_source("http://u:p@h/a?token=1", drop_query=True) == "http://u:***@h/a?***"
+    assert redact_source("rtsp://u@h/x") == "rtsp://u@h/x"
+    with pytest.raises(ConfigError) as e:
+        parse_config({"mqtt": {"host": "mqtts://lprd:hunter2@broker"}})
+    assert "hunter2" not in str(e.value) and "mqtt.host: 'mqtts://lprd:***@broker'" in str(e.value)
+
+
+def test_a_camera_given_as_opencv_s_index_is_told_its_device_path():
+    with pytest.raises(ConfigError) as e:  # "quote it" led to "/etc/lprd/0: file not found"
+        parse_config({"cameras": {"gate": {"source": 0}}})
+    assert "a V4L2 camera is /dev/video0" in str(e.value)
 
 
 def test_a_file_url_still_names_the_sync_source(tmp_path):
@@ -517,7 +552,7 @@ def test_a_file_url_camera_source_names_its_file(tmp_path, capsys):
     cams = load_config(f).cameras
     assert cams["gate"].source == str(clip)  # %20 a space again
     assert cams["back"].source == str(tmp_path / "gone.mp4")
-    assert main(["--config", str(f), "check-config"]) == 2
+    assert main(["--config", str(f), "check-config"]) == 1  # run retries a file source
     assert f"cameras.back.source: {tmp_path / 'gone.mp4'}" in capsys.readouterr().err
     f.write_text(f"cameras:\n  gate:\n    source: file:{clip.as_uri()[7:]}\n")  # file:/path
     assert load_config(f).cameras["gate"].source == str(clip)

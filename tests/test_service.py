@@ -600,7 +600,14 @@ def test_a_storage_dir_this_user_may_not_write_is_a_config_error(tmp_path: Path)
     config = write_config(tmp_path / "c.yaml", {"gate": {"source": str(DEMO_CLIP)}}, None, st)
     run = _run_once_without_file_access(config)
     assert run.returncode == 2, run.stderr[-2000:]
-    assert f"storage.dir {st} cannot be used: Permission denied" in run.stderr
+    if os.geteuid() == 0:
+        # root wrote its outbox there, owned by root: the service's user then could not send
+        # those events or write its own; refused before anything is made
+        assert (f"storage.dir {st} belongs to nobody: run lprd as nobody (sudo -u nobody "
+                "lprd run ...), not as root") in run.stderr
+        assert list(st.iterdir()) == []
+    else:
+        assert f"storage.dir {st} cannot be used: Permission denied" in run.stderr
 
 
 def test_a_storage_dir_that_is_a_file_is_a_config_error(tmp_path, daemons):
