@@ -240,6 +240,10 @@ class _Feed:
                 self._attach_warned = True
             return False
         self.next_seq = max(1, self.ring.acked + 1, self.ring.last_seq - self.ring.slots + 1)
+        if self.spec.live and not self.spec.every_frame:
+            # The frame already there may be minutes old (a camera offline since) or analysed
+            # by the worker before this one (a reload): taken as new, it was an event now.
+            self.done_seq = self.ring.last_seq
         log.debug("camera %s: attached ring %s at seq %d", self.camera, self.spec.ring,
                   self.next_seq)
         return True

@@ -298,6 +298,21 @@ def test_live_camera_analyses_only_the_newest_frame(models, clip, ring):
     assert (feed.frames, feed.done_seq, feed.skipped) == (1, 3, 2)
 
 
+def test_a_new_worker_leaves_the_frame_a_live_camera_wrote_before_it(models, clip, ring):
+    # A reload or a restart while the camera was offline: its last frame, minutes old, was
+    # stamped "now" and reported as a car passing now (and a frame the last worker had voted
+    # on was voted on twice).
+    frame, _, _ = stopped_car(clip)
+    ring.write(frame, time.time() - 600)
+    worker, q = make_worker(models, ring, every_frame=False, live=True)
+    assert worker.step() is False
+    worker.feeds["cam"].last_tick = 0.0  # an idle tick is due
+    worker.step()
+    assert worker.trackers["cam"].open_tracks == 0 and not drain(q)
+    ring.write(frame, time.time())  # the camera is back
+    assert worker.step() is True and worker.feeds["cam"].frames == 1
+
+
 def test_clock_watch_reports_only_jumps_of_the_wall_clock() -> None:
     cw = ClockWatch(wall=1000.0, mono=50.0)
     assert cw.step(wall=1001.0, mono=51.0) == 0.0
@@ -319,6 +334,7 @@ def test_a_backward_clock_step_does_not_hold_a_live_cameras_tracks_open(
     cfg = parse_config({"watchlist": {"enabled": False}, "tracker": {"track_timeout": 0.5},
                         **ALL_READS})
     worker, q = make_worker(models, ring, every_frame=False, cfg=cfg, live=True)
+    assert worker.feeds["cam"].attach()  # before the frames: it takes none written earlier
     for frame, _, _ in stopped_frames(clip)[:4]:
         ring.write(frame, fake.time())
         assert worker.step() is True
