@@ -1253,20 +1253,29 @@ class Publisher:
                 return None
             if pm.message.kind == "event":
                 return _without_crop(payload) or payload
-        # fixed header (<= 5), topic length (2), packet id (2), properties length (1)
-        overhead = 10 + len(topic.encode())
-        if self._max_packet is None or len(payload) + overhead <= self._max_packet:
+        if not self._too_big(topic, payload):
             return payload
         smaller = _without_crop(payload) if pm.message.kind == "event" else None
-        if smaller is not None and len(smaller) + overhead <= self._max_packet:
+        if smaller is not None and not self._too_big(topic, smaller):
             log.warning("MQTT: event %s sent without its crop: %d bytes are over the broker's "
-                        "maximum packet size (%d)", pm.message.event_id, len(payload) + overhead,
-                        self._max_packet)
+                        "maximum packet size (%d)", pm.message.event_id,
+                        self._packet_size(topic, payload), self._max_packet)
             return smaller
         log.error("MQTT: dropping %s of event %s: %d bytes are over the broker's maximum packet "
-                  "size (%d)", topic, pm.message.event_id, len(payload) + overhead,
+                  "size (%d)", topic, pm.message.event_id, self._packet_size(topic, payload),
                   self._max_packet)
         return None
+
+    @staticmethod
+    def _packet_size(topic: str, payload: bytes) -> int:
+        # fixed header (<= 5), topic length (2), packet id (2), properties length (1)
+        return len(payload) + 10 + len(topic.encode())
+
+    def _too_big(self, topic: str, payload: bytes) -> bool:
+        """Over the broker's Maximum Packet Size: sent, it would disconnect us, and paho would
+        send it first again after each reconnect."""
+        return self._max_packet is not None and self._packet_size(topic, payload) > \
+            self._max_packet
 
     def _fall_back_to_311(self, reason: str, doubt: bool = False) -> None:
         """A broker that does not speak MQTT 5: go on with 3.1.1, which it refused nothing of
@@ -1367,8 +1376,14 @@ class Publisher:
             created, m = self._direct.popleft()
             if m.kind == "action" and self._too_old_to_act(m, created):
                 continue
+            # through the broker's size limit and crop rule as outboxed messages are: one over
+            # it disconnected us after each reconnect, and nothing more was delivered
+            payload = self._fit_to_broker(PendingMessage(0, created, m))
+            if payload is None or (m.kind == "crop" and (not self.cfg.crops
+                                                         or m.camera not in self.cameras)):
+                continue
             self._direct_sent.append(
-                (self._client.publish(self._topic(m), m.payload, qos=1, retain=m.retain),
+                (self._client.publish(self._topic(m), payload, qos=1, retain=m.retain),
                  (created, m)))
 
     def _report_failure(self, text: str) -> None:
@@ -1555,6 +1570,10 @@ class Publisher:
         """Not outboxed (state, status, discovery: the latest value is all that matters);
         the message's mid."""
         if self._client is None or not self._connected:
+            return None
+        if self._too_big(topic, payload):  # a state with a long sync error, say
+            log.error("MQTT: %s not sent: %d bytes are over the broker's maximum packet size "
+                      "(%d)", topic, self._packet_size(topic, payload), self._max_packet)
             return None
         mid = self._client.publish(topic, payload, qos=1, retain=retain).mid
         self._raw_topics[mid] = topic  # to name it if refused

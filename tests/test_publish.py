@@ -1178,6 +1178,30 @@ def test_an_event_over_the_broker_s_packet_limit_goes_without_its_crop(
     assert "disconnected" not in caplog.text
 
 
+def test_an_event_in_memory_over_the_broker_s_packet_limit_goes_without_its_crop(
+        mosquitto_factory: Callable[..., Any], mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    # The events a full disk keeps in memory went to paho whole: the broker disconnected us,
+    # paho sent it first again after each reconnect, and nothing more was delivered.
+    broker = mosquitto_factory(extra="max_packet_size 8000\n")
+    sub = mqtt_subscriber(broker, "lprd/+/plate")
+    caplog.set_level(logging.WARNING, logger="lprd.publish")
+    pub = publisher(broker, crops=True)
+    db = pub.outbox._db  # a full disk
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for i in range(10_000):
+            pub.outbox.put([OutboxMessage(f"fill{i}", "back", "event", "plate",
+                                          json.dumps({"id": f"fill{i}"}).encode())])
+    pub.submit(make_event(1, crop=os.urandom(9000)))
+    pub.submit(make_event(2))
+    sub.wait_for(lambda ms: {m.json()["id"] for m in ms} >= {"ev-gate-00001", "ev-gate-00002"},
+                 timeout=20)
+    first = next(m.json() for m in sub.snapshot() if m.json()["id"] == "ev-gate-00001")
+    assert "crop_jpeg" not in first
+    assert "disconnected" not in caplog.text
+
+
 def test_an_event_over_mosquitto_s_message_size_limit_goes_without_its_crop(
         mosquitto_factory: Callable[..., Any], mqtt_subscriber: Callable[..., Any],
         publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
