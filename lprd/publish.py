@@ -26,6 +26,8 @@ from typing import Any, Protocol, TextIO
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lprd import __version__
@@ -1204,7 +1206,8 @@ class Publisher:
         if payload is not None:
             try:
                 info = client.publish(self._topic(pm.message), payload, qos=1,
-                                      retain=pm.message.retain)
+                                      retain=pm.message.retain,
+                                      properties=self._expiry(pm.message, pm.created))
             except ValueError as e:
                 log.error("dropping undeliverable message %d (event %s): %s", pm.seq,
                           pm.message.event_id, e)
@@ -1266,10 +1269,23 @@ class Publisher:
                   self._max_packet)
         return None
 
+    def _expiry(self, message: OutboxMessage, created: float) -> Properties | None:
+        """MQTT 5: an action expires when action_max_age runs out, so that neither the broker
+        (for a gate controller whose session waits offline) nor a slow link hands it on later.
+        Its age is checked when it is handed to paho; this holds after that."""
+        limit = self.cfg.action_max_age
+        if message.kind != "action" or not limit or self._protocol != "5" \
+                or created < CLOCK_FLOOR:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = max(1, math.ceil(limit - (time.time() - created)))
+        return props
+
     @staticmethod
     def _packet_size(topic: str, payload: bytes) -> int:
-        # fixed header (<= 5), topic length (2), packet id (2), properties length (1)
-        return len(payload) + 10 + len(topic.encode())
+        # fixed header (<= 5), topic length (2), packet id (2), properties length (1), and an
+        # action's expiry (5)
+        return len(payload) + 15 + len(topic.encode())
 
     def _too_big(self, topic: str, payload: bytes) -> bool:
         """Over the broker's Maximum Packet Size: sent, it would disconnect us, and paho would
@@ -1383,7 +1399,8 @@ class Publisher:
                                                          or m.camera not in self.cameras)):
                 continue
             self._direct_sent.append(
-                (self._client.publish(self._topic(m), payload, qos=1, retain=m.retain),
+                (self._client.publish(self._topic(m), payload, qos=1, retain=m.retain,
+                                      properties=self._expiry(m, created)),
                  (created, m)))
 
     def _report_failure(self, text: str) -> None:

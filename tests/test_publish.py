@@ -390,6 +390,24 @@ def test_no_more_messages_are_on_the_wire_than_the_broker_s_receive_maximum(
         broker.stop()
 
 
+def test_an_action_expires_at_the_broker_when_action_max_age_runs_out(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # Its age was checked only when it was handed to paho: a gate controller whose session
+    # waited offline on the broker got the allow when it came back, however late.
+    gate = mqtt_subscriber(mosquitto, "lprd/gate/allow", client_id="gate-ctl", persistent=True)
+    gate.close()  # the controller's link is down; its session stays on the broker
+    pub = publisher(mosquitto, action_max_age=2)
+    pub.submit(make_event(1, action="allow"))
+    assert pub.wait_idle(10)
+    time.sleep(3.5)
+    gate = mqtt_subscriber(mosquitto, "lprd/gate/allow", client_id="gate-ctl", persistent=True)
+    pub.submit(make_event(2, action="allow"))  # in time: it goes
+    gate.wait_for(lambda ms: len(ms) >= 1)
+    time.sleep(0.5)
+    assert [m.json()["plate"] for m in gate.snapshot()] == ["AB0002"]
+
+
 def test_an_action_the_outbox_could_not_store_is_not_sent_late_either(
         mosquitto: Any, mqtt_subscriber: Callable[..., Any],
         publisher: Callable[..., Publisher]) -> None:
