@@ -321,6 +321,22 @@ def test_clock_watch_reports_only_jumps_of_the_wall_clock() -> None:
     assert cw.step(wall=-2597.5, mono=53.0) == 0.0
 
 
+def test_a_suspend_is_no_step_of_the_wall_clock(monkeypatch) -> None:
+    # CLOCK_MONOTONIC stops while the system sleeps: an hour suspended looked like the wall
+    # clock stepping an hour on, and the outbox's stamps were moved with it (an hour-old allow
+    # looked fresh after the resume).
+    import time as real_time
+
+    asleep = [0.0]
+    gettime = real_time.clock_gettime
+    monkeypatch.setattr(real_time, "time", lambda: real_time.monotonic() + 1e9 + asleep[0])
+    monkeypatch.setattr(real_time, "clock_gettime", lambda c: gettime(c) + (
+        asleep[0] if c == real_time.CLOCK_BOOTTIME else 0.0))
+    cw = ClockWatch()
+    asleep[0] = 3600.0
+    assert cw.step() == 0.0
+
+
 def test_a_backward_clock_step_does_not_hold_a_live_cameras_tracks_open(
         models, clip, ring, monkeypatch):
     import time as real_time
@@ -328,7 +344,9 @@ def test_a_backward_clock_step_does_not_hold_a_live_cameras_tracks_open(
 
     offset = [3600.0]  # the box's clock runs an hour fast, until NTP steps it back
     fake = SimpleNamespace(time=lambda: real_time.time() + offset[0],
-                           monotonic=real_time.monotonic, perf_counter=real_time.perf_counter)
+                           monotonic=real_time.monotonic, perf_counter=real_time.perf_counter,
+                           clock_gettime=real_time.clock_gettime,
+                           CLOCK_BOOTTIME=real_time.CLOCK_BOOTTIME)
     monkeypatch.setattr("lprd.inference.time", fake)
     monkeypatch.setattr("lprd.clock.time", fake)
     cfg = parse_config({"watchlist": {"enabled": False}, "tracker": {"track_timeout": 0.5},

@@ -435,14 +435,14 @@ def test_messages_waiting_in_memory_keep_their_age_across_a_clock_step(
     # The outbox's stamps followed a step of the wall clock, those in memory (a full disk)
     # did not: a box without a clock that synced an hour forward aged a fresh allow an hour
     # (past action_max_age); a step back made an old one fresh.
-    from lprd.clock import ClockWatch
+    from lprd.clock import ClockWatch, since_boot
 
     mosquitto.stop()
     pub = publisher(mosquitto, connect=False)
     msg = event_messages(make_event(1, action="allow"), False, True)[-1]
     now = time.time()
     pub._direct.append((now - 3605, msg))  # taken 5 s before the step, by the slow clock
-    clock = ClockWatch(wall=now - 3600, mono=time.monotonic() - 1)  # it stepped an hour on
+    clock = ClockWatch(wall=now - 3600, mono=since_boot() - 1)  # it stepped an hour on
     assert pub._too_old_to_act(msg, now - 3605)
     pub._follow_clock(clock)
     ((created, _),) = pub._direct
