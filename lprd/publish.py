@@ -481,11 +481,21 @@ class PublisherStats:
     last_error: str | None
 
 
-def _release(client: mqtt.Client) -> None:
+def _release(client: mqtt.Client, timeout: float = 2.0) -> None:
     """Disconnect and stop a paho client, and let it go now: its callbacks are our bound
     methods, a cycle that kept its socket pair open until a full garbage collection (2 file
     descriptors each reload that changed mqtt.*)."""
     client.disconnect()
+    # paho closes the socket once its DISCONNECT is out; on a stalled link that waits behind
+    # unsent data until the keepalive (loop_stop() joined for 27 s: systemd killed lprd, and
+    # its late acks were lost)
+    deadline = time.monotonic() + timeout
+    while client.socket() is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sock = client.socket()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
     client.loop_stop()
     client.on_connect = client.on_connect_fail = client.on_disconnect = None
     client.on_publish = client.on_message = client.on_subscribe = None
@@ -809,7 +819,7 @@ class Publisher:
                 info = client.publish(f"{self.prefix}/status", "offline", qos=1, retain=True)
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(max(0.1, min(1.0, deadline - time.monotonic())))
-            _release(client)
+            _release(client, max(0.1, deadline - time.monotonic()))
             self._client = None
         if self._worker is None or not self._worker.is_alive():
             self._apply_late_acks()

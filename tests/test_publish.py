@@ -1762,3 +1762,39 @@ def test_a_crop_waiting_for_a_camera_since_removed_is_not_left_retained(
     topics = {m.topic for m in sub.snapshot()}
     assert {"lprd/back/plate", "lprd/gate/plate", "lprd/gate/crop"} <= topics
     assert "lprd/back/crop" not in topics
+
+
+def test_stop_keeps_to_its_timeout_when_the_broker_stops_reading(tmp_path: Path) -> None:
+    # The DISCONNECT waited behind unsent crops until paho's keepalive: stop(2) took 27 s, past
+    # systemd's stop timeout (lprd was killed, its late acks lost, those events sent twice).
+    srv = socket.create_server(("127.0.0.1", 0))
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                c, _ = srv.accept()
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                c.recv(4096)  # CONNECT
+                c.sendall(bytes([0x20, 3, 0, 0, 0]))  # CONNACK (MQTT 5), then reads no more
+                conns.append(c)
+
+    threading.Thread(target=serve, daemon=True).start()
+    cfg = MQTTConfig(host="127.0.0.1", port=srv.getsockname()[1], crops=True,
+                     reconnect={"initial": 0.1, "max": 0.5})
+    pub = Publisher(cfg, ["gate"], tmp_path)
+    pub.start()
+    try:
+        wait_until(lambda: pub.connected, what="a connection")
+        for i in range(300):
+            pub.submit(make_event(i, crop=os.urandom(60_000)))
+        time.sleep(2)  # the socket's buffers fill
+        t0 = time.monotonic()
+        pub.stop(timeout=2.0)
+        assert time.monotonic() - t0 < 4.0
+        assert Outbox(tmp_path / "outbox.sqlite").depth() == 300  # nothing acknowledged: kept
+    finally:
+        pub.stop()
+        srv.close()
+        for c in conns:
+            c.close()
