@@ -195,6 +195,11 @@ class PlateCheck:
         if tuple(inp["shape"][1:]) != (self.in_h, self.in_w, 3):
             raise ModelError(f"{self.model.path}: input shape {tuple(inp['shape'])} does not "
                              f"match the metadata's {self.in_h}x{self.in_w}x3")
+        # one score, and maybe a box head: another model loaded, then failed on every frame
+        ends = sorted(int(o["shape"][-1]) for o in self.model.interpreter.get_output_details())
+        if ends not in ([1], [1, 4]):
+            raise ModelError(f"{self.model.path}: outputs ending in {ends}: a plate check has "
+                             "one score (1), and may have a box (4)")
 
     @property
     def version(self) -> str:

@@ -407,7 +407,10 @@ class PlateReader:
         if shape[1:] != (self.input_h, self.input_w, 1):
             raise ModelError(f"{m.path}: input {shape} does not match its metadata "
                              f"{self.input_h}x{self.input_w}x1 (grey)")
-        out = tuple(int(v) for v in m.interpreter.get_output_details()[0]["shape"])
+        outs = m.interpreter.get_output_details()
+        if len(outs) != 1:  # every read would fail on it, the daemon up and reading nothing
+            raise ModelError(f"{m.path}: {len(outs)} outputs, not one (a reader has one)")
+        out = tuple(int(v) for v in outs[0]["shape"])
         if len(out) != 3:
             raise ModelError(f"{m.path}: output {out} is not (1, steps, classes)")
         if out[2] != len(self.alphabet) + 1:

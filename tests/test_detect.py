@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -614,6 +615,14 @@ def test_missing_check_model_gives_model_error_naming_it(tmp_path: Path) -> None
 def test_corrupt_check_model_gives_model_error_naming_it(check_copy: Path) -> None:
     check_copy.write_bytes(b"not a flatbuffer" * 50)
     with pytest.raises(ModelError, match=str(check_copy)):
+        PlateCheck(check_copy)
+
+
+def test_a_check_model_with_other_outputs_is_refused_at_load(check_copy: Path) -> None:
+    # a 2-way softmax loaded, then every frame with a box failed: the daemon ran, said it was
+    # ready, and published no plate
+    shutil.copyfile(Path(__file__).parent / "data" / "check_two_scores.tflite", check_copy)
+    with pytest.raises(ModelError, match=f"{check_copy}: outputs ending in \\[2\\]"):
         PlateCheck(check_copy)
 
 

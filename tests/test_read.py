@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,13 @@ def model_copy(tmp_path: Path) -> Path:
 def test_missing_model_file_gives_model_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="nope.tflite"):
         PlateReader(ReaderConfig(model=tmp_path / "nope.tflite"))
+
+
+def test_a_reader_with_a_second_output_is_refused_at_load(model_copy: Path) -> None:
+    # it loaded, and then every read failed unpacking the outputs
+    shutil.copyfile(Path(__file__).parent / "data" / "reader_two_outputs.tflite", model_copy)
+    with pytest.raises(ModelError, match=f"{model_copy}: 2 outputs, not one"):
+        PlateReader(ReaderConfig(model=model_copy))
 
 
 def test_corrupt_model_file_gives_model_error_naming_it(model_copy: Path) -> None:
