@@ -236,6 +236,7 @@ class PlateCheck:
         return probs, (redrawn if len(redrawn) == len(probs) else None)
 
 
+ROI_EDGE_SLACK = 5  # px: a box this close to an ROI's edge inside the frame is a cut plate
 TILE_OVERLAP = 0.25  # share of a tile its neighbour also covers: smaller plates lie whole in one
 TILE_EDGE = 2  # px: a tile's box this close to an edge inside the frame is a cut plate
 TILE_NMS_IOU = 0.3
@@ -477,7 +478,13 @@ class PlateDetector:
                 boxes = np.array([d.box for d in dets], np.float32)
                 scores = np.array([d.score for d in dets], np.float32)
                 dets = [dets[i] for i in nms(boxes, scores, TILE_NMS_IOU)[:self.cfg.max_plates]]
-        return [Detection(box=(bx + x0, by + y0, bw, bh), score=d.score, cut=d.cut)
+        # Near an edge of the part inside the frame: a plate crossing it is boxed a few
+        # pixels short of the edge (the model sees where its characters stop), and read short
+        # it was reported (`864NG` for VX864NG), where the frame's own edge cuts no plate.
+        inner = (x0 > 0, y0 > 0, x1 < fw, y1 < fh)
+        return [Detection(box=(bx + x0, by + y0, bw, bh), score=d.score,
+                          cut=d.cut or any(near and gap <= ROI_EDGE_SLACK for near, gap in zip(
+                              inner, (bx, by, pw - bx - bw, ph - by - bh), strict=True)))
                 for d in dets for bx, by, bw, bh in (d.box,)]
 
     def _second_look(self, frame_bgr: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
