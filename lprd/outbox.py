@@ -458,10 +458,20 @@ class Outbox:
 
     def pending(self, after_seq: int = 0, limit: int = 100) -> list[PendingMessage]:
         """Messages with seq > after_seq, oldest first."""
+        return self._pending("seq > ?", (after_seq,), limit)
+
+    def pending_actions(self, after_seq: int, since: float, limit: int = 16
+                        ) -> list[PendingMessage]:
+        """Action messages with seq > after_seq stamped at `since` or later, oldest first
+        (through the index on `created`: a few rows however long the backlog)."""
+        return self._pending("kind = 'action' AND created >= ? AND seq > ?", (since, after_seq),
+                             limit)
+
+    def _pending(self, where: str, args: tuple, limit: int) -> list[PendingMessage]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, created, event_id, camera, kind, subtopic, payload, retain "
-                "FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+                f"FROM messages WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
         out, bad = [], []
         for seq, created, eid, cam, kind, sub, pl, ret in rows:
             texts = (eid, cam, kind, sub)

@@ -52,6 +52,10 @@ WINDOW = 256  # messages handed to paho and not yet acknowledged
 PAHO_INFLIGHT = 64  # of those, how many may be on the wire at once
 STATE_INTERVAL = 2.0  # least seconds between state republishes for a changed outbox depth
 EXPIRE_INTERVAL = 30.0
+# Fresh actions go ahead of a backlog (an outage's events, crops) at most this often; "fresh":
+# younger than mqtt.action_max_age, or this where it is 0
+AHEAD_INTERVAL = 0.5
+AHEAD_HORIZON = 120.0
 HOLD_LIMIT = 30.0  # most seconds new messages wait for paho's resends after a reconnect
 REFUSED_RETRY = 300.0  # s between new tries of the messages the broker refused (MQTT 5)
 DIRECT_MAX = 1000  # messages the outbox could not store, kept in memory for the broker
@@ -648,6 +652,8 @@ class Publisher:
         self._hold_since = 0.0
         self._cursor = 0  # highest outbox seq handed to paho
         self._inflight: dict[int, PendingMessage] = {}  # paho mid -> message
+        self._ahead: set[int] = set()  # seqs of actions sent ahead of the cursor
+        self._ahead_at = 0.0  # monotonic time of the next look for them
         self._mids_of: mqtt.Client | None = None  # the client whose mids _inflight holds
         self._states: dict[str, CameraState] = {}
         self._wl_sync: dict[str, Any] | None = None  # the last watchlist sync's outcome
@@ -1044,6 +1050,7 @@ class Publisher:
                 self._raw_topics.pop(item[1], None)
             if msg is not None:
                 acks.append(msg)
+                self._ahead.discard(msg.seq)  # gone from the outbox: the cursor never meets it
                 self._dropped_with_crop = 0
         elif kind == "wake":
             pass
@@ -1195,14 +1202,15 @@ class Publisher:
             found = self.outbox.pending(seq - 1, 1)
             if not found or found[0].seq != seq:  # gone meanwhile (an outbox bound)
                 continue
-            if self._send(client, found[0]) is False:
+            if self._send(client, found[0], ahead=seq > self._cursor) is False:
                 self._refused_seqs.add(seq)
 
-    def _send(self, client: mqtt.Client, pm: PendingMessage) -> bool | None:
+    def _send(self, client: mqtt.Client, pm: PendingMessage, ahead: bool = False
+              ) -> bool | None:
         """Hand one message to paho (in flight from then on): True; False where paho's queue
         refused it (try again later); None where it can never be sent (dropped, counted) or is
         an action too old to act on, or a retained crop of a camera gone or of crops turned
-        off (dropped)."""
+        off (dropped). `ahead`: sent before the cursor reaches it (the cursor stays)."""
         if pm.seq in self._forgotten:  # met again (a new client moved the cursor back)
             self._cursor = max(self._cursor, pm.seq)
             return None
@@ -1210,7 +1218,7 @@ class Publisher:
                 and self._too_old_to_act(pm.message, pm.created, pm.seq)) or (
                 pm.message.kind == "crop"  # retained: it would stay after the cleanup
                 and (not self.cfg.crops or pm.message.camera not in self.cameras)):
-            self._forget(pm.seq)
+            self._forget(pm.seq, advance=not ahead)
             return None
         payload = self._fit_to_broker(pm)  # None: over the broker's packet size (logged)
         if payload is not None:
@@ -1223,12 +1231,33 @@ class Publisher:
                           pm.message.event_id, e)
                 payload = None
         if payload is None:  # it can never be sent: dropped rather than block the rest
-            self._drop_undeliverable(pm)
+            self._drop_undeliverable(pm, advance=not ahead)
             return None
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             return False
         self._inflight[info.mid] = pm
         return True
+
+    def _send_actions_ahead(self, client: mqtt.Client) -> None:
+        """Send the fresh actions waiting behind the cursor first: after an outage a new allow
+        waited its turn behind the whole backlog (minutes of crops on a slow link), and then
+        went unsent as older than action_max_age. Their events follow in order."""
+        now = time.monotonic()
+        if now < self._ahead_at:
+            return
+        self._ahead_at = now + AHEAD_INTERVAL
+        since = time.time() - (self.cfg.action_max_age or AHEAD_HORIZON)
+        for pm in self.outbox.pending_actions(self._cursor, since):
+            if pm.seq in self._ahead or pm.seq in self._forgotten \
+                    or pm.seq in self._refused_seqs:
+                continue
+            if len(self._inflight) >= WINDOW:
+                return
+            sent = self._send(client, pm, ahead=True)
+            if sent is False:
+                return
+            if sent:
+                self._ahead.add(pm.seq)
 
     def _too_old_to_act(self, message: OutboxMessage, created: float,
                         seq: int | None = None) -> bool:
@@ -1335,6 +1364,7 @@ class Publisher:
         self._client = self._make_client()
         if old is not None:
             _release(old)
+        self._ahead.clear()  # those in flight are sent again in order below, the rest went
         if self._inflight:  # in flight with the old client, which is gone: sent again, in order
             self._cursor = min(pm.seq for pm in self._inflight.values()) - 1
             self._inflight.clear()
@@ -1437,12 +1467,17 @@ class Publisher:
             if self._inflight and time.monotonic() - self._hold_since < HOLD_LIMIT:
                 return
             self._hold = False
+        self._send_actions_ahead(client)
         room = WINDOW - len(self._inflight)
         while room > 0:
             batch = self.outbox.pending(self._cursor, min(room, 100))
             if not batch:
                 return
             for pm in batch:
+                if pm.seq in self._ahead:  # in flight, or delivered, already
+                    self._ahead.discard(pm.seq)
+                    self._cursor = pm.seq
+                    continue
                 sent = self._send(client, pm)
                 if sent is False:
                     return  # paho's queue refused it; retry from the same cursor later
@@ -1471,11 +1506,13 @@ class Publisher:
                 "events)" if n > 1 else "")
         self._count_drop(report)
 
-    def _forget(self, seq: int) -> None:
+    def _forget(self, seq: int, advance: bool = True) -> None:
         """A message that is not to be sent leaves the outbox. The cursor moves on first: where
         the disk refuses the delete (full, locked), it is tried again at every turn, and the
-        messages behind it go meanwhile (it stopped them all, with a traceback a turn)."""
-        self._cursor = max(self._cursor, seq)  # a retried refused one lies behind it
+        messages behind it go meanwhile (it stopped them all, with a traceback a turn). Not
+        for one met ahead of the cursor (`advance` False): the messages before it wait."""
+        if advance:
+            self._cursor = max(self._cursor, seq)  # a retried refused one lies behind it
         self._forgotten.add(seq)
         self._delete_forgotten()
 
@@ -1491,9 +1528,9 @@ class Publisher:
         self._forgotten.clear()
         self._forget_fails = 0
 
-    def _drop_undeliverable(self, pm: PendingMessage) -> None:
+    def _drop_undeliverable(self, pm: PendingMessage, advance: bool = True) -> None:
         """A message that can never be sent leaves the outbox (it would block the rest)."""
-        self._forget(pm.seq)
+        self._forget(pm.seq, advance)
         self._depth_cache = self.outbox.depth()
         self._count_drop(drop_report("undeliverable", [pm.message]))
 

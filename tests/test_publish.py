@@ -1798,3 +1798,25 @@ def test_stop_keeps_to_its_timeout_when_the_broker_stops_reading(tmp_path: Path)
         srv.close()
         for c in conns:
             c.close()
+
+
+def test_a_fresh_action_goes_ahead_of_an_outage_s_backlog(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # A new allow waited its turn behind every event of the outage (minutes of crops on a slow
+    # link), and then was not sent at all, older than action_max_age by then.
+    sub = mqtt_subscriber(mosquitto, "lprd/back/plate", "lprd/gate/allow")
+    mosquitto.stop()
+    pub = publisher(mosquitto, connect=False)
+    n = 20_000
+    pub.outbox.put([OutboxMessage(f"old{i}", "back", "event", "plate",
+                                  json.dumps({"id": f"old{i}", "pad": "x" * 300}).encode())
+                    for i in range(n)])
+    mosquitto.start()
+    wait_until(lambda: pub.connected, timeout=20, what="a connection")
+    pub.submit(make_event(1, action="allow"))
+    sub.wait_for(lambda ms: len(ms) >= n + 1, timeout=120)  # the backlog and the allow
+    topics = [m.topic for m in sub.snapshot()]
+    assert topics.index("lprd/gate/allow") < n // 2, topics.index("lprd/gate/allow")
+    assert topics.count("lprd/gate/allow") == 1  # not again when the cursor comes by
+    assert pub.outbox.size() == 0
