@@ -56,6 +56,7 @@ EXPIRE_INTERVAL = 30.0
 # younger than mqtt.action_max_age, or this where it is 0
 AHEAD_INTERVAL = 0.5
 AHEAD_HORIZON = 120.0
+SHORT_SESSION = 10.0  # s: a connection dropped sooner is a failure for the backoff
 HOLD_LIMIT = 30.0  # most seconds new messages wait for paho's resends after a reconnect
 REFUSED_RETRY = 300.0  # s between new tries of the messages the broker refused (MQTT 5)
 DIRECT_MAX = 1000  # messages the outbox could not store, kept in memory for the broker
@@ -653,6 +654,8 @@ class Publisher:
         self._cursor = 0  # highest outbox seq handed to paho
         self._inflight: dict[int, PendingMessage] = {}  # paho mid -> message
         self._ahead: set[int] = set()  # seqs of actions sent ahead of the cursor
+        self._connected_at = 0.0  # monotonic time of the last accepted connection
+        self._short_sessions = 0  # connections in a row that died within SHORT_SESSION
         self._ahead_at = 0.0  # monotonic time of the next look for them
         self._mids_of: mqtt.Client | None = None  # the client whose mids _inflight holds
         self._states: dict[str, CameraState] = {}
@@ -1088,9 +1091,7 @@ class Publisher:
             if item[2] is not self._client:  # a client let go (`_new_client`): no failure
                 return
             if self._connected:
-                log.warning("MQTT: disconnected from %s:%d (%s); %d message(s) in flight will "
-                            "be resent, new events wait in the outbox",
-                            self.cfg.host, self.cfg.port, item[1], len(self._inflight))
+                self._note_short_session(item[1])
                 # paho's words for a PUBACK it cannot read; a broker away says otherwise
                 if not self._no_crops and "protocol error" in item[1].lower() and any(
                         pm.message.kind == "crop" or b'"crop_jpeg"' in pm.message.payload
@@ -1375,6 +1376,27 @@ class Publisher:
         self._direct_sent = []
         self._connect()
 
+    def _note_short_session(self, reason: str) -> None:
+        """Log a disconnect, and back off where connections keep dying soon after they were
+        accepted: paho starts again from reconnect.initial after each accepted one, so a second
+        lprd with the same client_id (or a broker that drops us at once) reconnected every
+        second, forever, flapping lprd/status and logging each time."""
+        lived = time.monotonic() - self._connected_at
+        self._short_sessions = self._short_sessions + 1 if lived < SHORT_SESSION else 0
+        n = self._short_sessions
+        r = self.cfg.reconnect
+        if self._client is not None:
+            self._client.reconnect_delay_set(min(r.max, r.initial * 2 ** n), r.max)
+        taken = "taken over" in reason.lower() or (n >= 1 and "unspecified" in reason.lower())
+        hint = (" (another client connects with the same mqtt.client_id?)"
+                if taken and self.cfg.client_id else "")
+        log.log(logging.WARNING if loud_repeat(n + 1) else logging.DEBUG,
+                "MQTT: disconnected from %s:%d (%s)%s; %d message(s) in flight will be resent, "
+                "new events wait in the outbox%s", self.cfg.host, self.cfg.port, reason, hint,
+                len(self._inflight),
+                f" ({n + 1} connections in a row lasted under {SHORT_SESSION:.0f} s)"
+                if n else "")
+
     def _handle_connect(self, ok: bool, reason: str) -> None:
         self._closed_at_connect = 0  # the broker answered
         if not ok:
@@ -1401,6 +1423,7 @@ class Publisher:
         if self._protocol == "5":
             self._v5_doubt = "none"  # 5 works here: a later outage's closes start afresh
         self._connected = True
+        self._connected_at = time.monotonic()
         self._failures = self._closed_at_connect = self._drop_logs = 0
         self._last_fail_reason = None
         # paho resends what was in flight; new messages wait until those are acknowledged so

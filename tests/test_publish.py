@@ -1820,3 +1820,20 @@ def test_a_fresh_action_goes_ahead_of_an_outage_s_backlog(
     assert topics.index("lprd/gate/allow") < n // 2, topics.index("lprd/gate/allow")
     assert topics.count("lprd/gate/allow") == 1  # not again when the cursor comes by
     assert pub.outbox.size() == 0
+
+
+def test_connections_that_keep_dying_at_once_back_off_and_say_why(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any], publisher: Callable[..., Publisher],
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Two gates with one config's client_id take each other's session: paho reconnected every
+    # reconnect.initial forever (lprd/status flapped 21 times in 10 s, a warning each time)
+    caplog.set_level(logging.INFO, logger="lprd.publish")
+    status = mqtt_subscriber(mosquitto, "lprd/status")
+    for name in ("a", "b"):
+        publisher(mosquitto, connect=False, client_id="lprd-gate", storage=tmp_path / name,
+                  reconnect={"initial": 1.0, "max": 60.0})
+    time.sleep(10)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(status.snapshot()) <= 14 and len(warnings) <= 6, (len(status.snapshot()),
+                                                                  warnings)
+    assert any("another client connects with the same mqtt.client_id" in w for w in warnings)
