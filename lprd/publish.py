@@ -584,14 +584,28 @@ def _check_tls_files(tls: TLSConfig) -> None:
 
 
 class _PahoNoise(logging.Filter):
-    """paho 2.2 logs an ERROR per loop while disconnected; our own line says it once, better."""
+    """paho 2.2 logs an ERROR per loop while disconnected; our own line says it once, better.
+    Its socket errors of TLS are kept (`tls_error`) for our line, which says them less often."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tls_error: tuple[float, str] | None = None  # (monotonic time, text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
+        text = record.getMessage()
+        if "[SSL" in text and "socket" in text:
+            self.tls_error = (time.monotonic(), text.split(": ", 1)[-1])
+            return False
+        return not text.startswith("Client is not connected")
+
+    def recent_tls_error(self, within: float = 5.0) -> str | None:
+        e = self.tls_error
+        return e[1] if e is not None and time.monotonic() - e[0] <= within else None
 
 
 _paho_log = logging.getLogger(f"{__name__}.paho")
-_paho_log.addFilter(_PahoNoise())
+_paho_noise = _PahoNoise()
+_paho_log.addFilter(_paho_noise)
 
 
 class Publisher:
@@ -1113,6 +1127,12 @@ class Publisher:
                     return
             elif self._refused_at_connect:  # paho's close after a refusing CONNACK: reported
                 self._refused_at_connect = False
+            elif self.cfg.tls.enabled and (tls := _paho_noise.recent_tls_error()):
+                # TLS 1.3: the broker's refusal of our certificate comes after the handshake,
+                # as a close; no reason to try 3.1.1
+                self._report_failure(f"MQTT broker {self.cfg.host}:{self.cfg.port} closed the "
+                                     f"TLS connection: {tls} (is mqtt.tls.cert signed by a CA "
+                                     "the broker trusts, and mqtt.tls.key its key?)")
             elif self._protocol == "5" and self._closed_at_connect >= 2:
                 # a broker of 3.1.1 only may close the connection instead of refusing 5; so
                 # does a proxy whose broker is away: 5 is tried again once 3.1.1 connects

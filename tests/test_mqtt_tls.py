@@ -135,6 +135,31 @@ def test_untrusted_broker_certificate_is_reported_not_trusted(
     assert not pub.connected
 
 
+def test_a_client_certificate_the_broker_refuses_is_named_and_keeps_mqtt_5(
+        mosquitto_factory: Callable[..., MosquittoBroker], tls_files: BrokerTLS,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # TLS 1.3 sends the refusal of our certificate after the handshake, as a close: it was
+    # "closed the connection before accepting it (Unspecified error)", then "refused MQTT 5",
+    # and the cause only in paho's own error line, once per attempt.
+    caplog.set_level(logging.DEBUG, logger="lprd.publish")
+    broker = mosquitto_factory(tls=tls_files, extra="require_certificate true\n")
+    other = make_tls_files(tmp_path / "other-ca")  # our certificate, signed by another CA
+    cfg = MQTTConfig(host=broker.host, port=broker.port, reconnect={"initial": 0.2, "max": 0.8},
+                     tls={"enabled": True, "ca": tls_files.ca, "cert": other.client_cert,
+                          "key": other.client_key})
+    pub = Publisher(cfg, ["gate"], tmp_path / "s")
+    pub.start()
+    try:
+        assert _wait(lambda: caplog.text.count("closed the TLS connection: [SSL") >= 4, 10), \
+            caplog.text[-2000:]
+        assert "mqtt.tls.cert" in caplog.text and pub._protocol == "5"
+        assert "refused MQTT 5" not in caplog.text
+        assert not [r for r in caplog.records if r.name == "lprd.publish.paho"
+                    and r.levelno >= logging.ERROR]
+    finally:
+        pub.stop(timeout=2)
+
+
 def test_unusable_tls_files_name_their_key(tmp_path: Path, tls_files: BrokerTLS) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
