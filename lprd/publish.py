@@ -1723,7 +1723,7 @@ class Publisher:
     # -- command thread --------------------------------------------------------------------------
 
     def _run_commands(self) -> None:
-        while not self._stopped:  # also where stop() found the queue full
+        while True:  # to the stop's branch below, also where stop() found the queue full
             due = min((at for at, _ in self._cmd_deferred.values()), default=None)
             try:
                 item = self._cmd_q.get(timeout=1.0 if due is None
@@ -1731,6 +1731,7 @@ class Publisher:
             except queue.Empty:
                 item = None
             if item is _STOP or self._stopped:
+                self._defer_queued(item)
                 for verb in self._cmd_deferred:  # a reload's next publisher takes it
                     log.info("command %s: not run by this MQTT publisher (stopped before its "
                              "turn): the next one, if lprd goes on, runs it", verb)
@@ -1745,6 +1746,29 @@ class Publisher:
                         self._run_command(Command(verb, tuple(rids), self.prefix))
             except Exception:
                 log.exception("command handling failed (ignored)")
+
+    def _defer_queued(self, item: Any) -> None:
+        """The valid commands that came but had not run at the stop, deferred for the next
+        publisher to run at once (a reload): they were dropped without an answer or a log."""
+        items = [] if item is _STOP or item is None else [item]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._cmd_q.get_nowait())
+        for queued in items:
+            if queued is _STOP:
+                continue
+            topic, payload, retain = queued
+            verb = topic.rsplit("/", 1)[-1]
+            try:
+                args = parse_command(verb, payload)
+            except CommandError:
+                continue  # answered as refused by nobody: its sender hears nothing either way
+            if not retain:  # when its interval since the last run allows, as if it ran now
+                at = max(time.monotonic(),
+                         self._cmd_ran.get(verb, -math.inf) + COMMAND_INTERVAL.get(verb, 0.0))
+                rids = self._cmd_deferred.setdefault(verb, (at, []))[1]
+                if len(rids) < MAX_MERGED_REQUESTS:
+                    rids.append(args.get("request_id"))
 
     def _handle_command(self, topic: str, payload: bytes, retain: bool) -> None:
         with self._lock:

@@ -882,6 +882,36 @@ def test_a_deferred_command_runs_on_the_next_publisher_after_a_restart(
     assert second._cmd_ran["watchlist_sync"] >= first._cmd_ran["watchlist_sync"] + 1.9
 
 
+def test_commands_that_came_but_had_not_run_at_a_stop_go_to_the_next_publisher(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher]) -> None:
+    # The stop set its flag, and the command thread returned with the queue's commands in it:
+    # dropped without an answer or a word (a watchlist_sync pressed during a reload).
+    calls: list[Command] = []
+    busy, release = threading.Event(), threading.Event()
+
+    def slow(command: Command) -> None:  # a reload in progress
+        calls.append(command)
+        busy.set()
+        release.wait(10)
+
+    first = publisher(mosquitto, on_command=slow)
+    sender = mqtt_subscriber(mosquitto, "lprd/cmd/+/result")
+    sender.client.publish("lprd/cmd/reload", json.dumps({"request_id": "r1"}),
+                          qos=1).wait_for_publish(5)
+    assert busy.wait(5)
+    sender.client.publish("lprd/cmd/watchlist_sync", json.dumps({"request_id": "w1"}),
+                          qos=1).wait_for_publish(5)
+    wait_until(lambda: first._cmd_q.qsize() == 1, what="the second command queued")
+    first.stop(timeout=1)
+    release.set()
+    first._cmd_thread.join(5)
+    assert first.command_state().deferred["watchlist_sync"][1] == ["w1"]
+    publisher(mosquitto, on_command=calls.append, commands=first.command_state())
+    wait_until(lambda: len(calls) == 2, 10, "the carried command run")
+    assert calls[1] == Command("watchlist_sync", ("w1",), "lprd")
+
+
 def test_answers_past_those_that_can_wait_for_the_broker_are_dropped_with_a_warning(
         publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
     # answers made while not connected wait for the broker, at most RESULTS_WAITING of them:
