@@ -298,7 +298,8 @@ class DiscoveryConfig(_Strict):
 def _host(v: str) -> str:
     # a URL or host:port was taken as a name, and retried forever ("Name or service not known")
     if "://" in v or "/" in v or v.count(":") == 1 or v.startswith("["):
-        raise ValueError(f"{redact_source(v)!r}: a host name or IP address only (no scheme, no path); the port "
+        shown = redact_source(v) if "://" in v else re.sub(r"^[^@]*@", "***@", v)
+        raise ValueError(f"{shown!r}: a host name or IP address only (no scheme, no path); the port "
                          "goes in mqtt.port and TLS in mqtt.tls")
     return v
 
@@ -705,8 +706,13 @@ def _storage_problem(folder: Path) -> str | None:
     import os  # I/O: only when files are checked
     import tempfile
 
+    from lprd.storage import other_owner
+
     if folder.exists() and not folder.is_dir():
         return f"{folder} is a file, not a folder"
+    user = other_owner(folder)
+    if user is not None:  # as root: what `run` refuses
+        return f"{folder} belongs to {user}: run lprd as {user}, not as root"
     there = folder
     while not there.exists() and there.parent != there:  # `run` makes the missing part
         there = there.parent

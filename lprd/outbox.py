@@ -52,6 +52,8 @@ CREATE INDEX IF NOT EXISTS messages_created ON messages(created);
 CREATE INDEX IF NOT EXISTS messages_events ON messages(seq) WHERE kind = 'event';
 -- a camera's older crop goes at each put: without it, a scan of every waiting message
 CREATE INDEX IF NOT EXISTS messages_crops ON messages(camera) WHERE kind = 'crop';
+-- the fresh actions sent ahead of a backlog: a few rows, however long the backlog
+CREATE INDEX IF NOT EXISTS messages_actions ON messages(created) WHERE kind = 'action';
 -- run: the last run that opened it; run_seq: the highest seq before that run; boot: its boot
 -- id; boot_seq: the highest seq before that boot's first run
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -177,8 +179,10 @@ def _scan(path: Path) -> list[tuple]:
     with contextlib.closing(src):
         while skip < 2 ** 40:
             first, last, failed = read("WHERE seq > ? ORDER BY seq", (after,))
-            if first is not None and good is not None:
-                read("WHERE seq > ? AND seq < ? ORDER BY seq DESC", (good, first))
+            if good is not None and (first is not None or not failed):
+                # past the bad page, or a jump past the end: back down to the bad page
+                read("WHERE seq > ? AND seq < ? ORDER BY seq DESC",
+                     (good, first if first is not None else after + 1))
                 good = None
             if not failed:
                 break  # read to the end
@@ -460,18 +464,22 @@ class Outbox:
         """Messages with seq > after_seq, oldest first."""
         return self._pending("seq > ?", (after_seq,), limit)
 
-    def pending_actions(self, after_seq: int, since: float, limit: int = 16
+    def pending_actions(self, after_seq: int, since: float, limit: int = 256
                         ) -> list[PendingMessage]:
-        """Action messages with seq > after_seq stamped at `since` or later, oldest first
-        (through the index on `created`: a few rows however long the backlog)."""
+        """Action messages with seq > after_seq stamped at `since` or later, oldest first.
+        Through their own index (the planner took the seq range: a scan of the whole backlog,
+        35 ms at 100,000 rows, twice a second while it drained)."""
         return self._pending("kind = 'action' AND created >= ? AND seq > ?", (since, after_seq),
-                             limit)
+                             limit, index="messages_actions")
 
-    def _pending(self, where: str, args: tuple, limit: int) -> list[PendingMessage]:
+    def _pending(self, where: str, args: tuple, limit: int, index: str | None = None
+                 ) -> list[PendingMessage]:
+        by = f" INDEXED BY {index}" if index else ""
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, created, event_id, camera, kind, subtopic, payload, retain "
-                f"FROM messages WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+                f"FROM messages{by} WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)
+            ).fetchall()
         out, bad = [], []
         for seq, created, eid, cam, kind, sub, pl, ret in rows:
             texts = (eid, cam, kind, sub)

@@ -49,6 +49,7 @@ from lprd.types import CameraState, PlateEvent, iso_utc
 log = logging.getLogger(__name__)
 
 WINDOW = 256  # messages handed to paho and not yet acknowledged
+WINDOW_BYTES = 1 << 20  # and their payloads' bytes (one message may be larger)
 PAHO_INFLIGHT = 64  # of those, how many may be on the wire at once
 STATE_INTERVAL = 2.0  # least seconds between state republishes for a changed outbox depth
 EXPIRE_INTERVAL = 30.0
@@ -56,6 +57,7 @@ EXPIRE_INTERVAL = 30.0
 # younger than mqtt.action_max_age, or this where it is 0
 AHEAD_INTERVAL = 0.5
 AHEAD_HORIZON = 120.0
+AHEAD_EXTRA = 16  # actions in flight past WINDOW
 SHORT_SESSION = 10.0  # s: a connection dropped sooner is a failure for the backoff
 HOLD_LIMIT = 30.0  # most seconds new messages wait for paho's resends after a reconnect
 REFUSED_RETRY = 300.0  # s between new tries of the messages the broker refused (MQTT 5)
@@ -668,9 +670,9 @@ class Publisher:
         self._cursor = 0  # highest outbox seq handed to paho
         self._inflight: dict[int, PendingMessage] = {}  # paho mid -> message
         self._ahead: set[int] = set()  # seqs of actions sent ahead of the cursor
+        self._ahead_at = 0.0  # monotonic time of the next look for them
         self._connected_at = 0.0  # monotonic time of the last accepted connection
         self._short_sessions = 0  # connections in a row that died within SHORT_SESSION
-        self._ahead_at = 0.0  # monotonic time of the next look for them
         self._mids_of: mqtt.Client | None = None  # the client whose mids _inflight holds
         self._states: dict[str, CameraState] = {}
         self._wl_sync: dict[str, Any] | None = None  # the last watchlist sync's outcome
@@ -791,6 +793,8 @@ class Publisher:
 
     def command_state(self) -> CommandState:
         """Its commands' turns, for the next publisher (read once stopped)."""
+        if self._stopped:  # paho delivered commands until the client was let go
+            self._defer_queued(None)
         return CommandState(dict(self._cmd_ran), dict(self._cmd_deferred))
 
     def outbox_depth(self) -> int:
@@ -889,7 +893,7 @@ class Publisher:
         c.enable_logger(_paho_log)
         c.max_inflight_messages_set(self._on_wire)
         c.max_queued_messages_set(0)
-        c.reconnect_delay_set(cfg.reconnect.initial, cfg.reconnect.max)
+        c.reconnect_delay_set(self._reconnect_floor(), cfg.reconnect.max)
         c.will_set(f"{self.prefix}/status", "offline", qos=1, retain=True)
         if cfg.username:
             c.username_pw_set(cfg.username, self._password)
@@ -1054,7 +1058,9 @@ class Publisher:
                 disk.close()
                 return
             self.outbox, self._cursor, self._disk_outbox = disk, 0, None
-            self._refused_seqs.clear()  # seqs of the memory outbox; all go out again anyway
+            # seqs of the memory outbox; all go out again anyway
+            self._refused_seqs.clear()
+            self._ahead.clear()
         log.warning("outbox %s opened: %d message(s) moved there from memory", path,
                     len(waiting))
 
@@ -1067,7 +1073,6 @@ class Publisher:
                 self._raw_topics.pop(item[1], None)
             if msg is not None:
                 acks.append(msg)
-                self._ahead.discard(msg.seq)  # gone from the outbox: the cursor never meets it
                 self._dropped_with_crop = 0
         elif kind == "wake":
             pass
@@ -1130,9 +1135,12 @@ class Publisher:
             elif self.cfg.tls.enabled and (tls := _paho_noise.recent_tls_error()):
                 # TLS 1.3: the broker's refusal of our certificate comes after the handshake,
                 # as a close; no reason to try 3.1.1
-                self._report_failure(f"MQTT broker {self.cfg.host}:{self.cfg.port} closed the "
-                                     f"TLS connection: {tls} (is mqtt.tls.cert signed by a CA "
-                                     "the broker trusts, and mqtt.tls.key its key?)")
+                self._report_failure(
+                    f"MQTT broker {self.cfg.host}:{self.cfg.port} closed the TLS connection: "
+                    f"{tls} " + ("(is mqtt.tls.cert signed by a CA the broker trusts, and "
+                                 "mqtt.tls.key its key?)" if self.cfg.tls.cert else
+                                 "(does the broker want a client certificate: mqtt.tls.cert "
+                                 "and key?)"))
             elif self._protocol == "5" and self._closed_at_connect >= 2:
                 # a broker of 3.1.1 only may close the connection instead of refusing 5; so
                 # does a proxy whose broker is away: 5 is tried again once 3.1.1 connects
@@ -1223,8 +1231,12 @@ class Publisher:
             found = self.outbox.pending(seq - 1, 1)
             if not found or found[0].seq != seq:  # gone meanwhile (an outbox bound)
                 continue
-            if self._send(client, found[0], ahead=seq > self._cursor) is False:
+            ahead = seq > self._cursor
+            sent = self._send(client, found[0], ahead=ahead)
+            if sent is False:
                 self._refused_seqs.add(seq)
+            elif sent and ahead:
+                self._ahead.add(seq)
 
     def _send(self, client: mqtt.Client, pm: PendingMessage, ahead: bool = False
               ) -> bool | None:
@@ -1236,9 +1248,8 @@ class Publisher:
             self._cursor = max(self._cursor, pm.seq)
             return None
         if (pm.message.kind == "action"
-                and self._too_old_to_act(pm.message, pm.created, pm.seq)) or (
-                pm.message.kind == "crop"  # retained: it would stay after the cleanup
-                and (not self.cfg.crops or pm.message.camera not in self.cameras)):
+                and self._too_old_to_act(pm.message, pm.created, pm.seq)) \
+                or self._unwanted_crop(pm.message):
             self._forget(pm.seq, advance=not ahead)
             return None
         payload = self._fit_to_broker(pm)  # None: over the broker's packet size (logged)
@@ -1272,13 +1283,19 @@ class Publisher:
             if pm.seq in self._ahead or pm.seq in self._forgotten \
                     or pm.seq in self._refused_seqs:
                 continue
-            if len(self._inflight) >= WINDOW:
+            if len(self._inflight) >= WINDOW + AHEAD_EXTRA:  # the in-order pass fills WINDOW
                 return
             sent = self._send(client, pm, ahead=True)
             if sent is False:
                 return
             if sent:
                 self._ahead.add(pm.seq)
+
+    def _unwanted_crop(self, message: OutboxMessage) -> bool:
+        """A crop of a camera gone, or of crops turned off: retained, it would stay after the
+        cleanup of their topics."""
+        return message.kind == "crop" and (not self.cfg.crops
+                                           or message.camera not in self.cameras)
 
     def _too_old_to_act(self, message: OutboxMessage, created: float,
                         seq: int | None = None) -> bool:
@@ -1387,7 +1404,8 @@ class Publisher:
             _release(old)
         self._ahead.clear()  # those in flight are sent again in order below, the rest went
         if self._inflight:  # in flight with the old client, which is gone: sent again, in order
-            self._cursor = min(pm.seq for pm in self._inflight.values()) - 1
+            # not forward: an action sent ahead lies past the cursor, the backlog before it
+            self._cursor = min(self._cursor, min(pm.seq for pm in self._inflight.values()) - 1)
             self._inflight.clear()
             self._refused_seqs = {seq for seq in self._refused_seqs if seq <= self._cursor}
         # the events no outbox could take, handed to the old client: first again
@@ -1404,9 +1422,11 @@ class Publisher:
         lived = time.monotonic() - self._connected_at
         self._short_sessions = self._short_sessions + 1 if lived < SHORT_SESSION else 0
         n = self._short_sessions
-        r = self.cfg.reconnect
-        if self._client is not None:
-            self._client.reconnect_delay_set(min(r.max, r.initial * 2 ** n), r.max)
+        if self._client is not None:  # a client made later (_new_client) starts from it too
+            self._client.reconnect_delay_set(self._reconnect_floor(), self.cfg.reconnect.max)
+        tls = self.cfg.tls.enabled and _paho_noise.recent_tls_error()
+        if tls:  # paho's socket error, which its filter kept out of the log
+            reason = f"{reason}: {tls}"
         taken = "taken over" in reason.lower() or (n >= 1 and "unspecified" in reason.lower())
         hint = (" (another client connects with the same mqtt.client_id?)"
                 if taken and self.cfg.client_id else "")
@@ -1416,6 +1436,12 @@ class Publisher:
                 len(self._inflight),
                 f" ({n + 1} connections in a row lasted under {SHORT_SESSION:.0f} s)"
                 if n else "")
+
+    def _reconnect_floor(self) -> float:
+        """paho's first reconnect delay: reconnect.initial, doubled for each connection in a
+        row that died soon after it was accepted."""
+        r = self.cfg.reconnect
+        return min(r.max, r.initial * 2 ** self._short_sessions)
 
     def _handle_connect(self, ok: bool, reason: str) -> None:
         self._closed_at_connect = 0  # the broker answered
@@ -1473,13 +1499,14 @@ class Publisher:
         self._direct_sent = [(i, m) for i, m in self._direct_sent if not i.is_published()]
         while self._direct and self._client is not None and self._connected:
             created, m = self._direct.popleft()
-            if m.kind == "action" and self._too_old_to_act(m, created):
+            if (m.kind == "action" and self._too_old_to_act(m, created)) \
+                    or self._unwanted_crop(m):
                 continue
-            # through the broker's size limit and crop rule as outboxed messages are: one over
-            # it disconnected us after each reconnect, and nothing more was delivered
+            # through the broker's size limit as outboxed messages are: one over it
+            # disconnected us after each reconnect, and nothing more was delivered
             payload = self._fit_to_broker(PendingMessage(0, created, m))
-            if payload is None or (m.kind == "crop" and (not self.cfg.crops
-                                                         or m.camera not in self.cameras)):
+            if payload is None:
+                self._count_drop(drop_report("undeliverable", [m]))
                 continue
             self._direct_sent.append(
                 (self._client.publish(self._topic(m), payload, qos=1, retain=m.retain,
@@ -1510,9 +1537,17 @@ class Publisher:
             if self._inflight and time.monotonic() - self._hold_since < HOLD_LIMIT:
                 return
             self._hold = False
+        self._send_in_order(client)
+        # after: what the window left behind the cursor is a backlog (an action goes ahead of
+        # its own event only then)
         self._send_actions_ahead(client)
+
+    def _send_in_order(self, client: mqtt.Client) -> None:
         room = WINDOW - len(self._inflight)
-        while room > 0:
+        # bytes too: what paho holds goes out before anything handed to it later (256 crops
+        # are minutes on a slow link, and an action sent ahead waited behind them)
+        held = sum(len(pm.message.payload) for pm in self._inflight.values())
+        while room > 0 and held < WINDOW_BYTES:
             batch = self.outbox.pending(self._cursor, min(room, 100))
             if not batch:
                 return
@@ -1521,15 +1556,21 @@ class Publisher:
                     self._ahead.discard(pm.seq)
                     self._cursor = pm.seq
                     continue
+                if held >= WINDOW_BYTES:
+                    return
                 sent = self._send(client, pm)
                 if sent is False:
                     return  # paho's queue refused it; retry from the same cursor later
                 if sent:
                     self._cursor = pm.seq
                     room -= 1
+                    held += len(pm.message.payload)
 
     def _ack(self, acked: list[PendingMessage]) -> None:
         self.outbox.ack(pm.seq for pm in acked)
+        # gone from the outbox now, not before (a failed delete would offer them again): the
+        # cursor never meets them
+        self._ahead.difference_update(pm.seq for pm in acked)
         now = time.time()
         events = [pm for pm in acked if pm.message.kind == "event"]
         with self._idle:

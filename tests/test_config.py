@@ -370,6 +370,21 @@ def test_check_config_names_a_missing_camera_file_and_sync_file(tmp_path, capsys
     ]
 
 
+def test_check_config_refuses_a_storage_dir_run_would_refuse(tmp_path, capsys):
+    st = tmp_path / "st"
+    st.mkdir()
+    if os.geteuid() == 0:  # root in another user's folder, as `run` refuses it
+        os.chown(st, 65534, 65534)
+        why = f"storage.dir: {st} belongs to nobody: run lprd as nobody, not as root"
+    else:
+        st.chmod(0o555)
+        why = f"storage.dir: {st} may not be written by this user"
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"storage": {"dir": str(st)}, "mqtt": {"enabled": False}}))
+    assert main(["check-config", str(f)]) == 2
+    assert why in capsys.readouterr().err
+
+
 def test_check_config_loads_the_mqtt_files_as_run_does(tmp_path, capsys):
     # a CA file without a certificate passed check-config; `run` then exited 2 on it
     ca = tmp_path / "ca.pem"

@@ -351,6 +351,26 @@ def test_the_readable_messages_of_a_damaged_outbox_are_kept(tmp_path: Path,
     assert 0 < len(missing) <= 4096 // 300 and missing == list(range(missing[0], missing[-1] + 1))
 
 
+def test_whichever_page_is_bad_only_its_rows_are_lost(tmp_path: Path) -> None:
+    # a jump past the bad page that overshot the last row lost the readable last page too
+    path = tmp_path / "outbox.sqlite"
+    ob = Outbox(path)
+    for i in range(300):
+        ob.put([OutboxMessage(f"ev{i:05d}", "gate", "event", "plate", b"p" * 300)])
+    ob.close()
+    good = path.read_bytes()
+    for page in range(2, len(good) // 4096):
+        data = bytearray(good)
+        data[page * 4096:(page + 1) * 4096] = b"\xa5" * 4096
+        damaged = tmp_path / f"page{page}.sqlite"
+        damaged.write_bytes(bytes(data))
+        ob = Outbox(damaged)
+        kept = {int(p.message.event_id[2:]) for p in ob.pending(limit=1000)}
+        ob.close()
+        missing = sorted(set(range(300)) - kept)
+        assert len(missing) <= 4096 // 300, (page, missing)
+
+
 def test_an_outbox_whose_index_lost_rows_quick_check_misses_is_moved_aside(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A torn write can leave index entries whose rows are gone; quick_check does not compare

@@ -1864,6 +1864,36 @@ def test_connections_that_keep_dying_at_once_back_off_and_say_why(
                   reconnect={"initial": 1.0, "max": 60.0})
     time.sleep(10)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(status.snapshot()) <= 14 and len(warnings) <= 6, (len(status.snapshot()),
+    assert len(status.snapshot()) <= 16 and len(warnings) <= 6, (len(status.snapshot()),
                                                                   warnings)
     assert any("another client connects with the same mqtt.client_id" in w for w in warnings)
+
+
+def test_an_action_sent_ahead_goes_once_while_its_delete_fails(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Acknowledged, it left the set of those sent ahead before the outbox deleted it: while
+    # deletes failed (a full disk), the same allow went out again every half second.
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/allow")
+    mosquitto.stop()
+    pub = publisher(mosquitto, connect=False)
+    pub.outbox.put([OutboxMessage(f"old{i}", "back", "event", "plate",
+                                  json.dumps({"id": f"old{i}", "pad": "x" * 300}).encode())
+                    for i in range(20_000)])
+    real_ack, full = pub.outbox.ack, threading.Event()
+    full.set()
+
+    def ack(seqs: Any) -> None:
+        if full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        real_ack(seqs)
+
+    monkeypatch.setattr(pub.outbox, "ack", ack)
+    mosquitto.start()
+    wait_until(lambda: pub.connected, timeout=20, what="a connection")
+    pub.submit(make_event(1, action="allow"))
+    sub.wait_for(lambda ms: len(ms) >= 1)
+    time.sleep(2.5)
+    full.clear()
+    time.sleep(1)
+    assert len(sub.snapshot()) == 1
