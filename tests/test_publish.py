@@ -1203,15 +1203,24 @@ def test_a_refused_subscription_is_logged(caplog: pytest.LogCaptureFixture,
         broker.close()
 
 
+def _small_packet_broker(mosquitto_factory: Callable[..., Any],
+                         mqtt_subscriber: Callable[..., Any],
+                         publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture
+                         ) -> tuple[Any, Publisher]:
+    """A broker whose Maximum Packet Size (8000) a crop exceeds, a subscriber to the plates,
+    and a publisher with crops on."""
+    broker = mosquitto_factory(extra="max_packet_size 8000\n")
+    sub = mqtt_subscriber(broker, "lprd/+/plate")
+    caplog.set_level(logging.WARNING, logger="lprd.publish")
+    return sub, publisher(broker, crops=True)
+
+
 def test_an_event_over_the_broker_s_packet_limit_goes_without_its_crop(
         mosquitto_factory: Callable[..., Any], mqtt_subscriber: Callable[..., Any],
         publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
     # Sent whole, the broker would disconnect us, and paho would send it first again after
     # every reconnect: nothing else would ever be delivered.
-    broker = mosquitto_factory(extra="max_packet_size 8000\n")
-    sub = mqtt_subscriber(broker, "lprd/+/plate")
-    caplog.set_level(logging.WARNING, logger="lprd.publish")
-    pub = publisher(broker, crops=True)
+    sub, pub = _small_packet_broker(mosquitto_factory, mqtt_subscriber, publisher, caplog)
     pub.submit(make_event(1, crop=os.urandom(9000)))  # base64: 12 kB in the event
     wait_until(lambda: pub.outbox.size() == 0, what="an empty outbox")
     assert "event ev-gate-00001 sent without its crop" in caplog.text
@@ -1231,10 +1240,7 @@ def test_an_event_in_memory_over_the_broker_s_packet_limit_goes_without_its_crop
         publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
     # The events a full disk keeps in memory went to paho whole: the broker disconnected us,
     # paho sent it first again after each reconnect, and nothing more was delivered.
-    broker = mosquitto_factory(extra="max_packet_size 8000\n")
-    sub = mqtt_subscriber(broker, "lprd/+/plate")
-    caplog.set_level(logging.WARNING, logger="lprd.publish")
-    pub = publisher(broker, crops=True)
+    sub, pub = _small_packet_broker(mosquitto_factory, mqtt_subscriber, publisher, caplog)
     db = pub.outbox._db  # a full disk
     db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
     with pytest.raises(sqlite3.OperationalError, match="full"):
