@@ -160,29 +160,47 @@ def _scan(path: Path) -> list[tuple]:
         return []
     src.text_factory = _lenient_text
 
-    def read(sql: str, args: tuple) -> tuple[int | None, int | None, bool]:
-        """Rows of `sql` into `found` until the end or a bad page: the first and last seq
-        read, and whether a bad page stopped it."""
+    def read(lo: int, hi: int, down: bool = False) -> tuple[int | None, int | None, bool]:
+        """The rows between seqs lo and hi (both out), in order or down, into `found` until
+        the end or a bad page: the first and last seq read, and whether a bad page stopped it.
+        After a failure, row by row up to the bad page: a read fetches a row ahead, and its
+        error came instead of the last good row."""
+        sql = (f"SELECT {_SALVAGE_COLUMNS} FROM messages WHERE seq > ? AND seq < ? "
+               f"ORDER BY seq{' DESC' if down else ''}")
         first = last = None
-        try:
-            for row in src.execute(f"SELECT {_SALVAGE_COLUMNS} FROM messages {sql}", args):
-                first = row[0] if first is None else first
-                last = row[0]
-                if row[3] in KINDS and None not in row:  # the new file's NOT NULLs
-                    found[row[0]] = row[1:]
-        except sqlite3.Error:
-            return first, last, True
-        return first, last, False
 
+        def keep(row: tuple) -> None:
+            nonlocal first, last
+            first = row[0] if first is None else first
+            last = row[0]
+            if row[3] in KINDS and None not in row:  # the new file's NOT NULLs
+                found[row[0]] = row[1:]
+
+        try:
+            for row in src.execute(sql, (lo, hi)):
+                keep(row)
+            return first, last, False
+        except sqlite3.Error:
+            pass
+        while True:
+            at = last if last is not None else (hi if down else lo)
+            try:
+                row = src.execute(sql + " LIMIT 1", (lo, at) if down else (at, hi)).fetchone()
+            except sqlite3.Error:
+                return first, last, True
+            if row is None:
+                return first, last, False
+            keep(row)
+
+    end = 2 ** 63 - 1
     after, skip = 0, 1
     good = 0  # the last seq read before a bad page, while past it none is read yet
     with contextlib.closing(src):
         while skip < 2 ** 40:
-            first, last, failed = read("WHERE seq > ? ORDER BY seq", (after,))
+            first, last, failed = read(after, end)
             if good is not None and (first is not None or not failed):
                 # past the bad page, or a jump past the end: back down to the bad page
-                read("WHERE seq > ? AND seq < ? ORDER BY seq DESC",
-                     (good, first if first is not None else after + 1))
+                read(good, first if first is not None else after + 1, down=True)
                 good = None
             if not failed:
                 break  # read to the end

@@ -49,7 +49,6 @@ from lprd.types import CameraState, PlateEvent, iso_utc
 log = logging.getLogger(__name__)
 
 WINDOW = 256  # messages handed to paho and not yet acknowledged
-WINDOW_BYTES = 1 << 20  # and their payloads' bytes (one message may be larger)
 PAHO_INFLIGHT = 64  # of those, how many may be on the wire at once
 STATE_INTERVAL = 2.0  # least seconds between state republishes for a changed outbox depth
 EXPIRE_INTERVAL = 30.0
@@ -671,6 +670,7 @@ class Publisher:
         self._inflight: dict[int, PendingMessage] = {}  # paho mid -> message
         self._ahead: set[int] = set()  # seqs of actions sent ahead of the cursor
         self._ahead_at = 0.0  # monotonic time of the next look for them
+        self._acked: set[int] = set()  # seqs acknowledged whose rows are not deleted yet
         self._connected_at = 0.0  # monotonic time of the last accepted connection
         self._short_sessions = 0  # connections in a row that died within SHORT_SESSION
         self._mids_of: mqtt.Client | None = None  # the client whose mids _inflight holds
@@ -1061,6 +1061,7 @@ class Publisher:
             # seqs of the memory outbox; all go out again anyway
             self._refused_seqs.clear()
             self._ahead.clear()
+            self._acked.clear()
         log.warning("outbox %s opened: %d message(s) moved there from memory", path,
                     len(waiting))
 
@@ -1073,6 +1074,7 @@ class Publisher:
                 self._raw_topics.pop(item[1], None)
             if msg is not None:
                 acks.append(msg)
+                self._acked.add(msg.seq)  # until its row is deleted: never sent again
                 self._dropped_with_crop = 0
         elif kind == "wake":
             pass
@@ -1281,7 +1283,7 @@ class Publisher:
         since = time.time() - (self.cfg.action_max_age or AHEAD_HORIZON)
         for pm in self.outbox.pending_actions(self._cursor, since):
             if pm.seq in self._ahead or pm.seq in self._forgotten \
-                    or pm.seq in self._refused_seqs:
+                    or pm.seq in self._refused_seqs or pm.seq in self._acked:
                 continue
             if len(self._inflight) >= WINDOW + AHEAD_EXTRA:  # the in-order pass fills WINDOW
                 return
@@ -1347,9 +1349,10 @@ class Publisher:
         return None
 
     def _expiry(self, message: OutboxMessage, created: float) -> Properties | None:
-        """MQTT 5: an action expires when action_max_age runs out, so that neither the broker
-        (for a gate controller whose session waits offline) nor a slow link hands it on later.
-        Its age is checked when it is handed to paho; this holds after that."""
+        """MQTT 5: an action expires at the broker when action_max_age runs out, for a gate
+        controller whose session waits offline. Its age is checked when it is handed to paho;
+        the time it then waits in paho's queue (behind at most WINDOW messages) counts for
+        neither."""
         limit = self.cfg.action_max_age
         if message.kind != "action" or not limit or self._protocol != "5" \
                 or created < CLOCK_FLOOR:
@@ -1422,8 +1425,6 @@ class Publisher:
         lived = time.monotonic() - self._connected_at
         self._short_sessions = self._short_sessions + 1 if lived < SHORT_SESSION else 0
         n = self._short_sessions
-        if self._client is not None:  # a client made later (_new_client) starts from it too
-            self._client.reconnect_delay_set(self._reconnect_floor(), self.cfg.reconnect.max)
         tls = self.cfg.tls.enabled and _paho_noise.recent_tls_error()
         if tls:  # paho's socket error, which its filter kept out of the log
             reason = f"{reason}: {tls}"
@@ -1437,11 +1438,25 @@ class Publisher:
                 f" ({n + 1} connections in a row lasted under {SHORT_SESSION:.0f} s)"
                 if n else "")
 
-    def _reconnect_floor(self) -> float:
+    def _reconnect_floor(self, ahead: int = 0) -> float:
         """paho's first reconnect delay: reconnect.initial, doubled for each connection in a
-        row that died soon after it was accepted."""
+        row that died soon after it was accepted (`ahead`: and so many more)."""
         r = self.cfg.reconnect
-        return min(r.max, r.initial * 2 ** self._short_sessions)
+        return min(r.max, r.initial * 2 ** min(self._short_sessions + ahead, 30))
+
+    def _set_reconnect_floor(self, ahead: int) -> None:
+        # set before paho needs it: it computes its wait as the connection drops, before the
+        # worker hears of it
+        if self._client is not None:
+            self._client.reconnect_delay_set(self._reconnect_floor(ahead), self.cfg.reconnect.max)
+
+    def _settle_short_sessions(self) -> None:
+        """A connection that lived SHORT_SESSION ends a run of short ones: the next outage's
+        first retry comes after reconnect.initial again."""
+        if self._connected and self._short_sessions \
+                and time.monotonic() - self._connected_at >= SHORT_SESSION:
+            self._short_sessions = 0
+            self._set_reconnect_floor(0)
 
     def _handle_connect(self, ok: bool, reason: str) -> None:
         self._closed_at_connect = 0  # the broker answered
@@ -1470,6 +1485,7 @@ class Publisher:
             self._v5_doubt = "none"  # 5 works here: a later outage's closes start afresh
         self._connected = True
         self._connected_at = time.monotonic()
+        self._set_reconnect_floor(1)  # should this one die soon
         self._failures = self._closed_at_connect = self._drop_logs = 0
         self._last_fail_reason = None
         # paho resends what was in flight; new messages wait until those are acknowledged so
@@ -1544,33 +1560,29 @@ class Publisher:
 
     def _send_in_order(self, client: mqtt.Client) -> None:
         room = WINDOW - len(self._inflight)
-        # bytes too: what paho holds goes out before anything handed to it later (256 crops
-        # are minutes on a slow link, and an action sent ahead waited behind them)
-        held = sum(len(pm.message.payload) for pm in self._inflight.values())
-        while room > 0 and held < WINDOW_BYTES:
+        while room > 0:
             batch = self.outbox.pending(self._cursor, min(room, 100))
             if not batch:
                 return
             for pm in batch:
-                if pm.seq in self._ahead:  # in flight, or delivered, already
+                if pm.seq in self._ahead or pm.seq in self._acked:  # sent already
                     self._ahead.discard(pm.seq)
                     self._cursor = pm.seq
                     continue
-                if held >= WINDOW_BYTES:
-                    return
                 sent = self._send(client, pm)
                 if sent is False:
                     return  # paho's queue refused it; retry from the same cursor later
                 if sent:
                     self._cursor = pm.seq
                     room -= 1
-                    held += len(pm.message.payload)
 
     def _ack(self, acked: list[PendingMessage]) -> None:
         self.outbox.ack(pm.seq for pm in acked)
-        # gone from the outbox now, not before (a failed delete would offer them again): the
-        # cursor never meets them
-        self._ahead.difference_update(pm.seq for pm in acked)
+        # gone from the outbox now, not before (a failed delete would offer them again, also
+        # after a new client moved the cursor back): the cursor never meets them
+        done = {pm.seq for pm in acked}
+        self._ahead -= done
+        self._acked -= done
         now = time.time()
         events = [pm for pm in acked if pm.message.kind == "event"]
         with self._idle:
@@ -1651,6 +1663,7 @@ class Publisher:
                           self._state_payload(camera), retain=True)
 
     def _maybe_publish_states(self) -> None:
+        self._settle_short_sessions()
         self._maybe_publish_discovery()
         with self._idle:
             self._depth_cache = self.outbox.depth()

@@ -369,6 +369,15 @@ def test_whichever_page_is_bad_only_its_rows_are_lost(tmp_path: Path) -> None:
         ob.close()
         missing = sorted(set(range(300)) - kept)
         assert len(missing) <= 4096 // 300, (page, missing)
+        # and each of them lies on the bad page: a read of it alone fails too (a read fetches
+        # a row ahead: the rows beside the bad page were lost with it)
+        (aside,) = (f for f in tmp_path.glob(f"{damaged.name}.corrupt-*")  # moved aside
+                    if not f.name.endswith(("-wal", "-shm", "-journal")))
+        db = sqlite3.connect(f"file:{aside}?mode=ro", uri=True)
+        for i in missing:
+            with pytest.raises(sqlite3.DatabaseError):
+                db.execute("SELECT payload FROM messages WHERE seq = ?", (i + 1,)).fetchone()
+        db.close()
 
 
 def test_an_outbox_whose_index_lost_rows_quick_check_misses_is_moved_aside(
