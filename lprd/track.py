@@ -66,6 +66,16 @@ HOLD_MISS_STEP = 0.5
 _BEST_KEPT = 8
 NESTED_SHARE = 0.8  # a box this much inside another of the frame, its read a part of the other's
 TURNING_AWAY = 0.85  # a doubted read's box under this share of its pass's width: driving off
+# A plate running out of the picture is boxed where its last whole character ends, up to a
+# character's width (about half the plate's height) inside the frame's edge, as a whole plate
+# standing at the edge is: there only the text tells them apart. A read whose box comes this
+# close to the edge (in box heights) counts as whole while it is as long as its track's longest
+# read (a character short, it is the plate cut: a later, longer read takes it out of the vote);
+# one that continues no track by its text, next to a track read whole and no longer than its
+# plate, is that plate cut or garbled by the edge (`VX8` of VX864NG driving out, `DRASIL` of
+# SNP8R36 half out of the picture below), not a pass of its own. An early event needs a read
+# clear of the edge: a later, longer read may yet show the plate cut, and then no final comes.
+EDGE_NEAR = 0.5
 # Look-alikes that say nothing about a new vehicle: the pairs plate_match prices cheapest (O/0,
 # I/1, B/8, S/5, Z/2, G/6), and Q/D read as O/0, the reader's most frequent slip on real plates
 # (MODEL_CARD). Dearer ones (3/8, 1/7, A/4) can tell two plates apart.
@@ -246,8 +256,11 @@ class _Track:
     last_text: str
     last_key: str = ""  # plate_key(last_text)
     frames: int = 0
-    whole: int = 0  # observations whose box the frame's edge does not cut
-    voter: Voter = field(default_factory=Voter)
+    whole: int = 0  # observations whose box lies clear of the frame's edge (see EDGE_NEAR)
+    main: Voter = field(default_factory=Voter)  # the whole reads; the cut ones until there are any
+    near: dict[int, Voter] = field(default_factory=dict)  # the reads near the edge, by length
+    longest: int = 0  # characters of the longest read, cut or not
+    voter: Voter = field(default_factory=Voter)  # the vote: main and the near reads as long
     best: dict[str, Observation] = field(default_factory=dict)  # best observation per read text
     best_any: Observation | None = None
     id: str | None = None  # assigned when the track first emits (or joins a pass)
@@ -265,21 +278,27 @@ class _Track:
     key: str = ""  # plate_key of the vote
     topn: int = TOPN
 
-    def add(self, obs: Observation) -> None:
+    def add(self, obs: Observation, cut: bool = False) -> None:
+        """Take a read; `cut`: known to be cut by the frame's edge (see EDGE_NEAR)."""
         r = obs.read
-        cut = obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
+        cut = cut or obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
+        near = not cut and near_frame_edge(obs.box, obs.frame_size)
+        probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [
+            r.confidence] * len(r.text)
         # A cut read misses characters: it votes only until the plate is seen whole, and then
         # its votes are dropped, or a car entering at the edge would be reported truncated.
-        if not cut and not self.whole:
-            self.voter = Voter()
-        if not (cut and self.whole):
-            probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [
-                r.confidence] * len(r.text)
-            self.voter.add(r.text, r.confidence, probs, r.candidates)
-            self.vote = self.voter.result(self.topn)
-            self.key = plate_key(self.vote.plate)
+        if near:
+            self.near.setdefault(len(r.text), Voter()).add(r.text, r.confidence, probs,
+                                                           r.candidates)
+        else:
+            if not cut and not self.whole:
+                self.main = Voter()
+            if not (cut and self.whole):
+                self.main.add(r.text, r.confidence, probs, r.candidates)
+        self.longest = max(self.longest, len(r.text))
+        self._revote()
         self.frames += 1
-        self.whole += not cut
+        self.whole += not (cut or near)
         self.first_seen = min(self.first_seen, obs.ts)
         self.last_seen = max(self.last_seen, obs.ts)
         self.box = obs.box
@@ -299,9 +318,32 @@ class _Track:
         if self.best_any is None or score > _quality(self.best_any):
             self.best_any = obs
 
+    @property
+    def seen_whole(self) -> bool:
+        """Read whole: clear of the frame's edge, or near it and as long as its longest read."""
+        return bool(self.whole) or any(n >= self.longest for n in self.near)
+
+    def _revote(self) -> None:
+        """Seen whole, the whole reads vote (near ones as long as the longest read included);
+        only cut, every read does."""
+        edge = [v for n, v in self.near.items() if n >= self.longest]
+        if self.whole or edge:
+            parts = ([self.main] if self.whole else []) + edge
+        else:
+            parts = [self.main, *self.near.values()]
+        if len(parts) == 1:
+            self.voter = parts[0]
+        else:
+            self.voter = Voter()
+            for v in parts:
+                self.voter.merge(v)
+        if not self.voter.empty:
+            self.vote = self.voter.result(self.topn)
+            self.key = plate_key(self.vote.plate)
+
     def merged_key(self, other: _Track) -> str:
         """The key of the vote this track would have with `other`'s reads."""
-        if not other.whole:
+        if not other.seen_whole:
             return self.key
         voter = Voter()
         voter.merge(self.voter)
@@ -311,11 +353,13 @@ class _Track:
     def absorb(self, other: _Track) -> None:
         """Take `other`'s reads: it was this vehicle read another way."""
         if other.whole:  # its reads cut by the frame's edge no longer vote here (see add)
-            self.voter.merge(other.voter)
-            self.vote = self.voter.result(self.topn)
-            self.key = plate_key(self.vote.plate)
-        self.frames += other.frames
+            self.main.merge(other.main)
+        for n, v in other.near.items():
+            self.near.setdefault(n, Voter()).merge(v)
+        self.longest = max(self.longest, other.longest)
         self.whole += other.whole
+        self._revote()
+        self.frames += other.frames
         self.first_seen = min(self.first_seen, other.first_seen)
         for obs in other.best.values():
             self._keep_best(obs)
@@ -355,6 +399,18 @@ def cut_by_frame_edge(box: Box, frame_size: tuple[int, int], slack: int = 1) -> 
     x, y, w, h = box
     fw, fh = frame_size
     return x <= slack or y <= slack or x + w >= fw - slack or y + h >= fh - slack
+
+
+def near_frame_edge(box: Box, frame_size: tuple[int, int], share: float = EDGE_NEAR) -> bool:
+    """Whether the box comes within `share` of its height of the frame's edge (see EDGE_NEAR)."""
+    return cut_by_frame_edge(box, frame_size, max(1, round(share * box[3])))
+
+
+def _cut_read_of(o: Observation, key: str, t: _Track) -> bool:
+    """Whether `o` (its plate_key `key`), next to `t` but off its text, may be t's plate cut by
+    the frame's edge: boxed at the edge, no longer than the plate, which t has read whole."""
+    return (t.seen_whole and len(key) <= len(t.key)
+            and (o.cut or near_frame_edge(o.box, o.frame_size)))
 
 
 def _quality(obs: Observation) -> float:
@@ -431,8 +487,9 @@ class Tracker:
                 # Its vote moved off the pass it was taken to continue (its first reads looked
                 # like the plate just reported): another vehicle, a new pass with its own events.
                 t.id, t.silent, t.early_sent = None, False, False
-            # the reads in its vote: those cut by the frame's edge left it once it was whole
-            if (not t.early_sent and self.cfg.early_confidence < 1.0
+            # the reads in its vote: those cut by the frame's edge left it once it was whole;
+            # and one read clear of the edge (see EDGE_NEAR)
+            if (not t.early_sent and self.cfg.early_confidence < 1.0 and t.whole
                     and t.voter.reads >= self._early_frames
                     and t.vote is not None and t.vote.confidence >= self.cfg.early_confidence):
                 ev = self._emit(t, final=False)
@@ -525,22 +582,22 @@ class Tracker:
     def _associate(self, obs: list[Observation]) -> list[_Track]:
         keys = [plate_key(o.read.text) for o in obs]
         obs, keys = _drop_nested(obs, keys)
-        pairs: list[tuple[float, int, int]] = []
+        pairs: list[tuple[float, int, int, bool]] = []
         for oi, (o, key) in enumerate(zip(obs, keys)):
             for ti, t in enumerate(self._tracks):
-                s = self._match_score(t, o, key)
-                if s is not None:
-                    pairs.append((s, oi, ti))
+                m = self._match_score(t, o, key)
+                if m is not None:
+                    pairs.append((m[0], oi, ti, m[1]))
         pairs.sort(key=lambda p: -p[0])
         used_o: set[int] = set()
         used_t: set[int] = set()
         touched: list[_Track] = []
-        for _, oi, ti in pairs:  # greedy one-to-one: good enough for a handful of plates
+        for _, oi, ti, cut in pairs:  # greedy one-to-one: good enough for a handful of plates
             if oi in used_o or ti in used_t:
                 continue
             used_o.add(oi)
             used_t.add(ti)
-            self._tracks[ti].add(obs[oi])
+            self._tracks[ti].add(obs[oi], cut=cut)
             touched.append(self._tracks[ti])
         for oi, o in enumerate(obs):
             if oi not in used_o:
@@ -554,8 +611,9 @@ class Tracker:
                 touched.append(t)
         return touched
 
-    def _match_score(self, t: _Track, o: Observation, key: str) -> float | None:
-        """How well `o` (its plate_key `key`) continues `t`; None: it does not."""
+    def _match_score(self, t: _Track, o: Observation, key: str) -> tuple[float, bool] | None:
+        """How well `o` (its plate_key `key`) continues `t`, and whether as a read of t's plate
+        cut by the frame's edge; None: it does not continue it."""
         dt = o.ts - t.last_seen
         if dt > self._timeout():
             return None
@@ -564,16 +622,16 @@ class Tracker:
         overlap = iou(t.box, o.box)
         if not (same_plate or self._near(t, o, overlap)):  # before the edit distances: a
             return None  # parking lot has many pairs
-        if dt > self._gap(sure=True) and self._sure(t) and not same_plate:
-            return None
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
         keys = (t.key, t.last_key)
         tdist = min(text_distance(key, k) for k in keys)
-        if tdist > self.cfg.max_text_distance:
-            return None
-        if dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS:
-            return None
-        return 2.0 * (1.0 - tdist) + overlap
+        score = 2.0 * (1.0 - tdist) + overlap
+        if ((dt > self._gap(sure=True) and self._sure(t) and not same_plate)
+                or tdist > self.cfg.max_text_distance
+                or (dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS)):
+            # its plate running out of the picture, read short or garbled: a cut read of it
+            return (score, True) if _cut_read_of(o, key, t) else None
+        return score, False
 
     def _sure(self, t: _Track) -> bool:
         """Sure of its plate: its early event is out and twice the reads that took are behind
@@ -653,7 +711,7 @@ class Tracker:
     def _emit(self, t: _Track, final: bool) -> PlateEvent | None:
         # A plate only ever seen cut by the frame's edge (a car leaving the picture after its
         # track ended, or entering it) is read with characters missing: no event of its own.
-        if t.silent or t.vote is None or t.frames < self.cfg.min_frames or not t.whole:
+        if t.silent or t.vote is None or t.frames < self.cfg.min_frames or not t.seen_whole:
             return None
         if t.id is None:
             pid = self._pass_of(t)

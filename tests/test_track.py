@@ -525,6 +525,51 @@ def test_cut_by_frame_edge() -> None:
     assert cut_by_frame_edge((10, 1, 100, 30), (1280, 720))
 
 
+def test_a_plate_driving_out_boxed_a_few_pixels_inside_the_edge_is_no_pass_of_its_own() -> None:
+    # The detector boxes a plate running out of the picture where its last whole character
+    # ends, 3 px inside the frame's edge: `VX8` (driving out at the right, as in the demo clip
+    # cut at x=740) was a second pass next to VX864NG, and `DRASIL` (SNP8R36 half out of the
+    # picture below) one of its own.
+    tr = make_tracker(early_confidence=1.0)
+    frames = [[obs("VX864NG", T0 + i * DT, (1000 + 40 * i, 300, 120, 30))] for i in range(4)]
+    frames += [[obs("VX8", T0 + 4 * DT, (1277 - 60, 300, 60, 30))],
+               [obs("DRASIL", T0 + 5 * DT, (1240, 300, 37, 12))]]
+    events = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert [(e.plate, e.frames) for e in events] == [("VX864NG", 6)]
+
+
+def test_a_plate_only_seen_near_the_edge_and_shorter_than_its_longest_read_gives_no_event() -> None:
+    # A car stops with the frame's edge cutting its plate's first character: the plate is
+    # boxed 3 px inside it and read X864NG, until a read of all seven characters shows the
+    # six were the plate cut. It was reported as X864NG.
+    tr = make_tracker()
+    frames = [[obs("X864NG", T0 + i * DT, (3, 600, 118, 36))] for i in range(8)]
+    frames += [[obs("VX864NG", T0 + 8 * DT, (0, 650, 158, 44))]]
+    events = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert events == []  # nor an early event: a read clear of the edge would have shown it
+
+
+def test_reads_near_the_edge_leave_the_vote_once_a_longer_read_shows_them_cut() -> None:
+    # A car enters at the left: five reads 3 px inside the edge miss the cut-off "A" (they
+    # outvoted the three whole ones that follow).
+    tr = make_tracker(early_confidence=1.0)
+    frames = [[obs("BC1234", T0 + i * DT, (3, 500, 100 + 4 * i, 30))] for i in range(5)]
+    frames += [[obs("ABC1234", T0 + i * DT, (40 + 40 * (i - 5), 500, 120, 30))]
+               for i in range(5, 8)]
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert (ev.plate, ev.frames) == ("ABC1234", 8)
+    assert [c.plate for c in ev.candidates] == ["ABC1234"]
+
+
+def test_a_whole_plate_standing_near_the_edge_is_reported() -> None:
+    # Boxed 4 px inside the frame's edge and read whole: the final event; the early one waits
+    # for a read clear of the edge (a longer read may yet show the plate cut).
+    tr = make_tracker()
+    frames = [[obs("ABC1234", T0 + i * DT, (1280 - 124, 400, 120, 30))] for i in range(5)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert [(e.plate, e.final, e.frames) for e in events] == [("ABC1234", True, 5)]
+
+
 def test_the_same_plate_back_within_the_dedupe_window_is_the_same_pass() -> None:
     tr = make_tracker(early_confidence=0.9, track_timeout=1.0, dedupe_window=30)
 
