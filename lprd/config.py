@@ -706,7 +706,7 @@ def _storage_problem(folder: Path) -> str | None:
     import os  # I/O: only when files are checked
     import tempfile
 
-    from lprd.storage import other_owner
+    from lprd.storage import other_owner, user_name
 
     if folder.exists() and not folder.is_dir():
         return f"{folder} is a file, not a folder"
@@ -720,13 +720,7 @@ def _storage_problem(folder: Path) -> str | None:
         with tempfile.TemporaryFile(dir=there):
             pass
     except PermissionError:
-        import pwd
-
-        try:
-            user = pwd.getpwuid(os.geteuid()).pw_name
-        except KeyError:
-            user = str(os.geteuid())
-        return f"{there} may not be written by this user ({user})"
+        return f"{there} may not be written by this user ({user_name(os.geteuid())})"
     except OSError:  # read-only or full: `run` goes on, its events waiting in memory
         pass
     return None

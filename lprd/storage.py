@@ -19,24 +19,26 @@ class StorageInUse(Exception):
     pass
 
 
+def user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a name (a container's)
+        return str(uid)
+
+
 def other_owner(path: Path) -> str | None:
     """Run as root, the user who owns `path` (or its folder, where it is not there yet) when
     that is another user: files root makes there, that user cannot write (events stranded in
     a root-owned outbox, a watchlist no sync can replace). None otherwise."""
-    import pwd
-
     if os.geteuid() != 0:
         return None
     try:
         uid = (path if path.exists() else path.parent).stat().st_uid
     except OSError:
         return None
-    if uid == 0:
-        return None
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    return None if uid == 0 else user_name(uid)
 
 
 def lock_storage(folder: Path) -> int | None:
