@@ -1254,7 +1254,7 @@ class Publisher:
                 or self._unwanted_crop(pm.message):
             self._forget(pm.seq, advance=not ahead)
             return None
-        payload = self._fit_to_broker(pm)  # None: over the broker's packet size (logged)
+        payload = self._fit_to_broker(pm.message)  # None: over the broker's packet size (logged)
         if payload is not None:
             try:
                 info = client.publish(self._topic(pm.message), payload, qos=1,
@@ -1323,28 +1323,28 @@ class Publisher:
                     self._topic(message), message.event_id, age, limit)
         return True
 
-    def _fit_to_broker(self, pm: PendingMessage) -> bytes | None:
+    def _fit_to_broker(self, message: OutboxMessage) -> bytes | None:
         """The payload to send, within the broker's Maximum Packet Size (MQTT 5 CONNACK): an
         event loses its crop, other messages over it are dropped (None). Sent, the broker
         would disconnect us, and paho would send it first again after each reconnect. After
         the broker dropped us over a crop (_no_crops), every crop goes."""
-        payload = pm.message.payload
-        topic = self._topic(pm.message)
+        payload = message.payload
+        topic = self._topic(message)
         if self._no_crops:
-            if pm.message.kind == "crop":
+            if message.kind == "crop":
                 return None
-            if pm.message.kind == "event":
+            if message.kind == "event":
                 return _without_crop(payload) or payload
         if not self._too_big(topic, payload):
             return payload
-        smaller = _without_crop(payload) if pm.message.kind == "event" else None
+        smaller = _without_crop(payload) if message.kind == "event" else None
         if smaller is not None and not self._too_big(topic, smaller):
             log.warning("MQTT: event %s sent without its crop: %d bytes are over the broker's "
-                        "maximum packet size (%d)", pm.message.event_id,
+                        "maximum packet size (%d)", message.event_id,
                         self._packet_size(topic, payload), self._max_packet)
             return smaller
         log.error("MQTT: dropping %s of event %s: %d bytes are over the broker's maximum packet "
-                  "size (%d)", topic, pm.message.event_id, self._packet_size(topic, payload),
+                  "size (%d)", topic, message.event_id, self._packet_size(topic, payload),
                   self._max_packet)
         return None
 
@@ -1520,7 +1520,7 @@ class Publisher:
                 continue
             # through the broker's size limit as outboxed messages are: one over it
             # disconnected us after each reconnect, and nothing more was delivered
-            payload = self._fit_to_broker(PendingMessage(0, created, m))
+            payload = self._fit_to_broker(m)
             if payload is None:
                 self._count_drop(drop_report("undeliverable", [m]))
                 continue
