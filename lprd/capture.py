@@ -366,6 +366,11 @@ class Capture:
         self._frames_from: float | None = None
         self._frames_to = 0.0
         self._loud = True  # the last failure was logged at warning level (or there was none)
+        # a failure was the last thing logged loud: the next connect is said loud too, or the
+        # journal ended on "retrying" (a failure after the 4th, say, is quiet) for a camera
+        # that streamed on all night
+        self._said_down = False
+        self._fails = 0  # failures in a row before this session
         self._roi_checked = False  # against the first frame's size (unknown before it)
         # a realtime file's (monotonic time, clip seconds) its frames are paced from; kept
         # across loops, so that clip time keeps to the wall clock's
@@ -477,12 +482,15 @@ class Capture:
                         >= min(STABLE_SESSION, STABLE_PER_DELAY * backoff.last):
                     backoff.reset()
                     fails = 0
+                    self._fails = 0
                 self._frames_from = self._pace = None
                 fails += 1
                 delay = backoff.next()
                 # the first failure and then 2, 4, 8 ... in a row: no log flood while a camera
                 # is down for the night
                 loud = self._loud = loud_repeat(fails)
+                self._fails = fails
+                self._said_down = self._said_down or loud
                 if failure is not None:
                     if loud:
                         log.error("%s: capture failed", self.camera, exc_info=failure)
@@ -506,6 +514,11 @@ class Capture:
                 raise _Ended(f"file not found: {self.shown}")
             if p.stat().st_size == 0:
                 raise _Ended(f"file is empty (0 bytes): {self.shown}")
+            try:  # one lprd may not read (root's 0600 copy) was told corrupt, and re-encoded
+                with p.open("rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise _Ended(f"cannot read {self.shown}: {e.strerror or e}") from None
         elif self.kind is SourceKind.V4L2 and not os.path.exists(cfg.source):
             raise _Ended(f"no such device: {self.shown} (unplugged, or another /dev/video "
                          "number since the last boot? /dev/v4l/by-id/ names stay the same)")
@@ -551,7 +564,9 @@ class Capture:
             next_due = 0.0
             last_good = time.monotonic()
             bad = 0
-            lag = LagWatch() if self.kind is SourceKind.RTSP else None
+            # the streams whose frames carry their sender's timestamps (MPEG-TS, FLV ...);
+            # LagWatch ignores a stream without them
+            lag = LagWatch() if self.kind in (SourceKind.RTSP, SourceKind.STREAM) else None
             # the text stays the same per retry: it is the state topic's error, and a new one
             # is a new message
             stalled = f"stream stalled: no frame for {cfg.stall_timeout:g} s"
@@ -642,9 +657,12 @@ class Capture:
                         log.warning("%s: roi [%d, %d, %d, %d] lies outside the %dx%d frames "
                                     "(set for another resolution?): the whole frame is "
                                     "searched", self.camera, x, y, rw, rh, w, h)
-                if self._got == 1:  # said as loudly as the failure before it
-                    log.log(logging.INFO if self._loud else logging.DEBUG,
-                            "%s: connected to %s (%dx%d)", self.camera, self.shown, w, h)
+                if self._got == 1:  # said as loudly as the last failure said
+                    loud = self._loud or self._said_down
+                    self._said_down = False
+                    log.log(logging.INFO if loud else logging.DEBUG,
+                            "%s: connected to %s (%dx%d)%s", self.camera, self.shown, w, h,
+                            f" after {self._fails} failures in a row" if self._fails > 1 else "")
                     self._set(True, None)
                 ref = FrameRef(camera=self.camera, seq=seq, ts=ts, width=w, height=h,
                                file=FilePosition(self._file_t0, self._file_index, self._file_pos,

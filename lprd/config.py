@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -17,6 +18,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeInt,
@@ -37,6 +39,18 @@ class _Strict(BaseModel):
     # `gt=0` lets .inf through, and an endless timeout or interval breaks the code that uses it.
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_value(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true as 1: `early_confidence: yes` became 1.0 (early events off)
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(v, bool) and field is not None and not _is_section(field) \
+                and not _takes_bool(field.annotation):
+            raise PydanticCustomError(
+                "bool_not_allowed", "is true/false (YAML reads yes, no, on and off so), not "
+                "a {kind}", {"kind": _kind(field.annotation)})
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _empty_sections(cls, data: Any) -> Any:
@@ -47,6 +61,28 @@ class _Strict(BaseModel):
         return {k: _section_default(cls.model_fields[k])
                 if v is None and _is_section(cls.model_fields.get(k)) else v
                 for k, v in data.items()}
+
+
+def _takes_bool(ann: Any) -> bool:
+    """Whether a field's type admits true/false (bool, or a union or Literal with it)."""
+    if ann is bool or ann is Any:
+        return True
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _takes_bool(get_args(ann)[0])
+    if origin is Literal:
+        return any(isinstance(a, bool) for a in get_args(ann))
+    return origin in (Union, types.UnionType) and any(_takes_bool(a) for a in get_args(ann))
+
+
+def _kind(ann: Any) -> str:
+    """A field's type in a word for an error message."""
+    args = [a for a in get_args(ann) if a is not type(None)] if get_origin(ann) in (
+        Union, types.UnionType) else [ann]
+    names = {int: "number", float: "number", str: "text", Path: "path"}
+    kinds = sorted({names.get(get_args(a)[0] if get_origin(a) is Annotated else a, "value")
+                    for a in args})
+    return " or ".join(kinds)
 
 
 def _is_section(field: Any) -> bool:
@@ -86,10 +122,19 @@ def _beside_config(v: Any, info: ValidationInfo) -> Any:
     return v if "://" in v or v.startswith("/") else str(base / v)  # URLs and devices as given
 
 
+def _path_text(v: Any) -> Any:
+    # "" is the config's own folder as a path: storage.dir "" was /etc/lprd (read-only)
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("is empty: give a path or URL (or leave an optional key out)")
+    if isinstance(v, str) and "\0" in v:  # os.open raised ValueError at the first check
+        raise ValueError("holds a NUL character, which no file name or URL has")
+    return v
+
+
 # A file named in the config; relative to the config file's folder when read from a file.
-ConfigPath = Annotated[Path, AfterValidator(_beside_config)]
+ConfigPath = Annotated[Path, BeforeValidator(_path_text), AfterValidator(_beside_config)]
 # A source that may be a URL, a device or a file; a relative file path as for ConfigPath.
-Source = Annotated[str, AfterValidator(_beside_config)]
+Source = Annotated[str, BeforeValidator(_path_text), AfterValidator(_beside_config)]
 
 
 class MotionConfig(_Strict):
@@ -118,7 +163,7 @@ def file_url_path(url: str) -> str:
 def _file_url_path(v: str) -> str:
     # file:///srv/clip.mp4 passed as a file, and capture then looked for the file
     # "file:/srv/clip.mp4" forever
-    if not v.lower().startswith("file:/"):
+    if v is None or not v.lower().startswith("file:/"):
         return v
     parts = urlsplit(v)
     if parts.netloc.lower() not in ("", "localhost") or not parts.path.startswith("/") \
@@ -130,7 +175,8 @@ def _file_url_path(v: str) -> str:
 
 class CameraConfig(_Strict):
     # the URL made a path first: file:/x is no URL to _beside_config
-    source: Annotated[str, AfterValidator(_file_url_path), AfterValidator(_beside_config)] = Field(
+    source: Annotated[str, BeforeValidator(_path_text), AfterValidator(_file_url_path),
+                      AfterValidator(_beside_config)] = Field(
         ..., min_length=1, description="file path (or file:///path), rtsp://, http(s)://, "
         "/dev/videoN or /dev/v4l/by-id/...")
     fps: float = Field(5.0, ge=0.0, description="frames analysed per second; 0 = every frame")
@@ -377,8 +423,10 @@ def _sync_source(v: str | None) -> str | None:
 
 
 class SyncConfig(_Strict):
-    source: Annotated[Source | None, AfterValidator(_sync_source)] = Field(
-        None, description="https://, http:// or a file path (CSV/JSON)")
+    # file:// made a path first, so that check-config checks the file (as a camera's)
+    source: Annotated[str | None, BeforeValidator(_path_text), AfterValidator(_sync_source),
+                      AfterValidator(_file_url_path), AfterValidator(_beside_config)] = Field(
+        None, description="https://, http://, file:// or a file path (CSV/JSON)")
     # at most a year: a wait past threading.TIMEOUT_MAX (1e10 s for "only on demand") raised
     # in the sync's thread after its first sync, and SIGHUP and MQTT syncs did nothing since
     interval: float = Field(3600.0, gt=0, le=365 * 86400.0, description="seconds between syncs")
@@ -703,26 +751,33 @@ def run_retries(problem: str) -> bool:
 def _storage_problem(folder: Path) -> str | None:
     """Why `run` would exit 2 on storage.dir (as this user): a file, or a folder it may not
     make or write (another user's, or made by root)."""
-    import os  # I/O: only when files are checked
+    import errno  # I/O: only when files are checked
+    import os
     import tempfile
 
     from lprd.storage import other_owner, user_name
 
-    if folder.exists() and not folder.is_dir():
-        return f"{folder} is a file, not a folder"
+    there = folder
+    while not there.exists() and there.parent != there:  # `run` makes the missing part
+        if there.is_symlink():  # mkdir cannot make a link's missing target
+            return (f"{there} is a link to {os.readlink(there)}, which does not exist (a disk "
+                    "not mounted?)")
+        there = there.parent
+    if not there.is_dir():
+        return f"{there} is a file, not a folder"
     user = other_owner(folder)
     if user is not None:  # as root: what `run` refuses
         return f"{folder} belongs to {user}: run lprd as {user}, not as root"
-    there = folder
-    while not there.exists() and there.parent != there:  # `run` makes the missing part
-        there = there.parent
     try:  # a file made and gone, as `run` checks: os.access ignores capabilities
         with tempfile.TemporaryFile(dir=there):
             pass
     except PermissionError:
         return f"{there} may not be written by this user ({user_name(os.geteuid())})"
-    except OSError:  # read-only or full: `run` goes on, its events waiting in memory
-        pass
+    except OSError as e:
+        # read-only or full: `run` goes on in a folder that is there, its events waiting in
+        # memory, but cannot make one on a read-only disk
+        if there != folder and e.errno == errno.EROFS:
+            return f"{folder} cannot be made: {there} is on a read-only file system"
     return None
 
 

@@ -97,6 +97,8 @@ def load_image(path: Path) -> np.ndarray:
         raise InputError("no such file") from None
     except OSError as e:  # permission denied, a name too long, an I/O error
         raise InputError(f"cannot read: {e.strerror or e}") from None
+    except ValueError:  # a NUL in the name (a labels line's)
+        raise InputError("the file name holds a NUL character") from None
     if data.size == 0:
         raise InputError("empty file")
     try:
@@ -404,7 +406,9 @@ def run_recognize(args: argparse.Namespace, out: TextIO | None = None,
             t0 = time.perf_counter()
             if args.crops:
                 read = reader.read(img)
-                plates = [plate_dict(read, (0, 0, img.shape[1], img.shape[0]), topn)]
+                # the daemon's filter, as scenes have it: no blank or junk read shown as a plate
+                plates = [plate_dict(read, (0, 0, img.shape[1], img.shape[0]), topn)
+                          ] if cfg.reader.keeps(read.text, read.confidence) else []
             else:
                 assert pipeline is not None
                 obs, _ = scaled_process(pipeline, img, args.max_width, "recognize")
@@ -446,7 +450,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="write each image with boxes and reads drawn (videos: each event's "
                    "best plate crop with its read)")
     p.add_argument("--crops", action="store_true",
-                   help="each image is already one plate crop: skip detection, only read it")
+                   help="each image is already one plate crop: skip detection, only read it "
+                   "(a read that reader.min_confidence, min_chars or min_digits drops is no "
+                   "plate, as in a scene)")
     p.add_argument("--early", action="store_true",
                    help="videos: print early events too, not only each pass's final event")
     p.add_argument("--every", type=int_range(1, 10_000), default=1, metavar="K",

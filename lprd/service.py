@@ -103,8 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Start one capture process per camera and the inference process; publish "
         "one event per vehicle pass. SIGTERM stops, SIGHUP reloads the config and the watchlist.",
     )
-    p.add_argument("--events-jsonl", metavar="FILE",
-                   help="also append every event as one JSON line to FILE ('-' = stdout)")
+    p.add_argument("--events-jsonl", metavar="FILE", type=_non_empty_path,
+                   help="also append every event as one JSON line to FILE ('-' = stdout; its "
+                   "missing folders are made)")
     p.add_argument("--once", action="store_true",
                    help="process the file sources to their end, send the last events and exit "
                    "(0: every file was read, 1: some could not be, or a signal stopped it first, "
@@ -113,6 +114,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "are skipped")
     add_config_option(p, help=f"YAML config; default: {DEFAULT_CONFIG_PATH}")
     p.set_defaults(func=_run)
+
+
+def _non_empty_path(text: str) -> str:
+    if not text.strip():  # it was taken as not given, events going nowhere
+        raise argparse.ArgumentTypeError("is empty: give a file, or '-' for stdout")
+    return text
 
 
 # the outbox deletes with RETURNING: on an older SQLite every ack failed and the outbox was
@@ -356,8 +363,10 @@ class Supervisor:
                 try:
                     self.sink = JsonlSink(self.events_jsonl)
                 except (IsADirectoryError, NotADirectoryError, FileNotFoundError,
-                        PermissionError) as e:  # the command line's mistake: no restart mends it
-                    print_error(f"--events-jsonl {self.events_jsonl}: {e.strerror or e}")
+                        FileExistsError, PermissionError) as e:  # the command line's mistake: no restart mends it
+                    why = (f"{e.filename} is a file, not a folder"
+                           if isinstance(e, FileExistsError) else e.strerror or e)
+                    print_error(f"--events-jsonl {self.events_jsonl}: {why}")
                     return EXIT_CONFIG
             self._start_publisher()
         except PublisherConfigError as e:

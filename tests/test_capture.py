@@ -26,6 +26,7 @@ from streams import (
     RtspServer,
     below_index_strip,
     frame_index,
+    free_port,
     indexed_video,
     make_frame,
     rtsp_available,
@@ -632,6 +633,49 @@ def test_a_flapping_stream_backs_off_and_its_retries_stop_flooding_the_log(
     infos = [r for r in caplog.records if "connected to" in r.message][:6]
     assert [r.levelno for r in infos] == [logging.INFO, logging.INFO, logging.INFO,
                                           logging.DEBUG, logging.INFO, logging.DEBUG]
+
+
+def test_a_camera_back_after_a_quiet_failure_says_so_loud(
+        mjpeg: MjpegServer, cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Failures 1, 2 and 4 are logged, the 5th is quiet: a camera back after it was said
+    # "connected" at debug level, and the journal's last word on it stayed "retrying"
+    _grab_by(monkeypatch, lambda k: (lambda n, cap: cap.grab()) if k >= 5
+             else (lambda n, cap: False))
+    caplog.set_level(logging.INFO, logger="lprd.capture")
+    cam = cams(CameraConfig(source=mjpeg.url, fps=0, reconnect={"initial": 0.05, "max": 0.1}),
+               in_thread=True)
+    assert cam.pump(lambda: "connected to" in caplog.text, timeout=30)
+    said = [r.message for r in caplog.records if "retrying" in r.message or "connected" in
+            r.message]
+    assert "(4 failures in a row)" in said[-2]
+    assert said[-1].endswith("after 5 failures in a row")
+
+
+def test_an_mpeg_ts_stream_decoded_too_slowly_is_reopened_as_rtsp_is(
+        cams: Callable[..., Cam], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # tcp:// (udp://, srt://) MPEG-TS carries its sender's timestamps: a box that decodes it
+    # slower than it comes fell behind for good, every frame stamped late, while only RTSP was
+    # watched for lag
+    import lprd.capture as capture_mod
+
+    port = free_port()
+    ffmpeg = subprocess.Popen(
+        ["ffmpeg", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+         "testsrc=size=160x120:rate=25", "-t", "60", "-c:v", "mpeg2video", "-f", "mpegts",
+         f"tcp://127.0.0.1:{port}?listen=1"], stdin=subprocess.DEVNULL)
+    try:
+        monkeypatch.setattr(capture_mod.LagWatch.__init__, "__defaults__", (1.0, 1.0))
+        _grab_by(monkeypatch, lambda k: lambda n, cap: time.sleep(0.15) is None and cap.grab())
+        caplog.set_level(logging.INFO, logger="lprd.capture")
+        # (ffmpeg takes one connection: no probe; opened before it listens, the camera retries)
+        cam = cams(CameraConfig(source=f"tcp://127.0.0.1:{port}", fps=0,
+                                reconnect=FAST_RETRY), in_thread=True)
+        assert cam.pump(lambda: "decoding stayed" in caplog.text, timeout=30), caplog.text
+    finally:
+        ffmpeg.kill()
+        ffmpeg.wait()
 
 
 def test_ffmpeg_s_own_errors_stay_off_stderr_at_info_level(

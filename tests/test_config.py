@@ -153,6 +153,13 @@ BAD_CONFIGS = [
     ("mqtt:\n  tls: true\n",
      "mqtt.tls: is a section, not a value (true): put its keys indented below it"),
     ("mqtt:\n  username: 1234\n", "mqtt.username: Input should be a valid string: quote it"),
+    # pydantic took true for 1: early events silently off, port 1
+    ("tracker:\n  early_confidence: yes\n", ("tracker.early_confidence: is true/false (YAML "
+     "reads yes, no, on and off so), not a number")),
+    ("mqtt:\n  port: on\n", "mqtt.port: is true/false"),
+    # the config's own folder (/etc/lprd, read-only under the service)
+    ("storage:\n  dir: ''\n", "storage.dir: is empty: give a path or URL"),
+    ('reader:\n  model: "a\\0b.tflite"\n', "reader.model: holds a NUL character"),
     # an unclosed quote is found at the file's end: where it began is the useful line
     ('mqtt:\n  host: "broker\n  port: 1883\n', ("line 4, column 1: invalid YAML: found "
      "unexpected end of stream (while scanning a quoted scalar on line 2, column 9)")),
@@ -503,6 +510,16 @@ def test_check_config_says_a_storage_dir_that_is_a_file_is_no_folder(tmp_path, c
     f.write_text(f"storage:\n  dir: {tmp_path / 'afile'}\nmqtt:\n  enabled: false\n")
     assert main(["check-config", str(f)]) == 2
     assert f"storage.dir: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    # a folder below a file, and a link to nowhere (a disk not mounted): run exits 2 on them
+    # too ("Not a directory", "File exists"), and check-config said OK
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for where, why in ((tmp_path / "afile" / "sub", f"{tmp_path / 'afile'} is a file"),
+                       (tmp_path / "gone" / "sub", (f"{tmp_path / 'gone'} is a link to "
+                        f"{tmp_path / 'nowhere'}, which does not exist"))):
+        f.write_text(f"storage:\n  dir: {where}\nmqtt:\n  enabled: false\n")
+        assert main(["check-config", str(f)]) == 2
+        assert f"storage.dir: {why}" in capsys.readouterr().err
+        assert main(["--config", str(f), "run", "--once"]) == 2
 
 
 def test_a_config_that_is_not_utf8_names_the_line(tmp_path, capsys):
@@ -549,11 +566,15 @@ def test_a_camera_given_as_opencv_s_index_is_told_its_device_path():
     assert "a V4L2 camera is /dev/video0" in str(e.value)
 
 
-def test_a_file_url_still_names_the_sync_source(tmp_path):
-    # the sync has read file:// since it was written; the scheme check refused it
+def test_a_file_url_still_names_the_sync_source(tmp_path, capsys):
+    # the sync has read file:// since it was written; the scheme check refused it. It names
+    # its file, as a camera's: check-config skipped a missing one as a URL
     f = tmp_path / "c.yaml"
-    f.write_text("watchlist:\n  sync:\n    source: FILE:///srv/list.csv\n")
-    assert load_config(f).watchlist.sync.source == "FILE:///srv/list.csv"
+    f.write_text(f"watchlist:\n  sync:\n    source: FILE://{tmp_path}/list.csv\n")
+    assert load_config(f).watchlist.sync.source == str(tmp_path / "list.csv")
+    assert main(["--config", str(f), "check-config"]) == 1  # run retries the sync
+    assert f"watchlist.sync.source: {tmp_path / 'list.csv'}: file not found" in (
+        capsys.readouterr().err)
 
 
 def test_a_file_url_camera_source_names_its_file(tmp_path, capsys):

@@ -190,6 +190,16 @@ def test_recognize_crops_prints_one_json_line_per_image_with_the_readers_read(
         assert plate["confidence"] == pytest.approx(direct.confidence, abs=1e-4)
 
 
+def test_recognize_crops_shows_no_plate_where_the_daemon_s_filter_drops_the_read(
+        tmp_path: Path, capsys) -> None:
+    # a blank crop reads as junk (empty, or a few unsure characters): the daemon publishes no
+    # plate for it, and --crops showed one with its near-zero confidence
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((30, 100, 3), 128, np.uint8))
+    assert main(["recognize", "--crops", "--json", str(blank)]) == 0
+    assert json.loads(capsys.readouterr().out)["plates"] == []
+
+
 def test_recognize_reports_each_bad_file_and_still_reads_the_others(
         tmp_path: Path, bad_files, capsys) -> None:
     plates = _plates(tmp_path, n=2)

@@ -1057,6 +1057,12 @@ def test_an_events_jsonl_path_that_is_a_folder_is_a_usage_error(tmp_path, daemon
               "--events-jsonl", str(tmp_path))
     assert d.wait(60) == 2
     assert f"--events-jsonl {tmp_path}: Is a directory" in d.log()
+    # a file where its folder would be: 1 before ("File exists", not naming the option)
+    (tmp_path / "afile").write_text("x")
+    d = start(daemons, tmp_path / "c.yaml", "--once", "--events-jsonl",
+              str(tmp_path / "afile" / "events.jsonl"))
+    assert d.wait(60) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in d.log()
 
 
 def test_a_sighup_while_the_daemon_starts_is_a_reload_not_its_end(tmp_path):

@@ -389,6 +389,29 @@ def test_a_row_pool_reader_starts_from_a_checkpoint_without_it_with_the_same_rea
     np.testing.assert_allclose(model(x, training=False), src(x, training=False), atol=1e-5)
 
 
+def test_a_separable_reader_exports_the_network_it_trained(tmp_path: Path) -> None:
+    # --arch sep: the export rebuilds the network from the metadata (batch 1); a plain one
+    # there would not take the separable weights, or would read otherwise
+    tf = pytest.importorskip("tensorflow")
+    from lprd.config import ReaderConfig
+    from lprd.read import ALPHABET, PlateReader
+    from lprd.train.reader import build_model, export_tflite
+
+    model = build_model(tf, "ctc", width=1.0, arch="sep")
+    assert any(isinstance(layer, tf.keras.layers.DepthwiseConv2D) for layer in model.layers)
+    assert model.count_params() < build_model(tf, "ctc", width=1.0).count_params()
+    rep = np.random.default_rng(0).integers(0, 255, (8, 40, 128), dtype=np.uint8)
+    meta = {"kind": "reader", "version": "t", "alphabet": ALPHABET, "pad": "_", "max_len": 10,
+            "head": "ctc", "width": 1.0, "arch": "sep", "input_size": [40, 128],
+            "input": "grey, uint8", "input_range": [0, 255], "crop_margin": [0.03, 0.08]}
+    export_tflite(tf, model, rep, tmp_path / "r.tflite", meta)
+    ops = {op["op_name"] for op in
+           tf.lite.Interpreter(str(tmp_path / "r.tflite"))._get_ops_details()}
+    assert "DEPTHWISE_CONV_2D" in ops
+    reader = PlateReader(ReaderConfig(model=tmp_path / "r.tflite"))
+    assert reader.read(np.full((30, 90, 3), 128, np.uint8)).text is not None
+
+
 def test_distillation_adds_nothing_to_ctc_where_the_student_reads_as_its_teacher() -> None:
     # --teacher: the loss is CTC on the labels plus the KL from the teacher's softened steps,
     # zero where the student's logits are the teacher's, and growing as they part

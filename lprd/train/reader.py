@@ -300,11 +300,32 @@ def _block(L, x, ch, stride=1, kernel=3, dilation=1):
     return L.ReLU(6.0)(x)
 
 
-def _stem(tf, batch: int | None = None, width: float = 1.0):
+def _sep_block(L, x, ch, stride=1, kernel=3, dilation=1, repeat=1):
+    """`repeat` depthwise-separable blocks: a ninth of a 3x3 convolution's multiply-adds each,
+    so the network can be as wide and deeper within the latency goal on CPUs without int8 dot
+    products (AVX2), where `_block`'s 185 M multiply-adds take 5-6 ms a crop."""
+    for k in range(repeat):
+        x = L.DepthwiseConv2D(kernel, strides=stride if k == 0 else 1, padding="same",
+                              dilation_rate=dilation, use_bias=False)(x)
+        x = L.BatchNormalization()(x)
+        x = L.ReLU(6.0)(x)
+        x = _block(L, x, ch, kernel=1)
+    return x
+
+
+def _blocks(L, arch: str):
+    """The network's 3x3 block for `arch`: `conv` (plain) or `sep` (depthwise-separable, each
+    twice; the stride-2 first layer of one input channel stays plain either way)."""
+    if arch == "sep":
+        return functools.partial(_sep_block, L, repeat=2)
+    return functools.partial(_block, L)
+
+
+def _stem(tf, batch: int | None = None, width: float = 1.0, arch: str = "conv"):
     """Both heads' first layers: input 40x128 -> 10x32x64 (x width)."""
-    block = functools.partial(_block, tf.keras.layers)
+    block = _blocks(tf.keras.layers, arch)
     inp = tf.keras.Input((INPUT_H, INPUT_W, 1), batch_size=batch, name="image")
-    x = block(inp, scaled_channels(24, width), 2)  # 20x64
+    x = _block(tf.keras.layers, inp, scaled_channels(24, width), 2)  # 20x64
     x = block(x, scaled_channels(32, width))
     x = tf.keras.layers.MaxPooling2D(2)(x)  # 10x32
     x = block(x, scaled_channels(48, width))
@@ -312,7 +333,7 @@ def _stem(tf, batch: int | None = None, width: float = 1.0):
 
 
 def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 1.0,
-                attention: int = 0, row_pool: bool = False):
+                attention: int = 0, row_pool: bool = False, arch: str = "conv"):
     """Plain conv stack (int8-friendly) with one of two heads.
 
     `slots`: one dense layer per character slot (the first shipped readers). `ctc`: a shared
@@ -335,13 +356,19 @@ def build_model(tf, head: str = "ctc", batch: int | None = None, width: float = 
     if head == "slots":
         return _build_slots(tf, batch)
     L = tf.keras.layers
-    block = functools.partial(_block, L)
-    inp, x = _stem(tf, batch, width)
+    block = _blocks(L, arch)
+    inp, x = _stem(tf, batch, width, arch)
     x = L.MaxPooling2D((2, 1))(x)  # 5x32: 32 steps a row, enough for 10 characters and repeats
     x = block(x, scaled_channels(80, width))
     x = feat = block(x, scaled_channels(96, width))
-    x = L.Conv2D(scaled_channels(128, width), (INPUT_H // 8 - 1, 1), padding="valid",
-                 use_bias=False)(x)  # 2x32
+    if arch == "sep":
+        x = L.DepthwiseConv2D((INPUT_H // 8 - 1, 1), padding="valid", use_bias=False)(x)
+        x = L.BatchNormalization()(x)
+        x = L.ReLU(6.0)(x)
+        x = L.Conv2D(scaled_channels(128, width), 1, use_bias=False)(x)  # 2x32
+    else:
+        x = L.Conv2D(scaled_channels(128, width), (INPUT_H // 8 - 1, 1), padding="valid",
+                     use_bias=False)(x)  # 2x32
     x = L.BatchNormalization()(x)
     if row_pool:
         RowPool, Learned = _keras_extras().RowPool, _keras_extras().Learned
@@ -551,7 +578,8 @@ def export_tflite(tf, model, rep: np.ndarray, out: Path, meta: dict) -> None:
     # the same weights in a batch-1 graph: static shapes let the converter fold the reshape and
     # the dilated convolution (XNNPACK then runs it in 2 partitions, not 4; same reads)
     fixed = build_model(tf, meta.get("head", "slots"), batch=1, width=meta.get("width", 1.0),
-                        attention=meta.get("attention", 0), row_pool=meta.get("row_pool", False))
+                        attention=meta.get("attention", 0), row_pool=meta.get("row_pool", False),
+                        arch=meta.get("arch", "conv"))
     fixed.set_weights(model.get_weights())
     model = fixed
     if meta.get("head") == "ctc":  # trained on logits; ship probabilities
@@ -672,6 +700,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=float, default=2.0,
                     help="channel multiplier of the CTC model (new runs; with --init-from, the "
                          "checkpoint's)")
+    ap.add_argument("--arch", choices=("conv", "sep"), default="conv",
+                    help="the CTC model's blocks (new runs): plain 3x3 convolutions (the shipped "
+                         "reader) or depthwise-separable ones, each twice (about a third of the "
+                         "time a crop at --width 2 on CPUs without int8 dot products)")
     ap.add_argument("--attention", type=int, default=0,
                     help="heads of self-attention over the read's steps (0: none, the shipped "
                          "reader); with --init-from, the checkpoint's other weights are kept")
@@ -832,8 +864,8 @@ def train(args: argparse.Namespace) -> int:
     else:
         state["teacher"] = teacher_name
         model = build_model(tf, args.head, width=args.width, attention=args.attention,
-                            row_pool=args.row_pool)
-        state["head"], state["width"] = args.head, args.width
+                            row_pool=args.row_pool, arch=args.arch)
+        state["head"], state["width"], state["arch"] = args.head, args.width, args.arch
         state["attention"], state["row_pool"] = args.attention, args.row_pool
         if args.init_from is not None:
             src = tf.keras.models.load_model(args.init_from, compile=False)
@@ -921,7 +953,8 @@ def _copy_weights(src, model, args) -> None:
         theirs = have[layer.name].get_weights()
         if [w.shape for w in theirs] != [w.shape for w in layer.get_weights()]:
             raise SystemExit(f"--init-from {args.init_from}: layer {layer.name} differs in shape "
-                             f"from a --width {args.width} model's; give the checkpoint's --width")
+                             f"from a --width {args.width} --arch {args.arch} model's; give the "
+                             "checkpoint's --width and --arch")
         layer.set_weights(theirs)
     names = {layer.name for layer in model.layers}
     lost = [layer.name for layer in src.layers if layer.weights and layer.name not in names]
@@ -1011,6 +1044,7 @@ def _export(tf, model, args, state, crops, held) -> None:
         "width": state.get("width", 1.0),
         "attention": state.get("attention", 0),
         "row_pool": state.get("row_pool", False),
+        "arch": state.get("arch", "conv"),
         "input_size": [INPUT_H, INPUT_W],
         "input": "grey, uint8",
         "input_range": [0, 255],
