@@ -5,6 +5,7 @@ Lost, stalled or unreadable sources are reopened with exponential backoff; nothi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -238,6 +239,19 @@ def longest_silence(cfg: CameraConfig) -> float:
     return wait + STATUS_INTERVAL + 1.0
 
 
+def quiet_ffmpeg() -> None:
+    """FFmpeg's and OpenCV's own messages off stderr, unless lprd logs at debug level.
+
+    FFmpeg writes its errors there, one or two each reconnect of a flapping stream (50,000
+    lines a day), nine for a truncated file given to `lprd recognize`; ours say what
+    happened, in one line."""
+    debug = log.isEnabledFor(logging.DEBUG)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "16" if debug else "-8")
+    if not debug:
+        with contextlib.suppress(AttributeError):  # builds without cv2.utils.logging
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def _open(source: str, kind: SourceKind, open_timeout: float, read_timeout: float,
           size: tuple[int, int]) -> cv2.VideoCapture:
     """`size`: what a V4L2 camera is asked for (`v4l2_size`)."""
@@ -255,10 +269,7 @@ def _open(source: str, kind: SourceKind, open_timeout: float, read_timeout: floa
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, size[0])
             cap.set(cv2.CAP_PROP_FRAME_HEIGHT, size[1])
         return cap
-    # FFmpeg writes its own errors to stderr, one or two each reconnect of a flapping stream
-    # (50,000 lines a day); ours say what happened. At debug level they are kept.
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL",
-                          "16" if log.isEnabledFor(logging.DEBUG) else "-8")
+    quiet_ffmpeg()
     if kind is SourceKind.RTSP and "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ:
         # UDP loses packets (smeared frames) behind NAT and on busy Wi-Fi; TCP is what works.
         os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "rtsp_transport;tcp"
@@ -679,10 +690,8 @@ def _child_setup() -> None:
     if (multiprocessing.parent_process() is not None
             and threading.current_thread() is threading.main_thread()):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with contextlib.suppress(AttributeError):  # builds without cv2.utils.logging
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    except AttributeError:
-        pass
 
 
 def capture_main(camera: str, cfg: CameraConfig, ring_name: str, events: Any, stop: _Stop,

@@ -57,6 +57,27 @@ def check_opencv_path(path: Path) -> None:
                          "rename the file") from None
 
 
+def open_video(path: Path) -> cv2.VideoCapture:
+    """An open video file, or InputError saying in one line why not (FFmpeg's own lines kept
+    off stderr: a truncated file gave nine)."""
+    from lprd.capture import quiet_ffmpeg
+
+    check_opencv_path(path)
+    try:
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}") from None
+    if empty:
+        raise InputError("empty file")
+    quiet_ffmpeg()
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    if not cap.isOpened():
+        raise InputError("cannot open as a video (unsupported or corrupt)")
+    return cap
+
+
 def write_image(path: Path, img: np.ndarray) -> None:
     """Write `img` in the format of `path`'s suffix; OSError says why not.
 
@@ -264,10 +285,7 @@ def track_video(path: Path, pipeline: PlatePipeline, cfg: Config, every: int = 1
     """Events of a video, clip time as epoch seconds from 0 (1970-01-01T00:00:00Z = its start);
     frames wider than `max_width` (0: no limit) scaled down first, as the daemon's are (boxes
     in the scaled frame's pixels, as `frame_size` says, as in the daemon's events)."""
-    check_opencv_path(path)
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise InputError("cannot open as a video (unsupported or corrupt)")
+    cap = open_video(path)
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = fps if 0 < fps < 1000 else 25.0
     tracker = Tracker(cfg.tracker, _camera_name(path), models=pipeline.models,

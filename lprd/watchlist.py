@@ -1748,19 +1748,20 @@ def benchmark(entries: int = 100_000, lookups: int = 2000, seed: int = 0,
 def _open(args: argparse.Namespace, create: bool = False) -> tuple[Watchlist, Config]:
     """The CLI's store; without `create`, a missing file is an error (a mistyped --db)."""
     cfg_path = getattr(args, "config", None)
+    db: Path | None = getattr(args, "db", None)  # SUPPRESS: before or after ACTION
     if cfg_path is None and not DEFAULT_CONFIG_PATH.exists():
-        if args.db is None:
+        if db is None:
             raise WatchlistError(f"{DEFAULT_CONFIG_PATH}: file not found: give the daemon's "
                                  "config with -c FILE, or the watchlist file with --db FILE")
         cfg = Config()  # --db alone works on a machine without /etc/lprd/config.yaml
     else:
         cfg = load_config(cfg_path or DEFAULT_CONFIG_PATH)
     wcfg = cfg.watchlist
-    path = args.db if args.db is not None else cfg.storage.dir / DB_NAME
+    path = db if db is not None else cfg.storage.dir / DB_NAME
     if not create and not path.is_file():
         raise WatchlistError(f"no watchlist at {shown_path(str(path))} (add or import entries "
                              "first, or check --db and storage.dir)")
-    if args.db is not None and not path.parent.is_dir():
+    if db is not None and not path.parent.is_dir():
         # a mistyped folder would be made, and the entries kept where the daemon never looks
         raise WatchlistError(f"--db {shown_path(str(path))}: the folder "
                              f"{shown_path(str(path.parent))} does not exist (check the path, "
@@ -1953,6 +1954,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "db", None) is not None:  # given before ACTION
+        raise WatchlistError("--db: bench generates a list of its own and opens no watchlist")
     if args.lookups > args.entries:  # the exact and fuzzy lookups sample the listed plates
         raise WatchlistError(f"--lookups {args.lookups} is more than --entries {args.entries}")
     res = benchmark(args.entries, args.lookups, max_distance=args.max_distance)
@@ -1990,13 +1993,15 @@ def register(subparsers: Any) -> None:
         description="Manage the watchlist in <storage.dir>/watchlist.sqlite (or --db FILE).")
     # `lprd watchlist -c FILE list` as `lprd watchlist list -c FILE` (it was "invalid choice")
     add_config_option(p, help="YAML config (storage.dir, watchlist.*); also after ACTION")
+    # `lprd watchlist --db FILE list`, as the description puts it (it was "invalid choice")
+    db_help = "watchlist file (default: <storage.dir>/watchlist.sqlite)"
+    p.add_argument("--db", type=Path, default=argparse.SUPPRESS, help=db_help + "; also after ACTION")
     sub = p.add_subparsers(dest="watchlist_command", metavar="ACTION")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     store = argparse.ArgumentParser(add_help=False)  # the options of commands that open the store
-    store.add_argument("--db", type=Path, default=None,
-                       help="watchlist file (default: <storage.dir>/watchlist.sqlite)")
+    store.add_argument("--db", type=Path, default=argparse.SUPPRESS, help=db_help)
     add_config_option(store, help="YAML config (storage.dir, watchlist.*); default: "
                       f"{DEFAULT_CONFIG_PATH}, or built-in defaults with --db when it is absent")
 

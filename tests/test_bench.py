@@ -119,3 +119,9 @@ def test_bench_times_a_config_s_camera_as_it_is_analysed(tiny_clip, tmp_path, ca
     assert whole == json.loads(capsys.readouterr().out)["plates_per_frame"] > 0
     assert main([*run, "--camera", "back"]) == 2
     assert "--camera back: no such camera in the config (gate)" in capsys.readouterr().err
+    # two cameras and no --camera: neither one's settings, said (it was silent)
+    cfg.write_text(f"cameras:\n  gate:\n    source: {tiny_clip}\n    max_width: 320\n"
+                   f"  back:\n    source: {tiny_clip}\n")
+    assert main(run) == 0
+    assert json.loads((got := capsys.readouterr()).out)["width"] == 640
+    assert "cameras gate, back: timed without any one's roi and max_width" in got.err

@@ -200,6 +200,19 @@ def test_recognize_crops_shows_no_plate_where_the_daemon_s_filter_drops_the_read
     assert json.loads(capsys.readouterr().out)["plates"] == []
 
 
+def test_a_video_that_cannot_be_opened_is_one_line_without_ffmpeg_s_own(
+        tmp_path: Path, capfd) -> None:
+    # FFmpeg and OpenCV wrote their own lines to stderr first ("moov atom not found", a
+    # VIDEOIO warning); an empty .mp4 was told "corrupt", an empty image "empty"
+    (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert main(["recognize", str(tmp_path / "junk.mp4"), str(tmp_path / "empty.mp4")]) == 1
+    assert capfd.readouterr().err.splitlines() == [
+        (f"lprd recognize: {tmp_path / 'junk.mp4'}: cannot open as a video (unsupported or "
+        "corrupt)"), f"lprd recognize: {tmp_path / 'empty.mp4'}: empty file",
+        "lprd recognize: 2 of 2 input(s) failed"]
+
+
 def test_recognize_reports_each_bad_file_and_still_reads_the_others(
         tmp_path: Path, bad_files, capsys) -> None:
     plates = _plates(tmp_path, n=2)

@@ -535,6 +535,13 @@ def test_cli_takes_config_after_the_action(tmp_path: Path,
     # and before it, as after other commands' names ("invalid choice" before)
     assert lprd_main(["watchlist", "-c", str(cfg), "list"]) == 0
     assert capsys.readouterr().out.startswith("ABC1234  ")
+    # --db too, as the help puts it ("invalid choice: 'FILE'")
+    db = tmp_path / "var" / DB_NAME
+    assert lprd_main(["watchlist", "--db", str(db), "list"]) == 0
+    assert capsys.readouterr().out.startswith("ABC1234  ")
+    assert lprd_main(["watchlist", "--db", str(db), "bench", "--entries", "10",
+                      "--lookups", "2"]) != 0  # taken and ignored would mislead
+    assert "bench generates a list of its own" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_empty_list_name(tmp_path: Path,
