@@ -83,6 +83,7 @@ STABLE_AFTER = 60.0  # a child that ran this long restarts with the shortest del
 READY_GRACE = 15.0  # READY=1 at the latest this long after start, even if a camera stays silent
 MODEL_LOAD_GRACE = 60.0  # the worker may be silent this long while it loads the models
 CAPTURE_START_GRACE = 10.0  # a capture process's imports, before its first heartbeat
+OPENING_GRACE = 0.5  # s: at a stop, a capture in its source's open may be just through it
 EXIT_FILES_FAILED = 1
 # A bad config or a model that cannot be loaded: restarting cannot fix it, and the systemd unit
 # does not restart on this status (RestartPreventExitStatus=2). Other failures exit 1.
@@ -184,6 +185,9 @@ class _Child:
     restart_at: float | None = None
     done: bool = False  # ended on purpose (a file at its end, or given up in --once)
     killed: bool = False  # killed as hung; its death is awaited, not repeated
+    # its last word was Alive: a capture in OpenCV's open of its source, which no stop flag
+    # interrupts (up to open_timeout, 10 s: past the stop's deadline)
+    opening: bool = False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
@@ -479,6 +483,7 @@ class Supervisor:
         start_child(child.proc, child.q)
         child.done = child.killed = False
         child.started = time.monotonic()
+        child.opening = False
         # its imports come before its first sign of life (seconds on a small board): the
         # open's own time (open_timeout) must not be eaten into by them
         child.beat = child.started + CAPTURE_START_GRACE
@@ -545,6 +550,7 @@ class Supervisor:
                 break
             n += 1
             child.beat = max(child.beat, time.monotonic())
+            child.opening = isinstance(msg, Alive)
             self._handle(child, msg)
         return n
 
@@ -1157,11 +1163,17 @@ def _stop_child(child: _Child, deadline: float, pump: Callable[[_Child], int]) -
         return
     if child.stop is not None:
         child.stop.set()
+    grace = time.monotonic() + OPENING_GRACE
     while proc.is_alive() and time.monotonic() < deadline:
         pump(child)
+        if child.opening and time.monotonic() >= grace:
+            break  # it would see the flag only once its open gives up: a stop took 6 s
         proc.join(0.05)
     if proc.is_alive():
-        log.warning("%s did not stop in time; killing it", child.name)
+        if child.opening:
+            log.info("%s was opening its source; stopped it there", child.name)
+        else:
+            log.warning("%s did not stop in time; killing it", child.name)
         proc.kill()
         proc.join(1.0)
     pump(child)

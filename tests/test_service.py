@@ -1169,3 +1169,34 @@ def test_mqtt_commands_get_their_outcome_on_their_result_topic(
     assert {g for g in got if g[1] == "deferred"} <= {("r2", "deferred")}
     d.signal(signal.SIGTERM)
     assert d.wait(15) == 0
+
+
+def test_a_stop_while_a_camera_opens_an_unanswering_source_is_prompt(tmp_path, daemons):
+    # OpenCV's open of a stream that accepts and never answers blocks for open_timeout (10 s),
+    # deaf to the stop flag: every stop or restart while a camera was down waited the whole
+    # stop deadline (6 s) and warned "did not stop in time"
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: held.extend(srv.accept() for _ in range(3)),
+                                 daemon=True)
+    accepting.start()
+    try:
+        port = srv.getsockname()[1]
+        cams = {"gate": {"source": f"rtsp://127.0.0.1:{port}/s", "open_timeout": 20}}
+        d = start(daemons, write_config(tmp_path / "c.yaml", cams, None, tmp_path / "st"))
+        d.wait_log(r"capturing rtsp://")
+        deadline = time.monotonic() + 20
+        while not held and time.monotonic() < deadline:  # in the open now
+            time.sleep(0.1)
+        assert held
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+        assert time.monotonic() - t0 < 3.0, d.log()[-2000:]
+        assert "did not stop in time" not in d.log()
+        assert "capture:gate was opening its source; stopped it there" in d.log()
+    finally:
+        srv.close()
+        for c, _ in held:
+            c.close()
