@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from lprd.camera_probe import refusal
 from lprd.config import OPEN_TIMEOUT, CameraConfig, MotionConfig, redact_source
 from lprd.notify import loud_repeat
 from lprd.ring import FrameRing
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 1.0  # seconds between heartbeat status records
 MAX_BAD_FRAMES = 50  # consecutive undecodable frames that count as a lost stream
+PROBE_TIMEOUT = 3.0  # s: the request that asks a camera why it refused its stream
 STABLE_SESSION = 60.0  # s: a session this long resets the reconnect backoff,
 STABLE_PER_DELAY = 10.0  # ... as does one this many times the delay before it
 MAX_LAG = 3.0  # s: a live stream's decoding this far behind ...
@@ -382,6 +384,7 @@ class Capture:
         # that streamed on all night
         self._said_down = False
         self._fails = 0  # failures in a row before this session
+        self._refusal: str | None = None  # why the camera refused the stream, in its words
         self._roi_checked = False  # against the first frame's size (unknown before it)
         # a realtime file's (monotonic time, clip seconds) its frames are paced from; kept
         # across loops, so that clip time keeps to the wall clock's
@@ -538,9 +541,15 @@ class Capture:
         cap = _open(cfg.source, self.kind, self.open_timeout, cfg.stall_timeout, v4l2_size(cfg))
         try:
             if not cap.isOpened():
+                if self.kind in (SourceKind.RTSP, SourceKind.HTTP) and loud_repeat(
+                        self._fails + 1):  # asked at the failures logged, kept between
+                    self._refusal = refusal(cfg.source, min(self.open_timeout, PROBE_TIMEOUT))
+                if self._refusal:
+                    raise _Ended(f"cannot open {self.shown}: {self._refusal}")
                 why = ("corrupt, truncated or not a video" if self.is_file
                        else "unreachable, refused or not a video stream")
                 raise _Ended(f"cannot open {self.shown} ({why})")
+            self._refusal = None
             clip_fps = DEFAULT_FILE_FPS
             if self.is_file:
                 clip_fps = cap.get(cv2.CAP_PROP_FPS)

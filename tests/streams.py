@@ -3,6 +3,9 @@ server on 127.0.0.1, and a GStreamer RTSP server run with Debian's python3."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import re
 import socket
 import subprocess
 import threading
@@ -269,3 +272,48 @@ class RtspServer:
                     f.close()
             self._proc = None
 
+
+
+class DigestRtspCamera:
+    """An RTSP camera that asks for Digest credentials (`user`, `password`) and has no stream
+    at any path: 401 to every request without the right answer, 404 with it."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user, self.password = user, password
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self._srv.getsockname()[1]
+
+    def start(self) -> DigestRtspCamera:
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._srv.close()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                c, _ = self._srv.accept()
+                threading.Thread(target=self._answer, args=(c,), daemon=True).start()
+
+    def _answer(self, c: socket.socket) -> None:
+        def md5(text: str) -> str:
+            return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+        with c, contextlib.suppress(OSError):
+            data = b""
+            while chunk := c.recv(4096):
+                data += chunk
+                while b"\r\n\r\n" in data:
+                    head, data = data.split(b"\r\n\r\n", 1)
+                    text = head.decode()
+                    method, uri = text.split(" ")[:2]
+                    cseq = re.search(r"CSeq: *(\d+)", text)
+                    resp = re.search(r'response="(\w+)"', text)
+                    good = md5(f"{md5(f'{self.user}:cam:{self.password}')}:n0nce:"
+                               f"{md5(f'{method}:{uri}')}")
+                    status = "404 Not Found\r\n" if resp and resp.group(1) == good else (
+                        '401 Unauthorized\r\nWWW-Authenticate: Digest realm="cam", '
+                        'nonce="n0nce"\r\n')
+                    c.sendall(f"RTSP/1.0 {status}CSeq: {cseq and cseq.group(1)}\r\n\r\n"
+                              .encode())

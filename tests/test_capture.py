@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from streams import (
+    DigestRtspCamera,
     MjpegServer,
     RtspServer,
     below_index_strip,
@@ -676,6 +677,23 @@ def test_an_mpeg_ts_stream_decoded_too_slowly_is_reopened_as_rtsp_is(
     finally:
         ffmpeg.kill()
         ffmpeg.wait()
+
+
+def test_a_camera_that_refuses_the_password_says_so_in_its_state(
+        cams: Callable[..., Cam]) -> None:
+    # a wrong password looked like a camera that is off: "unreachable, refused or not a video
+    # stream", in the journal and on the state topic alike
+    srv = DigestRtspCamera("admin", "right").start()
+    try:
+        cam = cams(CameraConfig(source=f"rtsp://admin:wrong@127.0.0.1:{srv.port}/s1",
+                                reconnect={"initial": 0.05, "max": 0.1}), in_thread=True)
+        assert cam.pump(lambda: len(cam.errors()) >= 4, timeout=30)
+        # the same text at every retry (one retained state), asked at the loud ones only
+        assert set(cam.errors()) == {
+            (f"cannot open rtsp://admin:***@127.0.0.1:{srv.port}/s1: the camera refused the "
+            "user name and password (401 Unauthorized)")}
+    finally:
+        srv.stop()
 
 
 def test_ffmpeg_s_own_errors_stay_off_stderr_at_info_level(
