@@ -264,7 +264,10 @@ class _SyslogPrefixFormatter(logging.Formatter):
     """Prefixes "<priority>", which journald reads from captured stderr (SyslogLevelPrefix=)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{_syslog_priority(record.levelno)}>" + super().format(record)
+        # journald reads one per line: a refused reload's keys and a traceback's body were
+        # shown at info priority (hidden by `journalctl -p warning`)
+        prefix = f"<{_syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
 def print_error(text: str) -> None:

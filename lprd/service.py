@@ -274,6 +274,7 @@ class Supervisor:
         self._recent: dict[str, PastPass] = {}
         # The running config, kept while a reload's new inference process loads its models.
         self._fallback: Config | None = None
+        self._loaded_cfg: Config | None = None  # the config whose models a worker last loaded
         self._reload_refused = False  # the worker ends because a reload's models would not load
         self._loaded_once = False  # an inference process of this run has loaded its models
         self._gen = 0
@@ -588,6 +589,7 @@ class Supervisor:
             self.worker.beat = time.monotonic()  # the load's grace ends: a hang counts from now
             self.worker_ready = self._loaded_once = True
             self._fallback = None
+            self._loaded_cfg = self.cfg
             self._handover = {}  # it took them
             self.models = dict(msg.models)
             log.info("models loaded: %s", ", ".join(f"{k} {v}" for k, v in msg.models.items()))
@@ -1047,8 +1049,12 @@ class Supervisor:
         if (any(getattr(new, k) != getattr(old, k) for k in ("detector", "reader", "tracker"))
                 or matching != old.watchlist or new.mqtt.crops != old.mqtt.crops):
             log.info("models, tracker or watchlist settings changed: restarting inference")
-            if (new.detector, new.reader) != (old.detector, old.reader) and self.worker_ready:
-                self._fallback = old
+            # the models a worker last loaded, also while this one still loads (a reload just
+            # before, a restart): without them a bad model took the daemon down
+            loaded = self._fallback or self._loaded_cfg
+            if loaded is not None and (new.detector, new.reader) != (loaded.detector,
+                                                                     loaded.reader):
+                self._fallback = loaded
             # its own stop_timeout: slow camera or sync stops above must not cut the time the
             # worker has to close its tracks and send their final events; live cameras' open
             # tracks go on in the next worker (a car in view stays one pass)

@@ -369,6 +369,13 @@ def test_under_systemd_without_systemd_python_stderr_carries_syslog_priority() -
                        text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == "<4>WARNING lprd.capture: stream lost"
+    # every line of a record: journald reads a priority per line (a refused reload's keys, a
+    # traceback's body were at info priority, hidden by `journalctl -p warning`)
+    code += "log.error('reload refused:\\nc.yaml: fps: bad')\n"
+    r = subprocess.run([sys.executable, "-c", code, "info"], env=env, check=False,
+                       capture_output=True, text=True, timeout=30)
+    assert r.stderr.strip().splitlines()[1:] == ["<3>ERROR lprd.capture: reload refused:",
+                                                 "<3>c.yaml: fps: bad"]
 
 
 def test_unknown_log_level_is_a_clear_error() -> None:

@@ -821,6 +821,27 @@ def test_a_reload_whose_model_will_not_load_goes_back_to_the_running_models(tmp_
     assert d.wait(10) == 0
 
 
+def test_a_bad_model_reloaded_while_the_models_load_goes_back_to_the_loaded_ones(
+        tmp_path, daemons):
+    # While a restarted inference process loads (after another reload, a crash), there was no
+    # fallback: the bad model's failure counted as a death, five of them stopped the daemon,
+    # and systemd's restart met the bad model at the start (status 2: left down).
+    bad = tmp_path / "r.tflite"
+    bad.write_bytes(b"not a model" * 100)
+    (tmp_path / "r.json").write_text((ROOT / "models" / "reader.json").read_text())
+    d = _reload_idle_daemon(tmp_path, daemons, tracker={"dedupe_window": 2})
+    d.wait_log(r"reload done")
+    assert d.log().count("models loaded") == 1  # the new process is still loading
+    write_config(tmp_path / "c.yaml", {}, None, tmp_path / "st", tracker={"dedupe_window": 2},
+                 reader={"model": str(bad)})
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload refused, the running models stay", timeout=60)
+    d.wait_log(r"(?s)reload refused.*models loaded", timeout=60)
+    assert d.proc.poll() is None and "inference died" not in d.log()
+    d.signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+
+
 def test_a_second_reload_before_the_first_s_models_failed_keeps_its_own_models(
         tmp_path, daemons):
     # Reload 1 names a reader that will not load; reload 2, at once, a good one. The first's
