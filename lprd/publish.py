@@ -333,6 +333,15 @@ class CommandState:
     deferred: dict[str, tuple[float, list[str | None]]]
 
 
+@dataclasses.dataclass
+class InMemory:
+    """What a stopped publisher held in memory only, for the next one (a reload): its outbox's
+    rows where the one on disk never opened, and the messages no outbox could store (a full
+    disk), each with its creation time."""
+    pending: list[PendingMessage]
+    direct: list[tuple[float, OutboxMessage]]
+
+
 def command_result_topic(prefix: str, verb: str) -> str:
     # one level under the command: `<prefix>/cmd/+`, lprd's subscription, never matches it
     return f"{prefix}/cmd/{verb}/result"
@@ -616,10 +625,12 @@ class Publisher:
     def __init__(self, cfg: MQTTConfig, cameras: Sequence[str], storage_dir: Path,
                  on_command: Callable[[Command], None] | None = None,
                  actions_sent: OrderedDict[tuple[str, str], None] | None = None,
-                 commands: CommandState | None = None) -> None:
+                 commands: CommandState | None = None,
+                 carried: InMemory | None = None) -> None:
         """`actions_sent`: the (event id, action) pairs already published, kept by the caller
         across publishers (a reload restarts the publisher between a pass's early and final
-        events: the gate must not get the action twice)."""
+        events: the gate must not get the action twice). `carried`: what the last publisher
+        held in memory (`left_in_memory`), taken over."""
         self.cfg = cfg
         self.cameras = list(dict.fromkeys(cameras))
         self.on_command = on_command
@@ -682,6 +693,9 @@ class Publisher:
         self._direct: deque[tuple[float, OutboxMessage]] = deque()  # (created, message)
         # handed to paho, not yet acked (a new client sends them again)
         self._direct_sent: list[tuple[mqtt.MQTTMessageInfo, tuple[float, OutboxMessage]]] = []
+        self._left: InMemory | None = None  # set by stop(hand_over=True)
+        if carried is not None:
+            self._carry(carried)
         self._published_depth: dict[str, int] = {}
         self._last_state_pub = 0.0
         self._drops: dict[str, dict[str, Any]] = {}
@@ -797,6 +811,21 @@ class Publisher:
             self._defer_queued(None)
         return CommandState(dict(self._cmd_ran), dict(self._cmd_deferred))
 
+    def left_in_memory(self) -> InMemory | None:
+        """(Once stopped with hand_over) what waited in memory only, for the next publisher."""
+        return self._left
+
+    def _carry(self, carried: InMemory) -> None:
+        # the rows keep their stamps (an action's age); into the disk outbox where it opened
+        # now, else this one's memory outbox
+        try:
+            self.outbox.adopt(carried.pending)
+        except sqlite3.Error as e:  # the disk still full: waiting in memory as before
+            log.error("outbox cannot take %d message(s) of the last publisher (%s): they wait "
+                      "in memory", len(carried.pending), e)
+            self._direct.extend((p.created, p.message) for p in carried.pending)
+        self._direct.extend(carried.direct)
+
     def outbox_depth(self) -> int:
         return self.outbox.depth()
 
@@ -827,8 +856,10 @@ class Publisher:
                 self._idle.wait(min(left, 0.2))
         return True
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Say offline, disconnect, close the outbox. Undelivered events stay for next start."""
+    def stop(self, timeout: float = 5.0, hand_over: bool = False) -> None:
+        """Say offline, disconnect, close the outbox. Undelivered events stay for next start;
+        with `hand_over`, those only in memory are kept for the next publisher
+        (`left_in_memory`), not lost."""
         if self._stopped:
             return
         self._stopped = True
@@ -850,11 +881,18 @@ class Publisher:
             self._client = None
         if self._worker is None or not self._worker.is_alive():
             self._apply_late_acks()
-        lost = len(self._direct) + sum(not i.is_published() for i, _ in self._direct_sent)
-        if lost:
-            log.error("MQTT: %d message(s) the outbox could not store are lost (the broker "
-                      "never took them)", lost)
+        direct = list(self._direct) + [m for i, m in self._direct_sent if not i.is_published()]
         left = self.outbox.depth()
+        if hand_over:  # a reload: the next publisher sends them
+            self._left = InMemory(
+                self.outbox.pending(0, 10**9) if self.outbox.in_memory else [], direct)
+            if direct or self._left.pending:
+                log.info("MQTT: %d message(s) waiting in memory go to the next publisher",
+                         len(direct) + len(self._left.pending))
+            direct, left = [], 0 if self.outbox.in_memory else left
+        if direct:
+            log.error("MQTT: %d message(s) the outbox could not store are lost (the broker "
+                      "never took them)", len(direct))
         self.outbox.close()
         if self._disk_outbox is not None and left:
             log.error("MQTT: %d undelivered event(s) are lost: the outbox %s never opened, "

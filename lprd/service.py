@@ -260,6 +260,7 @@ class Supervisor:
         self._reload_requests: list[Any] = []
         self._requests_lock = threading.Lock()
         self._commands: Any = None  # publish.CommandState of the last publisher stopped
+        self._carried: Any = None  # publish.InMemory: its messages only in memory, at a reload
         self.ready_sent = False
         self.started = time.monotonic()
         self.loop_beat = time.monotonic()
@@ -851,7 +852,8 @@ class Supervisor:
         self.publisher = Publisher(self.cfg.mqtt, list(self.cfg.cameras), self.cfg.storage.dir,
                                    on_command=self._on_command,
                                    actions_sent=self._actions_sent,
-                                   commands=self._commands)
+                                   commands=self._commands, carried=self._carried)
+        self._carried = None
         self.publisher.start()
         for name, ccfg in self.cfg.cameras.items():
             if not ccfg.enabled:  # else its retained state says what it was when last on
@@ -859,18 +861,21 @@ class Supervisor:
         if self._sync_status is not None:
             self.publisher.publish_watchlist_sync(self._sync_status)
 
-    def _stop_publisher(self, timeout: float, drain: float = 0.0) -> None:
-        """Stop MQTT; with `drain`, first wait up to that long for the outbox to empty."""
+    def _stop_publisher(self, timeout: float, drain: float = 0.0,
+                        hand_over: bool = False) -> None:
+        """Stop MQTT; with `drain`, first wait up to that long for the outbox to empty; with
+        `hand_over` (a reload), what waits in memory only goes to the next publisher."""
         if self.publisher is not None:
             try:
                 if (drain > 0 and not self.publisher.wait_idle(drain)
                         and not self.publisher.outbox.in_memory):  # else stop() says they are lost
                     log.warning("MQTT: %d event(s) not yet acknowledged; they stay in the "
                                 "outbox for the next start", self.publisher.outbox_depth())
-                self.publisher.stop(timeout=timeout)
+                self.publisher.stop(timeout=timeout, hand_over=hand_over)
             except Exception:
                 log.exception("MQTT publisher did not stop cleanly")
             self._commands = self.publisher.command_state()  # for a reload's next publisher
+            self._carried = self.publisher.left_in_memory()
             self.publisher = None
 
     def _on_command(self, command: Any) -> None:
@@ -1030,7 +1035,7 @@ class Supervisor:
                 new = self.cfg
                 kept.append(f"the new mqtt settings are refused ({e}); the running ones stay")
             else:
-                self._stop_publisher(2.0)
+                self._stop_publisher(2.0, hand_over=True)
                 try:
                     self._start_publisher()
                 except Exception:  # a reload must not end the daemon

@@ -35,6 +35,7 @@ from lprd.outbox import Outbox, OutboxMessage
 from lprd.publish import (
     Command,
     CommandState,
+    InMemory,
     JsonlSink,
     Publisher,
     PublisherConfigError,
@@ -85,11 +86,12 @@ def publisher(tmp_path: Path, mqtt_subscriber: Callable[..., Any]
              on_command: Callable[[Command], None] | None = None, connect: bool = True,
              storage: Path | None = None,
              actions_sent: OrderedDict[tuple[str, str], None] | None = None,
-             commands: CommandState | None = None, **keys: Any) -> Publisher:
+             commands: CommandState | None = None, carried: InMemory | None = None,
+             **keys: Any) -> Publisher:
         keys.setdefault("reconnect", {"initial": 0.1, "max": 0.5})
         cfg = MQTTConfig(**{"host": broker.host, "port": broker.port, **keys})
         pub = Publisher(cfg, cameras, storage or tmp_path / "storage", on_command, actions_sent,
-                        commands)
+                        commands, carried)
         made.append(pub)
         pub.start()
         if connect:
@@ -356,6 +358,35 @@ def test_an_event_the_outbox_cannot_store_waits_in_memory_for_the_broker(
     mosquitto.start()
     msgs = sub.wait_for(lambda ms: any(m.json()["id"] == ev.id for m in ms), timeout=15)
     assert next(m.json() for m in msgs if m.json()["id"] == ev.id)["plate"] == ev.plate
+
+
+def test_events_waiting_in_memory_go_to_a_reload_s_next_publisher(
+        mosquitto: Any, mqtt_subscriber: Callable[..., Any],
+        publisher: Callable[..., Publisher], caplog: pytest.LogCaptureFixture) -> None:
+    # A reload that restarts the publisher (an mqtt key, a camera added) logged the events a
+    # full disk kept in memory as lost: the README promises neither loses one
+    caplog.set_level(logging.INFO, logger="lprd.publish")
+    sub = mqtt_subscriber(mosquitto, "lprd/+/plate", client_id="carry-sub", persistent=True)
+    mosquitto.stop()
+    pub = publisher(mosquitto, connect=False)
+    db = pub.outbox._db
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for i in range(10_000):
+            pub.outbox.put([OutboxMessage(f"fill{i}", "gate", "event", "plate",
+                                          json.dumps({"id": f"fill{i}", "pad": "x" * 100}).encode())])
+    evs = [make_event(i, camera="back") for i in (1, 2)]
+    for ev in evs:
+        pub.submit(ev)
+    deadline = time.monotonic() + 5
+    while len(pub._direct) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pub.stop(timeout=1, hand_over=True)
+    assert "could not store are lost" not in caplog.text
+    assert "2 message(s) waiting in memory go to the next publisher" in caplog.text
+    publisher(mosquitto, connect=False, carried=pub.left_in_memory())
+    mosquitto.start()
+    sub.wait_for(lambda ms: {ev.id for ev in evs} <= {m.json()["id"] for m in ms}, timeout=15)
 
 
 def test_no_more_messages_are_on_the_wire_than_the_broker_s_receive_maximum(
@@ -1091,6 +1122,46 @@ pub.outbox.close()
 db = sqlite3.connect(store / "outbox.sqlite")
 print(db.execute("SELECT event_id FROM messages WHERE kind = 'event'").fetchall())
 """
+
+
+MEMORY_OUTBOX_RELOAD_CHILD = r"""
+import resource, signal, sqlite3, sys, time
+from pathlib import Path
+from lprd.config import MQTTConfig
+from lprd.publish import Publisher
+from lprd.types import CharProb, PlateEvent
+
+store = Path(sys.argv[1])
+store.mkdir()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+cfg = MQTTConfig(host="127.0.0.1", port=int(sys.argv[2]))
+pub = Publisher(cfg, ["gate"], store)
+assert pub.outbox.in_memory
+pub.submit(PlateEvent(id="ev-mem", camera="gate", plate="MEM123", confidence=0.9,
+                      chars=(CharProb("M", 0.9),), candidates=(), first_seen=1.7e9,
+                      last_seen=1.7e9, frames=3, final=True, box=(1, 2, 3, 4),
+                      frame_size=(640, 480)))
+pub.stop(timeout=1, hand_over=True)  # a reload
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+nxt = Publisher(cfg, ["gate"], store, carried=pub.left_in_memory())
+assert not nxt.outbox.in_memory
+nxt.outbox.close()
+db = sqlite3.connect(store / "outbox.sqlite")
+print(db.execute("SELECT event_id FROM messages WHERE kind = 'event'").fetchall())
+"""
+
+
+def test_a_reload_hands_the_memory_outbox_s_events_to_the_next_publisher(
+        tmp_path: Path) -> None:
+    # the outbox never opened (a full disk at the start): a reload's stop logged its events
+    # as lost; the next publisher, whose outbox opens, keeps them on disk
+    run = subprocess.run([sys.executable, "-c", MEMORY_OUTBOX_RELOAD_CHILD, str(tmp_path / "st"),
+                          str(free_port())], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[('ev-mem',)]"
+    assert "are lost" not in run.stderr
 
 
 def test_an_outbox_that_cannot_be_opened_waits_in_memory_then_moves_to_disk(
