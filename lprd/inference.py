@@ -8,6 +8,7 @@ import os
 import queue
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -311,13 +312,15 @@ def close_handed(cfg: Config, handed: OpenTracks, models: dict[str, str]) -> lis
     return tracker.flush(now)
 
 
-def _open_watchlist(cfg: Config) -> Any:
+def _open_watchlist(cfg: Config, progress: Callable[[], None]) -> Any:
+    """The daemon's watchlist; `progress` is called while it builds its fuzzy index (a
+    deeper max_distance, a new index format: minutes for a long list)."""
     if not cfg.watchlist.enabled:
         return None
     try:
         from lprd.watchlist import Watchlist
 
-        return Watchlist.from_config(cfg, busy_timeout=WATCHLIST_BUSY)
+        return Watchlist.from_config(cfg, busy_timeout=WATCHLIST_BUSY, progress=progress)
     except Exception as e:  # noqa: BLE001 - a broken watchlist must not stop plates being read
         log.error("watchlist unavailable, events carry no match until it opens (tried again "
                   "every %.0f s): %s", WATCHLIST_RETRY, e)
@@ -336,7 +339,8 @@ class InferenceWorker:
         self.models = pipeline.models
         self.feeds: dict[str, _Feed] = {}
         self.trackers: dict[str, Tracker] = {}
-        self.watchlist = _open_watchlist(cfg)
+        self._busy_beat = 0.0
+        self.watchlist = _open_watchlist(cfg, self._beat_while_busy)
         self._watchlist_tried = time.monotonic()
         self._last_ts: dict[str, float] = {}
         self._clock = ClockWatch()
@@ -397,7 +401,7 @@ class InferenceWorker:
         elif isinstance(msg, ReloadWatchlist):
             if self.watchlist is not None:
                 self.watchlist.close()
-            self.watchlist = _open_watchlist(self.cfg)
+            self.watchlist = _open_watchlist(self.cfg, self._beat_while_busy)
             self._watchlist_tried = time.monotonic()
             if self.watchlist is not None:
                 log.info("watchlist reopened")
@@ -457,7 +461,7 @@ class InferenceWorker:
         if (events and self.watchlist is None and self.cfg.watchlist.enabled
                 and time.monotonic() - self._watchlist_tried >= WATCHLIST_RETRY):
             self._watchlist_tried = time.monotonic()
-            self.watchlist = _open_watchlist(self.cfg)
+            self.watchlist = _open_watchlist(self.cfg, self._beat_while_busy)
             if self.watchlist is not None:
                 log.info("watchlist opened: events carry their match again")
         for ev in events:
@@ -467,6 +471,14 @@ class InferenceWorker:
                      "final" if ev.final else "early", ev.id, ev.plate, ev.confidence, ev.frames,
                      extra={"camera": ev.camera, "event_id": ev.id})
             self.out.put(ev)
+
+    def _beat_while_busy(self) -> None:
+        # a long index build is no hang: without these the supervisor killed the process
+        # (and the next one, which built it again)
+        now = time.monotonic()
+        if now - self._busy_beat >= 1.0:
+            self._busy_beat = now
+            self.out.put(self.heartbeat())
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(frames={n: f.frames for n, f in self.feeds.items()},

@@ -181,6 +181,7 @@ class _Child:
     stop: Any = None
     started: float = 0.0
     beat: float = 0.0  # monotonic time of the last sign of life
+    heard: float = 0.0  # the last message's (beat may lie ahead: a start's grace)
     failures: int = 0
     restart_at: float | None = None
     done: bool = False  # ended on purpose (a file at its end, or given up in --once)
@@ -484,7 +485,7 @@ class Supervisor:
                   cam.file))
         start_child(child.proc, child.q)
         child.done = child.killed = False
-        child.started = time.monotonic()
+        child.started = child.heard = time.monotonic()
         child.opening = False
         # its imports come before its first sign of life (seconds on a small board): the
         # open's own time (open_timeout) must not be eaten into by them
@@ -515,7 +516,7 @@ class Supervisor:
                   tuple(self._recent.values()), tuple(self._handover.values())))
         start_child(w.proc, w.q)
         w.done = w.killed = False
-        w.started = time.monotonic()
+        w.started = w.heard = time.monotonic()
         w.beat = w.started + MODEL_LOAD_GRACE  # loading the models is not hanging
         w.restart_at = None
         for cam in self.cameras.values():  # a new worker must hear again which files ended
@@ -552,6 +553,7 @@ class Supervisor:
                 break
             n += 1
             child.beat = max(child.beat, time.monotonic())
+            child.heard = time.monotonic()
             child.opening = isinstance(msg, Alive)
             self._handle(child, msg)
         return n
@@ -724,7 +726,7 @@ class Supervisor:
                 return
         elif (w.proc is not None and not w.killed
               and now - w.beat > self.cfg.service.hang_timeout):
-            log.error("inference: no heartbeat for %.0f s; killing it", now - w.beat)
+            log.error("inference: no heartbeat for %.0f s; killing it", now - w.heard)
             w.proc.kill()
             w.killed = True
         if w.proc is None and w.restart_at is not None and now >= w.restart_at:
@@ -934,7 +936,9 @@ class Supervisor:
         try:
             from lprd.watchlist import Watchlist, WatchlistSync
 
-            sync = WatchlistSync(Watchlist.from_config(self.cfg), wl.sync)
+            # its index is the inference process's to build (beating meanwhile): built here,
+            # on the main loop, it held up the start, signals included, for minutes
+            sync = WatchlistSync(Watchlist.from_config(self.cfg, index=False), wl.sync)
             sync.on_result = lambda result, status: self._on_sync(sync, result, status)
             self.sync = sync
             sync.start()

@@ -108,6 +108,7 @@ _SCHEMA = [stmt for o in ORIGINS for stmt in (
 )] + ["CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"]
 _TABLES = {f"{t}_{o}" for o in ORIGINS for t in ("entries", "keys")} | {"meta"}
 _COLS = "e.plate, e.list, e.action, e.info, e.valid_from, e.valid_until"
+INDEX_CHUNK = 5000  # plates between two calls of an index build's progress
 # Changes whenever the confusion table does: the stored keys then need rebuilding.
 _INDEX_HASH = hashlib.sha256(
     repr((sorted(CONFUSABLE_PAIRS.items()), INDEL_COST, SUBSTITUTION_COST)).encode()
@@ -709,11 +710,16 @@ class Watchlist:
     """The SQLite store. Thread-safe: each thread gets its own connection."""
 
     def __init__(self, path: Path, cfg: WatchlistConfig | None = None,
-                 recover: bool = False, busy_timeout: float = 30.0) -> None:
+                 recover: bool = False, busy_timeout: float = 30.0, index: bool = True,
+                 progress: Callable[[], None] | None = None) -> None:
         """`recover`: a corrupt file is moved aside and a new, empty store started (the
         daemon's choice: a sync fills it again; the CLI reports the error instead).
         `busy_timeout`: how long to wait for another connection's write lock (a swap, an
-        index rebuild) before sqlite3.OperationalError."""
+        index rebuild) before sqlite3.OperationalError. `index`: build the fuzzy index where
+        max_distance needs a deeper one or its format changed (a minute or two for 500,000
+        entries), calling `progress` now and then meanwhile; without it (the daemon's sync,
+        which only writes: its rows take the depth stored) a stale index is left to the
+        process that matches, and lookups here scan."""
         self.path = Path(path)
         self.cfg = cfg or WatchlistConfig()
         self._busy_timeout = busy_timeout
@@ -722,6 +728,7 @@ class Watchlist:
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
         self._recover = recover
+        self._index, self._progress = index, progress
         self._gen = 0  # bumped when the path names a new file: connections reopen
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -814,10 +821,11 @@ class Watchlist:
         self.configure(self.cfg)
 
     @classmethod
-    def from_config(cls, cfg: Config, busy_timeout: float = 30.0) -> Watchlist:
+    def from_config(cls, cfg: Config, busy_timeout: float = 30.0, index: bool = True,
+                    progress: Callable[[], None] | None = None) -> Watchlist:
         """The daemon's store: <storage.dir>/watchlist.sqlite (a corrupt one moved aside)."""
         return cls(cfg.storage.dir / DB_NAME, cfg.watchlist, recover=True,
-                   busy_timeout=busy_timeout)
+                   busy_timeout=busy_timeout, index=index, progress=progress)
 
     # -- connections and transactions
 
@@ -929,6 +937,10 @@ class Watchlist:
         # index is nearly always current already.
         if current():
             return
+        if not self._index:
+            self._depth = -1  # lookups scan the list (match's path for a shallow index)
+            return
+        progress = self._progress or (lambda: None)
         with self._write(conn):
             if current():  # another process rebuilt it meanwhile
                 return
@@ -937,11 +949,24 @@ class Watchlist:
             depth = max(self._depth, int(stored or 0))
             t0 = time.monotonic()
             n = 0
+            total = sum(conn.execute(f"SELECT COUNT(*) FROM entries_{o}").fetchone()[0]
+                        for o in ORIGINS)
+            if total:  # minutes for a long list: the journal says why nothing else happens
+                log.info("watchlist: building the fuzzy index (depth %d) for %d entries; "
+                         "matching waits for it", depth, total)
             for o in ORIGINS:
                 conn.execute(f"DELETE FROM keys_{o}")
                 rows = conn.execute(f"SELECT id, plate FROM entries_{o}").fetchall()
-                conn.executemany(f"INSERT INTO keys_{o} (key, entry_id) VALUES (?, ?)",
-                                 sorted((k, i) for i, p in rows for k in index_keys(p, depth)))
+                keys: list[tuple[str, int]] = []
+                for j, (i, p) in enumerate(rows):
+                    keys += ((k, i) for k in index_keys(p, depth))
+                    if j % INDEX_CHUNK == INDEX_CHUNK - 1:
+                        progress()
+                keys.sort()
+                for j in range(0, len(keys), INDEX_CHUNK * 20):  # in key order, as one
+                    progress()
+                    conn.executemany(f"INSERT INTO keys_{o} (key, entry_id) VALUES (?, ?)",
+                                     keys[j:j + INDEX_CHUNK * 20])
                 n += len(rows)
             self._set_meta(conn, "index_depth", str(depth))
             self._set_meta(conn, "index_hash", _INDEX_HASH)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -544,3 +545,23 @@ def test_a_fault_at_every_frame_is_logged_at_the_1st_2nd_4th_not_each_frame(
     failed = [r for r in caplog.records if "could not be analysed" in r.getMessage()]
     assert 3 <= len(failed) <= 6  # 1, 2, 4, 8, 16, 32 of up to 40
     assert failed[0].exc_info is not None and "(1 in a row)" in failed[0].getMessage()
+
+
+def test_the_worker_beats_while_it_builds_the_watchlist_s_index(tmp_path, models) -> None:
+    # A deeper max_distance (or a new index format) has the inference process build the
+    # fuzzy index before it is ready: minutes for a long list, silent, and killed as hung
+    # after its models' grace, again and again
+    from lprd.inference import Heartbeat
+    from lprd.watchlist import DB_NAME, Watchlist, WatchlistEntry
+
+    with Watchlist(tmp_path / DB_NAME) as w:
+        w.import_entries([WatchlistEntry(f"AB{i:05d}") for i in range(12_000)])
+    cfg = parse_config({"storage": {"dir": str(tmp_path)}, "watchlist": {"max_distance": 2}})
+    q: queue.Queue = queue.Queue()
+    w = InferenceWorker(cfg, PlatePipeline(models[0], models[1], cfg), q, {})
+    assert w.watchlist is not None
+    sent = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            sent.append(q.get_nowait())
+    assert any(isinstance(m, Heartbeat) for m in sent)

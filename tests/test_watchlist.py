@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import sqlite3
@@ -153,6 +154,32 @@ def test_raising_max_distance_rebuilds_the_index_deeper(tmp_path: Path) -> None:
     with Watchlist(path, WatchlistConfig(max_distance=1.0)) as w:
         assert w.match("XBC12345").match == "none"
         assert w.match("XBC1234").distance == 1.0
+
+
+def test_only_the_matching_process_builds_a_deeper_index_and_says_it_is_busy(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The daemon's sync opened the store on the supervisor's main loop and built the index
+    # there (minutes for a long list: the start and its signals held up); the inference
+    # process built it with no sign of life and was killed as hung, again and again.
+    path = tmp_path / DB_NAME
+    with Watchlist(path, WatchlistConfig(max_distance=1.0)) as w:
+        w.import_entries([WatchlistEntry(f"AB{i:05d}") for i in range(12_000)])
+
+    def depth() -> str:
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            return c.execute("SELECT value FROM meta WHERE key = 'index_depth'").fetchone()[0]
+
+    deeper = WatchlistConfig(max_distance=2.0)
+    with Watchlist(path, deeper, index=False) as w:  # the sync's
+        assert depth() == "1"
+        m = w.match("XB00012")  # two edits: found by a scan, the index not deep enough
+        assert (m.match, m.plate) == ("fuzzy", "AB00012")
+    beats: list[int] = []
+    caplog.set_level(logging.INFO, logger="lprd.watchlist")
+    with Watchlist(path, deeper, progress=lambda: beats.append(1)) as w:  # inference's
+        assert depth() == "2" and w.match("XB00012").plate == "AB00012"
+    assert len(beats) >= 3
+    assert "building the fuzzy index (depth 2) for 12000 entries" in caplog.text
 
 
 def test_reopening_with_a_current_index_does_not_wait_for_a_writer(tmp_path: Path) -> None:
