@@ -18,7 +18,8 @@ from lprd.plate_match import CONFUSABLE_PAIRS, lookalike_groups, normalize_plate
 from lprd.types import Box, Candidate, CharProb, Observation, PlateEvent, WatchlistMatch
 
 # How far a plate's centre may move and still be the same track, in plate widths: a fixed slack
-# plus a speed allowance per second since the track was last seen (a few frames' gap).
+# plus a speed allowance per second since the track was last seen (a few frames' gap). A read
+# off the track's plate, once its motion is known, only the slack about where that takes it.
 MOTION_SLACK = 1.0
 MOTION_PER_SECOND = 6.0
 TOPN = 5  # candidates per event, the winner included, unless the tracker is given reader.topn
@@ -255,6 +256,7 @@ class _Track:
     box: Box
     last_text: str
     last_key: str = ""  # plate_key(last_text)
+    motion: tuple[float, float] | None = None  # its box's move per second, once read twice
     frames: int = 0
     whole: int = 0  # observations whose box lies clear of the frame's edge (see EDGE_NEAR)
     main: Voter = field(default_factory=Voter)  # the whole reads; the cut ones until there are any
@@ -299,6 +301,10 @@ class _Track:
         self._revote()
         self.frames += 1
         self.whole += not (cut or near)
+        if self.frames > 1 and obs.ts > self.last_seen:
+            step = obs.ts - self.last_seen
+            self.motion = ((obs.box[0] + obs.box[2] / 2 - self.box[0] - self.box[2] / 2) / step,
+                           (obs.box[1] + obs.box[3] / 2 - self.box[1] - self.box[3] / 2) / step)
         self.first_seen = min(self.first_seen, obs.ts)
         self.last_seen = max(self.last_seen, obs.ts)
         self.box = obs.box
@@ -623,15 +629,34 @@ class Tracker:
         if not (same_plate or self._near(t, o, overlap)):  # before the edit distances: a
             return None  # parking lot has many pairs
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
+        # Against its vote; its last read only where the vote is too far off (a plate whose
+        # reads still change as it comes into view).
         keys = (t.key, t.last_key)
-        tdist = min(text_distance(key, k) for k in keys)
-        score = 2.0 * (1.0 - tdist) + overlap
+        tdist = text_distance(key, t.key)
+        if tdist > self.cfg.max_text_distance:
+            tdist = min(tdist, text_distance(key, t.last_key))
+        # a read of its very plate goes to it ahead of a track it is a character off, however
+        # they overlap: a car pulling up where the one before it stood continues its own track
+        score = 2.0 * (1.0 - tdist) + overlap + (1.0 if same_plate else 0.0)
         if ((dt > self._gap(sure=True) and self._sure(t) and not same_plate)
                 or tdist > self.cfg.max_text_distance
-                or (dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS)):
+                or (dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS)
+                or (not same_plate and not self._in_its_path(t, o, overlap, dt))):
             # its plate running out of the picture, read short or garbled: a cut read of it
             return (score, True) if _cut_read_of(o, key, t) else None
         return score, False
+
+    def _in_its_path(self, t: _Track, o: Observation, overlap: float, dt: float) -> bool:
+        """Whether `o`'s box lies where t's motion takes its plate (MOTION_SLACK plate widths
+        about it): a read off t's plate (a misread) must, once t's motion is known. Another
+        plate a box or two away is another vehicle (the next car in a queue, one in the next
+        bay, its plate a character or three off) even in a frame that missed t's own read:
+        taken into t, it moved t's box onto that car, whose reads took t's pass from then on."""
+        if t.motion is None or overlap >= self.cfg.iou:  # read once: the motion allowance
+            return True
+        x, y, w, h = t.box
+        ahead = (round(x + t.motion[0] * dt), round(y + t.motion[1] * dt), w, h)
+        return centre_shift(ahead, o.box) <= MOTION_SLACK
 
     def _sure(self, t: _Track) -> bool:
         """Sure of its plate: its early event is out and twice the reads that took are behind

@@ -972,3 +972,22 @@ def test_open_tracks_handed_to_the_next_tracker_stay_one_pass_whatever_the_vote_
     events += second.flush(now=T0 + 20)
     assert [(e.id, e.plate, e.final) for e in events] == [("ev100", "ABC1234", True)]
     assert events[-1].frames == 12 and events[-1].first_seen == T0
+
+
+
+@pytest.mark.parametrize("plates", [("AB12CDE", "AB12XYZ"), ("8XYZ101", "8XYZ102")])
+def test_a_car_pulling_up_behind_in_a_frame_that_missed_the_first_is_its_own_pass(
+        plates: tuple[str, str]) -> None:
+    # A waits at a gate; B (a plate three or one characters off) pulls up behind it in the one
+    # frame that missed A's read. B's read joined A's track and moved its box onto B, whose
+    # reads then held A's track while A's own began a silent one: one event, B's plate.
+    a, b = plates
+    box_a, box_b = (600, 500, 120, 30), (610, 330, 100, 25)
+    seen = [[(a, box_a)]] * 25 + [[(b, box_b)]] + [[(a, box_a), (b, box_b)]] * 25
+    seen += [[(b, box_a)]] * 25  # A drives through, B moves up to the barrier
+    tr = make_tracker()
+    frames = [[obs(text, T0 + i * DT, box) for text, box in f] for i, f in enumerate(seen)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 30)
+    assert sorted((e.id, e.plate, e.final) for e in events) == [
+        ("ev1", a, False), ("ev1", a, True), ("ev2", b, False), ("ev2", b, True)]
+    assert [e.frames for e in finals(events)] == [50, 51]
