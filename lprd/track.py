@@ -281,9 +281,12 @@ class _Track:
     topn: int = TOPN
 
     def add(self, obs: Observation, cut: bool = False) -> None:
-        """Take a read; `cut`: known to be cut by the frame's edge (see EDGE_NEAR)."""
+        """Take a read; `cut`: taken for its plate cut by the frame's edge though off its text
+        (see EDGE_NEAR). Such a read neither votes nor moves the track: it may be another plate
+        entering where this one left, whose next reads would continue this track by its box
+        and its text (one pass for two cars, the second one's plate in the first one's final)."""
         r = obs.read
-        cut = cut or obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
+        taken_as_cut, cut = cut, cut or obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
         near = not cut and near_frame_edge(obs.box, obs.frame_size)
         probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [
             r.confidence] * len(r.text)
@@ -301,15 +304,17 @@ class _Track:
         self._revote()
         self.frames += 1
         self.whole += not (cut or near)
-        if self.frames > 1 and obs.ts > self.last_seen:
-            step = obs.ts - self.last_seen
-            self.motion = ((obs.box[0] + obs.box[2] / 2 - self.box[0] - self.box[2] / 2) / step,
-                           (obs.box[1] + obs.box[3] / 2 - self.box[1] - self.box[3] / 2) / step)
         self.first_seen = min(self.first_seen, obs.ts)
+        if not taken_as_cut:
+            if self.frames > 1 and obs.ts > self.last_seen:
+                step = obs.ts - self.last_seen
+                self.motion = (
+                    (obs.box[0] + obs.box[2] / 2 - self.box[0] - self.box[2] / 2) / step,
+                    (obs.box[1] + obs.box[3] / 2 - self.box[1] - self.box[3] / 2) / step)
+            self.box = obs.box
+            self.last_text = r.text
+            self.last_key = plate_key(r.text)
         self.last_seen = max(self.last_seen, obs.ts)
-        self.box = obs.box
-        self.last_text = r.text
-        self.last_key = plate_key(r.text)
         self._keep_best(obs)
 
     def _keep_best(self, obs: Observation) -> None:
