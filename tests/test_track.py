@@ -1006,3 +1006,29 @@ def test_another_plate_entering_where_a_car_just_left_does_not_take_its_pass() -
                for i, (x, text) in enumerate(b)]
     events = drive(tr, frames) + tr.flush(now=T0 + 10)
     assert [(e.id, e.plate) for e in finals(events)] == [("ev1", "ABC1234"), ("ev2", "XYZ9876")]
+
+
+def test_a_few_sharp_whole_reads_outvote_more_soft_ones_that_missed_a_character() -> None:
+    # Far off, the reader loses the first character in 5 soft reads (0.3); close by, 3 sharp
+    # whole ones (0.97). Weighed by confidence per character the length vote was nearly a
+    # count: BC1234 won, ABC1234 only its runner-up.
+    tr = make_tracker(early_confidence=1.0)
+    frames = [[obs("BC1234", T0 + i * DT, (600, 300 + 20 * i, 80, 20), [0.3 ** (1 / 6)] * 6)]
+              for i in range(5)]
+    frames += [[obs("ABC1234", T0 + i * DT, (600, 320 + 20 * i, 120, 30), [0.996] * 7)]
+               for i in range(5, 8)]
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert ev.plate == "ABC1234"
+    # reads as sure per character tie whatever their length (up to rounding): the longer wins
+    v = Voter()
+    v.add("ABC234", 0.8 ** 6, [0.8] * 6)
+    v.add("ABC1234", 0.8 ** 7, [0.8] * 7)
+    assert v.result().plate == "ABC1234"
+    # but one sure read a character longer does not outweigh three consistent unsure ones (the
+    # most probable plate would be it: a lone read has no split vote)
+    tr = make_tracker(early_confidence=1.0)
+    texts = ["ABC1234", "ABC12345", "ABC1234", "ABC1234"]
+    frames = [[obs(t, T0 + i * DT, moving_box(i), [0.99 ** (1 / 8)] * 8 if len(t) == 8
+                   else [0.5 ** (1 / 7)] * 7)] for i, t in enumerate(texts)]
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert ev.plate == "ABC1234"
