@@ -205,6 +205,7 @@ class _Camera:
     published_at: float = 0.0
     frames: int = 0  # FrameRefs seen
     file: FilePosition | None = None  # files: where a restarted capture goes on (no replay)
+    died_at: FilePosition | None = None  # files: where its capture last died
     eof: bool = False
     failed: str | None = None  # --once: why this file was given up
     drained: bool = False
@@ -686,6 +687,12 @@ class Supervisor:
                 # --once: a file whose decoder crashes, a ring /dev/shm cannot hold; retrying
                 # from the same frame will not help, and --once must end
                 why = _exit_reason(code)
+                if source_kind(cam.cfg.source) is SourceKind.FILE:
+                    cam.file, cam.died_at, skipped = resume_after_death(cam.file, cam.died_at)
+                    if skipped:
+                        log.warning("camera %s: its capture died twice at frame %d of the "
+                                    "file; going on after it (a frame the decoder cannot "
+                                    "take)", cam.name, skipped - 1)
                 if not self._schedule_restart(child, why,
                                               ONCE_MAX_DEATHS if self.once else None):
                     self._give_up_file(cam, f"its capture process died {child.failures} times "
@@ -1136,6 +1143,19 @@ def _check_writable(folder: Path) -> None:
             log.warning("storage.dir %s is read-only (a disk remounted after a fault, or a "
                         "folder outside the service's ReadWritePaths=): events wait in memory",
                         folder)
+
+
+def resume_after_death(at: FilePosition | None, died_at: FilePosition | None
+                       ) -> tuple[FilePosition | None, FilePosition | None, int]:
+    """Where a file capture that died at `at` (None: before its first frame) goes on, where
+    it last died, and the frame it skips + 1 (0: none). A second death with no frame between
+    (a decoder that crashes on one frame) skips that frame: resumed at it, it died there
+    forever."""
+    here = at or FilePosition(t0=time.time(), index=0, pos=0)
+    if died_at is None or (died_at.index, died_at.pos) != (here.index, here.pos):
+        return at, here, 0
+    # the next frame's death is a first again: two there before it is skipped too
+    return replace(here, index=here.index + 1, pos=here.pos + 1), None, here.pos + 1
 
 
 def _exit_reason(code: int | None) -> str:

@@ -1221,3 +1221,24 @@ def test_a_stop_while_a_camera_opens_an_unanswering_source_is_prompt(tmp_path, d
         srv.close()
         for c, _ in held:
             c.close()
+
+
+def test_a_file_frame_that_kills_its_capture_twice_is_skipped():
+    # A decoder that crashes on one frame of a file: the capture restarted at that frame and
+    # died there forever (with --once, up to its deaths' limit, the rest of the file unread)
+    from lprd.service import resume_after_death
+    from lprd.types import FilePosition
+
+    at = FilePosition(t0=100.0, index=40, pos=40, last=1.6)
+    resume, died, skipped = resume_after_death(at, None)  # the first death: resumed there
+    assert (resume, died, skipped) == (at, at, 0)
+    resume, died, skipped = resume_after_death(at, died)  # again, no frame between
+    assert (resume.index, resume.pos, resume.t0, died, skipped) == (41, 41, 100.0, None, 41)
+    # a death after frames came: a first death again, at its frame
+    later = FilePosition(t0=100.0, index=55, pos=55)
+    assert resume_after_death(later, FilePosition(t0=100.0, index=41, pos=41))[2] == 0
+    # before the first frame (no position yet): the second death skips frame 0
+    resume, died, _ = resume_after_death(None, None)
+    assert resume is None and (died.index, died.pos) == (0, 0)
+    resume, _, skipped = resume_after_death(None, died)
+    assert (resume.pos, skipped) == (1, 1)
