@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import os
 import re
 import socket
+import ssl
+import threading
 import urllib.error
 import urllib.request
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -19,27 +22,46 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 MAX_HEADER = 65536  # bytes of an RTSP answer's head read at most
 
 
+class _Unanswered(Exception):
+    """The camera's answer names no reason we can trust (a challenge we cannot answer)."""
+
+
 def refusal(source: str, timeout: float) -> str | None:
     """The camera's reason for refusing `source` (http(s):// or rtsp://), or None where it
-    answered nothing we can name (unreachable, silent, or it did send the stream)."""
-    parts = urlsplit(source)
-    scheme = parts.scheme.lower()
-    user = unquote(parts.username or "")
-    password = unquote(parts.password or "")
-    host = parts.hostname or ""
-    netloc = host if ":" not in host else f"[{host}]"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))  # no credentials
+    answered nothing we can name (unreachable, silent, garbled, or it did send the stream).
+    Returns within `timeout` seconds, however slowly the camera answers."""
+    got: list[str | None] = []
+    # a thread: a camera that drips its answer a byte a second held a socket's own timeout
+    # off for minutes, and the capture was killed as hung meanwhile
+    t = threading.Thread(target=lambda: got.append(_refusal(source, timeout)), daemon=True,
+                         name="camera-probe")
+    t.start()
+    t.join(timeout)
+    return got[0] if got else None
+
+
+def _refusal(source: str, timeout: float) -> str | None:
     try:
+        parts = urlsplit(source)
+        scheme = parts.scheme.lower()
+        user = unquote(parts.username or "")
+        password = unquote(parts.password or "")
+        host = parts.hostname or ""
+        netloc = host if ":" not in host else f"[{host}]"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))  # no password
         if scheme in ("http", "https"):
             code, reason = _http_status(bare, user, password, timeout)
         elif scheme == "rtsp":  # rtsps: its TLS is FFmpeg's to speak
             code, reason = _rtsp_status(host, parts.port or 554, bare, user, password, timeout)
         else:
             return None
-    except (OSError, ValueError, urllib.error.URLError):
-        return None  # no answer: "unreachable" says as much
+    # no answer, a garbled one (a port of another protocol), a URL urllib cannot take:
+    # "unreachable" says as much
+    except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException,
+            _Unanswered):
+        return None
     return _why(code, reason, bool(user))
 
 
@@ -58,8 +80,21 @@ def _why(code: int, reason: str, gave_user: bool) -> str | None:
     return f"the camera answered {said}"
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # a redirect's answer is another URL's (and its 401 came without our credentials, which
+    # urllib keeps to the first URL): it names no reason for this one
+    def redirect_request(self, *args: object, **kw: object) -> None:
+        raise _Unanswered
+
+
 def _http_status(url: str, user: str, password: str, timeout: float) -> tuple[int, str]:
-    handlers: list[urllib.request.BaseHandler] = []
+    # no certificate check: cameras' are self-signed, FFmpeg does not check them either and
+    # is given the same credentials for the same host
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    handlers: list[urllib.request.BaseHandler] = [
+        _NoRedirect(), urllib.request.HTTPSHandler(context=context)]
     if user:
         pm = urllib.request.HTTPPasswordMgrWithDefaultRealm()
         pm.add_password(None, url, user, password)
@@ -72,6 +107,9 @@ def _http_status(url: str, user: str, password: str, timeout: float) -> tuple[in
             return r.status, r.reason or ""
     except urllib.error.HTTPError as e:
         e.close()
+        if e.code == 401 and user and not re.match(
+                r"\s*(basic|digest)\b", e.headers.get("WWW-Authenticate", ""), re.IGNORECASE):
+            raise _Unanswered from None  # a scheme urllib cannot answer: no password was sent
         return e.code, str(e.reason or "")
 
 
@@ -80,8 +118,9 @@ def _rtsp_status(host: str, port: int, url: str, user: str, password: str,
     code, reason, head = _describe(host, port, url, None, 1, timeout)
     if code == 401 and user:  # the challenge answered: Digest (cameras' usual) or Basic
         auth = _authorization(head, user, password, url)
-        if auth is not None:
-            code, reason, _ = _describe(host, port, url, auth, 2, timeout)
+        if auth is None:
+            raise _Unanswered  # our password never went: its 401 says nothing of it
+        code, reason, _ = _describe(host, port, url, auth, 2, timeout)
     return code, reason
 
 
@@ -105,24 +144,30 @@ def _describe(host: str, port: int, url: str, auth: str | None, cseq: int,
 
 
 def _authorization(head: str, user: str, password: str, url: str) -> str | None:
-    """The Authorization header that answers the head's WWW-Authenticate challenge."""
+    """The Authorization header that answers the head's WWW-Authenticate challenge (Digest
+    with MD5, or Basic), or None."""
     challenges = re.findall(r"(?im)^WWW-Authenticate:\s*(.+)$", head)
     for ch in challenges:
-        if ch.lower().startswith("digest"):
-            params = dict(re.findall(r'(\w+)="?([^",]*)"?', ch[6:]))
-            realm, nonce = params.get("realm", ""), params.get("nonce", "")
+        if not ch.lower().startswith("digest"):
+            continue
+        params = dict(re.findall(r'(\w+)="?([^",]*)"?', ch[6:]))
+        if params.get("algorithm", "MD5").upper() != "MD5":
+            continue
 
-            def md5(text: str) -> str:
-                return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+        def md5(text: str) -> str:
+            return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
 
-            ha1, ha2 = md5(f"{user}:{realm}:{password}"), md5(f"DESCRIBE:{url}")
-            fields = f'username="{user}", realm="{realm}", nonce="{nonce}", uri="{url}"'
-            if "auth" in params.get("qop", "").split(","):
-                cnonce = os.urandom(8).hex()
-                resp = md5(f"{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}")
-                return f'Digest {fields}, response="{resp}", qop=auth, nc=00000001, ' \
-                       f'cnonce="{cnonce}"'
-            return f'Digest {fields}, response="{md5(f"{ha1}:{nonce}:{ha2}")}"'
+        realm, nonce = params.get("realm", ""), params.get("nonce", "")
+        ha1, ha2 = md5(f"{user}:{realm}:{password}"), md5(f"DESCRIBE:{url}")
+        fields = f'username="{user}", realm="{realm}", nonce="{nonce}", uri="{url}"'
+        if "opaque" in params:  # returned as given (RFC 2617): a camera may check it
+            fields += f', opaque="{params["opaque"]}"'
+        if "auth" in params.get("qop", "").split(","):
+            cnonce = os.urandom(8).hex()
+            resp = md5(f"{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}")
+            return f'Digest {fields}, response="{resp}", qop=auth, nc=00000001, ' \
+                   f'cnonce="{cnonce}"'
+        return f'Digest {fields}, response="{md5(f"{ha1}:{nonce}:{ha2}")}"'
     if any(ch.lower().startswith("basic") for ch in challenges):
         return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     return None

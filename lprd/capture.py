@@ -543,6 +543,8 @@ class Capture:
             if not cap.isOpened():
                 if self.kind in (SourceKind.RTSP, SourceKind.HTTP) and loud_repeat(
                         self._fails + 1):  # asked at the failures logged, kept between
+                    # a sign of life after the open's wait, before the probe's (its own)
+                    self._put(self.events, Alive(self.camera), must=True)
                     self._refusal = refusal(cfg.source, min(self.open_timeout, PROBE_TIMEOUT))
                 if self._refusal:
                     raise _Ended(f"cannot open {self.shown}: {self._refusal}")

@@ -41,14 +41,13 @@ class _Strict(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_value(cls, v: Any, info: ValidationInfo) -> Any:
-        # pydantic takes true as 1: `early_confidence: yes` became 1.0 (early events off)
+    def _no_true_for_number(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true as 1: `early_confidence: yes` became 1.0 (early events off),
+        # `port: yes` 1. false stays 0, which is "off" where 0 is (second_look: off)
         field = cls.model_fields.get(info.field_name or "")
-        if isinstance(v, bool) and field is not None and not _is_section(field) \
-                and not _takes_bool(field.annotation):
+        if v is True and field is not None and _numeric(field.annotation):
             raise PydanticCustomError(
-                "bool_not_allowed", "is true/false (YAML reads yes, no, on and off so), not "
-                "a {kind}", {"kind": _kind(field.annotation)})
+                "true_not_a_number", "is true (YAML reads yes and on so), not a number")
         return v
 
     @model_validator(mode="before")
@@ -63,26 +62,14 @@ class _Strict(BaseModel):
                 for k, v in data.items()}
 
 
-def _takes_bool(ann: Any) -> bool:
-    """Whether a field's type admits true/false (bool, or a union or Literal with it)."""
-    if ann is bool or ann is Any:
-        return True
-    origin = get_origin(ann)
-    if origin is Annotated:
-        return _takes_bool(get_args(ann)[0])
-    if origin is Literal:
-        return any(isinstance(a, bool) for a in get_args(ann))
-    return origin in (Union, types.UnionType) and any(_takes_bool(a) for a in get_args(ann))
-
-
-def _kind(ann: Any) -> str:
-    """A field's type in a word for an error message."""
-    args = [a for a in get_args(ann) if a is not type(None)] if get_origin(ann) in (
-        Union, types.UnionType) else [ann]
-    names = {int: "number", float: "number", str: "text", Path: "path"}
-    kinds = sorted({names.get(get_args(a)[0] if get_origin(a) is Annotated else a, "value")
-                    for a in args})
-    return " or ".join(kinds)
+def _numeric(ann: Any) -> bool:
+    """Whether a field's type is a number (int or float, maybe optional), not a bool."""
+    if get_origin(ann) is Annotated:
+        return _numeric(get_args(ann)[0])
+    if get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        return bool(args) and all(_numeric(a) for a in args)
+    return ann in (int, float)
 
 
 def _is_section(field: Any) -> bool:

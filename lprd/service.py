@@ -372,8 +372,12 @@ class Supervisor:
                     self.sink = JsonlSink(self.events_jsonl)
                 except (IsADirectoryError, NotADirectoryError, FileNotFoundError,
                         FileExistsError, PermissionError) as e:  # the command line's mistake: no restart mends it
-                    why = (f"{e.filename} is a file, not a folder"
-                           if isinstance(e, FileExistsError) else e.strerror or e)
+                    why = e.strerror or e
+                    if isinstance(e, FileExistsError):  # mkdir of its folder
+                        where = Path(e.filename)
+                        why = (f"{where} is a link to {os.readlink(where)}, which does not "
+                               "exist" if where.is_symlink() else f"{where} is a file, not a "
+                               "folder")
                     print_error(f"--events-jsonl {self.events_jsonl}: {why}")
                     return EXIT_CONFIG
             self._start_publisher()
@@ -706,7 +710,7 @@ class Supervisor:
             elif (child.proc is not None and not child.killed
                   and now - child.beat > self.cfg.service.hang_timeout + self._grace(cam)):
                 log.error("%s: no sign of life for %.0f s; killing it", child.name,
-                          now - child.beat)
+                          now - child.heard)
                 child.proc.kill()
                 child.killed = True  # once: a process stuck in the kernel dies when it can
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
@@ -1046,7 +1050,8 @@ class Supervisor:
                 new = self.cfg
                 kept.append(f"the new mqtt settings are refused ({e}); the running ones stay")
             else:
-                self._stop_publisher(2.0, hand_over=True)
+                # none to hand them to when MQTT is turned off: stop() says they are lost
+                self._stop_publisher(2.0, hand_over=new.mqtt.enabled)
                 try:
                     self._start_publisher()
                 except Exception:  # a reload must not end the daemon

@@ -280,6 +280,7 @@ class DigestRtspCamera:
 
     def __init__(self, user: str, password: str) -> None:
         self.user, self.password = user, password
+        self.probes = 0  # requests from lprd's own probe (its User-Agent), not FFmpeg's
         self._srv = socket.create_server(("127.0.0.1", 0))
         self.port = self._srv.getsockname()[1]
 
@@ -307,6 +308,7 @@ class DigestRtspCamera:
                 while b"\r\n\r\n" in data:
                     head, data = data.split(b"\r\n\r\n", 1)
                     text = head.decode()
+                    self.probes += "\r\nUser-Agent: lprd\r\n" in text + "\r\n"
                     method, uri = text.split(" ")[:2]
                     cseq = re.search(r"CSeq: *(\d+)", text)
                     resp = re.search(r'response="(\w+)"', text)

@@ -680,18 +680,27 @@ def test_an_mpeg_ts_stream_decoded_too_slowly_is_reopened_as_rtsp_is(
 
 
 def test_a_camera_that_refuses_the_password_says_so_in_its_state(
-        cams: Callable[..., Cam]) -> None:
+        cams: Callable[..., Cam], caplog: pytest.LogCaptureFixture) -> None:
     # a wrong password looked like a camera that is off: "unreachable, refused or not a video
     # stream", in the journal and on the state topic alike
+    from lprd.notify import loud_repeat
+
     srv = DigestRtspCamera("admin", "right").start()
+    caplog.set_level(logging.DEBUG, logger="lprd.capture")
     try:
         cam = cams(CameraConfig(source=f"rtsp://admin:wrong@127.0.0.1:{srv.port}/s1",
                                 reconnect={"initial": 0.05, "max": 0.1}), in_thread=True)
-        assert cam.pump(lambda: len(cam.errors()) >= 4, timeout=30)
-        # the same text at every retry (one retained state), asked at the loud ones only
+        assert cam.pump(lambda: len(cam.errors()) >= 6, timeout=30)
+        # the same text at every retry (one retained state)
         assert set(cam.errors()) == {
-            (f"cannot open rtsp://admin:***@127.0.0.1:{srv.port}/s1: the camera refused the "
-            "user name and password (401 Unauthorized)")}
+            f"cannot open rtsp://admin:***@127.0.0.1:{srv.port}/s1: the camera refused the "
+            + "user name and password (401 Unauthorized)"}
+        # asked at the failures the journal tells (1, 2, 4, 8 ...): two requests each, the
+        # challenge and the answer
+        cam.close()
+        failures = caplog.text.count("retrying in")
+        assert srv.probes in {2 * sum(loud_repeat(n) for n in range(1, k + 1))
+                              for k in (failures, failures + 1)}, (srv.probes, failures)
     finally:
         srv.stop()
 

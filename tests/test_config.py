@@ -154,9 +154,9 @@ BAD_CONFIGS = [
      "mqtt.tls: is a section, not a value (true): put its keys indented below it"),
     ("mqtt:\n  username: 1234\n", "mqtt.username: Input should be a valid string: quote it"),
     # pydantic took true for 1: early events silently off, port 1
-    ("tracker:\n  early_confidence: yes\n", ("tracker.early_confidence: is true/false (YAML "
-     "reads yes, no, on and off so), not a number")),
-    ("mqtt:\n  port: on\n", "mqtt.port: is true/false"),
+    ("tracker:\n  early_confidence: yes\n", ("tracker.early_confidence: is true (YAML reads "
+     "yes and on so), not a number")),
+    ("mqtt:\n  port: on\n", "mqtt.port: is true (YAML reads yes and on so), not a number"),
     # the config's own folder (/etc/lprd, read-only under the service)
     ("storage:\n  dir: ''\n", "storage.dir: is empty: give a path or URL"),
     ('reader:\n  model: "a\\0b.tflite"\n', "reader.model: holds a NUL character"),
