@@ -18,15 +18,11 @@ from lprd.plate_match import CONFUSABLE_PAIRS, lookalike_groups, normalize_plate
 from lprd.types import Box, Candidate, CharProb, Observation, PlateEvent, WatchlistMatch
 
 # How far a plate's centre may move and still be the same track, in plate widths: a fixed slack
-# plus a speed allowance per second since the track was last seen (a few frames' gap). A read
-# off the track's plate, once its motion is known, only the slack about where that takes it.
+# plus a speed allowance per second since the track was last seen (a few frames' gap).
 MOTION_SLACK = 1.0
 MOTION_PER_SECOND = 6.0
 TOPN = 5  # candidates per event, the winner included, unless the tracker is given reader.topn
 _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its length
-# The length vote weighs a read as if it had read this many characters as surely as it read
-# its own (its confidence ** (LENGTH_VOTE_CHARS / n)), see Voter.
-LENGTH_VOTE_CHARS = 8
 # After a gap in a track's reads (more than GAP_FRAMES frame intervals, and GAP_SECONDS) its box
 # may have moved far: only a read at most GAP_MAX_EDITS characters off its text (look-alikes
 # folded) joins it, or a car that pulls up where the last one waited would continue that car's
@@ -65,10 +61,6 @@ _STEPS_KEPT = 15
 # without it is all a departure shows.
 HOLD_MISSES = 1
 HOLD_MISS_STEP = 0.5
-# The reader's alternatives a voter keeps, the most probable (summed over its reads): a car
-# parked for hours brings ever new ones (19k after 30 min, 60 ms a frame to vote). Pruned to
-# this many once twice as many pile up; an event lists at most topn of them.
-_ALTS_KEPT = 32
 # Best observations kept per track, by read text: a car parked for hours is read in ever new
 # misreads, each of which would otherwise keep its frame's crop.
 _BEST_KEPT = 8
@@ -152,17 +144,12 @@ class Vote:
 class Voter:
     """Confidence-weighted vote: on the length first, then per position among reads of that length.
 
-    The winning length is the one whose reads weigh most, each read weighing its confidence
-    brought to LENGTH_VOTE_CHARS characters (confidence ** (LENGTH_VOTE_CHARS / n)): a plain
-    confidence, a product over the characters, would favour reads that missed one; the
-    confidence per character alone (** (1/n)) made the vote nearly a count, and 5 far reads
-    missing a character at 0.3 outvoted 3 sharp whole ones at 0.97. A sum, not the most
-    probable plate: there one sure misread outweighs several consistent reads (a lone read has
-    no split vote to lower its probability), and reads that missed a character win again (a
-    product with a factor fewer). Shares use plain confidences w: the length's share is its
-    summed w over all reads', and per position a read adds w times p(char) to the char it read,
-    a character's share being that over the length's summed w. A lone unsure read keeps its own
-    low probability and a split vote lowers the share.
+    The winning length is the one with the most confidence per character (confidence ** (1/n))
+    summed over its reads: a plain confidence, a product over the characters, would favour reads
+    that missed one. Shares use plain confidences w: the length's share is its summed w over all
+    reads', and per position a read adds w times p(char) to the char it read, a character's share
+    being that over the length's summed w. A lone unsure read keeps its own low probability and a
+    split vote lowers the share.
 
     The reader's own alternatives (Read.candidates) join the candidates at their mean
     probability over the reads: a plate read steadily as ABC1234 with ABC1284 its runner-up in
@@ -190,7 +177,6 @@ class Voter:
                              (self._alt_p, other._alt_p)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0.0) + v
-        self._prune_alts()
         for n, positions in other._pos_w.items():
             pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
             for mine, theirs in zip(pos, positions):
@@ -206,7 +192,7 @@ class Voter:
         if len(probs) != n:
             raise ValueError(f"{len(probs)} probabilities for the {n} characters of {text!r}")
         w = max(confidence, _MIN_WEIGHT)
-        w_len = max(max(confidence, 0.0), _MIN_WEIGHT) ** (LENGTH_VOTE_CHARS / n)
+        w_len = max(max(confidence, 0.0) ** (1 / n), _MIN_WEIGHT)
         self._length_w[n] = self._length_w.get(n, 0.0) + w
         self._pick_w[n] = self._pick_w.get(n, 0.0) + w_len
         pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
@@ -220,12 +206,6 @@ class Voter:
         for c in alternatives:
             if c.plate and c.plate != text:
                 self._alt_p[c.plate] = self._alt_p.get(c.plate, 0.0) + c.confidence
-        self._prune_alts()
-
-    def _prune_alts(self) -> None:
-        if len(self._alt_p) > 2 * _ALTS_KEPT:
-            self._alt_p = dict(heapq.nlargest(_ALTS_KEPT, self._alt_p.items(),
-                                              key=lambda kv: kv[1]))
 
     def _shares(self, n: int) -> list[list[tuple[str, float]]]:
         total = self._length_w[n]
@@ -236,9 +216,8 @@ class Voter:
         if self.empty:
             raise ValueError("no reads to vote on")
         total = sum(self._length_w.values())
-        # on a tie the longer length wins, as the shorter one may have missed a character (a
-        # tie up to rounding: reads as sure per character weigh the same at any length)
-        lengths = sorted(self._length_w, key=lambda n: (-round(self._pick_w[n], 9), -n))
+        # on an exact tie the longer length wins, as the shorter one may have missed a character
+        lengths = sorted(self._length_w, key=lambda n: (-self._pick_w[n], -n))
         best_len = lengths[0]
         shares = self._shares(best_len)
         len_share = self._length_w[best_len] / total
@@ -276,7 +255,6 @@ class _Track:
     box: Box
     last_text: str
     last_key: str = ""  # plate_key(last_text)
-    motion: tuple[float, float] | None = None  # its box's move per second, once read twice
     frames: int = 0
     whole: int = 0  # observations whose box lies clear of the frame's edge (see EDGE_NEAR)
     main: Voter = field(default_factory=Voter)  # the whole reads; the cut ones until there are any
@@ -301,12 +279,9 @@ class _Track:
     topn: int = TOPN
 
     def add(self, obs: Observation, cut: bool = False) -> None:
-        """Take a read; `cut`: taken for its plate cut by the frame's edge though off its text
-        (see EDGE_NEAR). Such a read neither votes nor moves the track: it may be another plate
-        entering where this one left, whose next reads would continue this track by its box
-        and its text (one pass for two cars, the second one's plate in the first one's final)."""
+        """Take a read; `cut`: known to be cut by the frame's edge (see EDGE_NEAR)."""
         r = obs.read
-        taken_as_cut, cut = cut, cut or obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
+        cut = cut or obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
         near = not cut and near_frame_edge(obs.box, obs.frame_size)
         probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [
             r.confidence] * len(r.text)
@@ -325,16 +300,10 @@ class _Track:
         self.frames += 1
         self.whole += not (cut or near)
         self.first_seen = min(self.first_seen, obs.ts)
-        if not taken_as_cut:
-            if self.frames > 1 and obs.ts > self.last_seen:
-                step = obs.ts - self.last_seen
-                self.motion = (
-                    (obs.box[0] + obs.box[2] / 2 - self.box[0] - self.box[2] / 2) / step,
-                    (obs.box[1] + obs.box[3] / 2 - self.box[1] - self.box[3] / 2) / step)
-            self.box = obs.box
-            self.last_text = r.text
-            self.last_key = plate_key(r.text)
         self.last_seen = max(self.last_seen, obs.ts)
+        self.box = obs.box
+        self.last_text = r.text
+        self.last_key = plate_key(r.text)
         self._keep_best(obs)
 
     def _keep_best(self, obs: Observation) -> None:
@@ -654,34 +623,15 @@ class Tracker:
         if not (same_plate or self._near(t, o, overlap)):  # before the edit distances: a
             return None  # parking lot has many pairs
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
-        # Against its vote; its last read only where the vote is too far off (a plate whose
-        # reads still change as it comes into view).
         keys = (t.key, t.last_key)
-        tdist = text_distance(key, t.key)
-        if tdist > self.cfg.max_text_distance:
-            tdist = min(tdist, text_distance(key, t.last_key))
-        # a read of its very plate goes to it ahead of a track it is a character off, however
-        # they overlap: a car pulling up where the one before it stood continues its own track
-        score = 2.0 * (1.0 - tdist) + overlap + (1.0 if same_plate else 0.0)
+        tdist = min(text_distance(key, k) for k in keys)
+        score = 2.0 * (1.0 - tdist) + overlap
         if ((dt > self._gap(sure=True) and self._sure(t) and not same_plate)
                 or tdist > self.cfg.max_text_distance
-                or (dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS)
-                or (not same_plate and not self._in_its_path(t, o, overlap, dt))):
+                or (dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS)):
             # its plate running out of the picture, read short or garbled: a cut read of it
             return (score, True) if _cut_read_of(o, key, t) else None
         return score, False
-
-    def _in_its_path(self, t: _Track, o: Observation, overlap: float, dt: float) -> bool:
-        """Whether `o`'s box lies where t's motion takes its plate (MOTION_SLACK plate widths
-        about it): a read off t's plate (a misread) must, once t's motion is known. Another
-        plate a box or two away is another vehicle (the next car in a queue, one in the next
-        bay, its plate a character or three off) even in a frame that missed t's own read:
-        taken into t, it moved t's box onto that car, whose reads took t's pass from then on."""
-        if t.motion is None or overlap >= self.cfg.iou:  # read once: the motion allowance
-            return True
-        x, y, w, h = t.box
-        ahead = (round(x + t.motion[0] * dt), round(y + t.motion[1] * dt), w, h)
-        return centre_shift(ahead, o.box) <= MOTION_SLACK
 
     def _sure(self, t: _Track) -> bool:
         """Sure of its plate: its early event is out and twice the reads that took are behind
