@@ -338,6 +338,17 @@ def test_events_submitted_before_the_broker_is_reachable_arrive_once_it_is(
     assert [e["id"] for e in first_seen_order(msgs)] == [e.id for e in events]
 
 
+def fill_the_disk(pub: Publisher, camera: str = "gate", pad: int = 100) -> None:
+    """A real full disk for SQLite: the outbox may not grow, and what room it had is filled
+    (with events of `camera`)."""
+    db = pub.outbox._db
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for i in range(10_000):
+            pub.outbox.put([OutboxMessage(f"fill{i}", camera, "event", "plate", json.dumps(
+                {"id": f"fill{i}", "pad": "x" * pad}).encode())])
+
+
 def test_an_event_the_outbox_cannot_store_waits_in_memory_for_the_broker(
         mosquitto: Any, mqtt_subscriber: Callable[..., Any],
         publisher: Callable[..., Publisher]) -> None:
@@ -345,13 +356,7 @@ def test_an_event_the_outbox_cannot_store_waits_in_memory_for_the_broker(
     mosquitto.stop()
     pub = publisher(mosquitto, connect=False)
 
-    # a real full disk for SQLite: the outbox may not grow, and what room it had is filled
-    db = pub.outbox._db
-    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
-    with pytest.raises(sqlite3.OperationalError, match="full"):
-        for i in range(10_000):
-            pub.outbox.put([OutboxMessage(f"fill{i}", "gate", "event", "plate",
-                                          json.dumps({"id": f"fill{i}", "pad": "x" * 100}).encode())])
+    fill_the_disk(pub)
     ev = make_event(1, camera="back")
     pub.submit(ev)  # the broker is away and the disk is full: before, the event was dropped
     time.sleep(0.3)
@@ -369,12 +374,7 @@ def test_events_waiting_in_memory_go_to_a_reload_s_next_publisher(
     sub = mqtt_subscriber(mosquitto, "lprd/+/plate", client_id="carry-sub", persistent=True)
     mosquitto.stop()
     pub = publisher(mosquitto, connect=False)
-    db = pub.outbox._db
-    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
-    with pytest.raises(sqlite3.OperationalError, match="full"):
-        for i in range(10_000):
-            pub.outbox.put([OutboxMessage(f"fill{i}", "gate", "event", "plate",
-                                          json.dumps({"id": f"fill{i}", "pad": "x" * 100}).encode())])
+    fill_the_disk(pub)
     evs = [make_event(i, camera="back") for i in (1, 2)]
     for ev in evs:
         pub.submit(ev)
@@ -447,12 +447,7 @@ def test_an_action_the_outbox_could_not_store_is_not_sent_late_either(
     sub = mqtt_subscriber(mosquitto, "lprd/gate/#", client_id="direct-sub", persistent=True)
     mosquitto.stop()
     pub = publisher(mosquitto, connect=False, action_max_age=1)
-    db = pub.outbox._db  # a full disk, as in the test above
-    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
-    with pytest.raises(sqlite3.OperationalError, match="full"):
-        for i in range(10_000):
-            pub.outbox.put([OutboxMessage(f"fill{i}", "back", "event", "plate",
-                                          json.dumps({"id": f"fill{i}", "pad": "x" * 100}).encode())])
+    fill_the_disk(pub, "back")
     pub.submit(make_event(1, action="allow"))
     time.sleep(1.5)
     mosquitto.start()
@@ -1312,12 +1307,7 @@ def test_an_event_in_memory_over_the_broker_s_packet_limit_goes_without_its_crop
     # The events a full disk keeps in memory went to paho whole: the broker disconnected us,
     # paho sent it first again after each reconnect, and nothing more was delivered.
     sub, pub = _small_packet_broker(mosquitto_factory, mqtt_subscriber, publisher, caplog)
-    db = pub.outbox._db  # a full disk
-    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
-    with pytest.raises(sqlite3.OperationalError, match="full"):
-        for i in range(10_000):
-            pub.outbox.put([OutboxMessage(f"fill{i}", "back", "event", "plate",
-                                          json.dumps({"id": f"fill{i}"}).encode())])
+    fill_the_disk(pub, "back", pad=0)
     pub.submit(make_event(1, crop=os.urandom(9000)))
     pub.submit(make_event(2))
     sub.wait_for(lambda ms: {m.json()["id"] for m in ms} >= {"ev-gate-00001", "ev-gate-00002"},
