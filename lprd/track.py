@@ -252,9 +252,11 @@ def _top_strings(shares: list[list[tuple[str, float]]], k: int) -> list[tuple[st
 class _Track:
     first_seen: float
     last_seen: float
-    box: Box
-    last_text: str
+    box: Box  # its plate's: moved by its own reads, not by one taken only as its plate cut
+    last_text: str  # the read that last moved `box`
     last_key: str = ""  # plate_key(last_text)
+    box_seen: float = 0.0  # when `box` was read
+    read_box: Box = (0, 0, 0, 0)  # the last read's box, whichever moved `box` or not
     frames: int = 0
     whole: int = 0  # observations whose box lies clear of the frame's edge (see EDGE_NEAR)
     main: Voter = field(default_factory=Voter)  # the whole reads; the cut ones until there are any
@@ -279,8 +281,13 @@ class _Track:
     topn: int = TOPN
 
     def add(self, obs: Observation, cut: bool = False) -> None:
-        """Take a read; `cut`: known to be cut by the frame's edge (see EDGE_NEAR)."""
+        """Take a read; `cut`: taken for its plate cut by the frame's edge though off its text
+        (see EDGE_NEAR). Such a read does not move its box, last text or last key: it may be
+        another plate entering where this one left, whose next reads would continue this track
+        by its box and its text (one pass for two cars, the second one's plate in the first
+        one's final)."""
         r = obs.read
+        moves = not cut
         cut = cut or obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
         near = not cut and near_frame_edge(obs.box, obs.frame_size)
         probs = [c.p for c in r.chars] if len(r.chars) == len(r.text) else [
@@ -301,9 +308,11 @@ class _Track:
         self.whole += not (cut or near)
         self.first_seen = min(self.first_seen, obs.ts)
         self.last_seen = max(self.last_seen, obs.ts)
-        self.box = obs.box
-        self.last_text = r.text
-        self.last_key = plate_key(r.text)
+        self.read_box = obs.box
+        if moves:
+            self.box, self.box_seen = obs.box, obs.ts
+            self.last_text = r.text
+            self.last_key = plate_key(r.text)
         self._keep_best(obs)
 
     def _keep_best(self, obs: Observation) -> None:
@@ -619,7 +628,8 @@ class Tracker:
             return None
         # The same plate text is the same vehicle wherever it shows up (a missed stretch of frames).
         same_plate = key == t.key
-        overlap = iou(t.box, o.box)
+        # where the plate was read last, or where a read that did not move its box was
+        overlap = max(iou(t.box, o.box), iou(t.read_box, o.box))
         if not (same_plate or self._near(t, o, overlap)):  # before the edit distances: a
             return None  # parking lot has many pairs
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
@@ -653,16 +663,18 @@ class Tracker:
         return min(gap, GAP_SHARE * self._timeout()) if sure else gap
 
     def _near(self, t: _Track, o: Observation, overlap: float) -> bool:
-        dt = max(o.ts - t.last_seen, 0.0)
-        return (overlap >= self.cfg.iou
-                or centre_shift(t.box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * dt)
+        """Near its last read (the speed allowance since then), or near its plate's box (the
+        allowance since that was read): a read that did not move the box narrows nothing."""
+        return overlap >= self.cfg.iou or any(
+            centre_shift(box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * max(o.ts - ts, 0.0)
+            for box, ts in ((t.read_box, t.last_seen), (t.box, t.box_seen)))
 
     def _doubted(self, o: Observation, key: str) -> _Track | None:
         """The sure pass that refused `o` after a gap though it is one character off, if any."""
         for t in self._tracks:
             if (self._sure(t) and t.id is not None
                     and o.ts - t.last_seen <= self._timeout()
-                    and self._near(t, o, iou(t.box, o.box))
+                    and self._near(t, o, max(iou(t.box, o.box), iou(t.read_box, o.box)))
                     and levenshtein(key, t.key) <= GAP_MAX_EDITS):
                 return t
         return None

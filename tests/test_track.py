@@ -972,3 +972,19 @@ def test_open_tracks_handed_to_the_next_tracker_stay_one_pass_whatever_the_vote_
     events += second.flush(now=T0 + 20)
     assert [(e.id, e.plate, e.final) for e in events] == [("ev100", "ABC1234", True)]
     assert events[-1].frames == 12 and events[-1].first_seen == T0
+
+
+def test_another_plate_entering_where_a_car_just_left_does_not_take_its_pass() -> None:
+    # A two-way road: A leaves at the right edge, B enters there in the other lane the next
+    # frame. B's first, cut read joined A as A's plate cut (the edge rule) and moved A's box
+    # and last read onto B; B's later reads continued A's track: A's final said XYZ9876, B had
+    # no event.
+    tr = make_tracker()
+    frames = [[obs("ABC1234", T0 + i * DT, (min(400 + 70 * i, 1160), 500, 120, 30))]
+              for i in range(12)]
+    b = [(1200, "XYZ9"), (1170, "XYZ98"), (1140, "XYZ987")] + [(1100 - 50 * i, "XYZ9876")
+                                                              for i in range(12)]
+    frames += [[obs(text, T0 + (12 + i) * DT, (x, 450, min(120, 1280 - x), 30))]
+               for i, (x, text) in enumerate(b)]
+    events = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert [(e.id, e.plate) for e in finals(events)] == [("ev1", "ABC1234"), ("ev2", "XYZ9876")]
