@@ -280,12 +280,14 @@ class _Track:
     key: str = ""  # plate_key of the vote
     topn: int = TOPN
 
-    def add(self, obs: Observation, cut: bool = False) -> None:
+    def add(self, obs: Observation, cut: bool = False, stray: bool = False) -> None:
         """Take a read; `cut`: taken for its plate cut by the frame's edge though off its text
         (see EDGE_NEAR). Such a read does not move its box, last text or last key: it may be
         another plate entering where this one left, whose next reads would continue this track
         by its box and its text (one pass for two cars, the second one's plate in the first
-        one's final)."""
+        one's final). Nor does a `stray` one (clear of its box, its vote settled) that leaves
+        the vote as it was: it may be a car beside or behind this one in a frame that missed
+        this one's read, whose next reads would take the track from this one's own."""
         r = obs.read
         moves = not cut
         cut = cut or obs.cut or cut_by_frame_edge(obs.box, obs.frame_size)
@@ -304,6 +306,7 @@ class _Track:
                 self.main.add(r.text, r.confidence, probs, r.candidates)
         self.longest = max(self.longest, len(r.text))
         self._revote()
+        moves = moves and not (stray and plate_key(r.text) != self.key)
         self.frames += 1
         self.whole += not (cut or near)
         self.first_seen = min(self.first_seen, obs.ts)
@@ -606,8 +609,13 @@ class Tracker:
                 continue
             used_o.add(oi)
             used_t.add(ti)
-            self._tracks[ti].add(obs[oi], cut=cut)
-            touched.append(self._tracks[ti])
+            t = self._tracks[ti]
+            # a read clear of its box, once its vote has enough reads for an early event, moves
+            # it only if it takes the vote (see _Track.add): a misread or another car's plate
+            stray = (iou(t.box, obs[oi].box) < self.cfg.iou
+                     and t.voter.reads >= self._early_frames)
+            t.add(obs[oi], cut=cut, stray=stray)
+            touched.append(t)
         for oi, o in enumerate(obs):
             if oi not in used_o:
                 doubted = self._doubted(o, keys[oi])
