@@ -23,6 +23,9 @@ MOTION_SLACK = 1.0
 MOTION_PER_SECOND = 6.0
 TOPN = 5  # candidates per event, the winner included, unless the tracker is given reader.topn
 _MIN_WEIGHT = 1e-3  # a read of confidence 0 still counts a little toward its length
+# The length vote weighs a read by its confidence per character to this power (its confidence
+# ** (LENGTH_VOTE_CHARS / n)), see Voter.
+LENGTH_VOTE_CHARS = 4
 # After a gap in a track's reads (more than GAP_FRAMES frame intervals, and GAP_SECONDS) its box
 # may have moved far: only a read at most GAP_MAX_EDITS characters off its text (look-alikes
 # folded) joins it, or a car that pulls up where the last one waited would continue that car's
@@ -144,12 +147,18 @@ class Vote:
 class Voter:
     """Confidence-weighted vote: on the length first, then per position among reads of that length.
 
-    The winning length is the one with the most confidence per character (confidence ** (1/n))
-    summed over its reads: a plain confidence, a product over the characters, would favour reads
-    that missed one. Shares use plain confidences w: the length's share is its summed w over all
-    reads', and per position a read adds w times p(char) to the char it read, a character's share
-    being that over the length's summed w. A lone unsure read keeps its own low probability and a
-    split vote lowers the share.
+    The winning length is the one whose reads weigh most, a read weighing its confidence per
+    character to the power LENGTH_VOTE_CHARS (confidence ** (LENGTH_VOTE_CHARS / n)): a plain
+    confidence, a product over the characters, would favour reads that missed one. The power
+    sets how many soft reads a sharp one is worth. At 1 the vote was nearly a count, and 5 far
+    reads missing a character at 0.3 outvoted 3 sharp whole ones at 0.97; at 8 a few sharp
+    reads with a spurious character (a bolt read as I or 1, 3 at 0.95) outvoted twice as many
+    right ones at 0.45, and 3 sharp reads of a two-row plate's lower row (0.95) 5 whole ones at
+    0.55. Those pulls are alike (a character more or fewer at an end), only the confidences
+    tell them apart; 4 takes both (2.6 to 5.5 would). Shares use plain confidences w: the
+    length's share is its summed w over all reads', and per position a read adds w times
+    p(char) to the char it read, a character's share being that over the length's summed w. A
+    lone unsure read keeps its own low probability and a split vote lowers the share.
 
     The reader's own alternatives (Read.candidates) join the candidates at their mean
     probability over the reads: a plate read steadily as ABC1234 with ABC1284 its runner-up in
@@ -192,7 +201,7 @@ class Voter:
         if len(probs) != n:
             raise ValueError(f"{len(probs)} probabilities for the {n} characters of {text!r}")
         w = max(confidence, _MIN_WEIGHT)
-        w_len = max(max(confidence, 0.0) ** (1 / n), _MIN_WEIGHT)
+        w_len = max(max(confidence, 0.0) ** (LENGTH_VOTE_CHARS / n), _MIN_WEIGHT)
         self._length_w[n] = self._length_w.get(n, 0.0) + w
         self._pick_w[n] = self._pick_w.get(n, 0.0) + w_len
         pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
@@ -216,8 +225,9 @@ class Voter:
         if self.empty:
             raise ValueError("no reads to vote on")
         total = sum(self._length_w.values())
-        # on an exact tie the longer length wins, as the shorter one may have missed a character
-        lengths = sorted(self._length_w, key=lambda n: (-self._pick_w[n], -n))
+        # on a tie the longer length wins, as the shorter one may have missed a character (a
+        # tie up to rounding: reads as sure per character weigh the same at any length)
+        lengths = sorted(self._length_w, key=lambda n: (-round(self._pick_w[n], 9), -n))
         best_len = lengths[0]
         shares = self._shares(best_len)
         len_share = self._length_w[best_len] / total

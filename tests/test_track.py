@@ -1038,3 +1038,39 @@ def test_a_misread_off_a_one_step_motion_prediction_joins_its_pass() -> None:
             events += tr.update([], now=T0 + 2.0)
     events += tr.flush(now=T0 + 30)
     assert [e.plate for e in finals(events)] == ["ABC1234"]
+
+
+def test_a_few_sharp_whole_reads_outvote_more_soft_ones_that_missed_a_character() -> None:
+    # Far off, the reader loses the first character in 5 soft reads (0.3); close by, 3 sharp
+    # whole ones (0.97). Weighed by confidence per character the length vote was nearly a
+    # count: BC1234 won, ABC1234 only its runner-up.
+    tr = make_tracker(early_confidence=1.0)
+    frames = [[obs("BC1234", T0 + i * DT, (600, 300 + 20 * i, 80, 20), [0.3 ** (1 / 6)] * 6)]
+              for i in range(5)]
+    frames += [[obs("ABC1234", T0 + i * DT, (600, 320 + 20 * i, 120, 30), [0.996] * 7)]
+               for i in range(5, 8)]
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert ev.plate == "ABC1234"
+    # reads as sure per character tie whatever their length (up to rounding): the longer wins
+    v = Voter()
+    v.add("ABC234", 0.8 ** 6, [0.8] * 6)
+    v.add("ABC1234", 0.8 ** 7, [0.8] * 7)
+    assert v.result().plate == "ABC1234"
+
+
+@pytest.mark.parametrize(("right", "wrong"), [
+    (("ABC123", 0.45, 6), ("ABC123I", 0.95, 3)),  # a bolt read as a 7th character
+    (("ABC123", 0.6, 5), ("ABC1231", 0.97, 3)),
+    (("AB1234", 0.55, 5), ("1234", 0.95, 3)),  # a two-row plate's lower row read alone
+    (("ABC1234", 0.5, 3), ("ABC12345", 0.99, 1)),  # one sure read a character longer
+])
+def test_many_right_reads_outvote_a_few_sharp_ones_a_character_or_two_off_at_an_end(
+        right: tuple[str, float, int], wrong: tuple[str, float, int]) -> None:
+    # Weighed by confidence brought to 8 characters (the first try at the fix above) the
+    # sharp reads of the wrong length won every one of these.
+    tr = make_tracker(early_confidence=1.0)
+    texts = [right[:2]] * right[2] + [wrong[:2]] * wrong[2]
+    frames = [[obs(t, T0 + i * DT, moving_box(i, dx=30), [c ** (1 / len(t))] * len(t))]
+              for i, (t, c) in enumerate(texts)]
+    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
+    assert ev.plate == right[0]
