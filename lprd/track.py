@@ -64,6 +64,11 @@ _STEPS_KEPT = 15
 # without it is all a departure shows.
 HOLD_MISSES = 1
 HOLD_MISS_STEP = 0.5
+# The reader's alternatives a voter keeps, the most probable (summed over its reads): a car
+# parked for hours brings ever new ones (19k after 30 min, 60 ms a frame to vote). Pruned to
+# this many once twice as many pile up; at least reader.topn's most (50), so that an event can
+# still list topn of them.
+_ALTS_KEPT = 64
 # Best observations kept per track, by read text: a car parked for hours is read in ever new
 # misreads, each of which would otherwise keep its frame's crop.
 _BEST_KEPT = 8
@@ -186,6 +191,7 @@ class Voter:
                              (self._alt_p, other._alt_p)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0.0) + v
+        self._prune_alts()
         for n, positions in other._pos_w.items():
             pos = self._pos_w.setdefault(n, [{} for _ in range(n)])
             for mine, theirs in zip(pos, positions):
@@ -215,6 +221,12 @@ class Voter:
         for c in alternatives:
             if c.plate and c.plate != text:
                 self._alt_p[c.plate] = self._alt_p.get(c.plate, 0.0) + c.confidence
+        self._prune_alts()
+
+    def _prune_alts(self) -> None:
+        if len(self._alt_p) > 2 * _ALTS_KEPT:
+            self._alt_p = dict(heapq.nlargest(_ALTS_KEPT, self._alt_p.items(),
+                                              key=lambda kv: kv[1]))
 
     def _shares(self, n: int) -> list[list[tuple[str, float]]]:
         total = self._length_w[n]

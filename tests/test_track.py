@@ -1074,3 +1074,26 @@ def test_many_right_reads_outvote_a_few_sharp_ones_a_character_or_two_off_at_an_
               for i, (t, c) in enumerate(texts)]
     (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
     assert ev.plate == right[0]
+
+
+def test_a_car_parked_for_hours_keeps_a_bounded_number_of_reader_alternatives() -> None:
+    # Each frame's alternatives were kept for good: a car read for 30 min had 19k of them, and
+    # its vote took 60 ms a frame. The steady runner-up stays among the candidates, and an
+    # event can still list reader.topn's most (50).
+    counter = ids()
+    tr = Tracker(TrackerConfig(early_confidence=1.0, track_timeout=600), "gate",
+                 new_id=lambda: f"ev{next(counter)}", topn=50)
+    rng = np.random.default_rng(5)
+    for i in range(600):
+        o = obs("ABC1234", T0 + i * DT, (600, 500, 120, 30))
+        noise = [Candidate("ABC" + "".join(rng.choice(list("0123456789"), 4)), 0.01)
+                 for _ in range(4)]
+        read = Read(o.read.text, o.read.confidence, o.read.chars,
+                    (Candidate("ABC1284", 0.2), *noise))
+        tr.update([Observation(o.camera, o.seq, o.ts, o.box, o.frame_size, o.det_score, read)],
+                  now=o.ts)
+    (t,) = tr._tracks
+    assert len(t.voter._alt_p) <= 128
+    (ev,) = tr.flush(now=T0 + 1000)
+    assert [c.plate for c in ev.candidates][:2] == ["ABC1234", "ABC1284"]
+    assert len(ev.candidates) == 50
