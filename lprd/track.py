@@ -586,6 +586,7 @@ class Tracker:
         for t in self._tracks:
             t.first_seen += delta
             t.last_seen += delta
+            t.box_seen += delta  # else a forward step's allowance since it reached every box
         for p in self._passes.values():
             p.last_seen += delta
         if self._frame_ts is not None:

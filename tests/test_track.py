@@ -1097,3 +1097,16 @@ def test_a_car_parked_for_hours_keeps_a_bounded_number_of_reader_alternatives() 
     (ev,) = tr.flush(now=T0 + 1000)
     assert [c.plate for c in ev.candidates][:2] == ["ABC1234", "ABC1284"]
     assert len(ev.candidates) == 50
+
+
+def test_a_forward_clock_step_leaves_a_track_s_reach_as_it_was() -> None:
+    # The allowance for where a plate may be now grows with the time since its box was read:
+    # a box without RTC that syncs from 1970 made that 1e9 s for every open track, and a
+    # car's read at the far side of the frame, a character off, joined another car's pass.
+    tr = make_tracker(early_confidence=1.0)
+    frames = [[obs("STEP123", T0 + i * DT, (100, 500, 120, 30))] for i in range(5)]
+    assert drive(tr, frames) == []
+    tr.shift_clock(1e9)
+    ts = T0 + 5 * DT + 1e9
+    tr.update([obs("STEP128", ts, (1100, 200, 120, 30))], now=ts)
+    assert sorted(e.plate for e in tr.flush(now=ts + 10)) == ["STEP123", "STEP128"]
