@@ -147,7 +147,7 @@ def file_url_path(url: str) -> str:
     return url2pathname(urlsplit(url).path)
 
 
-def _file_url_path(v: str) -> str:
+def _file_url_path(v: str | None) -> str | None:
     # file:///srv/clip.mp4 passed as a file, and capture then looked for the file
     # "file:/srv/clip.mp4" forever
     if v is None or not v.lower().startswith("file:/"):
