@@ -277,8 +277,8 @@ class _Track:
     box: Box  # its plate's: moved by its own reads, not by one taken only as its plate cut
     last_text: str  # the read that last moved `box`
     last_key: str = ""  # plate_key(last_text)
-    box_seen: float = 0.0  # when `box` was read
     read_box: Box = (0, 0, 0, 0)  # the last read's box, whichever moved `box` or not
+    read_key: str = ""  # plate_key of the last read, whichever moved `box` or not
     frames: int = 0
     whole: int = 0  # observations whose box lies clear of the frame's edge (see EDGE_NEAR)
     main: Voter = field(default_factory=Voter)  # the whole reads; the cut ones until there are any
@@ -334,8 +334,9 @@ class _Track:
         self.first_seen = min(self.first_seen, obs.ts)
         self.last_seen = max(self.last_seen, obs.ts)
         self.read_box = obs.box
+        self.read_key = plate_key(r.text)
         if moves:
-            self.box, self.box_seen = obs.box, obs.ts
+            self.box = obs.box
             self.last_text = r.text
             self.last_key = plate_key(r.text)
         self._keep_best(obs)
@@ -586,7 +587,6 @@ class Tracker:
         for t in self._tracks:
             t.first_seen += delta
             t.last_seen += delta
-            t.box_seen += delta  # else a forward step's allowance since it reached every box
         for p in self._passes.values():
             p.last_seen += delta
         if self._frame_ts is not None:
@@ -669,7 +669,8 @@ class Tracker:
         score = 2.0 * (1.0 - tdist) + overlap
         if ((dt > self._gap(sure=True) and self._sure(t) and not same_plate)
                 or tdist > self.cfg.max_text_distance
-                or (dt > self._gap() and min(levenshtein(key, k) for k in keys) > GAP_MAX_EDITS)):
+                or (dt > self._gap() and min(levenshtein(key, k) for k in (*keys, t.read_key))
+                    > GAP_MAX_EDITS)):
             # its plate running out of the picture, read short or garbled: a cut read of it
             return (score, True) if _cut_read_of(o, key, t) else None
         return score, False
@@ -694,11 +695,13 @@ class Tracker:
         return min(gap, GAP_SHARE * self._timeout()) if sure else gap
 
     def _near(self, t: _Track, o: Observation, overlap: float) -> bool:
-        """Near its last read (the speed allowance since then), or near its plate's box (the
-        allowance since that was read): a read that did not move the box narrows nothing."""
+        """Near its last read or its plate's box, with the speed allowance since its last
+        read: a read that did not move the box narrows nothing. (Not since the box was read:
+        that grew through a still spell or a reload's hand-over, whose time counts as seen,
+        and a waiting car's track reached across the frame.)"""
         return overlap >= self.cfg.iou or any(
             centre_shift(box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * max(o.ts - ts, 0.0)
-            for box, ts in ((t.read_box, t.last_seen), (t.box, t.box_seen)))
+            for box, ts in ((t.read_box, t.last_seen), (t.box, t.last_seen)))
 
     def _doubted(self, o: Observation, key: str) -> _Track | None:
         """The sure pass that refused `o` after a gap though it is one character off, if any."""

@@ -1110,3 +1110,41 @@ def test_a_forward_clock_step_leaves_a_track_s_reach_as_it_was() -> None:
     ts = T0 + 5 * DT + 1e9
     tr.update([obs("STEP128", ts, (1100, 200, 120, 30))], now=ts)
     assert sorted(e.plate for e in tr.flush(now=ts + 10)) == ["STEP123", "STEP128"]
+
+
+def test_a_car_read_far_off_after_a_still_spell_is_not_a_waiting_car_s_pass() -> None:
+    # The reach of a track's plate box grew with the time since that box was read, and a
+    # still spell (hold) or a reload's hand-over counts as seen: after a second of either, a
+    # car a plate's text distance off, read anywhere in the frame while the waiting one was
+    # missed, joined the waiting car's pass and was never reported
+    for held in (1.0, 3.0):
+        tr = make_tracker()
+        events, ts = [], T0
+        for i in range(10):
+            ts = T0 + i * 0.2
+            events += tr.update([obs("AB12CDE", ts, (300, 450, 120, 27))], now=ts)
+        for _ in range(round(held / 0.2)):
+            ts += 0.2
+            tr.hold(ts)
+            events += tr.tick(ts)
+        for i in range(5):
+            ts += 0.2
+            events += tr.update([obs("AB12XYZ", ts, (700 + 10 * i, 300, 120, 27))], now=ts)
+        events += tr.flush(now=ts + 30)
+        assert {e.plate for e in events if e.final} == {"AB12CDE", "AB12XYZ"}, held
+
+
+def test_a_car_whose_first_reads_were_wrong_stays_one_pass_across_a_gap() -> None:
+    # A read that did not take the vote (the car's right reads while its far, wrong ones
+    # still held it) left the track's last read as the wrong one: after a gap the gap rule
+    # (a character from its text) refused the right reads, and the car was two passes
+    tr = make_tracker()
+    texts = ["ABC1784"] * 4 + [None, "ABC1234", None, None, None] + ["ABC1234"] * 5
+    events = []
+    for i, text in enumerate(texts):
+        ts = T0 + i * 0.2
+        box = (560 - 2 * i, 300 + 28 * i, 100 + 4 * i, 22 + i)  # approaching: it grows, comes down
+        frame = [obs(text, ts, box, probs=[0.93] * 7)] if text else []  # 0.6 a read
+        events += tr.update(frame, now=ts)
+    events += tr.flush(now=T0 + 30)
+    assert [e.plate for e in events if e.final] == ["ABC1234"]
