@@ -1147,26 +1147,27 @@ print(db.execute("SELECT event_id FROM messages WHERE kind = 'event'").fetchall(
 """
 
 
+def _disk_full_child(script: str, tmp_path: Path) -> str:
+    """Run `script` (a publisher whose disk takes no byte at first) in a child; its stderr,
+    once it printed that the event is on disk in the end."""
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "st"), str(free_port())],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[('ev-mem',)]"
+    return run.stderr
+
+
 def test_a_reload_hands_the_memory_outbox_s_events_to_the_next_publisher(
         tmp_path: Path) -> None:
     # the outbox never opened (a full disk at the start): a reload's stop logged its events
     # as lost; the next publisher, whose outbox opens, keeps them on disk
-    run = subprocess.run([sys.executable, "-c", MEMORY_OUTBOX_RELOAD_CHILD, str(tmp_path / "st"),
-                          str(free_port())], capture_output=True, text=True, timeout=60,
-                         check=False)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[('ev-mem',)]"
-    assert "are lost" not in run.stderr
+    assert "are lost" not in _disk_full_child(MEMORY_OUTBOX_RELOAD_CHILD, tmp_path)
 
 
 def test_an_outbox_that_cannot_be_opened_waits_in_memory_then_moves_to_disk(
         tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-c", DISK_FULL_AT_START_CHILD, str(tmp_path / "st"),
-                          str(free_port())], capture_output=True, text=True, timeout=60,
-                         check=False)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[('ev-mem',)]"
-    assert "events wait in memory" in run.stderr and "moved there from memory" in run.stderr
+    err = _disk_full_child(DISK_FULL_AT_START_CHILD, tmp_path)
+    assert "events wait in memory" in err and "moved there from memory" in err
 
 
 # -- what the broker refuses (MQTT 5) -----------------------------------------------------------
