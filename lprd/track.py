@@ -11,7 +11,7 @@ import statistics
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from lprd.config import TrackerConfig
 from lprd.plate_match import CONFUSABLE_PAIRS, lookalike_groups, normalize_plate
@@ -459,6 +459,16 @@ class _Pass:
     last_seen: float
 
 
+def _fill_missing(t: _Track) -> None:
+    """Give a track handed over by an older lprd (an upgrade in place, then a reload) the
+    fields it lacks, at their defaults: unpickled, they were unset, and its first update raised
+    (the handed tracks lost, the worker restarted)."""
+    for f in fields(t):
+        if not hasattr(t, f.name):
+            setattr(t, f.name, f.default_factory() if f.default_factory is not MISSING
+                    else f.default)
+
+
 class Tracker:
     """Per-camera tracker: `update` with each analysed frame's observations (none, without
     reads), `hold` then `tick` for a frame skipped for want of motion, `tick` alone while no
@@ -602,6 +612,7 @@ class Tracker:
         """Take the open tracks an earlier tracker of this camera handed over; the time the
         hand-over took counts as held (no frame was analysed meanwhile)."""
         for t in tracks:
+            _fill_missing(t)
             t.last_seen = max(t.last_seen, now)
             t.missed = 0
             self._tracks.append(t)

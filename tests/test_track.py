@@ -1148,3 +1148,20 @@ def test_a_car_whose_first_reads_were_wrong_stays_one_pass_across_a_gap() -> Non
         events += tr.update(frame, now=ts)
     events += tr.flush(now=T0 + 30)
     assert [e.plate for e in events if e.final] == ["ABC1234"]
+
+
+def test_a_track_handed_over_by_an_older_lprd_lacks_no_field() -> None:
+    # An upgrade in place, then a reload: the tracks the old worker pickled lack the fields
+    # this version added (read_box, read_key); unpickled they were unset, and the new
+    # worker's first update raised (the handed tracks lost, the worker restarted)
+    import pickle
+
+    first = make_tracker()
+    drive(first, [[obs("OLD1234", T0 + i * DT, moving_box(i))] for i in range(3)])
+    (t,) = first.take_open()
+    del t.read_box, t.read_key  # as an older class left them
+    second = make_tracker()
+    second.adopt(pickle.loads(pickle.dumps([t])), T0 + 1.0)
+    events = drive(second, [[obs("OLD1234", T0 + 1.2 + i * DT, moving_box(3 + i))]
+                            for i in range(3)], start=T0 + 1.2) + second.flush(now=T0 + 10)
+    assert [(e.plate, e.frames) for e in events if e.final] == [("OLD1234", 6)]
