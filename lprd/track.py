@@ -328,17 +328,15 @@ class _Track:
                 self.main.add(r.text, r.confidence, probs, r.candidates)
         self.longest = max(self.longest, len(r.text))
         self._revote()
-        moves = moves and not (stray and plate_key(r.text) != self.key)
+        key = plate_key(r.text)
+        moves = moves and not (stray and key != self.key)
         self.frames += 1
         self.whole += not (cut or near)
         self.first_seen = min(self.first_seen, obs.ts)
         self.last_seen = max(self.last_seen, obs.ts)
-        self.read_box = obs.box
-        self.read_key = plate_key(r.text)
+        self.read_box, self.read_key = obs.box, key
         if moves:
-            self.box = obs.box
-            self.last_text = r.text
-            self.last_key = plate_key(r.text)
+            self.box, self.last_text, self.last_key = obs.box, r.text, key
         self._keep_best(obs)
 
     def _keep_best(self, obs: Observation) -> None:
@@ -446,6 +444,12 @@ def _cut_read_of(o: Observation, key: str, t: _Track) -> bool:
     the frame's edge: boxed at the edge, no longer than the plate, which t has read whole."""
     return (t.seen_whole and len(key) <= len(t.key)
             and (o.cut or near_frame_edge(o.box, o.frame_size)))
+
+
+def _overlap(t: _Track, o: Observation) -> float:
+    """`o`'s overlap with where t's plate was read last, or where a read that did not move
+    its box was."""
+    return max(iou(t.box, o.box), iou(t.read_box, o.box))
 
 
 def _quality(obs: Observation) -> float:
@@ -670,8 +674,7 @@ class Tracker:
             return None
         # The same plate text is the same vehicle wherever it shows up (a missed stretch of frames).
         same_plate = key == t.key
-        # where the plate was read last, or where a read that did not move its box was
-        overlap = max(iou(t.box, o.box), iou(t.read_box, o.box))
+        overlap = _overlap(t, o)
         if not (same_plate or self._near(t, o, overlap)):  # before the edit distances: a
             return None  # parking lot has many pairs
         # Compared with look-alikes folded: an O/0 or 8/B swap says nothing about a new vehicle.
@@ -710,16 +713,16 @@ class Tracker:
         read: a read that did not move the box narrows nothing. (Not since the box was read:
         that grew through a still spell or a reload's hand-over, whose time counts as seen,
         and a waiting car's track reached across the frame.)"""
-        return overlap >= self.cfg.iou or any(
-            centre_shift(box, o.box) <= MOTION_SLACK + MOTION_PER_SECOND * max(o.ts - ts, 0.0)
-            for box, ts in ((t.read_box, t.last_seen), (t.box, t.last_seen)))
+        reach = MOTION_SLACK + MOTION_PER_SECOND * max(o.ts - t.last_seen, 0.0)
+        return overlap >= self.cfg.iou or any(centre_shift(box, o.box) <= reach
+                                              for box in (t.read_box, t.box))
 
     def _doubted(self, o: Observation, key: str) -> _Track | None:
         """The sure pass that refused `o` after a gap though it is one character off, if any."""
         for t in self._tracks:
             if (self._sure(t) and t.id is not None
                     and o.ts - t.last_seen <= self._timeout()
-                    and self._near(t, o, max(iou(t.box, o.box), iou(t.read_box, o.box)))
+                    and self._near(t, o, _overlap(t, o))
                     and levenshtein(key, t.key) <= GAP_MAX_EDITS):
                 return t
         return None

@@ -506,11 +506,15 @@ def test_a_plate_first_seen_cut_by_the_frame_edge_still_gets_an_early_event() ->
     assert [(e.plate, e.final, e.frames) for e in events] == [("ENTER12", False, 7)]
 
 
-def test_reads_cut_by_the_frame_edge_stop_voting_once_the_plate_is_seen_whole() -> None:
+@pytest.mark.parametrize("edge_x, whole_x", [(0, 20), (3, 40)], ids=["cut", "near"])
+def test_reads_cut_by_the_frame_edge_stop_voting_once_the_plate_is_seen_whole(
+        edge_x: int, whole_x: int) -> None:
     # A car enters at the left edge: five reads miss the cut-off "A", three whole ones follow.
+    # The same with the five boxed 3 px inside the edge (they outvoted the three whole ones):
+    # near it, they leave the vote once a longer read shows them cut.
     tr = make_tracker(early_confidence=1.0)
-    frames = [[obs("BC1234", T0 + i * DT, (0, 500, 100 + 4 * i, 30))] for i in range(5)]
-    frames += [[obs("ABC1234", T0 + i * DT, (20 + 40 * (i - 5), 500, 120, 30))]
+    frames = [[obs("BC1234", T0 + i * DT, (edge_x, 500, 100 + 4 * i, 30))] for i in range(5)]
+    frames += [[obs("ABC1234", T0 + i * DT, (whole_x + 40 * (i - 5), 500, 120, 30))]
                for i in range(5, 8)]
     (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
     assert (ev.plate, ev.frames) == ("ABC1234", 8)
@@ -547,18 +551,6 @@ def test_a_plate_only_seen_near_the_edge_and_shorter_than_its_longest_read_gives
     frames += [[obs("VX864NG", T0 + 8 * DT, (0, 650, 158, 44))]]
     events = drive(tr, frames) + tr.flush(now=T0 + 10)
     assert events == []  # nor an early event: a read clear of the edge would have shown it
-
-
-def test_reads_near_the_edge_leave_the_vote_once_a_longer_read_shows_them_cut() -> None:
-    # A car enters at the left: five reads 3 px inside the edge miss the cut-off "A" (they
-    # outvoted the three whole ones that follow).
-    tr = make_tracker(early_confidence=1.0)
-    frames = [[obs("BC1234", T0 + i * DT, (3, 500, 100 + 4 * i, 30))] for i in range(5)]
-    frames += [[obs("ABC1234", T0 + i * DT, (40 + 40 * (i - 5), 500, 120, 30))]
-               for i in range(5, 8)]
-    (ev,) = drive(tr, frames) + tr.flush(now=T0 + 10)
-    assert (ev.plate, ev.frames) == ("ABC1234", 8)
-    assert [c.plate for c in ev.candidates] == ["ABC1234"]
 
 
 def test_a_whole_plate_standing_near_the_edge_is_reported() -> None:
