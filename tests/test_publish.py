@@ -1903,7 +1903,9 @@ def test_a_fresh_action_goes_ahead_of_an_outage_s_backlog(
         publisher: Callable[..., Publisher]) -> None:
     # A new allow waited its turn behind every event of the outage (minutes of crops on a slow
     # link), and then was not sent at all, older than action_max_age by then.
-    sub = mqtt_subscriber(mosquitto, "lprd/back/plate", "lprd/gate/allow")
+    # (persistent: one still reconnecting after the broker's restart missed the first ones)
+    sub = mqtt_subscriber(mosquitto, "lprd/back/plate", "lprd/gate/allow",
+                          client_id="backlog-sub", persistent=True)
     mosquitto.stop()
     pub = publisher(mosquitto, connect=False)
     n = 20_000
@@ -1942,7 +1944,8 @@ def test_an_action_sent_ahead_goes_once_while_its_delete_fails(
         publisher: Callable[..., Publisher], monkeypatch: pytest.MonkeyPatch) -> None:
     # Acknowledged, it left the set of those sent ahead before the outbox deleted it: while
     # deletes failed (a full disk), the same allow went out again every half second.
-    sub = mqtt_subscriber(mosquitto, "lprd/gate/allow")
+    # (persistent: a subscriber still reconnecting after the broker's restart missed it)
+    sub = mqtt_subscriber(mosquitto, "lprd/gate/allow", client_id="ahead-sub", persistent=True)
     mosquitto.stop()
     pub = publisher(mosquitto, connect=False)
     pub.outbox.put([OutboxMessage(f"old{i}", "back", "event", "plate",
